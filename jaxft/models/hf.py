@@ -1,0 +1,272 @@
+"""Hugging Face checkpoint folders <-> jaxft models, without torch.
+
+Reads `config.json` plus `model.safetensors` or a sharded `model.safetensors.index.json`;
+writes the same layout. Tensor names and layouts follow transformers' PyTorch modules:
+Linear weights are [out, in]; jaxft keeps kernels as [in, ...out] with heads split out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
+from jaxft.models.llama import Decoder
+from jaxft.sharding import param_shardings
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
+
+
+# A rule: (hf name, jaxft state path, hf shape, hf -> jaxft, jaxft -> hf).
+Rule = tuple[str, tuple, tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+
+
+def _same(x):
+    return x
+
+
+def _transpose(x):
+    return np.ascontiguousarray(x.T)
+
+
+def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
+    E, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+
+    def split_out(heads):  # Linear [heads*D, E] <-> kernel [E, heads, D]
+        return ((heads * D, E),
+                lambda w: np.ascontiguousarray(w.T.reshape(E, heads, D)),
+                lambda k: np.ascontiguousarray(k.reshape(E, heads * D).T))
+
+    def split_bias(heads):
+        return (heads * D,), lambda b: b.reshape(heads, D), lambda b: b.reshape(heads * D)
+
+    rules: list[Rule] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same)]
+    for i in range(cfg.num_layers):
+        hf, jx = f"model.layers.{i}.", ("layers", i)
+        attn, mlp = jx + ("self_attn",), jx + ("mlp",)
+        for name, heads in (("q", H), ("k", K), ("v", K)):
+            rules.append((f"{hf}self_attn.{name}_proj.weight", attn + (f"{name}_proj",), *split_out(heads)))
+            if cfg.qkv_bias:
+                rules.append((f"{hf}self_attn.{name}_proj.bias", attn + (f"{name}_bias",), *split_bias(heads)))
+        rules.append((
+            f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * D),
+            lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
+            lambda k: np.ascontiguousarray(k.reshape(H * D, E).T),
+        ))
+        if cfg.o_bias:
+            rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))
+        if cfg.qk_norm:
+            for name in ("q_norm", "k_norm"):
+                rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
+        for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+            rules.append((f"{hf}mlp.{name}_proj.weight", mlp + (f"{name}_proj",), shape, _transpose, _transpose))
+            if cfg.mlp_bias:
+                rules.append((f"{hf}mlp.{name}_proj.bias", mlp + (f"{name}_bias",), shape[:1], _same, _same))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            rules.append((f"{hf}{name}.weight", jx + (name, "weight"), (E,), _same, _same))
+    rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same))
+    if not cfg.tie_word_embeddings:
+        rules.append(("lm_head.weight", ("lm_head",), (V, E), _transpose, _transpose))
+    return rules
+
+
+def abstract_model(cfg: ModelConfig) -> Decoder:
+    """The model with ShapeDtypeStruct leaves: no memory, for shapes and shardings."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> Decoder:
+    """A randomly initialised model; with `mesh`, every param is created already sharded."""
+    if mesh is None:
+        return Decoder(cfg, rngs=nnx.Rngs(seed))
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    shardings = param_shardings(abstract_state, mesh)
+
+    @jax.jit
+    def init():
+        state = nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed)))
+        return jax.lax.with_sharding_constraint(state, shardings)
+
+    with jax.set_mesh(mesh):
+        state = init()
+    return nnx.merge(graphdef, state)
+
+
+class _TensorReader:
+    """Looks tensors up by name across a single file or an index of shards (memory-mapped)."""
+
+    def __init__(self, folder: Path):
+        index = folder / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: folder / f for name, f in weight_map.items()}
+        elif (folder / SINGLE_FILE).is_file():
+            with safe_open(folder / SINGLE_FILE, framework="np") as f:
+                self.files = {name: folder / SINGLE_FILE for name in f.keys()}
+        else:
+            raise FileNotFoundError(
+                f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; jaxft reads safetensors checkpoints "
+                "(convert .bin files with transformers' save_pretrained(safe_serialization=True))"
+            )
+        self._open: dict[Path, object] = {}
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def _handle(self, name):
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="np").__enter__()
+        return self._open[path]
+
+
+def _set_path(tree: dict, path: tuple, value):
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def load_hf(path: str | Path, *, dtype=None, mesh=None) -> Decoder:
+    """Loads a Hugging Face model folder into a jaxft model.
+
+    path: folder with config.json and model.safetensors or model.safetensors.index.json.
+    dtype: param dtype (default: the checkpoint's `dtype` / `torch_dtype`); compute dtype
+      follows it (set `model.compute_dtype` in configs to differ).
+    mesh: if given, each tensor is placed straight into its shards over the mesh.
+    Raises ValueError listing missing, unexpected or mis-shaped tensors.
+    """
+    folder = Path(path)
+    cfg = read_hf_config(folder, dtype=dtype)
+    return load_weights(folder, cfg, mesh=mesh)
+
+
+def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None) -> Decoder:
+    """Reads the safetensors weights of `folder` into a model of architecture `cfg`."""
+    folder = Path(folder)
+    reader = _TensorReader(folder)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    shardings = param_shardings(abstract_state, mesh) if mesh is not None else None
+    rules = _tensor_rules(cfg)
+
+    expected = {rule[0] for rule in rules}
+    missing = sorted(expected - reader.names())
+    # A tied model may still carry an lm_head copy (some exporters write it): ignore it.
+    ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    unexpected = sorted(reader.names() - expected - ignorable - _ROTARY_BUFFERS(reader.names()))
+    bad_shapes = [
+        f"{name}: checkpoint {reader.shape(name)}, config.json implies {shape}"
+        for name, _, shape, _, _ in rules
+        if name not in missing and reader.shape(name) != shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
+    if bad_shapes:
+        problems.append("tensors with wrong shapes: " + "; ".join(bad_shapes))
+    if problems:
+        raise ValueError(f"{folder} does not match its config.json ({cfg.model_type}): " + ". ".join(problems))
+
+    state: dict = {}
+    shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
+    for name, jpath, _, to_jax, _ in rules:
+        value = to_jax(reader.get(name)).astype(cfg.param_dtype)
+        if mesh is not None:
+            sharding = shard_flat[jpath]
+            value = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+        else:
+            value = jnp.asarray(value)
+        _set_path(state, jpath, value)
+    model = nnx.merge(graphdef, abstract_state)
+    nnx.update(model, nnx.State(state))
+    return model
+
+
+def _ROTARY_BUFFERS(names):
+    # Old Llama checkpoints saved rotary inv_freq buffers; they are derived, not weights.
+    return {n for n in names if n.endswith("rotary_emb.inv_freq")}
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly sharded, possibly multi-host) array on this host."""
+    if not x.is_fully_addressable:
+        x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
+    """{hf tensor name: numpy array} in HF layout (and `dtype`, default the param dtype)."""
+    cfg = model.cfg
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    out = {}
+    for name, jpath, _, _, to_hf in _tensor_rules(cfg):
+        value = _host_array(flat[jpath][...])
+        out[name] = np.ascontiguousarray(to_hf(value).astype(dtype or cfg.param_dtype))
+    return out
+
+
+def save_hf(model: Decoder, path: str | Path, *, tokenizer=None, dtype=None,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Writes `model` as a Hugging Face folder: config.json, safetensors, tokenizer files.
+
+    Above `max_shard_bytes` the weights are split into `model-0000k-of-0000n.safetensors`
+    with a `model.safetensors.index.json`, as transformers does. In a multi-host run every
+    process must call this (arrays are gathered); only process 0 writes.
+    """
+    folder = Path(path)
+    cfg = model.cfg if dtype is None else model.cfg.replace(param_dtype=dtype)
+    tensors = hf_state_dict(model, dtype=cfg.param_dtype)
+    if jax.process_index() != 0:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    generation = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
+                                     ("pad_token_id", cfg.pad_token_id)) if v is not None}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    shards = _split_shards(tensors, max_shard_bytes)
+    metadata = {"format": "pt"}  # transformers refuses safetensors without it
+    for stale in list(folder.glob("model*.safetensors")) + [folder / INDEX_FILE]:
+        stale.unlink(missing_ok=True)  # never leave an old shard that the index doesn't list
+    if len(shards) == 1:
+        save_file(shards[0], folder / SINGLE_FILE, metadata=metadata)
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards, start=1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / fname, metadata=metadata)
+            weight_map.update({name: fname for name in shard})
+        total = sum(t.nbytes for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _split_shards(tensors: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.nbytes
+    return shards + [current]

@@ -1,0 +1,293 @@
+"""One Flax NNX decoder for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+Axis letters used in names and einsums throughout jaxft:
+  B batch, L query length, S key length (cache), E embed, H query heads, K key/value heads,
+  G query heads per kv head (H = K * G), D head dim, F mlp hidden, V vocab.
+
+Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `jaxft.sharding`
+maps those names to mesh axes in one table, so no mesh axis name appears here.
+Numerics follow transformers' PyTorch implementation: RMSNorm and softmax in float32,
+rotate-half RoPE, SwiGLU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxft.models.config import ModelConfig
+from jaxft.sharding import constrain
+
+_INIT_STD = 0.02  # transformers' default initializer_range
+_MASKED = float(np.finfo(np.float32).min)  # finite, so fully-masked padding rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def _bcast(w: jax.Array, x: jax.Array) -> jax.Array:
+    """Leading unit axes so `w` (trailing dims of x) broadcasts without rank promotion."""
+    return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """[D/2] float32 inverse frequencies, with llama3 / linear scaling applied."""
+    dim = cfg.dim_per_head
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: leave high frequencies, divide low ones by `factor`, blend in between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = np.where(medium, blended, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half rotary embedding at explicit positions (restarting per packed example)."""
+    angles = positions_BL[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, L, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x_BLHD.dtype), jnp.sin(angles).astype(x_BLHD.dtype)
+    x1, x2 = jnp.split(x_BLHD, 2, axis=-1)
+    return x_BLHD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, axis: str = "norm"):
+        self.weight = _param(None, (dim,), (axis,), param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return _bcast(self.weight[...].astype(x.dtype), x) * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query causal self-attention that never crosses packed-segment boundaries."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        E, H, K, D, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.param_dtype
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (E, H, D), ("embed", "q_heads", "head_dim"), pd)
+        self.k_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
+        self.v_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
+        self.o_proj = _param(rngs, (H, D, E), ("q_heads", "head_dim", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = _param(None, (H, D), ("q_heads", "head_dim"), pd, init="zeros")
+            self.k_bias = _param(None, (K, D), ("kv_heads", "head_dim"), pd, init="zeros")
+            self.v_bias = _param(None, (K, D), ("kv_heads", "head_dim"), pd, init="zeros")
+        if cfg.o_bias:
+            self.o_bias = _param(None, (E,), ("norm",), pd, init="zeros")
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
+
+    def _project(self, x_BLE, name):
+        kernel = getattr(self, f"{name}_proj")[...].astype(x_BLE.dtype)
+        y = jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel)
+        if self.cfg.qkv_bias:
+            y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
+        return y
+
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None):
+        cfg = self.cfg
+        B, L, _ = x_BLE.shape
+        q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n) for n in ("q", "k", "v"))
+        if cfg.qk_norm:
+            q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
+        inv_freq = rope_inv_freq(cfg)
+        q_BLHD = apply_rope(q_BLHD, positions_BL, inv_freq)
+        k_BLKD = apply_rope(k_BLKD, positions_BL, inv_freq)
+        q_BLHD = constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
+
+        q_idx = jnp.arange(L)
+        if cache is None:
+            k_BSKD, v_BSKD, kv_segments_BS, k_idx = k_BLKD, v_BLKD, segment_ids_BL, q_idx
+            new_cache = None
+        else:
+            # Decode / prefill: write this chunk's keys at `cache_index`, attend over the cache.
+            start = (0, cache_index, 0, 0)
+            k_BSKD = jax.lax.dynamic_update_slice(cache["k"], k_BLKD.astype(cache["k"].dtype), start)
+            v_BSKD = jax.lax.dynamic_update_slice(cache["v"], v_BLKD.astype(cache["v"].dtype), start)
+            kv_segments_BS = jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids_BL.astype(jnp.int32), (0, cache_index)
+            )
+            new_cache = {"k": k_BSKD, "v": v_BSKD, "segment_ids": kv_segments_BS}
+            k_idx = jnp.arange(k_BSKD.shape[1])
+            q_idx = q_idx + cache_index
+
+        # Causal by index within a row (packed segments are contiguous), same segment, no padding.
+        allowed_LS = q_idx[:, None] >= k_idx[None, :]
+        if cfg.sliding_window:
+            allowed_LS &= q_idx[:, None] - k_idx[None, :] < cfg.sliding_window
+        allowed_BLS = (
+            allowed_LS[None]
+            & (segment_ids_BL[:, :, None] == kv_segments_BS[:, None, :])
+            & (kv_segments_BS[:, None, :] != 0)
+        )
+
+        K = cfg.num_kv_heads
+        G = cfg.num_heads // K
+        D = cfg.dim_per_head
+        q_BLKGD = q_BLHD.reshape(B, L, K, G, D)
+        scores = jnp.einsum("BLKGD,BSKD->BKGLS", q_BLKGD, k_BSKD.astype(q_BLKGD.dtype))
+        scores = scores.astype(jnp.float32) / math.sqrt(D)
+        scores = jnp.where(allowed_BLS[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+        out_BLKGD = jnp.einsum("BKGLS,BSKD->BLKGD", probs, v_BSKD).astype(x_BLE.dtype)
+        out_BLHD = out_BLKGD.reshape(B, L, K * G, D)
+        y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, self.o_proj[...].astype(x_BLE.dtype))
+        if cfg.o_bias:
+            y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
+        return y_BLE, new_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        E, F, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
+        self.gate_proj = _param(rngs, (E, F), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (E, F), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (F, E), ("mlp", "embed"), pd)
+        if cfg.mlp_bias:
+            self.gate_bias = _param(None, (F,), ("mlp",), pd, init="zeros")
+            self.up_bias = _param(None, (F,), ("mlp",), pd, init="zeros")
+            self.down_bias = _param(None, (E,), ("norm",), pd, init="zeros")
+        self.has_bias = cfg.mlp_bias
+
+    def _dense(self, x, name):
+        y = x @ getattr(self, f"{name}_proj")[...].astype(x.dtype)
+        if not self.has_bias:
+            return y
+        return y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
+
+    def __call__(self, x_BLE):
+        h_BLF = jax.nn.silu(self._dense(x_BLE, "gate")) * self._dense(x_BLE, "up")
+        h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
+        return self._dense(h_BLF, "down")
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype
+        )
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None):
+        attn_BLE, new_cache = self.self_attn(
+            self.input_layernorm(x_BLE), positions_BL, segment_ids_BL, cache, cache_index
+        )
+        x_BLE = x_BLE + attn_BLE
+        x_BLE = x_BLE + self.mlp(self.post_attention_layernorm(x_BLE))
+        return constrain(x_BLE, ("act_batch", "act_length", "act_embed")), new_cache
+
+
+def _run_layer(layer, x, positions, segment_ids):
+    return layer(x, positions, segment_ids)[0]
+
+
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only language model: `model(tokens, positions, segment_ids) -> logits [B, L, V]`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+
+    def lm_head_kernel(self) -> jax.Array:
+        """[E, V] output projection (the transposed embedding when tied)."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens[...].T
+        return self.lm_head[...]
+
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        *,
+        cache: dict | None = None,
+        cache_index: jax.Array | int | None = None,
+        return_hidden: bool = False,
+    ):
+        """Runs the decoder.
+
+        tokens_BL: [B, L] int token ids. positions_BL: [B, L] (default 0..L-1; restart them per
+        packed example). segment_ids_BL: [B, L] (default all 1; 0 = padding; tokens attend only
+        within their segment). cache / cache_index: a KV cache from `init_cache` and the slot
+        where this chunk starts; then the result is `(out, new_cache)`.
+        Returns logits [B, L, V] in compute dtype, or the final normed hidden states [B, L, E]
+        when `return_hidden` (for chunked cross-entropy against `lm_head_kernel()`).
+        """
+        cfg = self.cfg
+        B, L = tokens_BL.shape
+        if positions_BL is None:
+            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones((B, L), jnp.int32)
+        x_BLE = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(cfg.compute_dtype)
+        x_BLE = constrain(x_BLE, ("act_batch", "act_length", "act_embed"))
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
+                x_BLE, c = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index)
+                new_layers.append(c)
+            elif cfg.remat:
+                x_BLE = _run_layer_remat(layer, x_BLE, positions_BL, segment_ids_BL)
+            else:
+                x_BLE = _run_layer(layer, x_BLE, positions_BL, segment_ids_BL)
+        out = self.norm(x_BLE)
+        if not return_hidden:
+            out = out @ self.lm_head_kernel().astype(out.dtype)
+            out = constrain(out, ("act_batch", "act_length", "act_vocab"))
+        if cache is None:
+            return out
+        new_cache = {
+            "k": [c["k"] for c in new_layers],
+            "v": [c["v"] for c in new_layers],
+            "segment_ids": new_layers[0]["segment_ids"],
+        }
+        return out, new_cache
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+    """An empty KV cache: per layer k/v [B, S, K, D], and key segment ids [B, S] (0 = empty)."""
+    dtype = dtype or cfg.compute_dtype
+    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.dim_per_head)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+    }

@@ -1,0 +1,61 @@
+"""Built-in architectures: `tiny` for tests and the quickstart, and real sizes for planning.
+
+Real-size presets describe the published checkpoints' architectures (from their config.json)
+so `jaxft plan` / `jaxft bench` can size a run without downloading anything; fine-tuning a
+real model starts from its HF folder (`model.path`), which carries the same config.
+"""
+
+from __future__ import annotations
+
+from jaxft.models.config import ModelConfig
+
+_LLAMA31_ROPE = {
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~1M params: trains on 2 CPU cores in about a minute.
+    "tiny": ModelConfig(
+        model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4,
+        num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024,
+    ),
+    "llama3_8b": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128009,
+    ),
+    "mistral_7b": ModelConfig(  # Mistral-7B-v0.3
+        model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0,
+        max_position_embeddings=32768, bos_token_id=1, eos_token_id=2,
+    ),
+    "qwen2_5_7b": ModelConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+        num_heads=28, num_kv_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True,
+        max_position_embeddings=32768, eos_token_id=151645,
+    ),
+    "qwen3_8b": ModelConfig(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+        max_position_embeddings=40960, eos_token_id=151645,
+    ),
+    # DeepSeek LLM (the recipe this project grew from): Llama-architecture checkpoints.
+    "deepseek_llm_7b": ModelConfig(
+        model_type="llama", vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_layers=30,
+        num_heads=32, num_kv_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+        bos_token_id=100000, eos_token_id=100001,
+    ),
+    "deepseek_llm_67b": ModelConfig(
+        model_type="llama", vocab_size=102400, hidden_size=8192, intermediate_size=22016, num_layers=95,
+        num_heads=64, num_kv_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
+        bos_token_id=100000, eos_token_id=100001,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,120 @@
+"""Device mesh, the logical-axis rules table, and the shardings derived from it.
+
+Model code names axes logically ("embed", "mlp", "act_batch", ...); this file alone maps those
+names to the mesh axes ("data", "fsdp", "tensor"). Parameters are sharded over fsdp (their
+embed dimension) and tensor (heads / mlp / vocab); activations over data+fsdp (batch) and
+tensor. A dimension that a mesh axis does not divide is replicated along that axis instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes) it is split over; None = replicated.
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    # activations
+    "act_batch": ("data", "fsdp"),
+    "act_length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ("data", "fsdp", "tensor") mesh over all devices; one size may be -1 (= the rest)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    unknown = [k for k, v in sizes.items() if v == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"only one of mesh.{', mesh.'.join(unknown)} may be -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if any(v == 0 or v < -1 for v in sizes.values()):
+        raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+    if unknown:
+        if len(devices) % known:
+            raise ValueError(
+                f"mesh: {len(devices)} devices are not divisible by the fixed axis sizes "
+                f"{ {k: v for k, v in sizes.items() if v != -1} }"
+            )
+        sizes[unknown[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"mesh.data * mesh.fsdp * mesh.tensor = {math.prod(sizes.values())} but there are "
+            f"{len(devices)} devices; set one of them to -1 to use the rest"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:
+    """PartitionSpec for logical `axes`; drops mesh axes that do not divide `shape`."""
+    spec, used = [], set()
+    for i, name in enumerate(axes):
+        if name is not None and name not in LOGICAL_RULES:
+            raise KeyError(f"logical axis {name!r} has no entry in jaxft.sharding.LOGICAL_RULES")
+        target = LOGICAL_RULES.get(name) if name else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        kept = []
+        for m in mesh_axes:
+            size = mesh.shape[m] if mesh is not None else 1
+            dim = shape[i] if shape is not None else None
+            divides = dim is None or dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0
+            if m not in used and size > 1 and divides:
+                kept.append(m)
+        used.update(kept)
+        spec.append(kept[0] if len(kept) == 1 else (tuple(kept) if kept else None))
+    return P(*spec)
+
+
+def _current_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh is None or mesh.empty else mesh
+
+
+def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
+    """with_sharding_constraint by logical names under the ambient mesh; no-op without one."""
+    mesh = _current_mesh()
+    if mesh is None or all(s == 1 for s in mesh.shape.values()):
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+    """NamedSharding for every leaf of an `nnx.State` of Params with `logical_axes` metadata."""
+    from flax import nnx
+
+    def one(variable):
+        axes = variable.get_metadata().get("logical_axes")
+        if axes is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, logical_to_spec(axes, variable.get_value().shape, mesh))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows of a [B, ...] batch split over data and fsdp; everything else replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
