@@ -1,0 +1,129 @@
+"""Orbax checkpoints of a run: TrainState + data iterator state + config, and resumption.
+
+Layout of a workdir:
+  WORKDIR/config.json            the run's full config (written at start)
+  WORKDIR/checkpoints/<step>/    state (Orbax, sharded arrays) + meta (JSON: iterator, config)
+  WORKDIR/checkpoints_best/      with train.keep_best: the checkpoint with the lowest eval loss
+Saves are asynchronous and atomic: Orbax writes into a temporary folder and renames it when
+complete, so a process killed mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+# Changing any of these between a checkpoint and its resumption would silently change the run.
+RESUME_KEYS = (
+    "model.path", "model.preset", "model.dtype", "data.train", "data.format", "data.max_length",
+    "data.packing", "data.truncation", "data.completion_only_loss", "train.batch_size",
+    "train.seed", "optim.accumulate", "dpo.reference", "dpo.loss_type",
+)
+
+
+def _get(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
+    """Raises if `config` differs from the checkpoint's in a key that breaks resumption."""
+    changed = [
+        f"{key}: checkpoint {_get(saved_config, key)!r} -> now {_get(config, key)!r}"
+        for key in RESUME_KEYS
+        if _get(saved_config, key) != _get(config, key)
+    ]
+    if changed:
+        raise ValueError(
+            f"cannot resume {workdir}: the config changed in ways that break resumption ("
+            + "; ".join(changed)
+            + "). Use a new --workdir, or restore the old values."
+        )
+
+
+class Checkpointer:
+    """Saves and restores TrainState (+ JSON meta) under WORKDIR/checkpoints."""
+
+    def __init__(self, workdir: str | Path, *, max_to_keep: int = 3, subdir: str = "checkpoints",
+                 async_save: bool = True):
+        self.directory = (Path(workdir) / subdir).absolute()  # Orbax rejects relative paths
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
+        """Starts an (async) save of `state` and `meta` at `step`."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=force,
+        )
+
+    def restore(self, step: int | None, abstract_state):
+        """(state, meta) at `step` (latest if None). `abstract_state` leaves are
+        ShapeDtypeStructs with the target shardings, so a checkpoint restores onto any mesh."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], restored["meta"]
+
+    def restore_params(self, step: int | None, abstract_params):
+        """Only the policy params of a checkpoint (no optimizer state is read)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)
+            ),
+        )
+        return restored["state"]["params"]
+
+    def restore_meta(self, step: int | None = None) -> dict:
+        step = self.latest_step() if step is None else step
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of `tree` carrying `shardings` (restoration targets)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def write_config(workdir: Path, config_json: str) -> None:
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config_json)
+
+
+def read_config(workdir: Path) -> dict | None:
+    path = workdir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,0 +1,133 @@
+"""The config schema: every key with its default, and start-up validation with clear errors.
+
+Config files under `configs/` start from `base_config()` and change what their recipe needs.
+The returned ConfigDict is locked: setting a key that does not exist (a typo on the command
+line, `--config.optim.lrr=1e-5`) fails at start-up instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # Hugging Face folder to start from; empty = `preset` with random weights
+    c.model.preset = "tiny"  # built-in architecture when `path` is empty (see jaxft.models.PRESETS)
+    c.model.dtype = "float32"  # param dtype ("" = the checkpoint's)
+    c.model.compute_dtype = "float32"  # activation / matmul dtype
+    c.model.remat = False  # recompute layer activations in the backward pass (saves memory)
+    c.model.tokenizer = ""  # tokenizer folder; empty = model.path, or the bundled one for presets
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ""  # file / glob / folder / hub name, or a mixture "a.jsonl=0.3,b.jsonl=0.7"
+    c.data.eval = ""
+    c.data.format = "auto"
+    c.data.max_length = 512
+    c.data.truncation = "truncate_completion"  # or "drop"
+    c.data.packing = False
+    c.data.skip_invalid = False
+    c.data.completion_only_loss = True
+    c.data.eval_batch_size = 0  # 0 = train.batch_size
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # optimizer steps; see `epochs`
+    c.train.epochs = 0.0  # > 0: steps = epochs * examples / batch_size (overrides `steps`)
+    c.train.batch_size = 32  # global examples per step (pairs for DPO; rows when packing)
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set)
+    c.train.save_every = 500
+    c.train.max_to_keep = 3
+    c.train.keep_best = False  # also keep the checkpoint with the lowest eval loss
+    c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row
+    c.train.loss_chunk_size = 0  # > 0: cross-entropy over sequence chunks, never [B, L, V] whole
+    c.train.progress = True
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.schedule = "cosine"
+    c.optim.warmup_steps = 0
+    c.optim.min_lr_ratio = 0.0
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.optim.accumulate = 1  # micro-batches per optimizer step
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.dpo = ml_collections.ConfigDict()
+    c.dpo.beta = 0.1
+    c.dpo.loss_type = "sigmoid"  # or several: "sigmoid,sft" with dpo.loss_weights "1.0,0.5"
+    c.dpo.loss_weights = ""
+    c.dpo.label_smoothing = 0.0
+    c.dpo.f_divergence_type = "reverse_kl"
+    c.dpo.reference = "policy"  # "policy" (initial weights) | HF folder | "none"
+    c.dpo.precompute_reference = False
+    return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.lock()
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, *, kind: str) -> None:
+    """Checks values that would otherwise fail deep inside training; names the key to fix."""
+    def need(ok, key, msg):
+        if not ok:
+            raise ValueError(f"config key {key}: {msg}")
+
+    need(config.data.train != "", "data.train", "no training data; set --config.data.train=FILE")
+    need(config.train.batch_size > 0, "train.batch_size", "must be > 0")
+    need(config.train.steps > 0 or config.train.epochs > 0, "train.steps", "must be > 0 (or set train.epochs)")
+    need(config.optim.accumulate >= 1, "optim.accumulate", "must be >= 1")
+    need(config.train.batch_size % config.optim.accumulate == 0, "optim.accumulate",
+         f"train.batch_size={config.train.batch_size} is not divisible by optim.accumulate="
+         f"{config.optim.accumulate}")
+    need(config.data.max_length > 1, "data.max_length", "must be > 1")
+    need(config.data.truncation in ("truncate_completion", "drop"), "data.truncation",
+         "must be 'truncate_completion' or 'drop'")
+    need(config.train.log_every > 0, "train.log_every", "must be > 0")
+    need(config.train.save_every >= 0, "train.save_every", "must be >= 0")
+    need(config.model.path != "" or config.model.preset != "", "model.path", "set model.path or model.preset")
+    if kind == "dpo":
+        from jaxft.losses import validate_dpo_settings
+
+        validate_dpo_settings(loss_type=dpo_loss_types(config), beta=config.dpo.beta,
+                              label_smoothing=config.dpo.label_smoothing,
+                              loss_weights=dpo_loss_weights(config))
+
+
+def dpo_loss_types(config) -> str | list[str]:
+    types = [t.strip() for t in config.dpo.loss_type.split(",") if t.strip()]
+    return types[0] if len(types) == 1 else types
+
+
+def dpo_loss_weights(config) -> list[float] | None:
+    if not config.dpo.loss_weights:
+        return None
+    try:
+        return [float(w) for w in config.dpo.loss_weights.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"config key dpo.loss_weights: {config.dpo.loss_weights!r} is not a comma-separated "
+            "list of numbers, e.g. '1.0,0.5'"
+        ) from None
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(json.loads(text))

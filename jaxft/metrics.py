@@ -1,0 +1,112 @@
+"""Run metrics: WORKDIR/metrics.jsonl, TensorBoard events, a progress bar, MFU, and plots.
+
+Metric names follow TRL (loss, learning_rate, grad_norm, num_tokens, mean_token_accuracy,
+rewards/*, logps/*, logits/*; eval metrics prefixed `eval_`) plus tokens_per_sec, step_time
+and mfu. One JSON object per logged step: {"step": N, "loss": ..., ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU unless
+# `train.peak_flops` is set.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops
+    return None
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+    """Forward + backward FLOPs per token: 6 x matmul params + causal attention scores."""
+    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len  # QK^T and PV, causal ~ 1/2
+    return 6.0 * matmul_params + attention
+
+
+class MetricsWriter:
+    """Appends metrics to metrics.jsonl and TensorBoard (process 0 only)."""
+
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._tb = None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in metrics.items()}
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": int(step), **clean}) + "\n")
+        if self._tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return v
+    return v if math.isfinite(v) else str(v)  # JSON has no NaN; keep it visible as a string
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {workdir} a jaxft workdir?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
+    """Writes a PNG of loss (train and eval) and learning rate against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    out = Path(out or Path(workdir) / "metrics.png")
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style in (("loss", "-"), ("eval_loss", "o-")):
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), float)]
+        if pts:
+            ax_loss.plot(*zip(*pts), style, label=key)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    lr = [(r["step"], r["learning_rate"]) for r in rows if isinstance(r.get("learning_rate"), float)]
+    if lr:
+        ax_lr.plot(*zip(*lr))
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning_rate")
+    fig.suptitle(str(workdir))
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,139 @@
+"""TrainState and the pure, jitted SFT step.
+
+A TrainState is a plain dict pytree, saved by Orbax as is:
+  step:      int32 scalar, optimizer updates applied so far (a skipped step does not count)
+  params:    nested dict of the policy's nnx.Param values (`nnx.split(model, nnx.Param)`)
+  opt_state: the optax state for `params`
+The step is `step(state, batch) -> (state, metrics)`; batches are dicts of [B, L] int32 global
+arrays (tokens, positions, segment_ids, loss_mask) whose rows split over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxft import losses
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def init_train_state(params, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+
+def split_micro_batches(batch: dict, accumulate: int) -> dict:
+    """[B, ...] -> [accumulate, B / accumulate, ...]; micro-batch k holds rows k, k+A, k+2A...
+
+    Strided rather than contiguous so that each device's rows spread over every micro-batch:
+    all devices work on every micro-step instead of one micro-batch living on few devices.
+    """
+    def split(x):
+        x = x.reshape((x.shape[0] // accumulate, accumulate) + x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0):
+    """Per-token target log-probs [B, L] f32, target mask [B, L], argmax-correct [B, L] and
+    the per-token mean logit [B, L] (for TRL's logits/* metrics; zeros when chunked)."""
+    model = nnx.merge(graphdef, params)
+    targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+    if loss_chunk_size:
+        hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        logps, correct = losses.chunked_token_logps(
+            hidden, model.lm_head_kernel().astype(hidden.dtype), targets, chunk_size=loss_chunk_size
+        )
+        mean_logits = jnp.zeros(logps.shape, jnp.float32)
+    else:
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logps, correct = losses.full_token_logps(logits, targets)
+        mean_logits = logits.astype(jnp.float32).mean(axis=-1)
+    return logps, target_mask, correct, mean_logits
+
+
+def accumulate_gradients(loss_fn: Callable, params, micro_batches, *, accumulate: int):
+    """Sums loss, grads and metrics of `loss_fn(params, micro) -> (loss, metrics)` over the
+    leading micro-batch axis. loss_fn must already normalise by the whole batch."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches))
+    if accumulate == 1:
+        return loss, metrics, grads
+
+    def body(carry, micro):
+        (loss, metrics), grads = grad_fn(params, micro)
+        return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
+
+    rest = jax.tree.map(lambda x: x[1:], micro_batches)
+    (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), rest)
+    return loss, metrics, grads
+
+
+def apply_update(state: dict, grads, loss, tx: optax.GradientTransformation):
+    """Applies the optimizer unless loss or gradients are non-finite; then leaves params and
+    optimizer state bit-identical and reports `skipped` = 1."""
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state}
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
+
+
+def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0):
+    """The pure SFT step (not yet jitted: `jit_step` adds shardings and donation)."""
+
+    def loss_fn(params, micro, normalizer):
+        logps, target_mask, correct, _ = token_logps_for(graphdef, params, micro, loss_chunk_size=loss_chunk_size)
+        loss, _ = losses.sft_loss(logps, target_mask, normalizer=normalizer)
+        mask = target_mask.astype(jnp.float32)
+        return loss, {"num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
+
+    def step(state, batch):
+        micro = split_micro_batches({k: batch[k] for k in BATCH_KEYS}, accumulate)
+        _, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+        # Normalise by the whole batch's target tokens so accumulation equals one big batch.
+        normalizer = jnp.maximum(target_mask.astype(jnp.float32).sum(), 1.0)
+        loss, counts, grads = accumulate_gradients(
+            lambda p, m: loss_fn(p, m, normalizer), state["params"], micro, accumulate=accumulate
+        )
+        new_state, update_metrics = apply_update(state, grads, loss, tx)
+        metrics = {
+            "loss": loss,
+            "learning_rate": schedule(state["step"]),
+            "num_tokens": counts["num_tokens"],
+            "mean_token_accuracy": counts["num_correct"] / jnp.maximum(counts["num_tokens"], 1.0),
+            **update_metrics,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_sft_eval_step(graphdef, *, loss_chunk_size: int = 0):
+    """(params, batch) -> summed target NLL and token count, for exact token-mean eval loss."""
+
+    def step(params, batch):
+        logps, target_mask, correct, _ = token_logps_for(graphdef, params, batch, loss_chunk_size=loss_chunk_size)
+        mask = target_mask.astype(jnp.float32)
+        return {"nll_sum": -(logps * mask).sum(), "num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
+
+    return step
+
+
+def jit_step(step_fn, *, state_shardings, batch_sharding, donate: bool = True, extra_in_shardings=()):
+    """jax.jit with explicit shardings: the state keeps its param shardings, the batch is split
+    by rows over (data, fsdp), metrics come back replicated; the old state is donated so the
+    update happens in place."""
+    return jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, *extra_in_shardings, batch_sharding),  # state, [frozen], batch
+        out_shardings=(state_shardings, None),  # new state as the old; metrics replicated
+        donate_argnums=(0,) if donate else (),  # reuse the old state's buffers
+    )
