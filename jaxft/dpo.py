@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import config as config_lib, losses, sharding
-from jaxft.train_step import accumulate_gradients, apply_update, split_micro_batches, token_logps_for
+from jaxft.train_step import (
+    accumulate_gradients, apply_update, micro_batch_row, split_micro_batches, token_logps_for,
+)
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 PAIR_KEYS = ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment", "pair_mask", "pair_index")
@@ -34,10 +36,11 @@ class PairLogps:
 
 
 def pair_logps(graphdef, params, rows: dict, pairs: dict, *, num_segments: int, micro_index=0,
-               accumulate: int = 1, loss_chunk_size: int = 0) -> tuple[PairLogps, jax.Array]:
+               accumulate: int = 1, rows_per_unit: int = 1, loss_chunk_size: int = 0
+               ) -> tuple[PairLogps, jax.Array]:
     """Log-probs of every pair whose rows are in this micro-batch, and that membership mask.
 
-    rows: [R/A, L] arrays of micro-batch `micro_index` (rows micro_index, micro_index + A, ...).
+    rows: [R/A, L] arrays of micro-batch `micro_index` (see `split_micro_batches`).
     pairs: [P] arrays addressing rows of the whole batch.
     """
     logps, target_mask, _, mean_logits = token_logps_for(graphdef, params, rows, loss_chunk_size=loss_chunk_size)
@@ -46,8 +49,9 @@ def pair_logps(graphdef, params, rows: dict, pairs: dict, *, num_segments: int, 
     lengths = losses.sequence_lengths(target_mask, seg, num_segments)
     logit_means = losses.sequence_logit_means(mean_logits, target_mask, seg, num_segments)
 
-    in_micro = (pairs["chosen_row"] % accumulate == micro_index) & (pairs["pair_mask"] > 0)
-    c_row, r_row = pairs["chosen_row"] // accumulate, pairs["rejected_row"] // accumulate
+    c_micro, c_row = micro_batch_row(pairs["chosen_row"], accumulate, rows_per_unit)
+    _, r_row = micro_batch_row(pairs["rejected_row"], accumulate, rows_per_unit)  # same micro-batch
+    in_micro = (c_micro == micro_index) & (pairs["pair_mask"] > 0)
     c_seg, r_seg = pairs["chosen_segment"] - 1, pairs["rejected_segment"] - 1
     n_rows = seq.shape[0]
     c_row, r_row = jnp.clip(c_row, 0, n_rows - 1), jnp.clip(r_row, 0, n_rows - 1)
@@ -81,15 +85,17 @@ def reference_pair_logps(graphdef, reference, mode: str, rows, pairs, **kw):
 
 
 def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: str,
-                  num_segments: int, accumulate: int = 1, loss_chunk_size: int = 0):
+                  num_segments: int, rows_per_pair: int, accumulate: int = 1, loss_chunk_size: int = 0):
     """The pure DPO step `(state, reference, batch) -> (state, metrics)`."""
 
     def step(state, reference, batch):
         pairs = {k: batch[k] for k in PAIR_KEYS}
-        micro_rows = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate)
+        # rows_per_pair = 2 without packing (rows 2i, 2i+1), 1 when a pair shares a row.
+        micro_rows = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate, rows_per_pair)
         total_pairs = jnp.maximum(pairs["pair_mask"].astype(jnp.float32).sum(), 1.0)
         micro_ids = jnp.arange(accumulate)
-        kw = dict(num_segments=num_segments, accumulate=accumulate, loss_chunk_size=loss_chunk_size)
+        kw = dict(num_segments=num_segments, accumulate=accumulate, rows_per_unit=rows_per_pair,
+                  loss_chunk_size=loss_chunk_size)
 
         def loss_fn(params, micro):
             rows, k = micro

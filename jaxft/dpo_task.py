@@ -104,7 +104,8 @@ def build_dpo(config, graphdef, tx, schedule, params, mesh, tokenizer, *, state_
             eval_batches_cache[source] = make_eval_batches(
                 source, tokenizer, kind="dpo", batch_size=config.data.eval_batch_size or config.train.batch_size,
                 max_length=config.data.max_length, packing=config.data.packing,
-                process_index=jax.process_index(), process_count=jax.process_count(), load_kwargs=load_kwargs)
+                process_index=jax.process_index(), process_count=jax.process_count(), load_kwargs=load_kwargs,
+                max_segments_per_row=config.data.max_segments_per_row)
         return eval_batches_cache[source]
 
     reference = None
@@ -130,7 +131,8 @@ def build_dpo(config, graphdef, tx, schedule, params, mesh, tokenizer, *, state_
         reference = eval_reference = ref_params
 
     step = make_dpo_step(graphdef, tx, schedule, loss_kwargs=dpo_loss_kwargs(config), reference_mode=mode,
-                         num_segments=num_segments, accumulate=config.optim.accumulate, loss_chunk_size=chunk)
+                         num_segments=num_segments, rows_per_pair=1 if config.data.packing else 2,
+                         accumulate=config.optim.accumulate, loss_chunk_size=chunk)
     ref_shardings = (jax.tree.map(lambda x: x.sharding, reference) if mode == "params"
                      else sharding.replicated(mesh) if mode == "table" else None)
     jitted = jit_dpo_step(step, state_shardings=state_shardings, reference_shardings=ref_shardings, mesh=mesh)

@@ -21,7 +21,7 @@ import numpy as np
 from jaxft import builders, checkpoint, config as config_lib, sharding
 from jaxft.metrics import MetricsWriter, device_peak_flops, train_flops_per_token
 from jaxft.optim import optimizer_from_config
-from jaxft.train_step import init_train_state, jit_step
+from jaxft.train_step import create_train_state
 
 log = logging.getLogger("jaxft")
 
@@ -139,6 +139,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
         config.data.train, tokenizer, kind=kind, global_batch_size=config.train.batch_size,
         max_length=config.data.max_length, packing=config.data.packing, seed=config.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count(), load_kwargs=load_kwargs,
+        max_segments_per_row=config.data.max_segments_per_row,
     )
     eval_batches = []
     if config.data.eval:
@@ -147,6 +148,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
             batch_size=config.data.eval_batch_size or config.train.batch_size,
             max_length=config.data.max_length, packing=config.data.packing,
             process_index=jax.process_index(), process_count=jax.process_count(), load_kwargs=load_kwargs,
+            max_segments_per_row=config.data.max_segments_per_row,
         )
     steps = total_steps(config, iterator.num_examples)
     tx, schedule = optimizer_from_config(config.optim, steps)
@@ -155,9 +157,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
         model = builders.load_model(config, model_cfg, mesh)
         graphdef, params = builders.split_params(model)
         del model
-        # Optimizer moments inherit their params' shardings through jit's propagation.
-        state = jax.jit(lambda p: init_train_state(p, tx))(params)
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
+        state, state_shardings = create_train_state(params, tx, mesh)
         task = step_builders.build(kind, config, graphdef, tx, schedule, params, mesh, tokenizer,
                                    state_shardings=state_shardings, workdir=workdir,
                                    train_iterator=iterator)

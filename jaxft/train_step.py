@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxft import losses
+from jaxft import losses, sharding
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -26,17 +26,46 @@ def init_train_state(params, tx: optax.GradientTransformation) -> dict:
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
 
-def split_micro_batches(batch: dict, accumulate: int) -> dict:
-    """[B, ...] -> [accumulate, B / accumulate, ...]; micro-batch k holds rows k, k+A, k+2A...
+def train_state_shardings(params, tx: optax.GradientTransformation, mesh) -> dict:
+    """Shardings of {step, params, opt_state}: optimizer moments take their params'."""
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
+        transform_non_params=lambda _: replicated,
+    )
+    return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
 
-    Strided rather than contiguous so that each device's rows spread over every micro-batch:
-    all devices work on every micro-step instead of one micro-batch living on few devices.
+
+def create_train_state(params, tx: optax.GradientTransformation, mesh) -> tuple[dict, dict]:
+    """(state, its shardings) with the optimizer state created already sharded."""
+    shardings = train_state_shardings(params, tx, mesh)
+    state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(params)
+    return state, shardings
+
+
+def split_micro_batches(batch: dict, accumulate: int, rows_per_unit: int = 1) -> dict:
+    """[B, ...] -> [accumulate, B / accumulate, ...], dealing units of `rows_per_unit` rows
+    round-robin: unit u (rows u*g .. u*g+g-1) goes to micro-batch u % accumulate.
+
+    Round-robin rather than contiguous so that each device's rows spread over every
+    micro-batch (all devices work on every micro-step); units keep a DPO pair's chosen and
+    rejected rows (rows 2i, 2i+1 without packing) in the same micro-batch.
     """
+    g = rows_per_unit
+
     def split(x):
-        x = x.reshape((x.shape[0] // accumulate, accumulate) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
+        x = x.reshape((x.shape[0] // (accumulate * g), accumulate, g) + x.shape[1:])
+        x = jnp.swapaxes(x, 0, 1)
+        return x.reshape((accumulate, x.shape[1] * g) + x.shape[3:])
 
     return jax.tree.map(split, batch)
+
+
+def micro_batch_row(row, accumulate: int, rows_per_unit: int = 1):
+    """(micro-batch, row within it) of global batch row `row` under `split_micro_batches`."""
+    unit, offset = row // rows_per_unit, row % rows_per_unit
+    return unit % accumulate, (unit // accumulate) * rows_per_unit + offset
 
 
 def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0):
@@ -77,7 +106,7 @@ def accumulate_gradients(loss_fn: Callable, params, micro_batches, *, accumulate
 def apply_update(state: dict, grads, loss, tx: optax.GradientTransformation):
     """Applies the optimizer unless loss or gradients are non-finite; then leaves params and
     optimizer state bit-identical and reports `skipped` = 1."""
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -26,6 +26,7 @@ rarely binds: it costs padding only when the average example is shorter than max
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -81,7 +82,7 @@ def pack_lengths(lengths: np.ndarray, max_length: int, max_units_per_row: int) -
     lengths = np.asarray(lengths, np.int64)
     if lengths.size == 0:
         return []
-    _check_lengths(lengths, max_length)
+    check_lengths(lengths, max_length)
     if max_units_per_row < 1:
         raise ValueError("max_segments_per_row is too small to hold one unit per row")
     order = np.argsort(-lengths, kind="stable")
@@ -115,7 +116,8 @@ def pack_lengths(lengths: np.ndarray, max_length: int, max_units_per_row: int) -
     return rows
 
 
-def _check_lengths(lengths: np.ndarray, max_length: int) -> None:
+def check_lengths(lengths: np.ndarray, max_length: int) -> None:
+    """ValueError naming the first unit of `lengths` [N] that is empty or over max_length."""
     if lengths.max() > max_length:
         i = int(np.argmax(lengths))
         raise ValueError(
@@ -192,18 +194,15 @@ def rows_to_sft_batch(rows: Sequence[Sequence[SFTExample]], *, length: int, pad_
 
 
 def rows_to_dpo_batch(rows: Sequence[Sequence[PreferenceExample]], *, length: int, pad_id: int,
-                      num_pair_slots: int, row_offset: int = 0,
-                      keys: Sequence[Sequence[int]] | None = None) -> DPOBatch:
+                      num_pair_slots: int, keys: Sequence[Sequence[int]] | None = None) -> DPOBatch:
     """Lay out packed rows of pairs as a DPOBatch with rows [len(rows), length].
 
     The k-th pair of a row is segments 2k+1 (chosen) and 2k+2 (rejected). Pair slots [P] are
     filled in row order, real pairs first; unused slots have pair_mask 0, pair_index -1 and
-    point at segment 1 of the first row so that gathers stay in bounds. Row numbers are
-    `row_offset + local row`: pass the host's first global row so they index the global batch.
+    point at segment 1 of row 0 so that gathers stay in bounds. Row numbers index `rows`.
     """
     arrays = _empty_rows(len(rows), length, pad_id)
     pairs = np.zeros((6, num_pair_slots), np.int32)  # c_row, c_seg, r_row, r_seg, mask, index
-    pairs[0], pairs[2] = row_offset, row_offset
     pairs[1], pairs[3], pairs[5] = 1, 1, -1
     p = 0
     for r, row in enumerate(rows):
@@ -214,19 +213,18 @@ def rows_to_dpo_batch(rows: Sequence[Sequence[PreferenceExample]], *, length: in
             offset = _put(arrays, r, offset, 2 * k + 1, ex.chosen_ids, ex.chosen_mask)
             offset = _put(arrays, r, offset, 2 * k + 2, ex.rejected_ids, ex.rejected_mask)
             key = ex.index if keys is None else keys[r][k]
-            pairs[:, p] = (row_offset + r, 2 * k + 1, row_offset + r, 2 * k + 2, 1, key)
+            pairs[:, p] = (r, 2 * k + 1, r, 2 * k + 2, 1, key)
             p += 1
     return DPOBatch(*arrays, *pairs)
 
 
 def pairs_to_dpo_batch(pairs: Sequence[PreferenceExample | None], *, length: int, pad_id: int,
-                       row_offset: int = 0, keys: Sequence[int] | None = None) -> DPOBatch:
+                       keys: Sequence[int] | None = None) -> DPOBatch:
     """Unpacked DPO layout: rows [2P, length], row 2i = pair i's chosen, 2i+1 its rejected,
-    each as segment 1. `None` is an empty pair slot (pair_mask 0, empty rows). Row numbers
-    are offset by `row_offset` (the host's first global row)."""
+    each as segment 1. `None` is an empty pair slot (pair_mask 0, empty rows)."""
     arrays = _empty_rows(2 * len(pairs), length, pad_id)
     n = len(pairs)
-    c_row = row_offset + 2 * np.arange(n, dtype=np.int32)
+    c_row = 2 * np.arange(n, dtype=np.int32)
     ones = np.ones(n, np.int32)
     mask, index = np.zeros(n, np.int32), np.full(n, -1, np.int32)
     for i, ex in enumerate(pairs):
@@ -238,6 +236,66 @@ def pairs_to_dpo_batch(pairs: Sequence[PreferenceExample | None], *, length: int
     return DPOBatch(*arrays, c_row, ones, c_row + 1, ones.copy(), mask, index)
 
 
+def _row_length(ex: SFTExample | PreferenceExample) -> int:
+    if isinstance(ex, PreferenceExample):
+        return max(len(ex.chosen_ids), len(ex.rejected_ids))
+    return len(ex.input_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How a global batch of units becomes one host's batch (training and eval share it).
+
+    Packed: rows [U/H, max_length] with up to `max_segments` segments; unpacked: rows padded
+    to a bucket length, one segment each (DPO: two rows per pair).
+    """
+    kind: str
+    packing: bool
+    max_length: int
+    pad_id: int
+    max_segments: int
+    process_index: int
+    process_count: int
+
+    def build(self, units: Sequence[Sequence[tuple[SFTExample | PreferenceExample, int]]]
+              ) -> tuple[SFTBatch | DPOBatch, int, int]:
+        """units: the global batch, one entry per unit (packed row / example / pair), each a
+        list of (example, key); [] is an empty unit. The host takes units
+        [process_index * U/H, (process_index + 1) * U/H). Unpacked, L is the bucket of the
+        longest sequence in the *global* batch so every host builds the same shape.
+
+        Returns (this host's batch, real tokens, row tokens); the token counts cover the
+        global batch (for padding statistics). DPO row numbers are host-local: the trainer
+        offsets them by the rows of the hosts before it when it builds global arrays.
+        """
+        real = sum(len(ex) for unit in units for ex, _ in unit)
+        if self.packing:
+            length = self.max_length
+        else:
+            longest = max((_row_length(ex) for unit in units for ex, _ in unit), default=1)
+            length = bucket_for(longest, bucket_lengths(self.max_length))
+        per_host = len(units) // self.process_count
+        lo = self.process_index * per_host
+        local = units[lo:lo + per_host]
+        rows = [[ex for ex, _ in unit] for unit in local]
+        keys = [[key for _, key in unit] for unit in local]
+        rows_per_unit = 2 if self.kind == "dpo" and not self.packing else 1
+        slots = len(units) * rows_per_unit * length
+        if self.kind == "sft":
+            batch = rows_to_sft_batch(
+                rows, length=length, pad_id=self.pad_id, keys=keys,
+                num_segments=self.max_segments if self.packing else 1)
+        elif self.packing:
+            batch = rows_to_dpo_batch(
+                rows, length=length, pad_id=self.pad_id, keys=keys,
+                num_pair_slots=per_host * (self.max_segments // 2))
+        else:
+            batch = pairs_to_dpo_batch(
+                [r[0] if r else None for r in rows], length=length, pad_id=self.pad_id,
+                keys=[k[0] if k else -1 for k in keys])
+        return batch, real, slots
+
+
 def padding_fractions(examples: Sequence[SFTExample | PreferenceExample], max_length: int, *,
                       batch_size: int = 32, max_segments_per_row: int = DEFAULT_MAX_SEGMENTS,
                       seed: int = 0) -> dict[str, float]:
@@ -246,7 +304,9 @@ def padding_fractions(examples: Sequence[SFTExample | PreferenceExample], max_le
     "padded":   every sequence padded to max_length;
     "bucketed": batches of `batch_size` units grouped by length in windows of 32 batches,
                 each padded to its bucket (what training without packing does);
-    "packed":   BFD packing into rows of max_length (what training with packing does).
+    "packed":   BFD packing into rows of max_length (what training with packing does); NaN
+                when a DPO pair is longer than a row (training with packing loads each
+                sequence with max_length // 2 so that pairs fit).
     DPO pairs count both sequences (one row each unpacked, a shared row packed).
     """
     if not examples:
@@ -255,7 +315,7 @@ def padding_fractions(examples: Sequence[SFTExample | PreferenceExample], max_le
     real = float(unit_lengths(examples).sum())
     rows_per_unit = 2 if is_pair else 1
     need = row_lengths(examples)
-    _check_lengths(need, max_length)
+    check_lengths(need, max_length)
     buckets = bucket_lengths(max_length)
     rng = np.random.default_rng(seed)
     window = 32 * batch_size
@@ -265,10 +325,13 @@ def padding_fractions(examples: Sequence[SFTExample | PreferenceExample], max_le
         ordered = chunk[group_by_length(chunk, batch_size, rng)]
         for b in range(0, len(ordered), batch_size):
             bucketed += bucket_for(int(ordered[b:b + batch_size].max()), buckets) * batch_size
-    rows = pack_lengths(unit_lengths(examples), max_length,
-                        max_segments_per_row // rows_per_unit)
+    units = unit_lengths(examples)
+    packed = float("nan")
+    if units.max() <= max_length:
+        rows = pack_lengths(units, max_length, max_segments_per_row // rows_per_unit)
+        packed = 1.0 - real / (len(rows) * max_length)
     return {
         "padded": 1.0 - real / (len(examples) * rows_per_unit * max_length),
         "bucketed": 1.0 - real / (bucketed * rows_per_unit),
-        "packed": 1.0 - real / (len(rows) * max_length),
+        "packed": packed,
     }

@@ -1,0 +1,316 @@
+"""Records -> token ids and loss masks (SFTExample / PreferenceExample), and `load_examples`.
+
+Token convention (DESIGN.md section 3):
+* String records: `prompt_ids = tok(prompt)` with the tokenizer's leading special tokens (BOS
+  if it adds one; never a trailing EOS some tokenizers append), `completion_ids =
+  tok(completion, add_special_tokens=False) + [eos]`; the loss is on the completion.
+  `text` records: `tok(text) + [eos]`, loss on every token but the first.
+* Conversational records use the tokenizer's chat template. The rendered string is tokenized
+  without special tokens, and the tokenizer's BOS is put in front unless the template wrote it:
+  exactly one BOS when the tokenizer uses one. Assistant tokens are found by rendering
+  prefixes, so templates without `{% generation %}` tags work: turn i spans the tokens between
+  `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`, both of which
+  must be token prefixes of the full rendering (else DataError). A span holds everything the
+  template writes after the generation prompt up to the next turn: the content, the
+  end-of-turn token (`</s>`, `<|im_end|>`) and what follows it (ChatML's "\\n"). If no
+  trained span holds the EOS, one EOS is appended (trained) so every example teaches stopping.
+  All assistant turns are trained (for prompt/completion records, those in the completion).
+* `completion_only_loss=False` trains every token but the first (SFT only; DPO always sums
+  the completion).
+* EOS is never doubled: a completion whose text already ends in the EOS token gets no second.
+
+Truncation (`max_length`, `truncation=`):
+* "truncate_completion" (default): the prompt is kept whole and the sequence is cut to
+  max_length tokens. The EOS goes with the cut (as TRL does): a kept EOS would teach the model
+  to stop mid-sentence, a missing one only means this example does not teach stopping.
+  A DPO pair cuts chosen and rejected separately, each to max_length.
+* "drop": an example (a pair: either sequence) longer than max_length is dropped.
+In both modes an example whose prompt alone takes max_length tokens (no room for one
+completion token) is dropped and counted; it is never trained with an empty completion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+
+import numpy as np
+
+from jaxft.data.batch import PreferenceExample, SFTExample
+from jaxft.data.formats import DataError, Record, check_kind, formats_for_kind, parse_record
+from jaxft.data.sources import read_records
+
+log = logging.getLogger("jaxft.data")
+
+TRUNCATION_MODES = ("truncate_completion", "drop")
+MAX_ERRORS = 20  # errors kept in a DataReport
+MAX_LOGGED_SKIPS = 10  # one warning each; then a summary
+
+
+class NoChatTemplateError(DataError):
+    """A conversational record met a tokenizer without a chat template: a set-up problem,
+    raised even with skip_invalid (skipping would silently drop every such record)."""
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What loading one source did. Lengths are tokens per example (a pair: its longer side).
+
+    raw_lengths: every tokenized record, before truncation (what max_length is chosen from).
+    lengths: the kept examples, after truncation.
+    num_dropped_too_long counts both drop mode and prompts that fill max_length; the latter
+    are also in num_prompt_too_long. errors: (location, message) of the first invalid records.
+    """
+    source: str
+    num_records: int = 0
+    num_examples: int = 0
+    format_counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    num_truncated: int = 0
+    num_dropped_too_long: int = 0
+    num_prompt_too_long: int = 0
+    num_skipped: int = 0
+    errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    raw_lengths: list[int] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ExampleSet:
+    """Tokenized examples of one source (`example.index` = the record's index in it) and its report."""
+    examples: list
+    report: DataReport
+
+
+class Encoder:
+    """Tokenizes validated Records with one tokenizer (see the module docstring).
+
+    Args:
+      tokenizer: a `transformers` tokenizer with an EOS token.
+      chat_template: overrides the tokenizer's chat template (Jinja source), optional.
+    """
+
+    def __init__(self, tokenizer, chat_template: str | None = None):
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        if self.eos is None:
+            raise ValueError("the tokenizer has no eos_token; set one (examples must end with it)")
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        # The special tokens the tokenizer puts before text (usually [BOS] or nothing).
+        plain = self.encode("a")
+        full = tokenizer("a")["input_ids"]
+        start = next((i for i in range(len(full) - len(plain) + 1)
+                      if full[i:i + len(plain)] == plain), 0)
+        self.prefix = list(full[:start])
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` without special tokens added."""
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        return ids if ids and ids[-1] == self.eos else ids + [self.eos]
+
+    def sequence(self, prompt: str | list, completion: str | list, location: str,
+                 completion_only: bool = True) -> tuple[list[int], list[int], int]:
+        """(ids, mask, prompt_len) of one prompt + completion; prompt_len = tokens before the
+        first completion token (those must fit in max_length)."""
+        if isinstance(prompt, list):
+            ids, mask, prompt_len = self._chat(prompt, completion, location)
+        else:
+            p = self.prefix + self.encode(prompt)
+            c = self._with_eos(self.encode(completion))
+            ids, mask, prompt_len = p + c, [0] * len(p) + [1] * len(c), len(p)
+        if not completion_only:
+            mask = [0] + [1] * (len(ids) - 1)
+        return ids, mask, prompt_len
+
+    def text(self, text: str) -> tuple[list[int], list[int], int]:
+        ids = self._with_eos(self.prefix + self.encode(text))
+        return ids, [0] + [1] * (len(ids) - 1), 1
+
+    def _render(self, messages: list, generation_prompt: bool, location: str) -> list[int]:
+        import jinja2
+
+        try:
+            text = self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt,
+                chat_template=self.chat_template)
+        # raise_exception() in a template is a TemplateError; templates indexing or adding
+        # things the record lacks fail with the others.
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as err:
+            raise DataError(location, f"the chat template rejects this record: {err}") from None
+        ids = self.encode(text)
+        if self.prefix and ids[:len(self.prefix)] != self.prefix:
+            ids = self.prefix + ids  # the template did not write BOS itself
+        return ids
+
+    def _chat(self, prompt: list, completion: list, location: str):
+        if not self.chat_template:
+            raise NoChatTemplateError(location, "this record is conversational but the tokenizer has no chat "
+                                      "template; use a tokenizer that has one (model.tokenizer) or "
+                                      "set data.chat_template")
+        messages = prompt + completion
+        full = self._render(messages, False, location)
+        mask = [0] * len(full)
+        prompt_len = None
+        has_eos = False
+        for i in range(len(prompt), len(messages)):
+            if messages[i]["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], True, location)
+            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], False, location)
+            for n, part in ((i, before), (i + 1, upto)):
+                if full[:len(part)] != part:
+                    raise DataError(location, f"the chat template renders the first {n} messages "
+                                              "differently from the start of the whole conversation "
+                                              "(not a token prefix), so assistant tokens cannot be "
+                                              "located", field="messages")
+            if len(upto) <= len(before):
+                raise DataError(location, f"the chat template renders assistant turn {i} as no tokens")
+            mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
+            has_eos = has_eos or self.eos in upto[len(before):]
+            if prompt_len is None:
+                prompt_len = len(before)
+        if not has_eos:
+            full, mask = full + [self.eos], mask + [1]
+        return full, mask, prompt_len
+
+
+def fit(ids: list[int], mask: list[int], prompt_len: int, max_length: int, truncation: str):
+    """(ids, mask, status) with status "ok" | "truncated" | "too_long" | "prompt_too_long"."""
+    if len(ids) <= max_length:
+        return ids, mask, "ok"
+    if prompt_len >= max_length:
+        return ids, mask, "prompt_too_long"
+    if truncation == "drop":
+        return ids, mask, "too_long"
+    return ids[:max_length], mask[:max_length], "truncated"
+
+
+def encode_record(encoder: Encoder, record: Record, index: int, location: str, *,
+                  max_length: int, truncation: str = "truncate_completion",
+                  completion_only_loss: bool = True):
+    """Tokenize and fit one validated record.
+
+    Returns (example or None, status, raw_length); the example is None when dropped
+    (status "too_long" / "prompt_too_long").
+    """
+    i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
+    if record.chosen is not None:
+        sides = [encoder.sequence(record.prompt, c, location) for c in (record.chosen, record.rejected)]
+        fitted = [fit(*s, max_length, truncation) for s in sides]
+        raw = max(len(s[0]) for s in sides)
+        statuses = [f[2] for f in fitted]
+        for bad in ("prompt_too_long", "too_long"):
+            if bad in statuses:
+                return None, bad, raw
+        status = "truncated" if "truncated" in statuses else "ok"
+        (c_ids, c_mask, _), (r_ids, r_mask, _) = fitted
+        return PreferenceExample(i32(c_ids), i32(c_mask), i32(r_ids), i32(r_mask), index), status, raw
+    if record.text is not None:
+        ids, mask, prompt_len = encoder.text(record.text)
+    else:
+        ids, mask, prompt_len = encoder.sequence(record.prompt, record.completion, location,
+                                                 completion_only_loss)
+    raw = len(ids)
+    ids, mask, status = fit(ids, mask, prompt_len, max_length, truncation)
+    if status in ("too_long", "prompt_too_long"):
+        return None, status, raw
+    return SFTExample(i32(ids), i32(mask), index), status, raw
+
+
+def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
+                  truncation: str = "truncate_completion", skip_invalid: bool = False,
+                  completion_only_loss: bool = True, split: str = "train",
+                  limit: int | None = None, chat_template: str | None = None) -> ExampleSet:
+    """Read, validate and tokenize every record of `source` for `kind` ("sft" or "dpo").
+
+    Args:
+      source: file / glob / folder / saved dataset / hub name (see `sources.read_records`).
+      tokenizer: a `transformers` tokenizer (with a chat template for conversational data).
+      kind: "sft" (SFTExample) or "dpo" (PreferenceExample); decides the accepted formats.
+      max_length: tokens per sequence; see the module docstring for truncation.
+      fmt: "auto" or a format name from `formats.ALL_FORMATS`.
+      truncation: "truncate_completion" or "drop".
+      skip_invalid: count, log and skip bad records instead of raising on the first.
+      completion_only_loss: SFT loss on completions / assistant turns only (else all tokens).
+      split: the split of a saved DatasetDict or hub dataset.
+      limit: read at most this many records.
+      chat_template: Jinja chat template to use instead of the tokenizer's.
+
+    Returns:
+      ExampleSet: examples in source order (`example.index` = record index) and a DataReport.
+
+    Raises:
+      DataError: a bad record (unless skip_invalid), a bad source, no chat template for a
+        conversational record, or no usable example at all.
+    """
+    result = tokenize_source(source, tokenizer, kind=kind, max_length=max_length, fmt=fmt,
+                             truncation=truncation, skip_invalid=skip_invalid,
+                             completion_only_loss=completion_only_loss, split=split, limit=limit,
+                             chat_template=chat_template)
+    report = result.report
+    if not result.examples:
+        why = (f"{report.num_records} records: {report.num_skipped} invalid, "
+               f"{report.num_dropped_too_long} longer than max_length {max_length}")
+        if report.errors:
+            why += f"; first error: {report.errors[0][0]}: {report.errors[0][1]}"
+        raise DataError(str(source), f"no usable examples ({why})")
+    return result
+
+
+def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
+                    truncation: str = "truncate_completion", skip_invalid: bool = False,
+                    completion_only_loss: bool = True, split: str = "train",
+                    limit: int | None = None, chat_template: str | None = None) -> ExampleSet:
+    """`load_examples` without the final "no usable examples" check (for check-data)."""
+    formats_for_kind(kind)
+    if truncation not in TRUNCATION_MODES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    encoder = Encoder(tokenizer, chat_template)
+    report = DataReport(source=str(source))
+    examples = []
+    records = itertools.islice(read_records(source, split=split), limit)
+    for index, (location, raw) in enumerate(records):
+        report.num_records += 1
+        try:
+            if isinstance(raw, DataError):  # a line that is not JSON / not UTF-8
+                raise raw
+            record = parse_record(raw, location, fmt)
+            check_kind(record.format, kind, location)
+            example, status, raw_len = encode_record(
+                encoder, record, index, location, max_length=max_length, truncation=truncation,
+                completion_only_loss=completion_only_loss)
+        except DataError as err:
+            if not skip_invalid or isinstance(err, NoChatTemplateError):
+                raise
+            _skip(report, err)
+            continue
+        report.format_counts[record.format] = report.format_counts.get(record.format, 0) + 1
+        report.raw_lengths.append(raw_len)
+        if example is None:
+            report.num_dropped_too_long += 1
+            report.num_prompt_too_long += status == "prompt_too_long"
+            continue
+        report.num_truncated += status == "truncated"
+        report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids))
+                              if isinstance(example, PreferenceExample) else len(example))
+        examples.append(example)
+    report.num_examples = len(examples)
+    if report.num_skipped > MAX_LOGGED_SKIPS:
+        log.warning("%s: skipped %d invalid records of %d (the first %d are logged above)",
+                    source, report.num_skipped, report.num_records, MAX_LOGGED_SKIPS)
+    if report.num_dropped_too_long:
+        log.info("%s: dropped %d records longer than max_length %d (%d whose prompt alone fills it)",
+                 source, report.num_dropped_too_long, max_length, report.num_prompt_too_long)
+    return ExampleSet(examples, report)
+
+
+def _skip(report: DataReport, err: DataError) -> None:
+    report.num_skipped += 1
+    if len(report.errors) < MAX_ERRORS:
+        report.errors.append((err.location, err.message))
+    if report.num_skipped <= MAX_LOGGED_SKIPS:
+        log.warning("skipping invalid record: %s", err)
