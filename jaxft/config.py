@@ -106,7 +106,8 @@ def validate(config: ml_collections.ConfigDict, *, kind: str) -> None:
 
         validate_dpo_settings(loss_type=dpo_loss_types(config), beta=config.dpo.beta,
                               label_smoothing=config.dpo.label_smoothing,
-                              loss_weights=dpo_loss_weights(config))
+                              loss_weights=dpo_loss_weights(config),
+                              f_divergence_type=config.dpo.f_divergence_type)
 
 
 def dpo_loss_types(config) -> str | list[str]:

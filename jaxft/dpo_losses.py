@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+# Short names so the code reads like the formulas in the docstrings.
 ls = jax.nn.log_sigmoid
 sig = jax.nn.sigmoid
 
@@ -242,7 +243,8 @@ def validate_dpo_settings(loss_type, beta, label_smoothing, loss_weights=None, *
         raise ValueError(f"dpo.loss_type is empty; choose from {', '.join(DPO_LOSS_TYPES)}")
     for name in types:
         if name not in LOSS_FNS:
-            raise ValueError(f"dpo.loss_type: unknown loss type {name!r}; valid types: {', '.join(DPO_LOSS_TYPES)}")
+            raise ValueError(f"dpo.loss_type: unknown loss type {name!r}; valid types: "
+                             f"{', '.join(DPO_LOSS_TYPES)}")
     if _is_number(beta) and not beta > 0:
         raise ValueError(f"dpo.beta must be > 0, got {beta}")
     if _is_number(label_smoothing):
@@ -262,13 +264,15 @@ def validate_dpo_settings(loss_type, beta, label_smoothing, loss_weights=None, *
             raise ValueError(f"dpo.loss_weights has {len(weights)} weights for {len(types)} loss types "
                              f"{list(types)}; give one weight per dpo.loss_type entry")
     if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"dpo.f_divergence_type: unknown {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
+        raise ValueError(f"dpo.f_divergence_type: unknown {f_divergence_type!r}; valid: "
+                         f"{', '.join(F_DIVERGENCES)}")
     if f_divergence_type != "reverse_kl":
         unsupported = [n for n in types if n not in F_DIVERGENCE_LOSS_TYPES]
         if unsupported:
             raise ValueError(f"dpo.f_divergence_type={f_divergence_type!r} only works with loss types "
                              f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; dpo.loss_type has {unsupported}")
-    if _is_number(f_alpha_divergence_coef) and f_divergence_type == "alpha_divergence" and f_alpha_divergence_coef <= 0:
+    alpha = f_alpha_divergence_coef
+    if f_divergence_type == "alpha_divergence" and _is_number(alpha) and not alpha > 0:
         raise ValueError(f"dpo.f_alpha_divergence_coef must be > 0, got {f_alpha_divergence_coef}")
     if "discopop" in types and _is_number(discopop_tau) and not discopop_tau > 0:
         raise ValueError(f"dpo.discopop_tau must be > 0, got {discopop_tau}")
@@ -290,8 +294,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
       chosen_logps, rejected_logps: float [P] policy sequence log-probs (summed over completion
         tokens).
       ref_chosen_logps, ref_rejected_logps: float [P] reference log-probs; zeros for
-        reference-free training. No gradient flows to them only if the caller stops it (they
-        are usually constants or precomputed).
+        reference-free training. Treated like any input: pass constants (a frozen reference's
+        output or a precomputed table) so no gradient reaches the reference.
       loss_type: one name from `DPO_LOSS_TYPES`, or several (sequence or comma-separated string)
         combined as sum_k loss_weights[k] * mean_over_pairs(loss_k) (TRL's multi-loss / MPO).
       beta: > 0. label_smoothing: eps in [0, 1); cDPO for sigmoid, flip rate (< 0.5) for robust,
@@ -337,11 +341,14 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     ref_c, ref_r = clean(ref_chosen_logps), clean(ref_rejected_logps)
     lr_c, lr_r = pol_c - ref_c, pol_r - ref_r
     to_scores = F_DIVERGENCES[f_divergence_type]
-    len_c, len_r = (None if x is None else jnp.maximum(clean(x, 1.0), 1.0) for x in (chosen_lengths, rejected_lengths))
+    # Lengths clamp to >= 1 (as TRL's clamp(min=1)) so an empty completion never divides by 0.
+    len_c, len_r = (None if x is None else jnp.maximum(clean(x, 1.0), 1.0)
+                    for x in (chosen_lengths, rejected_lengths))
     terms = PairTerms(
         chosen_logps=pol_c, rejected_logps=pol_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
         chosen_logratios=lr_c, rejected_logratios=lr_r,
-        chosen_scores=to_scores(lr_c, f_alpha_divergence_coef), rejected_scores=to_scores(lr_r, f_alpha_divergence_coef),
+        chosen_scores=to_scores(lr_c, f_alpha_divergence_coef),
+        rejected_scores=to_scores(lr_r, f_alpha_divergence_coef),
         chosen_lengths=len_c, rejected_lengths=len_r, mask=mask, beta=beta, label_smoothing=label_smoothing,
         discopop_tau=discopop_tau, bco_running_mean=bco_running_mean,
     )

@@ -125,7 +125,9 @@ def _eos_list(model, eos_token_id) -> list[int]:
         eos_token_id = model.cfg.eos_token_id
     if eos_token_id is None:
         return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(e) for e in eos_token_id]
+    if isinstance(eos_token_id, (int, np.integer)):
+        return [int(eos_token_id)]
+    return [int(e) for e in eos_token_id]
 
 
 def generate_array(
@@ -196,8 +198,8 @@ def generate(
       tokens such as BOS already in place).
     temperature: 0 = greedy (argmax); else logits / temperature are filtered by `top_k`
       (0 = off) and `top_p` (1.0 = off) and sampled with `jax.random` keys from `seed`.
-    eos_token_id: one id or several (default: the model config's); pad_token_id: what fills
-      finished rows inside the batch (default: config's pad, else the first EOS).
+    eos_token_id: one id or several, up to 8 (default: the model config's; [] = never stop
+      early). pad_token_id: what fills finished rows (default: config's pad, else first EOS).
     cache_dtype: KV-cache dtype (default: the model's compute dtype).
     Returns B lists of new token ids only, each cut after its first EOS **with the EOS
     included** (as transformers' `generate` does), so a list that does not end in EOS ran
@@ -216,7 +218,9 @@ def generate(
     return results
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str | list[dict]], *, chat: bool | None = None) -> list[list[int]]:
+def encode_prompts(
+    tokenizer, prompts: Sequence[str | list[dict]], *, chat: bool | None = None
+) -> list[list[int]]:
     """Token ids for each prompt, ready for `generate`.
 
     Message lists (and strings when `chat=True`, wrapped as one user message) go through the

@@ -99,6 +99,7 @@ def chunked_token_logps(
     *,
     chunk_size: int,
     logit_softcap: float | None = None,
+    return_mean_logits: bool = False,
 ):
     """Target log-probs from final hidden states without ever holding all [B, L, V] logits.
 
@@ -113,9 +114,12 @@ def chunked_token_logps(
       targets: int [B, L].
       chunk_size: positions per chunk; L need not be a multiple (the tail is padded).
       logit_softcap: optional soft cap applied to the logits before the softmax.
+      return_mean_logits: also return the vocabulary-mean logit of each position, float32
+        [B, L] (what `sequence_logit_means` takes for TRL's logits/chosen, logits/rejected).
 
     Returns:
-      logps: float32 [B, L]; correct: bool [B, L] (argmax == target).
+      logps: float32 [B, L]; correct: bool [B, L] (argmax == target); and mean_logits
+      float32 [B, L] when `return_mean_logits`.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
@@ -133,13 +137,15 @@ def chunked_token_logps(
     @jax.checkpoint
     def one_chunk(w_ExV, h_BxCxE, t_BxC):
         # f32 accumulation so bf16 activations still give f32 logits, as the full path does.
-        logits = jnp.einsum("bce,ev->bcv", h_BxCxE, w_ExV, preferred_element_type=jnp.float32)
-        return _logps_and_correct(_softcap(logits, logit_softcap), t_BxC)
+        logits = _softcap(jnp.einsum("bce,ev->bcv", h_BxCxE, w_ExV, preferred_element_type=jnp.float32),
+                          logit_softcap)
+        return (*_logps_and_correct(logits, t_BxC), jnp.mean(logits, axis=-1))
 
-    logps, correct = jax.lax.map(lambda xs: one_chunk(lm_head, *xs), (hidden_chunks, target_chunks))
-    logps = logps.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :length]
-    correct = correct.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :length]
-    return logps, correct
+    outs = jax.lax.map(lambda xs: one_chunk(lm_head, *xs), (hidden_chunks, target_chunks))
+    # [n, B, C] -> [B, L], dropping the padded tail.
+    logps, correct, mean_logits = (x.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :length]
+                                   for x in outs)
+    return (logps, correct, mean_logits) if return_mean_logits else (logps, correct)
 
 
 def mean_token_accuracy(correct: jax.Array, target_mask: jax.Array) -> jax.Array:

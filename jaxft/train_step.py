@@ -70,15 +70,15 @@ def micro_batch_row(row, accumulate: int, rows_per_unit: int = 1):
 
 def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0):
     """Per-token target log-probs [B, L] f32, target mask [B, L], argmax-correct [B, L] and
-    the per-token mean logit [B, L] (for TRL's logits/* metrics; zeros when chunked)."""
+    the per-token mean logit [B, L] (for TRL's logits/* metrics)."""
     model = nnx.merge(graphdef, params)
     targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     if loss_chunk_size:
         hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
-        logps, correct = losses.chunked_token_logps(
-            hidden, model.lm_head_kernel().astype(hidden.dtype), targets, chunk_size=loss_chunk_size
+        logps, correct, mean_logits = losses.chunked_token_logps(
+            hidden, model.lm_head_kernel().astype(hidden.dtype), targets, chunk_size=loss_chunk_size,
+            return_mean_logits=True,
         )
-        mean_logits = jnp.zeros(logps.shape, jnp.float32)
     else:
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
         logps, correct = losses.full_token_logps(logits, targets)

@@ -59,7 +59,8 @@ def test_full_token_logps_match_float64_log_softmax_and_argmax():
     targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
     logps, correct = losses.full_token_logps(logits, targets)
     ref = np.asarray(logits, np.float64)
-    ref = ref - np.log(np.exp(ref - ref.max(-1, keepdims=True)).sum(-1, keepdims=True)) - ref.max(-1, keepdims=True)
+    ref = ref - ref.max(-1, keepdims=True)
+    ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
     expected = np.take_along_axis(ref, np.asarray(targets)[..., None], -1)[..., 0]
     assert logps.dtype == jnp.float32
     np.testing.assert_allclose(logps, expected, atol=1e-5)
@@ -92,17 +93,20 @@ def test_chunked_equals_full_in_values_and_gradients(length, chunk_size, softcap
         return jnp.sum(logps * weights), (logps, correct)
 
     def chunked(h, w):
-        logps, correct = losses.chunked_token_logps(h, w, targets, chunk_size=chunk_size, logit_softcap=softcap)
-        return jnp.sum(logps * weights), (logps, correct)
+        logps, correct, mean_logits = losses.chunked_token_logps(
+            h, w, targets, chunk_size=chunk_size, logit_softcap=softcap, return_mean_logits=True)
+        return jnp.sum(logps * weights), (logps, correct, mean_logits)
 
     @jax.jit  # one compile is much cheaper than dispatching the scan's backward op by op
     def both(h, w):
         return [jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w) for f in (full, chunked)]
 
-    ((_, (logps_f, correct_f)), grads_f), ((_, (logps_c, correct_c)), grads_c) = both(hidden, lm_head)
+    ((_, (logps_f, correct_f)), grads_f), ((_, (logps_c, correct_c, means_c)), grads_c) = both(hidden, lm_head)
     assert logps_c.shape == (2, length) and logps_c.dtype == jnp.float32
     np.testing.assert_allclose(logps_c, logps_f, atol=1e-5)
     np.testing.assert_array_equal(correct_c, correct_f)
+    logits = hidden @ lm_head if softcap is None else softcap * jnp.tanh(hidden @ lm_head / softcap)
+    np.testing.assert_allclose(means_c, logits.mean(-1), atol=1e-5)
     np.testing.assert_allclose(grads_c[0], grads_f[0], atol=1e-5)  # d/d hidden
     np.testing.assert_allclose(grads_c[1], grads_f[1], atol=1e-5)  # d/d lm_head
 
@@ -226,12 +230,7 @@ def test_padded_pair_slots_change_nothing():
     inputs = golden_inputs()
     real_slots = jnp.array([0, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15])  # 12 real pairs among 16 slots
     mask = jnp.zeros((16,), jnp.float32).at[real_slots].set(1.0)
-    garbage = jnp.array([jnp.nan, -1e4], jnp.float32)
-    padded = {k: jnp.zeros((2, 16), jnp.float32).at[:, :].set(garbage[:, None]).at[:, real_slots].set(v)
-              for k, v in inputs.items()}
-
-    @jax.jit  # all loss types and both garbage fills in one program: a single compile
-    @jax.vmap
+    @jax.jit  # all loss types in one program: a single compile, reused for each garbage fill
     def all_types(x):
         out = {}
         for name in losses.DPO_LOSS_TYPES:
@@ -241,15 +240,23 @@ def test_padded_pair_slots_change_nothing():
         return out
 
     golden = {json.dumps(c["kwargs"], sort_keys=True): c for c in GOLDEN["cases"]}
-    for name, ((loss, metrics), grad) in all_types(padded).items():
+    fills = [jnp.nan, -1e4]
+    results = [all_types({k: jnp.full((16,), fill, jnp.float32).at[real_slots].set(v) for k, v in inputs.items()})
+               for fill in fills]
+    for name in losses.DPO_LOSS_TYPES:
         case = golden[json.dumps(dict(loss_type=name, **VALID_SETTINGS[name]), sort_keys=True)]
-        np.testing.assert_allclose(loss, [case["loss"]] * 2, rtol=1e-5, atol=1e-5, err_msg=name)
-        for key, expected in case["metrics"].items():
-            np.testing.assert_allclose(metrics[key], [expected] * 2, rtol=1e-5, atol=1e-5, err_msg=f"{name} {key}")
-        grad = np.asarray(grad)
-        assert np.all(grad[:, np.asarray(mask) == 0] == 0.0), name
-        assert np.all(np.isfinite(grad)) and np.array_equal(grad[0], grad[1]), name
-        assert np.any(grad[:, np.asarray(real_slots)] != 0.0), name
+        grads = []
+        for fill, result in zip(fills, results):
+            (loss, metrics), grad = result[name]
+            where = f"{name}, padding filled with {fill}"
+            np.testing.assert_allclose(float(loss), case["loss"], rtol=1e-5, atol=1e-5, err_msg=where)
+            for key, expected in case["metrics"].items():
+                np.testing.assert_allclose(float(metrics[key]), expected, rtol=1e-5, atol=1e-5, err_msg=where)
+            grad = np.asarray(grad)
+            assert np.all(grad[np.asarray(mask) == 0] == 0.0) and np.all(np.isfinite(grad)), where
+            grads.append(grad)
+        np.testing.assert_array_equal(grads[0], grads[1], err_msg=name)
+        assert np.any(grads[0] != 0.0), name
 
 
 def test_no_real_pairs_gives_zero_loss_and_finite_gradients():
@@ -286,7 +293,8 @@ def test_dpo_loss_under_jit_matches_eager():
 def test_invalid_settings_raise_naming_the_config_key(kwargs, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         losses.validate_dpo_settings(kwargs.pop("loss_type"), kwargs.pop("beta", 0.1),
-                                     kwargs.pop("label_smoothing", 0.0), kwargs.pop("loss_weights", None), **kwargs)
+                                     kwargs.pop("label_smoothing", 0.0), kwargs.pop("loss_weights", None),
+                                     **kwargs)
 
 
 def test_dpo_loss_validates_too_and_lists_valid_types():

@@ -80,18 +80,28 @@ def detect_format(record: Any, location: str) -> str:
     if "chosen" in has or "rejected" in has:
         if "prompt" not in has:
             return "implicit_preference"
-        return "preference" if isinstance(record["prompt"], str) else "conversational_preference"
+        conversational = _str_or_list(record, "prompt", location)
+        return "conversational_preference" if conversational else "preference"
     if "messages" in has:
         return "conversational"
     if "prompt" in has or "completion" in has:
-        first = record["prompt"] if "prompt" in has else record["completion"]
-        return "prompt_completion" if isinstance(first, str) else "conversational_prompt_completion"
+        conversational = _str_or_list(record, "prompt" if "prompt" in has else "completion", location)
+        return "conversational_prompt_completion" if conversational else "prompt_completion"
     if "text" in has:
         return "text"
     fields = ", ".join(repr(k) for k in record) or "none"
     raise DataError(location, f"record matches no known format (its fields: {fields}); expected "
                               "'text', 'prompt'+'completion', 'messages', "
                               "'prompt'+'chosen'+'rejected' or 'chosen'+'rejected'")
+
+
+def _str_or_list(record: dict, field: str, location: str) -> bool:
+    """Whether `field` (which decides string vs conversational) is a list; else a string."""
+    value = record[field]
+    if not isinstance(value, (str, list)):
+        raise DataError(location, f"field {field!r} must be a string or a list of messages, "
+                                  f"got {_type_name(value)}", field=field)
+    return isinstance(value, list)
 
 
 def check_kind(fmt: str, kind: str, location: str) -> None:

@@ -219,6 +219,24 @@ def encode_record(encoder: Encoder, record: Record, index: int, location: str, *
     return SFTExample(i32(ids), i32(mask), index), status, raw
 
 
+def process_record(encoder: Encoder, raw, index: int, location: str, *, kind: str, fmt: str,
+                   max_length: int, truncation: str, completion_only_loss: bool):
+    """Validate, check against `kind`, tokenize and fit one raw record from `read_records`.
+
+    Returns (format, example or None, status, raw_length) as `encode_record`; raises
+    DataError for anything wrong with the record (a DataError in place of the record, from
+    an undecodable line, is raised as is).
+    """
+    if isinstance(raw, DataError):
+        raise raw
+    record = parse_record(raw, location, fmt)
+    check_kind(record.format, kind, location)
+    example, status, raw_len = encode_record(
+        encoder, record, index, location, max_length=max_length, truncation=truncation,
+        completion_only_loss=completion_only_loss)
+    return record.format, example, status, raw_len
+
+
 def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
                   truncation: str = "truncate_completion", skip_invalid: bool = False,
                   completion_only_loss: bool = True, split: str = "train",
@@ -276,19 +294,15 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
     for index, (location, raw) in enumerate(records):
         report.num_records += 1
         try:
-            if isinstance(raw, DataError):  # a line that is not JSON / not UTF-8
-                raise raw
-            record = parse_record(raw, location, fmt)
-            check_kind(record.format, kind, location)
-            example, status, raw_len = encode_record(
-                encoder, record, index, location, max_length=max_length, truncation=truncation,
-                completion_only_loss=completion_only_loss)
+            fmt_found, example, status, raw_len = process_record(
+                encoder, raw, index, location, kind=kind, fmt=fmt, max_length=max_length,
+                truncation=truncation, completion_only_loss=completion_only_loss)
         except DataError as err:
             if not skip_invalid or isinstance(err, NoChatTemplateError):
                 raise
             _skip(report, err)
             continue
-        report.format_counts[record.format] = report.format_counts.get(record.format, 0) + 1
+        report.format_counts[fmt_found] = report.format_counts.get(fmt_found, 0) + 1
         report.raw_lengths.append(raw_len)
         if example is None:
             report.num_dropped_too_long += 1

@@ -162,6 +162,8 @@ CASES = [{"loss_type": t, **BASE.get(t, {})} for t in ALL_TYPES] + [
     {"loss_type": "sigmoid", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.5},
     {"loss_type": "ipo", "f_divergence_type": "js_divergence"},
     {"loss_type": "sigmoid_norm", "f_divergence_type": "forward_kl"},
+    {"loss_type": "sigmoid_norm", "f_divergence_type": "alpha_divergence"},
+    {"loss_type": "ipo", "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.5},
     {"loss_type": "hinge", "f_divergence_type": "alpha_divergence"},
     {"loss_type": "exo_pair", "label_smoothing": 1e-3, "f_divergence_type": "forward_kl"},
     {"loss_type": "robust", "label_smoothing": 0.1, "f_divergence_type": "js_divergence"},

@@ -1,0 +1,144 @@
+"""`jaxft check-data`: validate and measure a dataset before spending compute on it.
+
+`check_data` reads and tokenizes a source exactly as training would (`tokenize.load_examples`
+settings) but keeps going past bad records, then summarises: records per format, token
+lengths, truncation and drops, the padding a run would carry with and without packing, and
+the first errors with their coordinates. `format_check_result` renders that for the CLI,
+which exits non-zero when `result.ok` is False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxft.data.batch import PreferenceExample
+from jaxft.data.formats import DataError
+from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_source
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """The outcome of `check_data`.
+
+    report: the DataReport of loading (counts, errors, lengths).
+    length_stats: {"p50", "p90", "p99", "max"} tokens per example before truncation (a pair:
+        its longer sequence); empty when nothing was tokenized.
+    padding: share of row tokens that would be padding (`packing.padding_fractions`):
+        "padded" (each row padded to max_length), "bucketed" (length-grouped batches padded
+        to a bucket: training without packing), "packed" (training with packing).
+    packed_dpo_dropped: DPO only: pairs that packing (each sequence cut to max_length // 2,
+        as the pipeline does) would drop on top of the report's drops.
+    fatal: an error that stopped the check (missing source, no chat template, ...), or None.
+    """
+    source: str
+    kind: str
+    max_length: int
+    report: DataReport
+    length_stats: dict[str, int] = dataclasses.field(default_factory=dict)
+    padding: dict[str, float] = dataclasses.field(default_factory=dict)
+    packed_dpo_dropped: int = 0
+    fatal: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the data trains as is: readable, no invalid record, some examples."""
+        return (self.fatal is None and self.report.num_skipped == 0
+                and self.report.num_examples > 0)
+
+
+def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
+               truncation: str = "truncate_completion", skip_invalid: bool = True,
+               completion_only_loss: bool = True, split: str = "train", limit: int | None = None,
+               chat_template: str | None = None, batch_size: int = 32) -> CheckResult:
+    """Load `source` as `jaxft sft` / `jaxft dpo` would and measure it (see CheckResult).
+
+    Arguments are those of `tokenize.load_examples`; `skip_invalid=False` stops at the first
+    bad record (reported as `fatal`). `batch_size` is the batch the bucketed padding assumes.
+    Never raises DataError: problems end up in the result, `ok` False.
+    """
+    from jaxft.data import packing
+
+    try:
+        loaded = tokenize_source(source, tokenizer, kind=kind, max_length=max_length, fmt=fmt,
+                                 truncation=truncation, skip_invalid=skip_invalid,
+                                 completion_only_loss=completion_only_loss, split=split,
+                                 limit=limit, chat_template=chat_template)
+    except DataError as err:
+        report = DataReport(source=str(source), errors=[(err.location, err.message)])
+        return CheckResult(str(source), kind, max_length, report, fatal=str(err))
+    report, examples = loaded.report, loaded.examples
+    result = CheckResult(str(source), kind, max_length, report)
+    if report.raw_lengths:
+        lengths = np.asarray(report.raw_lengths)
+        result.length_stats = {f"p{q}": int(np.percentile(lengths, q, method="lower"))
+                               for q in PERCENTILES}
+        result.length_stats["max"] = int(lengths.max())
+    if examples:
+        result.padding = packing.padding_fractions(examples, max_length, batch_size=batch_size)
+        if kind == "dpo":
+            # A packed pair shares one row, so the pipeline cuts each side to max_length // 2.
+            halved = _refit_pairs(examples, max_length // 2, truncation)
+            result.packed_dpo_dropped = len(examples) - len(halved)
+            packed = (packing.padding_fractions(halved, max_length, batch_size=batch_size)
+                      if halved else {"packed": 1.0})
+            result.padding["packed"] = packed["packed"]
+    return result
+
+
+def _refit_pairs(examples: list[PreferenceExample], max_length: int, truncation: str):
+    """Pairs cut to `max_length` per side as tokenizing at that length would: cutting an
+    already cut sequence shorter gives the same tokens, and the prompt ends at the first
+    trained token."""
+    out = []
+    for e in examples:
+        sides = []
+        for ids, mask in ((e.chosen_ids, e.chosen_mask), (e.rejected_ids, e.rejected_mask)):
+            sides.append(fit(ids, mask, int(np.argmax(mask)), max_length, truncation))
+        if all(status in ("ok", "truncated") for _, _, status in sides):
+            (c, cm, _), (r, rm, _) = sides
+            out.append(PreferenceExample(c, cm, r, rm, e.index))
+    return out
+
+
+def format_check_result(result: CheckResult) -> str:
+    """A human-readable summary of `result` for the terminal, ending in OK or FAILED."""
+    r = result.report
+    lines = [f"check-data {result.source} ({result.kind}, max_length {result.max_length})"]
+    if result.fatal is not None:
+        return "\n".join(lines + [f"error: {result.fatal}", "FAILED"])
+    lines.append(f"records: {r.num_records}   examples: {r.num_examples}   "
+                 f"invalid: {r.num_skipped}   truncated: {r.num_truncated}   "
+                 f"dropped as too long: {r.num_dropped_too_long} "
+                 f"({r.num_prompt_too_long} whose prompt alone fills max_length)")
+    if r.format_counts:
+        lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(r.format_counts.items())))
+    if result.length_stats:
+        s = result.length_stats
+        over = sum(n > result.max_length for n in r.raw_lengths)
+        what = "longer sequence of each pair" if result.kind == "dpo" else "example"
+        lines.append(f"tokens per {what} before truncation: p50 {s['p50']}  p90 {s['p90']}  "
+                     f"p99 {s['p99']}  max {s['max']}  ({over} over max_length)")
+    if result.padding:
+        p = result.padding
+        lines.append(f"padding without packing: {p['padded']:.1%} padded to max_length, "
+                     f"{p['bucketed']:.1%} with length-bucketed batches")
+        extra = (f" (each side cut to {result.max_length // 2}; "
+                 f"{result.packed_dpo_dropped} more pairs dropped)") if result.kind == "dpo" else ""
+        lines.append(f"padding with packing: {p['packed']:.1%}{extra}")
+    if r.errors:
+        shown = f"first {len(r.errors)} of {r.num_skipped}" if r.num_skipped > len(r.errors) else (
+            f"{len(r.errors)}")
+        lines.append(f"errors ({shown}):")
+        lines += [f"  {loc}: {msg}" for loc, msg in r.errors[:MAX_ERRORS]]
+    if result.ok:
+        lines.append("OK")
+    elif r.num_examples == 0:
+        lines.append("FAILED: no usable examples")
+    else:
+        lines.append(f"FAILED: {r.num_skipped} invalid records (fix them, or train with "
+                     "data.skip_invalid=True to skip them)")
+    return "\n".join(lines)
