@@ -4,10 +4,12 @@ fuzzed records only ever raise DataError."""
 import copy
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import AutoTokenizer
 
 from jaxft.data.formats import DataError
 from jaxft.data.make_tokenizer import load_bundled_tokenizer
@@ -178,37 +180,61 @@ values = st.recursive(st.one_of(scalars, messages),
                                               st.dictionaries(st.sampled_from(KEYS), inner, max_size=3)),
                       max_leaves=8)
 # Near-valid records reach the tokenizer and chat template; mutations break one field.
-content = st.one_of(st.text(max_size=16), st.sampled_from(
-    ["</s>", "<s>", "<|user|>", "<|assistant|>\n", "{{ x }}", " ", "\n", "7 + 5 = 12."]))
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "bot"]),
-                                 "content": content})
-conversation = st.lists(message, min_size=1, max_size=4)
+content = st.one_of(st.text(min_size=1, max_size=16), st.sampled_from(
+    ["</s>", "<s>", "<|user|>", "<|assistant|>\n", "{{ x }}", " x", "\n", "7 + 5 = 12."]))
+
+
+def _conversation(contents, system):
+    """user, assistant, user, ... ending with an assistant turn, after an optional system turn."""
+    if len(contents) % 2:
+        contents = contents + ["ok"]
+    msgs = [{"role": ("user", "assistant")[i % 2], "content": c} for i, c in enumerate(contents)]
+    return ([{"role": "system", "content": system}] if system else []) + msgs
+
+
+conversation = st.builds(_conversation, st.lists(content, min_size=1, max_size=4),
+                         st.none() | content)
+replies = st.lists(content.map(lambda c: {"role": "assistant", "content": c}), min_size=1, max_size=2)
 near_valid = st.one_of(
     st.fixed_dictionaries({"text": content}),
     st.fixed_dictionaries({"prompt": content, "completion": content}),
     st.fixed_dictionaries({"messages": conversation}),
-    st.fixed_dictionaries({"prompt": conversation, "completion": conversation}),
+    st.fixed_dictionaries({"prompt": conversation, "completion": replies}),
     st.fixed_dictionaries({"prompt": content, "chosen": content, "rejected": content}),
-    st.fixed_dictionaries({"prompt": conversation, "chosen": conversation, "rejected": conversation}),
-    st.builds(lambda p, c, r: {"chosen": p + c, "rejected": p + r}, conversation, conversation,
-              conversation),
+    st.fixed_dictionaries({"prompt": conversation, "chosen": replies, "rejected": replies}),
+    st.builds(lambda p, c, r: {"chosen": p + c, "rejected": p + r}, conversation, replies, replies),
 )
 mutated = st.builds(lambda r, k, v: {**r, k: v}, near_valid, st.sampled_from(KEYS), values)
 records = st.one_of(near_valid, near_valid, mutated,
                     st.dictionaries(st.sampled_from(KEYS), values, max_size=4), values)
 
 
+@pytest.fixture(scope="module")
+def encoders(tok):
+    assets = Path(__file__).parent / "assets"
+    return [Encoder(tok)] + [Encoder(AutoTokenizer.from_pretrained(assets / name))
+                             for name in ("mistral_v1", "gpt2_chatml")]
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(record=records, kind=st.sampled_from(["sft", "dpo"]),
        fmt=st.sampled_from(["auto", "auto", "text", "conversational", "implicit_preference"]),
-       max_length=st.integers(2, 40))
-def test_fuzzed_records_only_raise_data_error(tok, record, kind, fmt, max_length):
+       max_length=st.integers(2, 64), which=st.integers(0, 2),
+       truncation=st.sampled_from(["truncate_completion", "drop"]))
+def test_fuzzed_records_only_raise_data_error(encoders, record, kind, fmt, max_length, which,
+                                              truncation):
     try:
-        process_record(Encoder(tok), record, 0, "fuzz line 1", kind=kind, fmt=fmt,
-                       max_length=max_length, truncation="truncate_completion",
-                       completion_only_loss=True)
+        _, example, status, _ = process_record(
+            encoders[which], record, 0, "fuzz line 1", kind=kind, fmt=fmt, max_length=max_length,
+            truncation=truncation, completion_only_loss=True)
     except DataError as err:
         assert str(err).startswith("fuzz line 1: ")
+        return
+    # Whatever loads fits max_length and trains at least one token.
+    if example is not None:
+        masks = [getattr(example, k) for k in ("loss_mask", "chosen_mask", "rejected_mask")
+                 if hasattr(example, k)]
+        assert all(0 < m.sum() and len(m) <= max_length for m in masks)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
