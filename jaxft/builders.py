@@ -68,6 +68,14 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
     return create_model(cfg, seed=config.train.seed, mesh=mesh)
 
 
+def load_kwargs(config) -> dict:
+    """The data.* options of `jaxft.data.tokenize.load_examples`."""
+    return dict(fmt=config.data.format, truncation=config.data.truncation,
+                skip_invalid=config.data.skip_invalid,
+                completion_only_loss=config.data.completion_only_loss,
+                chat_template=config.data.chat_template or None)
+
+
 def mesh_from_config(config):
     return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 

@@ -90,11 +90,15 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint under {self.directory}")
+        # StandardRestore insists on the whole saved tree; PyTreeRestore(partial_restore=True)
+        # reads the subtree named in `item` and skips the rest (same on-disk format).
+        item = {"params": abstract_params}
         restored = self.manager.restore(
             step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore({"params": abstract_params}, strict=False)
-            ),
+            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True,
+            )),
         )
         return restored["state"]["params"]
 

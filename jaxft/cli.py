@@ -12,11 +12,13 @@ import sys
 USAGE = """usage: jaxft <command> [options]
 
 commands:
-  quickstart   generate the bundled data, fine-tune the tiny model, evaluate it
+  quickstart   generate the bundled data, SFT then DPO the tiny model, evaluate all three
   sft          supervised fine-tuning:  jaxft sft --config configs/sft.py[:preset] --workdir DIR
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
   export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] --out DIR
-  check-data   validate a dataset before training: jaxft check-data FILE [--kind sft|dpo]
+  generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT
+  eval         exact match / repetition of greedy answers: jaxft eval --model DIR --data FILE
+  check-data   validate a dataset before training: jaxft check-data FILE --kind sft|dpo
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
 
 Run `jaxft <command> --help` for a command's options.
@@ -81,9 +83,86 @@ def _plot(argv):
     print(f"wrote {plot(a.workdir, a.out)}")
 
 
+def _quickstart(argv):
+    p = argparse.ArgumentParser(prog="jaxft quickstart", description=(
+        "SFT then DPO of the bundled tiny model on the bundled data, on CPU in a few minutes"))
+    p.add_argument("--workdir", default="jaxft_quickstart", help="where data, runs and results go")
+    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--dpo-steps", type=int, default=150)
+    p.add_argument("--questions", type=int, default=200, help="held-out questions to evaluate")
+    a = p.parse_args(argv)
+    from jaxft.quickstart import run_quickstart
+
+    run_quickstart(a.workdir, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, num_questions=a.questions)
+
+
+def _generate(argv):
+    p = argparse.ArgumentParser(prog="jaxft generate", description="sample from a Hugging Face model folder")
+    p.add_argument("--model", required=True, help="Hugging Face folder (e.g. WORKDIR/hf)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--raw", action="store_true", help="no chat template, even if the tokenizer has one")
+    a = p.parse_args(argv)
+    from jaxft.generate import generate_cli
+
+    outputs = generate_cli(a.model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, chat=False if a.raw else None)
+    for prompt, out in zip(a.prompt, outputs):
+        print(f">>> {prompt}\n{out}\n")
+
+
+def _eval(argv):
+    p = argparse.ArgumentParser(prog="jaxft eval", description=(
+        "greedy answers to JSONL records with an 'answer' field: exact match, repetition ratio"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    a = p.parse_args(argv)
+    import json
+
+    from jaxft.evaluate import eval_cli
+
+    print(json.dumps(eval_cli(a.model, a.data, max_new_tokens=a.max_new_tokens, limit=a.limit), indent=2))
+
+
+def _check_data(argv):
+    p = argparse.ArgumentParser(prog="jaxft check-data", description=(
+        "validate and measure a dataset as `jaxft sft` / `jaxft dpo` would read it; exits 1 on errors"))
+    p.add_argument("source", help="file, glob, save_to_disk folder or hub name")
+    p.add_argument("--kind", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the bundled one)")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--format", default="auto")
+    p.add_argument("--truncation", default="truncate_completion", choices=("truncate_completion", "drop"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chat-template", default="", help="Jinja template file for tokenizers without one")
+    a = p.parse_args(argv)
+    from jaxft.builders import load_tokenizer
+    from jaxft.config import base_config
+    from jaxft.data.check import check_data, format_check_result
+
+    config = base_config()
+    config.model.tokenizer = a.tokenizer
+    result = check_data(a.source, load_tokenizer(config), kind=a.kind, max_length=a.max_length, fmt=a.format,
+                        truncation=a.truncation, batch_size=a.batch_size,
+                        chat_template=open(a.chat_template).read() if a.chat_template else None)
+    print(format_check_result(result))
+    if not result.ok:
+        raise SystemExit(1)
+
+
 COMMANDS = {
+    "quickstart": _quickstart,
     "sft": lambda argv: _train("sft", argv),
+    "dpo": lambda argv: _train("dpo", argv),
     "export": _export,
+    "generate": _generate,
+    "eval": _eval,
+    "check-data": _check_data,
     "plot": _plot,
 }
 

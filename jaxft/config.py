@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_segments_per_row = 64  # packed examples per row at most (fixed shapes)
     c.data.skip_invalid = False
     c.data.completion_only_loss = True
+    c.data.chat_template = ""  # Jinja template for tokenizers without one ("" = the tokenizer's)
     c.data.eval_batch_size = 0  # 0 = train.batch_size
 
     c.train = ml_collections.ConfigDict()

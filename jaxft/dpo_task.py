@@ -95,8 +95,7 @@ def build_dpo(config, graphdef, tx, schedule, params, mesh, tokenizer, *, state_
     num_segments = getattr(train_iterator, "max_segments_per_row", 1)
     chunk = config.train.loss_chunk_size
     logps_fn = jax.jit(make_pair_logps_fn(graphdef, num_segments=num_segments, loss_chunk_size=chunk))
-    load_kwargs = dict(fmt=config.data.format, truncation=config.data.truncation,
-                       skip_invalid=config.data.skip_invalid, completion_only_loss=config.data.completion_only_loss)
+    load_kwargs = builders.load_kwargs(config)
     eval_batches_cache = {}
 
     def passes(source):
@@ -169,3 +168,22 @@ def preference_metrics(logps_fn, params, reference, mode, batches, mesh, config,
     out = {f"{prefix}{k}": float(v) for k, v in metrics.items()}
     out[f"{prefix}loss"] = float(loss)
     return out
+
+
+def preference_logps(model, tokenizer, source: str, *, max_length: int, batch_size: int = 32,
+                     mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """Summed completion log-probs (chosen [N], rejected [N]) of `model` on every pair of
+    `source`, in pair-index order: for preference accuracy of any model, trained or not."""
+    from jaxft.data.pipeline import make_eval_batches
+
+    mesh = mesh or sharding.make_mesh(data=-1)
+    graphdef, params = builders.split_params(model)
+    batches = make_eval_batches(source, tokenizer, kind="dpo", batch_size=batch_size, max_length=max_length,
+                                packing=False, process_index=jax.process_index(),
+                                process_count=jax.process_count())
+    logps_fn = jax.jit(make_pair_logps_fn(graphdef, num_segments=1))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, sharding.replicated(mesh))
+        out, index = _pass_logps(logps_fn, params, batches, mesh)
+    order = np.argsort(index, kind="stable")
+    return out["chosen"][order], out["rejected"][order]

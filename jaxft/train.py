@@ -198,6 +198,7 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
     last_time = time.perf_counter()
     window_tokens = 0
     window_steps = 0
+    window = None  # on-device sums of the metrics since the last log
     best_eval = float("inf")
     bar = tqdm(total=steps, initial=step, disable=not config.train.progress or jax.process_index() != 0,
                dynamic_ncols=True)
@@ -224,12 +225,15 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
         bad_in_a_row = 0
         step += 1
         window_steps += 1
+        window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
         bar.update(1)
         row = None
         if step % config.train.log_every == 0 or step == steps:
             now = time.perf_counter()
             elapsed = now - last_time
-            row = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "skipped"}
+            # Averages over the steps since the last log (as TRL does); the rate is the current one.
+            row = {k: float(v) / window_steps for k, v in jax.device_get(window).items() if k != "skipped"}
+            row["learning_rate"] = float(metrics["learning_rate"])
             row["tokens_per_sec"] = window_tokens / elapsed
             row["step_time"] = elapsed / max(window_steps, 1)
             row["padding_fraction"] = float(getattr(iterator, "padding_fraction", 0.0))
@@ -237,7 +241,7 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
             if peak:
                 flops = train_flops_per_token(model_cfg, batch_np.tokens.shape[1]) * row["tokens_per_sec"]
                 row["mfu"] = flops / (peak * jax.device_count())
-            last_time, window_tokens, window_steps = time.perf_counter(), 0, 0
+            last_time, window_tokens, window_steps, window = time.perf_counter(), 0, 0, None
             bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
         eval_now = eval_batches and (
             (config.train.eval_every and step % config.train.eval_every == 0) or step == steps

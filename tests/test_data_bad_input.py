@@ -125,6 +125,12 @@ def test_no_chat_template_says_how_to_fix(tok, tmp_path):
             load_examples(str(path), bare, kind="sft", max_length=64, skip_invalid=skip)
 
 
+def test_named_format_the_command_cannot_use_fails_before_reading(tok):
+    with pytest.raises(ValueError, match=r"data format 'text' cannot be used for dpo; dpo accepts "
+                                         r"'auto' or preference, conversational_preference"):
+        load_examples("never-read.jsonl", tok, kind="dpo", max_length=64, fmt="text")
+
+
 @pytest.mark.parametrize("source,message", [
     ("missing.jsonl", "missing.jsonl: file not found"),
     ("data/*.parquet", "data/*.parquet: no files match this pattern"),

@@ -10,11 +10,13 @@ which exits non-zero when `result.ok` is False.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
 from jaxft.data.batch import PreferenceExample
-from jaxft.data.formats import DataError
+from jaxft.data.formats import DPO_FORMATS, DataError, detect_format
+from jaxft.data.sources import read_records
 from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_source
 
 PERCENTILES = (50, 90, 99)
@@ -56,13 +58,16 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
                chat_template: str | None = None, batch_size: int = 32) -> CheckResult:
     """Load `source` as `jaxft sft` / `jaxft dpo` would and measure it (see CheckResult).
 
-    Arguments are those of `tokenize.load_examples`; `skip_invalid=False` stops at the first
-    bad record (reported as `fatal`). `batch_size` is the batch the bucketed padding assumes.
-    Never raises DataError: problems end up in the result, `ok` False.
+    Arguments are those of `tokenize.load_examples`, plus `kind="auto"`: "dpo" if the first
+    recognisable record is a preference record, else "sft". `skip_invalid=False` stops at the
+    first bad record (reported as `fatal`). `batch_size` is the batch the bucketed padding
+    assumes. Never raises DataError: problems end up in the result, `ok` False.
     """
     from jaxft.data import packing
 
     try:
+        if kind == "auto":
+            kind = guess_kind(source, split=split, fmt=fmt)
         loaded = tokenize_source(source, tokenizer, kind=kind, max_length=max_length, fmt=fmt,
                                  truncation=truncation, skip_invalid=skip_invalid,
                                  completion_only_loss=completion_only_loss, split=split,
@@ -87,6 +92,19 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
                       if halved else {"packed": 1.0})
             result.padding["packed"] = packed["packed"]
     return result
+
+
+def guess_kind(source: str, *, split: str = "train", fmt: str = "auto", peek: int = 100) -> str:
+    """"dpo" if the first of `peek` records whose format is recognised is a preference
+    record (or `fmt` names a preference format), else "sft"."""
+    if fmt != "auto":
+        return "dpo" if fmt in DPO_FORMATS else "sft"
+    for location, record in itertools.islice(read_records(source, split=split), peek):
+        try:
+            return "dpo" if detect_format(record, location) in DPO_FORMATS else "sft"
+        except DataError:
+            continue
+    return "sft"
 
 
 def _refit_pairs(examples: list[PreferenceExample], max_length: int, truncation: str):

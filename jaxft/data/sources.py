@@ -33,6 +33,7 @@ from jaxft.data.formats import DataError
 JSONL_EXTS = (".jsonl", ".ndjson")
 FILE_EXTS = JSONL_EXTS + (".json", ".parquet", ".csv")
 _GLOB_CHARS = "*?["
+_BOM = b"\xef\xbb\xbf"
 
 
 def read_records(source: str, *, split: str = "train") -> Iterator[tuple[str, dict]]:
@@ -93,32 +94,35 @@ def _read_file(path: Path, display: str) -> Iterator[tuple[str, dict]]:
                                  f"use one of {', '.join(FILE_EXTS)}")
 
 
-def _read_jsonl(path: Path, display: str, data: bytes | None = None
-                ) -> Iterator[tuple[str, dict]]:
-    """One JSON value per line; blank lines are skipped (editors leave a trailing one)."""
-    if data is None:
-        data = path.read_bytes()
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        location = f"{display} line {lineno}"
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            yield location, DataError(location, f"not valid UTF-8 (byte {raw[err.start]:#04x} at "
-                                                f"column {err.start + 1})")
-            continue
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            yield location, DataError(location, f"invalid JSON: {err.msg} (column {err.colno})")
-            continue
-        yield location, record
+def _read_jsonl(path: Path, display: str) -> Iterator[tuple[str, dict]]:
+    """One JSON value per line, streamed; blank lines are skipped (editors leave a trailing
+    one) and a UTF-8 byte-order mark on line 1 is ignored."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            location = f"{display} line {lineno}"
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                yield location, DataError(location, f"not valid UTF-8 (byte {raw[err.start]:#04x} "
+                                                    f"at column {err.start + 1})")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield location, DataError(location, f"invalid JSON: {err.msg} (column {err.colno})")
+                continue
+            yield location, record
 
 
 def _read_json(path: Path, display: str) -> Iterator[tuple[str, dict]]:
     """A list of records, {"data": [...]}, one record, or JSON lines under a .json name."""
     data = path.read_bytes()
+    if data.startswith(_BOM):
+        data = data[len(_BOM):]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -129,7 +133,7 @@ def _read_json(path: Path, display: str) -> Iterator[tuple[str, dict]]:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several values, one a line: JSON lines
-            yield from _read_jsonl(path, display, data)
+            yield from _read_jsonl(path, display)
             return
         raise DataError(f"{display} line {err.lineno}",
                         f"invalid JSON: {err.msg} (column {err.colno})") from None
@@ -147,7 +151,7 @@ def _read_json(path: Path, display: str) -> Iterator[tuple[str, dict]]:
 
 def _read_csv(path: Path, display: str) -> Iterator[tuple[str, dict]]:
     """Header row + one record per row; every value is a string (CSV has no other type)."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         start = 2
         while True:

@@ -133,6 +133,13 @@ def split_problems(seed: int = 0, eval_fraction: float = 0.15) -> tuple[list, li
     return train, held_out
 
 
+def _sample_problem(rng: random.Random, problems: list[tuple]) -> tuple:
+    """An operation uniformly, then one of its problems: "*" has far fewer problems than "+",
+    and sampling problems uniformly would leave the model too little of it (and of "-")."""
+    op = rng.choice(sorted({p[0] for p in problems}))
+    return rng.choice([p for p in problems if p[0] == op])
+
+
 def _prompt(rng: random.Random, problem: tuple, system_fraction: float) -> tuple[list[dict], int]:
     """Samples a phrasing of `problem`; returns (prompt messages, template index)."""
     op, a, b = problem
@@ -147,7 +154,7 @@ def _prompt(rng: random.Random, problem: tuple, system_fraction: float) -> tuple
 def _sft_records(rng, problems, n, *, repeat_fraction, system_fraction) -> list[dict]:
     drafts = []
     for _ in range(n):
-        problem = rng.choice(problems)
+        problem = _sample_problem(rng, problems)
         messages, template = _prompt(rng, problem, system_fraction)
         drafts.append((problem, messages, template))
     # Exactly round(repeat_fraction * n) repetitive answers, noisy phrasings first.
@@ -176,7 +183,7 @@ def _wrong_result(rng: random.Random, result: int) -> int:
 def _pref_records(rng, problems, n, *, system_fraction) -> list[dict]:
     records = []
     for _ in range(n):
-        problem = rng.choice(problems)
+        problem = _sample_problem(rng, problems)
         op, a, b = problem
         prompt, template = _prompt(rng, problem, system_fraction)
         result = _RESULT[op](a, b)

@@ -12,8 +12,9 @@ Token convention (DESIGN.md section 3):
   `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`, both of which
   must be token prefixes of the full rendering (else DataError). A span holds everything the
   template writes after the generation prompt up to the next turn: the content, the
-  end-of-turn token (`</s>`, `<|im_end|>`) and what follows it (ChatML's "\\n"). If no
-  trained span holds the EOS, one EOS is appended (trained) so every example teaches stopping.
+  end-of-turn token (`</s>`, `<|im_end|>`) and what follows it (ChatML's "\\n"). If the last
+  assistant span holds no EOS (ChatML ends turns with `<|im_end|>`), one EOS is appended and
+  trained, so every example teaches the stop the generator uses; an EOS is never doubled.
   All assistant turns are trained (for prompt/completion records, those in the completion).
 * `completion_only_loss=False` trains every token but the first (SFT only; DPO always sums
   the completion).
@@ -23,7 +24,9 @@ Truncation (`max_length`, `truncation=`):
 * "truncate_completion" (default): the prompt is kept whole and the sequence is cut to
   max_length tokens. The EOS goes with the cut (as TRL does): a kept EOS would teach the model
   to stop mid-sentence, a missing one only means this example does not teach stopping.
-  A DPO pair cuts chosen and rejected separately, each to max_length.
+  In a conversation the prompt is everything before the first trained assistant turn; later
+  turns are cut like a completion. A DPO pair cuts chosen and rejected separately, each to
+  max_length.
 * "drop": an example (a pair: either sequence) longer than max_length is dropped.
 In both modes an example whose prompt alone takes max_length tokens (no room for one
 completion token) is dropped and counted; it is never trained with an empty completion.
@@ -95,7 +98,10 @@ class Encoder:
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
             raise ValueError("the tokenizer has no eos_token; set one (examples must end with it)")
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        # None lets apply_chat_template pick the tokenizer's own (which may be a dict of
+        # named templates); has_template is what decides whether chat records can be encoded.
+        self.chat_template = chat_template or None
+        self.has_template = bool(chat_template or getattr(tokenizer, "chat_template", None))
         # The special tokens the tokenizer puts before text (usually [BOS] or nothing).
         plain = self.encode("a")
         full = tokenizer("a")["input_ids"]
@@ -145,15 +151,14 @@ class Encoder:
         return ids
 
     def _chat(self, prompt: list, completion: list, location: str):
-        if not self.chat_template:
-            raise NoChatTemplateError(location, "this record is conversational but the tokenizer has no chat "
-                                      "template; use a tokenizer that has one (model.tokenizer) or "
-                                      "set data.chat_template")
+        if not self.has_template:
+            raise NoChatTemplateError(
+                location, "this record is conversational but the tokenizer has no chat template; "
+                          "use a tokenizer that has one (model.tokenizer) or set data.chat_template")
         messages = prompt + completion
         full = self._render(messages, False, location)
         mask = [0] * len(full)
-        prompt_len = None
-        has_eos = False
+        prompt_len, last_span = None, []
         for i in range(len(prompt), len(messages)):
             if messages[i]["role"] != "assistant":
                 continue
@@ -168,10 +173,14 @@ class Encoder:
             if len(upto) <= len(before):
                 raise DataError(location, f"the chat template renders assistant turn {i} as no tokens")
             mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
-            has_eos = has_eos or self.eos in upto[len(before):]
+            last_span = upto[len(before):]
             if prompt_len is None:
                 prompt_len = len(before)
-        if not has_eos:
+        if prompt_len is None:  # validation requires a final assistant turn; be explicit anyway
+            raise DataError(location, "the conversation has no assistant turn to train on")
+        # The last trained turn must teach stopping with the EOS the generator stops at; it may
+        # be followed by template whitespace (then it is already there and not added again).
+        if self.eos not in last_span:
             full, mask = full + [self.eos], mask + [1]
         return full, mask, prompt_len
 
@@ -282,7 +291,10 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
                     completion_only_loss: bool = True, split: str = "train",
                     limit: int | None = None, chat_template: str | None = None) -> ExampleSet:
     """`load_examples` without the final "no usable examples" check (for check-data)."""
-    formats_for_kind(kind)
+    accepted = formats_for_kind(kind)
+    if fmt != "auto" and fmt not in accepted:  # a config mistake: say so before reading
+        raise ValueError(f"data format {fmt!r} cannot be used for {kind}; {kind} accepts "
+                         f"'auto' or {', '.join(accepted)}")
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if max_length < 2:

@@ -1,0 +1,142 @@
+"""`jaxft quickstart`: the DeepSeek LLM story (SFT, then DPO) in miniature, on a laptop CPU.
+
+1. writes the bundled arithmetic / word-problem data (jaxft.data.synthetic) to WORKDIR/data;
+2. initialises the tiny model (random weights) and saves it as WORKDIR/base;
+3. SFT on the instruction data -> WORKDIR/sft (Hugging Face export in WORKDIR/sft/hf);
+4. DPO on preference pairs whose rejected answers are wrong or repetitive -> WORKDIR/dpo;
+5. evaluates base, SFT and DPO on held-out questions and pairs, prints a table and writes
+   WORKDIR/results.json. The final model is WORKDIR/dpo/hf.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxft import builders
+from jaxft.config import base_config, lock
+
+STAGES = ("base", "sft", "dpo")
+
+
+def quickstart_configs(workdir: Path, *, sft_steps: int = 300, dpo_steps: int = 150):
+    """(sft config, dpo config) of the quickstart; the configs/quickstart.py file shows them."""
+    data = workdir / "data"
+    sft = base_config()
+    sft.model.path = str(workdir / "base")
+    sft.data.train = str(data / "sft_train.jsonl")
+    sft.data.eval = str(data / "sft_eval.jsonl")
+    sft.data.max_length = 128
+    sft.data.packing = True
+    sft.train.steps = sft_steps
+    sft.train.batch_size = 16
+    sft.train.log_every = 25
+    sft.train.eval_every = 0
+    sft.train.save_every = sft_steps
+    sft.optim.lr = 3e-3
+    sft.optim.warmup_steps = min(20, sft_steps // 10)
+    sft.optim.weight_decay = 0.01
+
+    dpo = base_config()
+    dpo.model.path = str(workdir / "sft" / "hf")
+    dpo.data.train = str(data / "pref_train.jsonl")
+    dpo.data.eval = str(data / "pref_eval.jsonl")
+    dpo.data.max_length = 128
+    dpo.train.steps = dpo_steps
+    dpo.train.batch_size = 16
+    dpo.train.log_every = 25
+    dpo.train.eval_every = 0
+    dpo.train.save_every = dpo_steps
+    dpo.optim.lr = 5e-4
+    dpo.optim.warmup_steps = min(10, dpo_steps // 10)
+    dpo.dpo.beta = 0.1
+    dpo.dpo.loss_type = "sigmoid"
+    dpo.dpo.reference = "policy"
+    dpo.dpo.precompute_reference = True
+    return lock(sft), lock(dpo)
+
+
+def write_base_model(folder: Path, *, seed: int = 0) -> Path:
+    """The tiny preset with random weights, saved with the bundled tokenizer."""
+    from jaxft.data.make_tokenizer import load_bundled_tokenizer
+    from jaxft.models import create_model, save_hf
+
+    config = base_config()
+    config.train.seed = seed
+    tokenizer = load_bundled_tokenizer()
+    cfg = builders.model_config(config, tokenizer)
+    return save_hf(create_model(cfg, seed=seed), folder, tokenizer=tokenizer)
+
+
+def evaluate_stage(model_dir: Path, data: Path, *, num_questions: int, max_length: int) -> dict:
+    """Exact match and repetition ratio of greedy answers, and preference accuracy."""
+    from transformers import AutoTokenizer
+
+    from jaxft.dpo_task import preference_logps
+    from jaxft.evaluate import evaluate_generation, read_jsonl
+    from jaxft.models import load_hf
+
+    model = load_hf(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    records = read_jsonl(data / "sft_eval.jsonl", num_questions)
+    gen = evaluate_generation(model, tokenizer, records, max_new_tokens=64, batch_size=50)
+    chosen, rejected = preference_logps(model, tokenizer, str(data / "pref_eval.jsonl"), max_length=max_length)
+    return {
+        "exact_match": gen["exact_match"],
+        "repetition_ratio": gen["repetition_ratio"],
+        # Share of held-out pairs where the model gives the chosen answer more probability.
+        "preference_accuracy": float(np.mean(chosen > rejected)),
+        "samples": gen["samples"][:3],
+    }
+
+
+def format_table(results: dict) -> str:
+    lines = ["| model | exact match | repetition ratio | preference accuracy |", "|---|---|---|---|"]
+    for stage in STAGES:
+        if stage in results:
+            r = results[stage]
+            lines.append(f"| {stage} | {100 * r['exact_match']:.1f}% | {100 * r['repetition_ratio']:.1f}% | "
+                         f"{100 * r['preference_accuracy']:.1f}% |")
+    return "\n".join(lines)
+
+
+def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int = 300, dpo_steps: int = 150,
+                   num_questions: int = 200, seed: int = 0, log=print) -> dict:
+    """Runs the whole quickstart; returns {stage: metrics} plus timings. Reruns resume."""
+    from jaxft.data.synthetic import write_quickstart_data
+    from jaxft.train import run
+
+    workdir = builders.workdir_path(workdir)
+    start = time.perf_counter()
+    data = workdir / "data"
+    write_quickstart_data(data, seed=seed)
+    if not (workdir / "base" / "config.json").is_file():
+        write_base_model(workdir / "base", seed=seed)
+    sft_cfg, dpo_cfg = quickstart_configs(workdir, sft_steps=sft_steps, dpo_steps=dpo_steps)
+    timings = {}
+    log(f"[1/3] SFT: {sft_steps} steps on {sft_cfg.data.train}")
+    t = time.perf_counter()
+    run(sft_cfg, workdir / "sft", kind="sft")
+    timings["sft_seconds"] = time.perf_counter() - t
+    log(f"[2/3] DPO: {dpo_steps} steps on {dpo_cfg.data.train}")
+    t = time.perf_counter()
+    run(dpo_cfg, workdir / "dpo", kind="dpo")
+    timings["dpo_seconds"] = time.perf_counter() - t
+    log("[3/3] evaluating base, SFT and DPO models on held-out questions and pairs")
+    t = time.perf_counter()
+    results = {}
+    for stage, folder in (("base", workdir / "base"), ("sft", workdir / "sft" / "hf"), ("dpo", workdir / "dpo" / "hf")):
+        results[stage] = evaluate_stage(folder, data, num_questions=num_questions, max_length=sft_cfg.data.max_length)
+    timings["eval_seconds"] = time.perf_counter() - t
+    timings["total_seconds"] = time.perf_counter() - start
+    results["timings"] = timings
+    results["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    log("\n" + format_table(results))
+    log(f"\nwall time {timings['total_seconds']:.0f} s (SFT {timings['sft_seconds']:.0f} s, DPO "
+        f"{timings['dpo_seconds']:.0f} s, eval {timings['eval_seconds']:.0f} s); fine-tuned model: {workdir / 'dpo' / 'hf'}")
+    return results

@@ -1,0 +1,135 @@
+"""DPO step and run: ln 2 at policy == reference, frozen reference, precomputed == on-the-fly,
+accumulation equivalence, learning a separable preference set."""
+
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxft import builders, sharding
+from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.data.pipeline import make_eval_batches
+from jaxft.dpo import jit_dpo_step, make_dpo_step
+from jaxft.models import create_model, get_preset
+from jaxft.optim import make_optimizer
+from jaxft.train import run, to_global
+from jaxft.train_step import create_train_state
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_layers=2)
+
+
+def write_pairs(path, n=48):
+    """A separable preference set: chosen answers are short and right, rejected repetitive."""
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = i % 7, (3 * i) % 5
+            f.write(json.dumps({
+                "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
+                "chosen": [{"role": "assistant", "content": f"The answer is {a + b}."}],
+                "rejected": [{"role": "assistant", "content": f"The answer is {a + b + 1}. " * 3}],
+            }) + "\n")
+    return str(path)
+
+
+def dpo_config(train, *, steps=4, packing=False, precompute=False, accumulate=1, lr=1e-3, reference="policy"):
+    spec = importlib.util.spec_from_file_location("dpo_cfg", "configs/dpo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.data.train, c.data.eval = train, ""
+    c.data.max_length, c.data.packing = 64, packing
+    c.train.steps, c.train.batch_size, c.train.log_every = steps, 8, 1
+    c.train.save_every, c.train.progress = steps, False
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = lr, 0, "constant"
+    c.optim.accumulate = accumulate
+    c.dpo.precompute_reference, c.dpo.reference = precompute, reference
+    return c
+
+
+def losses_of(workdir):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.jsonl")
+
+
+def small_model(mesh):
+    tok = load_bundled_tokenizer()
+    cfg = get_preset("tiny").replace(vocab_size=len(tok), **SMALL)
+    return create_model(cfg, seed=0, mesh=mesh), tok
+
+
+def test_policy_equals_reference_gives_ln2_and_zero_rewards_and_reference_stays_frozen(pairs):
+    mesh = sharding.make_mesh(data=-1)
+    with jax.set_mesh(mesh):
+        model, tok = small_model(mesh)
+        graphdef, params = builders.split_params(model)
+        tx, schedule = make_optimizer(lr=1e-3, schedule="constant", total_steps=10)
+        reference = jax.tree.map(jnp.copy, params)
+        reference_before = jax.tree.map(np.asarray, reference)
+        state, shardings = create_train_state(params, tx, mesh)
+        step = make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
+                             reference_mode="params", num_segments=1, rows_per_pair=2)
+        jitted = jit_dpo_step(step, state_shardings=shardings,
+                              reference_shardings=jax.tree.map(lambda x: x.sharding, reference), mesh=mesh)
+        batches = list(make_eval_batches(pairs, tok, kind="dpo", batch_size=8, max_length=64, packing=False))
+        state, m = jitted(state, reference, to_global(batches[0], mesh))
+        assert abs(float(m["loss"]) - math.log(2)) < 1e-6
+        assert abs(float(m["rewards/chosen"])) < 1e-7 and abs(float(m["rewards/margins"])) < 1e-7
+        for b in batches[1:4]:
+            state, m = jitted(state, reference, to_global(b, mesh))
+        assert float(m["loss"]) < math.log(2)
+        # The reference was neither donated nor updated: still readable and bit-identical.
+        for before, after in zip(jax.tree.leaves(reference_before), jax.tree.leaves(reference)):
+            assert np.array_equal(before, np.asarray(after))
+
+
+def test_precomputed_reference_equals_on_the_fly(pairs, tmp_path):
+    run(dpo_config(pairs, precompute=False), tmp_path / "fly", kind="dpo", export=False)
+    run(dpo_config(pairs, precompute=True), tmp_path / "pre", kind="dpo", export=False)
+    fly, pre = losses_of(tmp_path / "fly"), losses_of(tmp_path / "pre")
+    assert len(fly) == len(pre) == 4
+    for a, b in zip(fly, pre):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-5
+    assert list((tmp_path / "pre" / "reference_logps").glob("*.npy"))
+
+
+def test_accumulated_run_equals_plain(pairs, tmp_path):
+    configs = [dpo_config(pairs, steps=2), dpo_config(pairs, steps=2, accumulate=4)]
+    for c in configs:  # 2 pairs per micro-batch: split rows over 2 devices, tensor-parallel the rest
+        c.mesh.data, c.mesh.tensor = 2, -1
+    run(configs[0], tmp_path / "plain", kind="dpo", export=False)
+    run(configs[1], tmp_path / "acc", kind="dpo", export=False)
+    plain, acc = losses_of(tmp_path / "plain"), losses_of(tmp_path / "acc")
+    for a, b in zip(plain, acc):
+        assert abs(a["loss"] - b["loss"]) < 1e-5
+        assert abs(a["rewards/accuracies"] - b["rewards/accuracies"]) < 1e-6
+
+
+def test_rewards_accuracies_rise_on_separable_pairs(pairs, tmp_path):
+    run(dpo_config(pairs, steps=16, lr=2e-3), tmp_path / "learn", kind="dpo", export=False)
+    rows = losses_of(tmp_path / "learn")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert np.mean([r["rewards/accuracies"] for r in rows[-3:]]) > 0.8
+    assert rows[-1]["rewards/margins"] > 0
+
+
+def test_reference_free_runs(pairs, tmp_path):
+    run(dpo_config(pairs, steps=2, reference="none"), tmp_path / "free", kind="dpo", export=False)
+    assert len(losses_of(tmp_path / "free")) == 2
+
+
+def test_bad_dpo_setting_fails_at_start_naming_the_key(pairs, tmp_path):
+    c = dpo_config(pairs)
+    c.dpo.beta = 0.0
+    with pytest.raises(ValueError, match="dpo.beta"):
+        run(c, tmp_path / "bad", kind="dpo")
+
