@@ -53,6 +53,9 @@ def _train(kind, argv):
     from jaxft.train import EXIT_PREEMPTED, Preempted, run
 
     config, workdir = _parse_config(argv, f"jaxft {kind}")
+    from jaxft.distributed import initialize
+
+    initialize()  # before anything touches the devices
     try:
         result = run(config, workdir, kind=kind)
     except Preempted as err:

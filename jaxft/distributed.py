@@ -1,0 +1,38 @@
+"""Joining JAX's multi-controller runtime before anything touches the devices.
+
+Every host runs the same `jaxft` command. `initialize()` calls `jax.distributed.initialize`:
+  - with explicit JAXFT_COORDINATOR (host:port), JAXFT_NUM_PROCESSES, JAXFT_PROCESS_ID (local
+    multi-process runs, launch/local_multiprocess.sh, and any launcher of your own);
+  - with no arguments on TPU pods and SLURM, where JAX discovers the cluster itself;
+  - not at all on a single host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+_ENV = ("JAXFT_COORDINATOR", "JAXFT_NUM_PROCESSES", "JAXFT_PROCESS_ID")
+
+
+def _on_cluster() -> bool:
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return True
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts  # a multi-host TPU slice lists every worker
+
+
+def initialize() -> None:
+    """Joins the cluster if this process is one of several; a no-op otherwise."""
+    if all(k in os.environ for k in _ENV):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAXFT_COORDINATOR"],
+            num_processes=int(os.environ["JAXFT_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAXFT_PROCESS_ID"]),
+        )
+    elif any(k in os.environ for k in _ENV):
+        missing = [k for k in _ENV if k not in os.environ]
+        raise ValueError(f"multi-process run: set all of {', '.join(_ENV)} (missing {', '.join(missing)})")
+    elif _on_cluster():
+        jax.distributed.initialize()

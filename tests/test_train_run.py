@@ -1,0 +1,362 @@
+"""SFT end to end on the tiny preset: exact resume, SIGTERM, kill -9 mid-save, non-finite steps,
+metrics, export parity, keep-best and start-up config errors.
+
+One uninterrupted reference run (module fixture) serves the metrics, export and keep-best
+tests and is the curve the interrupted runs must reproduce. Preemption and kill tests run the
+CLI in child processes (tests/train_subprocess.py) so that signals hit a real `jaxft sft`.
+"""
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxft import checkpoint, cli, train
+from jaxft.data.assets import quickstart_file
+from jaxft.export import export_checkpoint
+from jaxft.metrics import MetricsWriter, plot, read_metrics
+from jaxft.models import load_hf
+
+REPO = Path(__file__).resolve().parents[1]
+SFT_CONFIG = REPO / "configs" / "sft.py"
+HELPER = Path(__file__).resolve().parent / "train_subprocess.py"
+STEPS = 6  # the reference run; the resume test stops it halfway
+
+# Shrinks configs/sft.py:tiny to seconds; the same keys go to the CLI as --config.KEY=VALUE.
+SMALL = {
+    "train.steps": STEPS, "train.batch_size": 8, "data.max_length": 64, "train.progress": False,
+    "train.log_every": 1, "train.save_every": 2, "train.eval_every": 3, "optim.warmup_steps": 2,
+    "mesh.data": -1,
+}
+TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "num_tokens", "mean_token_accuracy",
+              "tokens_per_sec", "step_time")
+
+
+def sft_preset(arg: str = "tiny"):
+    spec = importlib.util.spec_from_file_location("jaxft_test_sft_config", SFT_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def small_config(overrides: dict):
+    config = sft_preset("tiny")
+    for dotted, value in {**SMALL, **overrides}.items():
+        section, key = dotted.split(".")
+        setattr(config[section], key, value)
+    return config
+
+
+def cli_flags(overrides: dict) -> list[str]:
+    return [f"--config={SFT_CONFIG}:tiny"] + [
+        f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()
+    ]
+
+
+def steps_logged(workdir: Path, key: str = "loss") -> list[int]:
+    path = workdir / "metrics.jsonl"
+    return [r["step"] for r in read_metrics(workdir) if key in r] if path.is_file() else []
+
+
+def latest_step(workdir: Path) -> int | None:
+    ckpt = checkpoint.Checkpointer(workdir)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """The first lines of the bundled quickstart data: tokenising all of it costs seconds."""
+    folder = tmp_path_factory.mktemp("data")
+    out = {}
+    for key, name, lines in (("data.train", "sft_train.jsonl", 256), ("data.eval", "sft_eval.jsonl", 16)):
+        path = folder / name
+        path.write_text("\n".join(quickstart_file(name).read_text().splitlines()[:lines]) + "\n")
+        out[key] = str(path)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> train.RunResult:
+    """STEPS uninterrupted steps, logged every step, eval every 3, saved every 2, keep-best on."""
+    return train.run(small_config({**data, "train.keep_best": True}), tmp_path_factory.mktemp("reference"))
+
+
+# --- 1. Exact resume --------------------------------------------------------------------------
+
+
+def test_resume_key_list_allows_more_steps():
+    # Extending a finished run (`--config.train.steps=` larger) must stay possible.
+    assert "train.steps" not in checkpoint.RESUME_KEYS
+    assert "data.max_length" in checkpoint.RESUME_KEYS
+
+
+def test_resume_continues_the_exact_loss_curve(data, reference, tmp_path, monkeypatch):
+    """Stopped (SIGTERM, in process) at STEPS/2 and resumed == STEPS uninterrupted, per step."""
+    config = small_config({**data, "train.keep_best": True})
+    stop_at = STEPS // 2  # not a save_every step: the stop itself must save
+    write = MetricsWriter.write
+
+    def write_then_sigterm(self, step, metrics):
+        write(self, step, metrics)
+        if step == stop_at and "loss" in metrics:
+            # Only with jaxft's handler installed: the default one would end pytest itself.
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsWriter, "write", write_then_sigterm)
+    with pytest.raises(train.Preempted) as stopped:
+        train.run(config, tmp_path)
+    monkeypatch.undo()
+    assert stopped.value.step == stop_at
+    assert latest_step(tmp_path) == stop_at
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run put the old handler back
+
+    resumed = train.run(config, tmp_path)
+    assert resumed.step == STEPS
+    ours, ref = read_metrics(tmp_path), read_metrics(reference.workdir)
+    assert [r["step"] for r in ours] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
+    diff = {key: max(abs(a[key] - b[key]) for a, b in zip(ours, ref) if key in b)
+            for key in ("loss", "grad_norm", "mean_token_accuracy", "num_tokens", "learning_rate",
+                        "eval_loss")}
+    print(f"resume: max abs difference per metric over {STEPS} steps: {diff}")
+    assert diff["loss"] <= 1e-6, diff
+    assert diff["eval_loss"] <= 1e-6, diff
+    assert diff["grad_norm"] <= 1e-5 * max(r["grad_norm"] for r in ref), diff
+    assert diff["num_tokens"] == diff["learning_rate"] == 0.0, diff  # same data, same schedule
+    # The final weights (exported at the end of both runs) agree too.
+    a, b = load_file(str(resumed.export_dir / "model.safetensors")), load_file(str(reference.export_dir / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-6
+
+
+# --- 2, 3. Preemption and kill -9 in a child process ------------------------------------------
+
+
+def _start(workdir: Path, overrides: dict, log: Path, env: dict | None = None) -> subprocess.Popen:
+    child_env = {**os.environ, **(env or {})}
+    # Two devices start faster than eight; a shared compilation cache makes the rerun cheap.
+    child_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    child_env["JAX_COMPILATION_CACHE_DIR"] = str(workdir.parent / "jax_cache")
+    child_env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    cmd = [sys.executable, str(HELPER), "sft", *cli_flags(overrides), f"--workdir={workdir}"]
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=child_env)
+
+
+def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before the test could act:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+
+
+def _run_to_end(workdir: Path, overrides: dict, log: Path) -> str:
+    proc = _start(workdir, overrides, log)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert rc == 0, text[-3000:]
+    return text
+
+
+def test_sigterm_saves_exits_75_and_the_rerun_resumes(data, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    # Every step is a save step, so the stop lands on a step that is already being saved.
+    overrides = {**data, "data.eval": "", "train.steps": 200, "train.save_every": 1}
+    proc = _start(workdir, overrides, log)
+    _wait_for(lambda: len(steps_logged(workdir)) >= 2, proc, log)
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == train.EXIT_PREEMPTED, text[-3000:]
+    stopped = steps_logged(workdir)[-1]
+    assert stopped < 200
+    assert f"preempted: saved step {stopped}" in text
+    assert latest_step(workdir) == stopped
+
+    # Rerunning the same command resumes; here with two more steps so it ends quickly
+    # (train.steps may change on resume).
+    text = _run_to_end(workdir, {**overrides, "train.steps": stopped + 2}, tmp_path / "second.log")
+    assert f"at step {stopped}" in text  # "resumed WORKDIR at step N"
+    assert steps_logged(workdir) == list(range(1, stopped + 3))
+    assert latest_step(workdir) == stopped + 2
+
+
+def test_kill_during_save_resumes_from_the_last_committed_step(data, tmp_path):
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    hang = 3  # the save of this step never commits: the process is killed while it is written
+    overrides = {**data, "data.eval": "", "train.steps": STEPS, "train.save_every": 1}
+    proc = _start(workdir, overrides, log, env={"JAXFT_TEST_HANG_SAVE_AT": str(hang)})
+    _wait_for(lambda: "HANG_SAVE" in log.read_text(), proc, log)
+    tmp_dir = Path(log.read_text().split("HANG_SAVE ", 1)[1].split()[0])
+    assert tmp_dir.is_dir() and tmp_dir.parent == workdir / "checkpoints"
+    assert (tmp_dir / "state").is_dir()  # the arrays were being written
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait(timeout=60)
+    assert not (workdir / "checkpoints" / str(hang)).exists()
+    assert latest_step(workdir) == hang - 1  # the uncommitted folder is not a step
+
+    text = _run_to_end(workdir, overrides, tmp_path / "second.log")
+    assert f"at step {hang - 1}" in text
+    assert latest_step(workdir) == STEPS
+    # Rows logged past the last checkpoint before the kill are replaced by the rerun's.
+    assert steps_logged(workdir) == list(range(1, STEPS + 1))
+
+
+# --- 4. Non-finite steps ----------------------------------------------------------------------
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
+    # lr 1e30 after a zero-lr warmup step: steps 1 and 2 are finite (step 2 applies the huge
+    # update), every later step overflows.
+    config = small_config({**data, "data.eval": "", "train.steps": 20, "train.save_every": 1,
+                           "train.max_bad_steps": 3, "optim.lr": 1e30, "optim.warmup_steps": 2})
+    with pytest.raises(train.NonFiniteError, match=r"train\.max_bad_steps=3"):
+        train.run(config, tmp_path)
+    rows = read_metrics(tmp_path)
+    assert steps_logged(tmp_path) == [1, 2]
+    assert [r["skipped_steps"] for r in rows if "skipped_steps" in r] == [1.0, 2.0]
+    assert latest_step(tmp_path) == 2
+    # The last good checkpoint restores (the skipped steps never reached it).
+    params = load_file(str(export_checkpoint(tmp_path, tmp_path / "hf") / "model.safetensors"))
+    assert all(np.isfinite(p).all() for p in params.values())
+
+
+# --- 5. Metrics -------------------------------------------------------------------------------
+
+
+def test_metrics_jsonl_tensorboard_and_plot(reference):
+    rows = read_metrics(reference.workdir)
+    assert reference.metrics == rows
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for row in rows:
+        missing = [k for k in TRAIN_KEYS if not isinstance(row.get(k), float)]
+        assert not missing, (row, missing)
+        assert 0.0 <= row["mean_token_accuracy"] <= 1.0 and row["num_tokens"] > 0
+        if jax.devices()[0].platform == "cpu":
+            assert "mfu" not in row  # no known peak FLOP/s for a CPU
+    assert [r["step"] for r in rows if "eval_loss" in r] == [3, 6]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # The warmup: step 1 trains at lr 0, step 2 at half the peak (0.5 * 3e-3).
+    assert rows[0]["learning_rate"] == 0.0 and rows[1]["learning_rate"] == pytest.approx(1.5e-3)
+
+    events = list((reference.workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and all(e.stat().st_size > 0 for e in events)
+    png = plot(reference.workdir)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- 6. Export --------------------------------------------------------------------------------
+
+
+def _logits(model, tokens):
+    return np.asarray(model(tokens))
+
+
+def test_export_matches_transformers_and_the_trained_weights(reference, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_checkpoint(reference.workdir, tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Add 2 and 3."}],
+                                         tokenize=False, add_generation_prompt=True)
+    tokens = np.asarray([tokenizer(text)["input_ids"]], np.int32)
+
+    ours = _logits(load_hf(out), tokens)
+    trained = _logits(load_hf(reference.export_dir), tokens)  # the run's in-memory final params
+    hf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf_model(torch.from_numpy(tokens.astype(np.int64))).logits.numpy()
+    assert np.abs(ours - theirs).max() <= 1e-4
+    assert np.abs(ours - trained).max() <= 1e-4
+
+
+def test_export_of_an_older_step_and_of_a_missing_step(reference, tmp_path):
+    from flax import nnx
+
+    from jaxft.models import abstract_model
+
+    saved = checkpoint.Checkpointer(reference.workdir)
+    assert saved.all_steps()[-2:] == [4, 6]
+    older = load_hf(export_checkpoint(reference.workdir, tmp_path / "step4", step=4))
+    # Compare with a full restore of step 4 (params + optimizer state), as a resume does.
+    graphdef, abstract = nnx.split(abstract_model(older.cfg), nnx.Param)
+    full, _ = saved.restore(4, _abstract_train_state(reference, nnx.to_pure_dict(abstract)))
+    saved.close()
+    tokens = np.arange(1, 17, dtype=np.int32)[None]
+    want = _logits(nnx.merge(graphdef, full["params"]), tokens)
+    assert np.abs(_logits(older, tokens) - want).max() <= 1e-5
+    latest = load_hf(reference.export_dir)
+    assert np.abs(_logits(latest, tokens) - want).max() > 1e-3  # step 4 is not step 6
+
+    with pytest.raises(ValueError, match=r"--step 99 is not a saved step.*\[.*4, 6\]"):
+        export_checkpoint(reference.workdir, tmp_path / "missing", step=99)
+    assert not (tmp_path / "missing").exists()
+
+
+def _abstract_train_state(reference, abstract_params):
+    from jaxft.config import from_json
+    from jaxft.optim import optimizer_from_config
+    from jaxft.train_step import init_train_state
+
+    config = from_json((reference.workdir / "config.json").read_text())
+    tx, _ = optimizer_from_config(config.optim, config.train.steps)
+    return jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
+
+
+# --- 7. Config errors at start-up -------------------------------------------------------------
+
+
+def test_misspelt_command_line_key_fails_naming_it(tmp_path):
+    with pytest.raises(SystemExit) as err:
+        cli.main(["sft", f"--config={SFT_CONFIG}:tiny", "--config.optim.lrr=1", f"--workdir={tmp_path / 'w'}"])
+    assert "lrr" in str(err.value.code)
+    assert not (tmp_path / "w").exists()
+
+
+def test_batch_not_divisible_by_the_mesh_fails_before_touching_the_workdir(data, tmp_path):
+    config = small_config({**data, "train.batch_size": jax.device_count() + 4})
+    with pytest.raises(ValueError, match=r"train\.batch_size.*mesh\.data \* mesh\.fsdp"):
+        train.run(config, tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_resuming_with_a_changed_max_length_fails_naming_it(data, reference, tmp_path):
+    workdir = tmp_path / "copy"
+    shutil.copytree(reference.workdir, workdir)
+    config = small_config({**data, "train.keep_best": True, "data.max_length": 32})
+    with pytest.raises(ValueError, match=r"data\.max_length: checkpoint 64 -> now 32"):
+        train.run(config, workdir)
+    assert (workdir / "config.json").read_text() == (reference.workdir / "config.json").read_text()
+
+
+# --- 8. Keep best -----------------------------------------------------------------------------
+
+
+def test_keep_best_holds_the_lowest_eval_loss(reference):
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(reference.workdir) if "eval_loss" in r}
+    best = checkpoint.Checkpointer(reference.workdir, subdir="checkpoints_best")
+    try:
+        assert best.all_steps() == [min(evals, key=evals.get)]
+        assert best.restore_meta()["eval_loss"] == pytest.approx(min(evals.values()))
+    finally:
+        best.close()
