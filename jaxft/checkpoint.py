@@ -122,6 +122,18 @@ def abstract_like(tree, shardings):
     )
 
 
+def best_eval_loss(workdir: Path) -> float:
+    """The eval loss of WORKDIR/checkpoints_best (inf if there is none yet)."""
+    if not (Path(workdir) / "checkpoints_best").is_dir():
+        return float("inf")
+    best = Checkpointer(workdir, max_to_keep=1, subdir="checkpoints_best", async_save=False)
+    try:
+        step = best.latest_step()
+        return float("inf") if step is None else float(best.restore_meta(step)["eval_loss"])
+    finally:
+        best.close()
+
+
 def write_config(workdir: Path, config_json: str) -> None:
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,19 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 class MetricsWriter:
     """Appends metrics to metrics.jsonl and TensorBoard (process 0 only)."""
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True):
+    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, start_step: int = 0):
+        """`start_step`: the step the run starts (or resumes) from. Rows past it were written
+        by a run killed after its last checkpoint; the steps are redone, so they are dropped
+        and metrics.jsonl keeps one row per step."""
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self._tb = None
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.is_file():
+                kept = [line for line in self.path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= start_step]
+                self.path.write_text("".join(line + "\n" for line in kept))
             if tensorboard:
                 from tensorboardX import SummaryWriter
 

@@ -116,7 +116,11 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     from jaxft.data.pipeline import make_eval_batches, make_train_iterator
     from jaxft import step_builders
 
+    # Config errors first, before anything is written to the workdir.
     config_lib.validate(config, kind=kind)
+    mesh = builders.mesh_from_config(config)
+    rows_per_example = 2 if kind == "dpo" and not config.data.packing else 1
+    builders.check_batch_divisibility(config, mesh, rows_per_example=rows_per_example)
     workdir = builders.workdir_path(workdir)
     config_dict = config.to_dict()
     saved = checkpoint.read_config(workdir)
@@ -126,9 +130,6 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
         checkpoint.check_resumable(saved, config_dict, workdir)
     checkpoint.write_config(workdir, config_lib.to_json(config))
 
-    mesh = builders.mesh_from_config(config)
-    rows_per_example = 2 if kind == "dpo" and not config.data.packing else 1
-    builders.check_batch_divisibility(config, mesh, rows_per_example=rows_per_example)
     tokenizer = builders.load_tokenizer(config)
     model_cfg = builders.model_config(config, tokenizer)
 
@@ -169,7 +170,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
             iterator.set_state(meta["data"])
             log.info("resumed %s at step %d", workdir, int(state["step"]))
 
-        writer = MetricsWriter(workdir)
+        writer = MetricsWriter(workdir, start_step=int(state["step"]))
         stop = _StopFlag()
         stop.install()
         try:
@@ -199,7 +200,8 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
     window_tokens = 0
     window_steps = 0
     window = None  # on-device sums of the metrics since the last log
-    best_eval = float("inf")
+    # A resumed run must beat the best checkpoint kept before it stopped.
+    best_eval = checkpoint.best_eval_loss(ckpt.directory.parent) if config.train.keep_best else float("inf")
     bar = tqdm(total=steps, initial=step, disable=not config.train.progress or jax.process_index() != 0,
                dynamic_ncols=True)
     while step < steps:
@@ -252,13 +254,16 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
         if row:
             writer.write(step, row)
             logged.append({"step": step, **row})
-        if config.train.save_every and step % config.train.save_every == 0 or step == steps:
+        save_now = bool(config.train.save_every and step % config.train.save_every == 0) or step == steps
+        if save_now:
             ckpt.save(step, state, {"data": iterator.get_state(), "config": config.to_dict()})
         if config.train.keep_best and eval_now and row.get("eval_loss", float("inf")) < best_eval:
             best_eval = row["eval_loss"]
             task.save_best(step, state, best_eval)
-        if stop.any_host():
-            ckpt.save(step, state, {"data": iterator.get_state(), "config": config.to_dict()}, force=True)
+        # After the last step the run is complete: finish it (export) rather than stop.
+        if step < steps and stop.any_host():
+            if not save_now:  # Orbax refuses a second save of the same step
+                ckpt.save(step, state, {"data": iterator.get_state(), "config": config.to_dict()}, force=True)
             ckpt.wait()
             bar.close()
             raise Preempted(step)
