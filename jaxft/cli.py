@@ -20,6 +20,7 @@ commands:
   eval         exact match / repetition of greedy answers: jaxft eval --model DIR --data FILE
   check-data   validate a dataset before training: jaxft check-data FILE --kind sft|dpo
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
+  bench        SFT vs DPO step throughput side by side: jaxft bench [--preset tiny]
 
 Run `jaxft <command> --help` for a command's options.
 """
@@ -158,6 +159,31 @@ def _check_data(argv):
         raise SystemExit(1)
 
 
+def _bench(argv):
+    p = argparse.ArgumentParser(prog="jaxft bench", description=(
+        "SFT vs DPO step throughput on the same tokens, measured side by side"))
+    p.add_argument("--preset", default="tiny", help="model architecture (jaxft.models.PRESETS)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 on accelerators")
+    p.add_argument("--layers", type=int, default=None, help="override num_layers (smaller real models)")
+    a = p.parse_args(argv)
+    import jax
+
+    from jaxft.bench import format_bench, run_bench
+    from jaxft.models.config import parse_dtype
+
+    overrides = {"num_layers": a.layers} if a.layers else None
+    results = run_bench(preset=a.preset, batch_size=a.batch_size, length=a.length, steps=a.steps, rounds=a.rounds,
+                        chunk_size=a.chunk_size, overrides=overrides,
+                        compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"))
+    print(format_bench(results, header=f"{a.preset}, batch {a.batch_size} x {a.length} tokens, "
+                                       f"{jax.device_count()} x {jax.devices()[0].device_kind}"))
+
+
 COMMANDS = {
     "quickstart": _quickstart,
     "sft": lambda argv: _train("sft", argv),
@@ -167,6 +193,7 @@ COMMANDS = {
     "eval": _eval,
     "check-data": _check_data,
     "plot": _plot,
+    "bench": _bench,
 }
 
 
