@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 USAGE = """usage: jaxft <command> [options]
@@ -208,7 +209,14 @@ def main(argv=None) -> None:
     command = COMMANDS.get(argv[0])
     if command is None:
         raise SystemExit(f"jaxft: unknown command {argv[0]!r}\n\n{USAGE}")
-    command(argv[1:])
+    try:
+        command(argv[1:])
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        # Our errors name the file, record or config key to fix: show them without a
+        # traceback unless asked.
+        if os.environ.get("JAXFT_TRACEBACK"):
+            raise
+        raise SystemExit(f"jaxft {argv[0]}: error: {err}\n(set JAXFT_TRACEBACK=1 for the traceback)")
 
 
 if __name__ == "__main__":

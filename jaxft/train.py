@@ -133,9 +133,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     tokenizer = builders.load_tokenizer(config)
     model_cfg = builders.model_config(config, tokenizer)
 
-    load_kwargs = dict(fmt=config.data.format, truncation=config.data.truncation,
-                       skip_invalid=config.data.skip_invalid,
-                       completion_only_loss=config.data.completion_only_loss)
+    load_kwargs = builders.load_kwargs(config)
     iterator = make_train_iterator(
         config.data.train, tokenizer, kind=kind, global_batch_size=config.train.batch_size,
         max_length=config.data.max_length, packing=config.data.packing, seed=config.train.seed,
@@ -179,8 +177,8 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
         finally:
             stop.restore()
             writer.close()
+            ckpt.close()  # also when the loop raised: finishes a save in flight
         state, logged = history
-        ckpt.close()
         export_dir = None
         if export:
             from jaxft.export import export_params

@@ -8,6 +8,7 @@ CLI in child processes (tests/train_subprocess.py) so that signals hit a real `j
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,9 +63,14 @@ def cli_flags(overrides: dict) -> list[str]:
     ]
 
 
-def steps_logged(workdir: Path, key: str = "loss") -> list[int]:
+def steps_logged(workdir: Path) -> list[int]:
+    return [r["step"] for r in read_metrics(workdir) if "loss" in r]
+
+
+def rows_written(workdir: Path) -> int:
+    """Complete lines of metrics.jsonl so far (safe while a child process appends to it)."""
     path = workdir / "metrics.jsonl"
-    return [r["step"] for r in read_metrics(workdir) if key in r] if path.is_file() else []
+    return path.read_text().count("\n") if path.is_file() else 0
 
 
 def latest_step(workdir: Path) -> int | None:
@@ -107,12 +113,13 @@ def test_resume_continues_the_exact_loss_curve(data, reference, tmp_path, monkey
     config = small_config({**data, "train.keep_best": True})
     stop_at = STEPS // 2  # not a save_every step: the stop itself must save
     write = MetricsWriter.write
+    handler_before = signal.getsignal(signal.SIGTERM)
 
     def write_then_sigterm(self, step, metrics):
         write(self, step, metrics)
         if step == stop_at and "loss" in metrics:
             # Only with jaxft's handler installed: the default one would end pytest itself.
-            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+            assert signal.getsignal(signal.SIGTERM) is not handler_before
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsWriter, "write", write_then_sigterm)
@@ -121,7 +128,7 @@ def test_resume_continues_the_exact_loss_curve(data, reference, tmp_path, monkey
     monkeypatch.undo()
     assert stopped.value.step == stop_at
     assert latest_step(tmp_path) == stop_at
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run put the old handler back
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the run put it back
 
     resumed = train.run(config, tmp_path)
     assert resumed.step == STEPS
@@ -144,11 +151,17 @@ def test_resume_continues_the_exact_loss_curve(data, reference, tmp_path, monkey
 # --- 2, 3. Preemption and kill -9 in a child process ------------------------------------------
 
 
-def _start(workdir: Path, overrides: dict, log: Path, env: dict | None = None) -> subprocess.Popen:
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("jax_cache")
+
+
+def _start(workdir: Path, overrides: dict, log: Path, cache: Path, env: dict | None = None) -> subprocess.Popen:
     child_env = {**os.environ, **(env or {})}
-    # Two devices start faster than eight; a shared compilation cache makes the rerun cheap.
+    # Two devices start faster than eight; a compilation cache shared by the child processes
+    # saves most of the compile time after the first.
     child_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    child_env["JAX_COMPILATION_CACHE_DIR"] = str(workdir.parent / "jax_cache")
+    child_env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     child_env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     cmd = [sys.executable, str(HELPER), "sft", *cli_flags(overrides), f"--workdir={workdir}"]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO, env=child_env)
@@ -165,8 +178,8 @@ def _wait_for(condition, proc: subprocess.Popen, log: Path, timeout: float = 300
         time.sleep(0.05)
 
 
-def _run_to_end(workdir: Path, overrides: dict, log: Path) -> str:
-    proc = _start(workdir, overrides, log)
+def _run_to_end(workdir: Path, overrides: dict, log: Path, cache: Path) -> str:
+    proc = _start(workdir, overrides, log, cache)
     try:
         rc = proc.wait(timeout=300)
     finally:
@@ -176,12 +189,12 @@ def _run_to_end(workdir: Path, overrides: dict, log: Path) -> str:
     return text
 
 
-def test_sigterm_saves_exits_75_and_the_rerun_resumes(data, tmp_path):
+def test_sigterm_saves_exits_75_and_the_rerun_resumes(data, jax_cache, tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     # Every step is a save step, so the stop lands on a step that is already being saved.
     overrides = {**data, "data.eval": "", "train.steps": 200, "train.save_every": 1}
-    proc = _start(workdir, overrides, log)
-    _wait_for(lambda: len(steps_logged(workdir)) >= 2, proc, log)
+    proc = _start(workdir, overrides, log, jax_cache)
+    _wait_for(lambda: rows_written(workdir) >= 2, proc, log)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
     text = log.read_text()
@@ -193,27 +206,30 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(data, tmp_path):
 
     # Rerunning the same command resumes; here with two more steps so it ends quickly
     # (train.steps may change on resume).
-    text = _run_to_end(workdir, {**overrides, "train.steps": stopped + 2}, tmp_path / "second.log")
+    text = _run_to_end(workdir, {**overrides, "train.steps": stopped + 2}, tmp_path / "second.log", jax_cache)
     assert f"at step {stopped}" in text  # "resumed WORKDIR at step N"
     assert steps_logged(workdir) == list(range(1, stopped + 3))
     assert latest_step(workdir) == stopped + 2
 
 
-def test_kill_during_save_resumes_from_the_last_committed_step(data, tmp_path):
+def test_kill_during_save_resumes_from_the_last_committed_step(data, jax_cache, tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     hang = 3  # the save of this step never commits: the process is killed while it is written
     overrides = {**data, "data.eval": "", "train.steps": STEPS, "train.save_every": 1}
-    proc = _start(workdir, overrides, log, env={"JAXFT_TEST_HANG_SAVE_AT": str(hang)})
-    _wait_for(lambda: "HANG_SAVE" in log.read_text(), proc, log)
-    tmp_dir = Path(log.read_text().split("HANG_SAVE ", 1)[1].split()[0])
+    proc = _start(workdir, overrides, log, jax_cache, env={"JAXFT_TEST_HANG_SAVE_AT": str(hang)})
+    def hung():
+        return re.search(r"HANG_SAVE (\S+)\n", log.read_text())
+
+    _wait_for(hung, proc, log)
+    tmp_dir = Path(hung().group(1))
     assert tmp_dir.is_dir() and tmp_dir.parent == workdir / "checkpoints"
-    assert (tmp_dir / "state").is_dir()  # the arrays were being written
+    assert any(tmp_dir.glob("state*/_METADATA"))  # the arrays were written, not committed
     proc.kill()  # SIGKILL: no handler, no cleanup
     proc.wait(timeout=60)
     assert not (workdir / "checkpoints" / str(hang)).exists()
     assert latest_step(workdir) == hang - 1  # the uncommitted folder is not a step
 
-    text = _run_to_end(workdir, overrides, tmp_path / "second.log")
+    text = _run_to_end(workdir, overrides, tmp_path / "second.log", jax_cache)
     assert f"at step {hang - 1}" in text
     assert latest_step(workdir) == STEPS
     # Rows logged past the last checkpoint before the kill are replaced by the rerun's.
@@ -302,6 +318,7 @@ def test_export_of_an_older_step_and_of_a_missing_step(reference, tmp_path):
     graphdef, abstract = nnx.split(abstract_model(older.cfg), nnx.Param)
     full, _ = saved.restore(4, _abstract_train_state(reference, nnx.to_pure_dict(abstract)))
     saved.close()
+    assert sorted(full["params"]["layers"]) == list(range(older.cfg.num_layers))  # int keys survive
     tokens = np.arange(1, 17, dtype=np.int32)[None]
     want = _logits(nnx.merge(graphdef, full["params"]), tokens)
     assert np.abs(_logits(older, tokens) - want).max() <= 1e-5
@@ -360,3 +377,5 @@ def test_keep_best_holds_the_lowest_eval_loss(reference):
         assert best.restore_meta()["eval_loss"] == pytest.approx(min(evals.values()))
     finally:
         best.close()
+    # What a resumed run has to beat (else a worse eval after a restart would replace it).
+    assert checkpoint.best_eval_loss(reference.workdir) == pytest.approx(min(evals.values()))

@@ -6,6 +6,7 @@ its data is written but before Orbax commits it (renames its temporary folder), 
 printing "HANG_SAVE <temporary folder>": a test can then kill -9 the process mid-save.
 """
 
+import logging
 import os
 import sys
 import threading
@@ -28,6 +29,9 @@ def hang_save_at(step: int) -> None:
 
 
 if __name__ == "__main__":
+    # As jaxft.cli does, but before Orbax (absl) is imported: its root handler would make the
+    # CLI's basicConfig a no-op and hide the INFO lines the tests read.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if os.environ.get("JAXFT_TEST_HANG_SAVE_AT"):
         hang_save_at(int(os.environ["JAXFT_TEST_HANG_SAVE_AT"]))
     from jaxft.cli import main
