@@ -29,8 +29,10 @@ def get_config(arg: str = "tiny"):
         c.train.log_every = 25
         c.train.eval_every = 50
         c.train.save_every = 50
-        c.optim.lr = 5e-4
+        c.optim.lr = 1e-4
         c.optim.warmup_steps = 10
+        c.dpo.loss_type = "sigmoid,sft"  # DPO + NLL on chosen (RPO), as the quickstart
+        c.dpo.loss_weights = "1.0,1.0"
         c.dpo.precompute_reference = True
         return lock(c)
 

@@ -51,10 +51,15 @@ def quickstart_configs(workdir: Path, *, sft_steps: int = 300, dpo_steps: int = 
     dpo.train.log_every = 25
     dpo.train.eval_every = 0
     dpo.train.save_every = dpo_steps
-    dpo.optim.lr = 5e-4
+    dpo.optim.lr = 1e-4
     dpo.optim.warmup_steps = min(10, dpo_steps // 10)
     dpo.dpo.beta = 0.1
-    dpo.dpo.loss_type = "sigmoid"
+    # DPO + a weighted NLL term on the chosen answers (RPO, Pang et al. 2024; TRL's rpo_alpha;
+    # Llama 3's recipe). Plain sigmoid DPO pushes the rejected answers down so hard on this
+    # tiny model that it also lowers the chosen ones and exact match drops (likelihood
+    # displacement): try --config.dpo.loss_type=sigmoid to see it.
+    dpo.dpo.loss_type = "sigmoid,sft"
+    dpo.dpo.loss_weights = "1.0,1.0"
     dpo.dpo.reference = "policy"
     dpo.dpo.precompute_reference = True
     return lock(sft), lock(dpo)

@@ -3,16 +3,18 @@
 The quickstart retells the DeepSeek LLM story (SFT, then DPO) with a ~1M-parameter model on
 two CPU cores, so the data is built for learnability rather than variety:
 
-* Questions are small arithmetic problems (operands 0-20 for + and -, 0-9 for *), asked
+* Questions are small arithmetic problems (operands 0-9), asked
   directly ("What is 7 + 5?") or as word problems ("Tom has 3 apples and buys 4 more. ...").
   Every answer first restates the problem as an equation and then commits to a number:
   "3 + 4 = 7. The answer is 7." The equation turns every phrasing into the same computation,
   and "The answer is N" makes answers checkable (`extract_answer`).
-* Evaluation questions are held out by their `(operation, a, b)` tuple, so exact-match
-  accuracy measures arithmetic the model was never shown, not recall of seen questions.
+* Evaluation questions never occur in training as text: by default they are new wordings of
+  training problems (the instruction-following a tiny model can learn in a minute); with
+  `eval_split="problem"` whole `(operation, a, b)` problems are held out, which measures
+  arithmetic the model was never shown (too hard for the quickstart's budget).
 * A configurable share of SFT answers repeat their last sentence ("... The answer is 12. The
   answer is 12. The answer is 12."), as real SFT data does. The repetitive answers are drawn
-  first from one "noisy" phrasing per operation (the "Calculate ..." prompts): were they
+  first from one "noisy" phrasing per operation (the "NAME asks: calculate ..." prompts): were they
   spread uniformly, greedy decoding would never repeat (stopping is always the likelier
   continuation) and DPO would have nothing visible to fix.
 * Preference pairs prefer the clean correct answer over a wrong one (off by one or another
@@ -34,8 +36,8 @@ SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
 
 # Operation -> (equation symbol, operand pairs). Subtraction keeps results non-negative.
 _OPERANDS = {
-    "add": [(a, b) for a in range(21) for b in range(21)],
-    "sub": [(a, b) for a in range(21) for b in range(a + 1)],
+    "add": [(a, b) for a in range(10) for b in range(10)],
+    "sub": [(a, b) for a in range(10) for b in range(a + 1)],
     "mul": [(a, b) for a in range(10) for b in range(10)],
 }
 _SYMBOL = {"add": "+", "sub": "-", "mul": "*"}
@@ -54,32 +56,29 @@ _SYSTEM_PROMPTS = (
 )
 
 # Question templates per operation. Placeholders: {a} {b} (numbers), {na} {nb} (counted
-# nouns, e.g. "1 apple" / "3 apples"), {bags} {boxes} (a counted), {items} (plural), {name}.
+# nouns, e.g. "1 apple" / "3 apples"), {bags} (a counted), {items} (plural), {name}.
 # The first template of each list is the "noisy" phrasing (see the module docstring).
 _TEMPLATES = {
     "add": (
-        "Calculate {a} + {b}.",
+        "{name} asks: calculate {a} + {b}.",
         "What is {a} + {b}?",
         "What is {a} plus {b}?",
         "Add {a} and {b}.",
         "{name} has {na} and buys {b} more. How many {items} does {name} have?",
-        "{name} had {na}. A friend gave {name} {b} more. How many {items} does {name} have now?",
     ),
     "sub": (
-        "Calculate {a} - {b}.",
+        "{name} asks: calculate {a} - {b}.",
         "What is {a} - {b}?",
         "What is {a} minus {b}?",
         "Subtract {b} from {a}.",
         "{name} has {na} and gives {b} away. How many {items} are left?",
-        "A basket holds {na}. {name} takes {b} of them. How many {items} are still in the basket?",
     ),
     "mul": (
-        "Calculate {a} * {b}.",
+        "{name} asks: calculate {a} * {b}.",
         "What is {a} * {b}?",
         "What is {a} times {b}?",
         "Multiply {a} by {b}.",
-        "{name} has {bags} with {nb} in each bag. How many {items} does {name} have?",
-        "{name} fills {boxes} with {nb} each. How many {items} are there in total?",
+        "{name} has {bags} with {nb} in each. How many {items} in total?",
     ),
 }
 _NOISY_TEMPLATE = 0
@@ -106,7 +105,7 @@ def _question(rng: random.Random, op: str, a: int, b: int, template: int) -> str
     item = rng.choice(_ITEMS)
     return _TEMPLATES[op][template].format(
         a=a, b=b, na=_count(a, item), nb=_count(b, item), items=item[1], name=rng.choice(_NAMES),
-        bags=_count(a, ("bag", "bags")), boxes=_count(a, ("box", "boxes")),
+        bags=_count(a, ("bag", "bags")),
     )
 
 
@@ -133,13 +132,6 @@ def split_problems(seed: int = 0, eval_fraction: float = 0.15) -> tuple[list, li
     return train, held_out
 
 
-def _sample_problem(rng: random.Random, problems: list[tuple]) -> tuple:
-    """An operation uniformly, then one of its problems: "*" has far fewer problems than "+",
-    and sampling problems uniformly would leave the model too little of it (and of "-")."""
-    op = rng.choice(sorted({p[0] for p in problems}))
-    return rng.choice([p for p in problems if p[0] == op])
-
-
 def _prompt(rng: random.Random, problem: tuple, system_fraction: float) -> tuple[list[dict], int]:
     """Samples a phrasing of `problem`; returns (prompt messages, template index)."""
     op, a, b = problem
@@ -154,7 +146,7 @@ def _prompt(rng: random.Random, problem: tuple, system_fraction: float) -> tuple
 def _sft_records(rng, problems, n, *, repeat_fraction, system_fraction) -> list[dict]:
     drafts = []
     for _ in range(n):
-        problem = _sample_problem(rng, problems)
+        problem = rng.choice(problems)
         messages, template = _prompt(rng, problem, system_fraction)
         drafts.append((problem, messages, template))
     # Exactly round(repeat_fraction * n) repetitive answers, noisy phrasings first.
@@ -165,7 +157,7 @@ def _sft_records(rng, problems, n, *, repeat_fraction, system_fraction) -> list[
     records = []
     for i, ((op, a, b), messages, _) in enumerate(drafts):
         result = _RESULT[op](a, b)
-        repeats = rng.randint(2, 4) if i in repetitive else 0
+        repeats = rng.randint(2, 3) if i in repetitive else 0
         answer = {"role": "assistant", "content": _solution(op, a, b, result, repeats)}
         records.append({"messages": messages + [answer], "answer": str(result)})
     return records
@@ -183,13 +175,13 @@ def _wrong_result(rng: random.Random, result: int) -> int:
 def _pref_records(rng, problems, n, *, system_fraction) -> list[dict]:
     records = []
     for _ in range(n):
-        problem = _sample_problem(rng, problems)
+        problem = rng.choice(problems)
         op, a, b = problem
         prompt, template = _prompt(rng, problem, system_fraction)
         result = _RESULT[op](a, b)
         chosen = _solution(op, a, b, result)
         kind = "repeat" if template == _NOISY_TEMPLATE else rng.choice(("wrong", "wrong", "repeat", "wrong_repeat"))
-        repeats = rng.randint(2, 5) if kind != "wrong" else 0
+        repeats = rng.randint(2, 3) if kind != "wrong" else 0
         shown = _wrong_result(rng, result) if kind != "repeat" else result
         rejected = _solution(op, a, b, shown, repeats)
         records.append({
@@ -208,8 +200,9 @@ def make_quickstart_data(
     num_eval: int = 200,
     *,
     repeat_fraction: float = 0.12,
-    system_fraction: float = 0.1,
+    system_fraction: float = 0.05,
     eval_fraction: float = 0.15,
+    eval_split: str = "wording",
 ) -> dict[str, list[dict]]:
     """Generates the quickstart's SFT and preference data, deterministically from `seed`.
 
@@ -219,7 +212,11 @@ def make_quickstart_data(
       num_eval: number of records in each of `sft_eval` and `pref_eval`.
       repeat_fraction: share of `sft_train` answers that repeat their last sentence.
       system_fraction: share of prompts that start with a system message.
-      eval_fraction: share of each operation's problems held out for evaluation.
+      eval_split: "wording" (default): eval questions are worded differently from every
+        training question (text never seen in training) but ask for facts from the training
+        distribution — what a ~1M-parameter model can learn in a minute; "problem": eval
+        problems (op, a, b) are held out entirely, which measures arithmetic never shown.
+      eval_fraction: with eval_split="problem", the share of each operation's problems held out.
 
     Returns:
       `{"sft_train", "sft_eval", "pref_train", "pref_eval"}` -> records. SFT records are
@@ -227,16 +224,37 @@ def make_quickstart_data(
       clean. Preference records are `{"prompt": [system?, user], "chosen": [assistant],
       "rejected": [assistant], "answer": str}` with a clean, correct `chosen`.
     """
-    train_problems, eval_problems = split_problems(seed, eval_fraction)
     rng = random.Random(seed)
+    if eval_split == "problem":
+        train_problems, eval_problems = split_problems(seed, eval_fraction)
+    elif eval_split == "wording":
+        train_problems = eval_problems = [p for ps in split_problems(seed, 0.0) for p in ps]
+    else:
+        raise ValueError(f"eval_split must be 'wording' or 'problem', got {eval_split!r}")
+    sft_train = _sft_records(rng, train_problems, num_sft, repeat_fraction=repeat_fraction,
+                             system_fraction=system_fraction)
+    pref_train = _pref_records(rng, train_problems, num_pref, system_fraction=system_fraction)
+    seen = {_question_text(r) for r in sft_train + pref_train}
+
+    def unseen(make):
+        # Draw until `num_eval` records whose question text never occurs in training.
+        out = []
+        while len(out) < num_eval:
+            out += [r for r in make(num_eval) if _question_text(r) not in seen][: num_eval - len(out)]
+        return out
+
     return {
-        "sft_train": _sft_records(rng, train_problems, num_sft,
-                                  repeat_fraction=repeat_fraction, system_fraction=system_fraction),
-        "sft_eval": _sft_records(rng, eval_problems, num_eval,
-                                 repeat_fraction=0.0, system_fraction=system_fraction),
-        "pref_train": _pref_records(rng, train_problems, num_pref, system_fraction=system_fraction),
-        "pref_eval": _pref_records(rng, eval_problems, num_eval, system_fraction=system_fraction),
+        "sft_train": sft_train,
+        "sft_eval": unseen(lambda n: _sft_records(rng, eval_problems, n, repeat_fraction=0.0,
+                                                  system_fraction=system_fraction)),
+        "pref_train": pref_train,
+        "pref_eval": unseen(lambda n: _pref_records(rng, eval_problems, n, system_fraction=system_fraction)),
     }
+
+
+def _question_text(record: dict) -> str:
+    messages = record.get("messages") or record["prompt"]
+    return next(m["content"] for m in messages if m["role"] == "user")
 
 
 def write_quickstart_data(out_dir: str | Path, seed: int = 0, **kwargs) -> dict[str, Path]:
