@@ -171,9 +171,10 @@ def preference_metrics(logps_fn, params, reference, mode, batches, mesh, config,
 
 
 def preference_logps(model, tokenizer, source: str, *, max_length: int, batch_size: int = 32,
-                     mesh=None) -> tuple[np.ndarray, np.ndarray]:
-    """Summed completion log-probs (chosen [N], rejected [N]) of `model` on every pair of
-    `source`, in pair-index order: for preference accuracy of any model, trained or not."""
+                     mesh=None) -> dict[str, np.ndarray]:
+    """Summed completion log-probs and completion lengths of `model` on every pair of
+    `source`, in pair-index order ({chosen, rejected, chosen_lengths, rejected_lengths}, each
+    [N]): for the preference accuracy of any model, trained or not."""
     from jaxft.data.pipeline import make_eval_batches
 
     mesh = mesh or sharding.make_mesh(data=-1)
@@ -186,4 +187,4 @@ def preference_logps(model, tokenizer, source: str, *, max_length: int, batch_si
         params = jax.device_put(params, sharding.replicated(mesh))
         out, index = _pass_logps(logps_fn, params, batches, mesh)
     order = np.argsort(index, kind="stable")
-    return out["chosen"][order], out["rejected"][order]
+    return {k: v[order] for k, v in out.items()}

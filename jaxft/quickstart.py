@@ -89,7 +89,11 @@ def evaluate_stage(model_dir: Path, data: Path, *, num_questions: int, max_lengt
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = read_jsonl(data / "sft_eval.jsonl", num_questions)
     gen = evaluate_generation(model, tokenizer, records, max_new_tokens=64, batch_size=50)
-    chosen, rejected = preference_logps(model, tokenizer, str(data / "pref_eval.jsonl"), max_length=max_length)
+    pairs = preference_logps(model, tokenizer, str(data / "pref_eval.jsonl"), max_length=max_length)
+    # Per-token (length-normalised) log-probs: summed ones would favour the shorter answer
+    # whatever the model, since the repetitive rejected answers are longer.
+    chosen = pairs["chosen"] / np.maximum(pairs["chosen_lengths"], 1)
+    rejected = pairs["rejected"] / np.maximum(pairs["rejected_lengths"], 1)
     return {
         "exact_match": gen["exact_match"],
         "repetition_ratio": gen["repetition_ratio"],
