@@ -274,8 +274,38 @@ def write_quickstart_data(out_dir: str | Path, seed: int = 0, **kwargs) -> dict[
     return paths
 
 
-# Plain English for the tokenizer, so that text outside the quickstart (a README example, a
-# user's own prompt) still gets a few sensible merges instead of falling back to bytes only.
+# The bundled tokenizer's corpus (below) is frozen on purpose and shares nothing with the
+# generator above: tuning the quickstart data (templates, ranges, splits) must not change
+# token ids, which golden tests and trained checkpoints depend on. Editing the corpus means
+# re-running `python -m jaxft.data.make_tokenizer`, committing jaxft/assets/tokenizer, and
+# updating the golden ids in tests/test_data_tokenize.py.
+_CORPUS_QUESTIONS = (
+    "What is {a} {op} {b}?",
+    "Calculate {a} {op} {b}.",
+    "{name} asks: calculate {a} {op} {b}.",
+    "What is {a} plus {b}?",
+    "What is {a} minus {b}?",
+    "What is {a} times {b}?",
+    "Add {a} and {b}.",
+    "Subtract {b} from {a}.",
+    "Multiply {a} by {b}.",
+    "{name} has {a} {items} and buys {b} more. How many {items} does {name} have?",
+    "{name} had {a} {items}. A friend gave {name} {b} more. How many {items} does {name} have now?",
+    "{name} has {a} {items} and gives {b} away. How many {items} are left?",
+    "A basket holds {a} {items}. {name} takes {b} of them. How many {items} are still in the basket?",
+    "{name} has {a} bags with {b} {items} in each. How many {items} in total?",
+    "There are {a} boxes. Each box holds {b} {items}. How many {items} are there in total?",
+)
+_CORPUS_WORDS = {
+    "name": ("Tom", "Anna", "Ben", "Mia", "Sam", "Lily", "Max", "Emma"),
+    "items": ("apples", "pears", "books", "coins", "marbles", "stickers", "pencils", "cookies"),
+    "system": ("You are a helpful math tutor.", "Solve the problem and end with: The answer is N.",
+               "You are a careful assistant. Answer briefly."),
+}
+_CORPUS_SIZE = 3000  # question/answer pairs: plenty for ~250 merges, trains in about a second
+
+# Plain English, so that text outside the quickstart (a README example, a user's own prompt)
+# still gets a few sensible merges instead of falling back to bytes only.
 _ENGLISH = """\
 The quick brown fox jumps over the lazy dog.
 A language model predicts the next token from the tokens that came before it.
@@ -320,18 +350,21 @@ The weather forecast says there will be snow in the mountains tomorrow.
 """
 
 
-def tokenizer_training_text(seed: int = 0) -> list[str]:
-    """Text the bundled tokenizer is trained on: quickstart questions/answers and English.
+def tokenizer_training_text() -> list[str]:
+    """The text the bundled tokenizer is trained on (a frozen corpus; see `_CORPUS_QUESTIONS`).
 
-    Returns a list of lines: every distinct question and answer of `make_quickstart_data(seed)`
-    (all splits; deduplicated so the few templates do not drown everything else), then the
-    English sentences above. Deterministic, no downloads.
+    Returns a list of lines: system prompts, then `_CORPUS_SIZE` arithmetic questions in the
+    quickstart's phrasings, each followed by its worked answer ("7 + 5 = 12. The answer is
+    12."), then the English sentences above. Deterministic (a private, fixed-seed
+    `random.Random`), no downloads, and independent of `make_quickstart_data`'s settings.
     """
-    data = make_quickstart_data(seed)
-    lines: dict[str, None] = {}  # an ordered set keeps the output deterministic
-    for records in data.values():
-        for record in records:
-            for key in ("messages", "prompt", "chosen", "rejected"):
-                for message in record.get(key, ()):
-                    lines[message["content"]] = None
-    return list(lines) + _ENGLISH.splitlines()
+    rng = random.Random("tokenizer-corpus")
+    lines = list(_CORPUS_WORDS["system"])
+    for _ in range(_CORPUS_SIZE):
+        op = rng.choice("+-*")
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        result = {"+": a + b, "-": a - b, "*": a * b}[op]
+        question = rng.choice(_CORPUS_QUESTIONS).format(
+            a=a, b=b, op=op, name=rng.choice(_CORPUS_WORDS["name"]), items=rng.choice(_CORPUS_WORDS["items"]))
+        lines += [question, f"{a} {op} {b} = {result}. The answer is {result}."]
+    return lines + _ENGLISH.splitlines()
