@@ -92,7 +92,7 @@ def _quickstart(argv):
     p = argparse.ArgumentParser(prog="jaxft quickstart", description=(
         "SFT then DPO of the bundled tiny model on the bundled data, on CPU in a few minutes"))
     p.add_argument("--workdir", default="jaxft_quickstart", help="where data, runs and results go")
-    p.add_argument("--sft-steps", type=int, default=300)
+    p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--dpo-steps", type=int, default=150)
     p.add_argument("--questions", type=int, default=200, help="held-out questions to evaluate")
     a = p.parse_args(argv)

@@ -23,7 +23,7 @@ from jaxft.config import base_config, lock
 STAGES = ("base", "sft", "dpo")
 
 
-def quickstart_configs(workdir: Path, *, sft_steps: int = 300, dpo_steps: int = 150):
+def quickstart_configs(workdir: Path, *, sft_steps: int = 400, dpo_steps: int = 150):
     """(sft config, dpo config) of the quickstart; the configs/quickstart.py file shows them."""
     data = workdir / "data"
     sft = base_config()
@@ -113,7 +113,7 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int = 300, dpo_steps: int = 150,
+def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int = 400, dpo_steps: int = 150,
                    num_questions: int = 200, seed: int = 0, log=print) -> dict:
     """Runs the whole quickstart; returns {stage: metrics} plus timings. Reruns resume."""
     from jaxft.data.synthetic import write_quickstart_data
