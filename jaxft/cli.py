@@ -18,7 +18,7 @@ commands:
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
   export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] --out DIR
   generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT
-  eval         exact match / repetition of greedy answers: jaxft eval --model DIR --data FILE
+  eval         exact match, repetition, eval loss, preference accuracy: jaxft eval --model DIR --data FILE
   check-data   validate a dataset before training: jaxft check-data FILE --kind sft|dpo
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
   bench        SFT vs DPO step throughput side by side: jaxft bench [--preset tiny]
@@ -121,17 +121,23 @@ def _generate(argv):
 
 def _eval(argv):
     p = argparse.ArgumentParser(prog="jaxft eval", description=(
-        "greedy answers to JSONL records with an 'answer' field: exact match, repetition ratio"))
+        "evaluate a Hugging Face folder: greedy answers (exact match, repetition ratio) and eval "
+        "loss on --data, preference accuracy on --pairs"))
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default=None, help="JSONL records with an 'answer' field")
+    p.add_argument("--pairs", default=None, help="preference pairs (prompt/chosen/rejected)")
+    p.add_argument("--reference", default=None, help="reference model for implicit-reward accuracy")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=512)
     a = p.parse_args(argv)
     import json
 
     from jaxft.evaluate import eval_cli
 
-    print(json.dumps(eval_cli(a.model, a.data, max_new_tokens=a.max_new_tokens, limit=a.limit), indent=2))
+    result = eval_cli(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
+                      max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
+    print(json.dumps(result, indent=2))
 
 
 def _check_data(argv):

@@ -194,16 +194,79 @@ def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
     return records
 
 
-def eval_cli(model_dir: str, data_file: str, *, max_new_tokens: int = 128, limit: int | None = None,
-             batch_size: int = 16) -> dict:
-    """`jaxft eval`: loads an HF folder (model + tokenizer) and runs `evaluate_generation` on
-    the first `limit` records (all when None or 0) of a JSONL file with "answer" fields."""
+def eval_loss(model, tokenizer, source: str, *, max_length: int = 512, batch_size: int = 16,
+              limit: int | None = None) -> dict:
+    """Token-mean loss and accuracy over the trained tokens of every record of `source`
+    (any SFT format), exactly as `eval_loss` is computed during training."""
+    import jax
+
+    from jaxft import builders, sharding
+    from jaxft.data.pipeline import make_eval_batches
+    from jaxft.step_builders import sum_over_batches
+    from jaxft.train_step import make_sft_eval_step
+
+    mesh = sharding.make_mesh(data=-1)
+    graphdef, params = builders.split_params(model)
+    batches = make_eval_batches(source, tokenizer, kind="sft", batch_size=batch_size, max_length=max_length,
+                                packing=False, process_index=jax.process_index(),
+                                process_count=jax.process_count(), load_kwargs={"limit": limit})
+    with jax.set_mesh(mesh):
+        params = jax.device_put(params, sharding.replicated(mesh))
+        totals = sum_over_batches(jax.jit(make_sft_eval_step(graphdef)), params, batches, mesh)
+    n = max(totals.get("num_tokens", 0.0), 1.0)
+    return {"eval_loss": totals["nll_sum"] / n, "eval_mean_token_accuracy": totals["num_correct"] / n}
+
+
+def preference_eval(model, tokenizer, source: str, *, reference=None, beta: float = 0.1,
+                    max_length: int = 512, batch_size: int = 16) -> dict:
+    """Preference accuracy on held-out pairs: with a `reference` model, TRL's implicit-reward
+    accuracy (beta * (log pi - log ref) of chosen > rejected); without, the share of pairs
+    whose chosen answer has the higher per-token log-prob."""
+    from jaxft.dpo_task import preference_logps
+
+    pol = preference_logps(model, tokenizer, source, max_length=max_length, batch_size=batch_size)
+    out = {"num_pairs": int(len(pol["chosen"]))}
+    if reference is not None:
+        ref = preference_logps(reference, tokenizer, source, max_length=max_length, batch_size=batch_size)
+        out["reward_accuracy"] = preference_accuracy(pol["chosen"], pol["rejected"], ref["chosen"],
+                                                     ref["rejected"], beta=beta)
+    chosen = pol["chosen"] / np.maximum(pol["chosen_lengths"], 1)
+    rejected = pol["rejected"] / np.maximum(pol["rejected_lengths"], 1)
+    out["preference_accuracy"] = float(np.mean(chosen > rejected))
+    return out
+
+
+def _has_reference_answer(record: dict) -> bool:
+    """Whether a record carries a full reference answer (not just the final number)."""
+    messages = record.get("messages") or []
+    return bool(record.get("completion") or record.get("text")
+                or (messages and messages[-1].get("role") == "assistant"))
+
+
+def eval_cli(model_dir: str, data_file: str | None = None, *, pairs_file: str | None = None,
+             reference_dir: str | None = None, max_new_tokens: int = 128, limit: int | None = None,
+             batch_size: int = 16, max_length: int = 512) -> dict:
+    """`jaxft eval`: loads an HF folder (model + tokenizer); on `data_file` (JSONL with
+    "answer" fields) reports eval loss, exact match, repetition ratio and samples; on
+    `pairs_file` (preference data) the preference accuracy (against `reference_dir` too)."""
     import transformers
 
     from jaxft.models import load_hf
 
-    records = read_jsonl(data_file, limit)
+    if not data_file and not pairs_file:
+        raise ValueError("jaxft eval needs --data (questions with answers) and/or --pairs (preference pairs)")
     model = load_hf(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    return evaluate_generation(model, tokenizer, records, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+    out = {}
+    if data_file:
+        records = read_jsonl(data_file, limit)
+        out.update(evaluate_generation(model, tokenizer, records, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size))
+        if all(_has_reference_answer(r) for r in records):  # else there is nothing to score a loss on
+            out.update(eval_loss(model, tokenizer, data_file, max_length=max_length, batch_size=batch_size,
+                                 limit=limit))
+    if pairs_file:
+        reference = load_hf(reference_dir) if reference_dir else None
+        out.update(preference_eval(model, tokenizer, pairs_file, reference=reference, max_length=max_length,
+                                   batch_size=batch_size))
+    return out

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxft import builders
 from jaxft.config import base_config, lock
@@ -81,24 +80,21 @@ def evaluate_stage(model_dir: Path, data: Path, *, num_questions: int, max_lengt
     """Exact match and repetition ratio of greedy answers, and preference accuracy."""
     from transformers import AutoTokenizer
 
-    from jaxft.dpo_task import preference_logps
-    from jaxft.evaluate import evaluate_generation, read_jsonl
+    from jaxft.evaluate import evaluate_generation, preference_eval, read_jsonl
     from jaxft.models import load_hf
 
     model = load_hf(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     records = read_jsonl(data / "sft_eval.jsonl", num_questions)
     gen = evaluate_generation(model, tokenizer, records, max_new_tokens=64, batch_size=50)
-    pairs = preference_logps(model, tokenizer, str(data / "pref_eval.jsonl"), max_length=max_length)
     # Per-token (length-normalised) log-probs: summed ones would favour the shorter answer
     # whatever the model, since the repetitive rejected answers are longer.
-    chosen = pairs["chosen"] / np.maximum(pairs["chosen_lengths"], 1)
-    rejected = pairs["rejected"] / np.maximum(pairs["rejected_lengths"], 1)
+    pref = preference_eval(model, tokenizer, str(data / "pref_eval.jsonl"), max_length=max_length)
     return {
         "exact_match": gen["exact_match"],
         "repetition_ratio": gen["repetition_ratio"],
         # Share of held-out pairs where the model gives the chosen answer more probability.
-        "preference_accuracy": float(np.mean(chosen > rejected)),
+        "preference_accuracy": pref["preference_accuracy"],
         "samples": gen["samples"][:3],
     }
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import numpy as np
 
 from jaxft import checkpoint, sharding
 from jaxft.train_step import jit_step, make_sft_eval_step, make_sft_step
@@ -38,7 +37,8 @@ def _best_saver(workdir: Path):
     return save_best
 
 
-def _sum_over_batches(eval_fn, params, batches, mesh) -> dict:
+def sum_over_batches(eval_fn, params, batches, mesh) -> dict:
+    """Sums the scalar outputs of `eval_fn(params, batch)` over host-local `batches`."""
     from jaxft.train import to_global
 
     totals: dict = {}
@@ -57,7 +57,7 @@ def build_sft(config, graphdef, tx, schedule, mesh, *, state_shardings, workdir:
                       in_shardings=(state_shardings["params"], sharding.batch_sharding(mesh)))
 
     def evaluate(params, batches):
-        t = _sum_over_batches(eval_fn, params, batches, mesh)
+        t = sum_over_batches(eval_fn, params, batches, mesh)
         n = max(t.get("num_tokens", 0.0), 1.0)
         return {"eval_loss": t["nll_sum"] / n, "eval_mean_token_accuracy": t["num_correct"] / n,
                 "eval_num_tokens": t.get("num_tokens", 0.0)}
@@ -78,4 +78,3 @@ def build(kind, config, graphdef, tx, schedule, params, mesh, tokenizer, *, stat
     raise ValueError(f"unknown training kind {kind!r}")
 
 
-__all__ = ["Task", "build", "build_sft", "np"]

@@ -1,0 +1,58 @@
+"""`jaxft eval` on a model folder: eval loss equals a hand computation, preference accuracy."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.data.tokenize import load_examples
+from jaxft.evaluate import eval_cli, eval_loss, preference_eval
+from jaxft.models import create_model, get_preset, save_hf
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = load_bundled_tokenizer()
+    cfg = get_preset("tiny").replace(num_layers=1, bos_token_id=tok.bos_token_id,
+                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = tmp_path_factory.mktemp("model")
+    save_hf(create_model(cfg, seed=1), folder, tokenizer=tok)
+    return folder
+
+
+def test_eval_loss_equals_hand_computation(model_dir, tmp_path):
+    from jaxft.models import load_hf
+
+    records = [{"messages": [{"role": "user", "content": "What is 2 + 3?"},
+                             {"role": "assistant", "content": "2 + 3 = 5. The answer is 5."}], "answer": "5"}]
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(records[0]) + "\n")
+    model, tok = load_hf(model_dir), load_bundled_tokenizer()
+    example = load_examples(str(path), tok, kind="sft", max_length=128).examples[0]
+    logits = np.asarray(model(example.input_ids[None].astype(np.int32)), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    targets = example.input_ids[1:]
+    mask = example.loss_mask[1:].astype(bool)
+    expected = -logp[np.arange(len(targets)), targets][mask].mean()
+    got = eval_loss(model, tok, str(path), max_length=128)["eval_loss"]
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_preference_eval_against_itself_has_no_reward_wins(model_dir):
+    from jaxft.models import load_hf
+
+    model, tok = load_hf(model_dir), load_bundled_tokenizer()
+    out = preference_eval(model, tok, "jaxft/assets/quickstart/pref_eval.jsonl", reference=model, max_length=128)
+    assert out["num_pairs"] == 200
+    assert out["reward_accuracy"] == 0.0  # rewards are exactly 0: ties never count as wins
+    assert 0.0 <= out["preference_accuracy"] <= 1.0
+
+
+def test_eval_cli_reports_everything(model_dir):
+    out = eval_cli(str(model_dir), "jaxft/assets/quickstart/sft_eval.jsonl",
+                   pairs_file="jaxft/assets/quickstart/pref_eval.jsonl", limit=8, max_new_tokens=8, max_length=128)
+    for key in ("exact_match", "repetition_ratio", "eval_loss", "preference_accuracy", "samples"):
+        assert key in out
+    assert np.isfinite(out["eval_loss"]) and jax.device_count() == 8
