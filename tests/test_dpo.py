@@ -47,6 +47,7 @@ def dpo_config(train, *, steps=4, packing=False, precompute=False, accumulate=1,
     c.optim.lr, c.optim.warmup_steps, c.optim.schedule = lr, 0, "constant"
     c.optim.accumulate = accumulate
     c.dpo.precompute_reference, c.dpo.reference = precompute, reference
+    c.dpo.loss_type, c.dpo.loss_weights = "sigmoid", ""  # plain DPO: ln 2 at step 0
     return c
 
 
@@ -133,3 +134,34 @@ def test_bad_dpo_setting_fails_at_start_naming_the_key(pairs, tmp_path):
     with pytest.raises(ValueError, match="dpo.beta"):
         run(c, tmp_path / "bad", kind="dpo")
 
+
+
+def test_packed_pairs_train_and_start_at_ln2(pairs, tmp_path):
+    c = dpo_config(pairs, steps=3, packing=True)
+    c.train.batch_size = 8  # packed rows, several pairs each
+    run(c, tmp_path / "packed", kind="dpo", export=False)
+    rows = losses_of(tmp_path / "packed")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_reference_from_another_folder_and_cached_table_reused_on_resume(pairs, tmp_path):
+    from jaxft.models import save_hf
+
+    tok = load_bundled_tokenizer()
+    cfg = get_preset("tiny").replace(vocab_size=len(tok), **SMALL)
+    save_hf(create_model(cfg, seed=3), tmp_path / "policy", tokenizer=tok)
+    save_hf(create_model(cfg, seed=4), tmp_path / "other", tokenizer=tok)
+    c = dpo_config(pairs, steps=2, precompute=True, reference=str(tmp_path / "other"))
+    c.model.path = str(tmp_path / "policy")
+    run(c, tmp_path / "run", kind="dpo", export=False)
+    first = losses_of(tmp_path / "run")[0]
+    # A different reference: step-0 rewards are not 0 and the loss is not ln 2.
+    assert abs(first["rewards/margins"]) > 1e-4 and abs(first["loss"] - math.log(2)) > 1e-5
+    tables = sorted((tmp_path / "run" / "reference_logps").glob("*.npy"))
+    stamps = [t.stat().st_mtime_ns for t in tables]
+    c.train.steps = 4  # resume: the precomputed table is read back, not recomputed
+    run(c, tmp_path / "run", kind="dpo", export=False)
+    assert sorted((tmp_path / "run" / "reference_logps").glob("*.npy")) == tables
+    assert [t.stat().st_mtime_ns for t in tables] == stamps
+    assert len(losses_of(tmp_path / "run")) == 4

@@ -12,7 +12,7 @@ from jaxft.quickstart import format_table, run_quickstart
 def test_quickstart_story_holds_on_a_short_schedule(tmp_path):
     results = run_quickstart(tmp_path, sft_steps=200, dpo_steps=80, num_questions=100, log=lambda *_: None)
     base, sft, dpo = results["base"], results["sft"], results["dpo"]
-    assert base["exact_match"] == 0.0
+    assert base["exact_match"] < 0.05  # a random model's output rarely holds the right number
     assert sft["exact_match"] > base["exact_match"] + 0.15
     assert sft["repetition_ratio"] > 0.02  # the repetitive tails of the SFT data were learned
     assert dpo["repetition_ratio"] < sft["repetition_ratio"]

@@ -125,3 +125,26 @@ def test_schedules_warm_up_then_decay(schedule):
 def test_bad_schedule_names_the_key():
     with pytest.raises(ValueError, match="optim.schedule"):
         make_schedule(lr=1.0, schedule="exp", warmup_steps=0, total_steps=10)
+
+
+def test_remat_gives_the_same_loss_and_gradients():
+    import jax.numpy as jnp
+
+    from jaxft import losses
+
+    batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+
+    def loss_and_grads(cfg):
+        graphdef, params = builders.split_params(create_model(cfg, seed=0))
+
+        def loss(p):
+            logits = builders.merge_params(graphdef, p)(batch["tokens"], batch["positions"], batch["segment_ids"])
+            targets, mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+            return losses.sft_loss(losses.token_logps(logits, targets), mask)[0]
+
+        return jax.value_and_grad(loss)(params)
+
+    plain, remat = loss_and_grads(CFG), loss_and_grads(CFG.replace(remat=True))
+    assert float(plain[0]) == pytest.approx(float(remat[0]), abs=1e-6)
+    for a, b in zip(jax.tree.leaves(plain[1]), jax.tree.leaves(remat[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6)
