@@ -183,14 +183,8 @@ def generate(
     prompt_ids: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
     eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int | None = None,
-    seed: int = 0,
-    cache_dtype=None,
-    prompt_bucket: int = PROMPT_BUCKET,
+    **options,
 ) -> list[list[int]]:
     """Samples continuations of a batch of token-id prompts with a KV cache.
 
@@ -200,16 +194,14 @@ def generate(
       (0 = off) and `top_p` (1.0 = off) and sampled with `jax.random` keys from `seed`.
     eos_token_id: one id or several, up to 8 (default: the model config's; [] = never stop
       early). pad_token_id: what fills finished rows (default: config's pad, else first EOS).
-    cache_dtype: KV-cache dtype (default: the model's compute dtype).
+    cache_dtype: KV-cache dtype (default: the model's compute dtype). `options` are those of
+      `generate_array`: temperature, top_k, top_p, pad_token_id, seed, cache_dtype, prompt_bucket.
     Returns B lists of new token ids only, each cut after its first EOS **with the EOS
     included** (as transformers' `generate` does), so a list that does not end in EOS ran
     into `max_new_tokens`.
     """
-    out_BN, _ = generate_array(
-        model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, eos_token_id=eos_token_id, pad_token_id=pad_token_id, seed=seed,
-        cache_dtype=cache_dtype, prompt_bucket=prompt_bucket,
-    )
+    out_BN, _ = generate_array(model, prompt_ids, max_new_tokens=max_new_tokens,
+                               eos_token_id=eos_token_id, **options)
     eos = set(_eos_list(model, eos_token_id))
     results = []
     for row in out_BN.tolist():
