@@ -278,13 +278,19 @@ def generate_cli(
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[str]:
-    """`jaxft generate`: loads an HF folder (model + tokenizer) and completes `prompts`."""
+    """`jaxft generate`: loads an HF folder (model + tokenizer) and completes `prompts`.
+
+    chat=None: string prompts become user messages under the chat template when the
+    tokenizer has one (chat models), and are completed as raw text otherwise.
+    """
     import transformers
 
     from jaxft.models import load_hf
 
     model = load_hf(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if chat is None:
+        chat = bool(getattr(tokenizer, "chat_template", None))
     return generate_text(
         model, tokenizer, prompts, chat=chat, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,

@@ -56,3 +56,14 @@ def test_eval_cli_reports_everything(model_dir):
     for key in ("exact_match", "repetition_ratio", "eval_loss", "preference_accuracy", "samples"):
         assert key in out
     assert np.isfinite(out["eval_loss"]) and jax.device_count() == 8
+
+
+def test_generate_cli_puts_string_prompts_under_the_chat_template(model_dir):
+    from jaxft.generate import encode_prompts, generate_cli, generate_text
+    from jaxft.models import load_hf
+
+    tok = load_bundled_tokenizer()
+    chat_ids = encode_prompts(tok, ["What is 2 + 3?"], chat=True)[0]
+    assert chat_ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|user|>")]
+    expected = generate_text(load_hf(model_dir), tok, ["What is 2 + 3?"], chat=True, max_new_tokens=6)
+    assert generate_cli(str(model_dir), ["What is 2 + 3?"], max_new_tokens=6) == expected
