@@ -23,9 +23,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sft_command(workdir):
+def command(kind, workdir):
+    extra = {
+        "sft": [],
+        # DPO: pairs of both hosts are gathered; the precomputed reference table too.
+        "dpo": ["--config.dpo.precompute_reference=True", "--config.dpo.loss_type=sigmoid",
+                "--config.dpo.loss_weights=", "--config.data.eval="],
+    }[kind]
     return [
-        sys.executable, "-m", "jaxft.cli", "sft", "--config", "configs/sft.py:tiny", f"--workdir={workdir}",
+        sys.executable, "-m", "jaxft.cli", kind, "--config", f"configs/{kind}.py:tiny", f"--workdir={workdir}", *extra,
         f"--config.train.steps={STEPS}", "--config.train.batch_size=8", "--config.train.log_every=1",
         "--config.train.progress=False", "--config.data.max_length=64", "--config.train.save_every=3",
         "--config.train.eval_every=0", "--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
@@ -44,12 +50,13 @@ def losses(workdir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def test_two_processes_match_one(tmp_path):
-    one = subprocess.Popen(sft_command(tmp_path / "one"), cwd=REPO, env=env_for(4),
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_two_processes_match_one(tmp_path, kind):
+    one = subprocess.Popen(command(kind, tmp_path / "one"), cwd=REPO, env=env_for(4),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     port = free_port()
     procs = [
-        subprocess.Popen(sft_command(tmp_path / "two"), cwd=REPO, stdout=subprocess.PIPE,
+        subprocess.Popen(command(kind, tmp_path / "two"), cwd=REPO, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True,
                          env=env_for(2, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
                                      JAXFT_PROCESS_ID=str(i)))
