@@ -105,9 +105,11 @@ def to_global(batch_np, mesh) -> dict:
     return out
 
 
-def total_steps(config, num_examples: int) -> int:
+def total_steps(config, iterator) -> int:
+    """train.steps, or train.epochs passes over the data (counted in batches, so packed rows
+    and per-host slicing are accounted for)."""
     if config.train.epochs > 0:
-        return max(1, int(round(config.train.epochs * num_examples / config.train.batch_size)))
+        return max(1, int(round(config.train.epochs * iterator.batches_per_epoch())))
     return config.train.steps
 
 
@@ -149,7 +151,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
             process_index=jax.process_index(), process_count=jax.process_count(), load_kwargs=load_kwargs,
             max_segments_per_row=config.data.max_segments_per_row,
         )
-    steps = total_steps(config, iterator.num_examples)
+    steps = total_steps(config, iterator)
     tx, schedule = optimizer_from_config(config.optim, steps)
 
     with jax.set_mesh(mesh):

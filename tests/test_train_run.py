@@ -379,3 +379,27 @@ def test_keep_best_holds_the_lowest_eval_loss(reference):
         best.close()
     # What a resumed run has to beat (else a worse eval after a restart would replace it).
     assert checkpoint.best_eval_loss(reference.workdir) == pytest.approx(min(evals.values()))
+
+
+def test_epochs_count_batches_of_packed_rows():
+    """train.epochs = 2 means two passes over the data, whatever packing does to the rows."""
+    import importlib.util
+
+    from jaxft.builders import load_tokenizer
+    from jaxft.data.pipeline import make_train_iterator
+    from jaxft.train import total_steps
+
+    spec = importlib.util.spec_from_file_location("sft_cfg_epochs", "configs/sft.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.train.epochs = 2.0
+    iterator = make_train_iterator(config.data.train, load_tokenizer(config), kind="sft",
+                                   global_batch_size=config.train.batch_size, max_length=config.data.max_length,
+                                   packing=True, seed=0)
+    steps = total_steps(config, iterator)
+    seen = set()
+    for _ in range(steps // 2):
+        batch = next(iterator)
+        seen.update(int(i) for i in batch.example_index.ravel() if i >= 0)
+    assert iterator.num_examples == 4000 and len(seen) == 4000  # one epoch = half the steps
