@@ -156,13 +156,13 @@ def make_sft_eval_step(graphdef, *, loss_chunk_size: int = 0):
     return step
 
 
-def jit_step(step_fn, *, state_shardings, batch_sharding, donate: bool = True, extra_in_shardings=()):
+def jit_step(step_fn, *, state_shardings, batch_sharding, donate: bool = True):
     """jax.jit with explicit shardings: the state keeps its param shardings, the batch is split
     by rows over (data, fsdp), metrics come back replicated; the old state is donated so the
     update happens in place."""
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, *extra_in_shardings, batch_sharding),  # state, [frozen], batch
+        in_shardings=(state_shardings, batch_sharding),  # state as created; batch rows split
         out_shardings=(state_shardings, None),  # new state as the old; metrics replicated
         donate_argnums=(0,) if donate else (),  # reuse the old state's buffers
     )
