@@ -16,7 +16,7 @@ commands:
   quickstart   generate the bundled data, SFT then DPO the tiny model, evaluate all three
   sft          supervised fine-tuning:  jaxft sft --config configs/sft.py[:preset] --workdir DIR
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
-  export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] --out DIR
+  export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] --out DIR
   generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT
   eval         exact match, repetition, eval loss, preference accuracy: jaxft eval --model DIR --data FILE
   check-data   validate a dataset before training: jaxft check-data FILE --kind sft|dpo
@@ -72,10 +72,13 @@ def _export(argv):
     p.add_argument("workdir")
     p.add_argument("--out", required=True)
     p.add_argument("--step", type=int, default=None, help="default: latest")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the training param dtype)")
     a = p.parse_args(argv)
     from jaxft.export import export_checkpoint
+    from jaxft.models.config import parse_dtype
 
-    print(f"exported to {export_checkpoint(a.workdir, a.out, step=a.step)}")
+    out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=parse_dtype(a.dtype, key="--dtype"))
+    print(f"exported to {out}")
 
 
 def _plot(argv):

@@ -12,13 +12,14 @@ from jaxft import builders, checkpoint, config as config_lib
 from jaxft.models import save_hf
 
 
-def export_params(graphdef, params, out: str | Path, *, tokenizer=None) -> Path:
-    """Writes policy `params` (nested dict) with `graphdef`'s architecture as an HF folder."""
+def export_params(graphdef, params, out: str | Path, *, tokenizer=None, dtype=None) -> Path:
+    """Writes policy `params` (nested dict) with `graphdef`'s architecture as an HF folder,
+    in `dtype` (default: the param dtype, e.g. float32 master weights)."""
     model = nnx.merge(graphdef, params)
-    return save_hf(model, out, tokenizer=tokenizer)
+    return save_hf(model, out, tokenizer=tokenizer, dtype=dtype)
 
 
-def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None = None) -> Path:
+def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype=None) -> Path:
     """Restores the policy params of `step` (default latest) from `workdir` and exports them
     with the run's tokenizer and chat template."""
     workdir = builders.workdir_path(workdir)
@@ -44,4 +45,4 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
         abstract_params = checkpoint.abstract_like(nnx.to_pure_dict(abstract_state), shardings)
         params = ckpt.restore_params(step, abstract_params)
     ckpt.close()
-    return export_params(graphdef, params, out, tokenizer=tokenizer)
+    return export_params(graphdef, params, out, tokenizer=tokenizer, dtype=dtype)

@@ -156,3 +156,13 @@ def test_kv_cache_decode_equals_full_forward(tmp_path):
                               cache=cache, cache_index=t)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate([np.asarray(s) for s in steps], axis=1), full, atol=1e-5)
+
+
+def test_save_hf_in_bfloat16(tmp_path):
+    make_hf_model("llama").save_pretrained(tmp_path / "src")
+    save_hf(load_hf(tmp_path / "src"), tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    reloaded = load_hf(tmp_path / "bf16")
+    assert reloaded.embed_tokens[...].dtype == jnp.bfloat16
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert hf.dtype == torch.bfloat16
