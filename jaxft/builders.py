@@ -62,8 +62,10 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
     path = path if path is not None else config.model.path
     if path:
         log.info("loading %s", path)
-        return load_weights(path, cfg if path == config.model.path else read_hf_config(path, dtype=cfg.param_dtype)
-                            .replace(compute_dtype=cfg.compute_dtype, remat=cfg.remat), mesh=mesh)
+        if path != config.model.path:  # another folder (a DPO reference): its own architecture
+            cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
+                compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+        return load_weights(path, cfg, mesh=mesh)
     log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
     return create_model(cfg, seed=config.train.seed, mesh=mesh)
 
@@ -106,10 +108,6 @@ def split_params(model):
 
 def merge_params(graphdef, params):
     return nnx.merge(graphdef, params)
-
-
-def param_shardings_of(params):
-    return jax.tree.map(lambda x: x.sharding, params)
 
 
 def workdir_path(workdir: str | Path) -> Path:

@@ -22,36 +22,32 @@ from jaxft.config import base_config, lock
 STAGES = ("base", "sft", "dpo")
 
 
+def _stage_config(model_path: Path, train: Path, eval_: Path, *, steps: int, lr: float, warmup: int):
+    """Settings both quickstart stages share: bundled data, 128-token rows, batch 16."""
+    c = base_config()
+    c.model.path = str(model_path)
+    c.data.train, c.data.eval = str(train), str(eval_)
+    c.data.max_length = 128
+    c.train.steps = steps
+    c.train.batch_size = 16
+    c.train.log_every = 25
+    c.train.eval_every = 0
+    c.train.save_every = steps
+    c.optim.lr = lr
+    c.optim.warmup_steps = min(warmup, steps // 10)
+    return c
+
+
 def quickstart_configs(workdir: Path, *, sft_steps: int = 400, dpo_steps: int = 150):
     """(sft config, dpo config) of the quickstart; the configs/quickstart.py file shows them."""
     data = workdir / "data"
-    sft = base_config()
-    sft.model.path = str(workdir / "base")
-    sft.data.train = str(data / "sft_train.jsonl")
-    sft.data.eval = str(data / "sft_eval.jsonl")
-    sft.data.max_length = 128
+    sft = _stage_config(workdir / "base", data / "sft_train.jsonl", data / "sft_eval.jsonl",
+                        steps=sft_steps, lr=3e-3, warmup=20)
     sft.data.packing = True
-    sft.train.steps = sft_steps
-    sft.train.batch_size = 16
-    sft.train.log_every = 25
-    sft.train.eval_every = 0
-    sft.train.save_every = sft_steps
-    sft.optim.lr = 3e-3
-    sft.optim.warmup_steps = min(20, sft_steps // 10)
     sft.optim.weight_decay = 0.01
 
-    dpo = base_config()
-    dpo.model.path = str(workdir / "sft" / "hf")
-    dpo.data.train = str(data / "pref_train.jsonl")
-    dpo.data.eval = str(data / "pref_eval.jsonl")
-    dpo.data.max_length = 128
-    dpo.train.steps = dpo_steps
-    dpo.train.batch_size = 16
-    dpo.train.log_every = 25
-    dpo.train.eval_every = 0
-    dpo.train.save_every = dpo_steps
-    dpo.optim.lr = 1e-4
-    dpo.optim.warmup_steps = min(10, dpo_steps // 10)
+    dpo = _stage_config(workdir / "sft" / "hf", data / "pref_train.jsonl", data / "pref_eval.jsonl",
+                        steps=dpo_steps, lr=1e-4, warmup=10)
     dpo.dpo.beta = 0.1
     # DPO + a weighted NLL term on the chosen answers (RPO, Pang et al. 2024; TRL's rpo_alpha;
     # Llama 3's recipe). Plain sigmoid DPO pushes the rejected answers down so hard on this

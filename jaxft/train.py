@@ -175,7 +175,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
         stop.install()
         try:
             history = _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps,
-                            model_cfg, mesh, schedule)
+                            model_cfg, mesh)
         finally:
             stop.restore()
             writer.close()
@@ -189,7 +189,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     return RunResult(workdir=workdir, step=int(state["step"]), metrics=logged, export_dir=export_dir)
 
 
-def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps, model_cfg, mesh, schedule):
+def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps, model_cfg, mesh):
     from tqdm.auto import tqdm
 
     step = int(state["step"])
@@ -202,6 +202,9 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
     window = None  # on-device sums of the metrics since the last log
     # A resumed run must beat the best checkpoint kept before it stopped.
     best_eval = checkpoint.best_eval_loss(ckpt.directory.parent) if config.train.keep_best else float("inf")
+    def save(force=False):  # the state with the data position that produced it
+        ckpt.save(step, state, {"data": iterator.get_state(), "config": config.to_dict()}, force=force)
+
     bar = tqdm(total=steps, initial=step, disable=not config.train.progress or jax.process_index() != 0,
                dynamic_ncols=True)
     while step < steps:
@@ -256,14 +259,14 @@ def _loop(config, state, task, iterator, eval_batches, ckpt, writer, stop, steps
             logged.append({"step": step, **row})
         save_now = bool(config.train.save_every and step % config.train.save_every == 0) or step == steps
         if save_now:
-            ckpt.save(step, state, {"data": iterator.get_state(), "config": config.to_dict()})
+            save()
         if config.train.keep_best and eval_now and row.get("eval_loss", float("inf")) < best_eval:
             best_eval = row["eval_loss"]
             task.save_best(step, state, best_eval)
         # After the last step the run is complete: finish it (export) rather than stop.
         if step < steps and stop.any_host():
             if not save_now:  # Orbax refuses a second save of the same step
-                ckpt.save(step, state, {"data": iterator.get_state(), "config": config.to_dict()}, force=True)
+                save(force=True)
             ckpt.wait()
             bar.close()
             raise Preempted(step)
