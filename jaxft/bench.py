@@ -6,7 +6,7 @@ Compares, on one batch of random tokens [B, L] (B rows = B/2 DPO pairs):
   dpo_precomputed   the DPO step with a precomputed reference table (no reference forward)
   dpo_reference     the DPO step with a reference forward per step
 and reports tokens/s, ms/step, MFU (on known accelerators) and each one's ratio to `sft`.
-DESIGN.md's target: dpo_precomputed <= 1.1 x sft.
+The target: dpo_precomputed <= 1.1 x sft.
 """
 
 from __future__ import annotations
@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft import builders, sharding
-from jaxft.dpo import jit_dpo_step, make_dpo_step
-from jaxft.metrics import device_peak_flops, train_flops_per_token
+from jaxft.io.metrics import device_peak_flops, train_flops_per_token
 from jaxft.models import create_model, get_preset
-from jaxft.optim import make_optimizer
-from jaxft.train_step import create_train_state, jit_step, make_sft_step
+from jaxft.models.from_config import split_params
+from jaxft.parallel import sharding
+from jaxft.steps.common import jit_step
+from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
+from jaxft.steps.optimizer import make_optimizer
+from jaxft.steps.sft import make_sft_step
+from jaxft.steps.state import create_train_state
 
 
 def _batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
@@ -66,7 +69,7 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, length: int = 256, s
     results = {}
     with jax.set_mesh(mesh):
         model = create_model(cfg, seed=0, mesh=mesh)
-        graphdef, params = builders.split_params(model)
+        graphdef, params = split_params(model)
         tx, schedule = make_optimizer(lr=1e-5, schedule="constant", total_steps=steps + 1)
         reference = jax.tree.map(jnp.copy, params)
         state, shardings = create_train_state(params, tx, mesh)

@@ -19,7 +19,8 @@ commands:
   export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] --out DIR
   generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT
   eval         exact match, repetition, eval loss, preference accuracy: jaxft eval --model DIR --data FILE
-  check-data   validate a dataset before training: jaxft check-data FILE --kind sft|dpo
+  check-data   validate data before training: jaxft check-data FILE --kind sft|dpo, or exactly what a
+               run would see: jaxft check-data --config configs/sft.py[:preset] [--config.KEY=VALUE ...]
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
   bench        SFT vs DPO step throughput side by side: jaxft bench [--preset tiny]
 
@@ -27,39 +28,56 @@ Run `jaxft <command> --help` for a command's options.
 """
 
 
-def _parse_config(argv, prog):
-    """--config FILE[:arg] --config.KEY=VALUE ... --workdir DIR via ml_collections config_flags."""
+def _config_flags(argv, prog, *, workdir: bool):
+    """--config FILE[:arg] --config.KEY=VALUE ... (and --workdir DIR) via ml_collections
+    config_flags: the same locked config `jaxft.config.load` builds."""
     from absl import flags
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file: configs/NAME.py[:preset]",
                                     flag_values=fv, lock_config=True)
-    flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, export; reused = resume",
-                        flag_values=fv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog} --config configs/{prog.split()[-1]}.py[:preset] --workdir DIR "
-              "[--config.KEY=VALUE ...]\n\n" + (sys.modules["jaxft.config"].__doc__ or ""))
-        raise SystemExit(0)
+    if workdir:
+        flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, export; reused = resume",
+                            flag_values=fv)
     try:
         fv([prog] + list(argv))
     except flags.Error as err:
         raise SystemExit(f"{prog}: {err}")
-    if fv.config is None or fv.workdir is None:
-        raise SystemExit(f"{prog}: --config and --workdir are required")
-    return fv.config, fv.workdir
+    if fv.config is None or (workdir and fv.workdir is None):
+        raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
+    return fv
+
+
+def _split_config_args(argv):
+    """(the --config / --config.KEY=VALUE arguments, the rest)."""
+    config_args, rest, args = [], [], iter(argv)
+    for a in args:
+        if a == "--config":
+            config_args += [a, next(args, "")]
+        elif a.startswith(("--config=", "--config.")):
+            config_args.append(a)
+        else:
+            rest.append(a)
+    return config_args, rest
 
 
 def _train(kind, argv):
-    import jaxft.config  # noqa: F401  (for --help)
-    from jaxft.train import EXIT_PREEMPTED, Preempted, run
+    prog = f"jaxft {kind}"
+    if any(a in ("-h", "--help") for a in argv):
+        import jaxft.config
 
-    config, workdir = _parse_config(argv, f"jaxft {kind}")
-    from jaxft.distributed import initialize
+        print(f"usage: {prog} --config configs/{kind}.py[:preset] --workdir DIR [--config.KEY=VALUE ...]\n\n"
+              + (jaxft.config.__doc__ or ""))
+        raise SystemExit(0)
+    fv = _config_flags(argv, prog, workdir=True)
+    from jaxft.loop import EXIT_PREEMPTED, Preempted
+    from jaxft.parallel.distributed import initialize
+    from jaxft.run import run
 
     initialize()  # before anything touches the devices
     try:
-        result = run(config, workdir, kind=kind)
+        result = run(fv.config, fv.workdir, kind=kind)
     except Preempted as err:
         print(err, file=sys.stderr)
         raise SystemExit(EXIT_PREEMPTED)
@@ -74,7 +92,7 @@ def _export(argv):
     p.add_argument("--step", type=int, default=None, help="default: latest")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the training param dtype)")
     a = p.parse_args(argv)
-    from jaxft.export import export_checkpoint
+    from jaxft.io.export import export_checkpoint
     from jaxft.models.config import parse_dtype
 
     out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=parse_dtype(a.dtype, key="--dtype"))
@@ -86,7 +104,7 @@ def _plot(argv):
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="default: WORKDIR/metrics.png")
     a = p.parse_args(argv)
-    from jaxft.metrics import plot
+    from jaxft.io.metrics import plot
 
     print(f"wrote {plot(a.workdir, a.out)}")
 
@@ -114,7 +132,7 @@ def _generate(argv):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--raw", action="store_true", help="no chat template, even if the tokenizer has one")
     a = p.parse_args(argv)
-    from jaxft.generate import generate_cli
+    from jaxft.inference.generate import generate_cli
 
     outputs = generate_cli(a.model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                            top_k=a.top_k, top_p=a.top_p, chat=False if a.raw else None)
@@ -136,36 +154,69 @@ def _eval(argv):
     a = p.parse_args(argv)
     import json
 
-    from jaxft.evaluate import eval_cli
+    from jaxft.eval.folder import evaluate_folder
 
-    result = eval_cli(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
+    result = evaluate_folder(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
                       max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
     print(json.dumps(result, indent=2))
 
 
 def _check_data(argv):
+    config_args, argv = _split_config_args(argv)
     p = argparse.ArgumentParser(prog="jaxft check-data", description=(
-        "validate and measure a dataset as `jaxft sft` / `jaxft dpo` would read it; exits 1 on errors"))
-    p.add_argument("source", help="file, glob, save_to_disk folder or hub name")
-    p.add_argument("--kind", choices=("sft", "dpo"), default="sft")
-    p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the bundled one)")
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--format", default="auto")
-    p.add_argument("--truncation", default="truncate_completion", choices=("truncate_completion", "drop"))
-    p.add_argument("--batch-size", type=int, default=32)
+        "validate and measure a dataset as `jaxft sft` / `jaxft dpo` would read it; exits 1 on errors. "
+        "With --config configs/NAME.py[:preset] [--config.KEY=VALUE ...], checks what that run "
+        "would see: its data.train and data.eval, tokenizer, template, format, max_length, "
+        "truncation, packing and batch size (the flags below override them)"))
+    p.add_argument("source", nargs="?", default=None,
+                   help="file, glob, save_to_disk folder or hub name (default with --config: data.train)")
+    p.add_argument("--kind", choices=("sft", "dpo", "auto"), default=None,
+                   help="default: sft, or auto (from the records) with --config")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the config's, else the bundled one)")
+    p.add_argument("--max-length", type=int, default=None, help="default 512")
+    p.add_argument("--format", default=None, help="default auto")
+    p.add_argument("--truncation", default=None, choices=("truncate_completion", "drop"))
+    p.add_argument("--batch-size", type=int, default=None, help="default 32")
     p.add_argument("--chat-template", default="", help="Jinja template file for tokenizers without one")
     a = p.parse_args(argv)
-    from jaxft.builders import load_tokenizer
     from jaxft.config import base_config
     from jaxft.data.check import check_data, format_check_result
+    from jaxft.data.from_config import load_tokenizer
+    from jaxft.data.mixture import parse_mixture
 
-    config = base_config()
-    config.model.tokenizer = a.tokenizer
-    result = check_data(a.source, load_tokenizer(config), kind=a.kind, max_length=a.max_length, fmt=a.format,
-                        truncation=a.truncation, batch_size=a.batch_size,
-                        chat_template=open(a.chat_template).read() if a.chat_template else None)
-    print(format_check_result(result))
-    if not result.ok:
+    if config_args:
+        config = _config_flags(config_args, "jaxft check-data", workdir=False).config
+        kind = a.kind or "auto"
+    elif a.source is None:
+        raise SystemExit("jaxft check-data: give a data source, or --config configs/NAME.py[:preset]")
+    else:
+        config = base_config()
+        config.data.max_length, config.train.batch_size = 512, 32
+        kind = a.kind or "sft"
+    for key, value in (("model.tokenizer", a.tokenizer), ("data.max_length", a.max_length),
+                       ("data.format", a.format), ("data.truncation", a.truncation),
+                       ("train.batch_size", a.batch_size)):
+        if value is not None:
+            section, field = key.split(".")
+            config[section][field] = value
+    if a.chat_template:
+        config.data.chat_template = open(a.chat_template).read()
+    if a.source is not None:
+        config.data.train, config.data.eval = a.source, ""
+    tokenizer = load_tokenizer(config)
+    sources = [src for src, _ in parse_mixture(config.data.train, "data.train")]
+    if config.data.eval:
+        sources += [src for src, _ in parse_mixture(config.data.eval, "data.eval", require_weights=False)]
+    ok = True
+    for source in sources:
+        result = check_data(source, tokenizer, kind=kind, max_length=config.data.max_length,
+                            fmt=config.data.format, truncation=config.data.truncation,
+                            completion_only_loss=config.data.completion_only_loss,
+                            batch_size=config.train.batch_size, packing=config.data.packing,
+                            chat_template=config.data.chat_template or None)
+        print(format_check_result(result))
+        ok &= result.ok
+    if not ok:
         raise SystemExit(1)
 
 

@@ -1,13 +1,23 @@
-"""The config schema: every key with its default, and start-up validation with clear errors.
+"""The config schema: every key with its default, start-up validation with clear errors, and
+`load`, which builds a config from a file the way the CLI does.
 
 Config files under `configs/` start from `base_config()` and change what their recipe needs.
 The returned ConfigDict is locked: setting a key that does not exist (a typo on the command
 line, `--config.optim.lrr=1e-5`) fails at start-up instead of being silently ignored.
+
+In a notebook:
+
+    config = jaxft.config.load("configs/sft.py:tiny", overrides={"train.steps": 100})
 """
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
 import json
+from pathlib import Path
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -17,7 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.path = ""  # Hugging Face folder to start from; empty = `preset` with random weights
-    c.model.preset = "tiny"  # built-in architecture when `path` is empty (see jaxft.models.PRESETS)
+    c.model.preset = ""  # built-in architecture with random weights when `path` is empty ("tiny", ...)
     c.model.dtype = "float32"  # param dtype ("" = the checkpoint's)
     c.model.compute_dtype = "float32"  # activation / matmul dtype
     c.model.remat = False  # recompute layer activations in the backward pass (saves memory)
@@ -53,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5
     c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 0
+    c.optim.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.optim.warmup_ratio = 0.0  # warmup as a share of the total steps (when warmup_steps is 0)
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0
     c.optim.clip_norm = 1.0
@@ -83,12 +94,15 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def validate(config: ml_collections.ConfigDict, *, kind: str) -> None:
-    """Checks values that would otherwise fail deep inside training; names the key to fix."""
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values that would otherwise fail deep inside training; names the key to fix.
+    (Method-specific keys, such as dpo.*, are checked by the method's Task.)"""
     def need(ok, key, msg):
         if not ok:
             raise ValueError(f"config key {key}: {msg}")
 
+    need(config.model.path != "" or config.model.preset != "", "model.path",
+         "no model; set --config.model.path=HF_FOLDER (or model.preset, e.g. configs/sft.py:tiny)")
     need(config.data.train != "", "data.train", "no training data; set --config.data.train=FILE")
     need(config.train.batch_size > 0, "train.batch_size", "must be > 0")
     need(config.train.steps > 0 or config.train.epochs > 0, "train.steps", "must be > 0 (or set train.epochs)")
@@ -96,36 +110,66 @@ def validate(config: ml_collections.ConfigDict, *, kind: str) -> None:
     need(config.train.batch_size % config.optim.accumulate == 0, "optim.accumulate",
          f"train.batch_size={config.train.batch_size} is not divisible by optim.accumulate="
          f"{config.optim.accumulate}")
+    need(0.0 <= config.optim.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
     need(config.data.max_length > 1, "data.max_length", "must be > 1")
     need(config.data.truncation in ("truncate_completion", "drop"), "data.truncation",
          "must be 'truncate_completion' or 'drop'")
     need(config.train.log_every > 0, "train.log_every", "must be > 0")
     need(config.train.save_every >= 0, "train.save_every", "must be >= 0")
-    need(config.model.path != "" or config.model.preset != "", "model.path", "set model.path or model.preset")
-    if kind == "dpo":
-        from jaxft.losses import validate_dpo_settings
-
-        validate_dpo_settings(loss_type=dpo_loss_types(config), beta=config.dpo.beta,
-                              label_smoothing=config.dpo.label_smoothing,
-                              loss_weights=dpo_loss_weights(config),
-                              f_divergence_type=config.dpo.f_divergence_type)
 
 
-def dpo_loss_types(config) -> str | list[str]:
-    types = [t.strip() for t in config.dpo.loss_type.split(",") if t.strip()]
-    return types[0] if len(types) == 1 else types
+def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The locked config `jaxft sft|dpo --config SPEC --config.KEY=VALUE ...` builds.
+
+    spec: "path/to/file.py" or "path/to/file.py:ARG"; the file's `get_config(ARG)` (or
+      `get_config()` without an ARG) is called, as ml_collections' config_flags does.
+    overrides: {"train.steps": 100, "optim.lr": "1e-5", ...}: dotted keys of existing fields;
+      strings are parsed as the command line parses them when the field is not a string. A key
+      that does not exist is an error naming it (with ml_collections' "did you mean").
+    """
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {path!r} not found (spec {spec!r})")
+    module_spec = importlib.util.spec_from_file_location(f"jaxft_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config file {path} has no get_config() function")
+    config = module.get_config(arg) if arg else module.get_config()
+    for key, value in (overrides or {}).items():
+        _override(config, key, value)
+    config.lock()
+    return config
 
 
-def dpo_loss_weights(config) -> list[float] | None:
-    if not config.dpo.loss_weights:
-        return None
+def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    parent = node = config
+    for part in parts:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            close = difflib.get_close_matches(part, options, n=1)
+            hint = f'; did you mean "{close[0]}"?' if close else ""
+            raise ValueError(f"config key {key!r} does not exist{hint}")
+        parent, node = node, node[part]
+    if isinstance(value, str) and not isinstance(node, str):
+        value = _parse(value, node, key)
+    setattr(parent, parts[-1], value)
+
+
+def _parse(text: str, current: Any, key: str) -> Any:
+    """A command-line string as the type of the field it sets."""
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"config key {key}: {text!r} is not a boolean (true / false)")
     try:
-        return [float(w) for w in config.dpo.loss_weights.split(",")]
-    except ValueError:
-        raise ValueError(
-            f"config key dpo.loss_weights: {config.dpo.loss_weights!r} is not a comma-separated "
-            "list of numbers, e.g. '1.0,0.5'"
-        ) from None
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"config key {key}: cannot parse {text!r} as {type(current).__name__}") from None
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

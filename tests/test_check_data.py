@@ -5,7 +5,7 @@ import json
 import pytest
 
 from jaxft.data.check import check_data, format_check_result
-from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.data.from_config import load_bundled_tokenizer
 
 
 @pytest.fixture(scope="module")

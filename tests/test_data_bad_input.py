@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from jaxft.data.formats import DataError
-from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.tokenize import Encoder, load_examples, process_record
 
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from jaxft.data.batch import PreferenceExample, SFTExample
 from jaxft.data.formats import DataError, parse_record
-from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.tokenize import Encoder, encode_record, load_examples
 
 ASSETS = Path(__file__).parent / "assets"

@@ -10,14 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxft import builders, sharding
-from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.models.from_config import split_params
+from jaxft.parallel import sharding
+from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.pipeline import make_eval_batches
-from jaxft.dpo import jit_dpo_step, make_dpo_step
+from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
 from jaxft.models import create_model, get_preset
-from jaxft.optim import make_optimizer
-from jaxft.train import run, to_global
-from jaxft.train_step import create_train_state
+from jaxft.steps.optimizer import make_optimizer
+from jaxft.parallel.batches import to_global
+from jaxft.run import run
+from jaxft.steps.state import create_train_state
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_layers=2)
 
@@ -71,7 +73,7 @@ def test_policy_equals_reference_gives_ln2_and_zero_rewards_and_reference_stays_
     mesh = sharding.make_mesh(data=-1)
     with jax.set_mesh(mesh):
         model, tok = small_model(mesh)
-        graphdef, params = builders.split_params(model)
+        graphdef, params = split_params(model)
         tx, schedule = make_optimizer(lr=1e-3, schedule="constant", total_steps=10)
         reference = jax.tree.map(jnp.copy, params)
         reference_before = jax.tree.map(np.asarray, reference)

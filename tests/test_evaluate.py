@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import jaxft.evaluate as ev
-from jaxft.evaluate import exact_match, extract_final_answer, preference_accuracy, repetition_ratio
+import jaxft.eval.metrics as ev
+from jaxft.eval.metrics import exact_match, extract_final_answer, preference_accuracy, repetition_ratio
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "jaxft" / "assets" / "tokenizer"
 
@@ -39,7 +39,7 @@ def test_extract_and_exact_match():
     preds = ["The answer is 12.", "It is 12.0", "The answer is 13", "nothing", "The answer is 007"]
     golds = ["12", 12, "12", "12", 7]
     assert exact_match(preds, golds) == pytest.approx(3 / 5)
-    # A custom extractor (e.g. jaxft.data.synthetic.extract_answer) replaces the default.
+    # A custom extractor (e.g. jaxft.quickstart.data.extract_answer) replaces the default.
     assert exact_match(["It is 12.0"], ["12"], extract=lambda t: None) == 0.0
     assert exact_match([], []) == 0.0
     with pytest.raises(ValueError):
@@ -83,7 +83,7 @@ def test_evaluate_generation_scores_greedy_outputs(monkeypatch):
 def test_cli_functions_end_to_end(tmp_path):
     import transformers
 
-    from jaxft.generate import generate_cli
+    from jaxft.inference.generate import generate_cli
     from jaxft.models import create_model, get_preset, save_hf
 
     tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
@@ -93,7 +93,7 @@ def test_cli_functions_end_to_end(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"{i} + 1?"}], "answer": str(i + 1)} for i in range(3)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
-    result = ev.eval_cli(str(model_dir), str(data), max_new_tokens=4, limit=2)
+    result = ev.evaluate_folder(str(model_dir), str(data), max_new_tokens=4, limit=2)
     assert result["num_examples"] == 2 and 0.0 <= result["exact_match"] <= 1.0
     assert len(result["samples"]) == 2 and isinstance(result["samples"][0]["output"], str)
 
@@ -103,4 +103,4 @@ def test_cli_functions_end_to_end(tmp_path):
 
     data.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1"):
-        ev.eval_cli(str(model_dir), str(data), max_new_tokens=4, limit=None)
+        ev.evaluate_folder(str(model_dir), str(data), max_new_tokens=4, limit=None)

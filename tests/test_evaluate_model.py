@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft.data.make_tokenizer import load_bundled_tokenizer
+from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.tokenize import load_examples
-from jaxft.evaluate import eval_cli, eval_loss, preference_eval
+from jaxft.eval.folder import evaluate_folder
+from jaxft.eval.likelihood import eval_loss, preference_eval
 from jaxft.models import create_model, get_preset, save_hf
 
 
@@ -51,7 +52,7 @@ def test_preference_eval_against_itself_has_no_reward_wins(model_dir):
 
 
 def test_eval_cli_reports_everything(model_dir):
-    out = eval_cli(str(model_dir), "jaxft/assets/quickstart/sft_eval.jsonl",
+    out = evaluate_folder(str(model_dir), "jaxft/assets/quickstart/sft_eval.jsonl",
                    pairs_file="jaxft/assets/quickstart/pref_eval.jsonl", limit=8, max_new_tokens=8, max_length=128)
     for key in ("exact_match", "repetition_ratio", "eval_loss", "preference_accuracy", "samples"):
         assert key in out
@@ -59,7 +60,7 @@ def test_eval_cli_reports_everything(model_dir):
 
 
 def test_generate_cli_puts_string_prompts_under_the_chat_template(model_dir):
-    from jaxft.generate import encode_prompts, generate_cli, generate_text
+    from jaxft.inference.generate import encode_prompts, generate_cli, generate_text
     from jaxft.models import load_hf
 
     tok = load_bundled_tokenizer()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-import jaxft.generate as gen
+import jaxft.inference.generate as gen
 from jaxft.models import create_model, get_preset, load_hf
 from tests.hf_reference import make_hf_model
 

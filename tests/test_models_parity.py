@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from jaxft import sharding
+from jaxft.parallel import sharding
 from jaxft.models import init_cache, load_hf, save_hf
 from tests.hf_reference import FAMILIES, hf_logits, make_hf_model
 

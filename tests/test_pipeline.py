@@ -47,10 +47,13 @@ def _make(examples, kind="sft", **kw):
     return BatchIterator(datasets, kind=kind, **kw)
 
 
-def _keys(batch):
-    """Source keys of the examples / pairs in a batch, in row order."""
+def _keys(batch, host=0):
+    """Source keys of the examples / pairs in host `host`'s rows of a batch, in row order (a
+    DPO batch's pair arrays cover every host, with global row numbers)."""
     if isinstance(batch, DPOBatch):
-        return batch.pair_index[batch.pair_mask == 1].tolist()
+        rows = batch.tokens.shape[0]
+        mine = (batch.pair_mask == 1) & (batch.chosen_row // rows == host)
+        return batch.pair_index[mine].tolist()
     return batch.example_index[batch.example_index >= 0].tolist()
 
 
@@ -82,25 +85,30 @@ def test_two_hosts_use_every_example_once_per_epoch(kind, packing):
         used = []
         for _ in range(per_epoch):
             a, b = next(hosts[0]), next(hosts[1])
-            assert not set(_keys(a)) & set(_keys(b))  # the host slices are disjoint
+            assert not set(_keys(a, 0)) & set(_keys(b, 1))  # the host slices are disjoint
             assert a.tokens.shape == b.tokens.shape  # one global bucket
-            used += _keys(a) + _keys(b)
+            used += _keys(a, 0) + _keys(b, 1)
             if kind == "dpo":
-                _check_pair_lookup(a, examples)
-                _check_pair_lookup(b, examples)
+                for field in ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment",
+                              "pair_mask", "pair_index"):  # every host holds the global pairs
+                    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+                _check_pair_lookup(a, examples, 0)
+                _check_pair_lookup(b, examples, 1)
         assert sorted(used) == list(range(len(examples)))
         epochs.append(used)
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
 
 
-def _check_pair_lookup(batch, examples):
-    """Pair slots address this host's rows (host-local numbers) and hold the right tokens."""
-    for p in np.flatnonzero(batch.pair_mask):
+def _check_pair_lookup(batch, examples, host):
+    """The pair slots of this host's rows (global row numbers) hold the right tokens."""
+    rows = batch.tokens.shape[0]
+    for p in np.flatnonzero((batch.pair_mask == 1) & (batch.chosen_row // rows == host)):
         ex = examples[batch.pair_index[p]]
         for row, seg, ids in ((batch.chosen_row[p], batch.chosen_segment[p], ex.chosen_ids),
                               (batch.rejected_row[p], batch.rejected_segment[p],
                                ex.rejected_ids)):
-            np.testing.assert_array_equal(batch.tokens[row][batch.segment_ids[row] == seg], ids)
+            local = row - host * rows
+            np.testing.assert_array_equal(batch.tokens[local][batch.segment_ids[local] == seg], ids)
 
 
 @pytest.mark.parametrize("kind,packing", CASES)
@@ -268,7 +276,7 @@ def test_eval_covers_each_example_once(kind, packing):
         used = []
         rows = set()
         for a, b in zip(*hosts):
-            used += _keys(a) + _keys(b)
+            used += _keys(a, 0) + _keys(b, 1)
             rows.add(a.tokens.shape[0])
             rows.add(b.tokens.shape[0])
         assert sorted(used) == list(range(37)) and len(rows) == 1

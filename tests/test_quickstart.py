@@ -6,7 +6,7 @@ model; DPO raises preference accuracy and lowers the repetition ratio relative t
 
 import json
 
-from jaxft.quickstart import format_table, run_quickstart
+from jaxft.quickstart.pipeline import format_table, run_quickstart
 
 
 def test_quickstart_story_holds_on_a_short_schedule(tmp_path):

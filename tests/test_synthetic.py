@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from jaxft.data.synthetic import (
+from jaxft.quickstart.data import (
     SPLITS, extract_answer, make_quickstart_data, tokenizer_training_text, write_quickstart_data,
 )
 
@@ -141,7 +141,7 @@ def test_write_quickstart_data_round_trips(tmp_path, data):
 
 
 def test_examples_fit_the_quickstart_length(data):
-    from jaxft.data.make_tokenizer import load_bundled_tokenizer
+    from jaxft.data.from_config import load_bundled_tokenizer
 
     tok = load_bundled_tokenizer()
     lengths = [len(tok.apply_chat_template(r["messages"])["input_ids"]) for r in data["sft_train"]]
@@ -166,5 +166,5 @@ def test_bundled_quickstart_files_match_the_generator(tmp_path):
     for split, path in write_quickstart_data(tmp_path).items():
         assert path.read_bytes() == (QUICKSTART_DIR / path.name).read_bytes(), (
             f"{QUICKSTART_DIR / path.name} is stale: run "
-            "python -c 'from jaxft.data.synthetic import write_quickstart_data as w; w(\"jaxft/assets/quickstart\")'"
+            "python -c 'from jaxft.quickstart.data import write_quickstart_data as w; w(\"jaxft/assets/quickstart\")'"
         )

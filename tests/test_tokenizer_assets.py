@@ -6,8 +6,9 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from jaxft.data.make_tokenizer import (
-    BUNDLED_TOKENIZER_DIR, ROLE_TOKENS, VOCAB_SIZE, load_bundled_tokenizer, make_tokenizer,
+from jaxft.data.from_config import load_bundled_tokenizer
+from jaxft.quickstart.tokenizer import (
+    BUNDLED_TOKENIZER_DIR, ROLE_TOKENS, VOCAB_SIZE, make_tokenizer,
 )
 
 SAMPLES = [
@@ -139,7 +140,7 @@ def test_script_reproduces_committed_files(tmp_path):
     assert [p.name for p in written] == [p.name for p in committed]
     for new, old in zip(written, committed):
         assert new.read_bytes() == old.read_bytes(), (
-            f"{old} is stale: run `python -m jaxft.data.make_tokenizer` and commit the result")
+            f"{old} is stale: run `python -m jaxft.quickstart.tokenizer` and commit the result")
 
 
 def test_assets_are_small():

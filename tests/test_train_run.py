@@ -6,7 +6,6 @@ tests and is the curve the interrupted runs must reproduce. Preemption and kill 
 CLI in child processes (tests/train_subprocess.py) so that signals hit a real `jaxft sft`.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -21,10 +20,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from jaxft import checkpoint, cli, train
+from jaxft import cli, config as config_lib, loop, run as run_lib
+from jaxft.io import checkpoint
 from jaxft.data.assets import quickstart_file
-from jaxft.export import export_checkpoint
-from jaxft.metrics import MetricsWriter, plot, read_metrics
+from jaxft.io.export import export_checkpoint
+from jaxft.io.metrics import MetricsWriter, plot, read_metrics
 from jaxft.models import load_hf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,19 +42,9 @@ TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "num_tokens", "mean_token_ac
               "tokens_per_sec", "step_time")
 
 
-def sft_preset(arg: str = "tiny"):
-    spec = importlib.util.spec_from_file_location("jaxft_test_sft_config", SFT_CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def small_config(overrides: dict):
-    config = sft_preset("tiny")
-    for dotted, value in {**SMALL, **overrides}.items():
-        section, key = dotted.split(".")
-        setattr(config[section], key, value)
-    return config
+    """configs/sft.py:tiny shrunk by SMALL and `overrides`, loaded as the CLI loads it."""
+    return config_lib.load(f"{SFT_CONFIG}:tiny", {**SMALL, **overrides})
 
 
 def cli_flags(overrides: dict) -> list[str]:
@@ -94,9 +84,9 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory) -> train.RunResult:
+def reference(data, tmp_path_factory) -> run_lib.RunResult:
     """STEPS uninterrupted steps, logged every step, eval every 3, saved every 2, keep-best on."""
-    return train.run(small_config({**data, "train.keep_best": True}), tmp_path_factory.mktemp("reference"))
+    return run_lib.run(small_config({**data, "train.keep_best": True}), tmp_path_factory.mktemp("reference"))
 
 
 # --- 1. Exact resume --------------------------------------------------------------------------
@@ -123,14 +113,14 @@ def test_resume_continues_the_exact_loss_curve(data, reference, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsWriter, "write", write_then_sigterm)
-    with pytest.raises(train.Preempted) as stopped:
-        train.run(config, tmp_path)
+    with pytest.raises(loop.Preempted) as stopped:
+        run_lib.run(config, tmp_path)
     monkeypatch.undo()
     assert stopped.value.step == stop_at
     assert latest_step(tmp_path) == stop_at
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the run put it back
 
-    resumed = train.run(config, tmp_path)
+    resumed = run_lib.run(config, tmp_path)
     assert resumed.step == STEPS
     ours, ref = read_metrics(tmp_path), read_metrics(reference.workdir)
     assert [r["step"] for r in ours] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
@@ -198,7 +188,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_resumes(data, jax_cache, tmp_path)
     proc.send_signal(signal.SIGTERM)
     rc = proc.wait(timeout=120)
     text = log.read_text()
-    assert rc == train.EXIT_PREEMPTED, text[-3000:]
+    assert rc == loop.EXIT_PREEMPTED, text[-3000:]
     stopped = steps_logged(workdir)[-1]
     assert stopped < 200
     assert f"preempted: saved step {stopped}" in text
@@ -244,8 +234,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     # update), every later step overflows.
     config = small_config({**data, "data.eval": "", "train.steps": 20, "train.save_every": 1,
                            "train.max_bad_steps": 3, "optim.lr": 1e30, "optim.warmup_steps": 2})
-    with pytest.raises(train.NonFiniteError, match=r"train\.max_bad_steps=3"):
-        train.run(config, tmp_path)
+    with pytest.raises(loop.NonFiniteError, match=r"train\.max_bad_steps=3"):
+        run_lib.run(config, tmp_path)
     rows = read_metrics(tmp_path)
     assert steps_logged(tmp_path) == [1, 2]
     assert [r["skipped_steps"] for r in rows if "skipped_steps" in r] == [1.0, 2.0]
@@ -332,8 +322,8 @@ def test_export_of_an_older_step_and_of_a_missing_step(reference, tmp_path):
 
 def _abstract_train_state(reference, abstract_params):
     from jaxft.config import from_json
-    from jaxft.optim import optimizer_from_config
-    from jaxft.train_step import init_train_state
+    from jaxft.steps.optimizer import optimizer_from_config
+    from jaxft.steps.state import init_train_state
 
     config = from_json((reference.workdir / "config.json").read_text())
     tx, _ = optimizer_from_config(config.optim, config.train.steps)
@@ -353,7 +343,7 @@ def test_misspelt_command_line_key_fails_naming_it(tmp_path):
 def test_batch_not_divisible_by_the_mesh_fails_before_touching_the_workdir(data, tmp_path):
     config = small_config({**data, "train.batch_size": jax.device_count() + 4})
     with pytest.raises(ValueError, match=r"train\.batch_size.*mesh\.data \* mesh\.fsdp"):
-        train.run(config, tmp_path / "w")
+        run_lib.run(config, tmp_path / "w")
     assert not (tmp_path / "w").exists()
 
 
@@ -362,7 +352,7 @@ def test_resuming_with_a_changed_max_length_fails_naming_it(data, reference, tmp
     shutil.copytree(reference.workdir, workdir)
     config = small_config({**data, "train.keep_best": True, "data.max_length": 32})
     with pytest.raises(ValueError, match=r"data\.max_length: checkpoint 64 -> now 32"):
-        train.run(config, workdir)
+        run_lib.run(config, workdir)
     assert (workdir / "config.json").read_text() == (reference.workdir / "config.json").read_text()
 
 
@@ -383,20 +373,11 @@ def test_keep_best_holds_the_lowest_eval_loss(reference):
 
 def test_epochs_count_batches_of_packed_rows():
     """train.epochs = 2 means two passes over the data, whatever packing does to the rows."""
-    import importlib.util
+    from jaxft.data.from_config import load_tokenizer, train_data
+    from jaxft.run import total_steps
 
-    from jaxft.builders import load_tokenizer
-    from jaxft.data.pipeline import make_train_iterator
-    from jaxft.train import total_steps
-
-    spec = importlib.util.spec_from_file_location("sft_cfg_epochs", "configs/sft.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.train.epochs = 2.0
-    iterator = make_train_iterator(config.data.train, load_tokenizer(config), kind="sft",
-                                   global_batch_size=config.train.batch_size, max_length=config.data.max_length,
-                                   packing=True, seed=0)
+    config = config_lib.load(f"{SFT_CONFIG}:tiny", {"train.epochs": 2.0})
+    iterator = train_data(config, load_tokenizer(config), kind="sft")
     steps = total_steps(config, iterator)
     seen = set()
     for _ in range(steps // 2):

@@ -4,11 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from jaxft import builders, sharding
+from jaxft.models.from_config import split_params
+from jaxft.parallel import sharding
 from jaxft.models import create_model, get_preset
-from jaxft.optim import decay_mask, make_optimizer, make_schedule
-from jaxft.train_step import create_train_state, init_train_state, jit_step, make_sft_step
+from jaxft.steps.optimizer import decay_mask, make_optimizer, make_schedule
+from jaxft.steps.common import jit_step
+from jaxft.steps.sft import make_sft_step
+from jaxft.steps.state import create_train_state, init_train_state
 
 CFG = get_preset("tiny").replace(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2)
 
@@ -31,7 +35,7 @@ def make_batch(rows=8, length=16, seed=0):
 
 def setup(accumulate=1, lr=1e-2, clip=1.0):
     model = create_model(CFG, seed=0)
-    graphdef, params = builders.split_params(model)
+    graphdef, params = split_params(model)
     tx, schedule = make_optimizer(lr=lr, schedule="constant", total_steps=10, clip_norm=clip, weight_decay=0.1)
     step = make_sft_step(graphdef, tx, schedule, accumulate=accumulate)
     return graphdef, init_train_state(params, tx), step
@@ -91,7 +95,7 @@ def test_sharded_step_equals_single_device():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     with jax.set_mesh(mesh):
         model = create_model(CFG, seed=0, mesh=mesh)
-        graphdef, params = builders.split_params(model)
+        graphdef, params = split_params(model)
         tx, schedule = make_optimizer(lr=1e-2, schedule="constant", total_steps=10, weight_decay=0.1)
         state, shardings = create_train_state(params, tx, mesh)
         # Adam moments follow their params' shardings (no replicated optimizer state).
@@ -135,10 +139,10 @@ def test_remat_gives_the_same_loss_and_gradients():
     batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
 
     def loss_and_grads(cfg):
-        graphdef, params = builders.split_params(create_model(cfg, seed=0))
+        graphdef, params = split_params(create_model(cfg, seed=0))
 
         def loss(p):
-            logits = builders.merge_params(graphdef, p)(batch["tokens"], batch["positions"], batch["segment_ids"])
+            logits = nnx.merge(graphdef, p)(batch["tokens"], batch["positions"], batch["segment_ids"])
             targets, mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
             return losses.sft_loss(losses.token_logps(logits, targets), mask)[0]
 

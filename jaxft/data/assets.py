@@ -4,6 +4,7 @@ from pathlib import Path
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 QUICKSTART_DIR = ASSETS_DIR / "quickstart"
+BUNDLED_TOKENIZER_DIR = ASSETS_DIR / "tokenizer"  # trained by `python -m jaxft.quickstart.tokenizer`
 
 
 def quickstart_file(name: str) -> Path:

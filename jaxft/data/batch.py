@@ -4,9 +4,9 @@ Two levels:
 - *examples* are one tokenized record each (variable length, numpy int32), produced by
     `jaxft.data.tokenize` and consumed by packing / batching;
 - *batches* are fixed-shape numpy arrays for one host's part of a global step, produced by
-    `jaxft.data.pipeline` and turned into global jax arrays by the trainer.
+    `jaxft.data.pipeline` and turned into global jax arrays by `jaxft.parallel.batches.to_global`.
 
-Token convention (DESIGN.md section 3): `loss_mask[t] == 1` means token `t` is a *target*
+Token convention (README, "Data formats"): `loss_mask[t] == 1` means token `t` is a *target*
 that is trained (it is predicted from the tokens before it). The first token of an example
 is never a target. Padding is on the right; padding tokens have segment id 0, loss mask 0,
 position 0 and token id `pad_id`.
@@ -73,13 +73,15 @@ class SFTBatch:
 
 @dataclasses.dataclass(frozen=True)
 class DPOBatch:
-    """One host's rows and pairs of a global DPO batch.
+    """One host's rows, and the pairs of the whole global batch.
 
     Rows ([R, L] int32, right-padded) hold chosen and rejected sequences as segments; a pair's
     chosen and rejected are always in the same row when packed. Without packing R = 2P, row 2i
     is pair i's chosen and row 2i+1 its rejected (each as segment 1).
 
-    tokens, positions, segment_ids, loss_mask: as in SFTBatch, [R, L].
+    tokens, positions, segment_ids, loss_mask: as in SFTBatch, [R, L] (this host's rows).
+    The pair arrays below cover every host's pairs ([P] is the global pair count) and are the
+    same on every host; their row numbers are global (host h holds rows [h * R, (h + 1) * R)).
     chosen_row, chosen_segment:     [P] int32, where pair p's chosen sequence lives
                                                                 (segment ids start at 1).
     rejected_row, rejected_segment: [P] int32, likewise for the rejected sequence.

@@ -55,20 +55,25 @@ class CheckResult:
 def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
                truncation: str = "truncate_completion", skip_invalid: bool = True,
                completion_only_loss: bool = True, split: str = "train", limit: int | None = None,
-               chat_template: str | None = None, batch_size: int = 32) -> CheckResult:
+               chat_template: str | None = None, batch_size: int = 32,
+               packing: bool = False) -> CheckResult:
     """Load `source` as `jaxft sft` / `jaxft dpo` would and measure it (see CheckResult).
 
     Arguments are those of `tokenize.load_examples`, plus `kind="auto"`: "dpo" if the first
     recognisable record is a preference record, else "sft". `skip_invalid=False` stops at the
     first bad record (reported as `fatal`). `batch_size` is the batch the bucketed padding
-    assumes. Never raises DataError: problems end up in the result, `ok` False.
+    assumes. `packing=True` loads DPO pairs as packed training does (each sequence cut to
+    max_length // 2 so that a pair fits one row). Never raises DataError: problems end up in
+    the result, `ok` False.
     """
-    from jaxft.data import packing
+    from jaxft.data import packing as layout
 
     try:
         if kind == "auto":
             kind = guess_kind(source, split=split, fmt=fmt)
-        loaded = tokenize_source(source, tokenizer, kind=kind, max_length=max_length, fmt=fmt,
+        packed_pairs = kind == "dpo" and packing
+        loaded = tokenize_source(source, tokenizer, kind=kind, fmt=fmt,
+                                 max_length=max_length // 2 if packed_pairs else max_length,
                                  truncation=truncation, skip_invalid=skip_invalid,
                                  completion_only_loss=completion_only_loss, split=split,
                                  limit=limit, chat_template=chat_template)
@@ -83,12 +88,12 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
                                for q in PERCENTILES}
         result.length_stats["max"] = int(lengths.max())
     if examples:
-        result.padding = packing.padding_fractions(examples, max_length, batch_size=batch_size)
-        if kind == "dpo":
+        result.padding = layout.padding_fractions(examples, max_length, batch_size=batch_size)
+        if kind == "dpo" and not packed_pairs:
             # A packed pair shares one row, so the pipeline cuts each side to max_length // 2.
             halved = _refit_pairs(examples, max_length // 2, truncation)
             result.packed_dpo_dropped = len(examples) - len(halved)
-            packed = (packing.padding_fractions(halved, max_length, batch_size=batch_size)
+            packed = (layout.padding_fractions(halved, max_length, batch_size=batch_size)
                       if halved else {"packed": 1.0})
             result.padding["packed"] = packed["packed"]
     return result
@@ -132,6 +137,7 @@ def format_check_result(result: CheckResult) -> str:
                  f"invalid: {r.num_skipped}   truncated: {r.num_truncated}   "
                  f"dropped as too long: {r.num_dropped_too_long} "
                  f"({r.num_prompt_too_long} whose prompt alone fills max_length)")
+    lines.append(f"tokens: {r.num_tokens} ({r.num_trained_tokens} trained)")
     if r.format_counts:
         lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(r.format_counts.items())))
     if result.length_stats:

@@ -193,29 +193,52 @@ def rows_to_sft_batch(rows: Sequence[Sequence[SFTExample]], *, length: int, pad_
     return SFTBatch(tokens, positions, segment_ids, loss_mask, example_index)
 
 
+def packed_pair_slots(keys: Sequence[Sequence[int]], num_pair_slots: int, row_offset: int = 0
+                      ) -> np.ndarray:
+    """Pair slots of packed rows: `keys[r]` lists the keys of row r's pairs, the k-th pair being
+    segments 2k+1 (chosen) and 2k+2 (rejected). Returns int32 [6, num_pair_slots]: chosen_row,
+    chosen_segment, rejected_row, rejected_segment, pair_mask, pair_index, filled in row order;
+    rows are numbered from `row_offset`. Unused slots have pair_mask 0, pair_index -1 and point
+    at segment 1 of row `row_offset` so that gathers stay in bounds."""
+    pairs = np.zeros((6, num_pair_slots), np.int32)
+    pairs[0], pairs[2] = row_offset, row_offset
+    pairs[1], pairs[3], pairs[5] = 1, 1, -1
+    p = 0
+    for r, row_keys in enumerate(keys):
+        for k, key in enumerate(row_keys):
+            if p == num_pair_slots:
+                raise ValueError(f"more pairs than the {num_pair_slots} pair slots")
+            pairs[:, p] = (row_offset + r, 2 * k + 1, row_offset + r, 2 * k + 2, 1, key)
+            p += 1
+    return pairs
+
+
+def unpacked_pair_slots(keys: Sequence[int | None], row_offset: int = 0) -> np.ndarray:
+    """Pair slots of the unpacked layout (pair i in rows 2i and 2i+1, each as segment 1);
+    `None` is an empty slot. Returns int32 [6, len(keys)] as `packed_pair_slots`."""
+    n = len(keys)
+    c_row = row_offset + 2 * np.arange(n, dtype=np.int32)
+    ones = np.ones(n, np.int32)
+    mask = np.array([k is not None for k in keys], np.int32)
+    index = np.array([-1 if k is None else k for k in keys], np.int32)
+    return np.stack([c_row, ones, c_row + 1, ones, mask, index])
+
+
 def rows_to_dpo_batch(rows: Sequence[Sequence[PreferenceExample]], *, length: int, pad_id: int,
                       num_pair_slots: int, keys: Sequence[Sequence[int]] | None = None) -> DPOBatch:
     """Lay out packed rows of pairs as a DPOBatch with rows [len(rows), length].
 
-    The k-th pair of a row is segments 2k+1 (chosen) and 2k+2 (rejected). Pair slots [P] are
-    filled in row order, real pairs first; unused slots have pair_mask 0, pair_index -1 and
-    point at segment 1 of row 0 so that gathers stay in bounds. Row numbers index `rows`.
+    The k-th pair of a row is segments 2k+1 (chosen) and 2k+2 (rejected); pair slots [P] as
+    `packed_pair_slots` (row numbers index `rows`).
     """
     arrays = _empty_rows(len(rows), length, pad_id)
-    pairs = np.zeros((6, num_pair_slots), np.int32)  # c_row, c_seg, r_row, r_seg, mask, index
-    pairs[1], pairs[3], pairs[5] = 1, 1, -1
-    p = 0
     for r, row in enumerate(rows):
         offset = 0
         for k, ex in enumerate(row):
-            if p == num_pair_slots:
-                raise ValueError(f"more pairs than the {num_pair_slots} pair slots")
             offset = _put(arrays, r, offset, 2 * k + 1, ex.chosen_ids, ex.chosen_mask)
             offset = _put(arrays, r, offset, 2 * k + 2, ex.rejected_ids, ex.rejected_mask)
-            key = ex.index if keys is None else keys[r][k]
-            pairs[:, p] = (r, 2 * k + 1, r, 2 * k + 2, 1, key)
-            p += 1
-    return DPOBatch(*arrays, *pairs)
+    keys = [[ex.index for ex in row] for row in rows] if keys is None else keys
+    return DPOBatch(*arrays, *packed_pair_slots(keys, num_pair_slots))
 
 
 def pairs_to_dpo_batch(pairs: Sequence[PreferenceExample | None], *, length: int, pad_id: int,
@@ -223,17 +246,12 @@ def pairs_to_dpo_batch(pairs: Sequence[PreferenceExample | None], *, length: int
     """Unpacked DPO layout: rows [2P, length], row 2i = pair i's chosen, 2i+1 its rejected,
     each as segment 1. `None` is an empty pair slot (pair_mask 0, empty rows)."""
     arrays = _empty_rows(2 * len(pairs), length, pad_id)
-    n = len(pairs)
-    c_row = 2 * np.arange(n, dtype=np.int32)
-    ones = np.ones(n, np.int32)
-    mask, index = np.zeros(n, np.int32), np.full(n, -1, np.int32)
     for i, ex in enumerate(pairs):
-        if ex is None:
-            continue
-        _put(arrays, 2 * i, 0, 1, ex.chosen_ids, ex.chosen_mask)
-        _put(arrays, 2 * i + 1, 0, 1, ex.rejected_ids, ex.rejected_mask)
-        mask[i], index[i] = 1, ex.index if keys is None else keys[i]
-    return DPOBatch(*arrays, c_row, ones, c_row + 1, ones.copy(), mask, index)
+        if ex is not None:
+            _put(arrays, 2 * i, 0, 1, ex.chosen_ids, ex.chosen_mask)
+            _put(arrays, 2 * i + 1, 0, 1, ex.rejected_ids, ex.rejected_mask)
+    keys = [None if ex is None else ex.index if keys is None else keys[i] for i, ex in enumerate(pairs)]
+    return DPOBatch(*arrays, *unpacked_pair_slots(keys))
 
 
 def _row_length(ex: SFTExample | PreferenceExample) -> int:
@@ -265,8 +283,9 @@ class BatchLayout:
         longest sequence in the *global* batch so every host builds the same shape.
 
         Returns (this host's batch, real tokens, row tokens); the token counts cover the
-        global batch (for padding statistics). DPO row numbers are host-local: the trainer
-        offsets them by the rows of the hosts before it when it builds global arrays.
+        global batch (for padding statistics). A DPO batch's pair arrays describe the *global*
+        batch, identically on every host, with global row numbers (host h's rows are
+        [h * R/H, (h + 1) * R/H)): the device step sees every pair without a cross-host gather.
         """
         real = sum(len(ex) for unit in units for ex, _ in unit)
         if self.packing:
@@ -282,18 +301,34 @@ class BatchLayout:
         rows_per_unit = 2 if self.kind == "dpo" and not self.packing else 1
         slots = len(units) * rows_per_unit * length
         if self.kind == "sft":
-            batch = rows_to_sft_batch(
+            return rows_to_sft_batch(
                 rows, length=length, pad_id=self.pad_id, keys=keys,
-                num_segments=self.max_segments if self.packing else 1)
-        elif self.packing:
-            batch = rows_to_dpo_batch(
-                rows, length=length, pad_id=self.pad_id, keys=keys,
-                num_pair_slots=per_host * (self.max_segments // 2))
+                num_segments=self.max_segments if self.packing else 1), real, slots
+        pairs_per_host = per_host * (self.max_segments // 2)
+        if self.packing:
+            batch = rows_to_dpo_batch(rows, length=length, pad_id=self.pad_id, keys=keys,
+                                      num_pair_slots=pairs_per_host)
         else:
-            batch = pairs_to_dpo_batch(
-                [r[0] if r else None for r in rows], length=length, pad_id=self.pad_id,
-                keys=[k[0] if k else -1 for k in keys])
+            batch = pairs_to_dpo_batch([r[0] if r else None for r in rows], length=length,
+                                       pad_id=self.pad_id, keys=[k[0] if k else None for k in keys])
+        if self.process_count > 1:
+            batch = dataclasses.replace(batch, **self._global_pairs(units, per_host))
         return batch, real, slots
+
+    def _global_pairs(self, units, per_host: int) -> dict[str, np.ndarray]:
+        """The pair arrays of every host's slice, concatenated, with global row numbers."""
+        parts = []
+        for h in range(self.process_count):
+            host_keys = [[key for _, key in unit] for unit in units[h * per_host:(h + 1) * per_host]]
+            if self.packing:
+                parts.append(packed_pair_slots(host_keys, per_host * (self.max_segments // 2),
+                                               row_offset=h * per_host))
+            else:
+                parts.append(unpacked_pair_slots([k[0] if k else None for k in host_keys],
+                                                 row_offset=2 * h * per_host))
+        pairs = np.concatenate(parts, axis=1)
+        return dict(zip(("chosen_row", "chosen_segment", "rejected_row", "rejected_segment",
+                         "pair_mask", "pair_index"), pairs))
 
 
 def padding_fractions(examples: Sequence[SFTExample | PreferenceExample], max_length: int, *,

@@ -18,8 +18,8 @@ How a step's examples are chosen (see `mixture.DrawStream` for the draws):
 Unpacked batches are padded to the smallest bucket (`packing.bucket_lengths`) that fits the
 longest sequence of the *global* batch, so all hosts agree on the shape. Example / pair keys
 (`example_index`, `pair_index`) are `example.index` plus an offset per source of a mixture
-(`BatchIterator.index_offsets`) so they stay unique. DPO `chosen_row` / `rejected_row` index
-this host's rows (the trainer offsets them when it builds global arrays).
+(`BatchIterator.index_offsets`) so they stay unique. DPO pair arrays (`chosen_row`, `pair_index`, ...)
+describe the whole global batch on every host, with global row numbers (`BatchLayout.build`).
 
 Iterator state (`get_state`): {"version", "position" (draws before the current chunk),
 "counts" (per-source draws before it), "row" (units of the current chunk already used),
@@ -240,6 +240,11 @@ class BatchIterator:
         return max(self.dataset_epochs.values())
 
     @property
+    def real_tokens(self) -> int:
+        """Non-padding tokens of every global batch produced so far (all hosts)."""
+        return self._real
+
+    @property
     def padding_fraction(self) -> float:
         """Share of padding in all row tokens produced so far (global batch, empty rows too)."""
         return 1.0 - self._real / self._slots if self._slots else 0.0
@@ -252,6 +257,18 @@ class BatchIterator:
     @property
     def num_examples(self) -> int:
         return sum(len(d) for d in self.datasets)
+
+    def one_pass(self, batch_size: int) -> "EvalBatches":
+        """Every training example once, in order, as `EvalBatches` of `batch_size` with the
+        keys (`pair_index`, `example_index`) training gives them: a pass over the loaded data
+        (e.g. DPO's reference log-probs) without reading or tokenising it again."""
+        layout = self._layout
+        return EvalBatches(
+            [e for d in self.datasets for e in d], kind=layout.kind, batch_size=batch_size,
+            max_length=layout.max_length, pad_id=layout.pad_id, packing=layout.packing,
+            process_index=layout.process_index, process_count=layout.process_count,
+            max_segments_per_row=layout.max_segments, keys=[int(k) for ks in self._keys for k in ks],
+            reports=self.reports)
 
     def batches_per_epoch(self) -> int:
         """Global batches in one pass over the data: exact for one source (epoch 0), for a

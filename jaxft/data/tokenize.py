@@ -1,6 +1,6 @@
 """Records -> token ids and loss masks (SFTExample / PreferenceExample), and `load_examples`.
 
-Token convention (DESIGN.md section 3):
+Token convention (README.md, "Data formats"):
 * String records: `prompt_ids = tok(prompt)` with the tokenizer's leading special tokens (BOS
   if it adds one; never a trailing EOS some tokenizers append), `completion_ids =
   tok(completion, add_special_tokens=False) + [eos]`; the loss is on the completion.
@@ -76,6 +76,14 @@ class DataReport:
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     raw_lengths: list[int] = dataclasses.field(default_factory=list)
     lengths: list[int] = dataclasses.field(default_factory=list)
+    num_tokens: int = 0  # tokens of the kept examples (a pair: both sequences)
+    num_trained_tokens: int = 0  # of which trained (loss mask 1)
+
+    def summary(self) -> str:
+        """One line: what training gets from this source (the run logs it; check-data prints it)."""
+        return (f"{self.num_examples} examples of {self.num_records} records, {self.num_tokens} tokens "
+                f"({self.num_trained_tokens} trained), {self.num_truncated} truncated, "
+                f"{self.num_dropped_too_long} dropped as too long, {self.num_skipped} invalid")
 
 
 @dataclasses.dataclass
@@ -321,8 +329,12 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
             report.num_prompt_too_long += status == "prompt_too_long"
             continue
         report.num_truncated += status == "truncated"
-        report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids))
-                              if isinstance(example, PreferenceExample) else len(example))
+        is_pair = isinstance(example, PreferenceExample)
+        report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids)) if is_pair
+                              else len(example))
+        report.num_tokens += len(example)
+        report.num_trained_tokens += int(example.chosen_mask.sum() + example.rejected_mask.sum() if is_pair
+                                         else example.loss_mask.sum())
         examples.append(example)
     report.num_examples = len(examples)
     if report.num_skipped > MAX_LOGGED_SKIPS:
@@ -331,6 +343,7 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
     if report.num_dropped_too_long:
         log.info("%s: dropped %d records longer than max_length %d (%d whose prompt alone fills it)",
                  source, report.num_dropped_too_long, max_length, report.num_prompt_too_long)
+    log.info("%s (max_length %d): %s", source, max_length, report.summary())
     return ExampleSet(examples, report)
 
 

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
 from jaxft.models.llama import Decoder
-from jaxft.sharding import param_shardings
+from jaxft.parallel.sharding import param_shardings
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

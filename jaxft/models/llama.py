@@ -4,7 +4,7 @@ Axis letters used in names and einsums throughout jaxft:
   B batch, L query length, S key length (cache), E embed, H query heads, K key/value heads,
   G query heads per kv head (H = K * G), D head dim, F mlp hidden, V vocab.
 
-Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `jaxft.sharding`
+Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `jaxft.parallel.sharding`
 maps those names to mesh axes in one table, so no mesh axis name appears here.
 Numerics follow transformers' PyTorch implementation: RMSNorm and softmax in float32,
 rotate-half RoPE, SwiGLU.
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.models.config import ModelConfig
-from jaxft.sharding import constrain
+from jaxft.parallel.sharding import constrain
 
 _INIT_STD = 0.02  # transformers' default initializer_range
 _MASKED = float(np.finfo(np.float32).min)  # finite, so fully-masked padding rows stay NaN-free
@@ -215,7 +215,7 @@ _run_layer_remat = nnx.remat(_run_layer)
 
 
 class Decoder(nnx.Module):
-    """Decoder-only language model: `model(tokens, positions, segment_ids) -> logits [B, L, V]`."""
+    """Decoder-only language model: `model(tokens, positions=None, segment_ids=None) -> logits [B, L, V]`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -233,29 +233,29 @@ class Decoder(nnx.Module):
 
     def __call__(
         self,
-        tokens_BL: jax.Array,
-        positions_BL: jax.Array | None = None,
-        segment_ids_BL: jax.Array | None = None,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
         *,
         cache: dict | None = None,
         cache_index: jax.Array | int | None = None,
         return_hidden: bool = False,
     ):
-        """Runs the decoder.
+        """Runs the decoder: `model(tokens, positions=None, segment_ids=None) -> logits`.
 
-        tokens_BL: [B, L] int token ids. positions_BL: [B, L] (default 0..L-1; restart them per
-        packed example). segment_ids_BL: [B, L] (default all 1; 0 = padding; tokens attend only
+        tokens: [B, L] int token ids. positions: [B, L] (default 0..L-1; restart them per
+        packed example). segment_ids: [B, L] (default all 1; 0 = padding; tokens attend only
         within their segment). cache / cache_index: a KV cache from `init_cache` and the slot
         where this chunk starts; then the result is `(out, new_cache)`.
         Returns logits [B, L, V] in compute dtype, or the final normed hidden states [B, L, E]
         when `return_hidden` (for chunked cross-entropy against `lm_head_kernel()`).
         """
         cfg = self.cfg
+        tokens_BL = tokens
         B, L = tokens_BL.shape
-        if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones((B, L), jnp.int32)
+        positions_BL = (jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) if positions is None
+                        else positions)
+        segment_ids_BL = jnp.ones((B, L), jnp.int32) if segment_ids is None else segment_ids
         x_BLE = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(cfg.compute_dtype)
         x_BLE = constrain(x_BLE, ("act_batch", "act_length", "act_embed"))
         new_layers = []

@@ -10,7 +10,7 @@ n_c / n_r = completion lengths (tokens), ls(x) = log(sigmoid(x)), sig = sigmoid.
 
 Reference-free DPO: pass zeros for the reference log-probs.
 
-Import these through `jaxft.losses`.
+Public as `jaxft.losses.dpo_loss` and friends.
 """
 
 import math

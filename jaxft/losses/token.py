@@ -1,7 +1,7 @@
 """Token-level losses: next-token log-probs, SFT loss, per-sequence reductions.
 
-Pure `jax.numpy`: arrays in, arrays out; no model, no config, no Flax. The DPO losses live in
-`jaxft.dpo_losses` and are re-exported here, so `jaxft.losses.dpo_loss` is the public name.
+Pure `jax.numpy`: arrays in, arrays out; no model, no config, no Flax. The preference (DPO)
+losses live beside this file in `preference.py`; both are public as `jaxft.losses.*`.
 
 Axis legend: B rows, L sequence length, V vocabulary, E embedding width, S segments per row
 (packed examples), P preference pairs.
@@ -15,14 +15,6 @@ token at t + 1, so `shift_targets` turns (tokens, loss_mask) into per-position t
 import jax
 import jax.numpy as jnp
 
-from jaxft.dpo_losses import (  # noqa: F401  (re-exported public API)
-    DPO_LOSS_TYPES,
-    F_DIVERGENCES,
-    LOSS_FNS,
-    PairTerms,
-    dpo_loss,
-    validate_dpo_settings,
-)
 
 
 def shift_targets(tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array):

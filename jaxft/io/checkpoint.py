@@ -16,6 +16,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+BEST_SUBDIR = "checkpoints_best"
+
 # Changing any of these between a checkpoint and its resumption would silently change the run.
 RESUME_KEYS = (
     "model.path", "model.preset", "model.dtype", "data.train", "data.format", "data.max_length",
@@ -124,14 +126,19 @@ def abstract_like(tree, shardings):
 
 def best_eval_loss(workdir: Path) -> float:
     """The eval loss of WORKDIR/checkpoints_best (inf if there is none yet)."""
-    if not (Path(workdir) / "checkpoints_best").is_dir():
+    if not (Path(workdir) / BEST_SUBDIR).is_dir():
         return float("inf")
-    best = Checkpointer(workdir, max_to_keep=1, subdir="checkpoints_best", async_save=False)
+    best = Checkpointer(workdir, max_to_keep=1, subdir=BEST_SUBDIR, async_save=False)
     try:
         step = best.latest_step()
         return float("inf") if step is None else float(best.restore_meta(step)["eval_loss"])
     finally:
         best.close()
+
+
+def workdir_path(workdir: str | Path) -> Path:
+    """A run folder as an absolute path (Orbax rejects relative ones)."""
+    return Path(workdir).absolute()
 
 
 def write_config(workdir: Path, config_json: str) -> None:

@@ -1,7 +1,7 @@
 """The optax optimizer from the `optim.*` config: schedule, clipping, AdamW, decay mask.
 
 Gradient accumulation is not an optax wrapper here: the train step scans over micro-batches
-and normalises by the target tokens of the whole batch (see `jaxft.train_step`), so batch 8 x
+and normalises by the target tokens of the whole batch (see `jaxft.steps.common`), so batch 8 x
 accumulate 1 and batch 1 x accumulate 8 give the same update.
 """
 
@@ -60,10 +60,17 @@ def make_optimizer(*, lr: float, schedule: str = "cosine", warmup_steps: int = 0
     return optax.chain(*parts), sched
 
 
+def warmup_steps_of(optim_cfg, total_steps: int) -> int:
+    """optim.warmup_steps, else optim.warmup_ratio of the total steps (as HF Trainer / TRL)."""
+    if optim_cfg.warmup_steps > 0:
+        return optim_cfg.warmup_steps
+    return int(round(optim_cfg.warmup_ratio * total_steps))
+
+
 def optimizer_from_config(optim_cfg, total_steps: int):
     """`make_optimizer` with the fields of the `optim` config section."""
     return make_optimizer(
-        lr=optim_cfg.lr, schedule=optim_cfg.schedule, warmup_steps=optim_cfg.warmup_steps,
+        lr=optim_cfg.lr, schedule=optim_cfg.schedule, warmup_steps=warmup_steps_of(optim_cfg, total_steps),
         total_steps=total_steps, weight_decay=optim_cfg.weight_decay, clip_norm=optim_cfg.clip_norm,
         b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, min_lr_ratio=optim_cfg.min_lr_ratio,
     )

@@ -15,12 +15,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxft import config as config_lib, losses, sharding
-from jaxft.train_step import (
-    accumulate_gradients, apply_update, micro_batch_row, split_micro_batches, token_logps_for,
+from jaxft import losses
+from jaxft.parallel.sharding import batch_sharding, replicated
+from jaxft.steps.common import (
+    ROW_KEYS, accumulate_gradients, apply_update, micro_batch_row, split_micro_batches, token_logps_for,
 )
 
-ROW_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 PAIR_KEYS = ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment", "pair_mask", "pair_index")
 
 
@@ -62,14 +62,6 @@ def pair_logps(graphdef, params, rows: dict, pairs: dict, *, num_segments: int, 
         chosen_logits=logit_means[c_row, c_seg], rejected_logits=logit_means[r_row, r_seg],
     )
     return out, in_micro
-
-
-def dpo_loss_kwargs(config) -> dict:
-    return dict(
-        loss_type=config_lib.dpo_loss_types(config), beta=config.dpo.beta,
-        label_smoothing=config.dpo.label_smoothing, loss_weights=config_lib.dpo_loss_weights(config),
-        f_divergence_type=config.dpo.f_divergence_type,
-    )
 
 
 def reference_pair_logps(graphdef, reference, mode: str, rows, pairs, **kw):
@@ -125,8 +117,9 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
 
 
 def batch_shardings(mesh) -> dict:
-    rows, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return {**{k: rows for k in ROW_KEYS}, **{k: replicated for k in PAIR_KEYS}}
+    """Rows split over (data, fsdp); the per-pair arrays replicated."""
+    rows, everywhere = batch_sharding(mesh), replicated(mesh)
+    return {**{k: rows for k in ROW_KEYS}, **{k: everywhere for k in PAIR_KEYS}}
 
 
 def jit_dpo_step(step, *, state_shardings, reference_shardings, mesh):
@@ -154,6 +147,6 @@ def make_pair_logps_fn(graphdef, *, num_segments: int, loss_chunk_size: int = 0)
 
 
 __all__ = [
-    "PairLogps", "batch_shardings", "dpo_loss_kwargs", "jit_dpo_step", "make_dpo_step",
+    "PairLogps", "batch_shardings", "jit_dpo_step", "make_dpo_step",
     "make_pair_logps_fn", "pair_logps", "reference_pair_logps",
 ]

@@ -1,6 +1,6 @@
 """`jaxft quickstart`: the DeepSeek LLM story (SFT, then DPO) in miniature, on a laptop CPU.
 
-1. writes the bundled arithmetic / word-problem data (jaxft.data.synthetic) to WORKDIR/data;
+1. writes the bundled arithmetic / word-problem data (jaxft.quickstart.data) to WORKDIR/data;
 2. initialises the tiny model (random weights) and saves it as WORKDIR/base;
 3. SFT on the instruction data -> WORKDIR/sft (Hugging Face export in WORKDIR/sft/hf);
 4. DPO on preference pairs whose rejected answers are wrong or repetitive -> WORKDIR/dpo;
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import jax
 
-from jaxft import builders
 from jaxft.config import base_config, lock
+from jaxft.io.checkpoint import workdir_path
 
 STAGES = ("base", "sft", "dpo")
 
@@ -62,13 +62,15 @@ def quickstart_configs(workdir: Path, *, sft_steps: int = 400, dpo_steps: int = 
 
 def write_base_model(folder: Path, *, seed: int = 0) -> Path:
     """The tiny preset with random weights, saved with the bundled tokenizer."""
-    from jaxft.data.make_tokenizer import load_bundled_tokenizer
+    from jaxft.data.from_config import load_bundled_tokenizer
     from jaxft.models import create_model, save_hf
+    from jaxft.models.from_config import model_config
 
     config = base_config()
+    config.model.preset = "tiny"
     config.train.seed = seed
     tokenizer = load_bundled_tokenizer()
-    cfg = builders.model_config(config, tokenizer)
+    cfg = model_config(config, tokenizer)
     return save_hf(create_model(cfg, seed=seed), folder, tokenizer=tokenizer)
 
 
@@ -76,7 +78,8 @@ def evaluate_stage(model_dir: Path, data: Path, *, num_questions: int, max_lengt
     """Exact match and repetition ratio of greedy answers, and preference accuracy."""
     from transformers import AutoTokenizer
 
-    from jaxft.evaluate import evaluate_generation, preference_eval, read_jsonl
+    from jaxft.eval.generation import evaluate_generation, read_jsonl
+    from jaxft.eval.likelihood import preference_eval
     from jaxft.models import load_hf
 
     model = load_hf(model_dir)
@@ -108,10 +111,10 @@ def format_table(results: dict) -> str:
 def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int = 400, dpo_steps: int = 150,
                    num_questions: int = 200, seed: int = 0, log=print) -> dict:
     """Runs the whole quickstart; returns {stage: metrics} plus timings. Reruns resume."""
-    from jaxft.data.synthetic import write_quickstart_data
-    from jaxft.train import run
+    from jaxft.quickstart.data import write_quickstart_data
+    from jaxft.run import run
 
-    workdir = builders.workdir_path(workdir)
+    workdir = workdir_path(workdir)
     start = time.perf_counter()
     data = workdir / "data"
     write_quickstart_data(data, seed=seed)

@@ -1,11 +1,9 @@
-"""TrainState and the pure, jitted SFT step.
+"""What every train step shares: micro-batches, gradient accumulation, the non-finite guard,
+per-token log-probs of a batch, and jit with explicit shardings.
 
-A TrainState is a plain dict pytree, saved by Orbax as is:
-  step:      int32 scalar, optimizer updates applied so far (a skipped step does not count)
-  params:    nested dict of the policy's nnx.Param values (`nnx.split(model, nnx.Param)`)
-  opt_state: the optax state for `params`
-The step is `step(state, batch) -> (state, metrics)`; batches are dicts of [B, L] int32 global
-arrays (tokens, positions, segment_ids, loss_mask) whose rows split over (data, fsdp).
+Steps are `step(state, batch) -> (state, metrics)` on a TrainState (`jaxft.steps.state`);
+batches are dicts of [B, L] int32 global arrays (tokens, positions, segment_ids, loss_mask)
+whose rows split over (data, fsdp).
 """
 
 from __future__ import annotations
@@ -17,31 +15,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxft import losses, sharding
+from jaxft import losses
 
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
-
-
-def init_train_state(params, tx: optax.GradientTransformation) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-
-def train_state_shardings(params, tx: optax.GradientTransformation, mesh) -> dict:
-    """Shardings of {step, params, opt_state}: optimizer moments take their params'."""
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    replicated = sharding.replicated(mesh)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_shardings,
-        transform_non_params=lambda _: replicated,
-    )
-    return {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
-
-
-def create_train_state(params, tx: optax.GradientTransformation, mesh) -> tuple[dict, dict]:
-    """(state, its shardings) with the optimizer state created already sharded."""
-    shardings = train_state_shardings(params, tx, mesh)
-    state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(params)
-    return state, shardings
+ROW_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
 def split_micro_batches(batch: dict, accumulate: int, rows_per_unit: int = 1) -> dict:
@@ -113,47 +89,6 @@ def apply_update(state: dict, grads, loss, tx: optax.GradientTransformation):
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": new_opt_state}
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
-
-
-def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0):
-    """The pure SFT step (not yet jitted: `jit_step` adds shardings and donation)."""
-
-    def loss_fn(params, micro, normalizer):
-        logps, target_mask, correct, _ = token_logps_for(graphdef, params, micro, loss_chunk_size=loss_chunk_size)
-        loss, _ = losses.sft_loss(logps, target_mask, normalizer=normalizer)
-        mask = target_mask.astype(jnp.float32)
-        return loss, {"num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
-
-    def step(state, batch):
-        micro = split_micro_batches({k: batch[k] for k in BATCH_KEYS}, accumulate)
-        _, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
-        # Normalise by the whole batch's target tokens so accumulation equals one big batch.
-        normalizer = jnp.maximum(target_mask.astype(jnp.float32).sum(), 1.0)
-        loss, counts, grads = accumulate_gradients(
-            lambda p, m: loss_fn(p, m, normalizer), state["params"], micro, accumulate=accumulate
-        )
-        new_state, update_metrics = apply_update(state, grads, loss, tx)
-        metrics = {
-            "loss": loss,
-            "learning_rate": schedule(state["step"]),
-            "num_tokens": counts["num_tokens"],
-            "mean_token_accuracy": counts["num_correct"] / jnp.maximum(counts["num_tokens"], 1.0),
-            **update_metrics,
-        }
-        return new_state, metrics
-
-    return step
-
-
-def make_sft_eval_step(graphdef, *, loss_chunk_size: int = 0):
-    """(params, batch) -> summed target NLL and token count, for exact token-mean eval loss."""
-
-    def step(params, batch):
-        logps, target_mask, correct, _ = token_logps_for(graphdef, params, batch, loss_chunk_size=loss_chunk_size)
-        mask = target_mask.astype(jnp.float32)
-        return {"nll_sum": -(logps * mask).sum(), "num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
-
-    return step
 
 
 def jit_step(step_fn, *, state_shardings, batch_sharding, donate: bool = True):

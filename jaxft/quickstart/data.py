@@ -21,7 +21,7 @@ two CPU cores, so the data is built for learnability rather than variety:
   number) or a degenerate, repetitive one; prompts of the noisy phrasing always get a
   repetitive rejected answer, which is what teaches DPO to stop repeating.
 
-Records follow TRL's conversational formats (see DESIGN.md section 3); each also carries its
+Records follow TRL's conversational formats (README.md, "Data formats"); each also carries its
 gold `answer` as a string.
 """
 
@@ -277,7 +277,7 @@ def write_quickstart_data(out_dir: str | Path, seed: int = 0, **kwargs) -> dict[
 # The bundled tokenizer's corpus (below) is frozen on purpose and shares nothing with the
 # generator above: tuning the quickstart data (templates, ranges, splits) must not change
 # token ids, which golden tests and trained checkpoints depend on. Editing the corpus means
-# re-running `python -m jaxft.data.make_tokenizer`, committing jaxft/assets/tokenizer, and
+# re-running `python -m jaxft.quickstart.tokenizer`, committing jaxft/assets/tokenizer, and
 # updating the golden ids in tests/test_data_tokenize.py.
 _CORPUS_QUESTIONS = (
     "What is {a} {op} {b}?",

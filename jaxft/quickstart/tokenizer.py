@@ -2,11 +2,11 @@
 
 Usage:
 
-    python -m jaxft.data.make_tokenizer              # rewrites jaxft/assets/tokenizer/
-    python -m jaxft.data.make_tokenizer --out DIR    # writes elsewhere (tests compare the two)
+    python -m jaxft.quickstart.tokenizer              # rewrites jaxft/assets/tokenizer/
+    python -m jaxft.quickstart.tokenizer --out DIR    # writes elsewhere (tests compare the two)
 
 The result is a 512-token byte-level BPE (256 byte tokens, 6 special tokens, ~250 merges)
-trained on `jaxft.data.synthetic.tokenizer_training_text()`, saved with `save_pretrained` so
+trained on `jaxft.quickstart.data.tokenizer_training_text()`, saved with `save_pretrained` so
 `transformers.AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)` loads it offline. The
 run is deterministic and takes about a second; commit its files after changing the text,
 the vocabulary or the chat template.
@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-BUNDLED_TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+from jaxft.data.assets import BUNDLED_TOKENIZER_DIR
 
 VOCAB_SIZE = 512
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -57,7 +57,7 @@ def train_tokenizer(lines: list[str] | None = None):
     """Trains the BPE and wraps it as a `transformers` tokenizer (nothing is written).
 
     Args:
-      lines: training text; defaults to `synthetic.tokenizer_training_text()`.
+      lines: training text; defaults to `jaxft.quickstart.data.tokenizer_training_text()`.
 
     Returns:
       A `transformers.PreTrainedTokenizerFast` with the special tokens, BOS post-processor and
@@ -65,7 +65,7 @@ def train_tokenizer(lines: list[str] | None = None):
     """
     from transformers import PreTrainedTokenizerFast
 
-    from jaxft.data.synthetic import tokenizer_training_text
+    from jaxft.quickstart.data import tokenizer_training_text
 
     if lines is None:
         lines = tokenizer_training_text()
@@ -109,13 +109,6 @@ def make_tokenizer(out_dir: str | Path = BUNDLED_TOKENIZER_DIR) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     train_tokenizer().save_pretrained(out_dir)
     return sorted(p for p in out_dir.iterdir() if p.is_file())
-
-
-def load_bundled_tokenizer():
-    """Loads the committed tokenizer from `BUNDLED_TOKENIZER_DIR` (offline, via AutoTokenizer)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
 
 
 def main(argv: list[str] | None = None) -> None:

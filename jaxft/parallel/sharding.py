@@ -65,12 +65,36 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def mesh_from_config(config) -> Mesh:
+    """The mesh of the `mesh.*` config keys."""
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+
+
+def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -> None:
+    """Batch sizes must split evenly over hosts, micro-batches and the batch mesh axes
+    (`rows_per_example`: device rows one example occupies, 2 for an unpacked DPO pair)."""
+    batch = config.train.batch_size
+    accumulate = config.optim.accumulate
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro_rows = batch // accumulate * rows_per_example
+    if jax.process_count() > 1 and batch % jax.process_count():
+        raise ValueError(
+            f"train.batch_size={batch} is not divisible by the number of hosts ({jax.process_count()})"
+        )
+    if micro_rows % shards:
+        raise ValueError(
+            f"train.batch_size / optim.accumulate = {batch // accumulate} is not divisible by "
+            f"mesh.data * mesh.fsdp = {shards}; choose a batch size that is a multiple of {shards}"
+            f" per micro-batch"
+        )
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:
     """PartitionSpec for logical `axes`; drops mesh axes that do not divide `shape`."""
     spec, used = [], set()
     for i, name in enumerate(axes):
         if name is not None and name not in LOGICAL_RULES:
-            raise KeyError(f"logical axis {name!r} has no entry in jaxft.sharding.LOGICAL_RULES")
+            raise KeyError(f"logical axis {name!r} has no entry in jaxft.parallel.sharding.LOGICAL_RULES")
         target = LOGICAL_RULES.get(name) if name else None
         mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
         kept = []

@@ -1,0 +1,67 @@
+"""The tokenizer and data a run config describes: what `jaxft sft|dpo` trains on and what
+`jaxft check-data --config` checks, built by the same functions."""
+
+from __future__ import annotations
+
+import jax
+
+from jaxft.data.assets import BUNDLED_TOKENIZER_DIR
+
+
+def load_bundled_tokenizer():
+    """The committed 512-token tokenizer of the tiny preset (offline, via AutoTokenizer)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
+
+
+def load_tokenizer(config):
+    """The tokenizer named by model.tokenizer, else model.path's, else the bundled one."""
+    from transformers import AutoTokenizer
+
+    source = config.model.tokenizer or config.model.path
+    if not source:
+        return load_bundled_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load a tokenizer from {source!r} (config key "
+            f"{'model.tokenizer' if config.model.tokenizer else 'model.path'}): {err}"
+        ) from err
+
+
+def load_kwargs(config) -> dict:
+    """The data.* options of `jaxft.data.tokenize.load_examples`."""
+    return dict(fmt=config.data.format, truncation=config.data.truncation,
+                skip_invalid=config.data.skip_invalid,
+                completion_only_loss=config.data.completion_only_loss,
+                chat_template=config.data.chat_template or None)
+
+
+def train_data(config, tokenizer, *, kind: str):
+    """This host's training `BatchIterator` for `data.train` (`.reports`: per-source counts)."""
+    from jaxft.data.pipeline import make_train_iterator
+
+    return make_train_iterator(
+        config.data.train, tokenizer, kind=kind, global_batch_size=config.train.batch_size,
+        max_length=config.data.max_length, packing=config.data.packing, seed=config.train.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        load_kwargs=load_kwargs(config), max_segments_per_row=config.data.max_segments_per_row)
+
+
+def eval_data(config, tokenizer, *, kind: str):
+    """This host's `EvalBatches` for `data.eval`, or None when it is not set."""
+    from jaxft.data.pipeline import make_eval_batches
+
+    if not config.data.eval:
+        return None
+    return make_eval_batches(
+        config.data.eval, tokenizer, kind=kind, batch_size=eval_batch_size(config),
+        max_length=config.data.max_length, packing=config.data.packing,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        load_kwargs=load_kwargs(config), max_segments_per_row=config.data.max_segments_per_row)
+
+
+def eval_batch_size(config) -> int:
+    return config.data.eval_batch_size or config.train.batch_size

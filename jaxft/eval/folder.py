@@ -1,0 +1,42 @@
+"""`jaxft eval`: a Hugging Face folder scored on questions with answers and on preference pairs."""
+
+from __future__ import annotations
+
+from jaxft.eval.generation import evaluate_generation, read_jsonl
+from jaxft.eval.likelihood import eval_loss, preference_eval
+
+
+def _has_reference_answer(record: dict) -> bool:
+    """Whether a record carries a full reference answer (not just the final number)."""
+    messages = record.get("messages") or []
+    return bool(record.get("completion") or record.get("text")
+                or (messages and messages[-1].get("role") == "assistant"))
+
+
+def evaluate_folder(model_dir: str, data_file: str | None = None, *, pairs_file: str | None = None,
+             reference_dir: str | None = None, max_new_tokens: int = 128, limit: int | None = None,
+             batch_size: int = 16, max_length: int = 512) -> dict:
+    """`jaxft eval`: loads an HF folder (model + tokenizer); on `data_file` (JSONL with
+    "answer" fields) reports eval loss, exact match, repetition ratio and samples; on
+    `pairs_file` (preference data) the preference accuracy (against `reference_dir` too)."""
+    import transformers
+
+    from jaxft.models import load_hf
+
+    if not data_file and not pairs_file:
+        raise ValueError("jaxft eval needs --data (questions with answers) and/or --pairs (preference pairs)")
+    model = load_hf(model_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    out = {}
+    if data_file:
+        records = read_jsonl(data_file, limit)
+        out.update(evaluate_generation(model, tokenizer, records, max_new_tokens=max_new_tokens,
+                                       batch_size=batch_size))
+        if all(_has_reference_answer(r) for r in records):  # else there is nothing to score a loss on
+            out.update(eval_loss(model, tokenizer, data_file, max_length=max_length, batch_size=batch_size,
+                                 limit=limit))
+    if pairs_file:
+        reference = load_hf(reference_dir) if reference_dir else None
+        out.update(preference_eval(model, tokenizer, pairs_file, reference=reference, max_length=max_length,
+                                   batch_size=batch_size))
+    return out

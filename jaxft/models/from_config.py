@@ -1,0 +1,57 @@
+"""The model a run config describes: its architecture (`model_config`) and its weights
+(`load_model`), plus the functional split used inside jit."""
+
+from __future__ import annotations
+
+import logging
+
+from flax import nnx
+
+from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
+from jaxft.models.hf import create_model, load_weights
+from jaxft.models.presets import get_preset
+
+log = logging.getLogger("jaxft")
+
+
+def model_config(config, tokenizer) -> ModelConfig:
+    """The architecture: model.path's config.json, or model.preset sized to the tokenizer."""
+    dtype = parse_dtype(config.model.dtype or None, key="model.dtype")
+    if config.model.path:
+        cfg = read_hf_config(config.model.path, dtype=dtype)
+    else:
+        cfg = get_preset(config.model.preset)
+        cfg = cfg.replace(
+            vocab_size=max(cfg.vocab_size, len(tokenizer)),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if dtype is not None:
+            cfg = cfg.replace(param_dtype=dtype)
+    compute = parse_dtype(config.model.compute_dtype or None, key="model.compute_dtype")
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; "
+            "use the model's own tokenizer (model.tokenizer)"
+        )
+    return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=bool(config.model.remat))
+
+
+def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
+    """Weights from `path` (default model.path) or a fresh init from train.seed, sharded."""
+    path = path if path is not None else config.model.path
+    if path:
+        log.info("loading %s", path)
+        if path != config.model.path:  # another folder (a DPO reference): its own architecture
+            cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
+                compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+        return load_weights(path, cfg, mesh=mesh)
+    log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
+    return create_model(cfg, seed=config.train.seed, mesh=mesh)
+
+
+def split_params(model):
+    """(graphdef, params as a plain nested dict): the functional form used inside jit."""
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)

@@ -1,0 +1,95 @@
+"""`jaxft.run(config, workdir, kind="sft")`: one training run, wired top to bottom.
+
+validate the config -> check the workdir can resume -> mesh -> tokenizer -> data -> model and
+train state -> the method's Task (`jaxft.tasks.TASKS[kind]`) -> restore -> the step loop
+(`jaxft.loop`) -> export a Hugging Face folder. `--workdir` of an existing run resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+
+from jaxft import config as config_lib
+from jaxft.data.from_config import eval_data, load_tokenizer, train_data
+from jaxft.io import checkpoint
+from jaxft.io.export import export_params
+from jaxft.io.metrics import MetricsWriter
+from jaxft.loop import StopFlag, train_loop
+from jaxft.models.from_config import load_model, model_config, split_params
+from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
+from jaxft.steps.optimizer import optimizer_from_config
+from jaxft.steps.state import create_train_state
+from jaxft.tasks import RunContext, get_task
+
+log = logging.getLogger("jaxft")
+
+
+@dataclasses.dataclass
+class RunResult:
+    workdir: Path
+    step: int
+    metrics: list[dict]  # every logged row
+    export_dir: Path | None
+
+
+def total_steps(config, data) -> int:
+    """train.steps, or train.epochs passes over the data (counted in batches, so packed rows
+    and per-host slicing are accounted for)."""
+    if config.train.epochs > 0:
+        return max(1, int(round(config.train.epochs * data.batches_per_epoch())))
+    return config.train.steps
+
+
+def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) -> RunResult:
+    """Trains (or resumes) a run in `workdir`; returns the logged metrics and export folder."""
+    # Config errors first, before anything is written to the workdir.
+    task_type = get_task(kind)
+    config_lib.validate(config)
+    task_type.validate(config)
+    mesh = mesh_from_config(config)
+    check_batch_divisibility(config, mesh, rows_per_example=task_type.rows_per_example(config))
+
+    workdir = checkpoint.workdir_path(workdir)
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
+    resuming = ckpt.latest_step() is not None
+    saved = checkpoint.read_config(workdir)
+    if resuming and saved is not None:
+        checkpoint.check_resumable(saved, config.to_dict(), workdir)
+    checkpoint.write_config(workdir, config_lib.to_json(config))
+
+    tokenizer = load_tokenizer(config)
+    model_cfg = model_config(config, tokenizer)
+    train = train_data(config, tokenizer, kind=kind)
+    held_out = eval_data(config, tokenizer, kind=kind)
+    steps = total_steps(config, train)
+    tx, schedule = optimizer_from_config(config.optim, steps)
+
+    with jax.set_mesh(mesh):
+        graphdef, params = split_params(load_model(config, model_cfg, mesh))
+        state, state_shardings = create_train_state(params, tx, mesh)
+        del params  # the state holds its own copy
+        context = RunContext(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
+                             model_config=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule,
+                             state_shardings=state_shardings, train_data=train, eval_data=held_out)
+        task = task_type(context, state["params"])
+        if resuming:
+            state, meta = ckpt.restore(None, checkpoint.abstract_like(state, state_shardings))
+            train.set_state(meta["data"])
+            log.info("resumed %s at step %d", workdir, int(state["step"]))
+
+        writer = MetricsWriter(workdir, start_step=int(state["step"]))
+        stop = StopFlag()
+        stop.install()
+        try:
+            state, logged = train_loop(state, task, train, config=config, steps=steps, model_config=model_cfg,
+                                       checkpointer=ckpt, writer=writer, stop=stop)
+        finally:
+            stop.restore()
+            writer.close()
+            ckpt.close()  # also when the loop raised: finishes a save in flight
+        export_dir = export_params(graphdef, state["params"], workdir / "hf", tokenizer=tokenizer) if export else None
+    return RunResult(workdir=workdir, step=int(state["step"]), metrics=logged, export_dir=export_dir)

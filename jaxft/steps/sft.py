@@ -1,0 +1,49 @@
+"""The pure SFT step and its eval counterpart."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxft import losses
+from jaxft.steps.common import ROW_KEYS, accumulate_gradients, apply_update, split_micro_batches, token_logps_for
+
+
+def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0):
+    """The pure SFT step (not yet jitted: `jit_step` adds shardings and donation)."""
+
+    def loss_fn(params, micro, normalizer):
+        logps, target_mask, correct, _ = token_logps_for(graphdef, params, micro, loss_chunk_size=loss_chunk_size)
+        loss, _ = losses.sft_loss(logps, target_mask, normalizer=normalizer)
+        mask = target_mask.astype(jnp.float32)
+        return loss, {"num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
+
+    def step(state, batch):
+        micro = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate)
+        _, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+        # Normalise by the whole batch's target tokens so accumulation equals one big batch.
+        normalizer = jnp.maximum(target_mask.astype(jnp.float32).sum(), 1.0)
+        loss, counts, grads = accumulate_gradients(
+            lambda p, m: loss_fn(p, m, normalizer), state["params"], micro, accumulate=accumulate
+        )
+        new_state, update_metrics = apply_update(state, grads, loss, tx)
+        metrics = {
+            "loss": loss,
+            "learning_rate": schedule(state["step"]),
+            "num_tokens": counts["num_tokens"],
+            "mean_token_accuracy": counts["num_correct"] / jnp.maximum(counts["num_tokens"], 1.0),
+            **update_metrics,
+        }
+        return new_state, metrics
+
+    return step
+
+
+def make_sft_eval_step(graphdef, *, loss_chunk_size: int = 0):
+    """(params, batch) -> summed target NLL and token count, for exact token-mean eval loss."""
+
+    def step(params, batch):
+        logps, target_mask, correct, _ = token_logps_for(graphdef, params, batch, loss_chunk_size=loss_chunk_size)
+        mask = target_mask.astype(jnp.float32)
+        return {"nll_sum": -(logps * mask).sum(), "num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
+
+    return step

@@ -1,0 +1,78 @@
+"""DPO's frozen reference: its params (a copy of the policy's start, or another HF folder), or
+its log-probs precomputed once per pair and cached in the workdir.
+
+`dpo.reference` = "policy" | HF folder | "none"; `dpo.precompute_reference` turns the params
+into a table [N, 2] of (chosen, rejected) log-probs keyed by pair index, so the train step
+does no reference forward and holds no reference weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.eval.passes import pair_pass
+from jaxft.models.from_config import load_model, split_params
+
+log = logging.getLogger("jaxft")
+
+MODES = ("params", "table", "none")
+CACHE_SUBDIR = "reference_logps"
+
+
+def reference_mode(config) -> str:
+    """"none" (reference-free), "table" (precomputed log-probs) or "params" (a forward per step)."""
+    if config.dpo.reference == "none":
+        return "none"
+    return "table" if config.dpo.precompute_reference else "params"
+
+
+def load_reference_params(ctx, policy_params) -> dict:
+    """Frozen reference params: a copy of the policy's initial params, or another HF folder."""
+    config = ctx.config
+    if config.dpo.reference in ("policy", ""):
+        # A copy: the policy's buffers are donated to the optimizer step and updated in place.
+        return jax.tree.map(jnp.copy, policy_params)
+    _, params = split_params(load_model(config, ctx.model_config, ctx.mesh, path=config.dpo.reference))
+    return params
+
+
+def precompute_table(logps_fn, ref_params, batches, mesh) -> np.ndarray:
+    """[N, 2] reference (chosen, rejected) log-probs indexed by pair_index, NaN where absent."""
+    out, index = pair_pass(logps_fn, ref_params, batches, mesh)
+    table = np.full((int(index.max()) + 1 if len(index) else 0, 2), np.nan, np.float32)
+    if len(index):
+        table[index, 0], table[index, 1] = out["chosen"], out["rejected"]
+    return table
+
+
+def cache_key(config, train_fingerprint: str) -> dict:
+    """What the reference log-probs of a run depend on (the table is reused when it matches)."""
+    return {
+        "data": config.data.train, "fingerprint": train_fingerprint,
+        "reference": config.dpo.reference, "model": config.model.path or config.model.preset,
+        "seed": config.train.seed, "max_length": config.data.max_length, "packing": config.data.packing,
+    }
+
+
+def cached_table(workdir: Path, key: dict, compute) -> np.ndarray:
+    """The table stored in WORKDIR/reference_logps/<hash>.npy for `key`, computed once."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = workdir / CACHE_SUBDIR / f"{digest}.npy"
+    if path.is_file():
+        log.info("reusing precomputed reference log-probs %s", path)
+        return np.load(path)
+    table = compute()
+    if jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, table)
+        tmp.rename(path)  # atomic: a killed run never leaves a half-written table
+        (path.with_suffix(".json")).write_text(json.dumps(key, indent=2, default=str))
+    return table
