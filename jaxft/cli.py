@@ -35,13 +35,16 @@ def _config_flags(argv, prog, *, workdir: bool):
     from ml_collections import config_flags
 
     fv = flags.FlagValues()
+    argv = [prog] + list(argv)
+    # sys_argv: which --config.KEY overrides exist is read from these arguments, not from
+    # sys.argv (which differs when `cli.main([...])` is called from Python).
     config_flags.DEFINE_config_file("config", None, "config file: configs/NAME.py[:preset]",
-                                    flag_values=fv, lock_config=True)
+                                    flag_values=fv, lock_config=True, sys_argv=argv)
     if workdir:
         flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, export; reused = resume",
                             flag_values=fv)
     try:
-        fv([prog] + list(argv))
+        fv(argv)
     except flags.Error as err:
         raise SystemExit(f"{prog}: {err}")
     if fv.config is None or (workdir and fv.workdir is None):

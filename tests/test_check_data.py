@@ -1,6 +1,9 @@
 """`check_data` numbers on small hand-computed files, and `ok` / FAILED on errors."""
 
 import json
+import logging
+import re
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +93,52 @@ def test_fatal_errors_fail(tok, tmp_path):
     result = check_data(str(write(tmp_path, SFT)), tok, kind="sft", max_length=16,
                         skip_invalid=False)
     assert not result.ok and "line 3: field 'completion' is missing" in result.fatal
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TOKENS_LOGGED = re.compile(r"(\d+) tokens \((\d+) trained\)")
+TOKENS_PRINTED = re.compile(r"tokens: (\d+) \((\d+) trained\)")
+
+
+def _head(src, n, path):
+    path.write_text("".join(Path(src).read_text().splitlines(keepends=True)[:n]))
+    return str(path)
+
+
+def test_check_data_config_reports_the_token_counts_the_run_logs(tmp_path, caplog, capsys):
+    from jaxft import cli
+    from jaxft.config import load
+    from jaxft.data.assets import quickstart_file
+    from jaxft.run import run
+
+    # 64-token rows truncate some of these conversations: both sides must agree on that too.
+    overrides = {"data.train": _head(quickstart_file("sft_train.jsonl"), 96, tmp_path / "train.jsonl"),
+                 "data.eval": "", "data.max_length": 64, "train.steps": 1, "train.batch_size": 8,
+                 "optim.warmup_steps": 0, "train.progress": False}
+    with caplog.at_level(logging.INFO, logger="jaxft.data"):
+        run(load(f"{CONFIGS / 'sft.py'}:tiny", overrides), tmp_path / "run", export=False)
+    logged = TOKENS_LOGGED.search(caplog.text)
+    cli.main(["check-data", f"--config={CONFIGS / 'sft.py'}:tiny"]
+             + [f"--config.{k}={v}" for k, v in overrides.items()])
+    printed = TOKENS_PRINTED.search(capsys.readouterr().out)
+    assert logged and printed and logged.groups() == printed.groups()
+
+
+def test_check_data_config_loads_packed_pairs_as_training_does(tmp_path, capsys):
+    from jaxft import cli
+    from jaxft.config import load
+    from jaxft.data.assets import quickstart_file
+    from jaxft.data.from_config import load_tokenizer, train_data
+
+    # Packed DPO: each sequence is cut to max_length // 2 so that a pair fits one row.
+    overrides = {"data.train": _head(quickstart_file("pref_train.jsonl"), 64, tmp_path / "pairs.jsonl"),
+                 "data.eval": "", "data.max_length": 96, "data.packing": True}
+    config = load(f"{CONFIGS / 'dpo.py'}:tiny", overrides)
+    report = next(iter(train_data(config, load_tokenizer(config), kind="dpo").reports.values()))
+    assert report.num_truncated > 0
+    cli.main(["check-data", f"--config={CONFIGS / 'dpo.py'}:tiny"]
+             + [f"--config.{k}={v}" for k, v in overrides.items()])
+    out = capsys.readouterr().out
+    assert "(dpo, max_length 96, packed: each sequence cut to 48)" in out
+    assert TOKENS_PRINTED.search(out).groups() == (str(report.num_tokens), str(report.num_trained_tokens))
+    assert f"truncated: {report.num_truncated}" in out

@@ -342,15 +342,13 @@ def test_load_examples_counts_truncation_and_drops(toks, tmp_path):
         load_examples(str(path), tok, kind="sft", max_length=4)
 
 
-def test_bundled_quickstart_style_records_load_fast(toks, tmp_path):
-    # The quickstart loads thousands of conversational records: keep tokenizing cheap.
-    import time
-
+def test_repeated_conversational_records_give_identical_examples(toks, tmp_path):
     path = tmp_path / "q.jsonl"
     rec = {"messages": [{"role": "system", "content": "You are a helpful math tutor."},
                         user("What is 7 + 5?"), bot("7 + 5 = 12. The answer is 12.")]}
     path.write_text((json.dumps(rec) + "\n") * 500)
-    start = time.perf_counter()
     s = load_examples(str(path), toks["bundled"], kind="sft", max_length=128)
-    assert len(s.examples) == 500
-    assert time.perf_counter() - start < 5.0
+    assert [e.index for e in s.examples] == list(range(500))
+    for e in s.examples:  # the encoder keeps no state between records
+        np.testing.assert_array_equal(e.input_ids, s.examples[0].input_ids)
+        np.testing.assert_array_equal(e.loss_mask, s.examples[0].loss_mask)

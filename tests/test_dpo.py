@@ -167,3 +167,20 @@ def test_reference_from_another_folder_and_cached_table_reused_on_resume(pairs, 
     assert sorted((tmp_path / "run" / "reference_logps").glob("*.npy")) == tables
     assert [t.stat().st_mtime_ns for t in tables] == stamps
     assert len(losses_of(tmp_path / "run")) == 4
+
+
+def test_dpo_without_a_preset_is_plain_dpo_starting_at_ln2(pairs, tmp_path):
+    # configs/dpo.py with no preset: the sigmoid loss alone (no NLL term), bf16 compute.
+    from jaxft.config import load
+    from jaxft.models import save_hf
+
+    tok = load_bundled_tokenizer()
+    save_hf(create_model(get_preset("tiny").replace(vocab_size=len(tok), **SMALL), seed=1), tmp_path / "sft",
+            tokenizer=tok)
+    config = load("configs/dpo.py", {
+        "model.path": str(tmp_path / "sft"), "data.train": pairs, "data.max_length": 64,
+        "train.epochs": 0.0, "train.steps": 1, "train.batch_size": 8, "train.log_every": 1,
+        "train.progress": False})
+    first = run(config, tmp_path / "run", kind="dpo", export=False).metrics[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-2)
+    assert abs(first["rewards/margins"]) < 0.05

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import jaxft.eval.metrics as ev
+import jaxft.eval.folder as folder
+import jaxft.eval.generation as gen
 from jaxft.eval.metrics import exact_match, extract_final_answer, preference_accuracy, repetition_ratio
 
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "jaxft" / "assets" / "tokenizer"
@@ -61,13 +62,13 @@ def test_evaluate_generation_scores_greedy_outputs(monkeypatch):
         calls.update(prompts=prompts, **kw)
         return ["The answer is 7.", "The answer is 5. The answer is 5. The answer is 5."]
 
-    monkeypatch.setattr(ev, "generate_text", fake_generate_text)
+    monkeypatch.setattr(gen, "generate_text", fake_generate_text)
     records = [
         {"messages": [{"role": "user", "content": "3 + 4?"}, {"role": "assistant", "content": "7"}],
          "answer": "7"},
         {"prompt": "2 + 2?", "answer": 4},
     ]
-    result = ev.evaluate_generation(None, None, records, max_new_tokens=9, batch_size=4)
+    result = gen.evaluate_generation(None, None, records, max_new_tokens=9, batch_size=4)
     assert calls["temperature"] == 0.0 and calls["max_new_tokens"] == 9
     assert calls["prompts"] == [[{"role": "user", "content": "3 + 4?"}], "2 + 2?"]  # reference dropped
     assert result["exact_match"] == 0.5
@@ -76,7 +77,7 @@ def test_evaluate_generation_scores_greedy_outputs(monkeypatch):
     assert result["num_examples"] == 2
     assert result["samples"][1]["extracted"] == "5" and result["samples"][1]["answer"] == 4
     with pytest.raises(ValueError, match="record 0"):
-        ev.evaluate_generation(None, None, [{"prompt": "x"}], max_new_tokens=1, batch_size=1)
+        gen.evaluate_generation(None, None, [{"prompt": "x"}], max_new_tokens=1, batch_size=1)
 
 
 @pytest.mark.skipif(not (TOKENIZER_DIR / "tokenizer.json").is_file(), reason="no bundled tokenizer")
@@ -93,7 +94,7 @@ def test_cli_functions_end_to_end(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"{i} + 1?"}], "answer": str(i + 1)} for i in range(3)]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
-    result = ev.evaluate_folder(str(model_dir), str(data), max_new_tokens=4, limit=2)
+    result = folder.evaluate_folder(str(model_dir), str(data), max_new_tokens=4, limit=2)
     assert result["num_examples"] == 2 and 0.0 <= result["exact_match"] <= 1.0
     assert len(result["samples"]) == 2 and isinstance(result["samples"][0]["output"], str)
 
@@ -103,4 +104,4 @@ def test_cli_functions_end_to_end(tmp_path):
 
     data.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1"):
-        ev.evaluate_folder(str(model_dir), str(data), max_new_tokens=4, limit=None)
+        folder.evaluate_folder(str(model_dir), str(data), max_new_tokens=4, limit=None)

@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import numpy as np
 import pytest
 
@@ -56,7 +55,7 @@ def test_eval_cli_reports_everything(model_dir):
                    pairs_file="jaxft/assets/quickstart/pref_eval.jsonl", limit=8, max_new_tokens=8, max_length=128)
     for key in ("exact_match", "repetition_ratio", "eval_loss", "preference_accuracy", "samples"):
         assert key in out
-    assert np.isfinite(out["eval_loss"]) and jax.device_count() == 8
+    assert np.isfinite(out["eval_loss"])
 
 
 def test_generate_cli_puts_string_prompts_under_the_chat_template(model_dir):

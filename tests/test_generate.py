@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the reference implementation (test extra)
 from flax import nnx
 
 import jaxft.inference.generate as gen

@@ -315,4 +315,10 @@ def test_length_normalised_losses_require_lengths(loss_type):
 def test_validate_normalises_comma_separated_types_and_default_weights():
     types, weights = losses.validate_dpo_settings("sigmoid, bco_pair,sft", 0.1, 0.0, None)
     assert types == ("sigmoid", "bco_pair", "sft") and weights == (1.0, 1.0, 1.0)
-    assert set(losses.LOSS_FNS) == set(losses.DPO_LOSS_TYPES)
+
+
+def test_loss_type_names_are_trls():
+    # Users copy TRL's DPOConfig(loss_type=...) names; every one of TRL's 15 must be accepted.
+    trl = {"sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+           "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"}
+    assert set(losses.DPO_LOSS_TYPES) == trl

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")  # the reference implementation (test extra)
 import transformers
 
 from jaxft.parallel import sharding
@@ -166,3 +167,4 @@ def test_save_hf_in_bfloat16(tmp_path):
     assert reloaded.embed_tokens[...].dtype == jnp.bfloat16
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
     assert hf.dtype == torch.bfloat16
+

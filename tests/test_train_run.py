@@ -277,7 +277,7 @@ def _logits(model, tokens):
 
 
 def test_export_matches_transformers_and_the_trained_weights(reference, tmp_path):
-    import torch
+    torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = export_checkpoint(reference.workdir, tmp_path / "hf")

@@ -44,6 +44,7 @@ class CheckResult:
     padding: dict[str, float] = dataclasses.field(default_factory=dict)
     packed_dpo_dropped: int = 0
     fatal: str | None = None
+    packing: bool = False  # DPO pairs were loaded as packed training loads them
 
     @property
     def ok(self) -> bool:
@@ -81,7 +82,7 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
         report = DataReport(source=str(source), errors=[(err.location, err.message)])
         return CheckResult(str(source), kind, max_length, report, fatal=str(err))
     report, examples = loaded.report, loaded.examples
-    result = CheckResult(str(source), kind, max_length, report)
+    result = CheckResult(str(source), kind, max_length, report, packing=packed_pairs)
     if report.raw_lengths:
         lengths = np.asarray(report.raw_lengths)
         result.length_stats = {f"p{q}": int(np.percentile(lengths, q, method="lower"))
@@ -130,7 +131,8 @@ def _refit_pairs(examples: list[PreferenceExample], max_length: int, truncation:
 def format_check_result(result: CheckResult) -> str:
     """A human-readable summary of `result` for the terminal, ending in OK or FAILED."""
     r = result.report
-    lines = [f"check-data {result.source} ({result.kind}, max_length {result.max_length})"]
+    packed = f", packed: each sequence cut to {result.max_length // 2}" if result.packing else ""
+    lines = [f"check-data {result.source} ({result.kind}, max_length {result.max_length}{packed})"]
     if result.fatal is not None:
         return "\n".join(lines + [f"error: {result.fatal}", "FAILED"])
     lines.append(f"records: {r.num_records}   examples: {r.num_examples}   "
@@ -151,7 +153,7 @@ def format_check_result(result: CheckResult) -> str:
         lines.append(f"padding without packing: {p['padded']:.1%} padded to max_length, "
                      f"{p['bucketed']:.1%} with length-bucketed batches")
         extra = (f" (each side cut to {result.max_length // 2}; "
-                 f"{result.packed_dpo_dropped} more pairs dropped)") if result.kind == "dpo" else ""
+                 f"{result.packed_dpo_dropped} more pairs dropped)") if result.kind == "dpo" and not result.packing else ""
         lines.append(f"padding with packing: {p['packed']:.1%}{extra}")
     if r.errors:
         shown = f"first {len(r.errors)} of {r.num_skipped}" if r.num_skipped > len(r.errors) else (
