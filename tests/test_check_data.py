@@ -52,7 +52,7 @@ def test_sft_numbers(tok, tmp_path):
     text = format_check_result(result)
     assert "records: 5   examples: 3   invalid: 1   truncated: 1   dropped as too long: 1" in text
     assert "formats: prompt_completion 3, text 1" in text
-    assert "p50 7  p90 21  p99 21  max 23  (2 over max_length)" in text
+    assert "p50 7  p90 21  p99 21  max 23  (2 over 16)" in text
     assert "padding with packing: 9.4%" in text
     assert f"  {path} line 3: field 'completion' is missing" in text
     assert text.endswith("FAILED: 1 invalid records (fix them, or train with "

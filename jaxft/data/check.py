@@ -144,10 +144,11 @@ def format_check_result(result: CheckResult) -> str:
         lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(r.format_counts.items())))
     if result.length_stats:
         s = result.length_stats
-        over = sum(n > result.max_length for n in r.raw_lengths)
+        limit = result.max_length // 2 if result.packing else result.max_length
+        over = sum(n > limit for n in r.raw_lengths)
         what = "longer sequence of each pair" if result.kind == "dpo" else "example"
         lines.append(f"tokens per {what} before truncation: p50 {s['p50']}  p90 {s['p90']}  "
-                     f"p99 {s['p99']}  max {s['max']}  ({over} over max_length)")
+                     f"p99 {s['p99']}  max {s['max']}  ({over} over {limit})")
     if result.padding:
         p = result.padding
         lines.append(f"padding without packing: {p['padded']:.1%} padded to max_length, "
