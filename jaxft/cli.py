@@ -47,9 +47,22 @@ def _config_flags(argv, prog, *, workdir: bool):
         fv(argv)
     except flags.Error as err:
         raise SystemExit(f"{prog}: {err}")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # a bad --config.KEY=VALUE
+        raise SystemExit(f"{prog}: {_override_error(err, argv)}")
     if fv.config is None or (workdir and fv.workdir is None):
         raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
     return fv
+
+
+def _override_error(err: BaseException, argv) -> str:
+    """ml_collections' error for a bad override (a KeyError inside an AttributeError, with its
+    "Did you mean" suggestion) as one line naming the flag."""
+    while isinstance(err, (AttributeError, KeyError)) and err.args and isinstance(err.args[0], BaseException):
+        err = err.args[0]
+    message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
+    key = message.split("'")[1] if message.count("'") >= 2 else None
+    flag = next((a for a in argv if key and a.startswith("--config.") and f".{key}" in a.split("=")[0]), None)
+    return f"{flag or 'config override'}: {message}"
 
 
 def _split_config_args(argv):
@@ -160,7 +173,7 @@ def _eval(argv):
     from jaxft.eval.folder import evaluate_folder
 
     result = evaluate_folder(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
-                      max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
+                             max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
     print(json.dumps(result, indent=2))
 
 
@@ -182,7 +195,7 @@ def _check_data(argv):
     p.add_argument("--batch-size", type=int, default=None, help="default 32")
     p.add_argument("--chat-template", default="", help="Jinja template file for tokenizers without one")
     a = p.parse_args(argv)
-    from jaxft.config import base_config
+    from jaxft.config import apply_overrides, base_config
     from jaxft.data.check import check_data, format_check_result
     from jaxft.data.from_config import load_tokenizer
     from jaxft.data.mixture import parse_mixture
@@ -196,12 +209,9 @@ def _check_data(argv):
         config = base_config()
         config.data.max_length, config.train.batch_size = 512, 32
         kind = a.kind or "sft"
-    for key, value in (("model.tokenizer", a.tokenizer), ("data.max_length", a.max_length),
-                       ("data.format", a.format), ("data.truncation", a.truncation),
-                       ("train.batch_size", a.batch_size)):
-        if value is not None:
-            section, field = key.split(".")
-            config[section][field] = value
+    flags = {"model.tokenizer": a.tokenizer, "data.max_length": a.max_length, "data.format": a.format,
+             "data.truncation": a.truncation, "train.batch_size": a.batch_size}
+    apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
     if a.chat_template:
         config.data.chat_template = open(a.chat_template).read()
     if a.source is not None:

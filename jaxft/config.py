@@ -137,10 +137,15 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
     if not hasattr(module, "get_config"):
         raise ValueError(f"config file {path} has no get_config() function")
     config = module.get_config(arg) if arg else module.get_config()
-    for key, value in (overrides or {}).items():
-        _override(config, key, value)
+    apply_overrides(config, overrides or {})
     config.lock()
     return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
+    """Sets each dotted key of `overrides` (see `load`) in place."""
+    for key, value in overrides.items():
+        _override(config, key, value)
 
 
 def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
