@@ -57,8 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_to_keep = 3
     c.train.keep_best = False  # also keep the checkpoint with the lowest eval loss
     c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row
-    c.train.loss_chunk_size = 0  # > 0: cross-entropy over sequence chunks, never [B, L, V] whole
+    # > 0: cross-entropy over sequence chunks of this size, never [B, L, V] logits whole;
+    # 0: whole; -1: chunks of 512 for vocabularies of 32k tokens and more (Llama 3, Qwen, ...)
+    c.train.loss_chunk_size = -1
     c.train.progress = True
+    c.train.prefetch = 2  # batches made ahead in a background thread (0: on demand)
+    c.train.preemption_check_every = 10  # multi-host: steps between SIGTERM checks (a gather)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5
@@ -116,6 +120,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "must be 'truncate_completion' or 'drop'")
     need(config.train.log_every > 0, "train.log_every", "must be > 0")
     need(config.train.save_every >= 0, "train.save_every", "must be >= 0")
+    need(config.train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0, or -1 (auto)")
+    need(config.train.prefetch >= 0, "train.prefetch", "must be >= 0")
+    need(config.train.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
 
 
 def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:

@@ -1,7 +1,13 @@
 """The step loop and its periodic actions: log, evaluate, save, keep the best, stop on SIGTERM.
 
-The loop knows no training method and no batch layout: it asks the data for the next host
-batch, makes it global (`jaxft.parallel.batches.to_global`), and hands it to `task.step`.
+The loop knows no training method and no batch layout: batches come ready-made and global
+from a background thread (`jaxft.parallel.prefetch`), and `task.step` does the rest.
+
+It never waits on the device between ordinary steps: step t+1 is dispatched before step t's
+`skipped` flag (the non-finite guard) is read, so the device always has work queued. It waits
+only at steps with an action (log, eval, save, the end, a preemption check), where the state
+must be exact; skipped steps are found one step late, and `train.max_bad_steps` of them in a
+row stop the run within one step.
 
 Preemption: SIGTERM makes the loop save at the next step boundary, wait for the write, and
 raise `Preempted` (the CLI exits with EXIT_PREEMPTED = 75, "try again": rerun the same
@@ -19,7 +25,7 @@ import numpy as np
 
 from jaxft.io import checkpoint
 from jaxft.io.metrics import device_peak_flops, train_flops_per_token
-from jaxft.parallel.batches import to_global
+from jaxft.parallel.prefetch import Prefetcher
 
 log = logging.getLogger("jaxft")
 
@@ -59,6 +65,13 @@ class StopFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    def due(self, step: int, every: int) -> bool:
+        """Whether to check at `step`: at once on one host (a local flag costs nothing); with
+        several, every `every` steps (all hosts agree on where, and the check is a gather)."""
+        if jax.process_count() == 1:
+            return self.requested
+        return _every(step, every)
+
     def any_host(self) -> bool:
         if jax.process_count() == 1:
             return self.requested
@@ -77,81 +90,104 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
     them in a row stop the run."""
     from tqdm.auto import tqdm
 
-    mesh = task.ctx.mesh
-    step = int(state["step"])
+    train = config.train
+    done = int(state["step"])  # optimizer steps applied, known exactly
     logged: list[dict] = []
     bad_in_a_row = 0
     peak = device_peak_flops()
-    window = None  # on-device sums of the metrics since the last log
-    window_steps, window_start, tokens_at_start = 0, time.perf_counter(), data.real_tokens
+    window, window_steps = None, 0  # on-device sums of the metrics since the last log
+    window_start, tokens_at_start = time.perf_counter(), data.real_tokens
     # A resumed run must beat the best checkpoint kept before it stopped.
-    best_eval = checkpoint.best_eval_loss(checkpointer.directory.parent) if config.train.keep_best else float("inf")
+    best_eval = checkpoint.best_eval_loss(checkpointer.directory.parent) if train.keep_best else float("inf")
+    pending = []  # dispatched steps whose metrics are not read yet: (metrics, Prepared), at most 2
+    last = None  # the Prepared batch of the newest dispatched step
 
-    def save(force=False):  # the state with the data position that produced it
-        checkpointer.save(step, state, {"data": data.get_state(), "config": config.to_dict()}, force=force)
+    def action_due(step):
+        return (step == steps or _every(step, train.log_every) or _every(step, train.save_every)
+                or (task.can_evaluate and _every(step, train.eval_every))
+                or stop.due(step, train.preemption_check_every))
 
-    bar = tqdm(total=steps, initial=step, disable=not config.train.progress or jax.process_index() != 0,
-               dynamic_ncols=True)
-    while step < steps:
-        batch_np = next(data)
-        state, metrics = task.step(state, to_global(batch_np, mesh))
+    def resolve():
+        """Reads the oldest dispatched step's outcome (a wait on that step only)."""
+        nonlocal done, bad_in_a_row, window, window_steps
+        metrics, _ = pending.pop(0)
         if float(metrics["skipped"]):
             bad_in_a_row += 1
             log.warning("non-finite loss or gradients at step %d: update skipped (%d in a row)",
-                        step, bad_in_a_row)
-            if bad_in_a_row >= config.train.max_bad_steps:
+                        done, bad_in_a_row)
+            if bad_in_a_row >= train.max_bad_steps:
                 checkpointer.wait()
                 raise NonFiniteError(
                     f"{bad_in_a_row} steps in a row had non-finite loss or gradients (train.max_bad_steps="
-                    f"{config.train.max_bad_steps}); stopped. The last good checkpoint in "
+                    f"{train.max_bad_steps}); stopped. The last good checkpoint in "
                     f"{checkpointer.directory} is intact: lower optim.lr, check the data, or use float32."
                 )
-            writer.write(step, {"skipped_steps": float(bad_in_a_row)})
-            continue
+            writer.write(done, {"skipped_steps": float(bad_in_a_row)})
+            return False
         bad_in_a_row = 0
-        step += 1
+        done += 1
         window_steps += 1
         window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
         bar.update(1)
+        return True
 
-        row = {}
-        if _every(step, config.train.log_every) or step == steps:
-            elapsed = time.perf_counter() - window_start
-            # Averages over the steps since the last log (as TRL does); the rate is the current one.
-            row = {k: float(v) / window_steps for k, v in jax.device_get(window).items() if k != "skipped"}
-            row["learning_rate"] = float(metrics["learning_rate"])
-            row["tokens_per_sec"] = (data.real_tokens - tokens_at_start) / elapsed
-            row["step_time"] = elapsed / window_steps
-            row["padding_fraction"] = float(data.padding_fraction)
-            row["epoch"] = float(data.epoch)
-            if peak:
-                flops = train_flops_per_token(model_config, batch_np.tokens.shape[1]) * row["tokens_per_sec"]
-                row["mfu"] = flops / (peak * jax.device_count())
-            window, window_steps = None, 0
-            window_start, tokens_at_start = time.perf_counter(), data.real_tokens
-            bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
+    def save(force=False):  # the state with the data position that produced it
+        checkpointer.save(done, state, {"data": last.data_state, "config": config.to_dict()}, force=force)
 
-        eval_now = task.can_evaluate and (_every(step, config.train.eval_every) or step == steps)
-        if eval_now:
-            row.update(task.evaluate(state["params"]))
-        if row:
-            writer.write(step, row)
-            logged.append({"step": step, **row})
+    bar = tqdm(total=steps, initial=done, disable=not train.progress or jax.process_index() != 0,
+               dynamic_ncols=True)
+    batches = Prefetcher(data, task.ctx.mesh, depth=train.prefetch)
+    try:
+        while done < steps:
+            last = next(batches)
+            state, metrics = task.step(state, last.batch)
+            pending.append((metrics, last))
+            if len(pending) > 1:
+                resolve()  # the previous step: the device already has this one queued
+            if not action_due(done + 1):
+                continue
+            if not resolve():  # this step: its state is the one the actions need
+                continue
 
-        save_now = _every(step, config.train.save_every) or step == steps
-        if save_now:
-            save()
-        if config.train.keep_best and eval_now and row.get("eval_loss", float("inf")) < best_eval:
-            best_eval = row["eval_loss"]
-            task.save_best(step, state, best_eval)
+            row = {}
+            if _every(done, train.log_every) or done == steps:
+                elapsed = time.perf_counter() - window_start
+                # Averages over the steps since the last log (as TRL does); the rate is the current one.
+                row = {k: float(v) / window_steps for k, v in jax.device_get(window).items() if k != "skipped"}
+                row["learning_rate"] = float(metrics["learning_rate"])
+                row["tokens_per_sec"] = (last.real_tokens - tokens_at_start) / elapsed
+                row["step_time"] = elapsed / window_steps
+                row["padding_fraction"] = last.padding_fraction
+                row["epoch"] = float(last.epoch)
+                if peak:
+                    flops = train_flops_per_token(model_config, last.length) * row["tokens_per_sec"]
+                    row["mfu"] = flops / (peak * jax.device_count())
+                window, window_steps = None, 0
+                window_start, tokens_at_start = time.perf_counter(), last.real_tokens
+                bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
 
-        # After the last step the run is complete: finish it (export) rather than stop.
-        if step < steps and stop.any_host():
-            if not save_now:  # Orbax refuses a second save of the same step
-                save(force=True)
-            checkpointer.wait()
-            bar.close()
-            raise Preempted(step)
-    bar.close()
+            eval_now = task.can_evaluate and (_every(done, train.eval_every) or done == steps)
+            if eval_now:
+                row.update(task.evaluate(state["params"]))
+            if row:
+                writer.write(done, row)
+                logged.append({"step": done, **row})
+
+            save_now = _every(done, train.save_every) or done == steps
+            if save_now:
+                save()
+            if train.keep_best and eval_now and row.get("eval_loss", float("inf")) < best_eval:
+                best_eval = row["eval_loss"]
+                task.save_best(done, state, best_eval)
+
+            # After the last step the run is complete: finish it (export) rather than stop.
+            if done < steps and stop.due(done, train.preemption_check_every) and stop.any_host():
+                if not save_now:  # Orbax refuses a second save of the same step
+                    save(force=True)
+                checkpointer.wait()
+                raise Preempted(done)
+    finally:
+        batches.close()
+        bar.close()
     checkpointer.wait()
     return state, logged

@@ -245,6 +245,23 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     assert all(np.isfinite(p).all() for p in params.values())
 
 
+def test_lagged_metrics_and_prefetching_leave_the_run_unchanged(data, tmp_path):
+    # Read every step's metrics at once, batches made on demand; or read them one step late
+    # between log steps, batches made ahead in a thread: the same run either way.
+    base = {**data, "data.eval": "", "train.save_every": 0}
+    eager = run_lib.run(small_config({**base, "train.log_every": 1, "train.prefetch": 0}), tmp_path / "eager")
+    lagged = run_lib.run(small_config({**base, "train.log_every": 3, "train.prefetch": 2}), tmp_path / "lagged")
+    per_step = {r["step"]: r["loss"] for r in eager.metrics}
+    assert [r["step"] for r in lagged.metrics] == [3, 6]
+    for row in lagged.metrics:  # a logged loss averages the steps since the last log
+        window = [per_step[s] for s in range(row["step"] - 2, row["step"] + 1)]
+        assert row["loss"] == pytest.approx(np.mean(window), rel=1e-5)
+    eager_params = load_file(str(eager.export_dir / "model.safetensors"))
+    lagged_params = load_file(str(lagged.export_dir / "model.safetensors"))
+    for name, value in eager_params.items():
+        np.testing.assert_array_equal(lagged_params[name], value, err_msg=name)
+
+
 # --- 5. Metrics -------------------------------------------------------------------------------
 
 

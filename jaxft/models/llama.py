@@ -247,7 +247,7 @@ class Decoder(nnx.Module):
         packed example). segment_ids: [B, L] (default all 1; 0 = padding; tokens attend only
         within their segment). cache / cache_index: a KV cache from `init_cache` and the slot
         where this chunk starts; then the result is `(out, new_cache)`.
-        Returns logits [B, L, V] in compute dtype, or the final normed hidden states [B, L, E]
+        Returns logits [B, L, V] in float32, or the final normed hidden states [B, L, E]
         when `return_hidden` (for chunked cross-entropy against `lm_head_kernel()`).
         """
         cfg = self.cfg
@@ -270,7 +270,9 @@ class Decoder(nnx.Module):
                 x_BLE = _run_layer(layer, x_BLE, positions_BL, segment_ids_BL)
         out = self.norm(x_BLE)
         if not return_hidden:
-            out = out @ self.lm_head_kernel().astype(out.dtype)
+            # f32 accumulation and output: bf16 logits would round the softmax's inputs.
+            out = jnp.einsum("BLE,EV->BLV", out, self.lm_head_kernel().astype(out.dtype),
+                             preferred_element_type=jnp.float32)
             out = constrain(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return out

@@ -16,6 +16,9 @@ from typing import Any
 
 from jaxft.io import checkpoint
 
+AUTO_CHUNK_MIN_VOCAB = 32_768  # train.loss_chunk_size = -1 chunks the loss from this vocabulary up
+AUTO_CHUNK_SIZE = 512
+
 
 @dataclasses.dataclass(frozen=True)
 class RunContext:
@@ -34,6 +37,14 @@ class RunContext:
     state_shardings: dict
     train_data: Any
     eval_data: Any = None
+
+    @property
+    def loss_chunk_size(self) -> int:
+        """train.loss_chunk_size, with -1 resolved for this model's vocabulary."""
+        chunk = self.config.train.loss_chunk_size
+        if chunk >= 0:
+            return chunk
+        return AUTO_CHUNK_SIZE if self.model_config.vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0
 
 
 class Task(abc.ABC):

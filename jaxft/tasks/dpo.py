@@ -58,7 +58,7 @@ class DPO(Task):
         config = ctx.config
         self.mode = reference_mode(config)
         num_segments = ctx.train_data.max_segments_per_row
-        chunk = config.train.loss_chunk_size
+        chunk = ctx.loss_chunk_size
         self._logps = jax.jit(make_pair_logps_fn(ctx.graphdef, num_segments=num_segments, loss_chunk_size=chunk))
         self.reference = self.eval_reference = None
         if self.mode == "params":

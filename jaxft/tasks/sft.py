@@ -14,7 +14,7 @@ from jaxft.tasks.base import RunContext, Task
 class SFT(Task):
     def __init__(self, ctx: RunContext, params: dict):
         super().__init__(ctx, params)
-        chunk = ctx.config.train.loss_chunk_size
+        chunk = ctx.loss_chunk_size
         step = make_sft_step(ctx.graphdef, ctx.tx, ctx.schedule, accumulate=ctx.config.optim.accumulate,
                              loss_chunk_size=chunk)
         rows = batch_sharding(ctx.mesh)
