@@ -24,7 +24,7 @@ def own_model():
     """Your SFT model and preference pairs (set model.path and data.train)."""
     c = base_config()
     c.model.compute_dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
     c.data.max_length = 1024
     c.train.epochs = 1.0
     c.train.batch_size = 32  # pairs
@@ -44,7 +44,7 @@ def own_model():
 def tiny(c):
     c.model.preset = "tiny"
     c.model.compute_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.data.train = str(quickstart_file("pref_train.jsonl"))
     c.data.eval = str(quickstart_file("pref_eval.jsonl"))
     c.data.max_length = 128

@@ -23,7 +23,7 @@ def own_model():
     """Your model and data (set model.path and data.train), TRL's SFTConfig defaults."""
     c = base_config()
     c.model.compute_dtype = "bfloat16"  # on fp32 master weights
-    c.model.remat = True
+    c.model.remat = "full"
     c.data.max_length = 1024
     c.train.epochs = 3.0
     c.train.batch_size = 64
@@ -41,7 +41,7 @@ def own_model():
 def tiny(c):
     c.model.preset = "tiny"
     c.model.compute_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.data.train = str(quickstart_file("sft_train.jsonl"))
     c.data.eval = str(quickstart_file("sft_eval.jsonl"))
     c.data.max_length = 128

@@ -23,6 +23,7 @@ commands:
                run would see: jaxft check-data --config configs/sft.py[:preset] [--config.KEY=VALUE ...]
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
   bench        SFT vs DPO step throughput side by side: jaxft bench [--preset tiny]
+  plan         memory and time of a step on a TPU slice: jaxft plan --config configs/sft.py[:preset] --target v5p-8
 
 Run `jaxft <command> --help` for a command's options.
 """
@@ -258,6 +259,32 @@ def _bench(argv):
                                        f"{jax.device_count()} x {jax.devices()[0].device_kind}"))
 
 
+def _plan(argv):
+    config_args, argv = _split_config_args(argv)
+    p = argparse.ArgumentParser(prog="jaxft plan", description=(
+        "per-device memory and time of one training step of --config configs/NAME.py[:preset] "
+        "[--config.KEY=VALUE ...] on a TPU slice, compiled ahead of time on this machine through "
+        "libtpu (nothing allocated, nothing run); GPU targets get an analytic estimate"))
+    p.add_argument("--target", required=True, help="v4-32, v5p-8, v5p-64, v5e-16, v6e-256, 8xH100, ...")
+    p.add_argument("--kind", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    a = p.parse_args(argv)
+    if not config_args:
+        raise SystemExit("jaxft plan: --config configs/NAME.py[:preset] is required")
+    # Nothing executes: keep JAX off local accelerators (a TPU VM's chips may be training).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    config = _config_flags(config_args, "jaxft plan", workdir=False).config
+    import json
+
+    from jaxft.plan import format_plan, plan
+
+    result = plan(config, target=a.target, kind=a.kind)
+    print(format_plan(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
+
+
 COMMANDS = {
     "quickstart": _quickstart,
     "sft": lambda argv: _train("sft", argv),
@@ -268,6 +295,7 @@ COMMANDS = {
     "check-data": _check_data,
     "plot": _plot,
     "bench": _bench,
+    "plan": _plan,
 }
 
 

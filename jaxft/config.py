@@ -30,7 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.preset = ""  # built-in architecture with random weights when `path` is empty ("tiny", ...)
     c.model.dtype = "float32"  # param dtype ("" = the checkpoint's)
     c.model.compute_dtype = "float32"  # activation / matmul dtype
-    c.model.remat = False  # recompute layer activations in the backward pass (saves memory)
+    # What layers recompute in the backward pass: none | full | dots | dots_no_batch | offload
+    # (jaxft.models.remat; saves memory for compute). True / False in older configs = full / none.
+    c.model.remat = "none"
+    c.model.scan_layers = True  # stack and scan the layers: compile time independent of depth
     c.model.tokenizer = ""  # tokenizer folder; empty = model.path, or the bundled one for presets
 
     c.data = ml_collections.ConfigDict()

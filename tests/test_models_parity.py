@@ -101,9 +101,9 @@ def test_load_onto_mesh_is_sharded_and_equal(tmp_path):
     hf_model.save_pretrained(tmp_path)
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
     model = load_hf(tmp_path, mesh=mesh)
-    q = model.layers[0].self_attn.q_proj[...]
-    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert q.addressable_shards[0].data.shape == (32, 2, 32)  # [E/2, H/2, D]: never whole
+    q = model.layers.self_attn.q_proj[...]  # scanned: [layers, E, H, D]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (2, 32, 2, 32)  # [N, E/2, H/2, D]: never whole
     with jax.set_mesh(mesh):
         ours = np.asarray(jax.jit(lambda t: model(t))(jnp.asarray(TOKENS)))
     assert np.abs(ours - hf_logits(hf_model, TOKENS)).max() < TOL

@@ -15,6 +15,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxft.models.remat import normalize_remat
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -77,11 +79,13 @@ class ModelConfig:
     pad_token_id: int | None = None
     param_dtype: Any = jnp.float32
     compute_dtype: Any = jnp.float32
-    remat: bool = False  # recompute each layer's activations in the backward pass
+    remat: str = "none"  # what layers recompute in the backward pass (jaxft.models.remat)
+    scan_layers: bool = True  # layers stacked and scanned: compile time independent of depth
     # Keys of the source config.json we do not model, written back unchanged on save.
     extra_hf_config: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", normalize_remat(self.remat))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type {self.model_type!r} is not supported; jaxft supports "

@@ -35,7 +35,8 @@ def model_config(config, tokenizer) -> ModelConfig:
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; "
             "use the model's own tokenizer (model.tokenizer)"
         )
-    return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=bool(config.model.remat))
+    return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=config.model.remat,
+                       scan_layers=bool(config.model.scan_layers))
 
 
 def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
@@ -45,7 +46,7 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
         log.info("loading %s", path)
         if path != config.model.path:  # another folder (a DPO reference): its own architecture
             cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
-                compute_dtype=cfg.compute_dtype, remat=cfg.remat)
+                compute_dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
         return load_weights(path, cfg, mesh=mesh)
     log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
     return create_model(cfg, seed=config.train.seed, mesh=mesh)

@@ -27,8 +27,11 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
 
 
-# A rule: (hf name, jaxft state path, hf shape, hf -> jaxft, jaxft -> hf).
-Rule = tuple[str, tuple, tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+# A rule: (hf name, jaxft state path, hf shape, hf -> jaxft, jaxft -> hf, layer). A scanned
+# model stacks every layer's tensor at one path: `layer` is its index along the leading axis
+# there (None for tensors outside the layers, and for every tensor of an unrolled model).
+Rule = tuple[str, tuple, tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray],
+             int | None]
 
 
 def _same(x):
@@ -51,7 +54,7 @@ def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
     def split_bias(heads):
         return (heads * D,), lambda b: b.reshape(heads, D), lambda b: b.reshape(heads * D)
 
-    rules: list[Rule] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same)]
+    rules: list[tuple] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same)]
     for i in range(cfg.num_layers):
         hf, jx = f"model.layers.{i}.", ("layers", i)
         attn, mlp = jx + ("self_attn",), jx + ("mlp",)
@@ -78,7 +81,11 @@ def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
     rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same))
     if not cfg.tie_word_embeddings:
         rules.append(("lm_head.weight", ("lm_head",), (V, E), _transpose, _transpose))
-    return rules
+    if not cfg.scan_layers:
+        return [(*rule, None) for rule in rules]
+    # Stacked: ("layers", i, ...) becomes ("layers", ...) at index i.
+    return [(name, ("layers",) + path[2:], *rest, path[1]) if path[0] == "layers" else (name, path, *rest, None)
+            for name, path, *rest in rules]
 
 
 def abstract_model(cfg: ModelConfig) -> Decoder:
@@ -172,7 +179,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None) -> Decoder:
     unexpected = sorted(reader.names() - expected - ignorable - _ROTARY_BUFFERS(reader.names()))
     bad_shapes = [
         f"{name}: checkpoint {reader.shape(name)}, config.json implies {shape}"
-        for name, _, shape, _, _ in rules
+        for name, _, shape, _, _, _ in rules
         if name not in missing and reader.shape(name) != shape
     ]
     problems = []
@@ -185,13 +192,20 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None) -> Decoder:
     if problems:
         raise ValueError(f"{folder} does not match its config.json ({cfg.model_type}): " + ". ".join(problems))
 
+    # Host values per state path; a scanned model's layers stack along a leading axis.
+    host: dict[tuple, object] = {}
+    for name, jpath, _, to_jax, _, layer in rules:
+        value = to_jax(reader.get(name)).astype(cfg.param_dtype)
+        if layer is None:
+            host[jpath] = value
+        else:
+            host.setdefault(jpath, [None] * cfg.num_layers)[layer] = value
     state: dict = {}
     shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
-    for name, jpath, _, to_jax, _ in rules:
-        value = to_jax(reader.get(name)).astype(cfg.param_dtype)
+    for jpath, value in host.items():
+        value = np.stack(value) if isinstance(value, list) else value
         if mesh is not None:
-            sharding = shard_flat[jpath]
-            value = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+            value = jax.make_array_from_callback(value.shape, shard_flat[jpath], lambda idx, v=value: v[idx])
         else:
             value = jnp.asarray(value)
         _set_path(state, jpath, value)
@@ -216,9 +230,12 @@ def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
     """{hf tensor name: numpy array} in HF layout (and `dtype`, default the param dtype)."""
     cfg = model.cfg
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    gathered: dict[tuple, np.ndarray] = {}  # each (stacked) array gathered once
     out = {}
-    for name, jpath, _, _, to_hf in _tensor_rules(cfg):
-        value = _host_array(flat[jpath][...])
+    for name, jpath, _, _, to_hf, layer in _tensor_rules(cfg):
+        if jpath not in gathered:
+            gathered[jpath] = _host_array(flat[jpath][...])
+        value = gathered[jpath] if layer is None else gathered[jpath][layer]
         out[name] = np.ascontiguousarray(to_hf(value).astype(dtype or cfg.param_dtype))
     return out
 

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.models.config import ModelConfig
+from jaxft.models.remat import REMAT_POLICIES, remat
 from jaxft.parallel.sharding import constrain
 
 _INIT_STD = 0.02  # transformers' default initializer_range
@@ -211,19 +212,73 @@ def _run_layer(layer, x, positions, segment_ids):
     return layer(x, positions, segment_ids)[0]
 
 
-_run_layer_remat = nnx.remat(_run_layer)
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs):
+    """`cfg.num_layers` DecoderLayers as one module whose params have a leading "layers" axis."""
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+        return DecoderLayer(cfg, rngs=rngs)
+
+    layers = make(rngs)
+    for _, node in nnx.iter_graph(layers):
+        if isinstance(node, nnx.Variable) and node.has_metadata("logical_axes"):
+            node.set_metadata(logical_axes=("layers",) + tuple(node.get_metadata()["logical_axes"]))
+    return layers
 
 
 class Decoder(nnx.Module):
-    """Decoder-only language model: `model(tokens, positions=None, segment_ids=None) -> logits [B, L, V]`."""
+    """Decoder-only language model: `model(tokens, positions=None, segment_ids=None) -> logits [B, L, V]`.
+
+    With `cfg.scan_layers` (the default) the layers are one stacked module run by `lax.scan`,
+    so compile time does not grow with depth; otherwise a list run one after another. Both
+    hold the same numbers (HF checkpoints load into either) and give the same logits.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            self.layers = _stacked_layers(cfg, rngs)
+        else:
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
+
+    def _run_scanned(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index):
+        graphdef, stacked = nnx.split(self.layers)
+        if cache is None:
+            def body(x, layer_state):
+                return nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL)[0], None
+
+            x_BLE, _ = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, stacked)
+            return x_BLE, None
+
+        def step(x, xs):
+            layer_state, k, v = xs
+            layer_cache = {"k": k, "v": v, "segment_ids": cache["segment_ids"]}
+            x, c = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache, cache_index)
+            return x, (c["k"], c["v"], c["segment_ids"])
+
+        x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"]))
+        return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}
+
+    def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index):
+        if cache is None:
+            run = _run_layer
+            if self.cfg.remat != "none":
+                run = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.cfg.remat])
+            for layer in self.layers:
+                x_BLE = run(layer, x_BLE, positions_BL, segment_ids_BL)
+            return x_BLE, None
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
+            x_BLE, c = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index)
+            new_layers.append(c)
+        return x_BLE, {"k": [c["k"] for c in new_layers], "v": [c["v"] for c in new_layers],
+                       "segment_ids": new_layers[0]["segment_ids"]}
 
     def lm_head_kernel(self) -> jax.Array:
         """[E, V] output projection (the transposed embedding when tied)."""
@@ -258,16 +313,8 @@ class Decoder(nnx.Module):
         segment_ids_BL = jnp.ones((B, L), jnp.int32) if segment_ids is None else segment_ids
         x_BLE = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(cfg.compute_dtype)
         x_BLE = constrain(x_BLE, ("act_batch", "act_length", "act_embed"))
-        new_layers = []
-        for i, layer in enumerate(self.layers):
-            if cache is not None:
-                layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
-                x_BLE, c = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index)
-                new_layers.append(c)
-            elif cfg.remat:
-                x_BLE = _run_layer_remat(layer, x_BLE, positions_BL, segment_ids_BL)
-            else:
-                x_BLE = _run_layer(layer, x_BLE, positions_BL, segment_ids_BL)
+        run = self._run_scanned if cfg.scan_layers else self._run_unrolled
+        x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index)
         out = self.norm(x_BLE)
         if not return_hidden:
             # f32 accumulation and output: bf16 logits would round the softmax's inputs.
@@ -276,20 +323,17 @@ class Decoder(nnx.Module):
             out = constrain(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return out
-        new_cache = {
-            "k": [c["k"] for c in new_layers],
-            "v": [c["v"] for c in new_layers],
-            "segment_ids": new_layers[0]["segment_ids"],
-        }
         return out, new_cache
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty KV cache: per layer k/v [B, S, K, D], and key segment ids [B, S] (0 = empty)."""
+    """An empty KV cache: k / v [B, S, K, D] per layer (stacked [N, B, S, K, D] for a scanned
+    model, a list of N otherwise), and key segment ids [B, S] (0 = empty)."""
     dtype = dtype or cfg.compute_dtype
     shape = (batch_size, max_length, cfg.num_kv_heads, cfg.dim_per_head)
-    return {
-        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-        "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
-    }
+    if cfg.scan_layers:
+        kv = {"k": jnp.zeros((cfg.num_layers,) + shape, dtype), "v": jnp.zeros((cfg.num_layers,) + shape, dtype)}
+    else:
+        kv = {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+              "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]}
+    return {**kv, "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32)}

@@ -20,6 +20,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # logical axis -> mesh axis (or axes) it is split over; None = replicated.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
+    "layers": None,  # the stacked-layer axis of scanned models
     "vocab": "tensor",
     "embed": "fsdp",
     "q_heads": "tensor",

@@ -1,0 +1,372 @@
+"""`jaxft plan`: the memory and time of one real training step on a TPU pod, from this machine.
+
+The run's own pieces are built abstractly (model config, mesh over the pod's devices, params
+and TrainState shardings, optimizer, the jitted SFT / DPO step, a global batch of
+ShapeDtypeStructs) and compiled ahead of time for the pod's topology through libtpu: no
+weights are allocated and nothing executes, so an 8B model plans on a laptop CPU.
+`compiled.memory_analysis()` is XLA's exact per-device account of that program; the step
+time is an estimate (analytic FLOPs at an assumed MFU), and GPU targets, which cannot be
+compiled here, get an analytic estimate only.
+
+    result = plan(jaxft.config.load("configs/sft.py", {"model.preset": "llama3_8b"}), target="v5p-8")
+    print(format_plan(result))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+GIB = 1024**3
+ASSUMED_MFU = 0.4  # a well-tuned dense step; the time below is this assumption, not a measurement
+INSTALL_HINT = 'pip install "jaxft[tpu]" (or "jax[tpu]" at your jax version)'
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """An accelerator slice: `topology` is libtpu's name (None for GPUs: not compiled here)."""
+    name: str
+    topology: str | None
+    chips: int
+    hbm_gib: float  # per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    topology_kwargs: tuple = ()  # extra get_topology_desc arguments, as (key, value) pairs
+
+
+def _tpus(gen: str, hbm: float, peak: float, shapes: dict[int, str], per_chip: int, **kw) -> dict:
+    # Cloud TPU names v4 / v5p slices by TensorCores (2 a chip) and v5e / v6e by chips.
+    return {f"{gen}-{n}": Target(f"{gen}-{n}", f"{gen}:{shape}", n // per_chip, hbm, peak, tuple(kw.items()))
+            for n, shape in shapes.items()}
+
+
+# Shapes as Cloud TPU documents them. v4 chips show up as 2 devices unless "megacore" (one
+# device a chip, as JAX runs v4).
+TARGETS: dict[str, Target] = {
+    **_tpus("v4", 32, 275e12, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4"}, 2,
+            chip_config_name="megacore"),
+    **_tpus("v5p", 95, 459e12, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4",
+                                256: "4x4x8", 512: "4x8x8"}, 2),
+    **_tpus("v5e", 16, 197e12, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
+                                128: "8x16", 256: "16x16"}, 1),
+    **_tpus("v6e", 32, 918e12, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
+                                128: "8x16", 256: "16x16"}, 1),
+    "8xH100": Target("8xH100", None, 8, 80, 989e12),
+    "8xH200": Target("8xH200", None, 8, 141, 989e12),
+}
+
+
+@dataclasses.dataclass
+class PlanResult:
+    """One step's plan. Byte counts are per device (chip); `compiled` False = analytic estimate."""
+    target: str
+    kind: str
+    model: str
+    compiled: bool
+    devices: int
+    mesh: dict
+    settings: dict  # what shapes the memory: remat, layer scan, dtypes, loss chunk, accumulation
+    num_params: int
+    batch_rows: int  # global rows of data.max_length tokens (DPO unpacked: 2 per pair)
+    seq_len: int
+    tokens_per_step: int
+    param_bytes: int
+    opt_state_bytes: int
+    argument_bytes: int  # compiled: inputs (state + batch); analytic: params + optimizer state
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated inputs
+    temp_bytes: int  # compiled: XLA temporaries; analytic: gradients + activation estimate
+    total_bytes: int  # argument + output - alias + temp
+    hbm_bytes: int
+    fits: bool
+    flops_per_step: float
+    step_seconds_estimate: float  # at `mfu_assumed` of the target's peak
+    mfu_assumed: float
+    peak_flops_per_chip: float
+    compile_seconds: float
+    suggestions: list
+    notes: list
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def get_target(name: str) -> Target:
+    """The TARGETS entry `name` (e.g. "v5p-8"); a ValueError listing the known ones otherwise."""
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise ValueError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+
+
+def topology_devices(target: Target) -> list:
+    """The compile-only devices of a TPU target's topology (libtpu, no TPU needed)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise RuntimeError(f"planning for {target.name} compiles for a TPU through libtpu, which is not "
+                           f"installed: {INSTALL_HINT}")
+    from jax.experimental import topologies
+
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                        **dict(target.topology_kwargs))
+    if len(topo.devices) != target.chips:
+        raise RuntimeError(f"{target.topology} resolved to {len(topo.devices)} devices, expected {target.chips}")
+    return list(topo.devices)
+
+
+class _PresetVocab:
+    """Stands in for the tokenizer of a preset: the preset's own vocabulary and special ids, so
+    the plan is of the published architecture (not resized to the bundled 512-token one)."""
+
+    def __init__(self, cfg):
+        self.size, self.bos_token_id, self.eos_token_id = cfg.vocab_size, cfg.bos_token_id, cfg.eos_token_id
+        self.pad_token_id = cfg.pad_token_id
+
+    def __len__(self):
+        return self.size
+
+
+def plan_model_config(config):
+    """The ModelConfig the run would build (a preset at its own vocabulary, else model.path's)."""
+    from jaxft.data.from_config import load_tokenizer
+    from jaxft.models.from_config import model_config
+    from jaxft.models.presets import get_preset
+
+    if not config.model.path and not config.model.preset:
+        raise ValueError("config key model.path: no model; set --config.model.preset=NAME (e.g. llama3_8b) "
+                         "or --config.model.path=HF_FOLDER")
+    if config.model.path or config.model.tokenizer:
+        return model_config(config, load_tokenizer(config))
+    return model_config(config, _PresetVocab(get_preset(config.model.preset)))
+
+
+def loss_chunk_size(config, cfg) -> int:
+    """train.loss_chunk_size with -1 resolved as the run resolves it."""
+    from jaxft.tasks.base import AUTO_CHUNK_MIN_VOCAB, AUTO_CHUNK_SIZE
+
+    chunk = config.train.loss_chunk_size
+    return chunk if chunk >= 0 else (AUTO_CHUNK_SIZE if cfg.vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0)
+
+
+def per_device_bytes(tree, shardings) -> int:
+    """Bytes one device holds of `tree` (shapes) laid out by `shardings` (same structure)."""
+    leaves, sh = jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, sh))
+
+
+def _rows(config, kind: str) -> tuple[int, int, int]:
+    """(global rows, pairs, segments per row) of one step's batch, as the data layer lays it out."""
+    from jaxft.tasks.dpo import DPO
+
+    b = config.train.batch_size
+    if kind == "sft":
+        return b, 0, 1
+    if config.data.packing:  # rows of up to S segments, S // 2 pair slots each
+        return b, b * (config.data.max_segments_per_row // 2), config.data.max_segments_per_row
+    return b * DPO.rows_per_example(config), b, 1
+
+
+def abstract_batch(config, kind: str, mesh) -> dict:
+    """The global batch as int32 ShapeDtypeStructs with the step's batch shardings."""
+    from jaxft.steps.common import ROW_KEYS
+    from jaxft.steps.dpo import PAIR_KEYS, batch_shardings
+
+    rows, pairs, _ = _rows(config, kind)
+    shardings = batch_shardings(mesh)
+    batch = {k: jax.ShapeDtypeStruct((rows, config.data.max_length), jnp.int32, sharding=shardings[k])
+             for k in ROW_KEYS}
+    if kind == "dpo":
+        batch.update({k: jax.ShapeDtypeStruct((pairs,), jnp.int32, sharding=shardings[k]) for k in PAIR_KEYS})
+    return batch
+
+
+def _compile_step(config, kind, cfg, mesh, tx, schedule):
+    """(compiled step, abstract params, abstract optimizer state, TrainState shardings, a note
+    on the DPO reference or None)."""
+    from flax import nnx
+
+    from jaxft.models import abstract_model
+    from jaxft.parallel.sharding import param_shardings, replicated
+    from jaxft.steps.common import jit_step
+    from jaxft.steps.sft import make_sft_step
+    from jaxft.steps.state import train_state_shardings
+
+    chunk = loss_chunk_size(config, cfg)
+    accumulate = config.optim.accumulate
+    with jax.set_mesh(mesh):  # Flax builds annotated params only under a mesh
+        graphdef, abstract_state = nnx.split(abstract_model(cfg), nnx.Param)
+    shardings = nnx.to_pure_dict(param_shardings(abstract_state, mesh))
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nnx.to_pure_dict(abstract_state), shardings)
+    # Outside the mesh: optax's tree_map_params runs tx.init on a placeholder concretely,
+    # and nothing can execute on compile-only TPU devices.
+    state_sh = train_state_shardings(params, tx, mesh)
+    opt_state = jax.eval_shape(tx.init, params)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
+    batch = abstract_batch(config, kind, mesh)
+    if kind == "sft":
+        step = make_sft_step(graphdef, tx, schedule, accumulate=accumulate, loss_chunk_size=chunk)
+        jitted = jit_step(step, state_shardings=state_sh, batch_sharding=batch["tokens"].sharding)
+        return _lower(mesh, jitted, state, batch), params, opt_state, state_sh, None
+    from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
+    from jaxft.tasks.dpo import DPO, loss_kwargs
+    from jaxft.tasks.dpo_reference import reference_mode
+
+    mode = reference_mode(config)
+    _, pairs, segments = _rows(config, kind)
+    if mode == "table":  # [N, 2] f32, replicated: one row per pair the run trains on
+        n = max(pairs * max(config.train.steps, 1), 1)
+        reference, ref_sh = jax.ShapeDtypeStruct((n, 2), jnp.float32), replicated(mesh)
+    elif mode == "params":  # a frozen copy of the policy, sharded like it
+        reference, ref_sh = params, shardings
+    else:
+        reference, ref_sh = None, None
+    step = make_dpo_step(graphdef, tx, schedule, loss_kwargs=loss_kwargs(config), reference_mode=mode,
+                         num_segments=segments, rows_per_pair=DPO.rows_per_example(config),
+                         accumulate=accumulate, loss_chunk_size=chunk)
+    jitted = jit_dpo_step(step, state_shardings=state_sh, reference_shardings=ref_sh, mesh=mesh)
+    ref_bytes = per_device_bytes(reference, ref_sh) if reference is not None else 0
+    note = f"DPO reference: {mode} ({ref_bytes / GIB:.3f} GiB per device, among the arguments)"
+    return _lower(mesh, jitted, state, reference, batch), params, opt_state, state_sh, note
+
+
+def _lower(mesh, jitted, *args):
+    with jax.set_mesh(mesh):  # model code constrains activations by the ambient mesh
+        return jitted.lower(*args).compile()
+
+
+def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
+    """What to change when a step does not fit, most effective first; only what applies."""
+    out = []
+    if str(config.model.remat).lower() in ("none", "false", ""):
+        value = "True" if isinstance(config.model.remat, bool) else "full"
+        out.append(f"--config.model.remat={value} (recompute layer activations in the backward pass)")
+    if mesh_shape["fsdp"] < devices // mesh_shape["tensor"]:
+        out.append(f"--config.mesh.fsdp={devices // mesh_shape['tensor']} --config.mesh.data=1 "
+                   "(shard params and optimizer state over more devices)")
+    rows_per_device = config.train.batch_size // config.optim.accumulate / (mesh_shape["data"] * mesh_shape["fsdp"])
+    if rows_per_device > 1:
+        out.append(f"a smaller --config.train.batch_size or --config.optim.accumulate={config.optim.accumulate * 2} "
+                   "(fewer rows per device at once)")
+    if loss_chunk_size(config, cfg) == 0:
+        out.append("--config.train.loss_chunk_size=512 (never materialise [B, L, V] logits)")
+    return out
+
+
+def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
+    """A GPU estimate: FSDP-sharded params, AdamW moments and grads, plus activations."""
+    n, dev = cfg.num_params(), target.chips
+    p_bytes, c_bytes = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize
+    params = n * p_bytes // dev
+    opt = 2 * n * p_bytes // dev  # AdamW mu and nu, in the param dtype
+    grads = n * p_bytes // dev
+    rows, _, _ = _rows(config, kind)
+    length = config.data.max_length
+    rows_dev = max(rows // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
+    tokens = rows_dev * length
+    E, F, H, K, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    # What one layer keeps for the backward pass per token: norms, q/k/v, attention out, the
+    # MLP's gate/up/product, and the einsum attention's f32 probabilities over L keys.
+    layer = c_bytes * (6 * E + 2 * K * D + 3 * F) + 4 * H * length
+    if str(cfg.remat) not in ("none", "False"):  # only each layer's input, plus one layer live
+        acts = tokens * (cfg.num_layers * c_bytes * E + 2 * layer)
+    else:
+        acts = tokens * cfg.num_layers * layer
+    chunk = loss_chunk_size(config, cfg) or length
+    logits = rows_dev * chunk * cfg.vocab_size * 4 * 2  # f32 logits and their gradient
+    temp = grads + acts + logits
+    return dict(param_bytes=params, opt_state_bytes=opt, argument_bytes=params + opt, output_bytes=0,
+                alias_bytes=0, temp_bytes=temp)
+
+
+def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
+    """Plans one optimizer step of `config` (a run config; data.train may be empty) on `target`.
+
+    kind: "sft" or "dpo" (DPO's reference as the config has it: dpo.precompute_reference =
+    a [N, 2] table, else a frozen params copy, or none). TPU targets are compiled ahead of
+    time through libtpu (RuntimeError if it is missing); GPU targets are analytic.
+    """
+    from jaxft.io.metrics import train_flops_per_token
+    from jaxft.parallel.sharding import check_batch_divisibility, make_mesh
+    from jaxft.steps.optimizer import optimizer_from_config
+
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"kind={kind!r}: choose sft or dpo")
+    spec = get_target(target)
+    cfg = plan_model_config(config)
+    devices = topology_devices(spec) if spec.topology else list(range(spec.chips))
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    mesh_shape = dict(mesh.shape)
+    rows = _rows(config, kind)[0]
+    check_batch_divisibility(config, mesh, rows_per_example=rows // config.train.batch_size)
+    length = config.data.max_length
+    tokens = rows * length
+    flops = train_flops_per_token(cfg, length) * tokens
+    settings = dict(remat=cfg.remat, scan_layers=cfg.scan_layers, param_dtype=jnp.dtype(cfg.param_dtype).name,
+                    compute_dtype=jnp.dtype(cfg.compute_dtype).name, loss_chunk_size=loss_chunk_size(config, cfg),
+                    accumulate=config.optim.accumulate)
+    notes = []
+    if spec.topology is None:
+        mem = _analytic(config, kind, cfg, spec, mesh_shape)
+        num_params, seconds = cfg.num_params(), 0.0
+        notes.append("analytic, not compiled: GPU programs cannot be compiled here; memory is an estimate")
+    else:
+        total_steps = max(config.train.steps, config.optim.warmup_steps, 1)  # the schedule's length: no memory
+        tx, schedule = optimizer_from_config(config.optim, total_steps)
+        start = time.perf_counter()
+        compiled, params, opt_state, state_sh, ref_note = _compile_step(config, kind, cfg, mesh, tx, schedule)
+        seconds = time.perf_counter() - start
+        m = compiled.memory_analysis()
+        mem = dict(param_bytes=per_device_bytes(params, state_sh["params"]),
+                   opt_state_bytes=per_device_bytes(opt_state, state_sh["opt_state"]),
+                   argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+                   alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes))
+        num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        notes += [ref_note] if ref_note else []
+    total = mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+    hbm = int(spec.hbm_gib * GIB)
+    fits = total <= hbm
+    return PlanResult(
+        target=target, kind=kind, model=config.model.path or config.model.preset, compiled=spec.topology is not None,
+        devices=spec.chips, mesh=mesh_shape, settings=settings, num_params=int(num_params), batch_rows=rows, seq_len=length,
+        tokens_per_step=tokens, **mem, total_bytes=int(total), hbm_bytes=hbm, fits=fits, flops_per_step=flops,
+        step_seconds_estimate=flops / (spec.chips * spec.peak_flops * ASSUMED_MFU), mfu_assumed=ASSUMED_MFU,
+        peak_flops_per_chip=spec.peak_flops, compile_seconds=round(seconds, 1),
+        suggestions=[] if fits else suggestions(config, cfg, mesh_shape, spec.chips), notes=notes)
+
+
+def format_plan(r: PlanResult) -> str:
+    """The plan as a small table (GiB per device) with fit, time estimate and suggestions."""
+    unit, size = ("GiB", GIB) if r.total_bytes >= GIB else ("MiB", 1024**2)
+    how = f"compiled for the TPU topology in {r.compile_seconds:.0f} s" if r.compiled else "analytic, not compiled"
+    mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
+    lines = [f"jaxft plan: {r.kind} step of {r.model} ({_count(r.num_params)} params) on {r.target} "
+             f"({r.devices} chips; mesh {mesh}); {how}",
+             "settings: " + ", ".join(f"{k} {v}" for k, v in r.settings.items()),
+             f"batch: {r.batch_rows} rows x {r.seq_len} tokens = {r.tokens_per_step:,} tokens per step",
+             "", f"per device {unit:>30}"]
+    rows = [("params", r.param_bytes), ("optimizer state", r.opt_state_bytes),
+            ("arguments (state + batch)" if r.compiled else "params + optimizer state", r.argument_bytes),
+            ("outputs", r.output_bytes), ("aliased (donated) outputs", -r.alias_bytes),
+            ("temporaries" if r.compiled else "grads + activations (estimate)", r.temp_bytes),
+            ("total", r.total_bytes), ("HBM", r.hbm_bytes)]
+    lines += [f"  {name:<30}{b / size:>9.2f}" for name, b in rows]
+    verdict = "fits" if r.fits else "DOES NOT FIT"
+    t = r.step_seconds_estimate
+    lines += ["", f"{verdict}: {r.total_bytes / GIB:.2f} of {r.hbm_bytes / GIB:.0f} GiB per device "
+                  f"({100 * r.total_bytes / r.hbm_bytes:.1f}%)",
+              f"FLOPs per step (analytic): {r.flops_per_step:.3g}; step time estimate at {r.mfu_assumed:.0%} MFU "
+              f"of {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip: {f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.1f} ms'} "
+              f"({r.tokens_per_step / t / r.devices:,.0f} tokens/s per chip)"]
+    lines += [f"note: {n}" for n in r.notes]
+    if r.suggestions:
+        lines += ["to fit, try (in this order):"] + [f"  {s}" for s in r.suggestions]
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

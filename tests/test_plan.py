@@ -1,0 +1,140 @@
+"""`jaxft plan`: a step compiled ahead of time for a TPU topology (libtpu, no TPU) reports
+XLA's per-device memory, consistent with the shardings the run would give its state."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import jaxft.config
+from jaxft import cli
+from jaxft import plan as plan_lib
+from jaxft.data.assets import BUNDLED_TOKENIZER_DIR
+from jaxft.models import config_to_hf, get_preset
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_LIBTPU = importlib.util.find_spec("libtpu") is None
+needs_libtpu = pytest.mark.skipif(NO_LIBTPU, reason='libtpu is not installed: pip install "jaxft[tpu]"')
+# Every number of the table, as `jaxft plan --json` writes them.
+JSON_KEYS = {"target", "kind", "model", "compiled", "devices", "mesh", "settings", "num_params", "batch_rows", "seq_len",
+             "tokens_per_step", "param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
+             "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops_per_step",
+             "step_seconds_estimate", "mfu_assumed", "peak_flops_per_chip", "compile_seconds",
+             "suggestions", "notes"}
+
+
+def tiny(kind="sft", **overrides):
+    return jaxft.config.load(str(ROOT / f"configs/{kind}.py:tiny"), overrides)
+
+
+_cache = {}
+
+
+def planned(kind, target, **overrides):
+    """plan() of the tiny config, each combination compiled once per test session."""
+    key = (kind, target, tuple(sorted(overrides.items())))
+    if key not in _cache:
+        _cache[key] = plan_lib.plan(tiny(kind, **overrides), target=target, kind=kind)
+    return _cache[key]
+
+
+@needs_libtpu
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("target,chips,mesh", [
+    ("v5p-8", 4, {"mesh.data": 1, "mesh.fsdp": -1}),  # params sharded 4 ways
+    ("v5e-16", 16, {}),  # the tiny config's data parallelism: params replicated
+])
+def test_a_tiny_step_compiles_for_a_tpu_slice_with_consistent_memory(kind, target, chips, mesh):
+    r = planned(kind, target, **mesh)
+    assert r.compiled and r.devices == chips and math.prod(r.mesh.values()) == chips
+    for name in ("param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes", "total_bytes",
+                 "flops_per_step", "step_seconds_estimate"):
+        assert getattr(r, name) > 0, name
+    # v5e / v6e report no HBM temporaries for a step this small (a longer one has them).
+    assert r.temp_bytes > 0 if target.startswith("v5p") else r.temp_bytes >= 0
+    assert r.total_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
+    assert r.alias_bytes > 0  # the state is donated: the new one is written in place
+    # fp32 params split over fsdp (norms, ~0.1% of the params, are replicated).
+    cfg = get_preset("tiny")
+    assert r.num_params == cfg.num_params()
+    assert r.param_bytes == pytest.approx(r.num_params * 4 / r.mesh["fsdp"], rel=0.02)
+    assert r.opt_state_bytes == pytest.approx(2 * r.param_bytes, rel=0.01)  # AdamW mu and nu
+    # The whole state is an argument (and the batch, and a DPO reference table).
+    assert r.argument_bytes >= r.param_bytes + r.opt_state_bytes
+    rows = 16 * (2 if kind == "dpo" else 1)  # unpacked DPO: a chosen and a rejected row per pair
+    assert (r.batch_rows, r.seq_len, r.tokens_per_step) == (rows, 128, rows * 128)
+    assert r.fits and not r.suggestions
+    text = plan_lib.format_plan(r)
+    assert target in text and "fits" in text and "compiled for the TPU topology" in text
+
+
+@needs_libtpu
+def test_a_bigger_model_needs_more_memory(tmp_path):
+    fsdp = {"mesh.data": 1, "mesh.fsdp": -1}
+    small = planned("sft", "v5p-8", **fsdp)
+    big_cfg = get_preset("tiny").replace(hidden_size=256, intermediate_size=768)  # as a model.path folder
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(big_cfg)))
+    config = tiny(**fsdp, **{"model.path": str(tmp_path), "model.tokenizer": str(BUNDLED_TOKENIZER_DIR)})
+    big = plan_lib.plan(config, target="v5p-8")
+    assert big.num_params == big_cfg.num_params() > 2 * small.num_params
+    assert big.param_bytes == pytest.approx(big.num_params * 4 / 4, rel=0.02)
+    assert big.total_bytes > small.total_bytes and big.temp_bytes > small.temp_bytes
+    assert big.flops_per_step > small.flops_per_step
+
+
+@needs_libtpu
+def test_the_cli_writes_every_number_as_json(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    cli.main(["plan", "--config", str(ROOT / "configs/sft.py:tiny"), "--config.mesh.fsdp=-1",
+              "--config.mesh.data=1", "--target", "v5p-8", "--json", str(out)])
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert set(data) == JSON_KEYS
+    assert data["target"] == "v5p-8" and data["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert data["settings"]["param_dtype"] == "float32" and data["settings"]["remat"] == "none"
+    assert data["total_bytes"] == (data["argument_bytes"] + data["output_bytes"] - data["alias_bytes"]
+                                   + data["temp_bytes"])
+    assert "v5p-8" in printed and "fits" in printed
+
+
+def test_an_unknown_target_names_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown target 'v5p-7'.*v5p-8.*v5e-16.*v6e-256"):
+        plan_lib.plan(tiny(), target="v5p-7")
+    with pytest.raises(SystemExit, match="unknown target"):
+        cli.main(["plan", "--config", str(ROOT / "configs/sft.py:tiny"), "--target", "tpu-9000"])
+
+
+def test_without_libtpu_the_error_says_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r'pip install "jaxft\[tpu\]"'):
+        plan_lib.plan(tiny(), target="v5p-8")
+
+
+def test_target_names_count_tensorcores_for_v4_and_v5p_and_chips_for_v5e_and_v6e():
+    t = plan_lib.TARGETS
+    assert (t["v5p-8"].topology, t["v5p-8"].chips, t["v5p-64"].chips) == ("v5p:2x2x1", 4, 32)
+    assert (t["v4-32"].chips, t["v5e-16"].topology, t["v6e-256"].topology) == (16, "v5e:4x4", "v6e:16x16")
+    assert {t[n].hbm_gib for n in ("v4-8", "v5e-4", "v5p-8", "v6e-4")} == {32, 16, 95}
+
+
+def test_gpu_targets_are_an_analytic_estimate_labelled_as_such():
+    r = plan_lib.plan(tiny(**{"mesh.data": 1, "mesh.fsdp": -1}), target="8xH100")
+    assert not r.compiled and r.hbm_bytes == 80 * 1024**3
+    assert r.param_bytes == r.num_params * 4 // 8 and r.opt_state_bytes == 2 * r.param_bytes
+    assert r.total_bytes == r.argument_bytes + r.temp_bytes > 0
+    assert "analytic, not compiled" in plan_lib.format_plan(r)
+
+
+def test_suggestions_come_in_order_and_only_when_they_apply():
+    config = tiny()  # remat none, data parallel, 16 rows, whole-vocabulary loss
+    cfg = plan_lib.plan_model_config(config)
+    got = plan_lib.suggestions(config, cfg, {"data": 4, "fsdp": 1, "tensor": 1}, 4)
+    assert [s.split("=")[0] for s in got] == ["--config.model.remat", "--config.mesh.fsdp",
+                                              "a smaller --config.train.batch_size or --config.optim.accumulate",
+                                              "--config.train.loss_chunk_size"]
+    config = tiny(**{"model.remat": "full", "mesh.data": 1, "mesh.fsdp": -1, "train.batch_size": 4,
+                     "train.loss_chunk_size": 64})
+    assert plan_lib.suggestions(config, cfg, {"data": 1, "fsdp": 4, "tensor": 1}, 4) == []
