@@ -34,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     # (jaxft.models.remat; saves memory for compute). True / False in older configs = full / none.
     c.model.remat = "none"
     c.model.scan_layers = True  # stack and scan the layers: compile time independent of depth
+    # Attention kernel: auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | reference |
+    # blockwise | xla | cudnn | splash (jaxft.models.attention)
+    c.model.attention = "auto"
     c.model.tokenizer = ""  # tokenizer folder; empty = model.path, or the bundled one for presets
 
     c.data = ml_collections.ConfigDict()

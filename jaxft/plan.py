@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import time
 
 import jax
@@ -111,6 +112,10 @@ def topology_devices(target: Target) -> list:
                            f"installed: {INSTALL_HINT}")
     from jax.experimental import topologies
 
+    # libtpu takes /tmp/libtpu_lockfile for the process that loads it, so a second plan (or
+    # a test run, or training on a TPU VM) would fail with "ABORTED ... lockfile". Compiling
+    # for compile-only devices opens no chip: let this process load libtpu alongside.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                         **dict(target.topology_kwargs))
     if len(topo.devices) != target.chips:
@@ -357,10 +362,10 @@ def format_plan(r: PlanResult) -> str:
     lines += [f"  {name:<30}{b / size:>9.2f}" for name, b in rows]
     verdict = "fits" if r.fits else "DOES NOT FIT"
     t = r.step_seconds_estimate
-    lines += ["", f"{verdict}: {r.total_bytes / GIB:.2f} of {r.hbm_bytes / GIB:.0f} GiB per device "
+    lines += ["", f"{verdict}: {r.total_bytes / size:.2f} {unit} of {r.hbm_bytes / GIB:.0f} GiB per device "
                   f"({100 * r.total_bytes / r.hbm_bytes:.1f}%)",
               f"FLOPs per step (analytic): {r.flops_per_step:.3g}; step time estimate at {r.mfu_assumed:.0%} MFU "
-              f"of {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip: {f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.1f} ms'} "
+              f"of {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip: {f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.3g} ms'} "
               f"({r.tokens_per_step / t / r.devices:,.0f} tokens/s per chip)"]
     lines += [f"note: {n}" for n in r.notes]
     if r.suggestions:

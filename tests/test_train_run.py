@@ -325,7 +325,8 @@ def test_export_of_an_older_step_and_of_a_missing_step(reference, tmp_path):
     graphdef, abstract = nnx.split(abstract_model(older.cfg), nnx.Param)
     full, _ = saved.restore(4, _abstract_train_state(reference, nnx.to_pure_dict(abstract)))
     saved.close()
-    assert sorted(full["params"]["layers"]) == list(range(older.cfg.num_layers))  # int keys survive
+    # The scanned layers restore as one stack: [num_layers, ...] per param.
+    assert full["params"]["layers"]["mlp"]["up_proj"].shape[0] == older.cfg.num_layers
     tokens = np.arange(1, 17, dtype=np.int32)[None]
     want = _logits(nnx.merge(graphdef, full["params"]), tokens)
     assert np.abs(_logits(older, tokens) - want).max() <= 1e-5

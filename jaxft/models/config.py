@@ -81,6 +81,7 @@ class ModelConfig:
     compute_dtype: Any = jnp.float32
     remat: str = "none"  # what layers recompute in the backward pass (jaxft.models.remat)
     scan_layers: bool = True  # layers stacked and scanned: compile time independent of depth
+    attention: str = "auto"  # attention backend (jaxft.models.attention.BACKENDS, or "auto")
     # Keys of the source config.json we do not model, written back unchanged on save.
     extra_hf_config: dict = dataclasses.field(default_factory=dict, compare=False)
 

@@ -7,6 +7,7 @@ import logging
 
 from flax import nnx
 
+from jaxft.models.attention import resolve
 from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
 from jaxft.models.hf import create_model, load_weights
 from jaxft.models.presets import get_preset
@@ -35,8 +36,11 @@ def model_config(config, tokenizer) -> ModelConfig:
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; "
             "use the model's own tokenizer (model.tokenizer)"
         )
+    resolve(config.model.get("attention", "auto"))  # an unknown name fails here, naming model.attention
     return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=config.model.remat,
-                       scan_layers=bool(config.model.scan_layers))
+                       attention=config.model.get("attention", "auto"),
+                       # A workdir saved before scanning existed has no such key: its layers are a list.
+                       scan_layers=bool(config.model.get("scan_layers", False)))
 
 
 def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
@@ -46,7 +50,8 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
         log.info("loading %s", path)
         if path != config.model.path:  # another folder (a DPO reference): its own architecture
             cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
-                compute_dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers)
+                compute_dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                attention=cfg.attention)
         return load_weights(path, cfg, mesh=mesh)
     log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
     return create_model(cfg, seed=config.train.seed, mesh=mesh)

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.models.attention import attend
 from jaxft.models.config import ModelConfig
 from jaxft.models.remat import REMAT_POLICIES, remat
 from jaxft.parallel.sharding import constrain
 
 _INIT_STD = 0.02  # transformers' default initializer_range
-_MASKED = float(np.finfo(np.float32).min)  # finite, so fully-masked padding rows stay NaN-free
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal") -> nnx.Param:
@@ -113,7 +113,6 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None):
         cfg = self.cfg
-        B, L, _ = x_BLE.shape
         q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n) for n in ("q", "k", "v"))
         if cfg.qk_norm:
             q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
@@ -122,9 +121,8 @@ class Attention(nnx.Module):
         k_BLKD = apply_rope(k_BLKD, positions_BL, inv_freq)
         q_BLHD = constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
 
-        q_idx = jnp.arange(L)
         if cache is None:
-            k_BSKD, v_BSKD, kv_segments_BS, k_idx = k_BLKD, v_BLKD, segment_ids_BL, q_idx
+            k_BSKD, v_BSKD, kv_segments_BS, q_offset = k_BLKD, v_BLKD, segment_ids_BL, 0
             new_cache = None
         else:
             # Decode / prefill: write this chunk's keys at `cache_index`, attend over the cache.
@@ -135,29 +133,12 @@ class Attention(nnx.Module):
                 cache["segment_ids"], segment_ids_BL.astype(jnp.int32), (0, cache_index)
             )
             new_cache = {"k": k_BSKD, "v": v_BSKD, "segment_ids": kv_segments_BS}
-            k_idx = jnp.arange(k_BSKD.shape[1])
-            q_idx = q_idx + cache_index
+            q_offset = cache_index
 
-        # Causal by index within a row (packed segments are contiguous), same segment, no padding.
-        allowed_LS = q_idx[:, None] >= k_idx[None, :]
-        if cfg.sliding_window:
-            allowed_LS &= q_idx[:, None] - k_idx[None, :] < cfg.sliding_window
-        allowed_BLS = (
-            allowed_LS[None]
-            & (segment_ids_BL[:, :, None] == kv_segments_BS[:, None, :])
-            & (kv_segments_BS[:, None, :] != 0)
-        )
-
-        K = cfg.num_kv_heads
-        G = cfg.num_heads // K
-        D = cfg.dim_per_head
-        q_BLKGD = q_BLHD.reshape(B, L, K, G, D)
-        scores = jnp.einsum("BLKGD,BSKD->BKGLS", q_BLKGD, k_BSKD.astype(q_BLKGD.dtype))
-        scores = scores.astype(jnp.float32) / math.sqrt(D)
-        scores = jnp.where(allowed_BLS[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
-        out_BLKGD = jnp.einsum("BKGLS,BSKD->BLKGD", probs, v_BSKD).astype(x_BLE.dtype)
-        out_BLHD = out_BLKGD.reshape(B, L, K * G, D)
+        # Causal within a row, never across packed segments or onto padding (models/attention.py).
+        out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
+                          kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset,
+                          sliding_window=cfg.sliding_window, implementation=cfg.attention).astype(x_BLE.dtype)
         y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, self.o_proj[...].astype(x_BLE.dtype))
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
