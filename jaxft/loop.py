@@ -84,6 +84,39 @@ def _every(step: int, every: int) -> bool:
     return bool(every) and step % every == 0
 
 
+class _Window:
+    """The metrics of the steps since the last log: summed on the device (no wait per step),
+    averaged and rated when a row is logged."""
+
+    def __init__(self, real_tokens: int, model_config):
+        self.model_config, self.peak = model_config, device_peak_flops()
+        self._reset(real_tokens)
+
+    def _reset(self, real_tokens: int):
+        self.sums, self.steps = None, 0
+        self.start, self.tokens_at_start = time.perf_counter(), real_tokens
+
+    def add(self, metrics: dict):
+        self.sums = metrics if self.sums is None else jax.tree.map(lambda a, b: a + b, self.sums, metrics)
+        self.steps += 1
+
+    def row(self, last, metrics: dict) -> dict:
+        """The logged row after `last` (a Prepared batch) and its step's `metrics`; restarts."""
+        elapsed = time.perf_counter() - self.start
+        # Averages over the steps since the last log (as TRL does); the rate is the current one.
+        row = {k: float(v) / self.steps for k, v in jax.device_get(self.sums).items() if k != "skipped"}
+        row["learning_rate"] = float(metrics["learning_rate"])
+        row["tokens_per_sec"] = (last.real_tokens - self.tokens_at_start) / elapsed
+        row["step_time"] = elapsed / self.steps
+        row["padding_fraction"] = last.padding_fraction
+        row["epoch"] = float(last.epoch)
+        if self.peak:
+            flops = train_flops_per_token(self.model_config, last.length) * row["tokens_per_sec"]
+            row["mfu"] = flops / (self.peak * jax.device_count())
+        self._reset(last.real_tokens)
+        return row
+
+
 def train_loop(state, task, data, *, config, steps: int, model_config, checkpointer, writer, stop):
     """Steps `state` with `task` on batches of `data` until `steps` optimizer steps; returns
     (state, logged rows). Skipped (non-finite) steps do not count; `train.max_bad_steps` of
@@ -94,9 +127,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
     done = int(state["step"])  # optimizer steps applied, known exactly
     logged: list[dict] = []
     bad_in_a_row = 0
-    peak = device_peak_flops()
-    window, window_steps = None, 0  # on-device sums of the metrics since the last log
-    window_start, tokens_at_start = time.perf_counter(), data.real_tokens
+    window = _Window(data.real_tokens, model_config)
     # A resumed run must beat the best checkpoint kept before it stopped.
     best_eval = checkpoint.best_eval_loss(checkpointer.directory.parent) if train.keep_best else float("inf")
     pending = []  # dispatched steps whose metrics are not read yet: (metrics, Prepared), at most 2
@@ -109,7 +140,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
 
     def resolve():
         """Reads the oldest dispatched step's outcome (a wait on that step only)."""
-        nonlocal done, bad_in_a_row, window, window_steps
+        nonlocal done, bad_in_a_row
         metrics, _ = pending.pop(0)
         if float(metrics["skipped"]):
             bad_in_a_row += 1
@@ -126,8 +157,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
             return False
         bad_in_a_row = 0
         done += 1
-        window_steps += 1
-        window = metrics if window is None else jax.tree.map(lambda a, b: a + b, window, metrics)
+        window.add(metrics)
         bar.update(1)
         return True
 
@@ -151,19 +181,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
 
             row = {}
             if _every(done, train.log_every) or done == steps:
-                elapsed = time.perf_counter() - window_start
-                # Averages over the steps since the last log (as TRL does); the rate is the current one.
-                row = {k: float(v) / window_steps for k, v in jax.device_get(window).items() if k != "skipped"}
-                row["learning_rate"] = float(metrics["learning_rate"])
-                row["tokens_per_sec"] = (last.real_tokens - tokens_at_start) / elapsed
-                row["step_time"] = elapsed / window_steps
-                row["padding_fraction"] = last.padding_fraction
-                row["epoch"] = float(last.epoch)
-                if peak:
-                    flops = train_flops_per_token(model_config, last.length) * row["tokens_per_sec"]
-                    row["mfu"] = flops / (peak * jax.device_count())
-                window, window_steps = None, 0
-                window_start, tokens_at_start = time.perf_counter(), last.real_tokens
+                row = window.row(last, metrics)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
 
             eval_now = task.can_evaluate and (_every(done, train.eval_every) or done == steps)
