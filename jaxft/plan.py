@@ -18,6 +18,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 import time
 
 import jax
@@ -41,11 +42,15 @@ class Target:
 
 
 def _tpus(gen: str, hbm: float, peak: float, shapes: dict[int, str], per_chip: int, **kw) -> dict:
-    # Cloud TPU names v4 / v5p slices by TensorCores (2 a chip) and v5e / v6e by chips.
-    return {f"{gen}-{n}": Target(f"{gen}-{n}", f"{gen}:{shape}", n // per_chip, hbm, peak, tuple(kw.items()))
+    # Cloud TPU names v4 / v5p slices by TensorCores (2 a chip) and v5e / v6e by chips. A
+    # single chip is smaller than libtpu's default host (2x2x1): say so.
+    one = {"chips_per_host_bounds": (1, 1, 1)}
+    return {f"{gen}-{n}": Target(f"{gen}-{n}", f"{gen}:{shape}", n // per_chip, hbm, peak,
+                                 tuple({**kw, **(one if n == per_chip else {})}.items()))
             for n, shape in shapes.items()}
 
 
+_LITE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 # Shapes as Cloud TPU documents them. v4 chips show up as 2 devices unless "megacore" (one
 # device a chip, as JAX runs v4).
 TARGETS: dict[str, Target] = {
@@ -53,10 +58,8 @@ TARGETS: dict[str, Target] = {
             chip_config_name="megacore"),
     **_tpus("v5p", 95, 459e12, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4",
                                 256: "4x4x8", 512: "4x8x8"}, 2),
-    **_tpus("v5e", 16, 197e12, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
-                                128: "8x16", 256: "16x16"}, 1),
-    **_tpus("v6e", 32, 918e12, {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8",
-                                128: "8x16", 256: "16x16"}, 1),
+    **_tpus("v5e", 16, 197e12, _LITE_SHAPES, 1),
+    **_tpus("v6e", 32, 918e12, _LITE_SHAPES, 1),
     "8xH100": Target("8xH100", None, 8, 80, 989e12),
     "8xH200": Target("8xH200", None, 8, 141, 989e12),
 }
@@ -71,7 +74,7 @@ class PlanResult:
     compiled: bool
     devices: int
     mesh: dict
-    settings: dict  # what shapes the memory: remat, layer scan, dtypes, loss chunk, accumulation
+    settings: dict  # what shapes the memory: attention, remat, layer scan, dtypes, loss chunk, accumulate
     num_params: int
     batch_rows: int  # global rows of data.max_length tokens (DPO unpacked: 2 per pair)
     seq_len: int
@@ -90,6 +93,7 @@ class PlanResult:
     mfu_assumed: float
     peak_flops_per_chip: float
     compile_seconds: float
+    compile_error: str | None  # XLA's refusal when the step does not fit in HBM (then fits is False)
     suggestions: list
     notes: list
 
@@ -112,9 +116,9 @@ def topology_devices(target: Target) -> list:
                            f"installed: {INSTALL_HINT}")
     from jax.experimental import topologies
 
-    # libtpu takes /tmp/libtpu_lockfile for the process that loads it, so a second plan (or
-    # a test run, or training on a TPU VM) would fail with "ABORTED ... lockfile". Compiling
-    # for compile-only devices opens no chip: let this process load libtpu alongside.
+    # libtpu takes /tmp/libtpu_lockfile for the process that loads it, so a second plan or a
+    # test run alongside would fail ("ABORTED ... lockfile"). This process only compiles for
+    # compile-only devices, so it may share libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                         **dict(target.topology_kwargs))
@@ -189,9 +193,20 @@ def abstract_batch(config, kind: str, mesh) -> dict:
     return batch
 
 
-def _compile_step(config, kind, cfg, mesh, tx, schedule):
-    """(compiled step, abstract params, abstract optimizer state, TrainState shardings, a note
-    on the DPO reference or None)."""
+@dataclasses.dataclass
+class _Step:
+    """The jitted step, its abstract arguments, and what the table reads off them."""
+    jitted: object
+    args: tuple
+    params: dict
+    opt_state: object
+    state_shardings: dict
+    argument_bytes: int  # per device, from the shapes (XLA's own count when it compiles)
+    note: str | None = None
+
+
+def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
+    """The run's jitted step for `kind` and its abstract arguments (state, [reference,] batch)."""
     from flax import nnx
 
     from jaxft.models import abstract_model
@@ -213,10 +228,11 @@ def _compile_step(config, kind, cfg, mesh, tx, schedule):
     opt_state = jax.eval_shape(tx.init, params)
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
     batch = abstract_batch(config, kind, mesh)
+    arg_bytes = per_device_bytes(state, state_sh) + per_device_bytes(batch, {k: v.sharding for k, v in batch.items()})
     if kind == "sft":
         step = make_sft_step(graphdef, tx, schedule, accumulate=accumulate, loss_chunk_size=chunk)
         jitted = jit_step(step, state_shardings=state_sh, batch_sharding=batch["tokens"].sharding)
-        return _lower(mesh, jitted, state, batch), params, opt_state, state_sh, None
+        return _Step(jitted, (state, batch), params, opt_state, state_sh, arg_bytes)
     from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
     from jaxft.tasks.dpo import DPO, loss_kwargs
     from jaxft.tasks.dpo_reference import reference_mode
@@ -236,12 +252,26 @@ def _compile_step(config, kind, cfg, mesh, tx, schedule):
     jitted = jit_dpo_step(step, state_shardings=state_sh, reference_shardings=ref_sh, mesh=mesh)
     ref_bytes = per_device_bytes(reference, ref_sh) if reference is not None else 0
     note = f"DPO reference: {mode} ({ref_bytes / GIB:.3f} GiB per device, among the arguments)"
-    return _lower(mesh, jitted, state, reference, batch), params, opt_state, state_sh, note
+    return _Step(jitted, (state, reference, batch), params, opt_state, state_sh, arg_bytes + ref_bytes, note)
 
 
-def _lower(mesh, jitted, *args):
-    with jax.set_mesh(mesh):  # model code constrains activations by the ambient mesh
-        return jitted.lower(*args).compile()
+def compile_memory(step: _Step, mesh) -> tuple[dict, str | None]:
+    """XLA's per-device memory of the compiled step, and None; or, when the compiler refuses
+    because the step does not fit, its estimate (temporaries from its message, arguments from
+    the shapes) and that message."""
+    try:
+        with jax.set_mesh(mesh):  # model code constrains activations by the ambient mesh
+            m = step.jitted.lower(*step.args).compile().memory_analysis()
+    except jax.errors.JaxRuntimeError as err:
+        if "RESOURCE_EXHAUSTED" not in str(err):
+            raise
+        # "... required for HLO temporaries (27.78G) exceeds available HBM (15.75G)": 1024-based.
+        found = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", str(err))
+        temp = float(found[1]) * 1024 ** " KMGT".index(found[2] or " ") if found else 0
+        state = step.argument_bytes  # outputs are the new state, written into the donated one
+        return dict(argument_bytes=state, output_bytes=0, alias_bytes=0, temp_bytes=int(temp)), str(err)
+    return dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
+                alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes)), None
 
 
 def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
@@ -266,12 +296,10 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
     """A GPU estimate: FSDP-sharded params, AdamW moments and grads, plus activations."""
     n, dev = cfg.num_params(), target.chips
     p_bytes, c_bytes = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize
-    params = n * p_bytes // dev
-    opt = 2 * n * p_bytes // dev  # AdamW mu and nu, in the param dtype
-    grads = n * p_bytes // dev
-    rows, _, _ = _rows(config, kind)
+    params = grads = n * p_bytes // dev
+    opt = 2 * params  # AdamW mu and nu, in the param dtype
     length = config.data.max_length
-    rows_dev = max(rows // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
+    rows_dev = max(_rows(config, kind)[0] // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
     tokens = rows_dev * length
     E, F, H, K, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     # What one layer keeps for the backward pass per token: norms, q/k/v, attention out, the
@@ -283,9 +311,8 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
         acts = tokens * cfg.num_layers * layer
     chunk = loss_chunk_size(config, cfg) or length
     logits = rows_dev * chunk * cfg.vocab_size * 4 * 2  # f32 logits and their gradient
-    temp = grads + acts + logits
     return dict(param_bytes=params, opt_state_bytes=opt, argument_bytes=params + opt, output_bytes=0,
-                alias_bytes=0, temp_bytes=temp)
+                alias_bytes=0, temp_bytes=grads + acts + logits)
 
 
 def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
@@ -296,6 +323,7 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     time through libtpu (RuntimeError if it is missing); GPU targets are analytic.
     """
     from jaxft.io.metrics import train_flops_per_token
+    from jaxft.models.attention import resolve as resolve_attention
     from jaxft.parallel.sharding import check_batch_divisibility, make_mesh
     from jaxft.steps.optimizer import optimizer_from_config
 
@@ -303,6 +331,8 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
         raise ValueError(f"kind={kind!r}: choose sft or dpo")
     spec = get_target(target)
     cfg = plan_model_config(config)
+    # model.attention "auto" picks by the local backend (this CPU): pick for the target instead.
+    cfg = cfg.replace(attention=resolve_attention(cfg.attention, "tpu" if spec.topology else "gpu"))
     devices = topology_devices(spec) if spec.topology else list(range(spec.chips))
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     mesh_shape = dict(mesh.shape)
@@ -311,10 +341,10 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     length = config.data.max_length
     tokens = rows * length
     flops = train_flops_per_token(cfg, length) * tokens
-    settings = dict(remat=cfg.remat, scan_layers=cfg.scan_layers, param_dtype=jnp.dtype(cfg.param_dtype).name,
-                    compute_dtype=jnp.dtype(cfg.compute_dtype).name, loss_chunk_size=loss_chunk_size(config, cfg),
-                    accumulate=config.optim.accumulate)
-    notes = []
+    settings = dict(attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers,
+                    param_dtype=jnp.dtype(cfg.param_dtype).name, compute_dtype=jnp.dtype(cfg.compute_dtype).name,
+                    loss_chunk_size=loss_chunk_size(config, cfg), accumulate=config.optim.accumulate)
+    notes, compile_error = [], None
     if spec.topology is None:
         mem = _analytic(config, kind, cfg, spec, mesh_shape)
         num_params, seconds = cfg.num_params(), 0.0
@@ -323,24 +353,26 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
         total_steps = max(config.train.steps, config.optim.warmup_steps, 1)  # the schedule's length: no memory
         tx, schedule = optimizer_from_config(config.optim, total_steps)
         start = time.perf_counter()
-        compiled, params, opt_state, state_sh, ref_note = _compile_step(config, kind, cfg, mesh, tx, schedule)
+        step = build_step(config, kind, cfg, mesh, tx, schedule)
+        mem, compile_error = compile_memory(step, mesh)
         seconds = time.perf_counter() - start
-        m = compiled.memory_analysis()
-        mem = dict(param_bytes=per_device_bytes(params, state_sh["params"]),
-                   opt_state_bytes=per_device_bytes(opt_state, state_sh["opt_state"]),
-                   argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-                   alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes))
-        num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-        notes += [ref_note] if ref_note else []
+        mem = dict(param_bytes=per_device_bytes(step.params, step.state_shardings["params"]),
+                   opt_state_bytes=per_device_bytes(step.opt_state, step.state_shardings["opt_state"]), **mem)
+        num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(step.params))
+        notes += [step.note] if step.note else []
+        if compile_error:
+            notes.append("the compiler's message gives the temporaries; arguments are from the shapes")
     total = mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
     hbm = int(spec.hbm_gib * GIB)
-    fits = total <= hbm
+    fits = total <= hbm and compile_error is None
     return PlanResult(
         target=target, kind=kind, model=config.model.path or config.model.preset, compiled=spec.topology is not None,
-        devices=spec.chips, mesh=mesh_shape, settings=settings, num_params=int(num_params), batch_rows=rows, seq_len=length,
+        devices=spec.chips, mesh=mesh_shape, settings=settings, num_params=int(num_params), batch_rows=rows,
+        seq_len=length,
         tokens_per_step=tokens, **mem, total_bytes=int(total), hbm_bytes=hbm, fits=fits, flops_per_step=flops,
         step_seconds_estimate=flops / (spec.chips * spec.peak_flops * ASSUMED_MFU), mfu_assumed=ASSUMED_MFU,
         peak_flops_per_chip=spec.peak_flops, compile_seconds=round(seconds, 1),
+        compile_error=compile_error,
         suggestions=[] if fits else suggestions(config, cfg, mesh_shape, spec.chips), notes=notes)
 
 
@@ -348,8 +380,10 @@ def format_plan(r: PlanResult) -> str:
     """The plan as a small table (GiB per device) with fit, time estimate and suggestions."""
     unit, size = ("GiB", GIB) if r.total_bytes >= GIB else ("MiB", 1024**2)
     how = f"compiled for the TPU topology in {r.compile_seconds:.0f} s" if r.compiled else "analytic, not compiled"
+    if r.compile_error:
+        how = f"XLA refused to compile it for the TPU topology ({r.compile_seconds:.0f} s): {r.compile_error}"
     mesh = " x ".join(f"{k} {v}" for k, v in r.mesh.items())
-    lines = [f"jaxft plan: {r.kind} step of {r.model} ({_count(r.num_params)} params) on {r.target} "
+    lines = [f"jaxft plan: {r.kind} step of {r.model} ({r.num_params:,} params) on {r.target} "
              f"({r.devices} chips; mesh {mesh}); {how}",
              "settings: " + ", ".join(f"{k} {v}" for k, v in r.settings.items()),
              f"batch: {r.batch_rows} rows x {r.seq_len} tokens = {r.tokens_per_step:,} tokens per step",
@@ -362,16 +396,13 @@ def format_plan(r: PlanResult) -> str:
     lines += [f"  {name:<30}{b / size:>9.2f}" for name, b in rows]
     verdict = "fits" if r.fits else "DOES NOT FIT"
     t = r.step_seconds_estimate
+    step_time = f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.3g} ms"
     lines += ["", f"{verdict}: {r.total_bytes / size:.2f} {unit} of {r.hbm_bytes / GIB:.0f} GiB per device "
                   f"({100 * r.total_bytes / r.hbm_bytes:.1f}%)",
               f"FLOPs per step (analytic): {r.flops_per_step:.3g}; step time estimate at {r.mfu_assumed:.0%} MFU "
-              f"of {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip: {f'{t:.2f} s' if t >= 1 else f'{t * 1e3:.3g} ms'} "
+              f"of {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip: {step_time} "
               f"({r.tokens_per_step / t / r.devices:,.0f} tokens/s per chip)"]
     lines += [f"note: {n}" for n in r.notes]
     if r.suggestions:
         lines += ["to fit, try (in this order):"] + [f"  {s}" for s in r.suggestions]
     return "\n".join(lines)
-
-
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -18,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_LIBTPU = importlib.util.find_spec("libtpu") is None
 needs_libtpu = pytest.mark.skipif(NO_LIBTPU, reason='libtpu is not installed: pip install "jaxft[tpu]"')
 # Every number of the table, as `jaxft plan --json` writes them.
-JSON_KEYS = {"target", "kind", "model", "compiled", "devices", "mesh", "settings", "num_params", "batch_rows", "seq_len",
-             "tokens_per_step", "param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
+JSON_KEYS = {"target", "kind", "model", "compiled", "devices", "mesh", "settings", "num_params", "batch_rows",
+             "seq_len", "tokens_per_step", "param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
              "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops_per_step",
-             "step_seconds_estimate", "mfu_assumed", "peak_flops_per_chip", "compile_seconds",
+             "step_seconds_estimate", "mfu_assumed", "peak_flops_per_chip", "compile_seconds", "compile_error",
              "suggestions", "notes"}
 
 
@@ -82,6 +82,28 @@ def test_a_bigger_model_needs_more_memory(tmp_path):
     assert big.param_bytes == pytest.approx(big.num_params * 4 / 4, rel=0.02)
     assert big.total_bytes > small.total_bytes and big.temp_bytes > small.temp_bytes
     assert big.flops_per_step > small.flops_per_step
+
+
+@needs_libtpu
+def test_a_step_too_big_for_the_chip_is_refused_by_xla_and_says_what_to_change(tmp_path):
+    # 1.7B params in fp32 with AdamW on one 16 GiB v5e chip: the compiler refuses (in seconds).
+    wide = get_preset("tiny").replace(hidden_size=8192, intermediate_size=28672, num_layers=2, num_heads=64,
+                                      num_kv_heads=8)
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(wide)))
+    config = tiny(**{"model.path": str(tmp_path), "model.tokenizer": str(BUNDLED_TOKENIZER_DIR)})
+    r = plan_lib.plan(config, target="v5e-1")
+    assert "RESOURCE_EXHAUSTED" in r.compile_error and not r.fits
+    assert r.param_bytes == r.num_params * 4 and r.temp_bytes > 0
+    assert r.total_bytes == r.argument_bytes + r.temp_bytes > r.hbm_bytes
+    assert r.suggestions[0].startswith("--config.model.remat=") and "mesh.fsdp" not in " ".join(r.suggestions)
+    assert "DOES NOT FIT" in plan_lib.format_plan(r)
+
+
+@needs_libtpu
+def test_every_tpu_target_resolves_to_its_chips():
+    for t in plan_lib.TARGETS.values():
+        if t.topology:
+            assert len(plan_lib.topology_devices(t)) == t.chips, t.name
 
 
 @needs_libtpu
