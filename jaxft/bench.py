@@ -1,17 +1,27 @@
 """`jaxft bench`: step throughput measured side by side, on the same tokens, in one process.
 
-Compares, on one batch of random tokens [B, L] (B rows = B/2 DPO pairs):
+On one batch of random tokens [B, L] (B rows = B/2 DPO pairs, a prompt quarter out of the
+loss), for each length in `lengths`, times jaxft's step kinds:
   sft               the SFT step
   sft_chunked_ce    the SFT step with chunked cross-entropy (train.loss_chunk_size)
-  dpo_precomputed   the DPO step with a precomputed reference table (no reference forward)
+  dpo               the DPO step with a precomputed reference table (no reference forward)
   dpo_reference     the DPO step with a reference forward per step
-and reports tokens/s, ms/step, MFU (on known accelerators) and each one's ratio to `sft`.
-The target: dpo_precomputed <= 1.1 x sft.
+and, with `compare=("torch",)`, the same model in transformers + PyTorch (`jaxft.bench_torch`:
+its SFT step and its DPO step with a reference forward) in alternating rounds. Every kind
+reports tokens/s, step time, MFU (known accelerators only), the first call's time (compile +
+one step) and the compiled step's peak memory (XLA's memory analysis, per device).
+
+Steps go through the model every run builds (`create_model(cfg)`: scanned layers, the
+configured attention backend) and the steps' own jit with shardings and donation.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import math
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +29,8 @@ import numpy as np
 
 from jaxft.io.metrics import device_peak_flops, train_flops_per_token
 from jaxft.models import create_model, get_preset
+from jaxft.models.attention import resolve
+from jaxft.models.config import dtype_name
 from jaxft.models.from_config import split_params
 from jaxft.parallel import sharding
 from jaxft.steps.common import jit_step
@@ -27,8 +39,28 @@ from jaxft.steps.optimizer import make_optimizer
 from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
 
+KINDS = ("sft", "sft_chunked_ce", "dpo", "dpo_reference")
+# Each jaxft kind against the PyTorch step a plain PyTorch loop would run for it: DPO with a
+# precomputed reference is compared with PyTorch's DPO step with its reference forward.
+VERSUS_TORCH = {"sft": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
+COMPARE = ("torch", "tunix")
+_ROUND_S = 1.0  # steps=None: about this long a round per kind (1 to 5 steps)
+_MAX_AUTO_STEPS = 5
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Case:
+    """One timed step kind: `run(n)` runs n steps back to back, waits for them and returns
+    seconds per step; `compile_s` is the first call (trace + compile + one step)."""
+
+    run: Callable[[int], float]
+    compile_s: float
+    peak_bytes: int | None = None
+
 
 def _batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
+    """Host arrays of one DPO-shaped batch; SFT uses its row keys. [B, L] int32 rows, [P] pairs."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(3, vocab, (rows, length)).astype(np.int32)
     loss_mask = np.ones((rows, length), np.int32)
@@ -48,75 +80,249 @@ def _batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
     }
 
 
-def _time(fn, state, steps: int) -> tuple[float, dict]:
-    """(seconds per step, the final state): steps donate their input state."""
+def _peak_bytes(compiled) -> int | None:
+    """Bytes one device holds while the compiled step runs: inputs + outputs - the donated
+    buffers outputs reuse + XLA's scratch."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes)
+
+
+def _jax_case(jitted, holder: dict, *args) -> Case:
+    """Compiles `jitted(state, *args)` ahead of time and times that plus a first step. All
+    cases share `holder["state"]`: each step donates it and leaves the new one there."""
     start = time.perf_counter()
-    for _ in range(steps):
-        state = fn(state)
-    jax.block_until_ready(state)
-    return (time.perf_counter() - start) / steps, state
+    compiled = jitted.lower(holder["state"], *args).compile()
+    holder["state"] = jax.block_until_ready(compiled(holder["state"], *args)[0])
+    compile_s = time.perf_counter() - start
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        state = holder["state"]
+        for _ in range(n):  # dispatch ahead; wait once, at the end
+            state = compiled(state, *args)[0]
+        holder["state"] = jax.block_until_ready(state)
+        return (time.perf_counter() - start) / n
+
+    return Case(run, compile_s, _peak_bytes(compiled))
 
 
-def run_bench(*, preset: str = "tiny", batch_size: int = 8, length: int = 256, steps: int = 5,
-              rounds: int = 3, chunk_size: int = 128, compute_dtype=None, overrides: dict | None = None) -> dict:
-    """Times each step kind; returns {name: {ms_per_step, tokens_per_sec, ratio_to_sft, mfu}}."""
+def _torch_case(step: Callable[[], None]) -> Case:
+    """A PyTorch step (eager, synchronous on CPU); `compile_s` is its first, eager step."""
+    start = time.perf_counter()
+    step()
+    compile_s = time.perf_counter() - start
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        return (time.perf_counter() - start) / n
+
+    return Case(run, compile_s)
+
+
+def _measure(cases: dict[str, Case], *, steps: int | None, rounds: int) -> dict[str, tuple[float, int]]:
+    """{name: (best seconds per step, steps per round)}. A warm-up step each, then interleaved
+    rounds, best of each: a noisy neighbour slows every case alike, and the best round is the
+    one least disturbed."""
+    per_round = {}
+    for name, case in cases.items():
+        warm = case.run(1)
+        per_round[name] = steps or max(1, min(_MAX_AUTO_STEPS, math.ceil(_ROUND_S / warm)))
+    best = {name: math.inf for name in cases}
+    for _ in range(rounds):
+        for name, case in cases.items():
+            best[name] = min(best[name], case.run(per_round[name]))
+    return {name: (best[name], per_round[name]) for name in cases}
+
+
+def _summary(seconds: float, steps: int, case: Case, tokens: int, mfu_per_token: float | None) -> dict:
+    tokens_per_sec = tokens / seconds
+    return {
+        "tokens_per_sec": tokens_per_sec, "step_time": seconds,
+        "mfu": mfu_per_token * tokens_per_sec if mfu_per_token else None,
+        "peak_bytes": case.peak_bytes, "compile_s": case.compile_s, "steps_per_round": steps,
+    }
+
+
+def _check_compare(compare: Sequence[str]) -> None:
+    """Raises, naming what to install, if a comparison cannot run."""
+    for name in compare:
+        if name not in COMPARE:
+            raise ValueError(f"--compare {name!r}: choose from {', '.join(COMPARE)}")
+    if "tunix" in compare:
+        try:
+            import tunix  # noqa: F401
+        except ImportError:
+            raise RuntimeError("--compare tunix: Tunix is not installed (pip install google-tunix)") from None
+        raise RuntimeError("--compare tunix: Tunix is installed, but jaxft bench does not drive its "
+                           "trainers yet; use --compare torch")
+    if "torch" in compare:
+        from jaxft.bench_torch import check_available
+
+        check_available()
+
+
+def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Sequence[int] = 256,
+              steps: int | None = None, rounds: int = 3, chunk_size: int = 128, compute_dtype=None,
+              attention: str | None = None, overrides: dict | None = None, compare: Sequence[str] = ()) -> dict:
+    """Times every step kind at every length; returns the JSON-able report
+
+    {"sft" | "sft_chunked_ce" | "dpo" | "dpo_reference": {tokens_per_sec, step_time (s), mfu,
+      peak_bytes, compile_s, steps_per_round, ratio_to_sft}   (the first length's),
+     "lengths": {"256": {kind: ...}, ...}, "scaling": {kind: tokens/s longest / shortest},
+     "device": {...}, "config": {...},
+     "compare": {"torch": {"lengths": {"256": {"sft" | "dpo_reference": {...},
+                 "ratio": {kind: jaxft tokens/s / torch tokens/s}}}, "sft", "dpo_reference",
+                 "ratio" (the first length's), "scaling", "library"}}}.
+
+    steps: per timed round; None picks 1-5 per kind (about a second a round). mfu is None off
+    the known accelerators (`jaxft.io.metrics.PEAK_FLOPS`).
+    """
+    lengths = [lengths] if isinstance(lengths, int) else list(lengths)
+    if not lengths or min(lengths) < 2 or batch_size < 2 or batch_size % 2:
+        raise ValueError(f"jaxft bench: need lengths >= 2 and an even batch size (rows = 2 x DPO pairs); "
+                         f"got lengths {lengths}, batch size {batch_size}")
+    _check_compare(compare)  # before anything compiles
     cfg = get_preset(preset).replace(**(overrides or {}))
     if compute_dtype is not None:
         cfg = cfg.replace(compute_dtype=compute_dtype)
+    if attention is not None:
+        cfg = cfg.replace(attention=attention)
+    backend = resolve(cfg.attention)  # fails on a misspelt name before anything compiles
     mesh = sharding.make_mesh(data=-1)
     rows_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    host = _batch(batch_size, length, cfg.vocab_size)
-    results = {}
+    peak_flops = device_peak_flops()
+    torch_bench = None
+    if "torch" in compare:
+        from jaxft.bench_torch import TorchBench
+
+        torch_bench = TorchBench(cfg)
+
+    report = {"lengths": {}, "compare": {"torch": {"lengths": {}}} if torch_bench else {}}
     with jax.set_mesh(mesh):
         model = create_model(cfg, seed=0, mesh=mesh)
         graphdef, params = split_params(model)
-        tx, schedule = make_optimizer(lr=1e-5, schedule="constant", total_steps=steps + 1)
-        reference = jax.tree.map(jnp.copy, params)
+        tx, schedule = make_optimizer(lr=1e-5, schedule="constant", total_steps=1)
+        reference = jax.tree.map(jnp.copy, params)  # the frozen reference: a policy copy
         state, shardings = create_train_state(params, tx, mesh)
-        batch = {k: jax.device_put(v, rows_sharding if v.ndim == 2 else replicated) for k, v in host.items()}
-        sft_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
-        table = jnp.zeros((batch_size // 2, 2), jnp.float32)
+        holder = {"state": state}
+        ref_shardings = jax.tree.map(lambda x: x.sharding, reference)
+        table = jax.device_put(jnp.zeros((batch_size // 2, 2), jnp.float32), replicated)
 
-        cases = {}
-        for name, chunk in (("sft", 0), ("sft_chunked_ce", chunk_size)):
-            step = jit_step(make_sft_step(graphdef, tx, schedule, loss_chunk_size=chunk),
-                            state_shardings=shardings, batch_sharding=rows_sharding)
-            cases[name] = lambda s, step=step: step(s, sft_batch)[0]
-        for name, mode, ref, ref_shardings in (
-            ("dpo_precomputed", "table", table, replicated),
-            ("dpo_reference", "params", reference, jax.tree.map(lambda x: x.sharding, reference)),
-        ):
-            step = jit_dpo_step(
-                make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                              reference_mode=mode, num_segments=1, rows_per_pair=2),
-                state_shardings=shardings, reference_shardings=ref_shardings, mesh=mesh)
-            cases[name] = lambda s, step=step, ref=ref: step(s, ref, batch)[0]
+        for length in lengths:
+            host = _batch(batch_size, length, cfg.vocab_size)
+            batch = {k: jax.device_put(v, rows_sharding if v.ndim == 2 else replicated) for k, v in host.items()}
+            sft_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
+            cases = {}
+            for name, chunk in (("sft", 0), ("sft_chunked_ce", chunk_size)):
+                step = jit_step(make_sft_step(graphdef, tx, schedule, loss_chunk_size=chunk),
+                                state_shardings=shardings, batch_sharding=rows_sharding)
+                cases[name] = _jax_case(step, holder, sft_batch)
+            for name, mode, ref, ref_sh in (("dpo", "table", table, replicated),
+                                            ("dpo_reference", "params", reference, ref_shardings)):
+                step = jit_dpo_step(
+                    make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
+                                  reference_mode=mode, num_segments=1, rows_per_pair=2),
+                    state_shardings=shardings, reference_shardings=ref_sh, mesh=mesh)
+                cases[name] = _jax_case(step, holder, ref, batch)
+            if torch_bench:  # after jaxft's, in the same rounds: alternating jaxft / torch
+                for name, fn in torch_bench.cases(host).items():
+                    cases[f"torch/{name}"] = _torch_case(fn)
 
-        peak = device_peak_flops()
-        flops_per_token = train_flops_per_token(cfg, length)
-        for fn in cases.values():  # compile everything first
-            state = jax.block_until_ready(fn(state))
-        # Interleaved rounds, best of each: a noisy neighbour slows every case alike.
-        best = {name: float("inf") for name in cases}
-        for _ in range(rounds):
-            for name, fn in cases.items():
-                seconds, state = _time(fn, state, steps)
-                best[name] = min(best[name], seconds)
-        for name, seconds in best.items():
-            tokens_per_sec = batch_size * length / seconds
-            results[name] = {"ms_per_step": 1000 * seconds, "tokens_per_sec": tokens_per_sec}
-            if peak:
-                results[name]["mfu"] = flops_per_token * tokens_per_sec / (peak * jax.device_count())
-    for name in results:
-        results[name]["ratio_to_sft"] = results[name]["ms_per_step"] / results["sft"]["ms_per_step"]
-    return results
+            log.info("bench: %d tokens: first calls (compile + one step) %s", length,
+                     ", ".join(f"{n} {c.compile_s:.1f} s" for n, c in cases.items()))
+            measured = _measure(cases, steps=steps, rounds=rounds)
+            tokens = batch_size * length
+            # MFU = flops_per_token * tokens/s / (peak * devices): pass the per-token share.
+            mfu_per_token = (train_flops_per_token(cfg, length) / (peak_flops * jax.device_count())
+                             if peak_flops else None)
+            row = {name: _summary(*measured[name], cases[name], tokens, mfu_per_token) for name in KINDS}
+            for r in row.values():
+                r["ratio_to_sft"] = r["step_time"] / row["sft"]["step_time"]
+            report["lengths"][str(length)] = row
+            if torch_bench:
+                theirs = {name: _summary(*measured[f"torch/{name}"], cases[f"torch/{name}"], tokens, None)
+                          for name in ("sft", "dpo_reference")}
+                theirs["ratio"] = {kind: row[kind]["tokens_per_sec"] / theirs[vs]["tokens_per_sec"]
+                                   for kind, vs in VERSUS_TORCH.items()}
+                report["compare"]["torch"]["lengths"][str(length)] = theirs
+
+    first, last = str(lengths[0]), str(lengths[-1])
+    report.update(report["lengths"][first])  # top-level entries: the first length
+    report["scaling"] = _scaling(report["lengths"], first, last, KINDS)
+    if torch_bench:
+        torch_report = report["compare"]["torch"]
+        torch_report.update(torch_report["lengths"][first])
+        torch_report["scaling"] = _scaling(torch_report["lengths"], first, last, ("sft", "dpo_reference"))
+        torch_report["library"] = torch_bench.description
+    device = jax.devices()[0]
+    report["device"] = {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
+    report["config"] = {
+        "preset": preset, "batch_size": batch_size, "lengths": lengths, "steps": steps, "rounds": rounds,
+        "chunk_size": chunk_size, "attention": cfg.attention, "attention_backend": backend,
+        "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                                                "num_heads", "num_kv_heads", "scan_layers", "remat")}
+        | {"head_dim": cfg.dim_per_head, "num_params": cfg.num_params(),
+           "param_dtype": dtype_name(cfg.param_dtype), "compute_dtype": dtype_name(cfg.compute_dtype)},
+    }
+    return report
 
 
-def format_bench(results: dict, header: str = "") -> str:
-    lines = [header] if header else []
-    lines += ["| step | ms/step | tokens/s | x sft | MFU |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
-        lines.append(f"| {name} | {r['ms_per_step']:.1f} | {r['tokens_per_sec']:.0f} | "
-                     f"{r['ratio_to_sft']:.2f} | {mfu} |")
-    return "\n".join(lines)
+def _scaling(by_length: dict, first: str, last: str, kinds) -> dict:
+    """{kind: tokens/s at the longest length / at the shortest} (1.0 = no cost growth)."""
+    return {k: by_length[last][k]["tokens_per_sec"] / by_length[first][k]["tokens_per_sec"] for k in kinds}
+
+
+_LABELS = {"sft": "sft", "sft_chunked_ce": "sft_chunked_ce", "dpo": "dpo (precomputed reference)",
+           "dpo_reference": "dpo_reference (reference forward)"}
+
+
+def _mib(n) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+
+
+def format_bench(report: dict) -> str:
+    """The report of `run_bench` as Markdown: one table per length (and PyTorch's beside it
+    with `compare`), then tokens/s at the longest length relative to the shortest."""
+    c, d = report["config"], report["device"]
+    m = c["model"]
+    out = [f"{c['preset']} ({m['num_params'] / 1e6:.1f}M params, {m['compute_dtype']}, "
+           f"{c['attention_backend']} attention), batch {c['batch_size']} rows, "
+           f"{d['count']} x {d['kind']}, best of {c['rounds']} rounds"]
+    torch = report["compare"].get("torch")
+    for length, row in report["lengths"].items():
+        out += ["", f"### {length} tokens", "",
+                "| step | ms/step | tokens/s | x sft | MFU | first call s | peak MiB |",
+                "|---|---|---|---|---|---|---|"]
+        for name, r in row.items():
+            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+            out.append(f"| {_LABELS[name]} | {1000 * r['step_time']:,.1f} | {r['tokens_per_sec']:,.0f} | "
+                       f"{r['ratio_to_sft']:.2f} | {mfu} | {r['compile_s']:.1f} | {_mib(r['peak_bytes'])} |")
+        if torch:
+            theirs = torch["lengths"][length]
+            out += ["", "| jaxft step | vs PyTorch step | PyTorch ms/step | PyTorch tokens/s | jaxft tokens/s "
+                        "| jaxft / PyTorch |", "|---|---|---|---|---|---|"]
+            for kind, vs in VERSUS_TORCH.items():
+                t = theirs[vs]
+                out.append(f"| {_LABELS[kind]} | {vs} | {1000 * t['step_time']:,.1f} | {t['tokens_per_sec']:,.0f} "
+                           f"| {row[kind]['tokens_per_sec']:,.0f} | {theirs['ratio'][kind]:.2f}x |")
+    if len(report["lengths"]) > 1:
+        first, last = list(report["lengths"])[0], list(report["lengths"])[-1]
+        out += ["", f"### tokens/s at {last} relative to {first}", "",
+                f"| step | jaxft {first} | jaxft {last} | jaxft {last} / {first} |"
+                + (f" PyTorch {last} / {first} |" if torch else ""),
+                "|---|---|---|---|" + ("---|" if torch else "")]
+        for kind in KINDS:
+            line = (f"| {_LABELS[kind]} | {report['lengths'][first][kind]['tokens_per_sec']:,.0f} | "
+                    f"{report['lengths'][last][kind]['tokens_per_sec']:,.0f} | {report['scaling'][kind]:.2f} |")
+            if torch:
+                vs = VERSUS_TORCH.get(kind)
+                line += f" {torch['scaling'][vs]:.2f} ({vs}) |" if vs else " |"
+            out.append(line)
+    if torch:
+        out += ["", f"PyTorch: {torch['library']}; same model sizes, batch and loss masks."]
+    return "\n".join(out)

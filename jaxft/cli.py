@@ -22,7 +22,7 @@ commands:
   check-data   validate data before training: jaxft check-data FILE --kind sft|dpo, or exactly what a
                run would see: jaxft check-data --config configs/sft.py[:preset] [--config.KEY=VALUE ...]
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
-  bench        SFT vs DPO step throughput side by side: jaxft bench [--preset tiny]
+  bench        SFT vs DPO step throughput side by side: jaxft bench [--preset bench --compare torch --json out.json]
   plan         memory and time of a step on a TPU slice: jaxft plan --config configs/sft.py[:preset] --target v5p-8
 
 Run `jaxft <command> --help` for a command's options.
@@ -236,27 +236,41 @@ def _check_data(argv):
 
 def _bench(argv):
     p = argparse.ArgumentParser(prog="jaxft bench", description=(
-        "SFT vs DPO step throughput on the same tokens, measured side by side"))
-    p.add_argument("--preset", default="tiny", help="model architecture (jaxft.models.PRESETS)")
+        "SFT and DPO step throughput on the same tokens, measured side by side in one process "
+        "(interleaved rounds, best of each); --compare torch times transformers + PyTorch too"))
+    p.add_argument("--preset", default="tiny", help="model architecture (jaxft.models.PRESETS), e.g. bench")
     p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
-    p.add_argument("--length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    p.add_argument("--lengths", "--length", default="256",
+                   help="comma-separated sequence lengths, e.g. 256,1024,2048 (cost growth)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per timed round (default: 1-5 per step kind, about a second a round)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
-    p.add_argument("--chunk-size", type=int, default=128)
+    p.add_argument("--chunk-size", type=int, default=128, help="sft_chunked_ce's loss chunk")
     p.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 on accelerators")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (smaller real models)")
+    p.add_argument("--attention", default=None,
+                   help="attention backend (model.attention: auto, reference, blockwise, xla, ...)")
+    p.add_argument("--compare", action="append", default=[], choices=("torch", "tunix"),
+                   help="also time the same steps in transformers + PyTorch (torch) or Tunix")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
     a = p.parse_args(argv)
-    import jax
+    try:
+        lengths = [int(n) for n in a.lengths.split(",") if n.strip()]
+    except ValueError:
+        raise SystemExit(f"jaxft bench: --lengths {a.lengths!r} must be comma-separated integers") from None
+    import json
 
     from jaxft.bench import format_bench, run_bench
     from jaxft.models.config import parse_dtype
 
     overrides = {"num_layers": a.layers} if a.layers else None
-    results = run_bench(preset=a.preset, batch_size=a.batch_size, length=a.length, steps=a.steps, rounds=a.rounds,
-                        chunk_size=a.chunk_size, overrides=overrides,
-                        compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"))
-    print(format_bench(results, header=f"{a.preset}, batch {a.batch_size} x {a.length} tokens, "
-                                       f"{jax.device_count()} x {jax.devices()[0].device_kind}"))
+    report = run_bench(preset=a.preset, batch_size=a.batch_size, lengths=lengths, steps=a.steps, rounds=a.rounds,
+                       chunk_size=a.chunk_size, overrides=overrides, attention=a.attention, compare=a.compare,
+                       compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"))
+    print(format_bench(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
 
 
 def _plan(argv):

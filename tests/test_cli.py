@@ -5,7 +5,6 @@ import json
 import pytest
 
 from jaxft import cli
-from jaxft.bench import format_bench, run_bench
 
 
 def test_help_lists_every_command(capsys):
@@ -38,13 +37,3 @@ def test_check_data_ok_and_failing(tmp_path, capsys):
 def test_library_errors_are_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"jaxft export: error: .*config.json not found"):
         cli.main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
-
-
-def test_bench_measures_every_step_kind():
-    results = run_bench(batch_size=8, length=32, steps=1, rounds=1,
-                        overrides={"num_layers": 1, "hidden_size": 32, "intermediate_size": 64})
-    assert set(results) == {"sft", "sft_chunked_ce", "dpo_precomputed", "dpo_reference"}
-    for r in results.values():  # each ratio is its step time over the SFT step's
-        assert r["ratio_to_sft"] == pytest.approx(r["ms_per_step"] / results["sft"]["ms_per_step"])
-    assert all(r["tokens_per_sec"] > 0 for r in results.values())
-    assert "dpo_precomputed" in format_bench(results)

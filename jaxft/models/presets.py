@@ -20,6 +20,12 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=384, num_layers=4,
         num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=1024,
     ),
+    # ~7M params, fp32: `jaxft bench`'s default comparison shape against PyTorch on a CPU (big
+    # enough that matmuls, not dispatch, dominate; small enough for 2,048-token rows on 2 cores).
+    "bench": ModelConfig(
+        model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4,
+        num_heads=8, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
     "llama3_8b": ModelConfig(
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
