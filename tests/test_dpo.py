@@ -85,7 +85,9 @@ def test_policy_equals_reference_gives_ln2_and_zero_rewards_and_reference_stays_
         batches = list(make_eval_batches(pairs, tok, kind="dpo", batch_size=8, max_length=64, packing=False))
         state, m = jitted(state, reference, to_global(batches[0], mesh))
         assert abs(float(m["loss"]) - math.log(2)) < 1e-6
-        assert abs(float(m["rewards/chosen"])) < 1e-7 and abs(float(m["rewards/margins"])) < 1e-7
+        # Zero up to float32 noise in summed log-probs (policy and reference forwards are
+        # compiled separately, with and without a gradient): a real reward is ~1e-2.
+        assert abs(float(m["rewards/chosen"])) < 1e-5 and abs(float(m["rewards/margins"])) < 1e-5
         for b in batches[1:4]:
             state, m = jitted(state, reference, to_global(b, mesh))
         assert float(m["loss"]) < math.log(2)
