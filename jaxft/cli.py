@@ -134,7 +134,7 @@ def _quickstart(argv):
     p.add_argument("--dpo-steps", type=int, default=150)
     p.add_argument("--questions", type=int, default=200, help="held-out questions to evaluate")
     a = p.parse_args(argv)
-    from jaxft.quickstart import run_quickstart
+    from jaxft.quickstart.pipeline import run_quickstart
 
     run_quickstart(a.workdir, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, num_questions=a.questions)
 
