@@ -16,7 +16,7 @@ commands:
   quickstart   generate the bundled data, SFT then DPO the tiny model, evaluate all three
   sft          supervised fine-tuning:  jaxft sft --config configs/sft.py[:preset] --workdir DIR
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
-  export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] --out DIR
+  export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] [--merge | --adapter] --out DIR
   generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT
   eval         exact match, repetition, eval loss, preference accuracy: jaxft eval --model DIR --data FILE
   check-data   validate data before training: jaxft check-data FILE --kind sft|dpo, or exactly what a
@@ -98,8 +98,9 @@ def _train(kind, argv):
     except Preempted as err:
         print(err, file=sys.stderr)
         raise SystemExit(EXIT_PREEMPTED)
+    adapter = f"; PEFT adapter in {result.adapter_dir}" if result.adapter_dir else ""
     print(f"done: step {result.step}; metrics in {result.workdir}/metrics.jsonl; "
-          f"Hugging Face export in {result.export_dir}")
+          f"Hugging Face export in {result.export_dir}{adapter}")
 
 
 def _export(argv):
@@ -108,11 +109,16 @@ def _export(argv):
     p.add_argument("--out", required=True)
     p.add_argument("--step", type=int, default=None, help="default: latest")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the training param dtype)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merge", dest="kind", action="store_const", const="merge",
+                      help="LoRA run: a full HF folder, adapters merged into the base (the default)")
+    kind.add_argument("--adapter", dest="kind", action="store_const", const="adapter",
+                      help="LoRA run: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     a = p.parse_args(argv)
     from jaxft.io.export import export_checkpoint
     from jaxft.models.config import parse_dtype
 
-    out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=parse_dtype(a.dtype, key="--dtype"))
+    out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=parse_dtype(a.dtype, key="--dtype"), kind=a.kind)
     print(f"exported to {out}")
 
 

@@ -88,6 +88,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
 
+    # LoRA (jaxft.models.lora): rank > 0 trains adapters on a frozen base; 0 = full fine-tuning.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the delta is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    c.lora.targets = "all-linear"  # or "q_proj,v_proj", or a regex over "self_attn.q_proj", "mlp.up_proj", ...
+    c.lora.rslora = False
+    c.lora.init_from = ""  # a PEFT adapter folder (adapter_config.json) to start from
+
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
     c.dpo.loss_type = "sigmoid"  # or several: "sigmoid,sft" with dpo.loss_weights "1.0,0.5"
@@ -129,6 +137,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0, or -1 (auto)")
     need(config.train.prefetch >= 0, "train.prefetch", "must be >= 0")
     need(config.train.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
+    if "lora" in config:
+        need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
+        need(config.lora.alpha > 0, "lora.alpha", "must be > 0")
+        need(config.lora.rank > 0 or not config.lora.init_from, "lora.init_from",
+             "needs lora.rank > 0 (set it to the adapter's r)")
 
 
 def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:

@@ -16,10 +16,10 @@ import jax
 from jaxft import config as config_lib
 from jaxft.data.from_config import eval_data, load_tokenizer, train_data
 from jaxft.io import checkpoint
-from jaxft.io.export import export_params
+from jaxft.io.export import export_run
 from jaxft.io.metrics import MetricsWriter
 from jaxft.loop import StopFlag, train_loop
-from jaxft.models.from_config import load_model, model_config, split_params
+from jaxft.models.from_config import load_trainable, model_config
 from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
 from jaxft.steps.optimizer import optimizer_from_config
 from jaxft.steps.state import create_train_state
@@ -33,7 +33,8 @@ class RunResult:
     workdir: Path
     step: int
     metrics: list[dict]  # every logged row
-    export_dir: Path | None
+    export_dir: Path | None  # WORKDIR/hf: a full HF folder (LoRA adapters merged in)
+    adapter_dir: Path | None = None  # WORKDIR/adapter: the PEFT adapter of a LoRA run
 
 
 def total_steps(config, data) -> int:
@@ -69,12 +70,15 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     tx, schedule = optimizer_from_config(config.optim, steps)
 
     with jax.set_mesh(mesh):
-        graphdef, params = split_params(load_model(config, model_cfg, mesh))
+        # LoRA: `params` are the adapters and `frozen` the base, never donated or updated.
+        graphdef, params, frozen = load_trainable(config, model_cfg, mesh)
         state, state_shardings = create_train_state(params, tx, mesh)
         del params  # the state holds its own copy
+        frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
         context = RunContext(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
                              model_config=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule,
-                             state_shardings=state_shardings, train_data=train, eval_data=held_out)
+                             state_shardings=state_shardings, train_data=train, eval_data=held_out,
+                             frozen=frozen, frozen_shardings=frozen_shardings)
         task = task_type(context, state["params"])
         if resuming:
             state, meta = ckpt.restore(None, checkpoint.abstract_like(state, state_shardings))
@@ -91,5 +95,9 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
             stop.restore()
             writer.close()
             ckpt.close()  # also when the loop raised: finishes a save in flight
-        export_dir = export_params(graphdef, state["params"], workdir / "hf", tokenizer=tokenizer) if export else None
-    return RunResult(workdir=workdir, step=int(state["step"]), metrics=logged, export_dir=export_dir)
+        export_dir = adapter_dir = None
+        if export:
+            export_dir, adapter_dir = export_run(model_cfg, graphdef, state["params"], frozen, workdir,
+                                                 base_model=config.model.path, tokenizer=tokenizer)
+    return RunResult(workdir=workdir, step=int(state["step"]), metrics=logged, export_dir=export_dir,
+                     adapter_dir=adapter_dir)

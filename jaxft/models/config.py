@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxft.models.lora import LoRASpec
 from jaxft.models.remat import normalize_remat
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -82,6 +83,7 @@ class ModelConfig:
     remat: str = "none"  # what layers recompute in the backward pass (jaxft.models.remat)
     scan_layers: bool = True  # layers stacked and scanned: compile time independent of depth
     attention: str = "auto"  # attention backend (jaxft.models.attention.BACKENDS, or "auto")
+    lora: LoRASpec | None = None  # adapters on the projections (jaxft.models.lora); None = none
     # Keys of the source config.json we do not model, written back unchanged on save.
     extra_hf_config: dict = dataclasses.field(default_factory=dict, compare=False)
 

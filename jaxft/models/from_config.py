@@ -7,9 +7,12 @@ import logging
 
 from flax import nnx
 
+from jaxft.models.adapters import init_adapters
 from jaxft.models.attention import resolve
 from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
 from jaxft.models.hf import create_model, load_weights
+from jaxft.models.lora import LoRASpec, resolve_targets
+from jaxft.models.peft import load_peft
 from jaxft.models.presets import get_preset
 
 log = logging.getLogger("jaxft")
@@ -40,12 +43,24 @@ def model_config(config, tokenizer) -> ModelConfig:
     return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=config.model.remat,
                        attention=config.model.get("attention", "auto"),
                        # A workdir saved before scanning existed has no such key: its layers are a list.
-                       scan_layers=bool(config.model.get("scan_layers", False)))
+                       scan_layers=bool(config.model.get("scan_layers", False)),
+                       lora=lora_spec(config))
+
+
+def lora_spec(config) -> LoRASpec | None:
+    """The adapters lora.* asks for, or None (full fine-tuning; also configs without lora.*)."""
+    section = config.get("lora")
+    if section is None or section.rank == 0:
+        return None
+    return LoRASpec(rank=int(section.rank), alpha=float(section.alpha),
+                    targets=resolve_targets(section.targets), rslora=bool(section.rslora))
 
 
 def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
-    """Weights from `path` (default model.path) or a fresh init from train.seed, sharded."""
+    """Weights from `path` (default model.path) or a fresh init from train.seed, sharded.
+    Always the base model: LoRA adapters come from `load_trainable`."""
     path = path if path is not None else config.model.path
+    cfg = cfg.replace(lora=None)
     if path:
         log.info("loading %s", path)
         if path != config.model.path:  # another folder (a DPO reference): its own architecture
@@ -55,6 +70,22 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
         return load_weights(path, cfg, mesh=mesh)
     log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
     return create_model(cfg, seed=config.train.seed, mesh=mesh)
+
+
+def load_trainable(config, cfg: ModelConfig, mesh) -> tuple[object, dict, dict | None]:
+    """(graphdef, trainable params, frozen params or None) of the run's model.
+
+    Full fine-tuning trains every param (frozen None). With LoRA (cfg.lora) the trainable
+    params are the adapters (fresh from train.seed, or lora.init_from's PEFT folder) and the
+    frozen ones the base; `nnx.merge(graphdef, trainable, frozen)` is the model."""
+    graphdef, base = split_params(load_model(config, cfg, mesh))
+    if cfg.lora is None:
+        return graphdef, base, None
+    graphdef, adapters = init_adapters(cfg, seed=config.train.seed, mesh=mesh)
+    if config.lora.init_from:
+        log.info("starting the adapters from %s", config.lora.init_from)
+        adapters = load_peft(config.lora.init_from, cfg, mesh)
+    return graphdef, adapters, base
 
 
 def split_params(model):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.models import lora
 from jaxft.models.attention import attend
 from jaxft.models.config import ModelConfig
 from jaxft.models.remat import REMAT_POLICIES, remat
@@ -103,10 +104,11 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
+        lora.add_adapters(self, cfg, lora.ATTENTION_PROJECTIONS, rngs)
 
     def _project(self, x_BLE, name):
         kernel = getattr(self, f"{name}_proj")[...].astype(x_BLE.dtype)
-        y = jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel)
+        y = lora.adapt(self, f"{name}_proj", x_BLE, jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel), self.cfg.lora)
         if self.cfg.qkv_bias:
             y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
         return y
@@ -140,6 +142,7 @@ class Attention(nnx.Module):
                           kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset,
                           sliding_window=cfg.sliding_window, implementation=cfg.attention).astype(x_BLE.dtype)
         y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, self.o_proj[...].astype(x_BLE.dtype))
+        y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora)
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
         return y_BLE, new_cache
@@ -158,9 +161,11 @@ class MLP(nnx.Module):
             self.up_bias = _param(None, (F,), ("mlp",), pd, init="zeros")
             self.down_bias = _param(None, (E,), ("norm",), pd, init="zeros")
         self.has_bias = cfg.mlp_bias
+        self.lora = cfg.lora
+        lora.add_adapters(self, cfg, lora.MLP_PROJECTIONS, rngs)
 
     def _dense(self, x, name):
-        y = x @ getattr(self, f"{name}_proj")[...].astype(x.dtype)
+        y = lora.adapt(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(x.dtype), self.lora)
         if not self.has_bias:
             return y
         return y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)

@@ -28,6 +28,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
+    "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
     # activations
     "act_batch": ("data", "fsdp"),
     "act_length": None,

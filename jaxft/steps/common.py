@@ -44,10 +44,21 @@ def micro_batch_row(row, accumulate: int, rows_per_unit: int = 1):
     return unit % accumulate, (unit // accumulate) * rows_per_unit + offset
 
 
+def with_frozen(params, frozen):
+    """What `nnx.merge(graphdef, ...)` needs: the params, or (trainable, frozen) with LoRA."""
+    return params if frozen is None else (params, frozen)
+
+
+def merge_model(graphdef, weights):
+    """The model from `with_frozen`'s result (one params tree, or a (trainable, frozen) pair)."""
+    return nnx.merge(graphdef, *weights) if isinstance(weights, tuple) else nnx.merge(graphdef, weights)
+
+
 def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0):
     """Per-token target log-probs [B, L] f32, target mask [B, L], argmax-correct [B, L] and
-    the per-token mean logit [B, L] (for TRL's logits/* metrics)."""
-    model = nnx.merge(graphdef, params)
+    the per-token mean logit [B, L] (for TRL's logits/* metrics). `params`: a params tree,
+    or (adapters, frozen base) for a LoRA model."""
+    model = merge_model(graphdef, params)
     targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     if loss_chunk_size:
         hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
@@ -91,13 +102,15 @@ def apply_update(state: dict, grads, loss, tx: optax.GradientTransformation):
     return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
-def jit_step(step_fn, *, state_shardings, batch_sharding, donate: bool = True):
-    """jax.jit with explicit shardings: the state keeps its param shardings, the batch is split
-    by rows over (data, fsdp), metrics come back replicated; the old state is donated so the
-    update happens in place."""
+def jit_step(step_fn, *, state_shardings, batch_sharding, frozen_shardings=None, donate: bool = True):
+    """jax.jit of `step(state, batch, frozen)` with explicit shardings: the state keeps its
+    param shardings, the batch is split by rows over (data, fsdp), the frozen params (a LoRA
+    base, or None) keep theirs, metrics come back replicated; the old state is donated so the
+    update happens in place (never the frozen params)."""
+    frozen = () if frozen_shardings is None else (frozen_shardings,)  # full fine-tuning: (state, batch)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sharding),  # state as created; batch rows split
+        in_shardings=(state_shardings, batch_sharding, *frozen),  # batch rows split
         out_shardings=(state_shardings, None),  # new state as the old; metrics replicated
         donate_argnums=(0,) if donate else (),  # reuse the old state's buffers
     )

@@ -16,9 +16,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxft import losses
+from jaxft.models.adapters import adapters_off
 from jaxft.parallel.sharding import batch_sharding, replicated
 from jaxft.steps.common import (
     ROW_KEYS, accumulate_gradients, apply_update, micro_batch_row, split_micro_batches, token_logps_for,
+    with_frozen,
 )
 
 PAIR_KEYS = ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment", "pair_mask", "pair_index")
@@ -78,9 +80,14 @@ def reference_pair_logps(graphdef, reference, mode: str, rows, pairs, **kw):
 
 def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: str,
                   num_segments: int, rows_per_pair: int, accumulate: int = 1, loss_chunk_size: int = 0):
-    """The pure DPO step `(state, reference, batch) -> (state, metrics)`."""
+    """The pure DPO step `(state, reference, batch, frozen=None) -> (state, metrics)`.
 
-    def step(state, reference, batch):
+    With LoRA, `frozen` is the base and the state's params the adapters; a "params"
+    reference is then a base (usually the very same arrays) run with the adapters off."""
+
+    def step(state, reference, batch, frozen=None):
+        if reference_mode == "params" and frozen is not None:
+            reference = with_frozen(adapters_off(state["params"]), reference)
         pairs = {k: batch[k] for k in PAIR_KEYS}
         # rows_per_pair = 2 without packing (rows 2i, 2i+1), 1 when a pair shares a row.
         micro_rows = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate, rows_per_pair)
@@ -91,7 +98,7 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
 
         def loss_fn(params, micro):
             rows, k = micro
-            pol, in_micro = pair_logps(graphdef, params, rows, pairs, micro_index=k, **kw)
+            pol, in_micro = pair_logps(graphdef, with_frozen(params, frozen), rows, pairs, micro_index=k, **kw)
             ref_c, ref_r = reference_pair_logps(graphdef, reference, reference_mode, rows, pairs,
                                                 micro_index=k, **kw)
             mask = in_micro.astype(jnp.float32)
@@ -122,12 +129,14 @@ def batch_shardings(mesh) -> dict:
     return {**{k: rows for k in ROW_KEYS}, **{k: everywhere for k in PAIR_KEYS}}
 
 
-def jit_dpo_step(step, *, state_shardings, reference_shardings, mesh):
+def jit_dpo_step(step, *, state_shardings, reference_shardings, mesh, frozen_shardings=None):
     return jax.jit(
         step,
-        in_shardings=(state_shardings, reference_shardings, batch_shardings(mesh)),  # state, frozen ref, batch
+        # state, frozen reference, batch, frozen LoRA base (or None)
+        in_shardings=(state_shardings, reference_shardings, batch_shardings(mesh),
+                      *(() if frozen_shardings is None else (frozen_shardings,))),
         out_shardings=(state_shardings, None),  # new state as the old; metrics replicated
-        donate_argnums=(0,),  # the state only: the reference is reused every step
+        donate_argnums=(0,),  # the state only: the reference and the base are reused every step
     )
 
 

@@ -5,25 +5,30 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxft import losses
-from jaxft.steps.common import ROW_KEYS, accumulate_gradients, apply_update, split_micro_batches, token_logps_for
+from jaxft.steps.common import (
+    ROW_KEYS, accumulate_gradients, apply_update, split_micro_batches, token_logps_for, with_frozen,
+)
 
 
 def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0):
-    """The pure SFT step (not yet jitted: `jit_step` adds shardings and donation)."""
+    """The pure SFT step `(state, batch, frozen=None) -> (state, metrics)` (not yet jitted:
+    `jit_step` adds shardings and donation). `frozen`: the LoRA base (state params are then
+    the adapters), never differentiated."""
 
-    def loss_fn(params, micro, normalizer):
-        logps, target_mask, correct, _ = token_logps_for(graphdef, params, micro, loss_chunk_size=loss_chunk_size)
+    def loss_fn(params, micro, normalizer, frozen):
+        logps, target_mask, correct, _ = token_logps_for(graphdef, with_frozen(params, frozen), micro,
+                                                         loss_chunk_size=loss_chunk_size)
         loss, _ = losses.sft_loss(logps, target_mask, normalizer=normalizer)
         mask = target_mask.astype(jnp.float32)
         return loss, {"num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
 
-    def step(state, batch):
+    def step(state, batch, frozen=None):
         micro = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate)
         _, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
         # Normalise by the whole batch's target tokens so accumulation equals one big batch.
         normalizer = jnp.maximum(target_mask.astype(jnp.float32).sum(), 1.0)
         loss, counts, grads = accumulate_gradients(
-            lambda p, m: loss_fn(p, m, normalizer), state["params"], micro, accumulate=accumulate
+            lambda p, m: loss_fn(p, m, normalizer, frozen), state["params"], micro, accumulate=accumulate
         )
         new_state, update_metrics = apply_update(state, grads, loss, tx)
         metrics = {
@@ -39,7 +44,8 @@ def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_siz
 
 
 def make_sft_eval_step(graphdef, *, loss_chunk_size: int = 0):
-    """(params, batch) -> summed target NLL and token count, for exact token-mean eval loss."""
+    """(params, batch) -> summed target NLL and token count, for exact token-mean eval loss.
+    params: a params tree, or `with_frozen(adapters, base)`."""
 
     def step(params, batch):
         logps, target_mask, correct, _ = token_logps_for(graphdef, params, batch, loss_chunk_size=loss_chunk_size)

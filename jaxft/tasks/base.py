@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxft.io import checkpoint
+from jaxft.steps.common import with_frozen
 
 AUTO_CHUNK_MIN_VOCAB = 32_768  # train.loss_chunk_size = -1 chunks the loss from this vocabulary up
 AUTO_CHUNK_SIZE = 512
@@ -37,6 +38,19 @@ class RunContext:
     state_shardings: dict
     train_data: Any
     eval_data: Any = None
+    frozen: Any = None  # LoRA: the frozen base params (the state's params are the adapters)
+    frozen_shardings: Any = None
+
+    def weights(self, params):
+        """What the model is merged from: `params`, or (adapters, frozen base) with LoRA."""
+        return with_frozen(params, self.frozen)
+
+    def weight_shardings(self):
+        return with_frozen(self.state_shardings["params"], self.frozen_shardings)
+
+    def step_args(self) -> tuple:
+        """The trailing arguments of a jitted step: (frozen base,) with LoRA, else ()."""
+        return () if self.frozen is None else (self.frozen,)
 
     @property
     def loss_chunk_size(self) -> int:

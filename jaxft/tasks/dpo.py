@@ -11,6 +11,7 @@ import numpy as np
 from jaxft import losses
 from jaxft.data.from_config import eval_batch_size
 from jaxft.eval.passes import pair_pass
+from jaxft.models.adapters import adapters_off
 from jaxft.parallel.sharding import replicated
 from jaxft.steps.dpo import jit_dpo_step, make_dpo_step, make_pair_logps_fn
 from jaxft.tasks.base import RunContext, Task
@@ -61,10 +62,13 @@ class DPO(Task):
         chunk = ctx.loss_chunk_size
         self._logps = jax.jit(make_pair_logps_fn(ctx.graphdef, num_segments=num_segments, loss_chunk_size=chunk))
         self.reference = self.eval_reference = None
+        # With LoRA the reference is a base run with the adapters off (zeros: exactly the base).
+        self._adapters_off = adapters_off(params) if ctx.frozen is not None else None
         if self.mode == "params":
             self.reference = self.eval_reference = load_reference_params(ctx, params)
         elif self.mode == "table":
-            self.reference, self.eval_reference = self._precompute(load_reference_params(ctx, params))
+            self.reference, self.eval_reference = self._precompute(
+                self._reference_weights(load_reference_params(ctx, params)))
         step = make_dpo_step(ctx.graphdef, ctx.tx, ctx.schedule, loss_kwargs=loss_kwargs(config),
                              reference_mode=self.mode, num_segments=num_segments,
                              rows_per_pair=self.rows_per_example(config),
@@ -72,7 +76,13 @@ class DPO(Task):
         ref_shardings = {"params": jax.tree.map(lambda x: x.sharding, self.reference),
                          "table": replicated(ctx.mesh), "none": None}[self.mode]
         self._step = jit_dpo_step(step, state_shardings=ctx.state_shardings,
-                                  reference_shardings=ref_shardings, mesh=ctx.mesh)
+                                  reference_shardings=ref_shardings, mesh=ctx.mesh,
+                                  frozen_shardings=ctx.frozen_shardings)
+
+    def _reference_weights(self, reference):
+        """What the model merges for a reference pass: the reference params, or with LoRA
+        (adapters off, reference base)."""
+        return reference if self._adapters_off is None else (self._adapters_off, reference)
 
     def _precompute(self, ref_params):
         """(train table, eval table or None): one reference pass over the data the run has
@@ -92,17 +102,17 @@ class DPO(Task):
         return train, held_out
 
     def step(self, state, batch):
-        return self._step(state, self.reference, batch)
+        return self._step(state, self.reference, batch, *self.ctx.step_args())
 
     def evaluate(self, params):
         """DPO loss and TRL's reward metrics over the held-out pairs (eval_loss,
         eval_rewards/accuracies, ...)."""
         ctx = self.ctx
-        pol, index = pair_pass(self._logps, params, ctx.eval_data, ctx.mesh)
+        pol, index = pair_pass(self._logps, ctx.weights(params), ctx.eval_data, ctx.mesh)
         if not len(index):
             return {}
         if self.mode == "params":
-            ref, _ = pair_pass(self._logps, self.eval_reference, ctx.eval_data, ctx.mesh)
+            ref, _ = pair_pass(self._logps, self._reference_weights(self.eval_reference), ctx.eval_data, ctx.mesh)
             ref_c, ref_r = ref["chosen"], ref["rejected"]
         elif self.mode == "table":
             table = np.asarray(self.eval_reference)

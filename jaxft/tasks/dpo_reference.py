@@ -34,8 +34,11 @@ def reference_mode(config) -> str:
 
 
 def load_reference_params(ctx, policy_params) -> dict:
-    """Frozen reference params: a copy of the policy's initial params, or another HF folder."""
+    """Frozen reference params: a copy of the policy's initial params, or another HF folder.
+    With LoRA, "policy" is the frozen base itself (no copy: it is never donated or updated)."""
     config = ctx.config
+    if config.dpo.reference in ("policy", "") and ctx.frozen is not None:
+        return ctx.frozen
     if config.dpo.reference in ("policy", ""):
         # A copy: the policy's buffers are donated to the optimizer step and updated in place.
         return jax.tree.map(jnp.copy, policy_params)

@@ -18,12 +18,14 @@ class SFT(Task):
         step = make_sft_step(ctx.graphdef, ctx.tx, ctx.schedule, accumulate=ctx.config.optim.accumulate,
                              loss_chunk_size=chunk)
         rows = batch_sharding(ctx.mesh)
-        self._step = jit_step(step, state_shardings=ctx.state_shardings, batch_sharding=rows)
+        self._step = jit_step(step, state_shardings=ctx.state_shardings, batch_sharding=rows,
+                              frozen_shardings=ctx.frozen_shardings)
         self._eval = jax.jit(make_sft_eval_step(ctx.graphdef, loss_chunk_size=chunk),
-                             in_shardings=(ctx.state_shardings["params"], rows))
+                             in_shardings=(ctx.weight_shardings(), rows))
 
     def step(self, state, batch):
-        return self._step(state, batch)
+        return self._step(state, batch, *self.ctx.step_args())
 
     def evaluate(self, params):
-        return token_metrics(sum_over_batches(self._eval, params, self.ctx.eval_data, self.ctx.mesh))
+        weights = self.ctx.weights(params)
+        return token_metrics(sum_over_batches(self._eval, weights, self.ctx.eval_data, self.ctx.mesh))

@@ -1,0 +1,162 @@
+"""PEFT adapter folders <-> jaxft LoRA adapters, without torch.
+
+A PEFT LoRA folder is `adapter_config.json` plus `adapter_model.safetensors` holding, per
+adapted Linear, `base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A.weight`
+[r, in_features] and `...lora_B.weight` [out_features, r]; the delta is
+(lora_alpha / r) * B A (alpha / sqrt(r) with `use_rslora`). jaxft's A is [in dims..., r] and
+B [r, out dims...] with heads split out, as its kernels (`jaxft.models.lora`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxft.models.adapters import adapter_shardings
+from jaxft.models.config import ModelConfig
+from jaxft.models.lora import ATTENTION_PROJECTIONS, LoRASpec, projection_dims
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _module(name: str) -> str:
+    return "self_attn" if name in ATTENTION_PROJECTIONS else "mlp"
+
+
+def _tensor_name(layer: int, name: str, which: str) -> str:
+    return f"base_model.model.model.layers.{layer}.{_module(name)}.{name}.lora_{which}.weight"
+
+
+def _jaxft_path(cfg: ModelConfig, layer: int, name: str, which: str) -> tuple[tuple, int | None]:
+    """(state path, index along the stacked layer axis or None) of one adapter matrix."""
+    leaf = f"{name}_lora_{which.lower()}"
+    if cfg.scan_layers:
+        return ("layers", _module(name), leaf), layer
+    return ("layers", layer, _module(name), leaf), None
+
+
+def _host(x) -> np.ndarray:
+    if not x.is_fully_addressable:
+        x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x), np.float32)
+
+
+def peft_state_dict(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
+    """{PEFT tensor name: float32 array} for every adapted projection of every layer."""
+    spec, out, gathered = cfg.lora, {}, {}
+    for layer in range(cfg.num_layers):
+        for name in spec.targets:
+            for which in ("A", "B"):
+                path, index = _jaxft_path(cfg, layer, name, which)
+                if path not in gathered:
+                    node = adapters
+                    for key in path:
+                        node = node[key]
+                    gathered[path] = _host(node)
+                value = gathered[path] if index is None else gathered[path][index]
+                r = spec.rank
+                matrix = value.reshape(-1, r).T if which == "A" else value.reshape(r, -1).T
+                out[_tensor_name(layer, name, which)] = np.ascontiguousarray(matrix)
+    return out
+
+
+def adapter_config(spec: LoRASpec, base_model: str) -> dict:
+    """PEFT's adapter_config.json for `spec` (LoraConfig fields; the rest take PEFT defaults)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "use_rslora": spec.rslora,
+        "target_modules": list(spec.targets), "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+    }
+
+
+def save_peft(cfg: ModelConfig, adapters: dict, folder: str | Path, *, base_model: str = "") -> Path:
+    """Writes a PEFT LoRA folder loadable by `peft.PeftModel.from_pretrained(base, folder)`.
+    Every process must call it in a multi-host run (arrays are gathered); process 0 writes."""
+    folder = Path(folder)
+    tensors = peft_state_dict(cfg, adapters)
+    if jax.process_index() != 0:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(cfg.lora, base_model), indent=2) + "\n")
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"lora.init_from: {path} not found; point it at a PEFT LoRA adapter folder")
+    found = json.loads(path.read_text())
+    if found.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path}: peft_type {found.get('peft_type')!r}; jaxft reads LoRA adapters only")
+    return found
+
+
+def check_matches(found: dict, spec: LoRASpec, source: str) -> None:
+    """Raises naming every lora.* key that differs from the adapter folder's config."""
+    targets = found.get("target_modules") or []
+    targets = sorted(targets) if isinstance(targets, list) else targets
+    wanted = {"r": ("lora.rank", spec.rank), "lora_alpha": ("lora.alpha", spec.alpha),
+              "use_rslora": ("lora.rslora", spec.rslora), "target_modules": ("lora.targets", sorted(spec.targets))}
+    have = {"r": found.get("r"), "lora_alpha": found.get("lora_alpha"),
+            "use_rslora": bool(found.get("use_rslora", False)), "target_modules": targets}
+    bad = [f"--config.{key}={_flag(field, have[field])} (the run has {value})"
+           for field, (key, value) in wanted.items() if have[field] != value
+           and not (field == "lora_alpha" and have[field] is not None and float(have[field]) == float(value))]
+    if bad:
+        raise ValueError(f"{source} was trained with other LoRA settings; set " + ", ".join(bad))
+
+
+def _flag(field, value):
+    return ",".join(value) if field == "target_modules" and isinstance(value, list) else value
+
+
+def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
+    """Adapters read from a PEFT LoRA folder, sharded over `mesh` like fresh ones."""
+    folder = Path(folder)
+    check_matches(read_adapter_config(folder), cfg.lora, str(folder / CONFIG_FILE))
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"lora.init_from: {weights} not found (jaxft reads safetensors adapters)")
+    spec, host = cfg.lora, {}
+    with safe_open(weights, framework="np") as f:
+        names = set(f.keys())
+        for layer in range(cfg.num_layers):
+            for name in spec.targets:
+                in_shape, _, out_shape, _ = projection_dims(cfg, name)
+                for which, shape in (("A", in_shape + (spec.rank,)), ("B", (spec.rank,) + out_shape)):
+                    tensor = _tensor_name(layer, name, which)
+                    if tensor not in names:
+                        raise ValueError(f"{weights}: missing tensor {tensor}; is the adapter for this base model?")
+                    matrix = f.get_tensor(tensor).astype(np.float32)
+                    expected = (spec.rank, int(np.prod(in_shape))) if which == "A" else (int(np.prod(out_shape)), spec.rank)
+                    if matrix.shape != expected:
+                        raise ValueError(f"{weights}: {tensor} has shape {matrix.shape}, the model needs {expected}")
+                    path, index = _jaxft_path(cfg, layer, name, which)
+                    value = matrix.T.reshape(shape)
+                    if index is None:
+                        host[path] = value
+                    else:
+                        host.setdefault(path, [None] * cfg.num_layers)[index] = value
+    shardings = adapter_shardings(cfg, mesh)
+    adapters: dict = {}
+    for path, value in host.items():
+        value = np.stack(value) if isinstance(value, list) else value
+        sharding = shardings
+        for key in path:
+            sharding = sharding[key]
+        node = adapters
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+    return adapters
+
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "adapter_config", "load_peft", "peft_state_dict", "save_peft"]
