@@ -79,7 +79,7 @@ class PlanResult:
     batch_rows: int  # global rows of data.max_length tokens (DPO unpacked: 2 per pair)
     seq_len: int
     tokens_per_step: int
-    param_bytes: int
+    param_bytes: int  # trainable params (LoRA: the adapters)
     opt_state_bytes: int
     argument_bytes: int  # compiled: inputs (state + batch); analytic: params + optimizer state
     output_bytes: int
@@ -96,6 +96,7 @@ class PlanResult:
     compile_error: str | None  # XLA's refusal when the step does not fit in HBM (then fits is False)
     suggestions: list
     notes: list
+    frozen_bytes: int = 0  # LoRA: the frozen base (among the arguments)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -203,6 +204,7 @@ class _Step:
     state_shardings: dict
     argument_bytes: int  # per device, from the shapes (XLA's own count when it compiles)
     note: str | None = None
+    frozen_bytes: int = 0  # LoRA: the frozen base, per device (among the arguments)
 
 
 def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
@@ -210,6 +212,7 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
     from flax import nnx
 
     from jaxft.models import abstract_model
+    from jaxft.models.adapters import lora_graphdef
     from jaxft.parallel.sharding import param_shardings, replicated
     from jaxft.steps.common import jit_step
     from jaxft.steps.sft import make_sft_step
@@ -217,8 +220,15 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
 
     chunk = loss_chunk_size(config, cfg)
     accumulate = config.optim.accumulate
+    frozen = frozen_sh = None
     with jax.set_mesh(mesh):  # Flax builds annotated params only under a mesh
-        graphdef, abstract_state = nnx.split(abstract_model(cfg), nnx.Param)
+        if cfg.lora is None:
+            graphdef, abstract_state = nnx.split(abstract_model(cfg), nnx.Param)
+        else:  # trains the adapters; the base is a frozen, undonated argument
+            graphdef, abstract_state, abstract_base = lora_graphdef(cfg)
+            frozen_sh = nnx.to_pure_dict(param_shardings(abstract_base, mesh))
+            frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  nnx.to_pure_dict(abstract_base), frozen_sh)
     shardings = nnx.to_pure_dict(param_shardings(abstract_state, mesh))
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), shardings)
@@ -229,10 +239,14 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
     batch = abstract_batch(config, kind, mesh)
     arg_bytes = per_device_bytes(state, state_sh) + per_device_bytes(batch, {k: v.sharding for k, v in batch.items()})
+    frozen_bytes = per_device_bytes(frozen, frozen_sh) if frozen is not None else 0
+    extra = () if frozen is None else (frozen,)
     if kind == "sft":
         step = make_sft_step(graphdef, tx, schedule, accumulate=accumulate, loss_chunk_size=chunk)
-        jitted = jit_step(step, state_shardings=state_sh, batch_sharding=batch["tokens"].sharding)
-        return _Step(jitted, (state, batch), params, opt_state, state_sh, arg_bytes)
+        jitted = jit_step(step, state_shardings=state_sh, batch_sharding=batch["tokens"].sharding,
+                          frozen_shardings=frozen_sh)
+        return _Step(jitted, (state, batch, *extra), params, opt_state, state_sh, arg_bytes + frozen_bytes,
+                     frozen_bytes=frozen_bytes)
     from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
     from jaxft.tasks.dpo import DPO, loss_kwargs
     from jaxft.tasks.dpo_reference import reference_mode
@@ -242,6 +256,8 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
     if mode == "table":  # [N, 2] f32, replicated: one row per pair the run trains on
         n = max(pairs * max(config.train.steps, 1), 1)
         reference, ref_sh = jax.ShapeDtypeStruct((n, 2), jnp.float32), replicated(mesh)
+    elif mode == "params" and frozen is not None:  # LoRA: the frozen base, adapters off
+        reference, ref_sh = None, None
     elif mode == "params":  # a frozen copy of the policy, sharded like it
         reference, ref_sh = params, shardings
     else:
@@ -249,10 +265,14 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
     step = make_dpo_step(graphdef, tx, schedule, loss_kwargs=loss_kwargs(config), reference_mode=mode,
                          num_segments=segments, rows_per_pair=DPO.rows_per_example(config),
                          accumulate=accumulate, loss_chunk_size=chunk)
-    jitted = jit_dpo_step(step, state_shardings=state_sh, reference_shardings=ref_sh, mesh=mesh)
+    jitted = jit_dpo_step(step, state_shardings=state_sh, reference_shardings=ref_sh, mesh=mesh,
+                          frozen_shardings=frozen_sh)
     ref_bytes = per_device_bytes(reference, ref_sh) if reference is not None else 0
     note = f"DPO reference: {mode} ({ref_bytes / GIB:.3f} GiB per device, among the arguments)"
-    return _Step(jitted, (state, reference, batch), params, opt_state, state_sh, arg_bytes + ref_bytes, note)
+    if mode == "params" and frozen is not None:
+        note = "DPO reference: the frozen base with the adapters off (no second copy)"
+    return _Step(jitted, (state, reference, batch, *extra), params, opt_state, state_sh,
+                 arg_bytes + ref_bytes + frozen_bytes, note, frozen_bytes=frozen_bytes)
 
 
 def compile_memory(step: _Step, mesh) -> tuple[dict, str | None]:
@@ -294,9 +314,15 @@ def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
 
 def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
     """A GPU estimate: FSDP-sharded params, AdamW moments and grads, plus activations."""
+    from jaxft.models.lora import num_adapter_params
+
     n, dev = cfg.num_params(), target.chips
     p_bytes, c_bytes = jnp.dtype(cfg.param_dtype).itemsize, jnp.dtype(cfg.compute_dtype).itemsize
     params = grads = n * p_bytes // dev
+    frozen = 0
+    if cfg.lora is not None:  # a frozen base; float32 adapters train (grads and moments of them only)
+        frozen, params = params, num_adapter_params(cfg) * 4 // dev
+        grads = params
     opt = 2 * params  # AdamW mu and nu, in the param dtype
     length = config.data.max_length
     rows_dev = max(_rows(config, kind)[0] // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
@@ -311,8 +337,8 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
         acts = tokens * cfg.num_layers * layer
     chunk = loss_chunk_size(config, cfg) or length
     logits = rows_dev * chunk * cfg.vocab_size * 4 * 2  # f32 logits and their gradient
-    return dict(param_bytes=params, opt_state_bytes=opt, argument_bytes=params + opt, output_bytes=0,
-                alias_bytes=0, temp_bytes=grads + acts + logits)
+    return dict(param_bytes=params, opt_state_bytes=opt, argument_bytes=params + opt + frozen, output_bytes=0,
+                alias_bytes=0, temp_bytes=grads + acts + logits, frozen_bytes=frozen)
 
 
 def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
@@ -357,8 +383,13 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
         mem, compile_error = compile_memory(step, mesh)
         seconds = time.perf_counter() - start
         mem = dict(param_bytes=per_device_bytes(step.params, step.state_shardings["params"]),
-                   opt_state_bytes=per_device_bytes(step.opt_state, step.state_shardings["opt_state"]), **mem)
-        num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(step.params))
+                   opt_state_bytes=per_device_bytes(step.opt_state, step.state_shardings["opt_state"]),
+                   frozen_bytes=step.frozen_bytes, **mem)
+        num_params = cfg.num_params()
+        if cfg.lora is not None:
+            trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(step.params))
+            notes.append(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trainable:,} trainable "
+                         f"params ({100 * trainable / num_params:.2f}% of the model); the base is frozen")
         notes += [step.note] if step.note else []
         if compile_error:
             notes.append("the compiler's message gives the temporaries; arguments are from the shapes")
@@ -388,7 +419,8 @@ def format_plan(r: PlanResult) -> str:
              "settings: " + ", ".join(f"{k} {v}" for k, v in r.settings.items()),
              f"batch: {r.batch_rows} rows x {r.seq_len} tokens = {r.tokens_per_step:,} tokens per step",
              "", f"per device {unit:>30}"]
-    rows = [("params", r.param_bytes), ("optimizer state", r.opt_state_bytes),
+    rows = [("params" if not r.frozen_bytes else "adapters (trainable)", r.param_bytes),
+            *([("frozen base", r.frozen_bytes)] if r.frozen_bytes else []), ("optimizer state", r.opt_state_bytes),
             ("arguments (state + batch)" if r.compiled else "params + optimizer state", r.argument_bytes),
             ("outputs", r.output_bytes), ("aliased (donated) outputs", -r.alias_bytes),
             ("temporaries" if r.compiled else "grads + activations (estimate)", r.temp_bytes),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import jax
 
+from jaxft.models.lora import num_adapter_params
+
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU unless
 # `train.peak_flops` is set.
 PEAK_FLOPS = {
@@ -31,9 +33,12 @@ def device_peak_flops(device=None) -> float | None:
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
-    """Forward + backward FLOPs per token: 6 x matmul params + causal attention scores."""
+    """Forward + backward FLOPs per token: 6 x matmul params + causal attention scores. With
+    LoRA the frozen base needs no weight gradients: 4 x its matmul params, 6 x the adapters'."""
     matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len  # QK^T and PV, causal ~ 1/2
+    if cfg.lora is not None:
+        return 4.0 * matmul_params + 6.0 * num_adapter_params(cfg) + attention
     return 6.0 * matmul_params + attention
 
 

@@ -88,6 +88,15 @@ def projection_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
     }[name]
 
 
+def num_adapter_params(cfg) -> int:
+    """Trainable params of cfg.lora's adapters over all layers (0 without LoRA)."""
+    if cfg.lora is None:
+        return 0
+    per_layer = sum(cfg.lora.rank * (math.prod(i) + math.prod(o))
+                    for i, _, o, _ in (projection_dims(cfg, n) for n in cfg.lora.targets))
+    return cfg.num_layers * per_layer
+
+
 def add_adapters(module: nnx.Module, cfg, names, rngs: nnx.Rngs | None) -> None:
     """Gives `module` A and B for each of `names` that cfg.lora targets (none without LoRA)."""
     spec = cfg.lora

@@ -83,11 +83,12 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
     """The pure DPO step `(state, reference, batch, frozen=None) -> (state, metrics)`.
 
     With LoRA, `frozen` is the base and the state's params the adapters; a "params"
-    reference is then a base (usually the very same arrays) run with the adapters off."""
+    reference is then a base run with the adapters off: `reference` None means the frozen
+    base itself (no second copy, no second argument)."""
 
     def step(state, reference, batch, frozen=None):
         if reference_mode == "params" and frozen is not None:
-            reference = with_frozen(adapters_off(state["params"]), reference)
+            reference = with_frozen(adapters_off(state["params"]), frozen if reference is None else reference)
         pairs = {k: batch[k] for k in PAIR_KEYS}
         # rows_per_pair = 2 without packing (rows 2i, 2i+1), 1 when a pair shares a row.
         micro_rows = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate, rows_per_pair)

@@ -66,6 +66,8 @@ class DPO(Task):
         self._adapters_off = adapters_off(params) if ctx.frozen is not None else None
         if self.mode == "params":
             self.reference = self.eval_reference = load_reference_params(ctx, params)
+            if self.reference is ctx.frozen:  # LoRA against its own base: the step reads `frozen`
+                self.reference = None
         elif self.mode == "table":
             self.reference, self.eval_reference = self._precompute(
                 self._reference_weights(load_reference_params(ctx, params)))
@@ -73,7 +75,7 @@ class DPO(Task):
                              reference_mode=self.mode, num_segments=num_segments,
                              rows_per_pair=self.rows_per_example(config),
                              accumulate=config.optim.accumulate, loss_chunk_size=chunk)
-        ref_shardings = {"params": jax.tree.map(lambda x: x.sharding, self.reference),
+        ref_shardings = {"params": None if self.reference is None else jax.tree.map(lambda x: x.sharding, self.reference),
                          "table": replicated(ctx.mesh), "none": None}[self.mode]
         self._step = jit_dpo_step(step, state_shardings=ctx.state_shardings,
                                   reference_shardings=ref_shardings, mesh=ctx.mesh,
