@@ -98,9 +98,10 @@ def _train(kind, argv):
     except Preempted as err:
         print(err, file=sys.stderr)
         raise SystemExit(EXIT_PREEMPTED)
-    adapter = f"; PEFT adapter in {result.adapter_dir}" if result.adapter_dir else ""
-    print(f"done: step {result.step}; metrics in {result.workdir}/metrics.jsonl; "
-          f"Hugging Face export in {result.export_dir}{adapter}")
+    exports = [f"Hugging Face export in {result.export_dir}"] if result.export_dir else []
+    exports += [f"PEFT adapter in {result.adapter_dir}"] if result.adapter_dir else []
+    print(f"done: step {result.step}; metrics in {result.workdir}/metrics.jsonl"
+          + "".join(f"; {e}" for e in exports))
 
 
 def _export(argv):

@@ -95,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.targets = "all-linear"  # or "q_proj,v_proj", or a regex over "self_attn.q_proj", "mlp.up_proj", ...
     c.lora.rslora = False
     c.lora.init_from = ""  # a PEFT adapter folder (adapter_config.json) to start from
+    c.lora.base_quantization = "none"  # QLoRA: store the frozen base as "int8" or "nf4" (jaxft.models.quantize)
 
     c.dpo = ml_collections.ConfigDict()
     c.dpo.beta = 0.1
@@ -142,6 +143,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         need(config.lora.alpha > 0, "lora.alpha", "must be > 0")
         need(config.lora.rank > 0 or not config.lora.init_from, "lora.init_from",
              "needs lora.rank > 0 (set it to the adapter's r)")
+        from jaxft.models.quantize import QUANTIZATIONS  # jax-free until a config uses lora.*
+
+        quantization = config.lora.get("base_quantization", "none")
+        need(quantization in QUANTIZATIONS, "lora.base_quantization", f"must be one of {', '.join(QUANTIZATIONS)}")
+        need(config.lora.rank > 0 or quantization == "none", "lora.base_quantization",
+             "quantizes a frozen base: needs lora.rank > 0 (full fine-tuning trains every weight)")
 
 
 def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:

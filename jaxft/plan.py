@@ -165,7 +165,12 @@ def loss_chunk_size(config, cfg) -> int:
 def per_device_bytes(tree, shardings) -> int:
     """Bytes one device holds of `tree` (shapes) laid out by `shardings` (same structure)."""
     leaves, sh = jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    return sum(math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize for x, s in zip(leaves, sh))
+    return int(sum(math.prod(s.shard_shape(x.shape)) * _itemsize(x.dtype) for x, s in zip(leaves, sh)))
+
+
+def _itemsize(dtype) -> float:
+    """Bytes an element takes in accelerator memory (4-bit types pack two a byte)."""
+    return 0.5 if jnp.dtype(dtype).name in ("int4", "uint4") else jnp.dtype(dtype).itemsize
 
 
 def _rows(config, kind: str) -> tuple[int, int, int]:
@@ -213,6 +218,8 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
 
     from jaxft.models import abstract_model
     from jaxft.models.adapters import lora_graphdef
+    from jaxft.models.from_config import base_quantization
+    from jaxft.models.quantize import quantize_base, quantized_shardings
     from jaxft.parallel.sharding import param_shardings, replicated
     from jaxft.steps.common import jit_step
     from jaxft.steps.sft import make_sft_step
@@ -227,8 +234,12 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
         else:  # trains the adapters; the base is a frozen, undonated argument
             graphdef, abstract_state, abstract_base = lora_graphdef(cfg)
             frozen_sh = nnx.to_pure_dict(param_shardings(abstract_base, mesh))
-            frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                  nnx.to_pure_dict(abstract_base), frozen_sh)
+            base = nnx.to_pure_dict(abstract_base)
+            quantization = base_quantization(config)
+            if quantization != "none":  # QLoRA: the base as the run stores it (codes + scales)
+                frozen_sh = quantized_shardings(cfg, base, frozen_sh, quantization, mesh)
+                base = jax.eval_shape(lambda b: quantize_base(cfg, b, quantization), base)
+            frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base, frozen_sh)
     shardings = nnx.to_pure_dict(param_shardings(abstract_state, mesh))
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nnx.to_pure_dict(abstract_state), shardings)
@@ -370,6 +381,10 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     settings = dict(attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers,
                     param_dtype=jnp.dtype(cfg.param_dtype).name, compute_dtype=jnp.dtype(cfg.compute_dtype).name,
                     loss_chunk_size=loss_chunk_size(config, cfg), accumulate=config.optim.accumulate)
+    if cfg.lora is not None:
+        from jaxft.models.from_config import base_quantization
+
+        settings.update(lora_rank=cfg.lora.rank, base_quantization=base_quantization(config))
     notes, compile_error = [], None
     if spec.topology is None:
         mem = _analytic(config, kind, cfg, spec, mesh_shape)

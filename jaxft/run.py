@@ -33,7 +33,7 @@ class RunResult:
     workdir: Path
     step: int
     metrics: list[dict]  # every logged row
-    export_dir: Path | None  # WORKDIR/hf: a full HF folder (LoRA adapters merged in)
+    export_dir: Path | None  # WORKDIR/hf: a full HF folder (LoRA adapters merged in; none for QLoRA)
     adapter_dir: Path | None = None  # WORKDIR/adapter: the PEFT adapter of a LoRA run
 
 

@@ -22,7 +22,7 @@ JSON_KEYS = {"target", "kind", "model", "compiled", "devices", "mesh", "settings
              "seq_len", "tokens_per_step", "param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
              "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops_per_step",
              "step_seconds_estimate", "mfu_assumed", "peak_flops_per_chip", "compile_seconds", "compile_error",
-             "suggestions", "notes"}
+             "suggestions", "notes", "frozen_bytes"}
 
 
 def tiny(kind="sft", **overrides):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -15,6 +16,9 @@ from jaxft.models import ModelConfig, abstract_model, save_hf
 from jaxft.models.adapters import adapter_shardings, lora_graphdef, merge_adapters
 from jaxft.models.from_config import load_model, model_config, split_params
 from jaxft.models.peft import save_peft
+from jaxft.models.quantize import QuantizedKernel
+
+log = logging.getLogger("jaxft")
 from jaxft.parallel.sharding import mesh_from_config, param_shardings
 
 
@@ -49,7 +53,16 @@ def export_run(cfg: ModelConfig, graphdef, params: dict, frozen: dict | None, wo
     if frozen is None:
         return export_params(graphdef, params, workdir / "hf", tokenizer=tokenizer), None
     adapter = export_adapter(cfg, params, workdir / "adapter", base_model=base_model, tokenizer=tokenizer)
+    if any(isinstance(x, QuantizedKernel) for x in jax.tree.leaves(frozen, is_leaf=_is_quantized)):
+        # A quantized base is not what to merge into: `jaxft export WORKDIR --merge` re-reads
+        # model.path at full precision and merges there (as PEFT merges into the original base).
+        log.info("QLoRA: wrote the adapter only; jaxft export %s --merge --out DIR writes a merged model", workdir)
+        return None, adapter
     return export_merged(cfg, frozen, params, workdir / "hf", tokenizer=tokenizer), adapter
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, QuantizedKernel)
 
 
 EXPORT_KINDS = ("full", "merge", "adapter")

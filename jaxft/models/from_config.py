@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import jax
 from flax import nnx
 
 from jaxft.models.adapters import init_adapters
@@ -13,6 +14,7 @@ from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
 from jaxft.models.hf import create_model, load_weights
 from jaxft.models.lora import LoRASpec, resolve_targets
 from jaxft.models.peft import load_peft
+from jaxft.models.quantize import quantize_base, quantized_shardings
 from jaxft.models.presets import get_preset
 
 log = logging.getLogger("jaxft")
@@ -45,6 +47,12 @@ def model_config(config, tokenizer) -> ModelConfig:
                        # A workdir saved before scanning existed has no such key: its layers are a list.
                        scan_layers=bool(config.model.get("scan_layers", False)),
                        lora=lora_spec(config))
+
+
+def base_quantization(config) -> str:
+    """lora.base_quantization ("none" for configs from before QLoRA)."""
+    section = config.get("lora")
+    return "none" if section is None else section.get("base_quantization", "none")
 
 
 def lora_spec(config) -> LoRASpec | None:
@@ -81,6 +89,11 @@ def load_trainable(config, cfg: ModelConfig, mesh) -> tuple[object, dict, dict |
     graphdef, base = split_params(load_model(config, cfg, mesh))
     if cfg.lora is None:
         return graphdef, base, None
+    quantization = base_quantization(config)
+    if quantization != "none":
+        log.info("storing the frozen base as %s (lora.base_quantization)", quantization)
+        shardings = quantized_shardings(cfg, base, jax.tree.map(lambda x: x.sharding, base), quantization, mesh)
+        base = quantize_base(cfg, base, quantization, shardings)
     graphdef, adapters = init_adapters(cfg, seed=config.train.seed, mesh=mesh)
     if config.lora.init_from:
         log.info("starting the adapters from %s", config.lora.init_from)

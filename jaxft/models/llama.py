@@ -22,6 +22,7 @@ from flax import nnx
 from jaxft.models import lora
 from jaxft.models.attention import attend
 from jaxft.models.config import ModelConfig
+from jaxft.models.quantize import kernel_value
 from jaxft.models.remat import REMAT_POLICIES, remat
 from jaxft.parallel.sharding import constrain
 
@@ -107,7 +108,7 @@ class Attention(nnx.Module):
         lora.add_adapters(self, cfg, lora.ATTENTION_PROJECTIONS, rngs)
 
     def _project(self, x_BLE, name):
-        kernel = getattr(self, f"{name}_proj")[...].astype(x_BLE.dtype)
+        kernel = kernel_value(getattr(self, f"{name}_proj"), x_BLE.dtype)
         y = lora.adapt(self, f"{name}_proj", x_BLE, jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel), self.cfg.lora)
         if self.cfg.qkv_bias:
             y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
@@ -141,7 +142,7 @@ class Attention(nnx.Module):
         out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
                           kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset,
                           sliding_window=cfg.sliding_window, implementation=cfg.attention).astype(x_BLE.dtype)
-        y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, self.o_proj[...].astype(x_BLE.dtype))
+        y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, kernel_value(self.o_proj, x_BLE.dtype))
         y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora)
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
@@ -165,7 +166,7 @@ class MLP(nnx.Module):
         lora.add_adapters(self, cfg, lora.MLP_PROJECTIONS, rngs)
 
     def _dense(self, x, name):
-        y = lora.adapt(self, f"{name}_proj", x, x @ getattr(self, f"{name}_proj")[...].astype(x.dtype), self.lora)
+        y = lora.adapt(self, f"{name}_proj", x, x @ kernel_value(getattr(self, f"{name}_proj"), x.dtype), self.lora)
         if not self.has_bias:
             return y
         return y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
