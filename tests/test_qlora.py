@@ -104,3 +104,35 @@ def test_plan_counts_a_packed_nf4_base_smaller_than_int8_and_bf16():
         assert "frozen base" in plan_lib.format_plan(r)
         sizes[kind] = r.frozen_bytes
     assert sizes["nf4"] < sizes["int8"] < sizes["none"]
+
+
+def test_sft_steps_on_a_quantized_base_leave_its_codes_and_scales_bit_identical():
+    from jaxft.data.from_config import load_bundled_tokenizer
+    from jaxft.data.pipeline import make_eval_batches
+    from jaxft.parallel.batches import to_global
+    from jaxft.steps.common import jit_step
+    from jaxft.steps.optimizer import make_optimizer
+    from jaxft.steps.sft import make_sft_step
+    from jaxft.steps.state import create_train_state
+
+    cfg, _ = tiny_cfg()
+    lcfg = lora_of(cfg)
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    with jax.set_mesh(mesh):
+        _, base = split_params(create_model(cfg, seed=0, mesh=mesh))
+        graphdef, adapters = init_adapters(lcfg, seed=1, mesh=mesh)
+        shardings = quantized_shardings(lcfg, base, jax.tree.map(lambda x: x.sharding, base), "nf4", mesh)
+        frozen = quantize_base(lcfg, base, "nf4", shardings)
+        before = [np.asarray(x) for x in jax.tree.leaves(frozen)]
+        tx, schedule = make_optimizer(lr=1e-2, schedule="constant", total_steps=10)
+        state, state_sh = create_train_state(adapters, tx, mesh)
+        step = jit_step(make_sft_step(graphdef, tx, schedule), state_shardings=state_sh,
+                        batch_sharding=sharding.batch_sharding(mesh), frozen_shardings=shardings)
+        batches = make_eval_batches(str(quickstart_file("sft_train.jsonl")), load_bundled_tokenizer(), kind="sft",
+                                    batch_size=8, max_length=64, packing=True)
+        for _, b in zip(range(3), batches):
+            batch = {k: v for k, v in to_global(b, mesh).items() if k in ("tokens", "positions", "segment_ids", "loss_mask")}
+            state, m = step(state, batch, frozen)
+        assert np.isfinite(float(m["loss"]))
+        for a, b in zip(before, jax.tree.leaves(frozen)):
+            assert np.array_equal(a, np.asarray(b))
