@@ -12,6 +12,9 @@ Presets:
               (--config.model.path=SFT_WORKDIR/hf); the quickstart runs this after SFT
   llama3_8b / qwen2_5_7b / mistral_7b / deepseek_llm_7b
               real models at 2,048 tokens and lr 5e-7 (Zephyr's); set model.path and data.train
+  llama3_8b_lora / llama3_8b_qlora
+              DPO with LoRA rank 16 (alpha 32, all-linear, lr 5e-6) on a frozen bf16 / NF4 base: the
+              reference is the base with the adapters off, so no second copy of the weights
 Common switches: --config.dpo.loss_type=ipo|hinge|... (TRL's names), --config.dpo.beta,
 --config.dpo.reference=policy|PATH|none, --config.dpo.precompute_reference=False.
 """
@@ -70,8 +73,19 @@ def real_model(c):
     c.optim.lr = 5e-7  # Zephyr's
 
 
+def lora(c, quantization="none"):
+    real_model(c)
+    c.optim.lr = 5e-6  # adapters: ~10x the full fine-tuning lr
+    c.model.dtype = "bfloat16"  # the frozen base; adapters and their optimizer stay float32
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.targets = "all-linear"
+    c.lora.base_quantization = quantization
+
+
 PRESETS = {"tiny": tiny, "llama3_8b": real_model, "qwen2_5_7b": real_model, "mistral_7b": real_model,
-           "deepseek_llm_7b": real_model}
+           "deepseek_llm_7b": real_model, "llama3_8b_lora": lora,
+           "llama3_8b_qlora": lambda c: lora(c, quantization="nf4")}
 
 
 def get_config(arg: str = ""):

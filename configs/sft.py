@@ -13,6 +13,9 @@ Presets (the part after the colon):
   mistral_7b       Mistral-7B-v0.3(-Instruct)
   deepseek_llm_7b  the DeepSeek LLM SFT recipe at 7B: 4 epochs, lr 1e-5, general/math/code mixture
   deepseek_llm_67b the same at 67B: only 2 epochs (the larger model overfits sooner), lr 5e-6
+  llama3_8b_lora   Llama-3-8B with LoRA rank 16 (alpha 32, all-linear, lr 2e-4) on a frozen bf16 base
+  llama3_8b_qlora  the same on an NF4 base (QLoRA): fits one 16 GiB chip (jaxft plan --target v5e-1)
+Any preset or your own model takes adapters with --config.lora.rank=16 (see README, "LoRA and QLoRA").
 """
 
 from jaxft.config import base_config, lock
@@ -80,6 +83,16 @@ def deepseek_llm(c, big=False):
         c.mesh.tensor = 8
 
 
+def lora(c, quantization="none"):
+    """PEFT-style LoRA on every projection (QLoRA with quantization="nf4"), on packed 4k rows."""
+    packed_4k(c, lr=2e-4)  # adapters take a ~10x larger lr than full fine-tuning
+    c.model.dtype = "bfloat16"  # the frozen base; adapters and their optimizer stay float32
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
+    c.lora.targets = "all-linear"
+    c.lora.base_quantization = quantization
+
+
 PRESETS = {
     "tiny": tiny,
     "llama3_8b": packed_4k,
@@ -87,6 +100,8 @@ PRESETS = {
     "mistral_7b": packed_4k,
     "deepseek_llm_7b": deepseek_llm,
     "deepseek_llm_67b": lambda c: deepseek_llm(c, big=True),
+    "llama3_8b_lora": lora,
+    "llama3_8b_qlora": lambda c: lora(c, quantization="nf4"),
 }
 
 

@@ -317,3 +317,13 @@ def test_lora_dpo_runs_with_the_precomputed_or_the_live_reference_alike(base_fol
     assert abs(losses[False][0] - math.log(2)) < 1e-6
     assert max(abs(a - b) for a, b in zip(losses[False], losses[True])) <= 1e-5
     assert losses[False][-1] < losses[False][0]
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_the_lora_presets_are_rank_16_all_linear_on_a_bf16_or_nf4_base(kind):
+    for preset, quantization in (("llama3_8b_lora", "none"), ("llama3_8b_qlora", "nf4")):
+        config = config_lib.load(f"{REPO}/configs/{kind}.py:{preset}",
+                                 {"model.path": "/models/llama3", "data.train": "train.jsonl"})
+        config_lib.validate(config)
+        assert (config.lora.rank, config.lora.alpha, config.lora.targets) == (16, 32.0, "all-linear")
+        assert config.lora.base_quantization == quantization and config.model.dtype == "bfloat16"
