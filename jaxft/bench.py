@@ -31,7 +31,9 @@ from jaxft.io.metrics import device_peak_flops, train_flops_per_token
 from jaxft.models import create_model, get_preset
 from jaxft.models.attention import resolve
 from jaxft.models.config import dtype_name
+from jaxft.models.adapters import init_adapters
 from jaxft.models.from_config import split_params
+from jaxft.models.lora import PROJECTIONS, LoRASpec
 from jaxft.parallel import sharding
 from jaxft.steps.common import jit_step
 from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
@@ -40,6 +42,9 @@ from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
 
 KINDS = ("sft", "sft_chunked_ce", "dpo", "dpo_reference")
+# With --lora RANK: the LoRA SFT step (adapters train, the base is frozen) and DPO with adapters,
+# its reference the base with the adapters off (a live forward, no second copy).
+LORA_KINDS = ("sft_lora", "dpo_lora")
 # Each jaxft kind against the PyTorch step a plain PyTorch loop would run for it: DPO with a
 # precomputed reference is compared with PyTorch's DPO step with its reference forward.
 VERSUS_TORCH = {"sft": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
@@ -168,7 +173,8 @@ def _check_compare(compare: Sequence[str]) -> None:
 
 def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Sequence[int] = 256,
               steps: int | None = None, rounds: int = 3, chunk_size: int = 128, compute_dtype=None,
-              attention: str | None = None, overrides: dict | None = None, compare: Sequence[str] = ()) -> dict:
+              attention: str | None = None, overrides: dict | None = None, compare: Sequence[str] = (),
+              lora_rank: int = 0) -> dict:
     """Times every step kind at every length; returns the JSON-able report
 
     {"sft" | "sft_chunked_ce" | "dpo" | "dpo_reference": {tokens_per_sec, step_time (s), mfu,
@@ -180,7 +186,8 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
                  "ratio" (the first length's), "scaling", "library"}}}.
 
     steps: per timed round; None picks 1-5 per kind (about a second a round). mfu is None off
-    the known accelerators (`jaxft.io.metrics.PEAK_FLOPS`).
+    the known accelerators (`jaxft.io.metrics.PEAK_FLOPS`). lora_rank > 0 adds "sft_lora" and
+    "dpo_lora" (LoRA of that rank on every projection, alpha = 2 x rank) to every length.
     """
     lengths = [lengths] if isinstance(lengths, int) else list(lengths)
     if not lengths or min(lengths) < 2 or batch_size < 2 or batch_size % 2:
@@ -212,6 +219,15 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
         holder = {"state": state}
         ref_shardings = jax.tree.map(lambda x: x.sharding, reference)
         table = jax.device_put(jnp.zeros((batch_size // 2, 2), jnp.float32), replicated)
+        kinds = KINDS
+        if lora_rank:
+            kinds = KINDS + LORA_KINDS
+            lora_cfg = cfg.replace(lora=LoRASpec(rank=lora_rank, alpha=2.0 * lora_rank, targets=PROJECTIONS))
+            lora_graphdef, adapters = init_adapters(lora_cfg, seed=1, mesh=mesh)
+            lora_state, lora_shardings = create_train_state(adapters, tx, mesh)
+            lora_holder = {"state": lora_state}
+            frozen = params  # the policy's initial params stay untouched: the full cases train copies
+            frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
 
         for length in lengths:
             host = _batch(batch_size, length, cfg.vocab_size)
@@ -229,6 +245,15 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
                                   reference_mode=mode, num_segments=1, rows_per_pair=2),
                     state_shardings=shardings, reference_shardings=ref_sh, mesh=mesh)
                 cases[name] = _jax_case(step, holder, ref, batch)
+            if lora_rank:
+                step = jit_step(make_sft_step(lora_graphdef, tx, schedule), state_shardings=lora_shardings,
+                                batch_sharding=rows_sharding, frozen_shardings=frozen_sh)
+                cases["sft_lora"] = _jax_case(step, lora_holder, sft_batch, frozen)
+                step = jit_dpo_step(
+                    make_dpo_step(lora_graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
+                                  reference_mode="params", num_segments=1, rows_per_pair=2),
+                    state_shardings=lora_shardings, reference_shardings=None, mesh=mesh, frozen_shardings=frozen_sh)
+                cases["dpo_lora"] = _jax_case(step, lora_holder, None, batch, frozen)
             if torch_bench:  # after jaxft's, in the same rounds: alternating jaxft / torch
                 for name, fn in torch_bench.cases(host).items():
                     cases[f"torch/{name}"] = _torch_case(fn)
@@ -240,7 +265,7 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
             # MFU = flops_per_token * tokens/s / (peak * devices): pass the per-token share.
             mfu_per_token = (train_flops_per_token(cfg, length) / (peak_flops * jax.device_count())
                              if peak_flops else None)
-            row = {name: _summary(*measured[name], cases[name], tokens, mfu_per_token) for name in KINDS}
+            row = {name: _summary(*measured[name], cases[name], tokens, mfu_per_token) for name in kinds}
             for r in row.values():
                 r["ratio_to_sft"] = r["step_time"] / row["sft"]["step_time"]
             report["lengths"][str(length)] = row
@@ -253,7 +278,7 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
 
     first, last = str(lengths[0]), str(lengths[-1])
     report.update(report["lengths"][first])  # top-level entries: the first length
-    report["scaling"] = _scaling(report["lengths"], first, last, KINDS)
+    report["scaling"] = _scaling(report["lengths"], first, last, kinds)
     if torch_bench:
         torch_report = report["compare"]["torch"]
         torch_report.update(torch_report["lengths"][first])
@@ -278,7 +303,8 @@ def _scaling(by_length: dict, first: str, last: str, kinds) -> dict:
 
 
 _LABELS = {"sft": "sft", "sft_chunked_ce": "sft_chunked_ce", "dpo": "dpo (precomputed reference)",
-           "dpo_reference": "dpo_reference (reference forward)"}
+           "dpo_reference": "dpo_reference (reference forward)", "sft_lora": "sft_lora (LoRA, frozen base)",
+           "dpo_lora": "dpo_lora (LoRA, reference = adapters off)"}
 
 
 def _mib(n) -> str:
@@ -302,6 +328,10 @@ def format_bench(report: dict) -> str:
             mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
             out.append(f"| {_LABELS[name]} | {1000 * r['step_time']:,.1f} | {r['tokens_per_sec']:,.0f} | "
                        f"{r['ratio_to_sft']:.2f} | {mfu} | {r['compile_s']:.1f} | {_mib(r['peak_bytes'])} |")
+        if "sft_lora" in row:
+            out += ["", f"LoRA: the sft_lora step takes {row['sft_lora']['ratio_to_sft']:.2f}x the full sft step "
+                        f"({1 / row['sft_lora']['ratio_to_sft']:.2f}x faster); dpo_lora takes "
+                        f"{row['dpo_lora']['step_time'] / row['sft_lora']['step_time']:.2f}x sft_lora"]
         if torch:
             theirs = torch["lengths"][length]
             out += ["", "| jaxft step | vs PyTorch step | PyTorch ms/step | PyTorch tokens/s | jaxft tokens/s "
@@ -316,7 +346,7 @@ def format_bench(report: dict) -> str:
                 f"| step | jaxft {first} | jaxft {last} | jaxft {last} / {first} |"
                 + (f" PyTorch {last} / {first} |" if torch else ""),
                 "|---|---|---|---|" + ("---|" if torch else "")]
-        for kind in KINDS:
+        for kind in report["scaling"]:
             line = (f"| {_LABELS[kind]} | {report['lengths'][first][kind]['tokens_per_sec']:,.0f} | "
                     f"{report['lengths'][last][kind]['tokens_per_sec']:,.0f} | {report['scaling'][kind]:.2f} |")
             if torch:

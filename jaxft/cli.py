@@ -259,6 +259,8 @@ def _bench(argv):
                    help="attention backend (model.attention: auto, reference, blockwise, xla, ...)")
     p.add_argument("--compare", action="append", default=[], choices=("torch", "tunix"),
                    help="also time the same steps in transformers + PyTorch (torch) or Tunix")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also time LoRA steps of this rank (SFT, and DPO with the adapters-off reference)")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
     a = p.parse_args(argv)
     try:
@@ -273,7 +275,7 @@ def _bench(argv):
     overrides = {"num_layers": a.layers} if a.layers else None
     report = run_bench(preset=a.preset, batch_size=a.batch_size, lengths=lengths, steps=a.steps, rounds=a.rounds,
                        chunk_size=a.chunk_size, overrides=overrides, attention=a.attention, compare=a.compare,
-                       compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"))
+                       compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"), lora_rank=a.lora)
     print(format_bench(report))
     if a.json:
         with open(a.json, "w") as f:

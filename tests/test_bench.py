@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from jaxft import cli
-from jaxft.bench import KINDS, format_bench
+from jaxft.bench import KINDS, LORA_KINDS, format_bench
 
 ENTRY_KEYS = {"tokens_per_sec", "step_time", "mfu", "peak_bytes", "compile_s"}
 # CI's newest-JAX venv has no PyTorch: there the run goes without the comparison.
@@ -26,7 +26,7 @@ def bench(tmp_path_factory):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         cli.main(["bench", "--layers", "1", "--batch-size", "8", "--lengths", "16,32", "--steps", "1",
-                  "--rounds", "1", "--json", str(path)] + (["--compare", "torch"] if HAS_TORCH else []))
+                  "--rounds", "1", "--lora", "2", "--json", str(path)] + (["--compare", "torch"] if HAS_TORCH else []))
     return json.loads(path.read_text()), printed.getvalue()
 
 
@@ -34,7 +34,7 @@ def test_every_kind_is_measured_at_every_length(bench):
     report, _ = bench
     assert list(report["lengths"]) == ["16", "32"]
     for length, row in report["lengths"].items():
-        assert list(row) == list(KINDS)
+        assert list(row) == list(KINDS + LORA_KINDS)
         for name, r in row.items():
             assert ENTRY_KEYS <= set(r)
             assert r["tokens_per_sec"] > 0 and r["compile_s"] > 0 and r["peak_bytes"] > 0
@@ -79,7 +79,7 @@ def test_torch_comparison_on_the_same_shapes(bench):
 def test_tables_are_printed(bench):
     report, printed = bench
     assert printed.strip() == format_bench(report)  # format_bench reads the JSON form too
-    for text in ("### 16 tokens", "### 32 tokens", "| dpo (precomputed reference) |",
+    for text in ("### 16 tokens", "### 32 tokens", "| dpo (precomputed reference) |", "LoRA: the sft_lora step takes",
                  "tokens/s at 32 relative to 16") + (("jaxft / PyTorch",) if HAS_TORCH else ()):
         assert text in printed
 
