@@ -94,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 16.0  # the delta is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
     c.lora.targets = "all-linear"  # or "q_proj,v_proj", or a regex over "self_attn.q_proj", "mlp.up_proj", ...
     c.lora.rslora = False
+    c.lora.dropout = 0.0  # on each adapter's input in training (PEFT's lora_dropout; TRL examples use 0.05)
     c.lora.init_from = ""  # a PEFT adapter folder (adapter_config.json) to start from
     c.lora.base_quantization = "none"  # QLoRA: store the frozen base as "int8" or "nf4" (jaxft.models.quantize)
 
@@ -141,6 +142,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "lora" in config:
         need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
         need(config.lora.alpha > 0, "lora.alpha", "must be > 0")
+        need(0.0 <= config.lora.get("dropout", 0.0) < 1.0, "lora.dropout", "must be in [0, 1)")
         need(config.lora.rank > 0 or not config.lora.init_from, "lora.init_from",
              "needs lora.rank > 0 (set it to the adapter's r)")
         from jaxft.models.quantize import QUANTIZATIONS  # jax-free until a config uses lora.*

@@ -79,6 +79,25 @@ def test_fresh_adapters_are_the_base_and_merging_equals_the_adapted_forward(scan
             assert float(jnp.abs(merged - adapted).max()) <= 1e-5
 
 
+def test_lora_dropout_is_drawn_from_the_key_and_off_without_one():
+    cfg, _ = tiny_cfg()
+    mesh = sharding.make_mesh(data=-1)
+    with jax.set_mesh(mesh):
+        _, base = split_params(create_model(cfg, seed=0, mesh=mesh))
+        tokens = tokens_of(cfg)
+        graphdef, adapters = init_adapters(lora_of(cfg).replace(lora=LoRASpec(
+            rank=4, alpha=8.0, targets=PROJECTIONS, dropout=0.3)), seed=1, mesh=mesh)
+        model = nnx.merge(graphdef, perturbed(adapters), base)
+        key = jax.random.key(5)
+        plain, a, b = model(tokens), model(tokens, dropout_rng=key), model(tokens, dropout_rng=key)
+        other = model(tokens, dropout_rng=jax.random.key(6))
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # the key decides the masks
+        assert float(jnp.abs(a - plain).max()) > 1e-3 and float(jnp.abs(a - other).max()) > 1e-3
+        no_dropout_graphdef, _ = init_adapters(lora_of(cfg), seed=1, mesh=mesh)
+        same = nnx.merge(no_dropout_graphdef, perturbed(adapters), base)
+        assert np.array_equal(np.asarray(same(tokens, dropout_rng=key)), np.asarray(plain))
+
+
 def test_adapters_shard_like_their_kernels():
     cfg, _ = tiny_cfg()
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
@@ -189,6 +208,7 @@ LORA_RUN = {
     "train.steps": 6, "train.batch_size": 8, "data.max_length": 64, "train.progress": False,
     "train.log_every": 1, "train.save_every": 3, "train.eval_every": 6, "optim.warmup_steps": 0,
     "optim.schedule": "constant", "optim.lr": 5e-3, "lora.rank": 4, "lora.alpha": 8.0, "mesh.data": -1,
+    "lora.dropout": 0.1,  # drawn per (seed, step, micro-batch): the resume test checks it is exact
 }
 
 

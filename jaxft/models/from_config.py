@@ -61,7 +61,8 @@ def lora_spec(config) -> LoRASpec | None:
     if section is None or section.rank == 0:
         return None
     return LoRASpec(rank=int(section.rank), alpha=float(section.alpha),
-                    targets=resolve_targets(section.targets), rslora=bool(section.rslora))
+                    targets=resolve_targets(section.targets), rslora=bool(section.rslora),
+                    dropout=float(section.get("dropout", 0.0)))
 
 
 def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):

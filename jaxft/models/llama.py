@@ -107,16 +107,16 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
         lora.add_adapters(self, cfg, lora.ATTENTION_PROJECTIONS, rngs)
 
-    def _project(self, x_BLE, name):
+    def _project(self, x_BLE, name, rng=None):
         kernel = kernel_value(getattr(self, f"{name}_proj"), x_BLE.dtype)
-        y = lora.adapt(self, f"{name}_proj", x_BLE, jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel), self.cfg.lora)
+        y = lora.adapt(self, f"{name}_proj", x_BLE, jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel), self.cfg.lora, rng)
         if self.cfg.qkv_bias:
             y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
         return y
 
-    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None):
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None):
         cfg = self.cfg
-        q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n) for n in ("q", "k", "v"))
+        q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n, rng) for n in ("q", "k", "v"))
         if cfg.qk_norm:
             q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
         inv_freq = rope_inv_freq(cfg)
@@ -143,7 +143,7 @@ class Attention(nnx.Module):
                           kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset,
                           sliding_window=cfg.sliding_window, implementation=cfg.attention).astype(x_BLE.dtype)
         y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, kernel_value(self.o_proj, x_BLE.dtype))
-        y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora)
+        y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora, rng)
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
         return y_BLE, new_cache
@@ -165,16 +165,17 @@ class MLP(nnx.Module):
         self.lora = cfg.lora
         lora.add_adapters(self, cfg, lora.MLP_PROJECTIONS, rngs)
 
-    def _dense(self, x, name):
-        y = lora.adapt(self, f"{name}_proj", x, x @ kernel_value(getattr(self, f"{name}_proj"), x.dtype), self.lora)
+    def _dense(self, x, name, rng=None):
+        kernel = kernel_value(getattr(self, f"{name}_proj"), x.dtype)
+        y = lora.adapt(self, f"{name}_proj", x, x @ kernel, self.lora, rng)
         if not self.has_bias:
             return y
         return y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
 
-    def __call__(self, x_BLE):
-        h_BLF = jax.nn.silu(self._dense(x_BLE, "gate")) * self._dense(x_BLE, "up")
+    def __call__(self, x_BLE, rng=None):
+        h_BLF = jax.nn.silu(self._dense(x_BLE, "gate", rng)) * self._dense(x_BLE, "up", rng)
         h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
-        return self._dense(h_BLF, "down")
+        return self._dense(h_BLF, "down", rng)
 
 
 class DecoderLayer(nnx.Module):
@@ -186,17 +187,18 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None):
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None):
+        """rng: this layer's LoRA dropout key (training with lora.dropout > 0), else None."""
         attn_BLE, new_cache = self.self_attn(
-            self.input_layernorm(x_BLE), positions_BL, segment_ids_BL, cache, cache_index
+            self.input_layernorm(x_BLE), positions_BL, segment_ids_BL, cache, cache_index, rng
         )
         x_BLE = x_BLE + attn_BLE
-        x_BLE = x_BLE + self.mlp(self.post_attention_layernorm(x_BLE))
+        x_BLE = x_BLE + self.mlp(self.post_attention_layernorm(x_BLE), rng)
         return constrain(x_BLE, ("act_batch", "act_length", "act_embed")), new_cache
 
 
-def _run_layer(layer, x, positions, segment_ids):
-    return layer(x, positions, segment_ids)[0]
+def _run_layer(layer, x, positions, segment_ids, rng=None):
+    return layer(x, positions, segment_ids, rng=rng)[0]
 
 
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs):
@@ -233,13 +235,15 @@ class Decoder(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
-    def _run_scanned(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index):
+    def _run_scanned(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None):
         graphdef, stacked = nnx.split(self.layers)
         if cache is None:
-            def body(x, layer_state):
-                return nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL)[0], None
+            def body(x, xs):
+                layer_state, key = xs
+                return nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, rng=key)[0], None
 
-            x_BLE, _ = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, stacked)
+            keys = None if rng is None else jax.random.split(rng, self.cfg.num_layers)
+            x_BLE, _ = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, (stacked, keys))
             return x_BLE, None
 
         def step(x, xs):
@@ -251,13 +255,14 @@ class Decoder(nnx.Module):
         x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"]))
         return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}
 
-    def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index):
+    def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None):
         if cache is None:
             run = _run_layer
             if self.cfg.remat != "none":
                 run = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.cfg.remat])
-            for layer in self.layers:
-                x_BLE = run(layer, x_BLE, positions_BL, segment_ids_BL)
+            keys = [None] * self.cfg.num_layers if rng is None else list(jax.random.split(rng, self.cfg.num_layers))
+            for layer, key in zip(self.layers, keys):
+                x_BLE = run(layer, x_BLE, positions_BL, segment_ids_BL, key)
             return x_BLE, None
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -282,6 +287,7 @@ class Decoder(nnx.Module):
         cache: dict | None = None,
         cache_index: jax.Array | int | None = None,
         return_hidden: bool = False,
+        dropout_rng: jax.Array | None = None,
     ):
         """Runs the decoder: `model(tokens, positions=None, segment_ids=None) -> logits`.
 
@@ -291,6 +297,7 @@ class Decoder(nnx.Module):
         where this chunk starts; then the result is `(out, new_cache)`.
         Returns logits [B, L, V] in float32, or the final normed hidden states [B, L, E]
         when `return_hidden` (for chunked cross-entropy against `lm_head_kernel()`).
+        dropout_rng: a key for LoRA dropout (cfg.lora.dropout > 0; training only), else None.
         """
         cfg = self.cfg
         tokens_BL = tokens
@@ -301,7 +308,9 @@ class Decoder(nnx.Module):
         x_BLE = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(cfg.compute_dtype)
         x_BLE = constrain(x_BLE, ("act_batch", "act_length", "act_embed"))
         run = self._run_scanned if cfg.scan_layers else self._run_unrolled
-        x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index)
+        use_dropout = dropout_rng is not None and cache is None and cfg.lora is not None and cfg.lora.dropout > 0
+        x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index,
+                               dropout_rng if use_dropout else None)
         out = self.norm(x_BLE)
         if not return_hidden:
             # f32 accumulation and output: bf16 logits would round the softmax's inputs.

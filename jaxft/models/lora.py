@@ -38,10 +38,13 @@ class LoRASpec:
     alpha: float
     targets: tuple[str, ...]  # projection names from PROJECTIONS
     rslora: bool = False  # scale alpha / sqrt(rank) (rank-stabilised LoRA) instead of alpha / rank
+    dropout: float = 0.0  # on each adapter's input, in training steps only (PEFT's lora_dropout)
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"lora.rank must be >= 1 for adapters (0 = full fine-tuning); got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1); got {self.dropout}")
         unknown = [t for t in self.targets if t not in PROJECTIONS]
         if unknown or not self.targets:
             raise ValueError(f"LoRA targets {list(self.targets)}: choose from {', '.join(PROJECTIONS)}")
@@ -113,11 +116,17 @@ def add_adapters(module: nnx.Module, cfg, names, rngs: nnx.Rngs | None) -> None:
         setattr(module, f"{name}_lora_b", LoRAParam(b, logical_axes=("lora_rank",) + out_axes))
 
 
-def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, spec: LoRASpec | None) -> jax.Array:
-    """y + scale * (x A) B for an adapted projection `name` of `module`; y itself otherwise.
-    x: [..., *in dims] (the projection's input); y: [..., *out dims] (its base output)."""
+def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, spec: LoRASpec | None,
+          rng: jax.Array | None = None) -> jax.Array:
+    """y + scale * (dropout(x) A) B for an adapted projection `name` of `module`; y itself
+    otherwise. x: [..., *in dims] (the projection's input); y: [..., *out dims] (its base
+    output); rng: the layer's dropout key (None: no dropout, as in eval and generation)."""
     if spec is None or name not in spec.targets:
         return y
+    if rng is not None and spec.dropout > 0:
+        keep = 1.0 - spec.dropout
+        mask = jax.random.bernoulli(jax.random.fold_in(rng, PROJECTIONS.index(name)), keep, x.shape)
+        x = jnp.where(mask, x / keep, jnp.zeros_like(x))
     a = getattr(module, f"{name}_lora_a")[...].astype(x.dtype)
     b = getattr(module, f"{name}_lora_b")[...].astype(x.dtype)
     h = jnp.tensordot(x, a, axes=a.ndim - 1)  # [..., r]

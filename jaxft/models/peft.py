@@ -70,7 +70,7 @@ def adapter_config(spec: LoRASpec, base_model: str) -> dict:
     """PEFT's adapter_config.json for `spec` (LoraConfig fields; the rest take PEFT defaults)."""
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": 0.0, "use_rslora": spec.rslora,
+        "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
         "target_modules": list(spec.targets), "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }

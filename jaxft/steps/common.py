@@ -54,20 +54,29 @@ def merge_model(graphdef, weights):
     return nnx.merge(graphdef, *weights) if isinstance(weights, tuple) else nnx.merge(graphdef, weights)
 
 
-def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0):
+def dropout_key(seed: int | None, step, micro_index):
+    """The LoRA dropout key of one micro-batch of one optimizer step (None: no dropout).
+    A function of (seed, step, micro-batch) only, so a resumed run draws the same masks."""
+    if seed is None:
+        return None
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
+
+
+def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, dropout_rng=None):
     """Per-token target log-probs [B, L] f32, target mask [B, L], argmax-correct [B, L] and
     the per-token mean logit [B, L] (for TRL's logits/* metrics). `params`: a params tree,
-    or (adapters, frozen base) for a LoRA model."""
+    or (adapters, frozen base) for a LoRA model. dropout_rng: LoRA dropout (training only)."""
     model = merge_model(graphdef, params)
     targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     if loss_chunk_size:
-        hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True)
+        hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
+                       dropout_rng=dropout_rng)
         logps, correct, mean_logits = losses.chunked_token_logps(
             hidden, model.lm_head_kernel().astype(hidden.dtype), targets, chunk_size=loss_chunk_size,
             return_mean_logits=True,
         )
     else:
-        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
         logps, correct = losses.full_token_logps(logits, targets)
         mean_logits = logits.astype(jnp.float32).mean(axis=-1)
     return logps, target_mask, correct, mean_logits

@@ -19,8 +19,8 @@ from jaxft import losses
 from jaxft.models.adapters import adapters_off
 from jaxft.parallel.sharding import batch_sharding, replicated
 from jaxft.steps.common import (
-    ROW_KEYS, accumulate_gradients, apply_update, micro_batch_row, split_micro_batches, token_logps_for,
-    with_frozen,
+    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, micro_batch_row, split_micro_batches,
+    token_logps_for, with_frozen,
 )
 
 PAIR_KEYS = ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment", "pair_mask", "pair_index")
@@ -38,14 +38,15 @@ class PairLogps:
 
 
 def pair_logps(graphdef, params, rows: dict, pairs: dict, *, num_segments: int, micro_index=0,
-               accumulate: int = 1, rows_per_unit: int = 1, loss_chunk_size: int = 0
+               accumulate: int = 1, rows_per_unit: int = 1, loss_chunk_size: int = 0, dropout_rng=None,
                ) -> tuple[PairLogps, jax.Array]:
     """Log-probs of every pair whose rows are in this micro-batch, and that membership mask.
 
     rows: [R/A, L] arrays of micro-batch `micro_index` (see `split_micro_batches`).
     pairs: [P] arrays addressing rows of the whole batch.
     """
-    logps, target_mask, _, mean_logits = token_logps_for(graphdef, params, rows, loss_chunk_size=loss_chunk_size)
+    logps, target_mask, _, mean_logits = token_logps_for(graphdef, params, rows, loss_chunk_size=loss_chunk_size,
+                                                         dropout_rng=dropout_rng)
     seg = rows["segment_ids"]
     seq = losses.sequence_logps(logps, target_mask, seg, num_segments)  # [R/A, S]
     lengths = losses.sequence_lengths(target_mask, seg, num_segments)
@@ -79,7 +80,8 @@ def reference_pair_logps(graphdef, reference, mode: str, rows, pairs, **kw):
 
 
 def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: str,
-                  num_segments: int, rows_per_pair: int, accumulate: int = 1, loss_chunk_size: int = 0):
+                  num_segments: int, rows_per_pair: int, accumulate: int = 1, loss_chunk_size: int = 0,
+                  dropout_seed: int | None = None):
     """The pure DPO step `(state, reference, batch, frozen=None) -> (state, metrics)`.
 
     With LoRA, `frozen` is the base and the state's params the adapters; a "params"
@@ -99,7 +101,9 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
 
         def loss_fn(params, micro):
             rows, k = micro
-            pol, in_micro = pair_logps(graphdef, with_frozen(params, frozen), rows, pairs, micro_index=k, **kw)
+            # LoRA dropout in the policy's forward only: the reference runs without it.
+            pol, in_micro = pair_logps(graphdef, with_frozen(params, frozen), rows, pairs, micro_index=k,
+                                       dropout_rng=dropout_key(dropout_seed, state["step"], k), **kw)
             ref_c, ref_r = reference_pair_logps(graphdef, reference, reference_mode, rows, pairs,
                                                 micro_index=k, **kw)
             mask = in_micro.astype(jnp.float32)

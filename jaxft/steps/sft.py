@@ -6,18 +6,21 @@ import jax.numpy as jnp
 
 from jaxft import losses
 from jaxft.steps.common import (
-    ROW_KEYS, accumulate_gradients, apply_update, split_micro_batches, token_logps_for, with_frozen,
+    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, split_micro_batches, token_logps_for, with_frozen,
 )
 
 
-def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0):
+def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0,
+                  dropout_seed: int | None = None):
     """The pure SFT step `(state, batch, frozen=None) -> (state, metrics)` (not yet jitted:
     `jit_step` adds shardings and donation). `frozen`: the LoRA base (state params are then
-    the adapters), never differentiated."""
+    the adapters), never differentiated. dropout_seed: LoRA dropout keys (`dropout_key`)."""
 
-    def loss_fn(params, micro, normalizer, frozen):
-        logps, target_mask, correct, _ = token_logps_for(graphdef, with_frozen(params, frozen), micro,
-                                                         loss_chunk_size=loss_chunk_size)
+    def loss_fn(params, micro, normalizer, frozen, step):
+        rows, k = micro
+        logps, target_mask, correct, _ = token_logps_for(graphdef, with_frozen(params, frozen), rows,
+                                                         loss_chunk_size=loss_chunk_size,
+                                                         dropout_rng=dropout_key(dropout_seed, step, k))
         loss, _ = losses.sft_loss(logps, target_mask, normalizer=normalizer)
         mask = target_mask.astype(jnp.float32)
         return loss, {"num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
@@ -28,7 +31,8 @@ def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_siz
         # Normalise by the whole batch's target tokens so accumulation equals one big batch.
         normalizer = jnp.maximum(target_mask.astype(jnp.float32).sum(), 1.0)
         loss, counts, grads = accumulate_gradients(
-            lambda p, m: loss_fn(p, m, normalizer, frozen), state["params"], micro, accumulate=accumulate
+            lambda p, m: loss_fn(p, m, normalizer, frozen, state["step"]), state["params"],
+            (micro, jnp.arange(accumulate)), accumulate=accumulate,
         )
         new_state, update_metrics = apply_update(state, grads, loss, tx)
         metrics = {

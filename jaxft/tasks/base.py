@@ -48,6 +48,12 @@ class RunContext:
     def weight_shardings(self):
         return with_frozen(self.state_shardings["params"], self.frozen_shardings)
 
+    @property
+    def dropout_seed(self) -> int | None:
+        """train.seed when LoRA dropout is on (the steps draw their masks from it), else None."""
+        spec = self.model_config.lora
+        return self.config.train.seed if spec is not None and spec.dropout > 0 else None
+
     def step_args(self) -> tuple:
         """The trailing arguments of a jitted step: (frozen base,) with LoRA, else ()."""
         return () if self.frozen is None else (self.frozen,)

@@ -74,7 +74,8 @@ class DPO(Task):
         step = make_dpo_step(ctx.graphdef, ctx.tx, ctx.schedule, loss_kwargs=loss_kwargs(config),
                              reference_mode=self.mode, num_segments=num_segments,
                              rows_per_pair=self.rows_per_example(config),
-                             accumulate=config.optim.accumulate, loss_chunk_size=chunk)
+                             accumulate=config.optim.accumulate, loss_chunk_size=chunk,
+                             dropout_seed=ctx.dropout_seed)
         ref_shardings = {"params": None if self.reference is None else jax.tree.map(lambda x: x.sharding, self.reference),
                          "table": replicated(ctx.mesh), "none": None}[self.mode]
         self._step = jit_dpo_step(step, state_shardings=ctx.state_shardings,

@@ -16,7 +16,7 @@ class SFT(Task):
         super().__init__(ctx, params)
         chunk = ctx.loss_chunk_size
         step = make_sft_step(ctx.graphdef, ctx.tx, ctx.schedule, accumulate=ctx.config.optim.accumulate,
-                             loss_chunk_size=chunk)
+                             loss_chunk_size=chunk, dropout_seed=ctx.dropout_seed)
         rows = batch_sharding(ctx.mesh)
         self._step = jit_step(step, state_shardings=ctx.state_shardings, batch_sharding=rows,
                               frozen_shardings=ctx.frozen_shardings)
