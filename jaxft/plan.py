@@ -405,6 +405,11 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
             trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(step.params))
             notes.append(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trainable:,} trainable "
                          f"params ({100 * trainable / num_params:.2f}% of the model); the base is frozen")
+            shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
+            full = 3 * num_params * jnp.dtype(cfg.param_dtype).itemsize / shards  # params, mu, nu
+            notes.append(f"full fine-tuning of this model would hold {full / GIB:.2f} GiB per device of params "
+                         f"and AdamW moments alone ({jnp.dtype(cfg.param_dtype).name}, over {shards} shards), "
+                         f"gradients and activations on top; plan it without lora.rank to compile it")
         notes += [step.note] if step.note else []
         if compile_error:
             notes.append("the compiler's message gives the temporaries; arguments are from the shapes")

@@ -101,7 +101,8 @@ def test_plan_counts_a_packed_nf4_base_smaller_than_int8_and_bf16():
             "model.compute_dtype": "bfloat16", "train.batch_size": 4})
         r = plan_lib.plan(config, target="v5e-1")
         assert r.fits and r.frozen_bytes > 0 and r.settings["base_quantization"] == kind
-        assert "frozen base" in plan_lib.format_plan(r)
+        text = plan_lib.format_plan(r)
+        assert "frozen base" in text and "full fine-tuning of this model would hold" in text
         sizes[kind] = r.frozen_bytes
     assert sizes["nf4"] < sizes["int8"] < sizes["none"]
 
@@ -136,3 +137,23 @@ def test_sft_steps_on_a_quantized_base_leave_its_codes_and_scales_bit_identical(
         assert np.isfinite(float(m["loss"]))
         for a, b in zip(before, jax.tree.leaves(frozen)):
             assert np.array_equal(a, np.asarray(b))
+
+
+def test_loading_quantizes_each_kernel_as_it_arrives(tmp_path):
+    from jaxft.models import load_weights
+    from jaxft.models.quantize import quantizer
+
+    cfg, tok = tiny_cfg()
+    folder = save_hf(create_model(cfg, seed=3), tmp_path / "hf", tokenizer=tok)
+    seen = []
+    quantize = quantizer(lora_of(cfg), "int8")
+
+    def transform(path, x):
+        seen.append(path)
+        return quantize(path, x)
+
+    _, params = split_params(load_weights(folder, cfg, transform=transform))
+    mlp = params["layers"]["mlp"]
+    assert isinstance(mlp["up_proj"], QuantizedKernel) and mlp["up_proj"].codes.dtype == jnp.int8
+    assert not isinstance(params["embed_tokens"], QuantizedKernel)  # embeddings stay as they are
+    assert len(seen) == len(set(seen))  # each tensor once, as it is loaded

@@ -11,10 +11,11 @@ from flax import nnx
 from jaxft.models.adapters import init_adapters
 from jaxft.models.attention import resolve
 from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
-from jaxft.models.hf import create_model, load_weights
+from jaxft.models.hf import abstract_model, create_model, load_weights
 from jaxft.models.lora import LoRASpec, resolve_targets
 from jaxft.models.peft import load_peft
-from jaxft.models.quantize import quantize_base, quantized_shardings
+from jaxft.models.quantize import quantize_base, quantized_shardings, quantizer
+from jaxft.parallel.sharding import param_shardings
 from jaxft.models.presets import get_preset
 
 log = logging.getLogger("jaxft")
@@ -65,7 +66,7 @@ def lora_spec(config) -> LoRASpec | None:
                     dropout=float(section.get("dropout", 0.0)))
 
 
-def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
+def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None, transform=None):
     """Weights from `path` (default model.path) or a fresh init from train.seed, sharded.
     Always the base model: LoRA adapters come from `load_trainable`."""
     path = path if path is not None else config.model.path
@@ -76,7 +77,7 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None):
             cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
                 compute_dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
                 attention=cfg.attention)
-        return load_weights(path, cfg, mesh=mesh)
+        return load_weights(path, cfg, mesh=mesh, transform=transform)
     log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
     return create_model(cfg, seed=config.train.seed, mesh=mesh)
 
@@ -87,13 +88,19 @@ def load_trainable(config, cfg: ModelConfig, mesh) -> tuple[object, dict, dict |
     Full fine-tuning trains every param (frozen None). With LoRA (cfg.lora) the trainable
     params are the adapters (fresh from train.seed, or lora.init_from's PEFT folder) and the
     frozen ones the base; `nnx.merge(graphdef, trainable, frozen)` is the model."""
-    graphdef, base = split_params(load_model(config, cfg, mesh))
+    quantization = base_quantization(config) if cfg.lora is not None else "none"
+    transform = shardings = None
+    if quantization != "none":  # QLoRA: each kernel quantized as it is loaded
+        log.info("storing the frozen base as %s (lora.base_quantization)", quantization)
+        with jax.set_mesh(mesh):
+            _, abstract = nnx.split(abstract_model(cfg.replace(lora=None)), nnx.Param)
+        kernel_shardings = nnx.to_pure_dict(param_shardings(abstract, mesh))
+        shardings = quantized_shardings(cfg, nnx.to_pure_dict(abstract), kernel_shardings, quantization, mesh)
+        transform = quantizer(cfg, quantization, shardings)
+    graphdef, base = split_params(load_model(config, cfg, mesh, transform=transform))
     if cfg.lora is None:
         return graphdef, base, None
-    quantization = base_quantization(config)
-    if quantization != "none":
-        log.info("storing the frozen base as %s (lora.base_quantization)", quantization)
-        shardings = quantized_shardings(cfg, base, jax.tree.map(lambda x: x.sharding, base), quantization, mesh)
+    if quantization != "none" and not config.model.path:  # a preset's random init: quantize it now
         base = quantize_base(cfg, base, quantization, shardings)
     graphdef, adapters = init_adapters(cfg, seed=config.train.seed, mesh=mesh)
     if config.lora.init_from:

@@ -164,8 +164,10 @@ def load_hf(path: str | Path, *, dtype=None, mesh=None) -> Decoder:
     return load_weights(folder, cfg, mesh=mesh)
 
 
-def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None) -> Decoder:
-    """Reads the safetensors weights of `folder` into a model of architecture `cfg`."""
+def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: Callable | None = None) -> Decoder:
+    """Reads the safetensors weights of `folder` into a model of architecture `cfg`.
+    transform: `fn(state path, device array) -> value`, applied to each weight as it lands on
+    the devices (QLoRA quantizes there, so the full-precision model never exists whole)."""
     folder = Path(folder)
     reader = _TensorReader(folder)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
@@ -208,7 +210,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None) -> Decoder:
             value = jax.make_array_from_callback(value.shape, shard_flat[jpath], lambda idx, v=value: v[idx])
         else:
             value = jnp.asarray(value)
-        _set_path(state, jpath, value)
+        _set_path(state, jpath, transform(jpath, value) if transform is not None else value)
     model = nnx.merge(graphdef, abstract_state)
     nnx.update(model, nnx.State(state))
     return model

@@ -127,17 +127,31 @@ def _set(tree, path, value):
     tree[path[-1]] = value
 
 
+def quantizer(cfg, kind: str, shardings: dict | None = None):
+    """`fn(path, array)`: the array quantized if `path` is a projection kernel's, else itself
+    (one jitted call per kernel); `shardings` from `quantized_shardings`, or None. HF loading
+    applies it to each tensor as it arrives, so the full-precision base never exists whole."""
+
+    def fn(path: tuple, x):
+        name = path[-1]
+        if kind == "none" or name not in PROJECTIONS:
+            return x
+        in_shape, _, out_shape, _ = projection_dims(cfg, name)
+        jitted = jax.jit(quantize_kernel, static_argnums=(1, 2, 3),
+                         out_shardings=_get(shardings, path) if shardings is not None else None)
+        return jitted(x, kind, len(in_shape), len(out_shape))
+
+    return fn
+
+
 def quantize_base(cfg, base: dict, kind: str, shardings: dict | None = None) -> dict:
-    """`base` with every projection kernel quantized (one jitted call per kernel, so only one
-    kernel exists twice at a time); `shardings`: from `quantized_shardings`, or None."""
+    """`base` with every projection kernel quantized, one kernel at a time."""
     if kind == "none":
         return base
     out = jax.tree.map(lambda x: x, base)
-    for path, name in list(_kernels(cfg, base)):
-        in_shape, _, out_shape, _ = projection_dims(cfg, name)
-        fn = jax.jit(quantize_kernel, static_argnums=(1, 2, 3),
-                     out_shardings=_get(shardings, path) if shardings is not None else None)
-        _set(out, path, fn(_get(out, path), kind, len(in_shape), len(out_shape)))
+    fn = quantizer(cfg, kind, shardings)
+    for path, _ in list(_kernels(cfg, base)):
+        _set(out, path, fn(path, _get(out, path)))
     return out
 
 
