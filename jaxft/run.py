@@ -20,6 +20,7 @@ from jaxft.io.export import export_run
 from jaxft.io.metrics import MetricsWriter
 from jaxft.loop import StopFlag, train_loop
 from jaxft.models.from_config import load_trainable, model_config
+from jaxft.parallel.agreement import check_hosts_agree
 from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
 from jaxft.steps.optimizer import optimizer_from_config
 from jaxft.steps.state import create_train_state
@@ -51,6 +52,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     task_type = get_task(kind)
     config_lib.validate(config)
     task_type.validate(config)
+    check_hosts_agree(config)  # multi-host: same jaxft, config, model, tokenizer and data everywhere
     mesh = mesh_from_config(config)
     check_batch_divisibility(config, mesh, rows_per_example=task_type.rows_per_example(config))
 

@@ -71,3 +71,61 @@ def test_two_processes_match_one(tmp_path, kind):
     # Both processes wrote one checkpoint together and process 0 the export.
     assert (tmp_path / "two" / "checkpoints" / str(STEPS)).is_dir()
     assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()
+
+
+def test_fingerprints_name_what_differs(tmp_path):
+    import numpy as np
+
+    import jaxft.config
+    from jaxft.parallel.agreement import _digest, disagreements, host_fingerprint
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    config = jaxft.config.load(f"{REPO}/configs/sft.py:tiny", {"data.train": str(data)})
+    first = host_fingerprint(config)
+    data.write_text('{"text": "b"}\n')  # same size, other contents
+    second = host_fingerprint(config)
+    assert [f for f in first if first[f] != second[f]] == ["data.train"]
+    digests = np.stack([np.stack([_digest(v) for v in fp.values()]) for fp in (first, first, second)])
+    assert disagreements(digests, list(first)) == [(2, "data.train")]
+
+
+def test_hosts_with_different_data_fail_at_start_naming_the_host_and_field(tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text((REPO / "jaxft/assets/quickstart/sft_train.jsonl").read_text().splitlines()[0] + "\n")
+    port = free_port()
+    procs = []
+    for i in range(2):
+        cmd = command("sft", tmp_path / "run") + ([f"--config.data.train={other}"] if i == 1 else [])
+        procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=env_for(2, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
+                                                  JAXFT_PROCESS_ID=str(i))))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 1, out[-2000:]
+        assert "disagree with process 0: process 1 differs in config, data.train" in out, out[-2000:]
+    assert str(other) in outputs[1]  # process 1 names its own file
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing written
+
+
+def test_when_a_host_dies_the_others_stop_within_the_heartbeat_timeout(tmp_path):
+    import time
+
+    cmd = [c for c in command("sft", tmp_path / "run") if not c.startswith("--config.train.steps=")]
+    cmd.append("--config.train.steps=1000")  # long enough to be killed mid-run
+    port = free_port()
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env_for(2, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
+                                          JAXFT_PROCESS_ID=str(i), JAXFT_HEARTBEAT_TIMEOUT="10"))
+             for i in range(2)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert time.time() < deadline and procs[0].poll() is None, "the run did not start"
+        time.sleep(0.5)
+    procs[1].kill()
+    killed = time.time()
+    out = procs[0].communicate(timeout=120)[0]  # a hang fails here
+    assert procs[0].returncode != 0
+    assert time.time() - killed < 60
+    assert "heartbeat timeout" in out or "another task died" in out, out[-3000:]

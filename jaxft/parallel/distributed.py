@@ -23,6 +23,14 @@ def _on_cluster() -> bool:
     return "," in hosts  # a multi-host TPU slice lists every worker
 
 
+def timeouts() -> dict:
+    """Bounded waits, so a host that never arrives or dies makes the others fail, not hang:
+    JAXFT_INIT_TIMEOUT (s, default 300) for every host to join, JAXFT_HEARTBEAT_TIMEOUT (s,
+    default 100) of silence after which the runtime declares a host dead and stops the rest."""
+    return dict(initialization_timeout=int(os.environ.get("JAXFT_INIT_TIMEOUT", 300)),
+                heartbeat_timeout_seconds=int(os.environ.get("JAXFT_HEARTBEAT_TIMEOUT", 100)))
+
+
 def initialize() -> None:
     """Joins the cluster if this process is one of several; a no-op otherwise."""
     if all(k in os.environ for k in _ENV):
@@ -30,9 +38,10 @@ def initialize() -> None:
             coordinator_address=os.environ["JAXFT_COORDINATOR"],
             num_processes=int(os.environ["JAXFT_NUM_PROCESSES"]),
             process_id=int(os.environ["JAXFT_PROCESS_ID"]),
+            **timeouts(),
         )
     elif any(k in os.environ for k in _ENV):
         missing = [k for k in _ENV if k not in os.environ]
         raise ValueError(f"multi-process run: set all of {', '.join(_ENV)} (missing {', '.join(missing)})")
     elif _on_cluster():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**timeouts())
