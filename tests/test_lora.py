@@ -378,3 +378,16 @@ def test_lora_steps_agree_across_meshes_and_remat_policies():
         # Adam's first step is ~lr * sign(g): float noise in near-zero g moves it by <= 2 lr.
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(adapters)):
             assert np.abs(a - b).max() <= 1e-4, (mesh_shape, remat)
+
+
+def test_resuming_with_another_lora_rank_fails_naming_it(lora_run, base_folder, data):
+    with pytest.raises(ValueError, match=r"lora\.rank: checkpoint 4 -> now 8"):
+        run_lib.run(lora_config(base_folder, data, **{"lora.rank": 8}), lora_run.workdir)
+
+
+def test_a_workdir_from_before_lora_resumes_as_full_fine_tuning(tmp_path):
+    from jaxft.io import checkpoint
+
+    saved = config_lib.base_config().to_dict()
+    del saved["lora"]  # a config.json written before lora.* existed
+    checkpoint.check_resumable(saved, config_lib.base_config().to_dict(), tmp_path)  # no error

@@ -129,3 +129,40 @@ def test_when_a_host_dies_the_others_stop_within_the_heartbeat_timeout(tmp_path)
     assert procs[0].returncode != 0
     assert time.time() - killed < 60
     assert "heartbeat timeout" in out or "another task died" in out, out[-3000:]
+
+
+def _sft_cmd(workdir, steps, data, fsdp, tensor, accumulate=1):
+    base = [c for c in command("sft", workdir) if not c.startswith(("--config.train.steps=", "--config.mesh.",
+                                                                     "--config.train.save_every="))]
+    return base + [f"--config.train.steps={steps}", "--config.train.save_every=2", f"--config.mesh.data={data}",
+                   f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+                   f"--config.optim.accumulate={accumulate}"]
+
+
+def _run_all(cmds_envs):
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in cmds_envs]
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-3000:]
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_on_other_meshes(tmp_path):
+    import shutil
+
+    port = free_port()
+    # 2 processes x 4 devices on mesh (2, 4, 1): two steps, checkpointed at step 2.
+    _run_all([(_sft_cmd(tmp_path / "two", 2, 2, 4, 1),
+               env_for(4, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2", JAXFT_PROCESS_ID=str(i)))
+              for i in range(2)])
+    shutil.copytree(tmp_path / "two", tmp_path / "two_b")
+    # The uninterrupted reference, and the resumes: (1, 4, 2) with accumulation 2, and (1, 1, 8).
+    _run_all([(_sft_cmd(tmp_path / "ref", 4, 2, 4, 1), env_for(8)),
+              (_sft_cmd(tmp_path / "two", 4, 1, 4, 2, accumulate=2), env_for(8)),
+              (_sft_cmd(tmp_path / "two_b", 4, 1, 1, 8), env_for(8))])
+    ref = losses(tmp_path / "ref")
+    assert len(ref) == 4
+    for workdir in ("two", "two_b"):
+        resumed = losses(tmp_path / workdir)
+        assert resumed[:2] == pytest.approx(ref[:2], abs=1e-5)  # the two-process steps
+        assert resumed[2:] == pytest.approx(ref[2:], abs=1e-5), workdir  # after resharding

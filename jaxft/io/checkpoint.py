@@ -16,13 +16,18 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from jaxft.config import base_config
+
 BEST_SUBDIR = "checkpoints_best"
 
 # Changing any of these between a checkpoint and its resumption would silently change the run.
+# Keys a resumed run must keep. The mesh, the number of processes and optim.accumulate may
+# change: checkpoints reshard onto any mesh, and accumulation splits the same global batch.
 RESUME_KEYS = (
     "model.path", "model.preset", "model.dtype", "data.train", "data.format", "data.max_length",
     "data.packing", "data.truncation", "data.completion_only_loss", "train.batch_size",
-    "train.seed", "optim.accumulate", "dpo.reference", "dpo.loss_type",
+    "train.seed", "dpo.reference", "dpo.loss_type",
+    "lora.rank", "lora.alpha", "lora.targets", "lora.rslora", "lora.base_quantization",
 )
 
 
@@ -34,11 +39,18 @@ def _get(config: dict, dotted: str):
 
 
 def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
-    """Raises if `config` differs from the checkpoint's in a key that breaks resumption."""
+    """Raises if `config` differs from the checkpoint's in a key that breaks resumption. A key
+    the saved config predates counts as its default (a run from before LoRA had lora.rank 0)."""
+    defaults = base_config().to_dict()
+
+    def saved(key):
+        value = _get(saved_config, key)
+        return _get(defaults, key) if value is None else value
+
     changed = [
-        f"{key}: checkpoint {_get(saved_config, key)!r} -> now {_get(config, key)!r}"
+        f"{key}: checkpoint {saved(key)!r} -> now {_get(config, key)!r}"
         for key in RESUME_KEYS
-        if _get(saved_config, key) != _get(config, key)
+        if saved(key) != _get(config, key)
     ]
     if changed:
         raise ValueError(
