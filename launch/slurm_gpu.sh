@@ -17,7 +17,8 @@
 set -euo pipefail
 (($#)) || { echo "slurm_gpu.sh: give the jaxft command, e.g. sft --config configs/sft.py --workdir DIR" >&2; exit 2; }
 : "${SLURM_JOB_ID:?run this with sbatch (or inside an salloc allocation)}"
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")  # no `| head`: SIGPIPE under pipefail
+head_node=${nodes[0]}
 export JAXFT_COORDINATOR="${head_node}:${JAXFT_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 export JAXFT_NUM_PROCESSES="${SLURM_NTASKS:-$SLURM_NNODES}"
 status=0

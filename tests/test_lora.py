@@ -66,16 +66,17 @@ def test_fresh_adapters_are_the_base_and_merging_equals_the_adapted_forward(scan
     with jax.set_mesh(mesh):
         base_graphdef, base = split_params(create_model(cfg, seed=0, mesh=mesh))
         tokens = tokens_of(cfg)
-        plain = nnx.merge(base_graphdef, base)(tokens)
-        for rslora in (False, True):
+        forward = jax.jit(lambda g, *weights: nnx.merge(g, *weights)(tokens), static_argnums=0)
+        plain = forward(base_graphdef, base)
+        for rslora in (False, True) if scan else (False,):  # the scale is the same code either way
             lcfg = lora_of(cfg, rslora=rslora)
             graphdef, adapters = init_adapters(lcfg, seed=3, mesh=mesh)
             # B starts at zero: the adapted model is exactly its base.
-            assert np.array_equal(np.asarray(nnx.merge(graphdef, adapters, base)(tokens)), np.asarray(plain))
+            assert np.array_equal(np.asarray(forward(graphdef, adapters, base)), np.asarray(plain))
             trained = perturbed(adapters)
-            adapted = nnx.merge(graphdef, trained, base)(tokens)
+            adapted = forward(graphdef, trained, base)
             assert float(jnp.abs(adapted - plain).max()) > 1e-2  # the adapters do something
-            merged = nnx.merge(base_graphdef, merge_adapters(lcfg, base, trained))(tokens)
+            merged = forward(base_graphdef, merge_adapters(lcfg, base, trained))
             assert float(jnp.abs(merged - adapted).max()) <= 1e-5
 
 
@@ -87,15 +88,15 @@ def test_lora_dropout_is_drawn_from_the_key_and_off_without_one():
         tokens = tokens_of(cfg)
         graphdef, adapters = init_adapters(lora_of(cfg).replace(lora=LoRASpec(
             rank=4, alpha=8.0, targets=PROJECTIONS, dropout=0.3)), seed=1, mesh=mesh)
-        model = nnx.merge(graphdef, perturbed(adapters), base)
-        key = jax.random.key(5)
-        plain, a, b = model(tokens), model(tokens, dropout_rng=key), model(tokens, dropout_rng=key)
-        other = model(tokens, dropout_rng=jax.random.key(6))
+        forward = jax.jit(lambda g, a, b, key: nnx.merge(g, a, b)(tokens, dropout_rng=key), static_argnums=0)
+        trained, key = perturbed(adapters), jax.random.key(5)
+        plain = nnx.merge(graphdef, trained, base)(tokens)
+        a, b = forward(graphdef, trained, base, key), forward(graphdef, trained, base, key)
+        other = forward(graphdef, trained, base, jax.random.key(6))
         assert np.array_equal(np.asarray(a), np.asarray(b))  # the key decides the masks
         assert float(jnp.abs(a - plain).max()) > 1e-3 and float(jnp.abs(a - other).max()) > 1e-3
         no_dropout_graphdef, _ = init_adapters(lora_of(cfg), seed=1, mesh=mesh)
-        same = nnx.merge(no_dropout_graphdef, perturbed(adapters), base)
-        assert np.array_equal(np.asarray(same(tokens, dropout_rng=key)), np.asarray(plain))
+        assert np.array_equal(np.asarray(forward(no_dropout_graphdef, trained, base, key)), np.asarray(plain))
 
 
 def test_adapters_shard_like_their_kernels():
@@ -372,7 +373,7 @@ def _one_lora_step(mesh_shape, remat):
 
 def test_lora_steps_agree_across_meshes_and_remat_policies():
     ref_loss, ref_norm, ref = _one_lora_step((8, 1, 1), "none")
-    for mesh_shape, remat in (((2, 2, 2), "none"), ((1, 4, 2), "full"), ((8, 1, 1), "dots")):
+    for mesh_shape, remat in (((2, 2, 2), "full"), ((1, 4, 2), "dots")):
         loss, norm, adapters = _one_lora_step(mesh_shape, remat)
         assert abs(loss - ref_loss) <= 1e-5 and abs(norm - ref_norm) <= 1e-5 * ref_norm, (mesh_shape, remat)
         # Adam's first step is ~lr * sign(g): float noise in near-zero g moves it by <= 2 lr.
