@@ -171,6 +171,26 @@ def _check_compare(compare: Sequence[str]) -> None:
         check_available()
 
 
+def _lora_cases(cfg, rank: int, base, tx, schedule, mesh) -> Callable[[dict, dict], dict[str, Case]]:
+    """`cases(sft_batch, dpo_batch)` -> {"sft_lora", "dpo_lora"}: LoRA of `rank` on every
+    projection (alpha 2 x rank) over the frozen `base`; DPO's reference is the adapters off."""
+    lora_cfg = cfg.replace(lora=LoRASpec(rank=rank, alpha=2.0 * rank, targets=PROJECTIONS))
+    graphdef, adapters = init_adapters(lora_cfg, seed=1, mesh=mesh)
+    state, shardings = create_train_state(adapters, tx, mesh)
+    holder = {"state": state}
+    base_sh = jax.tree.map(lambda x: x.sharding, base)
+
+    def cases(sft_batch, batch):
+        sft = jit_step(make_sft_step(graphdef, tx, schedule), state_shardings=shardings,
+                       batch_sharding=sharding.batch_sharding(mesh), frozen_shardings=base_sh)
+        dpo = jit_dpo_step(make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
+                                         reference_mode="params", num_segments=1, rows_per_pair=2),
+                           state_shardings=shardings, reference_shardings=None, mesh=mesh, frozen_shardings=base_sh)
+        return {"sft_lora": _jax_case(sft, holder, sft_batch, base), "dpo_lora": _jax_case(dpo, holder, None, batch, base)}
+
+    return cases
+
+
 def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Sequence[int] = 256,
               steps: int | None = None, rounds: int = 3, chunk_size: int = 128, compute_dtype=None,
               attention: str | None = None, overrides: dict | None = None, compare: Sequence[str] = (),
@@ -219,15 +239,9 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
         holder = {"state": state}
         ref_shardings = jax.tree.map(lambda x: x.sharding, reference)
         table = jax.device_put(jnp.zeros((batch_size // 2, 2), jnp.float32), replicated)
-        kinds = KINDS
-        if lora_rank:
-            kinds = KINDS + LORA_KINDS
-            lora_cfg = cfg.replace(lora=LoRASpec(rank=lora_rank, alpha=2.0 * lora_rank, targets=PROJECTIONS))
-            lora_graphdef, adapters = init_adapters(lora_cfg, seed=1, mesh=mesh)
-            lora_state, lora_shardings = create_train_state(adapters, tx, mesh)
-            lora_holder = {"state": lora_state}
-            frozen = params  # the policy's initial params stay untouched: the full cases train copies
-            frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+        kinds = KINDS + (LORA_KINDS if lora_rank else ())
+        # The policy's initial params stay untouched (the full cases train copies): the LoRA base.
+        lora_cases = _lora_cases(cfg, lora_rank, params, tx, schedule, mesh) if lora_rank else None
 
         for length in lengths:
             host = _batch(batch_size, length, cfg.vocab_size)
@@ -245,15 +259,8 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
                                   reference_mode=mode, num_segments=1, rows_per_pair=2),
                     state_shardings=shardings, reference_shardings=ref_sh, mesh=mesh)
                 cases[name] = _jax_case(step, holder, ref, batch)
-            if lora_rank:
-                step = jit_step(make_sft_step(lora_graphdef, tx, schedule), state_shardings=lora_shardings,
-                                batch_sharding=rows_sharding, frozen_shardings=frozen_sh)
-                cases["sft_lora"] = _jax_case(step, lora_holder, sft_batch, frozen)
-                step = jit_dpo_step(
-                    make_dpo_step(lora_graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                                  reference_mode="params", num_segments=1, rows_per_pair=2),
-                    state_shardings=lora_shardings, reference_shardings=None, mesh=mesh, frozen_shardings=frozen_sh)
-                cases["dpo_lora"] = _jax_case(step, lora_holder, None, batch, frozen)
+            if lora_cases:
+                cases.update(lora_cases(sft_batch, batch))
             if torch_bench:  # after jaxft's, in the same rounds: alternating jaxft / torch
                 for name, fn in torch_bench.cases(host).items():
                     cases[f"torch/{name}"] = _torch_case(fn)

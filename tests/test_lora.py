@@ -31,6 +31,7 @@ from jaxft.steps.dpo import jit_dpo_step, make_dpo_step, make_pair_logps_fn
 from jaxft.steps.optimizer import make_optimizer
 from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
+from tests.quickstart_subset import sft_data
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -222,13 +223,7 @@ def base_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
-    folder = tmp_path_factory.mktemp("data")
-    out = {}
-    for key, name, lines in (("data.train", "sft_train.jsonl", 128), ("data.eval", "sft_eval.jsonl", 16)):
-        path = folder / name
-        path.write_text("\n".join(quickstart_file(name).read_text().splitlines()[:lines]) + "\n")
-        out[key] = str(path)
-    return out
+    return sft_data(tmp_path_factory.mktemp("data"), 128)
 
 
 def lora_config(base_folder, data, **overrides):

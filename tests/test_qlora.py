@@ -21,6 +21,7 @@ from jaxft.models.adapters import init_adapters
 from jaxft.models.from_config import split_params
 from jaxft.models.quantize import NF4_LEVELS, QuantizedKernel, quantize_base, quantize_kernel, quantized_shardings
 from jaxft.parallel import sharding
+from tests.quickstart_subset import quickstart_head
 from tests.test_lora import lora_of, tiny_cfg, tokens_of
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +67,7 @@ def test_a_quantized_base_stays_within_the_documented_logit_tolerance(kind):
 def test_a_qlora_run_trains_adapters_on_unchanged_codes_and_merges_into_the_full_base(tmp_path):
     cfg, tok = tiny_cfg()
     base_folder = save_hf(create_model(cfg, seed=7), tmp_path / "base", tokenizer=tok)
-    train = tmp_path / "train.jsonl"
-    train.write_text("\n".join(quickstart_file("sft_train.jsonl").read_text().splitlines()[:96]) + "\n")
+    train = quickstart_head(tmp_path, "sft_train.jsonl", 96)
     config = config_lib.load(f"{REPO}/configs/sft.py:tiny", {
         "model.path": str(base_folder), "model.preset": "", "data.train": str(train), "data.eval": "",
         "train.steps": 6, "train.batch_size": 8, "data.max_length": 64, "train.progress": False,

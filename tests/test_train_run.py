@@ -22,10 +22,10 @@ from safetensors.numpy import load_file
 
 from jaxft import cli, config as config_lib, loop, run as run_lib
 from jaxft.io import checkpoint
-from jaxft.data.assets import quickstart_file
 from jaxft.io.export import export_checkpoint
 from jaxft.io.metrics import MetricsWriter, plot, read_metrics
 from jaxft.models import load_hf
+from tests.quickstart_subset import sft_data
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_CONFIG = REPO / "configs" / "sft.py"
@@ -74,13 +74,7 @@ def latest_step(workdir: Path) -> int | None:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     """The first lines of the bundled quickstart data: tokenising all of it costs seconds."""
-    folder = tmp_path_factory.mktemp("data")
-    out = {}
-    for key, name, lines in (("data.train", "sft_train.jsonl", 256), ("data.eval", "sft_eval.jsonl", 16)):
-        path = folder / name
-        path.write_text("\n".join(quickstart_file(name).read_text().splitlines()[:lines]) + "\n")
-        out[key] = str(path)
-    return out
+    return sft_data(tmp_path_factory.mktemp("data"), 256)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from jaxft.models.config import ModelConfig
 from jaxft.models.hf import abstract_model
 from jaxft.models.llama import Decoder
 from jaxft.models.lora import LoRAParam, projection_dims
+from jaxft.models.paths import get_path
 from jaxft.parallel.sharding import param_shardings
 
 
@@ -74,9 +75,7 @@ def merge_adapters(cfg: ModelConfig, base: dict, adapters: dict) -> dict:
     in float32, stored in the base's dtype). Same paths as `base`; a plain model."""
     merged = jax.tree.map(lambda x: x, base)  # a new tree over the same (untouched) leaves
     for path, name, a, b in _adapted(adapters):
-        node = merged
-        for key in path:
-            node = node[key]
+        node = get_path(merged, path)
         kernel = node[name]
         delta = projection_delta(cfg, name, a, b, stacked=cfg.scan_layers and path[:1] == ("layers",))
         node[name] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)

@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
 from jaxft.models.llama import Decoder
+from jaxft.models.paths import set_path
 from jaxft.parallel.sharding import param_shardings
 
 SINGLE_FILE = "model.safetensors"
@@ -144,12 +145,6 @@ class _TensorReader:
         return self._open[path]
 
 
-def _set_path(tree: dict, path: tuple, value):
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
 def load_hf(path: str | Path, *, dtype=None, mesh=None) -> Decoder:
     """Loads a Hugging Face model folder into a jaxft model.
 
@@ -210,7 +205,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
             value = jax.make_array_from_callback(value.shape, shard_flat[jpath], lambda idx, v=value: v[idx])
         else:
             value = jnp.asarray(value)
-        _set_path(state, jpath, transform(jpath, value) if transform is not None else value)
+        set_path(state, jpath, transform(jpath, value) if transform is not None else value)
     model = nnx.merge(graphdef, abstract_state)
     nnx.update(model, nnx.State(state))
     return model
@@ -221,7 +216,7 @@ def _ROTARY_BUFFERS(names):
     return {n for n in names if n.endswith("rotary_emb.inv_freq")}
 
 
-def _host_array(x: jax.Array) -> np.ndarray:
+def host_array(x: jax.Array) -> np.ndarray:
     """The full value of a (possibly sharded, possibly multi-host) array on this host."""
     if not x.is_fully_addressable:
         x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
@@ -236,7 +231,7 @@ def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
     out = {}
     for name, jpath, _, _, to_hf, layer in _tensor_rules(cfg):
         if jpath not in gathered:
-            gathered[jpath] = _host_array(flat[jpath][...])
+            gathered[jpath] = host_array(flat[jpath][...])
         value = gathered[jpath] if layer is None else gathered[jpath][layer]
         out[name] = np.ascontiguousarray(to_hf(value).astype(dtype or cfg.param_dtype))
     return out

@@ -19,7 +19,9 @@ from safetensors.numpy import save_file
 
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
+from jaxft.models.hf import host_array
 from jaxft.models.lora import ATTENTION_PROJECTIONS, LoRASpec, projection_dims
+from jaxft.models.paths import get_path, set_path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -41,12 +43,6 @@ def _jaxft_path(cfg: ModelConfig, layer: int, name: str, which: str) -> tuple[tu
     return ("layers", layer, _module(name), leaf), None
 
 
-def _host(x) -> np.ndarray:
-    if not x.is_fully_addressable:
-        x = jax.experimental.multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x), np.float32)
-
-
 def peft_state_dict(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
     """{PEFT tensor name: float32 array} for every adapted projection of every layer."""
     spec, out, gathered = cfg.lora, {}, {}
@@ -55,10 +51,7 @@ def peft_state_dict(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
             for which in ("A", "B"):
                 path, index = _jaxft_path(cfg, layer, name, which)
                 if path not in gathered:
-                    node = adapters
-                    for key in path:
-                        node = node[key]
-                    gathered[path] = _host(node)
+                    gathered[path] = np.asarray(host_array(get_path(adapters, path)), np.float32)
                 value = gathered[path] if index is None else gathered[path][index]
                 r = spec.rank
                 matrix = value.reshape(-1, r).T if which == "A" else value.reshape(r, -1).T
@@ -149,13 +142,8 @@ def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
     adapters: dict = {}
     for path, value in host.items():
         value = np.stack(value) if isinstance(value, list) else value
-        sharding = shardings
-        for key in path:
-            sharding = sharding[key]
-        node = adapters
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = jax.make_array_from_callback(value.shape, sharding, lambda idx, v=value: v[idx])
+        array = jax.make_array_from_callback(value.shape, get_path(shardings, path), lambda idx, v=value: v[idx])
+        set_path(adapters, path, array)
     return adapters
 
 

@@ -28,6 +28,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 
 from jaxft.models.lora import PROJECTIONS, projection_dims
+from jaxft.models.paths import get_path, set_path
 from jaxft.parallel.sharding import logical_to_spec
 
 QUANTIZATIONS = ("none", "int8", "nf4")
@@ -115,18 +116,6 @@ def _kernels(cfg, tree: dict, prefix=()):
             yield prefix + (key,), key
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def quantizer(cfg, kind: str, shardings: dict | None = None):
     """`fn(path, array)`: the array quantized if `path` is a projection kernel's, else itself
     (one jitted call per kernel); `shardings` from `quantized_shardings`, or None. HF loading
@@ -138,7 +127,7 @@ def quantizer(cfg, kind: str, shardings: dict | None = None):
             return x
         in_shape, _, out_shape, _ = projection_dims(cfg, name)
         jitted = jax.jit(quantize_kernel, static_argnums=(1, 2, 3),
-                         out_shardings=_get(shardings, path) if shardings is not None else None)
+                         out_shardings=get_path(shardings, path) if shardings is not None else None)
         return jitted(x, kind, len(in_shape), len(out_shape))
 
     return fn
@@ -151,7 +140,7 @@ def quantize_base(cfg, base: dict, kind: str, shardings: dict | None = None) -> 
     out = jax.tree.map(lambda x: x, base)
     fn = quantizer(cfg, kind, shardings)
     for path, _ in list(_kernels(cfg, base)):
-        _set(out, path, fn(path, _get(out, path)))
+        set_path(out, path, fn(path, get_path(out, path)))
     return out
 
 
@@ -162,13 +151,13 @@ def quantized_shardings(cfg, abstract_base: dict, kernel_shardings: dict, kind: 
         return kernel_shardings
     out = jax.tree.map(lambda x: x, kernel_shardings)
     for path, name in list(_kernels(cfg, abstract_base)):
-        kernel = _get(abstract_base, path)
+        kernel = get_path(abstract_base, path)
         in_shape, in_axes, out_shape, out_axes = projection_dims(cfg, name)
         axes = ("layers",) * (len(kernel.shape) - len(in_shape) - len(out_shape)) + in_axes + out_axes
         q = jax.eval_shape(lambda k: quantize_kernel(k, kind, len(in_shape), len(out_shape)), kernel)
-        codes_sharding = _get(kernel_shardings, path)
+        codes_sharding = get_path(kernel_shardings, path)
         scale = NamedSharding(mesh, logical_to_spec(axes, q.scale.shape, mesh))
-        _set(out, path, q.replace(codes=codes_sharding, scale=scale))
+        set_path(out, path, q.replace(codes=codes_sharding, scale=scale))
     return out
 
 
