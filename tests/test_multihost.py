@@ -1,7 +1,8 @@
-"""Two local processes joined by jax.distributed train exactly like one process.
+"""Two local processes of four CPU devices joined by jax.distributed train exactly like one
+process of eight.
 
 Each process feeds only its half of every global batch; params, optimizer state and
-checkpoints are sharded over the 4 devices of both processes.
+checkpoints are sharded over the devices of both processes.
 """
 
 import json
@@ -50,27 +51,37 @@ def losses(workdir):
     return [r["loss"] for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_two_processes_match_one(tmp_path, kind):
-    one = subprocess.Popen(command(kind, tmp_path / "one"), cwd=REPO, env=env_for(4),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def two_hosts(cmd, devices=4, **env):
+    """(command, environment) for each of two processes joined on a free localhost port."""
     port = free_port()
-    procs = [
-        subprocess.Popen(command(kind, tmp_path / "two"), cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True,
-                         env=env_for(2, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
-                                     JAXFT_PROCESS_ID=str(i)))
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in [one, *procs]]
-    for p, out in zip([one, *procs], outputs):
-        assert p.returncode == 0, out[-3000:]
+    return [(cmd, env_for(devices, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
+                          JAXFT_PROCESS_ID=str(i), **env)) for i in range(2)]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked-precomputed-reference",
+                                                       "packed-live-reference-accumulate"])
+def test_two_hosts_of_four_devices_train_dpo_like_one_host_of_eight(tmp_path, packed):
+    from tests.quickstart_subset import quickstart_head
+
+    # One epoch of 48 pairs: each pair is seen once, as one host sees it, or the losses differ.
+    data = quickstart_head(tmp_path, "pref_train.jsonl", 48)
+    variant = (["--config.data.packing=True", "--config.optim.accumulate=2", "--config.data.max_length=128",
+                "--config.train.batch_size=16"]
+               if packed else ["--config.dpo.precompute_reference=True"])
+    cmd = [c for c in command("dpo", "WORKDIR") if not c.startswith(("--config.train.steps=", "--config.mesh.",
+                                                                       "--config.dpo.precompute"))]
+    cmd += [f"--config.data.train={data}", "--config.train.epochs=1", "--config.mesh.data=2",
+            "--config.mesh.fsdp=4", *variant]
+    at = lambda workdir: [c.replace("WORKDIR", str(workdir)) for c in cmd]  # noqa: E731
+    _run_all([(at(tmp_path / "one"), env_for(8)), *two_hosts(at(tmp_path / "two"))])
     single, multi = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(single) == len(multi) == STEPS
+    assert len(single) >= 3
     assert single == pytest.approx(multi, abs=1e-5)
-    # Both processes wrote one checkpoint together and process 0 the export.
-    assert (tmp_path / "two" / "checkpoints" / str(STEPS)).is_dir()
+    # Both processes wrote the last checkpoint together; only process 0 the export and logs.
+    assert (tmp_path / "two" / "checkpoints" / str(len(multi))).is_dir()
     assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == len(
+        (tmp_path / "one" / "metrics.jsonl").read_text().splitlines())
 
 
 def test_fingerprints_name_what_differs(tmp_path):
@@ -93,13 +104,11 @@ def test_fingerprints_name_what_differs(tmp_path):
 def test_hosts_with_different_data_fail_at_start_naming_the_host_and_field(tmp_path):
     other = tmp_path / "other.jsonl"
     other.write_text((REPO / "jaxft/assets/quickstart/sft_train.jsonl").read_text().splitlines()[0] + "\n")
-    port = free_port()
     procs = []
-    for i in range(2):
-        cmd = command("sft", tmp_path / "run") + ([f"--config.data.train={other}"] if i == 1 else [])
+    for i, (cmd, env) in enumerate(two_hosts(command("sft", tmp_path / "run"), devices=2)):
+        cmd = cmd + ([f"--config.data.train={other}"] if i == 1 else [])
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env_for(2, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
-                                                  JAXFT_PROCESS_ID=str(i))))
+                                      env=env))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 1, out[-2000:]
@@ -113,11 +122,8 @@ def test_when_a_host_dies_the_others_stop_within_the_heartbeat_timeout(tmp_path)
 
     cmd = [c for c in command("sft", tmp_path / "run") if not c.startswith("--config.train.steps=")]
     cmd.append("--config.train.steps=1000")  # long enough to be killed mid-run
-    port = free_port()
-    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env_for(2, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2",
-                                          JAXFT_PROCESS_ID=str(i), JAXFT_HEARTBEAT_TIMEOUT="10"))
-             for i in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for cmd, env in two_hosts(cmd, devices=2, JAXFT_HEARTBEAT_TIMEOUT="10")]
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
@@ -131,37 +137,38 @@ def test_when_a_host_dies_the_others_stop_within_the_heartbeat_timeout(tmp_path)
     assert "heartbeat timeout" in out or "another task died" in out, out[-3000:]
 
 
-def _sft_cmd(workdir, steps, data, fsdp, tensor, accumulate=1):
+def _sft_cmd(workdir, steps, data, fsdp, tensor, accumulate):
     base = [c for c in command("sft", workdir) if not c.startswith(("--config.train.steps=", "--config.mesh.",
-                                                                     "--config.train.save_every="))]
-    return base + [f"--config.train.steps={steps}", "--config.train.save_every=2", f"--config.mesh.data={data}",
-                   f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
+                                                                     "--config.train.save_every=",
+                                                                     "--config.train.batch_size="))]
+    return base + [f"--config.train.steps={steps}", "--config.train.save_every=2", "--config.train.batch_size=16",
+                   f"--config.mesh.data={data}", f"--config.mesh.fsdp={fsdp}", f"--config.mesh.tensor={tensor}",
                    f"--config.optim.accumulate={accumulate}"]
 
 
 def _run_all(cmds_envs):
     procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for cmd, env in cmds_envs]
-    for p in procs:
-        out = p.communicate(timeout=600)[0]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
 
 
-def test_a_two_process_checkpoint_resumes_in_one_process_on_other_meshes(tmp_path):
+def test_two_hosts_train_sft_like_one_and_their_checkpoint_resumes_in_one_process_on_other_meshes(tmp_path):
     import shutil
 
-    port = free_port()
-    # 2 processes x 4 devices on mesh (2, 4, 1): two steps, checkpointed at step 2.
-    _run_all([(_sft_cmd(tmp_path / "two", 2, 2, 4, 1),
-               env_for(4, JAXFT_COORDINATOR=f"127.0.0.1:{port}", JAXFT_NUM_PROCESSES="2", JAXFT_PROCESS_ID=str(i)))
-              for i in range(2)])
-    shutil.copytree(tmp_path / "two", tmp_path / "two_b")
-    # The uninterrupted reference, and the resumes: (1, 4, 2) with accumulation 2, and (1, 1, 8).
-    _run_all([(_sft_cmd(tmp_path / "ref", 4, 2, 4, 1), env_for(8)),
-              (_sft_cmd(tmp_path / "two", 4, 1, 4, 2, accumulate=2), env_for(8)),
-              (_sft_cmd(tmp_path / "two_b", 4, 1, 1, 8), env_for(8))])
+    # 2 processes x 4 devices on mesh (2, 4, 1), packed rows, accumulation 2: two steps,
+    # checkpointed at step 2, beside the uninterrupted one-process run of four steps.
+    _run_all([(_sft_cmd(tmp_path / "ref", 4, 2, 4, 1, accumulate=2), env_for(8)),
+              *two_hosts(_sft_cmd(tmp_path / "two", 2, 2, 4, 1, accumulate=2))])
     ref = losses(tmp_path / "ref")
     assert len(ref) == 4
+    assert losses(tmp_path / "two") == pytest.approx(ref[:2], abs=1e-5)
+    assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()  # process 0 exported
+    shutil.copytree(tmp_path / "two", tmp_path / "two_b")
+    # The resumes, resharded: (1, 4, 2) without accumulation, and (1, 1, 8).
+    _run_all([(_sft_cmd(tmp_path / "two", 4, 1, 4, 2, accumulate=1), env_for(8)),
+              (_sft_cmd(tmp_path / "two_b", 4, 1, 1, 8, accumulate=2), env_for(8))])
     for workdir in ("two", "two_b"):
         resumed = losses(tmp_path / workdir)
         assert resumed[:2] == pytest.approx(ref[:2], abs=1e-5)  # the two-process steps
