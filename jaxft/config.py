@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
+    c.mesh.sequence = 1  # context parallelism: every row's tokens split over this many devices
 
     # LoRA (jaxft.models.lora): rank > 0 trains adapters on a frozen base; 0 = full fine-tuning.
     c.lora = ml_collections.ConfigDict()

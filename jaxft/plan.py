@@ -311,13 +311,17 @@ def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
     if str(config.model.remat).lower() in ("none", "false", ""):
         value = "True" if isinstance(config.model.remat, bool) else "full"
         out.append(f"--config.model.remat={value} (recompute layer activations in the backward pass)")
-    if mesh_shape["fsdp"] < devices // mesh_shape["tensor"]:
-        out.append(f"--config.mesh.fsdp={devices // mesh_shape['tensor']} --config.mesh.data=1 "
+    others = mesh_shape["tensor"] * mesh_shape["sequence"]
+    if mesh_shape["fsdp"] < devices // others:
+        out.append(f"--config.mesh.fsdp={devices // others} --config.mesh.data=1 "
                    "(shard params and optimizer state over more devices)")
     rows_per_device = config.train.batch_size // config.optim.accumulate / (mesh_shape["data"] * mesh_shape["fsdp"])
     if rows_per_device > 1:
         out.append(f"a smaller --config.train.batch_size or --config.optim.accumulate={config.optim.accumulate * 2} "
                    "(fewer rows per device at once)")
+    elif config.data.max_length >= 8192 and mesh_shape["fsdp"] % 2 == 0:
+        out.append(f"--config.mesh.sequence={mesh_shape['sequence'] * 2} --config.mesh.fsdp={mesh_shape['fsdp'] // 2} "
+                   "and a batch of one row per fsdp shard (context parallelism: split each row's tokens)")
     if loss_chunk_size(config, cfg) == 0:
         out.append("--config.train.loss_chunk_size=512 (never materialise [B, L, V] logits)")
     return out
@@ -337,7 +341,7 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
     opt = 2 * params  # AdamW mu and nu, in the param dtype
     length = config.data.max_length
     rows_dev = max(_rows(config, kind)[0] // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
-    tokens = rows_dev * length
+    tokens = rows_dev * length // mesh_shape["sequence"]  # context parallelism splits each row
     E, F, H, K, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     # What one layer keeps for the backward pass per token: norms, q/k/v, attention out, the
     # MLP's gate/up/product, and the einsum attention's f32 probabilities over L keys.
@@ -347,7 +351,7 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
     else:
         acts = tokens * cfg.num_layers * layer
     chunk = loss_chunk_size(config, cfg) or length
-    logits = rows_dev * chunk * cfg.vocab_size * 4 * 2  # f32 logits and their gradient
+    logits = rows_dev * chunk // mesh_shape["sequence"] * cfg.vocab_size * 4 * 2  # f32 logits and their gradient
     return dict(param_bytes=params, opt_state_bytes=opt, argument_bytes=params + opt + frozen, output_bytes=0,
                 alias_bytes=0, temp_bytes=grads + acts + logits, frozen_bytes=frozen)
 
@@ -371,7 +375,8 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     # model.attention "auto" picks by the local backend (this CPU): pick for the target instead.
     cfg = cfg.replace(attention=resolve_attention(cfg.attention, "tpu" if spec.topology else "gpu"))
     devices = topology_devices(spec) if spec.topology else list(range(spec.chips))
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                     sequence=config.mesh.sequence)
     mesh_shape = dict(mesh.shape)
     rows = _rows(config, kind)[0]
     check_batch_divisibility(config, mesh, rows_per_example=rows // config.train.batch_size)

@@ -95,10 +95,14 @@ def chunked_token_logps(
 ):
     """Target log-probs from final hidden states without ever holding all [B, L, V] logits.
 
-    Computes `hidden @ lm_head` one sequence chunk at a time (`lax.map`). Each chunk is wrapped
-    in `jax.checkpoint`, so the backward pass recomputes that chunk's logits instead of saving
-    them: peak logits memory is [B, chunk_size, V] forward and backward. Results equal
-    `full_token_logps(hidden @ lm_head, targets)`.
+    Computes `hidden @ lm_head` one chunk of chunk_size positions at a time (`lax.map`). Each
+    chunk is wrapped in `jax.checkpoint`, so the backward pass recomputes that chunk's logits
+    instead of saving them: peak logits memory is [B, chunk_size, V] forward and backward.
+    Results equal `full_token_logps(hidden @ lm_head, targets)`.
+
+    Chunk j holds positions j, j + n, j + 2n, ... (n chunks), not a contiguous run: when the
+    token axis is split over devices (context parallelism) each chunk then spans every
+    device's part, and each device computes its own positions' logits, never another's.
 
     Args:
       hidden: [B, L, E] final (normed) hidden states, any float dtype.
@@ -122,9 +126,9 @@ def chunked_token_logps(
         # Padded positions compute throwaway log-probs and are sliced off below.
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # Chunk axis first for lax.map: [n, B, C, E] and [n, B, C].
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk_size, embed).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+    # Position c * n + j is element c of chunk j; chunk axis first for lax.map: [n, B, C, E].
+    hidden_chunks = hidden.reshape(batch, chunk_size, num_chunks, embed).transpose(2, 0, 1, 3)
+    target_chunks = targets.reshape(batch, chunk_size, num_chunks).transpose(2, 0, 1)
 
     @jax.checkpoint
     def one_chunk(w_ExV, h_BxCxE, t_BxC):
@@ -134,8 +138,8 @@ def chunked_token_logps(
         return (*_logps_and_correct(logits, t_BxC), jnp.mean(logits, axis=-1))
 
     outs = jax.lax.map(lambda xs: one_chunk(lm_head, *xs), (hidden_chunks, target_chunks))
-    # [n, B, C] -> [B, L], dropping the padded tail.
-    logps, correct, mean_logits = (x.swapaxes(0, 1).reshape(batch, num_chunks * chunk_size)[:, :length]
+    # [n, B, C] -> [B, C, n] -> [B, L], dropping the padded tail.
+    logps, correct, mean_logits = (x.transpose(1, 2, 0).reshape(batch, num_chunks * chunk_size)[:, :length]
                                    for x in outs)
     return (logps, correct, mean_logits) if return_mean_logits else (logps, correct)
 

@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxft.models import context_parallel
 from jaxft.parallel.sharding import logical_to_spec
 
 _MASKED = float(np.finfo(np.float32).min)  # finite, so fully-masked rows stay NaN-free (as llama.py)
@@ -258,8 +259,9 @@ def _dot_product(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, implementation,
 # --- splash (Pallas TPU kernel) ------------------------------------------------------------------
 
 
-def _splash_kernel(L: int, G: int, window: int | None, interpret: bool):
-    """A GQA splash kernel for one (row, kv head): q [G, L, D], k / v [L, D] -> [G, L, D].
+def _splash_kernel(L: int, G: int, window: int | None, interpret: bool, q_seq_shards: int = 1):
+    """A GQA splash kernel for one (row, kv head): q [G, L, D], k / v [L, D] -> [G, L, D]
+    (q_seq_shards > 1: its mask tables split by query block, for context parallelism).
 
     Built per trace, not cached here: the factory stages its mask tables as arrays of the
     current trace. The costly part (numpy mask processing) is cached inside splash, by mask."""
@@ -269,12 +271,17 @@ def _splash_kernel(L: int, G: int, window: int | None, interpret: bool):
     # LocalMask with no right side is causal, so a window needs no CausalMask beside it.
     one = (sm.LocalMask((L, L), window_size=(window - 1, 0), offset=0) if window
            else sm.CausalMask((L, L)))
-    block = next(b for b in (512, 256, 128) if L % b == 0)  # tile by 128 lanes, at most 512
+    # Tile by 128 lanes, at most 512, dividing each query shard's length.
+    block = next(b for b in (512, 256, 128) if (L // q_seq_shards) % b == 0)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                           block_kv_dq=block)
     return sk.make_splash_mqa(sm.MultiHeadMask([one] * G), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=1, interpret=interpret)
+                              q_seq_shards=q_seq_shards, interpret=interpret)
+
+
+def _splash_kernel_for(L, G, window, q_seq_shards, *, interpret):
+    return _splash_kernel(L, G, window or None, interpret, q_seq_shards)
 
 
 def _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, q_seg_BL, kv_seg_BS):
@@ -303,8 +310,13 @@ def splash(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=128, block_k=
 
     B, L, H, D = q_BLHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    if not (_static_zero(mask.q_offset) and L == S and L % 128 == 0):
-        return blockwise(q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+    cp = context_parallel.sequence_shards()
+    if not (_static_zero(mask.q_offset) and L == S and L % (128 * cp) == 0):
+        return _maybe_split(blockwise, q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+    if context_parallel.applies(q_BLHD, k_BSKD, True):
+        make = functools.partial(_splash_kernel_for, interpret=interpret)
+        return context_parallel.splash_split(make, q_BLHD, k_BSKD, v_BSKD, mask.q_segment_ids_BL,
+                                             mask.kv_segment_ids_BS, sliding_window=mask.sliding_window)
     kernel = _splash_kernel(L, H // K, mask.sliding_window or None, interpret)
 
     def run(q, k, v, q_seg, kv_seg):  # one shard: b rows, k kv heads
@@ -355,10 +367,28 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_off
     index; may be traced). sliding_window: None / 0 for none. implementation: "auto" or a key
     of BACKENDS (see `resolve`). block_q / block_k: blockwise tile sizes (also used when splash
     falls back to blockwise: for q_offset != 0, L != S or L % 128 != 0).
+    Under a mesh whose "sequence" axis is > 1 (context parallelism) a training call (no cache,
+    L divisible by that axis) runs per sequence shard: `jaxft.models.context_parallel`.
     """
     H, K = q_BLHD.shape[2], k_BSKD.shape[2]
     if H % K or k_BSKD.shape != v_BSKD.shape or q_BLHD.shape[3] != k_BSKD.shape[3]:
         raise ValueError(f"attend: q {q_BLHD.shape} needs k == v [B, S, K, D] with H % K == 0; "
                          f"got k {k_BSKD.shape}, v {v_BSKD.shape}")
+    name = resolve(implementation)
     mask = AttentionMask(q_segment_ids_BL, kv_segment_ids_BS, q_offset, sliding_window or None)
-    return BACKENDS[resolve(implementation)](q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+    if name == "splash":  # splits itself (its kernel's mask tables are split too)
+        return splash(q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+    return _maybe_split(BACKENDS[name], q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+
+
+def _maybe_split(backend, q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, **blocks):
+    """backend(...), or, with tokens split over the mesh's sequence axis (context parallelism),
+    backend per shard: its queries against every key of the row."""
+    if not context_parallel.applies(q_BLHD, k_BSKD, _static_zero(mask.q_offset)):
+        return backend(q_BLHD, k_BSKD, v_BSKD, mask, **blocks)
+
+    def attend_shard(q, k, v, q_seg, kv_seg, q_offset):
+        return backend(q, k, v, AttentionMask(q_seg, kv_seg, q_offset, mask.sliding_window), **blocks)
+
+    return context_parallel.attend_split(attend_shard, q_BLHD, k_BSKD, v_BSKD, mask.q_segment_ids_BL,
+                                         mask.kv_segment_ids_BS)

@@ -31,6 +31,11 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
         max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128009,
     ),
+    "llama3_70b": ModelConfig(  # Llama-3.1-70B (-Instruct)
+        model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80,
+        num_heads=64, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE,
+        max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128009,
+    ),
     "mistral_7b": ModelConfig(  # Mistral-7B-v0.3
         model_type="mistral", vocab_size=32768, hidden_size=4096, intermediate_size=14336, num_layers=32,
         num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0,

@@ -1,9 +1,11 @@
 """Device mesh, the logical-axis rules table, and the shardings derived from it.
 
 Model code names axes logically ("embed", "mlp", "act_batch", ...); this file alone maps those
-names to the mesh axes ("data", "fsdp", "tensor"). Parameters are sharded over fsdp (their
-embed dimension) and tensor (heads / mlp / vocab); activations over data+fsdp (batch) and
-tensor. A dimension that a mesh axis does not divide is replicated along that axis instead.
+names to the mesh axes ("data", "fsdp", "sequence", "tensor"). Parameters are sharded over
+fsdp and sequence (their embed dimension: context-parallel devices hold parameter shards too,
+as fsdp ones do) and tensor (heads / mlp / vocab); activations over data+fsdp (batch), sequence
+(the token axis: context parallelism, see `jaxft.models.context_parallel`) and tensor. A
+dimension that a mesh axis does not divide is replicated along that axis instead.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical axis -> mesh axis (or axes) it is split over; None = replicated.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "layers": None,  # the stacked-layer axis of scanned models
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "sequence"),
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
@@ -31,7 +33,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
     # activations
     "act_batch": ("data", "fsdp"),
-    "act_length": None,
+    "act_length": "sequence",
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -40,10 +42,12 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp", "tensor") mesh over all devices; one size may be -1 (= the rest)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, sequence: int = 1) -> Mesh:
+    """A ("data", "fsdp", "sequence", "tensor") mesh over all devices; one size may be -1 (= the
+    rest). Device order puts tensor, then sequence, innermost: neighbouring devices (one host's)
+    share the axes that talk every layer."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor}
     unknown = [k for k, v in sizes.items() if v == -1]
     if len(unknown) > 1:
         raise ValueError(f"only one of mesh.{', mesh.'.join(unknown)} may be -1")
@@ -59,7 +63,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         sizes[unknown[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(
-            f"mesh.data * mesh.fsdp * mesh.tensor = {math.prod(sizes.values())} but there are "
+            f"mesh.data * mesh.fsdp * mesh.sequence * mesh.tensor = {math.prod(sizes.values())} but there are "
             f"{len(devices)} devices; set one of them to -1 to use the rest"
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
@@ -68,8 +72,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 
 
 def mesh_from_config(config) -> Mesh:
-    """The mesh of the `mesh.*` config keys."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    """The mesh of the `mesh.*` config keys (a saved config older than mesh.sequence: 1)."""
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, sequence=config.mesh.get("sequence", 1))
 
 
 def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -> None:
@@ -88,6 +92,12 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
             f"train.batch_size / optim.accumulate = {batch // accumulate} is not divisible by "
             f"mesh.data * mesh.fsdp = {shards}; choose a batch size that is a multiple of {shards}"
             f" per micro-batch"
+        )
+    sequence = mesh.shape["sequence"]
+    if sequence > 1 and config.data.max_length % sequence:
+        raise ValueError(
+            f"data.max_length={config.data.max_length} is not divisible by mesh.sequence={sequence}: "
+            f"context parallelism splits every row into mesh.sequence equal parts"
         )
 
 
@@ -138,8 +148,8 @@ def param_shardings(abstract_state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a [B, ...] batch split over data and fsdp; everything else replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp")))
+    """A [B, L] batch field: rows split over data and fsdp, tokens over sequence."""
+    return NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
