@@ -104,15 +104,17 @@ def test_max_length_must_divide_over_the_sequence_axis():
 
 
 def _train(kind, workdir, **overrides):
-    """Three steps of configs/{kind}.py:tiny shrunk to a few seconds; the logged rows."""
+    """Three steps of configs/{kind}.py:tiny shrunk to a few seconds, evaluated at the end;
+    the logged train rows and eval rows."""
     import json
 
     import jaxft.config
     from jaxft.run import run
     from tests.quickstart_subset import quickstart_head
 
-    name = {"sft": "sft_train.jsonl", "dpo": "pref_train.jsonl"}[kind]
-    settings = {"data.train": str(quickstart_head(workdir.parent, name, 64)), "data.eval": "",
+    name = {"sft": "sft", "dpo": "pref"}[kind]
+    settings = {"data.train": str(quickstart_head(workdir.parent, f"{name}_train.jsonl", 64)),
+                "data.eval": str(quickstart_head(workdir.parent, f"{name}_eval.jsonl", 16)), "train.eval_every": 3,
                 "data.max_length": 64, "train.steps": 3, "train.batch_size": 8, "train.log_every": 1,
                 "train.save_every": 3, "train.progress": False, "optim.warmup_steps": 0,
                 "optim.schedule": "constant", "model.remat": "full", **overrides}
@@ -120,7 +122,7 @@ def _train(kind, workdir, **overrides):
         settings.update({"dpo.loss_type": "sigmoid,sft", "dpo.loss_weights": "1.0,1.0"})
     run(jaxft.config.load(f"configs/{kind}.py:tiny", settings), workdir, kind=kind, export=False)
     rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "loss" in r]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
 METRICS = {"sft": ("loss", "grad_norm", "mean_token_accuracy"),
@@ -130,14 +132,16 @@ METRICS = {"sft": ("loss", "grad_norm", "mean_token_accuracy"),
 @pytest.mark.parametrize("kind, overrides", [
     # packed rows whose examples cross the shard borders; the loss chunked (strided chunks)
     ("sft", {"data.packing": True, "train.loss_chunk_size": 16}),
-    # packed pairs: per-example log-prob sums over tokens of several shards
-    ("dpo", {"data.packing": True}),
-    ("dpo", {"data.packing": False, "dpo.precompute_reference": True}),
-], ids=["sft-packed-chunked-loss", "dpo-packed", "dpo-unpacked-precomputed"])
+    # packed pairs: per-example log-prob sums over tokens of several shards; the reference
+    # pass over the data (jaxft.eval.passes) split the same way
+    ("dpo", {"data.packing": True, "dpo.precompute_reference": True}),
+], ids=["sft-packed-chunked-loss", "dpo-packed-precomputed-reference"])
 def test_a_run_with_tokens_split_over_the_sequence_axis_equals_one_without(tmp_path, kind, overrides):
     split = _train(kind, tmp_path / "split", **{**overrides, "mesh.data": 1, "mesh.fsdp": 2, "mesh.sequence": 4})
     plain = _train(kind, tmp_path / "plain", **{**overrides, "mesh.data": -1, "train.loss_chunk_size": 0})
-    assert len(split) == len(plain) == 3
-    for a, b in zip(split, plain):
-        for key in METRICS[kind]:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    (train_split, eval_split), (train_plain, eval_plain) = split, plain
+    assert len(train_split) == len(train_plain) == 3 and len(eval_split) == len(eval_plain) == 1
+    for a, b in zip(train_split + eval_split, train_plain + eval_plain):
+        for key in (*METRICS[kind], "eval_loss"):
+            if key in a or key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 
 from jaxft import config as config_lib, run as run_lib
-from jaxft.data.assets import quickstart_file
 from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.pipeline import make_eval_batches
 from jaxft.io.export import export_checkpoint
@@ -31,7 +30,7 @@ from jaxft.steps.dpo import jit_dpo_step, make_dpo_step, make_pair_logps_fn
 from jaxft.steps.optimizer import make_optimizer
 from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
-from tests.quickstart_subset import sft_data
+from tests.quickstart_subset import quickstart_head, sft_data
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -143,7 +142,7 @@ def _lora_setup(mesh, lr=1e-2):
     return cfg, tok, base_graphdef, base, graphdef, adapters, tx, schedule
 
 
-def test_sft_steps_train_only_the_adapters_and_leave_the_base_bit_identical():
+def test_sft_steps_train_only_the_adapters_and_leave_the_base_bit_identical(tmp_path):
     mesh = sharding.make_mesh(data=2, fsdp=4)
     with jax.set_mesh(mesh):
         cfg, tok, _, base, graphdef, adapters, tx, schedule = _lora_setup(mesh)
@@ -155,7 +154,7 @@ def test_sft_steps_train_only_the_adapters_and_leave_the_base_bit_identical():
         rows = sharding.batch_sharding(mesh)
         step = jit_step(make_sft_step(graphdef, tx, schedule, accumulate=2), state_shardings=shardings,
                         batch_sharding=rows, frozen_shardings=jax.tree.map(lambda x: x.sharding, base))
-        batches = list(make_eval_batches(str(quickstart_file("sft_train.jsonl")), tok, kind="sft",
+        batches = list(make_eval_batches(str(quickstart_head(tmp_path, "sft_train.jsonl", 200)), tok, kind="sft",
                                          batch_size=8, max_length=64, packing=True))[:6]
         first = None
         for b in batches:
@@ -345,7 +344,7 @@ def test_the_lora_presets_are_rank_16_all_linear_on_a_bf16_or_nf4_base(kind):
         assert config.lora.base_quantization == quantization and config.model.dtype == "bfloat16"
 
 
-def _one_lora_step(mesh_shape, remat):
+def _one_lora_step(mesh_shape, remat, data):
     """(loss, adapters after one step) of a LoRA SFT step on a packed batch, accumulating 2."""
     cfg, tok = tiny_cfg(remat=remat)
     lcfg = lora_of(cfg)
@@ -359,17 +358,17 @@ def _one_lora_step(mesh_shape, remat):
         step = jit_step(make_sft_step(graphdef, tx, schedule, accumulate=2), state_shardings=shardings,
                         batch_sharding=sharding.batch_sharding(mesh),
                         frozen_shardings=jax.tree.map(lambda x: x.sharding, base))
-        b = next(iter(make_eval_batches(str(quickstart_file("sft_train.jsonl")), tok, kind="sft", batch_size=8,
-                                        max_length=64, packing=True)))
+        b = next(iter(make_eval_batches(data, tok, kind="sft", batch_size=8, max_length=64, packing=True)))
         batch = {k: v for k, v in to_global(b, mesh).items() if k in ("tokens", "positions", "segment_ids", "loss_mask")}
         state, m = step(state, batch, base)
         return float(m["loss"]), float(m["grad_norm"]), jax.tree.map(np.asarray, state["params"])
 
 
-def test_lora_steps_agree_across_meshes_and_remat_policies():
-    ref_loss, ref_norm, ref = _one_lora_step((8, 1, 1), "none")
+def test_lora_steps_agree_across_meshes_and_remat_policies(tmp_path):
+    data = str(quickstart_head(tmp_path, "sft_train.jsonl", 64))
+    ref_loss, ref_norm, ref = _one_lora_step((8, 1, 1), "none", data)
     for mesh_shape, remat in (((2, 2, 2), "full"), ((1, 4, 2), "dots")):
-        loss, norm, adapters = _one_lora_step(mesh_shape, remat)
+        loss, norm, adapters = _one_lora_step(mesh_shape, remat, data)
         assert abs(loss - ref_loss) <= 1e-5 and abs(norm - ref_norm) <= 1e-5 * ref_norm, (mesh_shape, remat)
         # Adam's first step is ~lr * sign(g): float noise in near-zero g moves it by <= 2 lr.
         for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(adapters)):
