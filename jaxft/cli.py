@@ -24,6 +24,9 @@ commands:
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR
   bench        SFT vs DPO step throughput side by side: jaxft bench [--preset bench --compare torch --json out.json]
   plan         memory and time of a step on a TPU slice: jaxft plan --config configs/sft.py[:preset] --target v5p-8
+  sweep        ablations: jaxft sweep --config configs/dpo.py:tiny --sweep dpo.beta=0.05,0.5 --workdir DIR,
+               or a sweep file: jaxft sweep configs/ablations/NAME.py --workdir DIR [--print-commands]
+  compare      runs side by side (table, CSV, curves): jaxft compare DIR... [--metric eval_loss]
 
 Run `jaxft <command> --help` for a command's options.
 """
@@ -308,6 +311,75 @@ def _plan(argv):
             json.dump(result.to_json(), f, indent=2)
 
 
+def _sweep(argv):
+    p = argparse.ArgumentParser(
+        prog="jaxft sweep",
+        description="runs of one config over swept keys, each in WORKDIR/NAME, one after another; finished "
+                    "runs are skipped and unfinished ones resume. Either --config FILE[:preset] with --sweep "
+                    "flags, or a sweep file (configs/ablations/NAME.py: get_config() and get_sweep()). "
+                    "--config.KEY=VALUE flags apply to every run (a run's own settings win).")
+    p.add_argument("sweep_file", nargs="?", default=None, help="configs/ablations/NAME.py[:arg]")
+    p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a swept key and its values (values holding commas: separate them with |)")
+    p.add_argument("--zip", action="store_true", help="pair the i-th values of every --sweep instead of crossing them")
+    p.add_argument("--kind", choices=("sft", "dpo"), default=None, help="default: from the config file's name")
+    p.add_argument("--workdir", required=True, help="the sweep folder: one sub-folder per run")
+    p.add_argument("--only", action="append", default=None, metavar="NAME", help="run just this run (repeatable)")
+    p.add_argument("--print-commands", action="store_true", help="print one jaxft command per run; run nothing")
+    p.add_argument("--no-compare", action="store_true", help="skip the comparison table at the end")
+    config_args, rest = _split_config_args(argv)
+    a = p.parse_args(rest)
+    from jaxft import sweep
+
+    spec = next((config_args[i + 1] for i, x in enumerate(config_args) if x == "--config"), None)
+    spec = spec or next((x.split("=", 1)[1] for x in config_args if x.startswith("--config=")), None)
+    common = dict(x[len("--config."):].split("=", 1) for x in config_args if x.startswith("--config."))
+    if (a.sweep_file is None) == (spec is None):
+        raise SystemExit("jaxft sweep: give either a sweep file or --config FILE[:preset] with --sweep flags")
+    if a.sweep_file:
+        if a.sweep:
+            raise SystemExit("jaxft sweep: --sweep flags go with --config; a sweep file's get_sweep() lists its runs")
+        runs = [sweep.Run(r.name, r.kind, r.config, {**common, **r.overrides}) for r in sweep.load_sweep_file(a.sweep_file)]
+    else:
+        if not a.sweep:
+            raise SystemExit("jaxft sweep: --config needs at least one --sweep KEY=V1,V2")
+        axes = dict(sweep.parse_axis(flag) for flag in a.sweep)
+        runs = sweep.grid(axes, kind=a.kind or sweep.spec.infer_kind(spec), config=spec, paired=a.zip,
+                          overrides=common)
+    if a.print_commands:
+        print("\n".join(sweep.commands(runs, a.workdir)))
+        return
+    from jaxft.parallel.distributed import initialize
+
+    initialize()
+    result = sweep.run_sweep(runs, a.workdir, only=a.only)
+    if not a.no_compare and (result.finished or result.skipped):
+        table = sweep.compare([a.workdir])
+        print(table.markdown())
+        print(f"table: {table.csv_path}\ncurves ({table.metric}): {table.png_path}")
+    if result.failed:
+        raise RuntimeError("sweep runs failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
+
+
+def _compare(argv):
+    p = argparse.ArgumentParser(prog="jaxft compare",
+                                description="runs side by side: a Markdown table, OUT/compare.csv and OUT/compare.png")
+    p.add_argument("dirs", nargs="+", help="run workdirs and / or sweep folders")
+    p.add_argument("--metric", default=None, help="the curve to overlay (default eval_loss, else loss)")
+    p.add_argument("--out", default=None, help="where compare.csv / compare.png go (default: the sweep folder)")
+    p.add_argument("--data", default=None, help="questions with answers: exact match and repetition of each export")
+    p.add_argument("--pairs", default=None, help="preference pairs: preference accuracy of each export")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
+    a = p.parse_args(argv)
+    from jaxft.sweep import compare
+
+    table = compare(a.dirs, metric=a.metric, out_dir=a.out, eval_data=a.data, eval_pairs=a.pairs,
+                    max_new_tokens=a.max_new_tokens, limit=a.limit)
+    print(table.markdown())
+    print(f"table: {table.csv_path}\ncurves ({table.metric}): {table.png_path}")
+
+
 COMMANDS = {
     "quickstart": _quickstart,
     "sft": lambda argv: _train("sft", argv),
@@ -319,6 +391,8 @@ COMMANDS = {
     "plot": _plot,
     "bench": _bench,
     "plan": _plan,
+    "sweep": _sweep,
+    "compare": _compare,
 }
 
 

@@ -1,0 +1,179 @@
+"""`jaxft compare DIR...`: runs side by side: a Markdown table, a CSV and a PNG of curves.
+
+Each DIR is a run's workdir (it has metrics.jsonl) or a sweep folder (its runs, in
+sweep.json's order). A run's row holds what sets it apart (its sweep overrides, or the config
+keys whose values differ between the compared runs), its final train loss, final and best
+eval loss, its other final eval metrics, tokens/s and wall time; with an eval set (`eval_data`
+questions with answers, `eval_pairs` preference pairs) also what `jaxft eval` reports on its
+export: exact match, repetition ratio, preference accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+from jaxft.io.metrics import read_metrics
+from jaxft.sweep.runner import RECORD
+
+# Config keys that differ between any two runs without being the experiment.
+_NOT_SETTINGS = ("data.cache_dir",)
+_GENERATION_KEYS = ("exact_match", "repetition_ratio", "preference_accuracy", "eval_loss")
+
+
+@dataclasses.dataclass
+class Comparison:
+    """rows: one dict per run (column -> value); columns in table order."""
+    rows: list[dict]
+    columns: list[str]
+    metric: str
+    csv_path: Path | None = None
+    png_path: Path | None = None
+
+    def markdown(self) -> str:
+        def cell(v):
+            if isinstance(v, float):
+                return "" if math.isnan(v) else f"{v:.4g}"
+            return "" if v is None else str(v)
+
+        lines = ["| " + " | ".join(self.columns) + " |", "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(cell(r.get(c)) for c in self.columns) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def run_dirs(dirs: Sequence[str | Path]) -> list[Path]:
+    """The run workdirs among `dirs`: each a workdir, or a sweep folder of them."""
+    out = []
+    for d in map(Path, dirs):
+        if (d / "metrics.jsonl").is_file():
+            out.append(d)
+        elif (d / "sweep.json").is_file():
+            names = [r["name"] for r in json.loads((d / "sweep.json").read_text())["runs"]]
+            out += [d / n for n in names if (d / n / "metrics.jsonl").is_file()]
+        elif d.is_dir() and (found := sorted(p.parent for p in d.glob("*/metrics.jsonl"))):
+            out += found
+        else:
+            raise FileNotFoundError(f"{d}: neither a run workdir (metrics.jsonl) nor a folder of runs")
+    return out
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _what_differs(workdirs: list[Path]) -> list[dict]:
+    """Per run: its sweep overrides, or else its config's values, of the keys whose values
+    differ between runs."""
+    records = [json.loads((w / RECORD).read_text()) if (w / RECORD).is_file() else None for w in workdirs]
+    if all(records):  # the overrides that are not the same for every run (those set the sweep apart)
+        overrides = [r["settings"]["overrides"] for r in records]
+        keys = list(dict.fromkeys(k for o in overrides for k in o))
+        if len(overrides) > 1:
+            keys = [k for k in keys if len({json.dumps(o.get(k)) for o in overrides}) > 1]
+        return [{k: o.get(k) for k in keys} for o in overrides]
+    configs = [_flat(json.loads((w / "config.json").read_text())) if (w / "config.json").is_file() else {}
+               for w in workdirs]
+    keys = sorted({k for c in configs for k in c})
+    differ = [k for k in keys if k not in _NOT_SETTINGS and len({json.dumps(c.get(k)) for c in configs}) > 1]
+    return [{k: c.get(k) for k in differ} for c in configs]
+
+
+def _summary(workdir: Path) -> dict:
+    rows = read_metrics(workdir)
+    train = [r for r in rows if isinstance(r.get("loss"), float)]
+    evals = [r for r in rows if isinstance(r.get("eval_loss"), float)]
+    out = {"steps": train[-1]["step"] if train else 0, "loss": train[-1]["loss"] if train else None}
+    if evals:
+        best = min(evals, key=lambda r: r["eval_loss"])
+        out.update({"eval_loss": evals[-1]["eval_loss"], "best_eval_loss": best["eval_loss"],
+                    "best_eval_step": best["step"]})
+        out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_") and k != "eval_loss"
+                    and isinstance(v, float) and k != "eval_num_tokens"})
+    # The first logged window includes compilation: tokens/s over the ones after it.
+    speeds = [r["tokens_per_sec"] for r in train[1:] if isinstance(r.get("tokens_per_sec"), float)]
+    out["tokens_per_sec"] = sum(speeds) / len(speeds) if speeds else None
+    record = json.loads((workdir / RECORD).read_text()) if (workdir / RECORD).is_file() else {}
+    out["wall_s"] = record.get("wall_s")
+    return out
+
+
+def plot_runs(workdirs: Sequence[Path], names: Sequence[str], metric: str, out: Path) -> Path:
+    """A PNG of `metric` against step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for workdir, name in zip(workdirs, names):
+        pts = [(r["step"], r[metric]) for r in read_metrics(workdir) if isinstance(r.get(metric), float)]
+        if pts:
+            ax.plot(*zip(*pts), "o-" if len(pts) < 20 else "-", label=name, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: str | Path | None = None,
+            eval_data: str | None = None, eval_pairs: str | None = None, max_new_tokens: int = 64,
+            limit: int | None = None) -> Comparison:
+    """Compares the runs under `dirs` (see the module docstring); writes OUT/compare.csv and
+    OUT/compare.png (OUT: `out_dir`, default the first DIR when it is a sweep folder, else its
+    parent). metric: the curve to plot (default eval_loss when any run has it, else loss)."""
+    workdirs = run_dirs(dirs)
+    if not workdirs:
+        raise FileNotFoundError(f"no runs with metrics.jsonl under {', '.join(map(str, dirs))}")
+    first = Path(dirs[0])
+    out = Path(out_dir) if out_dir else (first if not (first / "metrics.jsonl").is_file() else first.parent)
+    settings = _what_differs(workdirs)
+    names = [w.name for w in workdirs]
+    rows = []
+    for workdir, name, setting in zip(workdirs, names, settings):
+        row = {"run": name, **setting, **_summary(workdir)}
+        if eval_data or eval_pairs:
+            row.update(_generation_metrics(workdir, eval_data, eval_pairs, max_new_tokens, limit))
+        rows.append(row)
+    setting_keys = list(dict.fromkeys(k for s in settings for k in s))
+    metric_keys = list(dict.fromkeys(k for r in rows for k in r if k not in setting_keys and k != "run"))
+    columns = ["run", *setting_keys, *metric_keys]
+    if metric is None:
+        metric = "eval_loss" if any(r.get("eval_loss") is not None for r in rows) else "loss"
+    comparison = Comparison(rows, columns, metric)
+    out.mkdir(parents=True, exist_ok=True)
+    comparison.csv_path = out / "compare.csv"
+    with comparison.csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    comparison.png_path = plot_runs(workdirs, names, metric, out / "compare.png")
+    return comparison
+
+
+def _generation_metrics(workdir: Path, eval_data, eval_pairs, max_new_tokens, limit) -> dict:
+    """`jaxft eval` on the run's export (WORKDIR/hf), prefixed "gen_" where the name would
+    clash with the run's own eval_loss."""
+    from jaxft.eval.folder import evaluate_folder
+
+    export = workdir / "hf"
+    if not (export / "config.json").is_file():
+        raise FileNotFoundError(f"{export} not found: comparing generations needs each run's export "
+                                f"(jaxft export {workdir} --out {export})")
+    got = evaluate_folder(str(export), eval_data, pairs_file=eval_pairs, max_new_tokens=max_new_tokens,
+                          limit=limit)
+    return {("gen_eval_loss" if k == "eval_loss" else k): v for k, v in got.items()
+            if k in _GENERATION_KEYS and isinstance(v, (int, float))}
