@@ -149,7 +149,8 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
             row.update(_generation_metrics(workdir, eval_data, eval_pairs, max_new_tokens, limit))
         rows.append(row)
     setting_keys = list(dict.fromkeys(k for s in settings for k in s))
-    metric_keys = list(dict.fromkeys(k for r in rows for k in r if k not in setting_keys and k != "run"))
+    metric_keys = sorted(dict.fromkeys(k for r in rows for k in r if k not in setting_keys and k != "run"),
+                         key=_column_group)
     columns = ["run", *setting_keys, *metric_keys]
     if metric is None:
         metric = "eval_loss" if any(r.get("eval_loss") is not None for r in rows) else "loss"
@@ -162,6 +163,20 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
         writer.writerows(rows)
     comparison.png_path = plot_runs(workdirs, names, metric, out / "compare.png")
     return comparison
+
+
+_FIRST = ("steps", "loss", "eval_loss", "best_eval_loss", "best_eval_step")
+_LAST = ("tokens_per_sec", "wall_s")
+
+
+def _column_group(key: str) -> int:
+    """Table order: training summary, other eval metrics, speed, then `jaxft eval`'s metrics
+    (sorted is stable: within a group, the order runs first report them)."""
+    if key in _FIRST:
+        return _FIRST.index(key)
+    if key in _LAST:
+        return 20 + _LAST.index(key)
+    return 30 if key in _GENERATION_KEYS or key == "gen_eval_loss" else 10
 
 
 def _generation_metrics(workdir: Path, eval_data, eval_pairs, max_new_tokens, limit) -> dict:
