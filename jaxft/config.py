@@ -69,6 +69,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.progress = True
     c.train.prefetch = 2  # batches made ahead in a background thread (0: on demand)
     c.train.preemption_check_every = 10  # multi-host: steps between SIGTERM checks (a gather)
+    # Where metrics go besides WORKDIR/metrics.jsonl: tensorboard | wandb | none, or a comma list
+    # ("tensorboard,wandb"); jaxft.io.trackers. W&B needs `pip install 'jaxft[wandb]'`, and
+    # WANDB_MODE=offline keeps its run in WORKDIR/wandb (upload later with `wandb sync`).
+    c.train.report_to = "tensorboard"
+    c.train.wandb_project = "jaxft"  # the W&B project (the run is named after the workdir)
+    # > 0: every this many steps, greedy completions of the first `sample_prompts` prompts of
+    # data.eval (an example's tokens before its first trained one) from the current params go
+    # to metrics.jsonl ({"step": N, "samples": [...]}) and the trackers; 0 = never.
+    c.train.sample_every = 0
+    c.train.sample_prompts = 4
+    c.train.sample_max_new_tokens = 64
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5
@@ -140,6 +151,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(config.train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0, or -1 (auto)")
     need(config.train.prefetch >= 0, "train.prefetch", "must be >= 0")
     need(config.train.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
+    from jaxft.io.trackers import parse_report_to  # jax-free
+
+    parse_report_to(config.train.report_to)  # unknown names and missing packages, named
+    need(config.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = no samples)")
+    if config.train.sample_every:
+        need(config.data.eval != "", "train.sample_every", "needs data.eval: the sample prompts are its first records")
+        need(config.train.sample_prompts >= 1, "train.sample_prompts", "must be >= 1")
+        need(config.train.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", "must be >= 1")
     if "lora" in config:
         need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
         need(config.lora.alpha > 0, "lora.alpha", "must be > 0")

@@ -1,11 +1,11 @@
-"""The step loop and its periodic actions: log, evaluate, save, keep the best, stop on SIGTERM.
+"""The step loop and its periodic actions: log, evaluate, sample, save, keep the best, stop on SIGTERM.
 
 The loop knows no training method and no batch layout: batches come ready-made and global
 from a background thread (`jaxft.parallel.prefetch`), and `task.step` does the rest.
 
 It never waits on the device between ordinary steps: step t+1 is dispatched before step t's
 `skipped` flag (the non-finite guard) is read, so the device always has work queued. It waits
-only at steps with an action (log, eval, save, the end, a preemption check), where the state
+only at steps with an action (log, eval, sample, save, the end, a preemption check), where the state
 must be exact; skipped steps are found one step late, and `train.max_bad_steps` of them in a
 row stop the run within one step.
 
@@ -96,6 +96,10 @@ class _Window:
         self.sums, self.steps = None, 0
         self.start, self.tokens_at_start = time.perf_counter(), real_tokens
 
+    def exclude(self, seconds: float):
+        """Leaves `seconds` of host work (sample generation) out of the rates."""
+        self.start += seconds
+
     def add(self, metrics: dict):
         self.sums = metrics if self.sums is None else jax.tree.map(lambda a, b: a + b, self.sums, metrics)
         self.steps += 1
@@ -136,6 +140,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
     def action_due(step):
         return (step == steps or _every(step, train.log_every) or _every(step, train.save_every)
                 or (task.can_evaluate and _every(step, train.eval_every))
+                or _every(step, train.sample_every)
                 or stop.due(step, train.preemption_check_every))
 
     def resolve():
@@ -190,6 +195,12 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
             if row:
                 writer.write(done, row)
                 logged.append({"step": done, **row})
+            if _every(done, train.sample_every):  # reads the params only: training is unchanged
+                began = time.perf_counter()
+                samples = task.sample(state["params"])
+                writer.write_samples(done, samples)
+                logged.append({"step": done, "samples": samples})
+                window.exclude(time.perf_counter() - began)  # generation is not step time
 
             save_now = _every(done, train.save_every) or done == steps
             if save_now:

@@ -87,15 +87,18 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
             train.set_state(meta["data"])
             log.info("resumed %s at step %d", workdir, int(state["step"]))
 
-        writer = MetricsWriter(workdir, start_step=int(state["step"]))
+        writer = MetricsWriter(workdir, report_to=config.train.report_to, start_step=int(state["step"]),
+                               config=config.to_dict())
         stop = StopFlag()
         stop.install()
+        completed = False
         try:
             state, logged = train_loop(state, task, train, config=config, steps=steps, model_config=model_cfg,
                                        checkpointer=ckpt, writer=writer, stop=stop)
+            completed = True
         finally:
             stop.restore()
-            writer.close()
+            writer.close(completed=completed)  # the trackers' runs end; final metrics if it finished
             ckpt.close()  # also when the loop raised: finishes a save in flight
         export_dir = adapter_dir = None
         if export:

@@ -34,6 +34,12 @@ class SFTExample:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        """The tokens before the first trained one: the prompt (its first token when every
+        token but the first is trained: text records, completion_only_loss=False)."""
+        return _before_first_target(self.input_ids, self.loss_mask)
+
 
 @dataclasses.dataclass(frozen=True)
 class PreferenceExample:
@@ -52,6 +58,16 @@ class PreferenceExample:
 
     def __len__(self) -> int:
         return len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        """The shared prompt: the chosen sequence's tokens before its completion."""
+        return _before_first_target(self.chosen_ids, self.chosen_mask)
+
+
+def _before_first_target(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    trained = np.flatnonzero(mask)
+    return ids[:trained[0] if len(trained) else len(ids)]
 
 
 @dataclasses.dataclass(frozen=True)

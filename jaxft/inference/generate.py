@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jaxft.models.llama import init_cache
+from jaxft.parallel.sharding import constrain
 
 PROMPT_BUCKET = 32  # prompt lengths round up to this, so few prompt shapes ever compile
 MAX_EOS_IDS = 8  # EOS ids travel in a fixed-size array (Llama 3 has 3, Qwen 2)
@@ -113,7 +114,8 @@ def _generate_jit(graphdef, state, tokens_BP, lengths_B, eos_ids, pad_id, temper
     steps, _, _, _, out_BN = jax.lax.while_loop(
         cond, body, (jnp.int32(1), cache, first_B, done_B, out_BN)
     )
-    return out_BN, steps
+    # Under a mesh (sampling during training, on sharded params) every host reads all rows.
+    return constrain(out_BN, (None, None)), steps
 
 
 def _round_up(n: int, multiple: int) -> int:

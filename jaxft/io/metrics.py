@@ -1,8 +1,9 @@
-"""Run metrics: WORKDIR/metrics.jsonl, TensorBoard events, a progress bar, MFU, and plots.
+"""Run metrics: WORKDIR/metrics.jsonl, the trackers (TensorBoard, W&B), MFU, and plots.
 
 Metric names follow TRL (loss, learning_rate, grad_norm, num_tokens, mean_token_accuracy,
 rewards/*, logps/*, logits/*; eval metrics prefixed `eval_`) plus tokens_per_sec, step_time
-and mfu. One JSON object per logged step: {"step": N, "loss": ..., ...}.
+and mfu. One JSON object per logged step: {"step": N, "loss": ..., ...}, plus one per
+sample step of `train.sample_every`: {"step": N, "samples": [...]}.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import jax
 
+from jaxft.io import trackers
 from jaxft.models.lora import num_adapter_params
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU unless
@@ -43,41 +45,58 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 
 class MetricsWriter:
-    """Appends metrics to metrics.jsonl and TensorBoard (process 0 only)."""
+    """Appends metrics to metrics.jsonl and sends them to the run's trackers (process 0 only).
 
-    def __init__(self, workdir: str | Path, *, tensorboard: bool = True, start_step: int = 0):
-        """`start_step`: the step the run starts (or resumes) from. Rows past it were written
+    Rows are {"step": N, "loss": ..., ...}; a sample-generation row is {"step": N, "samples":
+    [{"prompt": ..., "completion": ...}, ...]} (readers of scalars skip it: it has no "loss").
+    """
+
+    def __init__(self, workdir: str | Path, *, report_to: str = "tensorboard", start_step: int = 0,
+                 config: dict | None = None):
+        """`report_to`: tracker names as `train.report_to` takes them (`jaxft.io.trackers`;
+        "none" = metrics.jsonl only). `config`: the run's config dict, logged to the trackers.
+        `start_step`: the step the run starts (or resumes) from. Rows past it were written
         by a run killed after its last checkpoint; the steps are redone, so they are dropped
-        and metrics.jsonl keeps one row per step."""
+        and metrics.jsonl keeps one row per step (and one samples row per sample step)."""
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
-        self._tb = None
+        self.final: dict[str, float] = {}  # the last value of every scalar: the run's summary
+        self._trackers: list[trackers.Tracker] = []
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.is_file():
                 kept = [line for line in self.path.read_text().splitlines()
                         if line.strip() and json.loads(line)["step"] <= start_step]
                 self.path.write_text("".join(line + "\n" for line in kept))
-            if tensorboard:
-                from tensorboardX import SummaryWriter
+            self._trackers = trackers.open_trackers(report_to, workdir, config or {})
 
-                self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    def _append(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in metrics.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **clean}) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, int(step))
-            self._tb.flush()
+        self._append({"step": int(step), **clean})
+        scalars = {k: v for k, v in clean.items() if isinstance(v, float) and math.isfinite(v)}
+        self.final.update(scalars)
+        for tracker in self._trackers:
+            tracker.log(int(step), scalars)
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+    def write_samples(self, step: int, samples: list[dict]) -> None:
+        """One row of sample generations: `samples` = [{"prompt": str, "completion": str}, ...]."""
+        if not self.enabled:
+            return
+        self._append({"step": int(step), "samples": samples})
+        for tracker in self._trackers:
+            tracker.log_samples(int(step), samples)
+
+    def close(self, *, completed: bool = False) -> None:
+        """Ends the trackers' runs; a completed run's final metrics go to their summaries."""
+        for tracker in self._trackers:
+            tracker.finish(dict(self.final) if completed else None)
+        self._trackers = []
 
 
 def _plain(v):

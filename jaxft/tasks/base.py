@@ -2,7 +2,7 @@
 
 `jaxft.run` wires a RunContext once (config, mesh, tokenizer, model, optimizer, data) and
 hands it, with the initial params, to `TASKS[kind]` (`jaxft.tasks`). The task jits its step and evaluates held-out data;
-the loop (`jaxft.loop`) calls `task.step`, `task.evaluate` and `task.save_best` and knows no
+the loop (`jaxft.loop`) calls `task.step`, `task.evaluate`, `task.sample` and `task.save_best` and knows no
 method and no batch layout. A new method is one file with a Task subclass plus one line in
 the registry.
 """
@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from jaxft.eval.samples import Sampler
 from jaxft.io import checkpoint
 from jaxft.steps.common import with_frozen
 
@@ -69,7 +70,8 @@ class RunContext:
 
 class Task(abc.ABC):
     """One training method: `step(state, batch) -> (state, metrics)` (jitted, state donated)
-    and `evaluate(params) -> {"eval_loss": ..., ...}` on the run's eval data."""
+    and `evaluate(params) -> {"eval_loss": ..., ...}` on the run's eval data; `sample(params)`
+    generates from the eval prompts."""
 
     @classmethod
     def validate(cls, config) -> None:
@@ -86,6 +88,7 @@ class Task(abc.ABC):
         (as the DPO reference does)."""
         self.ctx = ctx
         self._best: checkpoint.Checkpointer | None = None
+        self._sampler: Sampler | None = None
 
     @abc.abstractmethod
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
@@ -98,6 +101,17 @@ class Task(abc.ABC):
     @property
     def can_evaluate(self) -> bool:
         return self.ctx.eval_data is not None
+
+    def sample(self, params) -> list[dict]:
+        """Greedy completions of the first `train.sample_prompts` eval prompts from `params`
+        (`train.sample_every`): [{"prompt": str, "completion": str}]. The same for every
+        method: generation needs only the model's weights."""
+        if self._sampler is None:
+            train = self.ctx.config.train
+            examples = self.ctx.eval_data.examples[:train.sample_prompts]
+            self._sampler = Sampler(self.ctx.graphdef, self.ctx.tokenizer, examples,
+                                    max_new_tokens=train.sample_max_new_tokens)
+        return self._sampler(self.ctx.weights(params))
 
     def save_best(self, step: int, state: dict, eval_loss: float) -> None:
         """Keeps `state` as WORKDIR/checkpoints_best (train.keep_best), replacing the last."""
