@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 32  # global examples per step (pairs for DPO; rows when packing)
     c.train.seed = 0
     c.train.log_every = 10
-    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set)
+    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set); -1 = every epoch
     c.train.save_every = 500
     c.train.max_to_keep = 3
     c.train.keep_best = False  # also keep the checkpoint with the lowest eval loss
@@ -148,6 +148,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "must be 'truncate_completion' or 'drop'")
     need(config.train.log_every > 0, "train.log_every", "must be > 0")
     need(config.train.save_every >= 0, "train.save_every", "must be >= 0")
+    need(config.train.eval_every >= -1, "train.eval_every", "must be >= 0, or -1 for every epoch")
     need(config.train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0, or -1 (auto)")
     need(config.train.prefetch >= 0, "train.prefetch", "must be >= 0")
     need(config.train.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")

@@ -128,6 +128,8 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
     from tqdm.auto import tqdm
 
     train = config.train
+    # -1: at the end of every epoch (TRL's eval_strategy="epoch"), counted in batches.
+    eval_every = data.batches_per_epoch() if train.eval_every == -1 else train.eval_every
     done = int(state["step"])  # optimizer steps applied, known exactly
     logged: list[dict] = []
     bad_in_a_row = 0
@@ -139,7 +141,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
 
     def action_due(step):
         return (step == steps or _every(step, train.log_every) or _every(step, train.save_every)
-                or (task.can_evaluate and _every(step, train.eval_every))
+                or (task.can_evaluate and _every(step, eval_every))
                 or _every(step, train.sample_every)
                 or stop.due(step, train.preemption_check_every))
 
@@ -189,7 +191,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
                 row = window.row(last, metrics)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_sec']:.0f}")
 
-            eval_now = task.can_evaluate and (_every(done, train.eval_every) or done == steps)
+            eval_now = task.can_evaluate and (_every(done, eval_every) or done == steps)
             if eval_now:
                 row.update(task.evaluate(state["params"]))
             if row:
