@@ -49,7 +49,7 @@ CASES = [
     ('{"messages": [{"role": "bot", "content": "Hi"}]}', "sft",
      "field 'messages[0].role' is 'bot'; expected one of system, user, assistant"),
     ('{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}', "sft",
-     "field 'messages[0].content' must be a string, got a number"),
+     "field 'messages[0].content' must be a string (or a list of text parts), got a number"),
     ('{"messages": ["hi"]}', "sft", "field 'messages[0]' must be a message object"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "sft",
      "field 'messages' starts with an assistant turn"),
@@ -175,11 +175,12 @@ def test_skip_invalid_counts_logs_and_caps_warnings(tok, tmp_path, caplog):
 
 # --- fuzzing --------------------------------------------------------------------------------
 
-KEYS = ["text", "prompt", "completion", "messages", "chosen", "rejected", "role", "content", "x"]
+KEYS = ["text", "prompt", "completion", "messages", "chosen", "rejected", "role", "content", "x",
+        "tools", "tool_calls", "function", "name", "arguments", "type"]
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(["user", "assistant", "system", "", " "]))
 messages = st.lists(st.fixed_dictionaries(
-    {}, optional={"role": st.one_of(st.sampled_from(["user", "assistant", "system", "bot"]), scalars),
+    {}, optional={"role": st.one_of(st.sampled_from(["user", "assistant", "system", "tool", "bot"]), scalars),
                   "content": st.one_of(st.text(max_size=12), scalars)}), max_size=4)
 values = st.recursive(st.one_of(scalars, messages),
                       lambda inner: st.one_of(st.lists(inner, max_size=3),

@@ -10,12 +10,23 @@ Formats, detected from a record's fields (or named explicitly with `fmt=`):
     conversational_preference         {"prompt": [msg...], "chosen": [msg...], "rejected": [msg...]}
     implicit_preference               {"chosen": [msg...], "rejected": [msg...]}       (dpo)
 
-A message is {"role": "system" | "user" | "assistant", "content": non-empty str}; other keys
-are ignored. Other record fields are ignored too, and a field whose value is None counts as
-absent (Parquet files and `datasets` give every row every column). Conversations must end with
-an assistant turn. In an implicit preference pair the prompt is the longest run of leading
-messages that chosen and rejected share; it must be non-empty and what follows it must be
-assistant turns.
+A message is {"role": "system" | "user" | "assistant" | "tool", "content": non-empty str}.
+Content may also be a list of parts, as multimodal datasets write it: its text parts
+([{"type": "text", "text": ...}]) are joined into one string; any other part (an image, audio)
+is refused. Tool calling follows transformers / TRL:
+* an assistant message may carry "tool_calls": [{"type": "function", "function": {"name": str,
+  "arguments": object}}] (arguments may be given as a JSON string, and the "function" wrapper
+  may be left out); its content may then be empty or absent;
+* a "tool" message is a tool's result (its content may be empty); "name" and "tool_call_id"
+  are kept;
+* a conversational record may have "tools": a list of JSON schemas (or their JSON string) that
+  the chat template receives.
+Other message keys are ignored. Other record fields are ignored too, and a field whose value is
+None counts as absent (Parquet files and `datasets` give every row every column). Conversations
+must end with an assistant turn. In an implicit preference pair the prompt is the longest run of
+leading messages that chosen and rejected share; it must be non-empty and what follows it must
+be assistant turns (or tool results between them), as in a conversational pair's chosen and
+rejected.
 
 Every problem raises `DataError` with the record's coordinate and the field, e.g.
 `data/train.jsonl line 812: field 'chosen' is empty`.
@@ -24,15 +35,17 @@ Every problem raises `DataError` with the record's coordinate and the field, e.g
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 SFT_FORMATS = ("text", "prompt_completion", "conversational", "conversational_prompt_completion")
 DPO_FORMATS = ("preference", "conversational_preference", "implicit_preference")
 FORMATS_BY_KIND = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS}
 ALL_FORMATS = SFT_FORMATS + DPO_FORMATS
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+COMPLETION_ROLES = ("assistant", "tool")  # what may follow the prompt of a preference pair
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]  # {"role", "content": str} (+ "tool_calls" / "name" / "tool_call_id")
 
 
 class DataError(ValueError):
@@ -60,6 +73,7 @@ class Record:
         the extracted shared prefix).
     completion: SFT completion (str or messages), else None.
     chosen / rejected: preference completions (str or messages, after the prompt), else None.
+    tools: the JSON schemas a conversational record's chat template receives, else None.
     """
     format: str
     text: str | None = None
@@ -67,6 +81,7 @@ class Record:
     completion: str | Messages | None = None
     chosen: str | Messages | None = None
     rejected: str | Messages | None = None
+    tools: list[dict] | None = None
 
     @property
     def conversational(self) -> bool:
@@ -132,7 +147,14 @@ def parse_record(record: Any, location: str, fmt: str = "auto") -> Record:
     elif fmt not in ALL_FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {', '.join(ALL_FORMATS)}")
     _require_object(record, location)
-    return _PARSERS[fmt](record, location)
+    parsed = _PARSERS[fmt](record, location)
+    tools = _tools(record, location)
+    if tools is None:
+        return parsed
+    if not parsed.conversational:
+        raise DataError(location, f"field 'tools' needs a conversational record (message lists), "
+                                  f"but this one is {fmt!r}", field="tools")
+    return dataclasses.replace(parsed, tools=tools)
 
 
 def _require_object(record: Any, location: str) -> None:
@@ -147,11 +169,13 @@ def _type_name(value: Any) -> str:
         type(value), type(value).__name__)
 
 
-def _string(record: dict, field: str, location: str) -> str:
+def _string(record: dict, field: str, location: str, name: str | None = None) -> str:
+    """record[field], a non-empty string; `name` is what errors call it (default: field)."""
+    name = name or field
     value = record.get(field)
     if value is None:
-        raise DataError(location, f"field {field!r} is missing", field=field)
-    return _nonempty_str(value, field, location, "a string")
+        raise DataError(location, f"field {name!r} is missing", field=name)
+    return _nonempty_str(value, name, location, "a string")
 
 
 def _nonempty_str(value: Any, field: str, location: str, expected: str) -> str:
@@ -170,7 +194,8 @@ def _nonempty_str(value: Any, field: str, location: str, expected: str) -> str:
 
 def _messages(record: dict, field: str, location: str, *, end_with_assistant: bool = True,
               only_assistant: bool = False) -> Messages:
-    """A validated list of {"role", "content"} dicts (other keys dropped)."""
+    """A validated list of messages (see `_message`); only_assistant: assistant turns and the
+    tool results between them only."""
     value = record.get(field)
     if value is None:
         raise DataError(location, f"field {field!r} is missing", field=field)
@@ -182,25 +207,115 @@ def _messages(record: dict, field: str, location: str, *, end_with_assistant: bo
     out = []
     for i, msg in enumerate(value):
         name = f"{field}[{i}]"
-        if not isinstance(msg, dict):
-            raise DataError(location, f"field {name!r} must be a message object with 'role' and "
-                                      f"'content', got {_type_name(msg)}", field=name)
-        for key in ("role", "content"):
-            if msg.get(key) is None:
-                raise DataError(location, f"field '{name}.{key}' is missing", field=f"{name}.{key}")
-        role = _nonempty_str(msg["role"], f"{name}.role", location, "a string")
-        if role not in ROLES:
-            raise DataError(location, f"field '{name}.role' is {role!r}; expected one of "
-                                      f"{', '.join(ROLES)}", field=f"{name}.role")
-        if only_assistant and role != "assistant":
-            raise DataError(location, f"field '{name}.role' is {role!r}, but completion turns "
-                                      "must be assistant turns", field=f"{name}.role")
-        content = _nonempty_str(msg["content"], f"{name}.content", location, "a string")
-        out.append({"role": role, "content": content})
+        out.append(_message(msg, name, location))
+        if only_assistant and out[-1]["role"] not in COMPLETION_ROLES:
+            raise DataError(location, f"field '{name}.role' is {out[-1]['role']!r}, but completion "
+                                      "turns must be assistant turns (or tool results between "
+                                      "them)", field=f"{name}.role")
     if end_with_assistant and out[-1]["role"] != "assistant":
         raise DataError(location, f"field {field!r} must end with an assistant turn (the last "
                                   f"message is {out[-1]['role']!r})", field=field)
     return out
+
+
+def _bad(location: str, field: str, problem: str) -> DataError:
+    return DataError(location, f"field {field!r} {problem}", field=field)
+
+
+def _message(msg: Any, name: str, location: str) -> dict:
+    """One validated message: {"role", "content": str}, plus "tool_calls" (assistant) or
+    "name" / "tool_call_id" (tool) when given; other keys dropped."""
+    if not isinstance(msg, dict):
+        raise _bad(location, name, f"must be a message object with 'role' and 'content', got "
+                                   f"{_type_name(msg)}")
+    role = _string(msg, "role", location, f"{name}.role")
+    if role not in ROLES:
+        raise _bad(location, f"{name}.role", f"is {role!r}; expected one of {', '.join(ROLES)}")
+    calls = _tool_calls(msg.get("tool_calls"), f"{name}.tool_calls", location) if role == "assistant" else None
+    if msg.get("content") is None and not calls:
+        raise _bad(location, f"{name}.content", "is missing")
+    # A tool-call turn may say nothing besides its calls; a tool may return an empty result.
+    out = {"role": role, "content": _content(msg.get("content"), f"{name}.content", location,
+                                             may_be_empty=bool(calls) or role == "tool")}
+    if calls:
+        out["tool_calls"] = calls
+    for key in ("name", "tool_call_id") if role == "tool" else ():
+        if msg.get(key) is not None:
+            out[key] = _string(msg, key, location, f"{name}.{key}")
+    return out
+
+
+def _content(value: Any, field: str, location: str, may_be_empty: bool) -> str:
+    """A message's content as one string: a string, or its text parts joined (multimodal
+    datasets write [{"type": "text", "text": ...}, ...])."""
+    if isinstance(value, list):
+        for j, part in enumerate(value):
+            kind = part.get("type", "text" if "text" in part else None) if isinstance(part, dict) else None
+            if kind != "text":
+                raise _bad(location, f"{field}[{j}]", f"is a part of type {kind!r}: images, audio "
+                                                      "and video are not supported, text parts only"
+                           if kind else "must be a text part ({'type': 'text', 'text': ...})")
+            if not isinstance(part.get("text"), str):
+                raise _bad(location, f"{field}[{j}].text", f"must be a string, got {_type_name(part.get('text'))}")
+        value = "".join(part["text"] for part in value)
+    if may_be_empty and (value is None or isinstance(value, str) and not value.strip()):
+        return value or ""
+    return _nonempty_str(value, field, location, "a string (or a list of text parts)")
+
+
+def _tool_calls(value: Any, field: str, location: str) -> list[dict] | None:
+    """An assistant message's tool calls in transformers' form, [{"type": "function",
+    "function": {"name": str, "arguments": dict}} (+ "id")]; None when there are none."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _bad(location, field, f"must be a list of tool calls, got {_type_name(value)}")
+    out = []
+    for j, call in enumerate(value):
+        name = f"{field}[{j}]"
+        if not isinstance(call, dict) or call.get("type") not in (None, "function"):
+            raise _bad(location, name, "must be a function call ({'type': 'function', 'function': "
+                                       "{'name': ..., 'arguments': {...}}})")
+        # {"name", "arguments"} without the "function" wrapper is accepted too.
+        fn, where = (call["function"], f"{name}.function") if call.get("function") is not None else (call, name)
+        if not isinstance(fn, dict):
+            raise _bad(location, where, f"must be an object with 'name' and 'arguments', got {_type_name(fn)}")
+        # Templates write `arguments | tojson`: a JSON string would be quoted a second time.
+        args = _json_value(fn.get("arguments"), f"{where}.arguments", location)
+        if not isinstance(args, (dict, type(None))):
+            raise _bad(location, f"{where}.arguments", "must be an object (or its JSON string), got "
+                                                       f"{_type_name(args)}")
+        function = {"name": _string(fn, "name", location, f"{where}.name"), "arguments": args or {}}
+        out.append({"type": "function", "function": function,
+                    **({"id": call["id"]} if isinstance(call.get("id"), str) else {})})
+    return out or None
+
+
+def _tools(record: dict, location: str) -> list[dict] | None:
+    """The record's tool schemas for the chat template (None when absent or empty); each must
+    name its function: {"type": "function", "function": {"name", ...}} or {"name", ...}."""
+    tools = _json_value(record.get("tools"), "tools", location)
+    if tools is not None and not isinstance(tools, list):
+        raise _bad(location, "tools", f"must be a list of tool schemas (or its JSON string), got "
+                                      f"{_type_name(tools)}")
+    for j, tool in enumerate(tools or []):
+        fn = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise _bad(location, f"tools[{j}]", "must be a tool schema that names its function "
+                                                "({'type': 'function', 'function': {'name': ..., "
+                                                "'parameters': ...}})")
+    return tools or None
+
+
+def _json_value(value: Any, field: str, location: str) -> Any:
+    """`value`, or what it decodes to when it is a string (Arrow / Parquet columns often hold
+    nested JSON as text)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _bad(location, field, f"is a string but not valid JSON ({err.msg}, column {err.colno})") from None
 
 
 def _text(r: dict, loc: str) -> Record:
@@ -266,10 +381,10 @@ def _implicit_preference(r: dict, loc: str) -> Record:
             raise DataError(loc, f"field {field!r} has no messages after the prompt it shares "
                                  "with the other field", field=field)
         for i in range(n, len(messages)):
-            if messages[i]["role"] != "assistant":
+            if messages[i]["role"] not in COMPLETION_ROLES:
                 raise DataError(loc, f"field '{field}[{i}].role' is {messages[i]['role']!r}; after "
-                                     "the shared prompt only assistant turns may follow",
-                                field=f"{field}[{i}].role")
+                                     "the shared prompt only assistant turns (and tool results "
+                                     "between them) may follow", field=f"{field}[{i}].role")
     return Record("implicit_preference", prompt=chosen[:n], chosen=chosen[n:], rejected=rejected[n:])
 
 

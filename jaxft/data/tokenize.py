@@ -63,7 +63,9 @@ class DataReport:
     raw_lengths: every tokenized record, before truncation (what max_length is chosen from).
     lengths: the kept examples, after truncation.
     num_dropped_too_long counts both drop mode and prompts that fill max_length; the latter
-    are also in num_prompt_too_long. errors: (location, message) of the first invalid records.
+    are also in num_prompt_too_long. num_no_trained_tokens: records dropped because nothing of
+    them would be trained (their loss mask is all 0). errors: (location, message) of the first
+    invalid records.
     """
     source: str
     num_records: int = 0
@@ -72,6 +74,7 @@ class DataReport:
     num_truncated: int = 0
     num_dropped_too_long: int = 0
     num_prompt_too_long: int = 0
+    num_no_trained_tokens: int = 0
     num_skipped: int = 0
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     raw_lengths: list[int] = dataclasses.field(default_factory=list)
@@ -83,7 +86,10 @@ class DataReport:
         """One line: what training gets from this source (the run logs it; check-data prints it)."""
         return (f"{self.num_examples} examples of {self.num_records} records, {self.num_tokens} tokens "
                 f"({self.num_trained_tokens} trained), {self.num_truncated} truncated, "
-                f"{self.num_dropped_too_long} dropped as too long, {self.num_skipped} invalid")
+                f"{self.num_dropped_too_long} dropped as too long, "
+                + (f"{self.num_no_trained_tokens} dropped with no trained token, "
+                   if self.num_no_trained_tokens else "")
+                + f"{self.num_skipped} invalid")
 
 
 @dataclasses.dataclass
@@ -93,8 +99,19 @@ class ExampleSet:
     report: DataReport
 
 
+class ToolTemplateError(NoChatTemplateError):
+    """A record with tools or tool calls met a chat template that drops them: like a missing
+    template, a set-up problem, raised even with skip_invalid (else every such record would be
+    skipped, or trained on a conversation the model never sees at inference)."""
+
+
 class Encoder:
     """Tokenizes validated Records with one tokenizer (see the module docstring).
+
+    Tool calling (as TRL): a record's `tools` go to every rendering of its conversation; an
+    assistant turn is trained whether it answers or calls tools; tool results, like user and
+    system turns, are not. A template that ignores the tools or drops the tool calls raises
+    ToolTemplateError.
 
     Args:
       tokenizer: a `transformers` tokenizer with an EOS token.
@@ -125,11 +142,13 @@ class Encoder:
         return ids if ids and ids[-1] == self.eos else ids + [self.eos]
 
     def sequence(self, prompt: str | list, completion: str | list, location: str,
-                 completion_only: bool = True) -> tuple[list[int], list[int], int]:
+                 completion_only: bool = True,
+                 tools: list[dict] | None = None) -> tuple[list[int], list[int], int]:
         """(ids, mask, prompt_len) of one prompt + completion; prompt_len = tokens before the
-        first completion token (those must fit in max_length)."""
+        first completion token (those must fit in max_length). tools: JSON schemas for the
+        chat template (conversations only)."""
         if isinstance(prompt, list):
-            ids, mask, prompt_len = self._chat(prompt, completion, location)
+            ids, mask, prompt_len = self._chat(prompt, completion, location, tools)
         else:
             p = self.prefix + self.encode(prompt)
             c = self._with_eos(self.encode(completion))
@@ -142,12 +161,13 @@ class Encoder:
         ids = self._with_eos(self.prefix + self.encode(text))
         return ids, [0] + [1] * (len(ids) - 1), 1
 
-    def _render(self, messages: list, generation_prompt: bool, location: str) -> list[int]:
+    def _render(self, messages: list, generation_prompt: bool, location: str,
+                tools: list[dict] | None = None) -> list[int]:
         import jinja2
 
         try:
             text = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt,
+                messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt,
                 chat_template=self.chat_template)
         # raise_exception() in a template is a TemplateError; templates indexing or adding
         # things the record lacks fail with the others.
@@ -158,20 +178,24 @@ class Encoder:
             ids = self.prefix + ids  # the template did not write BOS itself
         return ids
 
-    def _chat(self, prompt: list, completion: list, location: str):
+    def _chat(self, prompt: list, completion: list, location: str, tools: list[dict] | None = None):
         if not self.has_template:
             raise NoChatTemplateError(
                 location, "this record is conversational but the tokenizer has no chat template; "
                           "use a tokenizer that has one (model.tokenizer) or set data.chat_template")
         messages = prompt + completion
-        full = self._render(messages, False, location)
+        full = self._render(messages, False, location, tools)
+        if tools and full == self._render(messages, False, location):
+            raise ToolTemplateError(location, "the record has 'tools' but the chat template ignores "
+                                              "them; use a template with tool support "
+                                              "(data.chat_template)", field="tools")
         mask = [0] * len(full)
         prompt_len, last_span = None, []
         for i in range(len(prompt), len(messages)):
-            if messages[i]["role"] != "assistant":
+            if messages[i]["role"] != "assistant":  # user, system and tool turns are not trained
                 continue
-            before = self._render(messages[:i], True, location)
-            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], False, location)
+            before = self._render(messages[:i], True, location, tools)
+            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], False, location, tools)
             for n, part in ((i, before), (i + 1, upto)):
                 if full[:len(part)] != part:
                     raise DataError(location, f"the chat template renders the first {n} messages "
@@ -182,6 +206,7 @@ class Encoder:
                 raise DataError(location, f"the chat template renders assistant turn {i} as no tokens")
             mask[len(before):len(upto)] = [1] * (len(upto) - len(before))
             last_span = upto[len(before):]
+            self._check_tool_calls(messages[i], i, last_span, location)
             if prompt_len is None:
                 prompt_len = len(before)
         if prompt_len is None:  # validation requires a final assistant turn; be explicit anyway
@@ -191,6 +216,20 @@ class Encoder:
         if self.eos not in last_span:
             full, mask = full + [self.eos], mask + [1]
         return full, mask, prompt_len
+
+    def _check_tool_calls(self, message: dict, i: int, span: list[int], location: str) -> None:
+        """ToolTemplateError unless the tokens of assistant turn i name each function it calls
+        (a template without tool support renders a tool-call turn as an empty reply)."""
+        if "tool_calls" not in message:
+            return
+        text = self.tok.decode(span)
+        for call in message["tool_calls"]:
+            name = call["function"]["name"]
+            if name not in text:
+                raise ToolTemplateError(location, f"the chat template drops the tool calls of "
+                                                  f"assistant turn {i} ({name!r} is not in its "
+                                                  "tokens); use a template with tool support "
+                                                  "(data.chat_template)", field="messages")
 
 
 def fit(ids: list[int], mask: list[int], prompt_len: int, max_length: int, truncation: str):
@@ -210,17 +249,21 @@ def encode_record(encoder: Encoder, record: Record, index: int, location: str, *
     """Tokenize and fit one validated record.
 
     Returns (example or None, status, raw_length); the example is None when dropped
-    (status "too_long" / "prompt_too_long").
+    (status "too_long" / "prompt_too_long", or "no_trained_tokens" when what is kept has no
+    trained token, on either side of a pair: never an example with zero loss tokens).
     """
     i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
     if record.chosen is not None:
-        sides = [encoder.sequence(record.prompt, c, location) for c in (record.chosen, record.rejected)]
+        sides = [encoder.sequence(record.prompt, c, location, tools=record.tools)
+                 for c in (record.chosen, record.rejected)]
         fitted = [fit(*s, max_length, truncation) for s in sides]
         raw = max(len(s[0]) for s in sides)
         statuses = [f[2] for f in fitted]
         for bad in ("prompt_too_long", "too_long"):
             if bad in statuses:
                 return None, bad, raw
+        if not all(any(mask) for _, mask, _ in fitted):
+            return None, "no_trained_tokens", raw
         status = "truncated" if "truncated" in statuses else "ok"
         (c_ids, c_mask, _), (r_ids, r_mask, _) = fitted
         return PreferenceExample(i32(c_ids), i32(c_mask), i32(r_ids), i32(r_mask), index), status, raw
@@ -228,11 +271,13 @@ def encode_record(encoder: Encoder, record: Record, index: int, location: str, *
         ids, mask, prompt_len = encoder.text(record.text)
     else:
         ids, mask, prompt_len = encoder.sequence(record.prompt, record.completion, location,
-                                                 completion_only_loss)
+                                                 completion_only_loss, tools=record.tools)
     raw = len(ids)
     ids, mask, status = fit(ids, mask, prompt_len, max_length, truncation)
     if status in ("too_long", "prompt_too_long"):
         return None, status, raw
+    if not any(mask):
+        return None, "no_trained_tokens", raw
     return SFTExample(i32(ids), i32(mask), index), status, raw
 
 
