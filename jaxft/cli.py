@@ -205,10 +205,14 @@ def _check_data(argv):
     p.add_argument("--truncation", default=None, choices=("truncate_completion", "drop"))
     p.add_argument("--batch-size", type=int, default=None, help="default 32")
     p.add_argument("--chat-template", default="", help="Jinja template file for tokenizers without one")
+    p.add_argument("--workdir", default=None,
+                   help="a run's workdir: read (or build) its tokenised cache, WORKDIR/data_cache, unless "
+                        "data.cache_dir names another folder")
     a = p.parse_args(argv)
     from jaxft.config import apply_overrides, base_config
     from jaxft.data.check import check_data, format_check_result
-    from jaxft.data.from_config import load_tokenizer
+    from jaxft.data.from_config import cache_dir, load_tokenizer
+    from jaxft.data.parallel import default_num_proc
     from jaxft.data.mixture import parse_mixture
 
     if config_args:
@@ -237,7 +241,9 @@ def _check_data(argv):
                             fmt=config.data.format, truncation=config.data.truncation,
                             completion_only_loss=config.data.completion_only_loss,
                             batch_size=config.train.batch_size, packing=config.data.packing,
-                            chat_template=config.data.chat_template or None)
+                            chat_template=config.data.chat_template or None,
+                            cache_dir=cache_dir(config, a.workdir),
+                            num_proc=config.data.get("num_proc", 0) or default_num_proc())
         print(format_check_result(result))
         ok &= result.ok
     if not ok:

@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.completion_only_loss = True
     c.data.chat_template = ""  # Jinja template for tokenizers without one ("" = the tokenizer's)
     c.data.eval_batch_size = 0  # 0 = train.batch_size
+    # Tokenised caches (jaxft.data.cache): "" = WORKDIR/data_cache; a shared path lets runs,
+    # sweeps and check-data reuse one tokenisation; "none" = tokenise every time.
+    c.data.cache_dir = ""
+    c.data.num_proc = 0  # tokenizer processes for the first tokenisation; 0 = every core
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps; see `epochs`
@@ -148,6 +152,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "must be 'truncate_completion' or 'drop'")
     need(config.train.log_every > 0, "train.log_every", "must be > 0")
     need(config.train.save_every >= 0, "train.save_every", "must be >= 0")
+    need(config.data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = every core)")
     need(config.train.eval_every >= -1, "train.eval_every", "must be >= 0, or -1 for every epoch")
     need(config.train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0, or -1 (auto)")
     need(config.train.prefetch >= 0, "train.prefetch", "must be >= 0")

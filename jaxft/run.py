@@ -66,8 +66,8 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
 
     tokenizer = load_tokenizer(config)
     model_cfg = model_config(config, tokenizer)
-    train = train_data(config, tokenizer, kind=kind)
-    held_out = eval_data(config, tokenizer, kind=kind)
+    train = train_data(config, tokenizer, kind=kind, workdir=workdir)
+    held_out = eval_data(config, tokenizer, kind=kind, workdir=workdir)
     steps = total_steps(config, train)
     tx, schedule = optimizer_from_config(config.optim, steps)
 

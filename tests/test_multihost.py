@@ -73,7 +73,12 @@ def test_two_hosts_of_four_devices_train_dpo_like_one_host_of_eight(tmp_path, pa
     cmd += [f"--config.data.train={data}", "--config.train.epochs=1", "--config.mesh.data=2",
             "--config.mesh.fsdp=4", *variant]
     at = lambda workdir: [c.replace("WORKDIR", str(workdir)) for c in cmd]  # noqa: E731
-    _run_all([(at(tmp_path / "one"), env_for(8)), *two_hosts(at(tmp_path / "two"))])
+    # The two hosts share one tokenised cache folder: process 0 builds it, process 1 reads it.
+    shared = [f"--config.data.cache_dir={tmp_path / 'cache'}"]
+    _, host0, host1 = _run_all([(at(tmp_path / "one"), env_for(8)), *two_hosts(at(tmp_path / "two") + shared)])
+    assert "tokenised cache written" in host0 and "tokenised cache written" not in host1
+    assert "from the tokenised cache" in host1
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # the train data, built once
     single, multi = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(single) == (3 if packed else 48 // 8)  # one epoch: 48 rows of 1 pair / 16; 48 pairs / 8
     assert single == pytest.approx(multi, abs=1e-5)
@@ -152,6 +157,7 @@ def _run_all(cmds_envs):
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
+    return outputs
 
 
 def test_two_hosts_train_sft_like_one_and_their_checkpoint_resumes_in_one_process_on_other_meshes(tmp_path):

@@ -268,7 +268,6 @@ def test_records_with_nothing_to_train_are_dropped(toks, tmp_path, untrainable):
     assert "no trained token" not in DataReport("x").summary()
 
 
-@pytest.mark.xfail(strict=True, reason="tokenize_source does not count no_trained_tokens yet")
 def test_records_with_nothing_to_train_are_counted(toks, tmp_path, untrainable):
     bad = {"messages": [USER, {"role": "assistant", "content": "untrainable"}]}
     r = load_examples(write(tmp_path, [TOOL_RECORD, bad]), toks["qwen"], kind="sft", max_length=1024).report

@@ -34,7 +34,7 @@ from jaxft.data.batch import PreferenceExample, SFTExample
 
 log = logging.getLogger("jaxft.data")
 
-VERSION = 1  # bump when the token convention or this layout changes: old caches are ignored
+VERSION = 2  # bump when the token convention or this layout changes: old caches are ignored
 _EDGE = 1 << 20  # bytes hashed at each end of a source file
 _META = "meta.json"
 
@@ -192,17 +192,20 @@ def cached(cache_dir: str | Path, source: str, tokenizer, settings: dict, build:
     fp, inputs = found
     folder = _folder(cache_dir, source, fp)
     start = time.perf_counter()
-    result = read(folder)
-    if result is None and jax.process_count() > 1:
+    result = None
+    if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
+        # Every process meets the barrier exactly once (whatever it finds), after process 0
+        # has read or built the cache; then the others read it (a shared cache_dir).
         if jax.process_index() == 0:
-            result = _build_and_write(folder, build, inputs)
-        multihost_utils.sync_global_devices(f"jaxft tokenised cache {fp}")
-        result = result or read(folder)  # a shared cache_dir: process 0's
-    if result is None:
+            result = read(folder) or _build_and_write(folder, build, inputs)
+        # Named by the source, the same on every host (fingerprints may differ: file times).
+        multihost_utils.sync_global_devices(f"jaxft tokenised cache of {source}")
+    result = result or read(folder)
+    if result is None:  # one host, or a cache_dir each host has its own of
         result = _build_and_write(folder, build, inputs)
-    else:
+    elif not result.report.seconds:
         log.info("%s: %d examples from the tokenised cache %s in %.1f s", source, len(result.examples), folder,
                  time.perf_counter() - start)
     return result

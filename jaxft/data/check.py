@@ -17,7 +17,7 @@ import numpy as np
 from jaxft.data.batch import PreferenceExample
 from jaxft.data.formats import DPO_FORMATS, DataError, detect_format
 from jaxft.data.sources import read_records
-from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_source
+from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_cached, tokenize_source
 
 PERCENTILES = (50, 90, 99)
 
@@ -57,7 +57,7 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
                truncation: str = "truncate_completion", skip_invalid: bool = True,
                completion_only_loss: bool = True, split: str = "train", limit: int | None = None,
                chat_template: str | None = None, batch_size: int = 32,
-               packing: bool = False) -> CheckResult:
+               packing: bool = False, cache_dir: str | None = None, num_proc: int = 1) -> CheckResult:
     """Load `source` as `jaxft sft` / `jaxft dpo` would and measure it (see CheckResult).
 
     Arguments are those of `tokenize.load_examples`, plus `kind="auto"`: "dpo" if the first
@@ -73,11 +73,15 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
         if kind == "auto":
             kind = guess_kind(source, split=split, fmt=fmt)
         packed_pairs = kind == "dpo" and packing
-        loaded = tokenize_source(source, tokenizer, kind=kind, fmt=fmt,
-                                 max_length=max_length // 2 if packed_pairs else max_length,
-                                 truncation=truncation, skip_invalid=skip_invalid,
-                                 completion_only_loss=completion_only_loss, split=split,
-                                 limit=limit, chat_template=chat_template)
+        settings = dict(kind=kind, fmt=fmt, max_length=max_length // 2 if packed_pairs else max_length,
+                        truncation=truncation, completion_only_loss=completion_only_loss, split=split,
+                        limit=limit, chat_template=chat_template)
+        if cache_dir:  # the run's tokenised cache: read it, or build it for the run
+            loaded = tokenize_cached(cache_dir, source, tokenizer, num_proc=num_proc, **settings)
+            if loaded.report.num_skipped and not skip_invalid:
+                raise DataError(*loaded.report.errors[0])
+        else:
+            loaded = tokenize_source(source, tokenizer, skip_invalid=skip_invalid, num_proc=num_proc, **settings)
     except DataError as err:
         report = DataReport(source=str(source), errors=[(err.location, err.message)])
         return CheckResult(str(source), kind, max_length, report, fatal=str(err))
@@ -140,6 +144,11 @@ def format_check_result(result: CheckResult) -> str:
                  f"dropped as too long: {r.num_dropped_too_long} "
                  f"({r.num_prompt_too_long} whose prompt alone fills max_length)")
     lines.append(f"tokens: {r.num_tokens} ({r.num_trained_tokens} trained)")
+    if r.cache and not r.seconds:
+        lines.append(f"read from the tokenised cache {r.cache}")
+    elif r.seconds:
+        lines.append(f"tokenised in {r.seconds:.1f} s ({r.num_records / r.seconds:,.0f} records/s)"
+                     + (f"; cached in {r.cache}" if r.cache else ""))
     if r.format_counts:
         lines.append("formats: " + ", ".join(f"{k} {v}" for k, v in sorted(r.format_counts.items())))
     if result.length_stats:

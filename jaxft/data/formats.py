@@ -61,6 +61,9 @@ class DataError(ValueError):
         self.message = message
         self.field = field
 
+    def __reduce__(self):  # picklable (tokeniser worker processes send these back)
+        return type(self), (self.location, self.message), {"field": self.field}
+
 
 @dataclasses.dataclass(frozen=True)
 class Record:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 
 from jaxft.data.assets import BUNDLED_TOKENIZER_DIR
@@ -31,26 +33,40 @@ def load_tokenizer(config):
         ) from err
 
 
-def load_kwargs(config) -> dict:
-    """The data.* options of `jaxft.data.tokenize.load_examples`."""
+def cache_dir(config, workdir=None) -> str | None:
+    """Where tokenised caches go: data.cache_dir, or WORKDIR/data_cache when it is "" (None
+    without a workdir, and for "none")."""
+    value = config.data.get("cache_dir", "")  # saved configs may predate the key
+    if value.lower() == "none" or (not value and workdir is None):
+        return None
+    return value or str(Path(workdir) / "data_cache")
+
+
+def load_kwargs(config, workdir=None) -> dict:
+    """The data.* options of `jaxft.data.tokenize.load_examples` (the cache under `workdir`)."""
+    from jaxft.data.parallel import default_num_proc
+
     return dict(fmt=config.data.format, truncation=config.data.truncation,
                 skip_invalid=config.data.skip_invalid,
                 completion_only_loss=config.data.completion_only_loss,
-                chat_template=config.data.chat_template or None)
+                chat_template=config.data.chat_template or None,
+                num_proc=config.data.get("num_proc", 0) or default_num_proc(),
+                cache_dir=cache_dir(config, workdir))
 
 
-def train_data(config, tokenizer, *, kind: str):
-    """This host's training `BatchIterator` for `data.train` (`.reports`: per-source counts)."""
+def train_data(config, tokenizer, *, kind: str, workdir=None):
+    """This host's training `BatchIterator` for `data.train` (`.reports`: per-source counts);
+    tokenised caches under `workdir` (see `cache_dir`)."""
     from jaxft.data.pipeline import make_train_iterator
 
     return make_train_iterator(
         config.data.train, tokenizer, kind=kind, global_batch_size=config.train.batch_size,
         max_length=config.data.max_length, packing=config.data.packing, seed=config.train.seed,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        load_kwargs=load_kwargs(config), max_segments_per_row=config.data.max_segments_per_row)
+        load_kwargs=load_kwargs(config, workdir), max_segments_per_row=config.data.max_segments_per_row)
 
 
-def eval_data(config, tokenizer, *, kind: str):
+def eval_data(config, tokenizer, *, kind: str, workdir=None):
     """This host's `EvalBatches` for `data.eval`, or None when it is not set."""
     from jaxft.data.pipeline import make_eval_batches
 
@@ -60,7 +76,7 @@ def eval_data(config, tokenizer, *, kind: str):
         config.data.eval, tokenizer, kind=kind, batch_size=eval_batch_size(config),
         max_length=config.data.max_length, packing=config.data.packing,
         process_index=jax.process_index(), process_count=jax.process_count(),
-        load_kwargs=load_kwargs(config), max_segments_per_row=config.data.max_segments_per_row)
+        load_kwargs=load_kwargs(config, workdir), max_segments_per_row=config.data.max_segments_per_row)
 
 
 def eval_batch_size(config) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import warnings
 from typing import Iterable, Iterator
 
 CHUNK = 512  # records a worker gets at once
@@ -62,7 +63,12 @@ def process_records_in_parallel(tokenizer, chat_template, records: Iterable[tupl
     chunks = _chunks(itertools.chain(head, numbered))
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(num_proc, initializer=_start, initargs=(tokenizer, chat_template, options)) as pool:
+    with warnings.catch_warnings():
+        # Python warns that JAX's threads may hold locks across the fork: the workers never
+        # touch JAX, only the tokenizer.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        pool = context.Pool(num_proc, initializer=_start, initargs=(tokenizer, chat_template, options))
+    with pool:
         for results in pool.imap(_work, chunks):
             yield from results
 

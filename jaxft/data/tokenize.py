@@ -81,6 +81,8 @@ class DataReport:
     lengths: list[int] = dataclasses.field(default_factory=list)
     num_tokens: int = 0  # tokens of the kept examples (a pair: both sequences)
     num_trained_tokens: int = 0  # of which trained (loss mask 1)
+    seconds: float = 0.0  # time to read and tokenise (0 when read from a cache)
+    cache: str = ""  # the tokenised cache folder it was read from or written to, if any
 
     def summary(self) -> str:
         """One line: what training gets from this source (the run logs it; check-data prints it)."""
@@ -302,7 +304,8 @@ def process_record(encoder: Encoder, raw, index: int, location: str, *, kind: st
 def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
                   truncation: str = "truncate_completion", skip_invalid: bool = False,
                   completion_only_loss: bool = True, split: str = "train",
-                  limit: int | None = None, chat_template: str | None = None) -> ExampleSet:
+                  limit: int | None = None, chat_template: str | None = None,
+                  num_proc: int = 1, cache_dir: str | None = None) -> ExampleSet:
     """Read, validate and tokenize every record of `source` for `kind` ("sft" or "dpo").
 
     Args:
@@ -317,6 +320,10 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
       split: the split of a saved DatasetDict or hub dataset.
       limit: read at most this many records.
       chat_template: Jinja chat template to use instead of the tokenizer's.
+      num_proc: tokenizer processes (`jaxft.data.parallel`); 1 = this process.
+      cache_dir: a folder of tokenised caches (`jaxft.data.cache`): the examples are read from
+        the cache whose fingerprint (source files, tokenizer, template, every setting above)
+        matches, else tokenised and cached there. None: no cache.
 
     Returns:
       ExampleSet: examples in source order (`example.index` = record index) and a DataReport.
@@ -325,25 +332,44 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
       DataError: a bad record (unless skip_invalid), a bad source, no chat template for a
         conversational record, or no usable example at all.
     """
-    result = tokenize_source(source, tokenizer, kind=kind, max_length=max_length, fmt=fmt,
-                             truncation=truncation, skip_invalid=skip_invalid,
-                             completion_only_loss=completion_only_loss, split=split, limit=limit,
-                             chat_template=chat_template)
+    settings = dict(kind=kind, max_length=max_length, fmt=fmt, truncation=truncation,
+                    completion_only_loss=completion_only_loss, split=split, limit=limit,
+                    chat_template=chat_template)
+    if cache_dir:
+        result = tokenize_cached(cache_dir, source, tokenizer, num_proc=num_proc, **settings)
+        if result.report.num_skipped and not skip_invalid:
+            location, message = result.report.errors[0]
+            raise DataError(location, message)
+    else:
+        result = tokenize_source(source, tokenizer, num_proc=num_proc, skip_invalid=skip_invalid, **settings)
     report = result.report
     if not result.examples:
         why = (f"{report.num_records} records: {report.num_skipped} invalid, "
-               f"{report.num_dropped_too_long} longer than max_length {max_length}")
+               f"{report.num_dropped_too_long} longer than max_length {max_length}"
+               + (f", {report.num_no_trained_tokens} with no trained token" if report.num_no_trained_tokens else ""))
         if report.errors:
             why += f"; first error: {report.errors[0][0]}: {report.errors[0][1]}"
         raise DataError(str(source), f"no usable examples ({why})")
     return result
 
 
+def tokenize_cached(cache_dir: str, source: str, tokenizer, *, num_proc: int = 1, **settings) -> ExampleSet:
+    """`tokenize_source` through the tokenised cache under `cache_dir` (`jaxft.data.cache`),
+    keyed by `settings` (every `tokenize_source` argument but skip_invalid and num_proc).
+    Cached with invalid records skipped and reported, so a strict run and check-data share
+    one cache; `load_examples` then fails a strict run on the first of them."""
+    from jaxft.data.cache import cached
+
+    return cached(cache_dir, source, tokenizer, settings,
+                  lambda: tokenize_source(source, tokenizer, num_proc=num_proc, skip_invalid=True, **settings))
+
+
 def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: str = "auto",
                     truncation: str = "truncate_completion", skip_invalid: bool = False,
                     completion_only_loss: bool = True, split: str = "train",
-                    limit: int | None = None, chat_template: str | None = None) -> ExampleSet:
-    """`load_examples` without the final "no usable examples" check (for check-data)."""
+                    limit: int | None = None, chat_template: str | None = None,
+                    num_proc: int = 1) -> ExampleSet:
+    """`load_examples` without the cache and the final "no usable examples" check (for check-data)."""
     accepted = formats_for_kind(kind)
     if fmt != "auto" and fmt not in accepted:  # a config mistake: say so before reading
         raise ValueError(f"data format {fmt!r} cannot be used for {kind}; {kind} accepts "
@@ -352,44 +378,93 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    encoder = Encoder(tokenizer, chat_template)
+    options = dict(kind=kind, fmt=fmt, max_length=max_length, truncation=truncation,
+                   completion_only_loss=completion_only_loss)
     report = DataReport(source=str(source))
     examples = []
     records = itertools.islice(read_records(source, split=split), limit)
-    for index, (location, raw) in enumerate(records):
-        report.num_records += 1
-        try:
-            fmt_found, example, status, raw_len = process_record(
-                encoder, raw, index, location, kind=kind, fmt=fmt, max_length=max_length,
-                truncation=truncation, completion_only_loss=completion_only_loss)
-        except DataError as err:
-            if not skip_invalid or isinstance(err, NoChatTemplateError):
-                raise
-            _skip(report, err)
-            continue
-        report.format_counts[fmt_found] = report.format_counts.get(fmt_found, 0) + 1
-        report.raw_lengths.append(raw_len)
-        if example is None:
-            report.num_dropped_too_long += 1
-            report.num_prompt_too_long += status == "prompt_too_long"
-            continue
-        report.num_truncated += status == "truncated"
-        is_pair = isinstance(example, PreferenceExample)
-        report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids)) if is_pair
-                              else len(example))
-        report.num_tokens += len(example)
-        report.num_trained_tokens += int(example.chosen_mask.sum() + example.rejected_mask.sum() if is_pair
-                                         else example.loss_mask.sum())
-        examples.append(example)
+    if num_proc > 1:
+        from jaxft.data.parallel import process_records_in_parallel
+
+        outcomes = process_records_in_parallel(tokenizer, chat_template, records, num_proc=num_proc, **options)
+    else:
+        outcomes = process_records(Encoder(tokenizer, chat_template), records, **options)
+    with progress(source) as bar:
+        for outcome in outcomes:
+            report.num_records += 1
+            bar.update(1)
+            if isinstance(outcome, DataError):
+                if not skip_invalid or isinstance(outcome, NoChatTemplateError):
+                    raise outcome
+                _skip(report, outcome)
+                continue
+            fmt_found, example, status, raw_len = outcome
+            report.format_counts[fmt_found] = report.format_counts.get(fmt_found, 0) + 1
+            report.raw_lengths.append(raw_len)
+            if example is None:
+                report.num_no_trained_tokens += status == "no_trained_tokens"
+                report.num_dropped_too_long += status != "no_trained_tokens"
+                report.num_prompt_too_long += status == "prompt_too_long"
+                continue
+            report.num_truncated += status == "truncated"
+            is_pair = isinstance(example, PreferenceExample)
+            report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids)) if is_pair
+                                  else len(example))
+            report.num_tokens += len(example)
+            report.num_trained_tokens += int(example.chosen_mask.sum() + example.rejected_mask.sum() if is_pair
+                                             else example.loss_mask.sum())
+            examples.append(example)
     report.num_examples = len(examples)
+    report.seconds = bar.seconds
     if report.num_skipped > MAX_LOGGED_SKIPS:
         log.warning("%s: skipped %d invalid records of %d (the first %d are logged above)",
                     source, report.num_skipped, report.num_records, MAX_LOGGED_SKIPS)
     if report.num_dropped_too_long:
         log.info("%s: dropped %d records longer than max_length %d (%d whose prompt alone fills it)",
                  source, report.num_dropped_too_long, max_length, report.num_prompt_too_long)
-    log.info("%s (max_length %d): %s", source, max_length, report.summary())
+    log.info("%s (max_length %d): %s; tokenised in %.1f s (%.0f records/s%s)", source, max_length,
+             report.summary(), report.seconds, report.num_records / max(report.seconds, 1e-9),
+             f", {num_proc} processes" if num_proc > 1 else "")
     return ExampleSet(examples, report)
+
+
+def process_records(encoder: Encoder, records, **options):
+    """`process_record` over (location, raw) pairs, in order: its result, or the DataError a
+    bad record raised (the caller decides whether to skip it)."""
+    for index, (location, raw) in enumerate(records):
+        try:
+            yield process_record(encoder, raw, index, location, **options)
+        except DataError as err:
+            yield err
+
+
+class progress:
+    """A context manager counting records: a tqdm bar with rate and elapsed time on a
+    terminal (process 0), its elapsed seconds as `.seconds` afterwards."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __enter__(self):
+        import sys
+        import time
+
+        from tqdm.auto import tqdm
+
+        self.start = time.perf_counter()
+        self.bar = tqdm(desc=f"tokenising {self.source}", unit=" records", leave=False,
+                        disable=not sys.stderr.isatty(), mininterval=1.0)
+        return self
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def __exit__(self, *exc):
+        import time
+
+        self.bar.close()
+        self.seconds = time.perf_counter() - self.start
+        return False
 
 
 def _skip(report: DataReport, err: DataError) -> None:
