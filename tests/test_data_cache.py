@@ -136,3 +136,13 @@ def test_a_hub_dataset_is_tokenised_without_a_cache():
     assert cache_lib.fingerprint("someone/some-dataset", None, {}) is None
     name = cache_lib._folder("/c", "data/*.jsonl", "ab").name  # a folder name, not a glob
     assert name.endswith(".jsonl-ab") and "*" not in name
+
+
+def test_cached_examples_hash_as_the_tokenised_ones_so_resume_does_not_care(tmp_path, tok, source):
+    from jaxft.data.pipeline import _data_hash
+
+    plain = load_examples(str(source), tok, kind="sft", max_length=64)
+    load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")
+    cached = load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")
+    assert type(cached.examples).__name__ == "CachedExamples"  # hashed from its flat arrays
+    assert _data_hash([cached.examples]) == _data_hash([plain.examples]) == _data_hash([list(cached.examples)])

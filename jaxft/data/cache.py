@@ -153,14 +153,25 @@ def read(folder: Path):
         if folder.exists():
             log.warning("tokenised cache %s is damaged (%s): rebuilding it", folder, err)
         return None
-    split = {name: np.split(arrays[name], arrays[f"{name}_offsets"][1:-1]) if n else [] for name in names}
+    # Plain ndarray views of the mapped files (slicing a np.memmap costs several times more),
+    # sliced by offsets: no token is read until a batch needs it.
+    split = {}
+    for name in names:
+        flat, offsets = arrays[name].view(np.ndarray), arrays[f"{name}_offsets"].tolist()
+        split[name] = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     index = index.tolist()
-    if meta["kind"] == "dpo":
-        examples = [PreferenceExample(*(split[k][i] for k in names), index[i]) for i in range(n)]
-    else:
-        examples = [SFTExample(split["input_ids"][i], split["loss_mask"][i], index[i]) for i in range(n)]
+    example = PreferenceExample if meta["kind"] == "dpo" else SFTExample
+    examples = CachedExamples(map(example, *(split[k] for k in names), index))
+    examples.flat = {name: (arrays[name], arrays[f"{name}_offsets"]) for name in names}
     report.seconds, report.cache = 0.0, str(folder)
     return ExampleSet(examples, report)
+
+
+class CachedExamples(list):
+    """The examples of a cache, and `flat`: {field: (all its tokens, offsets)} as stored (the
+    pipeline hashes those instead of the examples one by one)."""
+
+    flat: dict
 
 
 def _remove_stale_builds(folder: Path) -> None:
