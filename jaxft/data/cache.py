@@ -133,7 +133,7 @@ def write(folder: Path, result, inputs: dict) -> None:
 def read(folder: Path):
     """The ExampleSet cached in `folder` (arrays memory-mapped), or None when the folder is
     missing or damaged (a file gone or short: then it is rebuilt)."""
-    from jaxft.data.tokenize import DataReport, ExampleSet
+    from jaxft.data.report import DataReport, ExampleSet
 
     try:
         meta = json.loads((folder / _META).read_text())

@@ -1,11 +1,11 @@
-"""Tokenising a source in several processes: records are read here and sent to workers in
-chunks, each worker holds its own `Encoder`, and the results come back in source order, so
-the examples (and the report) equal what one process makes.
+"""An ordered map over worker processes, for the first tokenisation of a source: items are
+read here and sent to workers in chunks, each worker sets itself up once (its own tokenizer),
+and the results come back in input order, so they equal a loop in one process.
 
 Workers are forked where the platform can (as `datasets.map(num_proc=)` does): they start at
 once and run only tokenizer code, never JAX; elsewhere they are spawned, which costs seconds
-of start-up and needs the calling script's `if __name__ == "__main__":` guard. Sources that
-fit in the first few chunks are tokenised here, without workers.
+of start-up and needs the calling script's `if __name__ == "__main__":` guard. Inputs that
+fit in the first few chunks are mapped here, without workers.
 """
 
 from __future__ import annotations
@@ -13,33 +13,22 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import warnings
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-CHUNK = 512  # records a worker gets at once
-SERIAL_BELOW = 4 * CHUNK  # sources smaller than this never start workers
+CHUNK = 512  # items a worker gets at once
+SERIAL_BELOW = 4 * CHUNK  # inputs smaller than this never start workers
 
-_encoder = None
-_options: dict = {}
-
-
-def _start(tokenizer, chat_template, options) -> None:
-    global _encoder, _options
-    from jaxft.data.tokenize import Encoder
-
-    _encoder, _options = Encoder(tokenizer, chat_template), options
+_state = None
+_work_fn: Callable | None = None
 
 
-def _work(chunk: list[tuple[int, str, object]]) -> list:
-    from jaxft.data.formats import DataError
-    from jaxft.data.tokenize import process_record
+def _start(setup: Callable, setup_args: tuple, work: Callable) -> None:
+    global _state, _work_fn
+    _state, _work_fn = setup(*setup_args), work
 
-    out = []
-    for index, location, raw in chunk:
-        try:
-            out.append(process_record(_encoder, raw, index, location, **_options))
-        except DataError as err:
-            out.append(err)
-    return out
+
+def _chunk(items: list) -> list:
+    return [_work_fn(_state, item) for item in items]
 
 
 def default_num_proc() -> int:
@@ -49,30 +38,27 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def process_records_in_parallel(tokenizer, chat_template, records: Iterable[tuple[str, object]], *,
-                                num_proc: int, **options) -> Iterator:
-    """`tokenize.process_records` over `num_proc` worker processes, in order."""
-    from jaxft.data.tokenize import Encoder, process_records
-
-    numbered = ((i, location, raw) for i, (location, raw) in enumerate(records))
-    head = list(itertools.islice(numbered, SERIAL_BELOW))
-    if len(head) < SERIAL_BELOW:  # small: not worth starting processes
-        yield from process_records(Encoder(tokenizer, chat_template), ((loc, raw) for _, loc, raw in head),
-                                   **options)
+def ordered_map(setup: Callable, setup_args: tuple, work: Callable, items: Iterable, *, num_proc: int) -> Iterator:
+    """`work(state, item)` for every item, in order, with `state = setup(*setup_args)` made once
+    per worker (module-level functions: spawned workers import them by name)."""
+    items = iter(items)
+    head = list(itertools.islice(items, SERIAL_BELOW))
+    if num_proc <= 1 or len(head) < SERIAL_BELOW:  # small: not worth starting processes
+        state = setup(*setup_args)
+        yield from (work(state, item) for item in itertools.chain(head, items))
         return
-    chunks = _chunks(itertools.chain(head, numbered))
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with warnings.catch_warnings():
         # Python warns that JAX's threads may hold locks across the fork: the workers never
         # touch JAX, only the tokenizer.
         warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-        pool = context.Pool(num_proc, initializer=_start, initargs=(tokenizer, chat_template, options))
+        pool = context.Pool(num_proc, initializer=_start, initargs=(setup, setup_args, work))
     with pool:
-        for results in pool.imap(_work, chunks):
+        for results in pool.imap(_chunk, _chunks(itertools.chain(head, items))):
             yield from results
 
 
-def _chunks(numbered) -> Iterator[list]:
-    while chunk := list(itertools.islice(numbered, CHUNK)):
+def _chunks(items) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, CHUNK)):
         yield chunk

@@ -34,13 +34,14 @@ completion token) is dropped and counted; it is never trained with an empty comp
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 
 import numpy as np
 
 from jaxft.data.batch import PreferenceExample, SFTExample
+from jaxft.data.report import DataReport, ExampleSet  # noqa: F401 - re-exported
+from jaxft.data.parallel import ordered_map
 from jaxft.data.formats import DataError, Record, check_kind, formats_for_kind, parse_record
 from jaxft.data.sources import read_records
 
@@ -54,51 +55,6 @@ MAX_LOGGED_SKIPS = 10  # one warning each; then a summary
 class NoChatTemplateError(DataError):
     """A conversational record met a tokenizer without a chat template: a set-up problem,
     raised even with skip_invalid (skipping would silently drop every such record)."""
-
-
-@dataclasses.dataclass
-class DataReport:
-    """What loading one source did. Lengths are tokens per example (a pair: its longer side).
-
-    raw_lengths: every tokenized record, before truncation (what max_length is chosen from).
-    lengths: the kept examples, after truncation.
-    num_dropped_too_long counts both drop mode and prompts that fill max_length; the latter
-    are also in num_prompt_too_long. num_no_trained_tokens: records dropped because nothing of
-    them would be trained (their loss mask is all 0). errors: (location, message) of the first
-    invalid records.
-    """
-    source: str
-    num_records: int = 0
-    num_examples: int = 0
-    format_counts: dict[str, int] = dataclasses.field(default_factory=dict)
-    num_truncated: int = 0
-    num_dropped_too_long: int = 0
-    num_prompt_too_long: int = 0
-    num_no_trained_tokens: int = 0
-    num_skipped: int = 0
-    errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    raw_lengths: list[int] = dataclasses.field(default_factory=list)
-    lengths: list[int] = dataclasses.field(default_factory=list)
-    num_tokens: int = 0  # tokens of the kept examples (a pair: both sequences)
-    num_trained_tokens: int = 0  # of which trained (loss mask 1)
-    seconds: float = 0.0  # time to read and tokenise (0 when read from a cache)
-    cache: str = ""  # the tokenised cache folder it was read from or written to, if any
-
-    def summary(self) -> str:
-        """One line: what training gets from this source (the run logs it; check-data prints it)."""
-        return (f"{self.num_examples} examples of {self.num_records} records, {self.num_tokens} tokens "
-                f"({self.num_trained_tokens} trained), {self.num_truncated} truncated, "
-                f"{self.num_dropped_too_long} dropped as too long, "
-                + (f"{self.num_no_trained_tokens} dropped with no trained token, "
-                   if self.num_no_trained_tokens else "")
-                + f"{self.num_skipped} invalid")
-
-
-@dataclasses.dataclass
-class ExampleSet:
-    """Tokenized examples of one source (`example.index` = the record's index in it) and its report."""
-    examples: list
-    report: DataReport
 
 
 class ToolTemplateError(NoChatTemplateError):
@@ -383,12 +339,8 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
     report = DataReport(source=str(source))
     examples = []
     records = itertools.islice(read_records(source, split=split), limit)
-    if num_proc > 1:
-        from jaxft.data.parallel import process_records_in_parallel
-
-        outcomes = process_records_in_parallel(tokenizer, chat_template, records, num_proc=num_proc, **options)
-    else:
-        outcomes = process_records(Encoder(tokenizer, chat_template), records, **options)
+    numbered = ((index, location, raw) for index, (location, raw) in enumerate(records))
+    outcomes = ordered_map(_encoder_for, (tokenizer, chat_template, options), _outcome, numbered, num_proc=num_proc)
     with progress(source) as bar:
         for outcome in outcomes:
             report.num_records += 1
@@ -428,14 +380,19 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
     return ExampleSet(examples, report)
 
 
-def process_records(encoder: Encoder, records, **options):
-    """`process_record` over (location, raw) pairs, in order: its result, or the DataError a
-    bad record raised (the caller decides whether to skip it)."""
-    for index, (location, raw) in enumerate(records):
-        try:
-            yield process_record(encoder, raw, index, location, **options)
-        except DataError as err:
-            yield err
+def _encoder_for(tokenizer, chat_template, options) -> tuple:
+    return Encoder(tokenizer, chat_template), options
+
+
+def _outcome(state, item):
+    """`process_record`'s result for one (index, location, raw) item, or the DataError a bad
+    record raised (the caller decides whether to skip it). Runs in tokeniser workers too."""
+    encoder, options = state
+    index, location, raw = item
+    try:
+        return process_record(encoder, raw, index, location, **options)
+    except DataError as err:
+        return err
 
 
 class progress:
