@@ -1,6 +1,7 @@
 """Test set-up: 8 virtual CPU devices, no hub access, loud JAX mistakes."""
 
 import os
+import tempfile
 
 # Must happen before JAX initialises its backend.
 os.environ["XLA_FLAGS"] = (
@@ -10,6 +11,13 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole session (pytest-xdist's workers share it
+# through their run id; subprocesses inherit it): the suite compiles the same tiny-model steps
+# in dozens of tests, and a hit costs milliseconds instead of seconds. Fresh every session.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"jaxft-test-xla-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID') or os.getpid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
