@@ -124,8 +124,11 @@ def test_a_strict_run_fails_on_a_cached_invalid_record_naming_it(tmp_path, tok, 
         load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")
 
 
-def test_worker_processes_give_the_examples_one_process_gives(tok):
-    path = str(quickstart_file("sft_train.jsonl"))  # 4,000 records: enough to start workers
+def test_worker_processes_give_the_examples_one_process_gives(tok, monkeypatch):
+    from jaxft.data import parallel
+
+    monkeypatch.setattr(parallel, "SERIAL_BELOW", 1024)  # 4,000 records then start workers
+    path = str(quickstart_file("sft_train.jsonl"))
     one = load_examples(path, tok, kind="sft", max_length=64)
     two = load_examples(path, tok, kind="sft", max_length=64, num_proc=2)
     assert same(one, two) and one.report.summary() == two.report.summary()

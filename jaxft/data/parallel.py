@@ -2,21 +2,21 @@
 read here and sent to workers in chunks, each worker sets itself up once (its own tokenizer),
 and the results come back in input order, so they equal a loop in one process.
 
-Workers are forked where the platform can (as `datasets.map(num_proc=)` does): they start at
-once and run only tokenizer code, never JAX; elsewhere they are spawned, which costs seconds
-of start-up and needs the calling script's `if __name__ == "__main__":` guard. Inputs that
-fit in the first few chunks are mapped here, without workers.
+Workers are spawned, never forked: the parent runs JAX (and, multi-host, its coordination
+threads), and a forked child can deadlock on a lock one of them held (seen with two
+jax.distributed processes on Python 3.12). Spawning costs a few seconds of start-up, so inputs
+under SERIAL_BELOW items are mapped here, without workers; and, as with any spawn, a calling
+script needs its `if __name__ == "__main__":` guard (the jaxft CLI and notebooks need none).
 """
 
 from __future__ import annotations
 
 import itertools
 import multiprocessing
-import warnings
 from typing import Callable, Iterable, Iterator
 
 CHUNK = 512  # items a worker gets at once
-SERIAL_BELOW = 4 * CHUNK  # inputs smaller than this never start workers
+SERIAL_BELOW = 40 * CHUNK  # ~20k: inputs smaller than this never start workers
 
 _state = None
 _work_fn: Callable | None = None
@@ -47,14 +47,8 @@ def ordered_map(setup: Callable, setup_args: tuple, work: Callable, items: Itera
         state = setup(*setup_args)
         yield from (work(state, item) for item in itertools.chain(head, items))
         return
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with warnings.catch_warnings():
-        # Python warns that JAX's threads may hold locks across the fork: the workers never
-        # touch JAX, only the tokenizer.
-        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
-        pool = context.Pool(num_proc, initializer=_start, initargs=(setup, setup_args, work))
-    with pool:
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(num_proc, initializer=_start, initargs=(setup, setup_args, work)) as pool:
         for results in pool.imap(_chunk, _chunks(itertools.chain(head, items))):
             yield from results
 
