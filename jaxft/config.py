@@ -55,6 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
     # sweeps and check-data reuse one tokenisation; "none" = tokenise every time.
     c.data.cache_dir = ""
     c.data.num_proc = 0  # tokenizer processes for the first tokenisation; 0 = every core
+    # Read data.train as streams (jaxft.data.stream): bounded memory for sources of any size;
+    # needs train.steps. shuffle_buffer: examples per seeded shuffle window (and packing chunk).
+    c.data.streaming = False
+    c.data.shuffle_buffer = 8192
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps; see `epochs`

@@ -56,8 +56,13 @@ def load_kwargs(config, workdir=None) -> dict:
 
 def train_data(config, tokenizer, *, kind: str, workdir=None):
     """This host's training `BatchIterator` for `data.train` (`.reports`: per-source counts);
-    tokenised caches under `workdir` (see `cache_dir`)."""
+    tokenised caches under `workdir` (see `cache_dir`). data.streaming: a `StreamBatchIterator`."""
     from jaxft.data.pipeline import make_train_iterator
+
+    if config.data.get("streaming", False):  # saved configs may predate the key
+        from jaxft.data.stream import stream_from_config
+
+        return stream_from_config(config, tokenizer, kind=kind, load_kwargs=load_kwargs(config, workdir))
 
     return make_train_iterator(
         config.data.train, tokenizer, kind=kind, global_batch_size=config.train.batch_size,

@@ -304,6 +304,10 @@ class BatchIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore `get_state()` output; ValueError if the data or batch settings changed."""
+        if state.get("streaming"):  # a `stream.StreamBatchIterator` state
+            raise ValueError("cannot resume the data iterator: the checkpoint was written with "
+                             "data.streaming=True; resume with data.streaming=True or start a "
+                             "new workdir")
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data iterator state version {state.get('version')} is not "
                              f"{STATE_VERSION}; it was written by another jaxft version")

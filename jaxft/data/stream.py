@@ -1,0 +1,296 @@
+"""Training batches from sources read as streams (`data.streaming=True`): bounded memory for
+sources of any size, the same batches, layout and resume guarantees as `pipeline.BatchIterator`.
+
+Each source is an `ExampleStream` (`stream_source.py`): its examples in file order, shuffled
+within windows of `data.shuffle_buffer` examples, the source read again (reshuffled) when it
+ends. The global batch stream is laid out as the in-memory pipeline lays out its draws:
+* Draw p comes from source `DrawStream.dataset_of(p)` (i.i.d. with the mixture weights, the
+  in-memory mixture's own draws); each source hands out its next example.
+* Draws are cut into chunks of `shuffle_buffer` draws; a chunk is packed (best-fit decreasing,
+  rows shuffled) or grouped by length, by `packing.py`'s functions with the in-memory rng, and
+  cut into global batches of `train.batch_size` units. With one source a chunk never crosses
+  the end of a pass, and the last batch of a pass is filled with empty rows: every example is
+  used exactly once per epoch, as in memory.
+* Every host reads and tokenises every record and keeps its slice of each global batch
+  (`BatchLayout`): the global batch is the one a single host would build, on any number of hosts.
+Memory: each source's current window and the current chunk, never the source.
+
+A stream's length is unknown until it has been read, so a run counts optimizer steps
+(`train.steps`); `train.epochs` and `train.eval_every=-1` need the in-memory pipeline.
+
+State (`get_state`, saved with every checkpoint): {"version", "streaming": True, "position"
+(draws before the current chunk), "sources" (each stream's position at the chunk's start, see
+`ExampleStream.get_state`), "row" (units of the chunk already used), "batches", "real_tokens",
+"slot_tokens", "settings", "data" (a fingerprint of each source: files, sizes, modification
+times, tokenizer, settings), "fingerprint"}. `set_state` continues with exactly the next batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
+from jaxft.data.packing import (
+    DEFAULT_MAX_SEGMENTS, BatchLayout, group_by_length, pack_lengths, row_lengths, unit_lengths)
+from jaxft.data.stream_source import ExampleStream
+
+STATE_VERSION = 1
+_TAG_ROWS = 0x726F7773  # the in-memory pipeline's tag: a chunk of the same draws is laid out alike
+_NO_REFERENCE_PASS = (
+    "config key dpo.precompute_reference: a streaming source (data.streaming=True) is not held "
+    "in memory for a reference pass; set dpo.precompute_reference=False or data.streaming=False")
+
+
+class StreamBatchIterator:
+    """Infinite, deterministic, resumable stream of one host's fixed-shape batches, read from
+    `streams` (one `ExampleStream` per source). Same interface as `pipeline.BatchIterator`
+    (next, get_state / set_state, real_tokens, padding_fraction, epoch), without a length.
+
+    Example keys (`example_index`, `pair_index`): the record index for one source; in a
+    mixture, `index * len(streams) + source` (unique without knowing the sources' sizes).
+    """
+
+    def __init__(self, streams: Sequence[ExampleStream], *, kind: str, global_batch_size: int,
+                 max_length: int, pad_id: int, packing: bool = False, seed: int = 0,
+                 weights: Sequence[float] | None = None, names: Sequence[str] | None = None,
+                 process_index: int = 0, process_count: int = 1,
+                 max_segments_per_row: int = DEFAULT_MAX_SEGMENTS, data: Sequence[str] = ()):
+        if kind not in ("sft", "dpo"):
+            raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+        if global_batch_size <= 0 or global_batch_size % process_count:
+            raise ValueError(
+                f"train.batch_size ({global_batch_size}) must be a positive multiple of the "
+                f"number of processes ({process_count}): each host loads an equal slice of the batch")
+        self.streams = list(streams)
+        self.names = list(names or [s.source for s in self.streams])
+        weights = [1.0] * len(self.streams) if weights is None else list(weights)
+        # Only `dataset_of` is used: it needs no sizes (those are for in-memory permutations).
+        self._mix = DrawStream([1] * len(self.streams), weights, seed)
+        self._seed, self._batch = int(seed), global_batch_size
+        self._chunk_size = self.streams[0].window_size
+        self._per_row = max_segments_per_row // (2 if kind == "dpo" else 1)
+        if packing and self._per_row < 1:
+            raise ValueError("max_segments_per_row must be >= 2 to pack DPO pairs")
+        self._layout = BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
+                                   process_index, process_count)
+        self._max_segments = max_segments_per_row
+        self._settings = json.loads(json.dumps({
+            "kind": kind, "global_batch_size": global_batch_size, "max_length": max_length,
+            "packing": packing, "seed": seed, "weights": self._mix.weights.tolist(),
+            "max_segments_per_row": max_segments_per_row, "shuffle_buffer": self._chunk_size}))
+        self._data = {"sources": list(data) or list(self.names)}
+        self._fingerprint = hashlib.blake2b(
+            json.dumps([self._settings, self._data], sort_keys=True).encode(),
+            digest_size=12).hexdigest()
+        self._position, self._row = 0, 0
+        self._start = [s.get_state() for s in self.streams]  # stream positions at the chunk's start
+        self._units: list | None = None  # the current chunk's units, built on demand
+        self._period_end, self._draws = False, 0
+        self._batches, self._real, self._slots = 0, 0, 0
+        self.reports = {name: s.report for name, s in zip(self.names, self.streams)}
+        self.last_padding_fraction = 0.0
+
+    # -- the stream ------------------------------------------------------------------------
+
+    def _chunk(self) -> None:
+        """Draws the current chunk from the streams (at `self._start`) and lays it out."""
+        n = len(self.streams)
+        if n == 1:  # one source: a chunk stops at the end of its pass
+            examples, self._period_end = self.streams[0].take(self._chunk_size,
+                                                             stop_at_epoch_end=True)
+            sources = np.zeros(len(examples), np.int64)
+        else:
+            sources = self._mix.dataset_of(self._position, self._chunk_size)
+            taken = [iter(self.streams[d].take(int((sources == d).sum()))[0]) for d in range(n)]
+            examples = [next(taken[d]) for d in sources.tolist()]
+            self._period_end = False
+        self._check(examples, sources)
+        lengths = (unit_lengths if self._layout.packing else row_lengths)(examples)
+        rng = seeded_rng(self._seed, _TAG_ROWS, self._position)
+        if not examples:
+            order = []
+        elif self._layout.packing:
+            rows = pack_lengths(lengths, self._layout.max_length, self._per_row)
+            order = [rows[i] for i in rng.permutation(len(rows))]
+        else:
+            order = [[u] for u in group_by_length(lengths, self._batch, rng).tolist()]
+        self._units = [[(examples[i], self._key(examples[i], int(sources[i]))) for i in unit]
+                       for unit in order]
+        self._draws = len(examples)
+
+    def _check(self, examples, sources) -> None:
+        """ValueError for an example over max_length (tokenize truncates or drops those)."""
+        limit = self._layout.max_length
+        for example, d in zip(examples, sources.tolist()):
+            need = len(example) if self._layout.packing else int(row_lengths([example])[0])
+            if need > limit:
+                raise ValueError(
+                    f"source {self.names[d]!r} example {example.index} needs {need} "
+                    f"tokens, more than max_length {limit}" +
+                    (" (a packed DPO pair holds chosen + rejected)" if self._layout.packing else ""))
+
+    def _key(self, example, source: int) -> int:
+        n = len(self.streams)
+        return example.index if n == 1 else example.index * n + source
+
+    def _next_units(self) -> list:
+        units: list = []
+        while len(units) < self._batch:
+            if self._units is None:
+                self._chunk()
+            take = min(self._batch - len(units), len(self._units) - self._row)
+            units += self._units[self._row:self._row + take]
+            self._row += take
+            if self._row == len(self._units):
+                ended = self._period_end
+                self._position += self._draws
+                self._start = [s.get_state() for s in self.streams]
+                self._units, self._row = None, 0
+                if ended and units:  # pad the last batch of a pass (an empty tail is skipped)
+                    break
+        return units + [[] for _ in range(self._batch - len(units))]
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        batch, real, slots = self._layout.build(self._next_units())
+        self._batches += 1
+        self._real += real
+        self._slots += slots
+        self.last_padding_fraction = 1.0 - real / slots
+        return batch
+
+    # -- progress --------------------------------------------------------------------------
+
+    @property
+    def dataset_epochs(self) -> dict[str, int]:
+        """Completed passes over each source (as of the current chunk's start)."""
+        return {name: int(s["epoch"]) for name, s in zip(self.names, self._start)}
+
+    @property
+    def epoch(self) -> int:
+        return max(self.dataset_epochs.values())
+
+    @property
+    def real_tokens(self) -> int:
+        """Non-padding tokens of every global batch produced so far (all hosts)."""
+        return self._real
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self._real / self._slots if self._slots else 0.0
+
+    @property
+    def max_segments_per_row(self) -> int:
+        return self._max_segments if self._layout.packing else 1
+
+    def batches_per_epoch(self) -> int:
+        raise ValueError(
+            "a streaming source (data.streaming=True) has no known length: set train.steps "
+            "(not train.epochs) and a train.eval_every > 0 (not -1), or data.streaming=False")
+
+    def one_pass(self, batch_size: int):
+        raise ValueError(_NO_REFERENCE_PASS)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def get_state(self) -> dict[str, Any]:
+        """JSON-serialisable state; `set_state` on it continues with exactly the next batch."""
+        return {"version": STATE_VERSION, "streaming": True, "position": self._position,
+                "sources": [dict(s) for s in self._start], "row": self._row,
+                "batches": self._batches, "real_tokens": self._real, "slot_tokens": self._slots,
+                "settings": dict(self._settings), "data": dict(self._data),
+                "fingerprint": self._fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restore `get_state()` output; ValueError if the data or batch settings changed."""
+        if not state.get("streaming"):
+            raise ValueError("cannot resume the data iterator: the checkpoint was written with "
+                             "data.streaming=False; resume with data.streaming=False or start "
+                             "a new workdir")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state version {state.get('version')} is not "
+                             f"{STATE_VERSION}; it was written by another jaxft version")
+        saved = state["settings"]
+        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self._settings.items()
+                   if saved.get(k) != v]
+        if changed:
+            raise ValueError(
+                "cannot resume the data iterator: the batch settings changed since the "
+                f"checkpoint ({'; '.join(changed)}). Resume with the original settings or "
+                "start a new workdir.")
+        if state["data"] != self._data:
+            raise ValueError(
+                "cannot resume the data iterator: the training data changed since the "
+                f"checkpoint (source fingerprints {state['data']['sources']} -> "
+                f"{self._data['sources']}: files, sizes, modification times or tokenizer "
+                "differ). Resume with the original data or start a new workdir.")
+        self._position, self._row = int(state["position"]), int(state["row"])
+        self._start = [dict(s) for s in state["sources"]]
+        for stream, position in zip(self.streams, self._start):
+            stream.set_state(position)
+        self._units = None
+        self._batches = int(state["batches"])
+        self._real, self._slots = int(state["real_tokens"]), int(state["slot_tokens"])
+
+
+def make_stream_iterator(sources: str, tokenizer, *, kind: str, global_batch_size: int,
+                         max_length: int, packing: bool, seed: int, shuffle_buffer: int,
+                         process_index: int = 0, process_count: int = 1,
+                         load_kwargs: dict | None = None,
+                         max_segments_per_row: int = DEFAULT_MAX_SEGMENTS) -> StreamBatchIterator:
+    """The streaming counterpart of `pipeline.make_train_iterator`: `sources` is a
+    `data.train` mixture spec, `load_kwargs` the `load_examples` options (those about caches
+    and worker processes do not apply to a stream)."""
+    from jaxft.data.cache import fingerprint
+    from jaxft.data.pipeline import pad_id_of
+
+    options = {k: v for k, v in (load_kwargs or {}).items()
+               if k in ("fmt", "truncation", "skip_invalid", "completion_only_loss",
+                        "chat_template", "split")}
+    # A packed DPO pair shares one row, so each sequence gets at most half of it (as in memory).
+    seq_length = max_length // 2 if kind == "dpo" and packing else max_length
+    mixture = parse_mixture(sources, "data.train")
+    streams = [ExampleStream(source, tokenizer, kind=kind, max_length=seq_length,
+                             window=shuffle_buffer, seed=seed, source_id=d, **options)
+               for d, (source, _) in enumerate(mixture)]
+    for stream in streams:
+        stream.check_start()
+    identity = []
+    for source, _ in mixture:
+        found = fingerprint(source, tokenizer, {"kind": kind, "max_length": seq_length, **options})
+        identity.append(found[0] if found else source)
+    return StreamBatchIterator(
+        streams, kind=kind, global_batch_size=global_batch_size, max_length=max_length,
+        pad_id=pad_id_of(tokenizer), packing=packing, seed=seed,
+        weights=[w for _, w in mixture], names=[src for src, _ in mixture],
+        process_index=process_index, process_count=process_count,
+        max_segments_per_row=max_segments_per_row, data=identity)
+
+
+def stream_from_config(config, tokenizer, *, kind: str, load_kwargs: dict) -> StreamBatchIterator:
+    """This host's `StreamBatchIterator` for a run config with data.streaming=True; a config
+    that needs the data's length (or all of it at once) fails naming the key to change."""
+    import jax
+
+    train = config.train
+    if train.epochs > 0:
+        raise ValueError("config key train.epochs: a streaming source (data.streaming=True) has "
+                         "no known length; set train.epochs=0 and the run's length with train.steps")
+    if train.eval_every == -1:
+        raise ValueError("config key train.eval_every: -1 (every epoch) needs the data's length; "
+                         "with data.streaming=True set a number of steps")
+    if kind == "dpo" and config.dpo.reference != "none" and config.dpo.precompute_reference:
+        raise ValueError(_NO_REFERENCE_PASS)
+    return make_stream_iterator(
+        config.data.train, tokenizer, kind=kind, global_batch_size=train.batch_size,
+        max_length=config.data.max_length, packing=config.data.packing, seed=train.seed,
+        shuffle_buffer=config.data.shuffle_buffer, process_index=jax.process_index(),
+        process_count=jax.process_count(), load_kwargs=load_kwargs,
+        max_segments_per_row=config.data.max_segments_per_row)
