@@ -91,16 +91,20 @@ def _train(kind, argv):
               + (jaxft.config.__doc__ or ""))
         raise SystemExit(0)
     fv = _config_flags(argv, prog, workdir=True)
-    from jaxft.loop import EXIT_PREEMPTED, Preempted
+    from jaxft.loop import EXIT_INTERRUPTED, Preempted
     from jaxft.parallel.distributed import initialize
     from jaxft.run import run
 
     initialize()  # before anything touches the devices
     try:
         result = run(fv.config, fv.workdir, kind=kind)
-    except Preempted as err:
+    except Preempted as err:  # SIGTERM (exit 75) or a first Ctrl-C (130): saved
         print(err, file=sys.stderr)
-        raise SystemExit(EXIT_PREEMPTED)
+        raise SystemExit(err.exit_code)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: nothing saved
+        print("interrupted (Ctrl-C): stopped without saving; rerun the same command to resume from "
+              "the last checkpoint", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)  # at once: an unfinished async save is not waited for (never committed)
     exports = [f"Hugging Face export in {result.export_dir}"] if result.export_dir else []
     exports += [f"PEFT adapter in {result.adapter_dir}"] if result.adapter_dir else []
     print(f"done: step {result.step}; metrics in {result.workdir}/metrics.jsonl"

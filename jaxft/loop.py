@@ -11,7 +11,13 @@ row stop the run within one step.
 
 Preemption: SIGTERM makes the loop save at the next step boundary, wait for the write, and
 raise `Preempted` (the CLI exits with EXIT_PREEMPTED = 75, "try again": rerun the same
-command to resume).
+command to resume). Ctrl-C (SIGINT) does the same and raises `Interrupted` (exit
+EXIT_INTERRUPTED = 130, the shell's code for Ctrl-C); a second Ctrl-C raises
+KeyboardInterrupt at once, without saving (the last committed checkpoint stays the latest).
+
+Skipped (non-finite) steps are not steps: they apply no update and get no row of their own in
+metrics.jsonl. The next logged row counts them, `skipped_steps` = updates skipped since the
+row before, so every row's step is unique.
 """
 
 from __future__ import annotations
@@ -30,14 +36,25 @@ from jaxft.parallel.prefetch import Prefetcher
 log = logging.getLogger("jaxft")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run saved and stopped; rerun to resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT: stopped by Ctrl-C (saved, or not on a second Ctrl-C)
 
 
 class Preempted(Exception):
     """Raised after a SIGTERM-triggered checkpoint has been written."""
 
+    exit_code = EXIT_PREEMPTED
+    cause = "preempted"
+
     def __init__(self, step: int):
-        super().__init__(f"preempted: saved step {step}; rerun the same command to resume")
+        super().__init__(f"{self.cause}: saved step {step}; rerun the same command to resume")
         self.step = step
+
+
+class Interrupted(Preempted):
+    """Raised after a Ctrl-C-triggered (SIGINT) checkpoint has been written."""
+
+    exit_code = EXIT_INTERRUPTED
+    cause = "interrupted (Ctrl-C)"
 
 
 class NonFiniteError(RuntimeError):
@@ -45,25 +62,41 @@ class NonFiniteError(RuntimeError):
 
 
 class StopFlag:
-    """Set by SIGTERM; checked at step boundaries."""
+    """Set by SIGTERM or a first SIGINT; checked at step boundaries. A second SIGINT raises
+    KeyboardInterrupt at once (the user does not want to wait for the save)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self.interrupted = False  # the stop came from Ctrl-C
+        self._previous = {}
 
     def install(self):
         def handler(signum, frame):
-            log.warning("SIGTERM received: saving at the next step boundary")
+            if signum == signal.SIGINT and self.requested:
+                log.warning("second Ctrl-C: stopping now, without saving")
+                raise KeyboardInterrupt
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                self.interrupted = True
+                name = "Ctrl-C (SIGINT)"
+            log.warning("%s received: saving at the next step boundary (Ctrl-C again: stop without saving)", name)
             self.requested = True
 
         try:
-            self._previous = signal.signal(signal.SIGTERM, handler)
+            self._previous = {s: signal.signal(s, handler) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
-            self._previous = None
+            self._previous = {}
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def stopped(self, step: int) -> Preempted:
+        """The exception that ends the run after the stop's checkpoint of `step` is written."""
+        return Interrupted(step) if self.interrupted else Preempted(step)
 
     def due(self, step: int, every: int) -> bool:
         """Whether to check at `step`: at once on one host (a local flag costs nothing); with
@@ -121,6 +154,19 @@ class _Window:
         return row
 
 
+def non_finite_message(bad_in_a_row: int, train, done: int, checkpointer) -> str:
+    """NonFiniteError's text: what stopped the run and what is left to resume from."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        saved = (f"No checkpoint was saved yet (train.save_every={train.save_every}; {done} good steps): "
+                 "a rerun starts from the beginning")
+    else:
+        saved = f"The last good checkpoint, step {latest} in {checkpointer.directory}, is intact"
+    return (f"{bad_in_a_row} steps in a row after step {done} had non-finite loss or gradients "
+            f"(train.max_bad_steps={train.max_bad_steps}); stopped. {saved}: lower optim.lr, check the "
+            "data, or use float32.")
+
+
 def train_loop(state, task, data, *, config, steps: int, model_config, checkpointer, writer, stop):
     """Steps `state` with `task` on batches of `data` until `steps` optimizer steps; returns
     (state, logged rows). Skipped (non-finite) steps do not count; `train.max_bad_steps` of
@@ -133,6 +179,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
     done = int(state["step"])  # optimizer steps applied, known exactly
     logged: list[dict] = []
     bad_in_a_row = 0
+    skipped_since_row = 0  # updates skipped since the last row: the next row's `skipped_steps`
     window = _Window(data.real_tokens, model_config)
     # A resumed run must beat the best checkpoint kept before it stopped.
     best_eval = checkpoint.best_eval_loss(checkpointer.directory.parent) if train.keep_best else float("inf")
@@ -147,20 +194,16 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
 
     def resolve():
         """Reads the oldest dispatched step's outcome (a wait on that step only)."""
-        nonlocal done, bad_in_a_row
+        nonlocal done, bad_in_a_row, skipped_since_row
         metrics, _ = pending.pop(0)
         if float(metrics["skipped"]):
             bad_in_a_row += 1
-            log.warning("non-finite loss or gradients at step %d: update skipped (%d in a row)",
+            skipped_since_row += 1
+            log.warning("non-finite loss or gradients after step %d: update skipped (%d in a row)",
                         done, bad_in_a_row)
             if bad_in_a_row >= train.max_bad_steps:
                 checkpointer.wait()
-                raise NonFiniteError(
-                    f"{bad_in_a_row} steps in a row had non-finite loss or gradients (train.max_bad_steps="
-                    f"{train.max_bad_steps}); stopped. The last good checkpoint in "
-                    f"{checkpointer.directory} is intact: lower optim.lr, check the data, or use float32."
-                )
-            writer.write(done, {"skipped_steps": float(bad_in_a_row)})
+                raise NonFiniteError(non_finite_message(bad_in_a_row, train, done, checkpointer))
             return False
         bad_in_a_row = 0
         done += 1
@@ -194,6 +237,9 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
             eval_now = task.can_evaluate and (_every(done, eval_every) or done == steps)
             if eval_now:
                 row.update(task.evaluate(state["params"]))
+            if row and skipped_since_row:
+                row["skipped_steps"] = float(skipped_since_row)
+                skipped_since_row = 0
             if row:
                 writer.write(done, row)
                 logged.append({"step": done, **row})
@@ -216,7 +262,7 @@ def train_loop(state, task, data, *, config, steps: int, model_config, checkpoin
                 if not save_now:  # Orbax refuses a second save of the same step
                     save(force=True)
                 checkpointer.wait()
-                raise Preempted(done)
+                raise stop.stopped(done)
     finally:
         batches.close()
         bar.close()

@@ -1,7 +1,8 @@
 """`jaxft.run(config, workdir, kind="sft")`: one training run, wired top to bottom.
 
-validate the config -> check the workdir can resume -> mesh -> tokenizer -> data -> model and
-train state -> the method's Task (`jaxft.tasks.TASKS[kind]`) -> restore -> the step loop
+validate the config -> lock the workdir (one run at a time, `jaxft.io.lock`) -> check it can
+resume -> mesh -> tokenizer -> data -> model and train state -> the method's Task
+(`jaxft.tasks.TASKS[kind]`) -> restore the newest checkpoint that restores -> the step loop
 (`jaxft.loop`) -> export a Hugging Face folder. `--workdir` of an existing run resumes it.
 """
 
@@ -15,7 +16,7 @@ import jax
 
 from jaxft import config as config_lib
 from jaxft.data.from_config import eval_data, load_tokenizer, train_data
-from jaxft.io import checkpoint
+from jaxft.io import checkpoint, lock
 from jaxft.io.export import export_run
 from jaxft.io.metrics import MetricsWriter
 from jaxft.loop import StopFlag, train_loop
@@ -57,6 +58,12 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     check_batch_divisibility(config, mesh, rows_per_example=task_type.rows_per_example(config))
 
     workdir = checkpoint.workdir_path(workdir)
+    # Before anything else writes there: a second run on the workdir stops here, naming the first.
+    with lock.acquire_for_run(workdir):
+        return _run_locked(config, workdir, kind, task_type, mesh, export)
+
+
+def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool) -> RunResult:
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     resuming = ckpt.latest_step() is not None
     saved = checkpoint.read_config(workdir)
@@ -83,7 +90,8 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
                              frozen=frozen, frozen_shardings=frozen_shardings)
         task = task_type(context, state["params"])
         if resuming:
-            state, meta = ckpt.restore(None, checkpoint.abstract_like(state, state_shardings))
+            # A damaged newest step falls back to the one before (logged, moved aside, kept).
+            state, meta, _ = ckpt.restore_newest_good(checkpoint.abstract_like(state, state_shardings))
             train.set_state(meta["data"])
             log.info("resumed %s at step %d", workdir, int(state["step"]))
 
@@ -91,15 +99,19 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
                                config=config.to_dict())
         stop = StopFlag()
         stop.install()
-        completed = False
+        completed = interrupted = False
         try:
             state, logged = train_loop(state, task, train, config=config, steps=steps, model_config=model_cfg,
                                        checkpointer=ckpt, writer=writer, stop=stop)
             completed = True
+        except KeyboardInterrupt:  # a second Ctrl-C: the user will not wait for a save
+            interrupted = True
+            raise
         finally:
             stop.restore()
             writer.close(completed=completed)  # the trackers' runs end; final metrics if it finished
-            ckpt.close()  # also when the loop raised: finishes a save in flight
+            if not interrupted:
+                ckpt.close()  # also when the loop raised: finishes a save in flight
         export_dir = adapter_dir = None
         if export:
             export_dir, adapter_dir = export_run(model_cfg, graphdef, state["params"], frozen, workdir,

@@ -4,13 +4,20 @@ Layout of a workdir:
   WORKDIR/config.json            the run's full config (written at start)
   WORKDIR/checkpoints/<step>/    state (Orbax, sharded arrays) + meta (JSON: iterator, config)
   WORKDIR/checkpoints_best/      with train.keep_best: the checkpoint with the lowest eval loss
+  WORKDIR/checkpoints_unrestorable/<step>/  a step that failed to restore, moved aside (kept)
 Saves are asynchronous and atomic: Orbax writes into a temporary folder and renames it when
 complete, so a process killed mid-save leaves the previous checkpoint as the latest.
+
+A committed step can still be damaged later (a disk full, a copy cut short, a file removed by
+hand): `restore_newest_good` then falls back to the newest step that restores, and moves the
+ones above it aside, so that Orbax neither skips the resumed run's saves (it saves no step
+below its latest) nor fails on saving a step that exists.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -18,7 +25,10 @@ import orbax.checkpoint as ocp
 
 from jaxft.config import base_config
 
+log = logging.getLogger("jaxft")
+
 BEST_SUBDIR = "checkpoints_best"
+UNRESTORABLE_SUBDIR = "checkpoints_unrestorable"
 
 # Changing any of these between a checkpoint and its resumption would silently change the run.
 # Keys a resumed run must keep. The mesh, the number of processes and optim.accumulate may
@@ -31,6 +41,15 @@ RESUME_KEYS = (
 )
 
 
+# Keys that may change on resume but change the run from there on: each change is logged.
+# (train.steps and train.epochs set the schedule's length: a cosine decay stretches.)
+SCHEDULE_KEYS = (
+    "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.warmup_ratio", "optim.min_lr_ratio",
+    "optim.weight_decay", "optim.clip_norm", "optim.b1", "optim.b2", "optim.eps",
+    "train.steps", "train.epochs", "dpo.beta", "dpo.label_smoothing", "dpo.loss_weights",
+)
+
+
 def _get(config: dict, dotted: str):
     node = config
     for part in dotted.split("."):
@@ -38,26 +57,31 @@ def _get(config: dict, dotted: str):
     return node
 
 
-def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
-    """Raises if `config` differs from the checkpoint's in a key that breaks resumption. A key
-    the saved config predates counts as its default (a run from before LoRA had lora.rank 0)."""
+def changed_keys(saved_config: dict, config: dict, keys) -> list[str]:
+    """"KEY: checkpoint OLD -> now NEW" for each of `keys` that differs. A key the saved config
+    predates counts as its default (a run from before LoRA had lora.rank 0)."""
     defaults = base_config().to_dict()
 
     def saved(key):
         value = _get(saved_config, key)
         return _get(defaults, key) if value is None else value
 
-    changed = [
-        f"{key}: checkpoint {saved(key)!r} -> now {_get(config, key)!r}"
-        for key in RESUME_KEYS
-        if saved(key) != _get(config, key)
-    ]
+    return [f"{key}: checkpoint {saved(key)!r} -> now {_get(config, key)!r}"
+            for key in keys if saved(key) != _get(config, key)]
+
+
+def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
+    """Raises if `config` differs from the checkpoint's in a key that breaks resumption
+    (RESUME_KEYS); logs a warning naming each changed optimizer / schedule key (SCHEDULE_KEYS)."""
+    changed = changed_keys(saved_config, config, RESUME_KEYS)
     if changed:
         raise ValueError(
             f"cannot resume {workdir}: the config changed in ways that break resumption ("
             + "; ".join(changed)
             + "). Use a new --workdir, or restore the old values."
         )
+    for change in changed_keys(saved_config, config, SCHEDULE_KEYS):
+        log.warning("resuming %s with a changed setting, used from the resumed step on: %s", workdir, change)
 
 
 class Checkpointer:
@@ -99,6 +123,47 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_newest_good(self, abstract_state):
+        """(state, meta, step) of the newest step that restores, newest first. A step that fails
+        is logged (step, file or error) and, once an older one has restored, moved to
+        WORKDIR/checkpoints_unrestorable/ (nothing is deleted). Raises a one-line
+        RuntimeError listing every step tried when none restores."""
+        failed = []  # (step, error summary), newest first
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as err:  # noqa: BLE001 - any failure to read a step: try the one before
+                failed.append((step, error_summary(err)))
+                log.warning("checkpoint step %d in %s does not restore (%s); trying the step before",
+                            step, self.directory, failed[-1][1])
+                continue
+            if failed:
+                self._move_aside([s for s, _ in failed])
+                log.warning("resuming from step %d, the newest checkpoint that restores", step)
+            return state, meta, step
+        tried = "; ".join(f"step {s}: {e}" for s, e in failed)
+        raise RuntimeError(f"no checkpoint in {self.directory} restores ({tried or 'no steps'}): "
+                           "restore a copy of the folder, or start again in a new --workdir")
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Moves step folders to WORKDIR/checkpoints_unrestorable/<step> (process 0; all wait)."""
+        aside = self.directory.parent / UNRESTORABLE_SUBDIR
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target, n = aside / str(step), 1
+                while target.exists():  # the same step failed before: keep both
+                    n += 1
+                    target = aside / f"{step}.{n}"
+                (self.directory / str(step)).rename(target)
+                log.warning("moved unrestorable step %d to %s (kept for inspection; delete it when done)",
+                            step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxft: unrestorable steps moved aside")
+        self.manager.reload()  # Orbax caches the step list
+
     def restore_params(self, step: int | None, abstract_params):
         """Only the policy params of a checkpoint (no optimizer state is read)."""
         step = self.latest_step() if step is None else step
@@ -127,6 +192,15 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def error_summary(err: BaseException, limit: int = 300) -> str:
+    """One line for a failed restore: the innermost cause (TensorStore's names the array and
+    the file; Orbax's wrapper is a page of spec), cut to `limit` characters."""
+    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split()) or "(no message)"
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def abstract_like(tree, shardings):

@@ -64,13 +64,29 @@ def cache_key(config, train_fingerprint: str) -> dict:
     }
 
 
+def _load_table(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """(table, None), or (None, what is wrong with the file)."""
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # numpy: "cannot reshape array of size ..."
+        return None, f"{type(err).__name__}: {err}"
+    if table.ndim != 2 or table.shape[1] != 2 or table.dtype != np.float32:
+        return None, f"shape {table.shape} {table.dtype}, expected [N, 2] float32"
+    return table, None
+
+
 def cached_table(workdir: Path, key: dict, compute) -> np.ndarray:
-    """The table stored in WORKDIR/reference_logps/<hash>.npy for `key`, computed once."""
+    """The table stored in WORKDIR/reference_logps/<hash>.npy for `key`, computed once. A
+    stored table that does not read back whole (truncated, not a [N, 2] float table) is
+    recomputed, with a warning, and replaced."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = workdir / CACHE_SUBDIR / f"{digest}.npy"
     if path.is_file():
-        log.info("reusing precomputed reference log-probs %s", path)
-        return np.load(path)
+        table, problem = _load_table(path)
+        if problem is None:
+            log.info("reusing precomputed reference log-probs %s", path)
+            return table
+        log.warning("precomputed reference log-probs %s do not read back (%s): recomputing them", path, problem)
     table = compute()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
