@@ -11,22 +11,23 @@ from flax import nnx
 
 from jaxft import config as config_lib
 from jaxft.data.from_config import load_tokenizer
-from jaxft.io import checkpoint
+from jaxft.io import checkpoint, folders
 from jaxft.models import ModelConfig, abstract_model, save_hf
 from jaxft.models.adapters import adapter_shardings, lora_graphdef, merge_adapters
 from jaxft.models.from_config import load_model, model_config, split_params
 from jaxft.models.peft import save_peft
 from jaxft.models.quantize import QuantizedKernel
 
-log = logging.getLogger("jaxft")
 from jaxft.parallel.sharding import mesh_from_config, param_shardings
+
+log = logging.getLogger("jaxft")
 
 
 def export_params(graphdef, params, out: str | Path, *, tokenizer=None, dtype=None) -> Path:
     """Writes policy `params` (nested dict) with `graphdef`'s architecture as an HF folder,
     in `dtype` (default: the param dtype, e.g. float32 master weights)."""
     model = nnx.merge(graphdef, params)
-    return save_hf(model, out, tokenizer=tokenizer, dtype=dtype)
+    return _mark(save_hf(model, out, tokenizer=tokenizer, dtype=dtype), "hf")
 
 
 def export_merged(cfg: ModelConfig, base: dict, adapters: dict, out: str | Path, *, tokenizer=None,
@@ -43,7 +44,18 @@ def export_adapter(cfg: ModelConfig, adapters: dict, out: str | Path, *, base_mo
     folder = save_peft(cfg, adapters, out, base_model=base_model)
     if tokenizer is not None and jax.process_index() == 0:
         tokenizer.save_pretrained(folder)
-    return folder
+    return _mark(folder, "peft")
+
+
+def _mark(folder: Path, layout: str) -> Path:
+    """Signs `folder` as a jaxft export (folders.EXPORT_MARKER): a later export may overwrite it,
+    and nothing else (see `check_export_target`)."""
+    if jax.process_index() == 0:
+        from jaxft import __version__
+
+        (Path(folder) / folders.EXPORT_MARKER).write_text(
+            json.dumps({"layout": layout, "written_by": f"jaxft {__version__}"}) + "\n")
+    return Path(folder)
 
 
 def export_run(cfg: ModelConfig, graphdef, params: dict, frozen: dict | None, workdir: Path, *,
@@ -66,6 +78,52 @@ def _is_quantized(x) -> bool:
 
 
 EXPORT_KINDS = ("full", "merge", "adapter")
+LAYOUTS = {"full": "hf", "merge": "hf", "adapter": "peft"}  # what each kind writes
+
+
+def check_export_source(workdir: Path) -> dict:
+    """The saved run config of `workdir`; raises, saying what `workdir` is instead, unless it
+    is a run's workdir (export reads runs, not model folders)."""
+    if folders.is_model_folder(workdir) or (workdir / folders.PEFT_CONFIG).is_file():
+        run = folders.enclosing_workdir(workdir.parent)
+        what = "an exported model folder" if folders.is_model_folder(workdir) else "a PEFT adapter folder"
+        raise ValueError(f"{workdir} is already {what}; export reads a run's workdir ("
+                         + (f"{run}" if run else "the --workdir of jaxft sft / dpo") + "). To use this folder, "
+                         "pass it to jaxft generate / eval --model, or as model.path")
+    saved = checkpoint.read_config(workdir) if (workdir / folders.RUN_CONFIG).is_file() else None
+    if saved is None:
+        raise FileNotFoundError(f"{workdir}/config.json not found: {workdir} {folders.describe(workdir)}; "
+                                "export reads a run's workdir (the --workdir of jaxft sft / dpo)")
+    if not all(isinstance(saved.get(k), dict) for k in ("model", "data", "train")):
+        raise ValueError(f"{workdir}/config.json is not a jaxft run config (no model / data / train sections): "
+                         "export reads a run's workdir (the --workdir of jaxft sft / dpo)")
+    return saved
+
+
+def check_export_target(out: str | Path, layout: str) -> Path:
+    """`out` as an absolute path, if an export may write there: a new or empty folder, or one
+    that jaxft exported before in the same `layout` ("hf" or "peft"; save_hf and save_peft
+    replace their own files). Never a run's workdir or a folder inside one (its config.json,
+    checkpoints and final export would be overwritten), never a folder of other files."""
+    out = Path(out).absolute()
+    run = folders.enclosing_workdir(out)
+    if run is not None:
+        where = "is the run workdir" if run == out else f"is inside the run workdir {run}"
+        raise ValueError(f"--out {out} {where}: export never writes into a run's folder (its config, "
+                         f"checkpoints and final export stay as they are); choose a folder outside it, "
+                         f"e.g. --out {run.parent / (run.name + '-export')}")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: export writes a folder")
+    if out.is_dir() and any(out.iterdir()):
+        marker = folders.export_marker(out)
+        if marker is None:
+            raise ValueError(f"--out {out} is not empty and is not a folder jaxft exported (no "
+                             f"{folders.EXPORT_MARKER}): export overwrites only its own exports; choose a "
+                             "new or empty folder")
+        if marker.get("layout") != layout:
+            raise ValueError(f"--out {out} holds a jaxft {marker.get('layout')!r} export and this one is "
+                             f"{layout!r}: choose another folder, or delete that one first")
+    return out
 
 
 def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None = None, dtype=None,
@@ -77,20 +135,21 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
     model.path with the adapters merged in) or "adapter" (a LoRA run: a PEFT folder); None
     picks "full" or "merge" from the run's config."""
     workdir = checkpoint.workdir_path(workdir)
-    saved = checkpoint.read_config(workdir)
-    if saved is None:
-        raise FileNotFoundError(f"{workdir}/config.json not found: is {workdir} a jaxft workdir?")
-    config = config_lib.from_json(json.dumps(saved))
+    config = config_lib.from_json(json.dumps(check_export_source(workdir)))
+    if kind is not None and kind not in EXPORT_KINDS:
+        raise ValueError(f"export kind {kind!r}: choose from {', '.join(EXPORT_KINDS)}")
+    lora = int(config.get("lora", {}).get("rank", 0)) > 0
+    kind = kind or ("merge" if lora else "full")
+    if (kind == "full") == lora:
+        raise ValueError(f"{workdir} is a {'LoRA' if lora else 'full fine-tuning'} run: "
+                         + ("use --merge (a full HF folder) or --adapter (a PEFT folder)" if lora
+                            else "--merge / --adapter apply to LoRA runs only (lora.rank > 0)"))
+    out = check_export_target(out, LAYOUTS[kind])  # before anything is loaded or written
     tokenizer = load_tokenizer(config)
     cfg = model_config(config, tokenizer)
-    kind = kind or ("merge" if cfg.lora else "full")
-    if kind not in EXPORT_KINDS:
-        raise ValueError(f"export kind {kind!r}: choose from {', '.join(EXPORT_KINDS)}")
-    if (kind == "full") != (cfg.lora is None):
-        raise ValueError(f"{workdir} is a {'LoRA' if cfg.lora else 'full fine-tuning'} run: "
-                         + ("use --merge (a full HF folder) or --adapter (a PEFT folder)" if cfg.lora
-                            else "--merge / --adapter apply to LoRA runs only (lora.rank > 0)"))
     mesh = mesh_from_config(config)
+    if not (workdir / folders.CHECKPOINTS).is_dir():  # else Orbax would create it
+        raise FileNotFoundError(f"no checkpoints under {workdir / folders.CHECKPOINTS}")
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     available = ckpt.all_steps()
     if not available:
