@@ -24,6 +24,13 @@ def load_tokenizer(config):
     source = config.model.tokenizer or config.model.path
     if not source:
         return load_bundled_tokenizer()
+    from jaxft.io.folders import check_model_folder, missing_local_folder
+
+    # A missing local folder, named, rather than transformers' "not a valid repo id".
+    if not config.model.tokenizer:
+        check_model_folder(source, flag="config key model.path:")
+    elif missing_local_folder(source):
+        raise FileNotFoundError(f"config key model.tokenizer: {source}: the folder does not exist")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:

@@ -118,3 +118,10 @@ def check_model_folder(path: str | Path, *, flag: str) -> None:
                          "re-download the model")
     if "model_type" not in hf:
         raise ValueError(f"{config} has no model_type: not a Hugging Face model config")
+
+
+def missing_local_folder(name: str) -> bool:
+    """Whether `name` (a folder or a hub repo id such as "org/model") reads as a local path that
+    does not exist: absolute, relative with ./ or ../, or deeper than org/model."""
+    local = Path(name).is_absolute() or name.startswith(".") or name.strip("/").count("/") > 1
+    return local and not Path(name).exists()

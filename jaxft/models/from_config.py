@@ -8,6 +8,7 @@ import logging
 import jax
 from flax import nnx
 
+from jaxft.io.folders import check_model_folder
 from jaxft.models.adapters import init_adapters
 from jaxft.models.attention import resolve
 from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
@@ -25,6 +26,7 @@ def model_config(config, tokenizer) -> ModelConfig:
     """The architecture: model.path's config.json, or model.preset sized to the tokenizer."""
     dtype = parse_dtype(config.model.dtype or None, key="model.dtype")
     if config.model.path:
+        check_model_folder(config.model.path, flag="model.path")  # e.g. moved since the run was saved
         cfg = read_hf_config(config.model.path, dtype=dtype)
     else:
         cfg = get_preset(config.model.preset)
@@ -74,6 +76,7 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None, trans
     if path:
         log.info("loading %s", path)
         if path != config.model.path:  # another folder (a DPO reference): its own architecture
+            check_model_folder(path, flag="dpo.reference")
             cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
                 compute_dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
                 attention=cfg.attention)

@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxft.io.folders import check_model_folder
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
 from jaxft.models.llama import Decoder
 from jaxft.models.paths import set_path
@@ -116,18 +117,20 @@ class _TensorReader:
 
     def __init__(self, folder: Path):
         index = folder / INDEX_FILE
+        self._open: dict[Path, object] = {}
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: folder / f for name, f in weight_map.items()}
+            self.files = {name: folder / f for name, f in _weight_map(index).items()}
+            for path in sorted(set(self.files.values())):
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} not found: {index} lists it; the download or export "
+                                            "is incomplete (copy every shard the index names)")
         elif (folder / SINGLE_FILE).is_file():
-            with safe_open(folder / SINGLE_FILE, framework="np") as f:
-                self.files = {name: folder / SINGLE_FILE for name in f.keys()}
+            self.files = {name: folder / SINGLE_FILE for name in self._handle_of(folder / SINGLE_FILE).keys()}
         else:
             raise FileNotFoundError(
                 f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; jaxft reads safetensors checkpoints "
                 "(convert .bin files with transformers' save_pretrained(safe_serialization=True))"
             )
-        self._open: dict[Path, object] = {}
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -136,13 +139,36 @@ class _TensorReader:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
+        try:
+            return self._handle(name).get_tensor(name)
+        except SafetensorError as err:
+            raise ValueError(f"{self.files[name]}: cannot read tensor {name} ({err}); the file is damaged: "
+                             "re-export or re-download it") from None
 
     def _handle(self, name):
-        path = self.files[name]
+        return self._handle_of(self.files[name])
+
+    def _handle_of(self, path: Path):
         if path not in self._open:
-            self._open[path] = safe_open(path, framework="np").__enter__()
+            try:
+                self._open[path] = safe_open(path, framework="np").__enter__()
+            except SafetensorError as err:
+                # A truncated download or an interrupted copy: name the file, not the parser's state.
+                raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or "
+                                 "damaged; re-export or re-download it") from None
         return self._open[path]
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """{tensor name: shard file name} of a model.safetensors.index.json."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): it is "
+                         "truncated or damaged; re-export or re-download it")
+    return weight_map
 
 
 def load_hf(path: str | Path, *, dtype=None, mesh=None) -> Decoder:
@@ -155,6 +181,7 @@ def load_hf(path: str | Path, *, dtype=None, mesh=None) -> Decoder:
     Raises ValueError listing missing, unexpected or mis-shaped tensors.
     """
     folder = Path(path)
+    check_model_folder(folder, flag="model folder")
     cfg = read_hf_config(folder, dtype=dtype)
     return load_weights(folder, cfg, mesh=mesh)
 
