@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxft.data.batch import PreferenceExample
 from jaxft.data.formats import DPO_FORMATS, DataError, detect_format
-from jaxft.data.sources import read_records
+from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, read_records
 from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_cached, tokenize_source
 
 PERCENTILES = (50, 90, 99)
@@ -57,7 +57,8 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
                truncation: str = "truncate_completion", skip_invalid: bool = True,
                completion_only_loss: bool = True, split: str = "train", limit: int | None = None,
                chat_template: str | None = None, batch_size: int = 32,
-               packing: bool = False, cache_dir: str | None = None, num_proc: int = 1) -> CheckResult:
+               packing: bool = False, cache_dir: str | None = None, num_proc: int = 1,
+               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> CheckResult:
     """Load `source` as `jaxft sft` / `jaxft dpo` would and measure it (see CheckResult).
 
     Arguments are those of `tokenize.load_examples`, plus `kind="auto"`: "dpo" if the first
@@ -71,11 +72,11 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
 
     try:
         if kind == "auto":
-            kind = guess_kind(source, split=split, fmt=fmt)
+            kind = guess_kind(source, split=split, fmt=fmt, max_record_bytes=max_record_bytes)
         packed_pairs = kind == "dpo" and packing
         settings = dict(kind=kind, fmt=fmt, max_length=max_length // 2 if packed_pairs else max_length,
                         truncation=truncation, completion_only_loss=completion_only_loss, split=split,
-                        limit=limit, chat_template=chat_template)
+                        limit=limit, chat_template=chat_template, max_record_bytes=max_record_bytes)
         if cache_dir:  # the run's tokenised cache: read it, or build it for the run
             loaded = tokenize_cached(cache_dir, source, tokenizer, num_proc=num_proc, **settings)
             if loaded.report.num_skipped and not skip_invalid:
@@ -104,12 +105,14 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
     return result
 
 
-def guess_kind(source: str, *, split: str = "train", fmt: str = "auto", peek: int = 100) -> str:
+def guess_kind(source: str, *, split: str = "train", fmt: str = "auto", peek: int = 100,
+               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str:
     """"dpo" if the first of `peek` records whose format is recognised is a preference
     record (or `fmt` names a preference format), else "sft"."""
     if fmt != "auto":
         return "dpo" if fmt in DPO_FORMATS else "sft"
-    for location, record in itertools.islice(read_records(source, split=split), peek):
+    records = read_records(source, split=split, max_record_bytes=max_record_bytes)
+    for location, record in itertools.islice(records, peek):
         try:
             return "dpo" if detect_format(record, location) in DPO_FORMATS else "sft"
         except DataError:
@@ -144,6 +147,9 @@ def format_check_result(result: CheckResult) -> str:
                  f"dropped as too long: {r.num_dropped_too_long} "
                  f"({r.num_prompt_too_long} whose prompt alone fills max_length)")
     lines.append(f"tokens: {r.num_tokens} ({r.num_trained_tokens} trained)")
+    if r.num_too_large:
+        lines.append(f"dropped unread over data.max_record_bytes: {r.num_too_large} (the first: "
+                     f"{r.first_too_large}; raise data.max_record_bytes, 0 = no limit, to train on them)")
     if r.cache and not r.seconds:
         lines.append(f"read from the tokenised cache {r.cache}")
     elif r.seconds:

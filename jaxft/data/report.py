@@ -14,8 +14,9 @@ class DataReport:
     lengths: the kept examples, after truncation.
     num_dropped_too_long counts both drop mode and prompts that fill max_length; the latter
     are also in num_prompt_too_long. num_no_trained_tokens: records dropped because nothing of
-    them would be trained (their loss mask is all 0). errors: (location, message) of the first
-    invalid records.
+    them would be trained (their loss mask is all 0). num_too_large: records over
+    max_record_bytes, dropped unread (`first_too_large`: the location of the first). errors:
+    (location, message) of the first invalid records.
     """
     source: str
     num_records: int = 0
@@ -25,6 +26,8 @@ class DataReport:
     num_dropped_too_long: int = 0
     num_prompt_too_long: int = 0
     num_no_trained_tokens: int = 0
+    num_too_large: int = 0
+    first_too_large: str = ""
     num_skipped: int = 0
     errors: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     raw_lengths: list[int] = dataclasses.field(default_factory=list)
@@ -41,6 +44,8 @@ class DataReport:
                 f"{self.num_dropped_too_long} dropped as too long, "
                 + (f"{self.num_no_trained_tokens} dropped with no trained token, "
                    if self.num_no_trained_tokens else "")
+                + (f"{self.num_too_large} dropped over data.max_record_bytes (the first: "
+                   f"{self.first_too_large}), " if self.num_too_large else "")
                 + f"{self.num_skipped} invalid")
 
 

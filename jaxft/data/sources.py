@@ -16,45 +16,78 @@ files (read in sorted order), a `save_to_disk` folder, or a hub name. JSON and J
 here, not by `datasets`, so that invalid JSON and non-UTF-8 bytes are reported with their file
 and line instead of an Arrow stack trace. Problems with the source itself (missing file,
 unknown extension, unreachable hub name) raise `DataError` naming the source.
+
+Tabular files (CSV, Parquet) can hold a message list only as its JSON text (pandas writes
+`[{"role": "user", ...}]` into a cell), so a `messages` / `prompt` / `completion` / `chosen` /
+`rejected` string cell that starts like a JSON list of objects (`[{`) is decoded into the list;
+one that then fails to parse is an error naming the row and field. JSON and JSONL strings stay
+text: nested values are written as such there.
+
+`max_record_bytes` bounds what one record may hold (a tokenizer takes 100-250 bytes of memory
+per character): a JSONL line longer than that is never held whole (read in bounded chunks and
+skipped), and a record of any other source whose strings add up to more is let go; either is
+yielded as a `RecordTooLargeError` in place of the record, for the caller to count and drop.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from jaxft.data.formats import DataError
 
 # Extensions read as data files. `.ndjson` is JSONL under another name.
 JSONL_EXTS = (".jsonl", ".ndjson")
 FILE_EXTS = JSONL_EXTS + (".json", ".parquet", ".csv")
+# data.max_record_bytes' default: ~250k tokens, past most max_lengths, < 300 MB to tokenize.
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+# Fields that hold a message list in the conversational formats (decoded from tabular cells).
+MESSAGE_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
+_JSON_LIST_OF_OBJECTS = re.compile(r"\s*\[\s*\{")
 _GLOB_CHARS = "*?["
 _BOM = b"\xef\xbb\xbf"
+_SKIP_CHUNK = 1 << 20  # bytes read at a time while skipping an over-long line
+# csv's own limit (128 KiB a cell) would fail a whole file on one long cell; records are bounded
+# by max_record_bytes instead. 2**31 - 1: the largest a C long takes on every platform.
+_CSV_FIELD_LIMIT = 2**31 - 1
 
 
-def read_records(source: str, *, split: str = "train") -> Iterator[tuple[str, dict]]:
+class RecordTooLargeError(DataError):
+    """A record over max_record_bytes, yielded in its place: dropped and counted, not invalid."""
+
+
+def read_records(source: str, *, split: str = "train",
+                 max_record_bytes: int = 0) -> Iterator[tuple[str, dict]]:
     """Yield `(location, record)` for every record of `source`, in a deterministic order.
 
     Args:
       source: a file (.jsonl/.ndjson/.json/.parquet/.csv), a glob, a folder of such files,
         a `datasets.save_to_disk` folder, or a Hugging Face hub dataset name.
       split: the split to read from a saved DatasetDict or a hub dataset.
+      max_record_bytes: > 0: records over this many bytes (a JSONL line; elsewhere the UTF-8
+        bytes of the record's strings) come as `RecordTooLargeError`; 0: no limit.
 
     Yields:
       The record's coordinate (see the module docstring) and the record. A record is
       whatever the file holds (usually a dict); the format layer rejects anything else.
-      A JSONL line that is not UTF-8 or not JSON is yielded as a `DataError` instance in
-      place of the record, so that a caller may skip it and read on.
+      A JSONL line that is not UTF-8 or not JSON, a tabular cell that looks like a JSON
+      message list but is not JSON, and a record over `max_record_bytes` are yielded as a
+      `DataError` instance in place of the record, so that a caller may skip it and read on.
 
     Raises:
       DataError: the source does not exist or cannot be read as a whole (naming it, and the
         line for a broken .json document or CSV file).
     """
-    source = str(source)
+    if max_record_bytes < 0:
+        raise ValueError(f"data.max_record_bytes must be >= 0 (0 = no limit), got {max_record_bytes}")
+    source, limit = str(source), max_record_bytes
     path = Path(os.path.expanduser(source))
     if any(c in source for c in _GLOB_CHARS) and not path.exists():
         files = sorted(glob.glob(os.path.expanduser(source), recursive=True))
@@ -62,15 +95,15 @@ def read_records(source: str, *, split: str = "train") -> Iterator[tuple[str, di
         if not files:
             raise DataError(source, "no files match this pattern")
         for f in files:
-            yield from _read_file(Path(f), display=f)
+            yield from _read_file(Path(f), f, limit)
     elif path.is_dir():
-        yield from _read_folder(path, source, split)
+        yield from _read_folder(path, source, split, limit)
     elif path.is_file():
-        yield from _read_file(path, display=source)
+        yield from _read_file(path, source, limit)
     elif _looks_local(source):
         raise DataError(source, "file not found")
     else:
-        yield from _read_hub(source, split)
+        yield from _read_hub(source, split, limit)
 
 
 def _looks_local(source: str) -> bool:
@@ -79,27 +112,46 @@ def _looks_local(source: str) -> bool:
             or source.count("/") > 1)
 
 
-def _read_file(path: Path, display: str) -> Iterator[tuple[str, dict]]:
+def _read_file(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict]]:
     ext = path.suffix.lower()
-    if ext in JSONL_EXTS:
-        yield from _read_jsonl(path, display)
-    elif ext == ".json":
-        yield from _read_json(path, display)
-    elif ext == ".parquet":
-        yield from _read_parquet(path, display)
-    elif ext == ".csv":
-        yield from _read_csv(path, display)
-    else:
+    if ext not in _READERS:
         raise DataError(display, f"unsupported file type {ext or '(no extension)'!r}; "
                                  f"use one of {', '.join(FILE_EXTS)}")
+    yield from _READERS[ext](path, display, limit)
 
 
-def _read_jsonl(path: Path, display: str) -> Iterator[tuple[str, dict]]:
+def _too_large(location: str, size: int, limit: int) -> RecordTooLargeError:
+    return RecordTooLargeError(location, f"the record is {size:,} bytes, over data.max_record_bytes "
+                                         f"({limit:,}): dropped (raise data.max_record_bytes, "
+                                         "0 = no limit, to train on it)")
+
+
+def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number, the line's bytes or None when it is over `limit`, its size without the
+    line ending). An over-long line is read past in bounded chunks, never held whole."""
+    for lineno in itertools.count(1):
+        raw = f.readline(limit + 1) if limit else f.readline()
+        if not raw:
+            return
+        if not limit or len(raw) <= limit or raw.endswith(b"\n"):
+            yield lineno, raw, len(raw.rstrip(b"\r\n"))
+            continue
+        size = len(raw)
+        while raw and not raw.endswith(b"\n"):
+            raw = f.readline(_SKIP_CHUNK)
+            size += len(raw)
+        yield lineno, None, size - len(raw) + len(raw.rstrip(b"\r\n"))
+
+
+def _read_jsonl(path: Path, display: str, limit: int = 0) -> Iterator[tuple[str, dict]]:
     """One JSON value per line, streamed; blank lines are skipped (editors leave a trailing
     one) and a UTF-8 byte-order mark on line 1 is ignored."""
     with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw, size in _lines(f, limit):
             location = f"{display} line {lineno}"
+            if raw is None:
+                yield location, _too_large(location, size, limit)
+                continue
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM):]
             try:
@@ -118,8 +170,29 @@ def _read_jsonl(path: Path, display: str) -> Iterator[tuple[str, dict]]:
             yield location, record
 
 
-def _read_json(path: Path, display: str) -> Iterator[tuple[str, dict]]:
+def _read_json(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict]]:
     """A list of records, {"data": [...]}, one record, or JSON lines under a .json name."""
+    value = _json_document(path, display)
+    if value is _JSON_LINES:  # read again line by line, each line bounded
+        yield from _read_jsonl(path, display, limit)
+        return
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        value = value["data"]
+    if isinstance(value, dict):
+        yield f"{display} index 0", _bounded(value, f"{display} index 0", limit)
+    elif isinstance(value, list):
+        for i, record in enumerate(value):
+            yield f"{display} index {i}", _bounded(record, f"{display} index {i}", limit)
+    else:
+        raise DataError(display, "expected a list of records, {\"data\": [records]} or "
+                                 f"one record per line; got a JSON {type(value).__name__}")
+
+
+_JSON_LINES = object()  # what `_json_document` returns for several values, one a line
+
+
+def _json_document(path: Path, display: str) -> Any:
+    """The JSON value of a whole .json file, or _JSON_LINES when it holds JSON lines."""
     data = path.read_bytes()
     if data.startswith(_BOM):
         data = data[len(_BOM):]
@@ -130,27 +203,18 @@ def _read_json(path: Path, display: str) -> Iterator[tuple[str, dict]]:
         raise DataError(f"{display} line {line}",
                         f"not valid UTF-8 (byte {data[err.start]:#04x})") from None
     try:
-        value = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":  # several values, one a line: JSON lines
-            yield from _read_jsonl(path, display)
-            return
+            return _JSON_LINES
         raise DataError(f"{display} line {err.lineno}",
                         f"invalid JSON: {err.msg} (column {err.colno})") from None
-    if isinstance(value, dict) and isinstance(value.get("data"), list):
-        value = value["data"]
-    if isinstance(value, dict):
-        yield f"{display} index 0", value
-    elif isinstance(value, list):
-        for i, record in enumerate(value):
-            yield f"{display} index {i}", record
-    else:
-        raise DataError(display, "expected a list of records, {\"data\": [records]} or "
-                                 f"one record per line; got a JSON {type(value).__name__}")
 
 
-def _read_csv(path: Path, display: str) -> Iterator[tuple[str, dict]]:
-    """Header row + one record per row; every value is a string (CSV has no other type)."""
+def _read_csv(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict]]:
+    """Header row + one record per row; every value is a string (CSV has no other type), a
+    JSON message list included (decoded, see `_tabular`)."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         start = 2
@@ -167,11 +231,11 @@ def _read_csv(path: Path, display: str) -> Iterator[tuple[str, dict]]:
             location = f"{display} line {start}"
             if None in row:  # more cells than header names
                 row = DataError(location, "the row has more cells than the header has names")
-            yield location, row
+            yield location, _tabular(row, location, limit)
             start = reader.line_num + 1
 
 
-def _read_parquet(path: Path, display: str) -> Iterator[tuple[str, dict]]:
+def _read_parquet(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict]]:
     import pyarrow.parquet as pq
 
     try:
@@ -182,7 +246,8 @@ def _read_parquet(path: Path, display: str) -> Iterator[tuple[str, dict]]:
     # Batches keep a big file from being turned into Python objects all at once.
     for batch in pf.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
-            yield f"{display} row {row}", record
+            location = f"{display} row {row}"
+            yield location, _tabular(record, location, limit)
             row += 1
 
 
@@ -190,7 +255,52 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _read_folder(path: Path, display: str, split: str) -> Iterator[tuple[str, dict]]:
+_READERS = {".jsonl": _read_jsonl, ".ndjson": _read_jsonl, ".json": _read_json,
+            ".parquet": _read_parquet, ".csv": _read_csv}
+
+
+def _text_bytes(value: Any) -> int:
+    """UTF-8 bytes of the strings in `value` (dicts and lists walked)."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(_text_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_bytes(v) for v in value)
+    return 0
+
+
+def _bounded(record: Any, location: str, limit: int) -> Any:
+    """`record`, or a RecordTooLargeError when its strings add up to more than `limit` bytes."""
+    if limit and not isinstance(record, DataError):
+        size = _text_bytes(record)
+        if size > limit:
+            return _too_large(location, size, limit)
+    return record
+
+
+def _tabular(record: Any, location: str, limit: int) -> Any:
+    """A CSV / Parquet row, bounded, with its JSON message-list cells decoded (the module
+    docstring); a cell that looks like one but is not JSON gives a DataError naming it."""
+    record = _bounded(record, location, limit)
+    if not isinstance(record, dict):
+        return record
+    decoded = dict(record)
+    for field in MESSAGE_FIELDS:
+        cell = record.get(field)
+        if not isinstance(cell, str) or not _JSON_LIST_OF_OBJECTS.match(cell):
+            continue
+        try:
+            decoded[field] = json.loads(cell)
+        except json.JSONDecodeError as err:
+            return DataError(location, f"field {field!r} starts like a JSON list of messages ('[{{') "
+                                       f"but is not valid JSON ({err.msg}, column {err.colno}); fix "
+                                       "the JSON, or store the dataset as JSONL to keep it as text",
+                             field=field)
+    return decoded
+
+
+def _read_folder(path: Path, display: str, split: str, limit: int) -> Iterator[tuple[str, dict]]:
     if _is_saved_dataset(path):
         import datasets
 
@@ -202,22 +312,23 @@ def _read_folder(path: Path, display: str, split: str) -> Iterator[tuple[str, di
             if split not in ds:
                 raise DataError(display, f"has no split {split!r}; it has {sorted(ds)}")
             ds, display = ds[split], f"{display}[{split}]"
-        yield from _iter_dataset(ds, display)
+        yield from _iter_dataset(ds, display, limit)
         return
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_EXTS)
     if not files:
         raise DataError(display, "folder holds no data files (" + ", ".join(FILE_EXTS)
                         + ") and is not a datasets.save_to_disk folder")
     for f in files:
-        yield from _read_file(f, display=str(Path(display) / f.relative_to(path)))
+        yield from _read_file(f, str(Path(display) / f.relative_to(path)), limit)
 
 
-def _iter_dataset(ds, display: str) -> Iterator[tuple[str, dict]]:
+def _iter_dataset(ds, display: str, limit: int) -> Iterator[tuple[str, dict]]:
     for i, record in enumerate(ds):
-        yield f"{display} index {i}", record
+        location = f"{display} index {i}"
+        yield location, _bounded(record, location, limit)
 
 
-def _read_hub(name: str, split: str) -> Iterator[tuple[str, dict]]:
+def _read_hub(name: str, split: str, limit: int) -> Iterator[tuple[str, dict]]:
     import datasets
 
     try:
@@ -225,4 +336,4 @@ def _read_hub(name: str, split: str) -> Iterator[tuple[str, dict]]:
     except Exception as err:  # offline, unknown repo, gated, bad split: all the same to us
         raise DataError(name, "not a local file or folder, and not a hub dataset that could be "
                               f"loaded ({type(err).__name__}: {err})") from None
-    yield from _iter_dataset(ds, f"{name}[{split}]")
+    yield from _iter_dataset(ds, f"{name}[{split}]", limit)

@@ -30,6 +30,12 @@ Truncation (`max_length`, `truncation=`):
 * "drop": an example (a pair: either sequence) longer than max_length is dropped.
 In both modes an example whose prompt alone takes max_length tokens (no room for one
 completion token) is dropped and counted; it is never trained with an empty completion.
+
+Records over `max_record_bytes` (data.max_record_bytes) are dropped before they are parsed or
+tokenized, counted apart (`DataReport.num_too_large`, with the first one's location) and
+logged; like records too long for max_length they are not invalid. A fast tokenizer holds
+100-250 bytes per character of a string it encodes (its Encoding: ids, offsets, token strings),
+so a 50 MB record would need ~12 GB, and a DPO pair encodes its prompt once per side.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from jaxft.data.batch import PreferenceExample, SFTExample
 from jaxft.data.report import DataReport, ExampleSet  # noqa: F401 - re-exported
 from jaxft.data.parallel import ordered_map
 from jaxft.data.formats import DataError, Record, check_kind, formats_for_kind, parse_record
-from jaxft.data.sources import read_records
+from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, read_records
 
 log = logging.getLogger("jaxft.data")
 
@@ -261,7 +267,8 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
                   truncation: str = "truncate_completion", skip_invalid: bool = False,
                   completion_only_loss: bool = True, split: str = "train",
                   limit: int | None = None, chat_template: str | None = None,
-                  num_proc: int = 1, cache_dir: str | None = None) -> ExampleSet:
+                  num_proc: int = 1, cache_dir: str | None = None,
+                  max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ExampleSet:
     """Read, validate and tokenize every record of `source` for `kind` ("sft" or "dpo").
 
     Args:
@@ -277,6 +284,8 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
       limit: read at most this many records.
       chat_template: Jinja chat template to use instead of the tokenizer's.
       num_proc: tokenizer processes (`jaxft.data.parallel`); 1 = this process.
+      max_record_bytes: records over this many bytes are dropped unread and counted (the
+        module docstring); 0 = no limit.
       cache_dir: a folder of tokenised caches (`jaxft.data.cache`): the examples are read from
         the cache whose fingerprint (source files, tokenizer, template, every setting above)
         matches, else tokenised and cached there. None: no cache.
@@ -290,7 +299,7 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
     """
     settings = dict(kind=kind, max_length=max_length, fmt=fmt, truncation=truncation,
                     completion_only_loss=completion_only_loss, split=split, limit=limit,
-                    chat_template=chat_template)
+                    chat_template=chat_template, max_record_bytes=max_record_bytes)
     if cache_dir:
         result = tokenize_cached(cache_dir, source, tokenizer, num_proc=num_proc, **settings)
         if result.report.num_skipped and not skip_invalid:
@@ -302,7 +311,8 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
     if not result.examples:
         why = (f"{report.num_records} records: {report.num_skipped} invalid, "
                f"{report.num_dropped_too_long} longer than max_length {max_length}"
-               + (f", {report.num_no_trained_tokens} with no trained token" if report.num_no_trained_tokens else ""))
+               + (f", {report.num_no_trained_tokens} with no trained token" if report.num_no_trained_tokens else "")
+               + (f", {report.num_too_large} over data.max_record_bytes" if report.num_too_large else ""))
         if report.errors:
             why += f"; first error: {report.errors[0][0]}: {report.errors[0][1]}"
         raise DataError(str(source), f"no usable examples ({why})")
@@ -324,7 +334,7 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
                     truncation: str = "truncate_completion", skip_invalid: bool = False,
                     completion_only_loss: bool = True, split: str = "train",
                     limit: int | None = None, chat_template: str | None = None,
-                    num_proc: int = 1) -> ExampleSet:
+                    num_proc: int = 1, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> ExampleSet:
     """`load_examples` without the cache and the final "no usable examples" check (for check-data)."""
     accepted = formats_for_kind(kind)
     if fmt != "auto" and fmt not in accepted:  # a config mistake: say so before reading
@@ -338,13 +348,16 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
                    completion_only_loss=completion_only_loss)
     report = DataReport(source=str(source))
     examples = []
-    records = itertools.islice(read_records(source, split=split), limit)
+    records = itertools.islice(read_records(source, split=split, max_record_bytes=max_record_bytes), limit)
     numbered = ((index, location, raw) for index, (location, raw) in enumerate(records))
     outcomes = ordered_map(_encoder_for, (tokenizer, chat_template, options), _outcome, numbered, num_proc=num_proc)
     with progress(source) as bar:
         for outcome in outcomes:
             report.num_records += 1
             bar.update(1)
+            if isinstance(outcome, RecordTooLargeError):
+                _drop_too_large(report, outcome)
+                continue
             if isinstance(outcome, DataError):
                 if not skip_invalid or isinstance(outcome, NoChatTemplateError):
                     raise outcome
@@ -371,6 +384,10 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
     if report.num_skipped > MAX_LOGGED_SKIPS:
         log.warning("%s: skipped %d invalid records of %d (the first %d are logged above)",
                     source, report.num_skipped, report.num_records, MAX_LOGGED_SKIPS)
+    if report.num_too_large:
+        log.warning("%s: dropped %d records over data.max_record_bytes %d, unread (the first: %s); "
+                    "raise data.max_record_bytes (0 = no limit) to train on them", source,
+                    report.num_too_large, max_record_bytes, report.first_too_large)
     if report.num_dropped_too_long:
         log.info("%s: dropped %d records longer than max_length %d (%d whose prompt alone fills it)",
                  source, report.num_dropped_too_long, max_length, report.num_prompt_too_long)
@@ -422,6 +439,11 @@ class progress:
         self.bar.close()
         self.seconds = time.perf_counter() - self.start
         return False
+
+
+def _drop_too_large(report: DataReport, err: RecordTooLargeError) -> None:
+    report.num_too_large += 1
+    report.first_too_large = report.first_too_large or err.location
 
 
 def _skip(report: DataReport, err: DataError) -> None:
