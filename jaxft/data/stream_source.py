@@ -62,7 +62,7 @@ class ExampleStream:
         # What this process has read so far (informational: a resume starts counting again).
         self.report = DataReport(source=self.source)
         self._reader: Iterator | None = None
-        self._reader_at = -1  # records of the epoch the open reader has consumed
+        self._reader_at, self._pending = -1, None  # records of the epoch read; one read ahead
         self._set(epoch=0, window=0, records=0, taken=0)
 
     def _set(self, *, epoch: int, window: int, records: int, taken: int) -> None:
@@ -73,27 +73,35 @@ class ExampleStream:
     # -- reading -----------------------------------------------------------------------------
 
     def _open(self, skip: int) -> None:
-        """A reader of this epoch's (index, location, raw record) from record `skip` on."""
+        """A reader of this epoch's (index, (location, raw record)) from record `skip` on."""
         records = enumerate(_records(self.source, self.split))
         self._reader = itertools.islice(records, skip, None)
-        self._reader_at = skip
+        self._reader_at, self._pending = skip, None
+
+    def _read_one(self):
+        """The reader's next record (None at the end); `_reader_at` counts those returned."""
+        item, self._pending = self._pending or next(self._reader, None), None
+        self._reader_at += item is not None
+        return item
 
     def _fill(self) -> None:
-        """Reads and tokenises the current window (up to `window_size` examples), shuffled."""
+        """Reads and tokenises the current window (up to `window_size` examples), shuffled.
+        One raw record is read ahead (not tokenised), so that the last window of the source
+        knows it is the last and the epoch ends with it."""
         if self._reader is None or self._reader_at != self._records:
             self._open(self._records)
         examples: list = []
         while len(examples) < self.window_size:
-            item = next(self._reader, None)
+            item = self._read_one()
             if item is None:
-                self._last = True
                 break
-            self._reader_at += 1
             index, (location, raw) = item
             example = self._example(index, location, raw)
             if example is not None:
                 examples.append(example)
         self._records_after = self._reader_at
+        self._pending = next(self._reader, None)
+        self._last = self._pending is None
         order = seeded_rng(self._seed, _TAG_WINDOW, self._id, self.epoch,
                            self._window_index).permutation(len(examples))
         self._window = [examples[i] for i in order]
@@ -151,14 +159,11 @@ class ExampleStream:
         while len(out) < count:
             if self._window is None:
                 self._fill()
-            if self._taken == len(self._window):
-                ended = self._advance()
-                if ended and stop_at_epoch_end:
-                    return out, True
-                continue
             n = min(count - len(out), len(self._window) - self._taken)
             out += self._window[self._taken:self._taken + n]
             self._taken += n
+            if self._taken == len(self._window) and self._advance() and stop_at_epoch_end:
+                return out, True
         return out, False
 
     def _advance(self) -> bool:
