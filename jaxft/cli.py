@@ -17,7 +17,7 @@ commands:
   sft          supervised fine-tuning:  jaxft sft --config configs/sft.py[:preset] --workdir DIR
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
   export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] [--merge | --adapter] --out DIR
-  generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT
+  generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT [--prompts FILE]
   eval         exact match, repetition, eval loss, preference accuracy: jaxft eval --model DIR --data FILE
   check-data   validate data before training: jaxft check-data FILE --kind sft|dpo, or exactly what a
                run would see: jaxft check-data --config configs/sft.py[:preset] [--config.KEY=VALUE ...]
@@ -155,20 +155,29 @@ def _quickstart(argv):
 
 def _generate(argv):
     p = argparse.ArgumentParser(prog="jaxft generate", description="sample from a Hugging Face model folder")
-    p.add_argument("--model", required=True, help="Hugging Face folder (e.g. WORKDIR/hf)")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--model", required=True, help="Hugging Face folder (WORKDIR/hf; a run's WORKDIR means it)")
+    p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="JSONL records with a 'prompt' or 'messages' (an eval data file works)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--raw", action="store_true", help="no chat template, even if the tokenizer has one")
     a = p.parse_args(argv)
+    from jaxft.eval.generation import read_prompts
     from jaxft.inference.generate import generate_cli
 
-    outputs = generate_cli(a.model, a.prompt, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+    empty = [i for i, text in enumerate(a.prompt, 1) if not text.strip()]
+    if empty:
+        p.error(f"--prompt number {empty[0]} is empty: give the text to continue")
+    prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
+    if not prompts:
+        p.error("give --prompt TEXT (repeatable) and / or --prompts FILE")
+    outputs = generate_cli(a.model, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                            top_k=a.top_k, top_p=a.top_p, chat=False if a.raw else None)
-    for prompt, out in zip(a.prompt, outputs):
-        print(f">>> {prompt}\n{out}\n")
+    for prompt, out in zip(prompts, outputs):
+        print(f">>> {prompt if isinstance(prompt, str) else prompt[-1].get('content')}\n{out}\n")
 
 
 def _eval(argv):
@@ -199,8 +208,10 @@ def _check_data(argv):
         "With --config configs/NAME.py[:preset] [--config.KEY=VALUE ...], checks what that run "
         "would see: its data.train and data.eval, tokenizer, template, format, max_length, "
         "truncation, packing and batch size (the flags below override them)"))
-    p.add_argument("source", nargs="?", default=None,
-                   help="file, glob, save_to_disk folder or hub name (default with --config: data.train)")
+    p.add_argument("source", nargs="*", default=[], metavar="SOURCE_SPEC",
+                   help="what data.train takes: a file, glob, folder, save_to_disk folder, hub name or a "
+                        "weighted mixture 'a.jsonl=2,b.jsonl=1'; several are checked one by one "
+                        "(default with --config: data.train and data.eval)")
     p.add_argument("--kind", choices=("sft", "dpo", "auto"), default=None,
                    help="default: sft, or auto (from the records) with --config")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the config's, else the bundled one)")
@@ -208,48 +219,46 @@ def _check_data(argv):
     p.add_argument("--format", default=None, help="default auto")
     p.add_argument("--truncation", default=None, choices=("truncate_completion", "drop"))
     p.add_argument("--batch-size", type=int, default=None, help="default 32")
+    p.add_argument("--max-record-bytes", type=int, default=None,
+                   help="records over this are dropped unread (default 1048576; 0 = no limit)")
     p.add_argument("--chat-template", default="", help="Jinja template file for tokenizers without one")
     p.add_argument("--workdir", default=None,
                    help="a run's workdir: read (or build) its tokenised cache, WORKDIR/data_cache, unless "
                         "data.cache_dir names another folder")
     a = p.parse_args(argv)
     from jaxft.config import apply_overrides, base_config
-    from jaxft.data.check import check_data, format_check_result
-    from jaxft.data.from_config import cache_dir, load_tokenizer
-    from jaxft.data.parallel import default_num_proc
-    from jaxft.data.mixture import parse_mixture
+    from jaxft.data.check import check_spec, format_check_result, format_mixture
+    from jaxft.data.from_config import load_kwargs, load_tokenizer
 
     if config_args:
         config = _config_flags(config_args, "jaxft check-data", workdir=False).config
         kind = a.kind or "auto"
-    elif a.source is None:
+    elif not a.source:
         raise SystemExit("jaxft check-data: give a data source, or --config configs/NAME.py[:preset]")
     else:
         config = base_config()
         config.data.max_length, config.train.batch_size = 512, 32
         kind = a.kind or "sft"
     flags = {"model.tokenizer": a.tokenizer, "data.max_length": a.max_length, "data.format": a.format,
-             "data.truncation": a.truncation, "train.batch_size": a.batch_size}
+             "data.truncation": a.truncation, "train.batch_size": a.batch_size,
+             "data.max_record_bytes": a.max_record_bytes}
     apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
     if a.chat_template:
         config.data.chat_template = open(a.chat_template).read()
-    if a.source is not None:
-        config.data.train, config.data.eval = a.source, ""
+    specs = [(spec, "data.train") for spec in a.source] or (
+        [(config.data.train, "data.train")] + ([(config.data.eval, "data.eval")] if config.data.eval else []))
     tokenizer = load_tokenizer(config)
-    sources = [src for src, _ in parse_mixture(config.data.train, "data.train")]
-    if config.data.eval:
-        sources += [src for src, _ in parse_mixture(config.data.eval, "data.eval", require_weights=False)]
+    options = {k: v for k, v in load_kwargs(config, a.workdir).items() if k != "skip_invalid"}
     ok = True
-    for source in sources:
-        result = check_data(source, tokenizer, kind=kind, max_length=config.data.max_length,
-                            fmt=config.data.format, truncation=config.data.truncation,
-                            completion_only_loss=config.data.completion_only_loss,
-                            batch_size=config.train.batch_size, packing=config.data.packing,
-                            chat_template=config.data.chat_template or None,
-                            cache_dir=cache_dir(config, a.workdir),
-                            num_proc=config.data.get("num_proc", 0) or default_num_proc())
-        print(format_check_result(result))
-        ok &= result.ok
+    for spec, field in specs:
+        checked = check_spec(spec, tokenizer, kind=kind, field=field, max_length=config.data.max_length,
+                             batch_size=config.train.batch_size, packing=config.data.packing, **options)
+        kind = checked.kind if kind == "auto" else kind  # data.eval is read as data.train's kind
+        for result in checked.results:
+            print(format_check_result(result))
+        if mixture := format_mixture(checked):
+            print(mixture)
+        ok &= checked.ok
     if not ok:
         raise SystemExit(1)
 

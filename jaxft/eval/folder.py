@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from jaxft.eval.generation import evaluate_generation, read_jsonl
 from jaxft.eval.likelihood import eval_loss, preference_eval
 
@@ -16,20 +18,27 @@ def _has_reference_answer(record: dict) -> bool:
 def evaluate_folder(model_dir: str, data_file: str | None = None, *, pairs_file: str | None = None,
              reference_dir: str | None = None, max_new_tokens: int = 128, limit: int | None = None,
              batch_size: int = 16, max_length: int = 512) -> dict:
-    """`jaxft eval`: loads an HF folder (model + tokenizer); on `data_file` (JSONL with
-    "answer" fields) reports eval loss, exact match, repetition ratio and samples; on
-    `pairs_file` (preference data) the preference accuracy (against `reference_dir` too)."""
+    """`jaxft eval`: loads an HF folder (model + tokenizer; a run's workdir stands for its export
+    WORKDIR/hf); on `data_file` (JSONL with "answer" fields) reports eval loss, exact match,
+    repetition ratio and samples; on `pairs_file` (preference data) the preference accuracy
+    (against `reference_dir` too). Bad records fail before any model loads, naming their line."""
     import transformers
 
+    from jaxft.io.folders import model_folder
     from jaxft.models import load_hf
 
     if not data_file and not pairs_file:
         raise ValueError("jaxft eval needs --data (questions with answers) and/or --pairs (preference pairs)")
+    # A run's workdir means its export, WORKDIR/hf; files are checked before any model loads.
+    model_dir = model_folder(model_dir, flag="--model")
+    reference_dir = model_folder(reference_dir, flag="--reference") if reference_dir else None
+    records = read_jsonl(data_file, limit) if data_file else None
+    if pairs_file and not Path(pairs_file).is_file():
+        raise FileNotFoundError(f"--pairs {pairs_file}: the file does not exist")
     model = load_hf(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     out = {}
     if data_file:
-        records = read_jsonl(data_file, limit)
         out.update(evaluate_generation(model, tokenizer, records, max_new_tokens=max_new_tokens,
                                        batch_size=batch_size))
         if all(_has_reference_answer(r) for r in records):  # else there is nothing to score a loss on

@@ -12,20 +12,35 @@ from jaxft.inference.generate import generate_text
 
 def _record_prompt(record: dict, index: int):
     """The prompt of an eval record: a message list without trailing assistant turns, or a string."""
+    prompt, problem = _prompt_of(record)
+    if problem:
+        raise ValueError(f"record {index}: {problem}")
+    return prompt
+
+
+def _prompt_of(record, need_answer: bool = True) -> tuple[str | list | None, str | None]:
+    """(the prompt of an eval record, None) or (None, what is wrong with the record)."""
+    if not isinstance(record, dict):
+        return None, f"expected a JSON object, got {type(record).__name__}"
     if "messages" in record:
-        messages = list(record["messages"])
+        messages = record["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            return None, "'messages' must be a list of {\"role\", \"content\"} objects"
+        messages = list(messages)
         while messages and messages[-1].get("role") == "assistant":
             messages.pop()  # a reference answer in the record is not part of the prompt
         prompt = messages
+        empty = not any(str(m.get("content") or "").strip() for m in messages)
     elif "prompt" in record:
         prompt = record["prompt"]
+        empty = not (prompt.strip() if isinstance(prompt, str) else prompt)
     else:
-        raise ValueError(f"record {index}: needs a 'messages' or 'prompt' field")
-    if not prompt:
-        raise ValueError(f"record {index}: the prompt is empty")
-    if "answer" not in record:
-        raise ValueError(f"record {index}: needs an 'answer' field")
-    return prompt
+        return None, "needs a 'messages' or 'prompt' field"
+    if empty:
+        return None, "the prompt is empty (nothing before the answer to generate from)"
+    if need_answer and "answer" not in record:
+        return None, "needs an 'answer' field"
+    return prompt, None
 
 
 def evaluate_generation(
@@ -64,18 +79,38 @@ def evaluate_generation(
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records of a JSONL file (blank lines skipped), at most `limit` of them."""
-    records = []
+    """Eval records of a JSONL file (blank lines skipped), at most `limit` of them. Each needs a
+    non-empty prompt ('prompt' or 'messages') and an 'answer'; a record that lacks them is a
+    ValueError naming the file and its 1-based line."""
+    return [record for record, _ in _read_records(path, limit, need_answer=True)]
+
+
+def read_prompts(path: str | Path) -> list[str | list[dict]]:
+    """The prompts of a JSONL file of records with a 'prompt' (a string or messages) or
+    'messages' (trailing assistant turns dropped); an eval data file works. An empty prompt is
+    a ValueError naming the file and its 1-based line."""
+    return [prompt for _, prompt in _read_records(path, None, need_answer=False)]
+
+
+def _read_records(path, limit, *, need_answer: bool) -> list[tuple[dict, str | list]]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: the file does not exist" if not Path(path).exists()
+                                else f"{path} is a folder, not a JSONL file")
+    out = []
     with open(path) as f:
         for line_no, line in enumerate(f, 1):
-            if limit and len(records) >= limit:
+            if limit and len(out) >= limit:
                 break
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
-            if "answer" not in records[-1]:
-                raise ValueError(f"{path} line {line_no}: record has no 'answer' field")
-    return records
+            prompt, problem = _prompt_of(record, need_answer)
+            if problem:
+                raise ValueError(f"{path} line {line_no}: {problem}")
+            out.append((record, prompt))
+    if not out:
+        raise ValueError(f"{path}: no records (an empty file?)")
+    return out

@@ -280,15 +280,18 @@ def generate_cli(
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[str]:
-    """`jaxft generate`: loads an HF folder (model + tokenizer) and completes `prompts`.
+    """`jaxft generate`: loads an HF folder (model + tokenizer; a run's workdir stands for its
+    export WORKDIR/hf) and completes `prompts`.
 
     chat=None: string prompts become user messages under the chat template when the
     tokenizer has one (chat models), and are completed as raw text otherwise.
     """
     import transformers
 
+    from jaxft.io.folders import model_folder
     from jaxft.models import load_hf
 
+    model_dir = model_folder(model_dir, flag="--model")  # a run's workdir means its export, WORKDIR/hf
     model = load_hf(model_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     if chat is None:

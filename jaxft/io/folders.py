@@ -10,6 +10,7 @@ into a run's workdir by mistake. Pure pathlib and json: the config's start-up va
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 RUN_CONFIG = "config.json"  # a workdir's saved run config (io/checkpoint.py writes it)
@@ -82,6 +83,7 @@ def model_folder(path: str | Path, *, flag: str = "--model") -> Path:
     path = Path(path)
     if is_workdir(path):
         if is_model_folder(path / RUN_EXPORT):
+            logging.getLogger("jaxft").info("%s is a run's workdir: using its export %s", path, path / RUN_EXPORT)
             return path / RUN_EXPORT
         if (path / RUN_ADAPTER / PEFT_CONFIG).is_file():
             raise ValueError(
