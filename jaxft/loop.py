@@ -61,6 +61,13 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+def _not_a_ctrl_c(record: logging.LogRecord) -> bool:
+    """A logging filter: drops a library's error report of the KeyboardInterrupt the user asked
+    for (Orbax logs the traceback of a wait it interrupts before re-raising it)."""
+    kind = record.exc_info[0] if record.exc_info else None
+    return not (kind is not None and issubclass(kind, KeyboardInterrupt))
+
+
 class StopFlag:
     """Set by SIGTERM or a first SIGINT; checked at step boundaries. A second SIGINT raises
     KeyboardInterrupt at once (the user does not want to wait for the save)."""
@@ -88,11 +95,13 @@ class StopFlag:
             self._previous = {s: signal.signal(s, handler) for s in self.SIGNALS}
         except ValueError:  # not the main thread (e.g. a notebook worker): no handler
             self._previous = {}
+        logging.getLogger("absl").addFilter(_not_a_ctrl_c)  # Orbax logs through absl
 
     def restore(self):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+        logging.getLogger("absl").removeFilter(_not_a_ctrl_c)
 
     def stopped(self, step: int) -> Preempted:
         """The exception that ends the run after the stop's checkpoint of `step` is written."""
