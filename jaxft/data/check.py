@@ -5,6 +5,10 @@ settings) but keeps going past bad records, then summarises: records per format,
 lengths, truncation and drops, the padding a run would carry with and without packing, and
 the first errors with their coordinates. `format_check_result` renders that for the CLI,
 which exits non-zero when `result.ok` is False.
+
+`check_spec` takes what `data.train` takes (one source, a glob, a folder, or a weighted mixture
+"a.jsonl=2,b.jsonl=1"), checks each source with one kind for all (training has one), and
+`format_mixture` adds what the mixture draws from each.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import numpy as np
 
 from jaxft.data.batch import PreferenceExample
 from jaxft.data.formats import DPO_FORMATS, DataError, detect_format
+from jaxft.data.mixture import parse_mixture
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, read_records
 from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_cached, tokenize_source
 
@@ -105,10 +110,75 @@ def check_data(source: str, tokenizer, *, kind: str, max_length: int, fmt: str =
     return result
 
 
+@dataclasses.dataclass
+class MixtureCheck:
+    """`check_spec`'s outcome: the spec, its sources' weights (summing to 1) and results."""
+    spec: str
+    field: str
+    kind: str
+    weights: list[float]
+    results: list[CheckResult]
+
+    @property
+    def ok(self) -> bool:
+        """True when every source trains as is (training refuses a source with no example)."""
+        return all(r.ok for r in self.results)
+
+
+def check_spec(spec: str, tokenizer, *, kind: str, field: str = "data.train", **options) -> MixtureCheck:
+    """`check_data` on every source of `spec`, a `data.train` value (or, with field="data.eval",
+    a comma list whose weights may be left out), all with one kind: `kind`, or for "auto" the
+    kind of the first source whose records tell. `options`: those of `check_data`.
+
+    Raises:
+      ValueError: `spec` is not valid mixture syntax (naming `field`).
+    """
+    mixture = parse_mixture(spec, field, require_weights=field == "data.train")
+    if kind == "auto":
+        kind = _guess_mixture_kind([source for source, _ in mixture], options)
+    results = [check_data(source, tokenizer, kind=kind, **options) for source, _ in mixture]
+    return MixtureCheck(spec, field, kind, [w for _, w in mixture], results)
+
+
+def _guess_mixture_kind(sources: list[str], options: dict) -> str:
+    guess_options = {k: options[k] for k in ("split", "fmt", "max_record_bytes") if k in options}
+    for source in sources:
+        try:
+            return guess_kind(source, peek=100, **guess_options, strict=True)
+        except (DataError, LookupError):  # unreadable or no recognisable record: the next one
+            continue
+    return "sft"
+
+
+def format_mixture(check: MixtureCheck) -> str:
+    """What a mixture of several sources draws from each, ending in OK or FAILED ("" for one
+    source: its own result says it all). Draws follow the weights (`mixture.DrawStream`); a
+    source's tokens per draw are its kept tokens per example."""
+    if len(check.results) < 2:
+        return ""
+    means = [r.report.num_tokens / r.report.num_examples if r.report.num_examples else 0.0
+             for r in check.results]
+    drawn = sum(w * m for w, m in zip(check.weights, means)) or 1.0
+    lines = [f"mixture {check.field}={check.spec} ({check.kind}, {len(check.results)} sources, "
+             f"{sum(r.report.num_examples for r in check.results)} examples)",
+             f"  {'weight':>7}  {'examples':>9}  {'tokens/example':>14}  {'share of tokens':>15}  "
+             f"{'draws per epoch':>15}  source"]
+    for r, w, m in zip(check.results, check.weights, means):
+        n = r.report.num_examples
+        per_epoch = f"{n / w:,.1f}" if n else "-"
+        lines.append(f"  {w:>7.1%}  {n:>9,}  {m:>14.1f}  {w * m / drawn:>15.1%}  {per_epoch:>15}  {r.source}")
+    lines.append("  (draws per epoch: examples drawn from the whole mixture per pass over that source)")
+    failed = [r.source for r in check.results if not r.ok]
+    lines.append("mixture OK" if not failed else f"mixture FAILED: {', '.join(failed)} "
+                                                 f"{'does' if len(failed) == 1 else 'do'} not check out (above)")
+    return "\n".join(lines)
+
+
 def guess_kind(source: str, *, split: str = "train", fmt: str = "auto", peek: int = 100,
-               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str:
+               max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, strict: bool = False) -> str:
     """"dpo" if the first of `peek` records whose format is recognised is a preference
-    record (or `fmt` names a preference format), else "sft"."""
+    record (or `fmt` names a preference format), else "sft" (`strict`: LookupError instead
+    when no record is recognised). DataError when the source cannot be read."""
     if fmt != "auto":
         return "dpo" if fmt in DPO_FORMATS else "sft"
     records = read_records(source, split=split, max_record_bytes=max_record_bytes)
@@ -117,6 +187,8 @@ def guess_kind(source: str, *, split: str = "train", fmt: str = "auto", peek: in
             return "dpo" if detect_format(record, location) in DPO_FORMATS else "sft"
         except DataError:
             continue
+    if strict:
+        raise LookupError(f"{source}: none of its first {peek} records has a known format")
     return "sft"
 
 
