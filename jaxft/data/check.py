@@ -160,7 +160,7 @@ def format_mixture(check: MixtureCheck) -> str:
              for r in check.results]
     drawn = sum(w * m for w, m in zip(check.weights, means)) or 1.0
     lines = [f"mixture {check.field}={check.spec} ({check.kind}, {len(check.results)} sources, "
-             f"{sum(r.report.num_examples for r in check.results)} examples)",
+             f"{sum(r.report.num_examples for r in check.results):,} examples)",
              f"  {'weight':>7}  {'examples':>9}  {'tokens/example':>14}  {'share of tokens':>15}  "
              f"{'draws per epoch':>15}  source"]
     for r, w, m in zip(check.results, check.weights, means):
