@@ -249,11 +249,13 @@ def _check_data(argv):
         [(config.data.train, "data.train")] + ([(config.data.eval, "data.eval")] if config.data.eval else []))
     tokenizer = load_tokenizer(config)
     options = {k: v for k, v in load_kwargs(config, a.workdir).items() if k != "skip_invalid"}
-    ok = True
+    ok, train_kind = True, kind
     for spec, field in specs:
-        checked = check_spec(spec, tokenizer, kind=kind, field=field, max_length=config.data.max_length,
-                             batch_size=config.train.batch_size, packing=config.data.packing, **options)
-        kind = checked.kind if kind == "auto" else kind  # data.eval is read as data.train's kind
+        # data.eval is read with data.train's kind; several SOURCE_SPECs are each their own.
+        checked = check_spec(spec, tokenizer, kind=train_kind if field == "data.eval" else kind, field=field,
+                             max_length=config.data.max_length, batch_size=config.train.batch_size,
+                             packing=config.data.packing, **options)
+        train_kind = checked.kind if field == "data.train" else train_kind
         for result in checked.results:
             print(format_check_result(result))
         if mixture := format_mixture(checked):

@@ -217,6 +217,10 @@ def test_check_data_takes_several_specs_as_a_shell_glob_gives_them(sources, caps
     cli.main(["check-data", f"{sources}/math/p1.jsonl", f"{sources}/math/p2.jsonl", f"{sources}/docs.jsonl"])
     out = capsys.readouterr().out
     assert out.count("check-data ") == 3 and out.count("\nOK") == 3 and "mixture" not in out
+    # Each spec is its own run: with --kind auto each gets the kind of its records.
+    cli.main(["check-data", "--kind", "auto", f"{sources}/docs.jsonl", f"{sources}/pairs.jsonl"])
+    out = capsys.readouterr().out
+    assert f"check-data {sources}/pairs.jsonl (dpo, max_length 512)" in out and out.count("\nOK") == 2
 
 
 def test_a_mixture_is_checked_with_one_kind(sources, capsys):
