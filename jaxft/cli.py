@@ -47,15 +47,54 @@ def _config_flags(argv, prog, *, workdir: bool):
     if workdir:
         flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, export; reused = resume",
                             flag_values=fv)
+    spec = _config_spec(argv)
+    if spec and not os.path.isfile(spec.split(":", 1)[0]):
+        # ml_collections would defer this to the first use of the config, as a traceback.
+        raise SystemExit(f"{prog}: --config {spec}: config file {spec.split(':', 1)[0]} not found")
     try:
         fv(argv)
     except flags.Error as err:
-        raise SystemExit(f"{prog}: {err}")
+        raise SystemExit(f"{prog}: {_flag_error(err)}")
     except (AttributeError, KeyError, TypeError, ValueError) as err:  # a bad --config.KEY=VALUE
         raise SystemExit(f"{prog}: {_override_error(err, argv)}")
+    except Exception as err:  # the config file itself fails (SyntaxError, NameError, ...)
+        raise SystemExit(f"{prog}: --config {spec}: {_config_file_error(err, spec)}")
     if fv.config is None or (workdir and fv.workdir is None):
         raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
     return fv
+
+
+def _config_spec(argv) -> str | None:
+    """The FILE[:arg] of --config in `argv` (None without one)."""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _flag_error(err: BaseException) -> str:
+    """absl's flag error in one line. An exception raised by the config file's get_config (an
+    unknown preset) arrives as "Error whilst parsing config file:" and its whole traceback: keep
+    the flag and the exception's last line."""
+    message = str(err)
+    if "Error whilst parsing config file" in message:
+        flag = message.split(": Error whilst parsing", 1)[0]
+        last = next(line for line in reversed(message.splitlines()) if line.strip())
+        return f"{flag}: {last.strip()}"
+    return " ".join(message.split())
+
+
+def _config_file_error(err: BaseException, spec: str | None) -> str:
+    """An exception raised while running a config file, with the line of the file it came from."""
+    import traceback
+
+    path = os.path.abspath((spec or "").split(":", 1)[0])
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if os.path.abspath(f.filename) == path]
+    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (frames[-1].lineno if frames else None)
+    where = f"line {line}: " if line else ""
+    return f"{where}{type(err).__name__}: {' '.join(str(getattr(err, 'msg', None) or err).split())}"
 
 
 def _override_error(err: BaseException, argv) -> str:
@@ -188,7 +227,7 @@ def _eval(argv):
     p.add_argument("--data", default=None, help="JSONL records with an 'answer' field")
     p.add_argument("--pairs", default=None, help="preference pairs (prompt/chosen/rejected)")
     p.add_argument("--reference", default=None, help="reference model for implicit-reward accuracy")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N records")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--max-length", type=int, default=512)
     a = p.parse_args(argv)
@@ -199,6 +238,12 @@ def _eval(argv):
     result = evaluate_folder(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
                              max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
     print(json.dumps(result, indent=2))
+
+
+def _positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _check_data(argv):
@@ -268,7 +313,7 @@ def _check_data(argv):
 def _bench(argv):
     p = argparse.ArgumentParser(prog="jaxft bench", description=(
         "SFT and DPO step throughput on the same tokens, measured side by side in one process "
-        "(interleaved rounds, best of each); --compare torch times transformers + PyTorch too"))
+        "(interleaved rounds, best of each); --compare torch / tunix times transformers + PyTorch / Tunix too"))
     p.add_argument("--preset", default="tiny", help="model architecture (jaxft.models.PRESETS), e.g. bench")
     p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
     p.add_argument("--lengths", "--length", default="256",
@@ -282,7 +327,7 @@ def _bench(argv):
     p.add_argument("--attention", default=None,
                    help="attention backend (model.attention: auto, reference, blockwise, xla, ...)")
     p.add_argument("--compare", action="append", default=[], choices=("torch", "tunix"),
-                   help="also time the same steps in transformers + PyTorch (torch) or Tunix")
+                   help="also time the same steps in transformers + PyTorch (torch) or Tunix (tunix); repeatable")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="also time LoRA steps of this rank (SFT, and DPO with the adapters-off reference)")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
@@ -430,12 +475,27 @@ def main(argv=None) -> None:
         raise SystemExit(f"jaxft: unknown command {argv[0]!r}\n\n{USAGE}")
     try:
         command(argv[1:])
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        # Our errors name the file, record or config key to fix: show them without a
-        # traceback unless asked.
+    except Exception as err:
         if os.environ.get("JAXFT_TRACEBACK"):
             raise
-        raise SystemExit(f"jaxft {argv[0]}: error: {err}\n(set JAXFT_TRACEBACK=1 for the traceback)")
+        if isinstance(getattr(err, "exit_code", None), int):  # Preempted out of a sweep or the quickstart
+            print(err, file=sys.stderr)
+            raise SystemExit(err.exit_code)
+        raise SystemExit(error_line(f"jaxft {argv[0]}", err) + "\n(set JAXFT_TRACEBACK=1 for the traceback)")
+
+
+# Errors that jaxft raises to name the file, record, flag or config key to fix (OSError: a path
+# that is missing, unreadable or a folder, named by Python). Anything else is a bug.
+EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """One line for `err`: its message (whitespace collapsed), or, for an exception jaxft did
+    not mean to raise, its type and message marked as unexpected."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, EXPECTED_ERRORS):
+        return f"{prog}: error: {message}"
+    return f"{prog}: error: unexpected {type(err).__name__}: {message} (a jaxft bug: please report it)"
 
 
 if __name__ == "__main__":

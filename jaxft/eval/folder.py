@@ -6,6 +6,7 @@ from pathlib import Path
 
 from jaxft.eval.generation import evaluate_generation, read_jsonl
 from jaxft.eval.likelihood import eval_loss, preference_eval
+from jaxft.inference.generate import load_folder
 
 
 def _has_reference_answer(record: dict) -> bool:
@@ -22,21 +23,19 @@ def evaluate_folder(model_dir: str, data_file: str | None = None, *, pairs_file:
     WORKDIR/hf); on `data_file` (JSONL with "answer" fields) reports eval loss, exact match,
     repetition ratio and samples; on `pairs_file` (preference data) the preference accuracy
     (against `reference_dir` too). Bad records fail before any model loads, naming their line."""
-    import transformers
-
     from jaxft.io.folders import model_folder
     from jaxft.models import load_hf
 
     if not data_file and not pairs_file:
         raise ValueError("jaxft eval needs --data (questions with answers) and/or --pairs (preference pairs)")
-    # A run's workdir means its export, WORKDIR/hf; files are checked before any model loads.
-    model_dir = model_folder(model_dir, flag="--model")
+    if reference_dir and not pairs_file:
+        raise ValueError("--reference scores preference pairs against a reference model: give --pairs too")
+    # Files are checked before any model loads (a run's workdir means its export, WORKDIR/hf).
     reference_dir = model_folder(reference_dir, flag="--reference") if reference_dir else None
     records = read_jsonl(data_file, limit) if data_file else None
     if pairs_file and not Path(pairs_file).is_file():
         raise FileNotFoundError(f"--pairs {pairs_file}: the file does not exist")
-    model = load_hf(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_folder(model_dir, flag="--model")
     out = {}
     if data_file:
         out.update(evaluate_generation(model, tokenizer, records, max_new_tokens=max_new_tokens,

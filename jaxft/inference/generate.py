@@ -286,17 +286,28 @@ def generate_cli(
     chat=None: string prompts become user messages under the chat template when the
     tokenizer has one (chat models), and are completed as raw text otherwise.
     """
-    import transformers
-
-    from jaxft.io.folders import model_folder
-    from jaxft.models import load_hf
-
-    model_dir = model_folder(model_dir, flag="--model")  # a run's workdir means its export, WORKDIR/hf
-    model = load_hf(model_dir)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = load_folder(model_dir)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
     return generate_text(
         model, tokenizer, prompts, chat=chat, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
     )
+
+
+def load_folder(path: str, *, flag: str = "--model"):
+    """(jaxft model, tokenizer) of a Hugging Face model folder; a run's workdir stands for its
+    export WORKDIR/hf. Errors name `flag` and the folder (a missing or damaged file, which)."""
+    import transformers
+
+    from jaxft.io.folders import model_folder
+    from jaxft.models import load_hf
+
+    folder = model_folder(path, flag=flag)
+    try:  # first: it is cheap, and a folder without tokenizer files should fail before the weights load
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{flag} {folder}: cannot load its tokenizer ({' '.join(str(err).split())[:300]}); a "
+                         "model folder needs the tokenizer files jaxft export writes (tokenizer.json, "
+                         "tokenizer_config.json)") from err
+    return load_hf(folder), tokenizer
