@@ -6,8 +6,9 @@ loss), for each length in `lengths`, times jaxft's step kinds:
   sft_chunked_ce    the SFT step with chunked cross-entropy (train.loss_chunk_size)
   dpo               the DPO step with a precomputed reference table (no reference forward)
   dpo_reference     the DPO step with a reference forward per step
-and, with `compare=("torch",)`, the same model in transformers + PyTorch (`jaxft.bench_torch`:
-its SFT step and its DPO step with a reference forward) in alternating rounds. Every kind
+and, with `compare=("torch", "tunix")`, the same model in transformers + PyTorch
+(`jaxft.bench_torch`) and in Tunix (`jaxft.bench_tunix`): each library's SFT step and DPO step
+with a reference forward, in the same alternating rounds. Every kind
 reports tokens/s, step time, MFU (known accelerators only), the first call's time (compile +
 one step) and the compiled step's peak memory (XLA's memory analysis, per device).
 
@@ -18,6 +19,7 @@ configured attention backend) and the steps' own jit with shardings and donation
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import math
 import time
@@ -45,10 +47,14 @@ KINDS = ("sft", "sft_chunked_ce", "dpo", "dpo_reference")
 # With --lora RANK: the LoRA SFT step (adapters train, the base is frozen) and DPO with adapters,
 # its reference the base with the adapters off (a live forward, no second copy).
 LORA_KINDS = ("sft_lora", "dpo_lora")
-# Each jaxft kind against the PyTorch step a plain PyTorch loop would run for it: DPO with a
-# precomputed reference is compared with PyTorch's DPO step with its reference forward.
-VERSUS_TORCH = {"sft": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
-COMPARE = ("torch", "tunix")
+# Each jaxft kind against the step another library's loop would run for it: DPO with a
+# precomputed reference is compared with their DPO step with its reference forward.
+VERSUS = {"sft": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
+# The libraries `compare` times (each its SFT step and its DPO step with a reference forward):
+# name -> (module with check_available() and the bench class, that class).
+LIBRARIES = {"torch": ("jaxft.bench_torch", "TorchBench"), "tunix": ("jaxft.bench_tunix", "TunixBench")}
+COMPARE = tuple(LIBRARIES)
+LIBRARY_NAMES = {"torch": "PyTorch", "tunix": "Tunix"}
 _ROUND_S = 1.0  # steps=None: about this long a round per kind (1 to 5 steps)
 _MAX_AUTO_STEPS = 5
 log = logging.getLogger(__name__)
@@ -114,8 +120,9 @@ def _jax_case(jitted, holder: dict, *args) -> Case:
     return Case(run, compile_s, _peak_bytes(compiled))
 
 
-def _torch_case(step: Callable[[], None]) -> Case:
-    """A PyTorch step (eager, synchronous on CPU); `compile_s` is its first, eager step."""
+def _host_case(step: Callable[[], None]) -> Case:
+    """Another library's step (a call that returns when the step is done); `compile_s` is its
+    first call (PyTorch: eager; Tunix: trace + compile + one step)."""
     start = time.perf_counter()
     step()
     compile_s = time.perf_counter() - start
@@ -153,22 +160,19 @@ def _summary(seconds: float, steps: int, case: Case, tokens: int, mfu_per_token:
     }
 
 
+def _library(name: str):
+    """(the module benching library `name`, its bench class)."""
+    module, bench_class = LIBRARIES[name]
+    module = importlib.import_module(module)
+    return module, getattr(module, bench_class)
+
+
 def _check_compare(compare: Sequence[str]) -> None:
     """Raises, naming what to install, if a comparison cannot run."""
     for name in compare:
         if name not in COMPARE:
             raise ValueError(f"--compare {name!r}: choose from {', '.join(COMPARE)}")
-    if "tunix" in compare:
-        try:
-            import tunix  # noqa: F401
-        except ImportError:
-            raise RuntimeError("--compare tunix: Tunix is not installed (pip install google-tunix)") from None
-        raise RuntimeError("--compare tunix: Tunix is installed, but jaxft bench does not drive its "
-                           "trainers yet; use --compare torch")
-    if "torch" in compare:
-        from jaxft.bench_torch import check_available
-
-        check_available()
+        _library(name)[0].check_available()
 
 
 def _lora_cases(cfg, rank: int, base, tx, schedule, mesh) -> Callable[[dict, dict], dict[str, Case]]:
@@ -201,8 +205,8 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
       peak_bytes, compile_s, steps_per_round, ratio_to_sft}   (the first length's),
      "lengths": {"256": {kind: ...}, ...}, "scaling": {kind: tokens/s longest / shortest},
      "device": {...}, "config": {...},
-     "compare": {"torch": {"lengths": {"256": {"sft" | "dpo_reference": {...},
-                 "ratio": {kind: jaxft tokens/s / torch tokens/s}}}, "sft", "dpo_reference",
+     "compare": {"torch" | "tunix": {"lengths": {"256": {"sft" | "dpo_reference": {...},
+                 "ratio": {kind: jaxft tokens/s / theirs}}}, "sft", "dpo_reference",
                  "ratio" (the first length's), "scaling", "library"}}}.
 
     steps: per timed round; None picks 1-5 per kind (about a second a round). mfu is None off
@@ -223,13 +227,11 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
     mesh = sharding.make_mesh(data=-1)
     rows_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     peak_flops = device_peak_flops()
-    torch_bench = None
-    if "torch" in compare:
-        from jaxft.bench_torch import TorchBench
+    others = {}  # library -> its bench, on the same architecture
+    for name in dict.fromkeys(compare):
+        others[name] = _library(name)[1](cfg)
 
-        torch_bench = TorchBench(cfg)
-
-    report = {"lengths": {}, "compare": {"torch": {"lengths": {}}} if torch_bench else {}}
+    report = {"lengths": {}, "compare": {name: {"lengths": {}} for name in others}}
     with jax.set_mesh(mesh):
         model = create_model(cfg, seed=0, mesh=mesh)
         graphdef, params = split_params(model)
@@ -261,9 +263,9 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
                 cases[name] = _jax_case(step, holder, ref, batch)
             if lora_cases:
                 cases.update(lora_cases(sft_batch, batch))
-            if torch_bench:  # after jaxft's, in the same rounds: alternating jaxft / torch
-                for name, fn in torch_bench.cases(host).items():
-                    cases[f"torch/{name}"] = _torch_case(fn)
+            for library, other in others.items():  # after jaxft's, in the same rounds: alternating
+                for name, fn in other.cases(host).items():
+                    cases[f"{library}/{name}"] = _host_case(fn)
 
             log.info("bench: %d tokens: first calls (compile + one step) %s", length,
                      ", ".join(f"{n} {c.compile_s:.1f} s" for n, c in cases.items()))
@@ -276,21 +278,21 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
             for r in row.values():
                 r["ratio_to_sft"] = r["step_time"] / row["sft"]["step_time"]
             report["lengths"][str(length)] = row
-            if torch_bench:
-                theirs = {name: _summary(*measured[f"torch/{name}"], cases[f"torch/{name}"], tokens, None)
+            for library in others:
+                theirs = {name: _summary(*measured[f"{library}/{name}"], cases[f"{library}/{name}"], tokens, None)
                           for name in ("sft", "dpo_reference")}
                 theirs["ratio"] = {kind: row[kind]["tokens_per_sec"] / theirs[vs]["tokens_per_sec"]
-                                   for kind, vs in VERSUS_TORCH.items()}
-                report["compare"]["torch"]["lengths"][str(length)] = theirs
+                                   for kind, vs in VERSUS.items()}
+                report["compare"][library]["lengths"][str(length)] = theirs
 
     first, last = str(lengths[0]), str(lengths[-1])
     report.update(report["lengths"][first])  # top-level entries: the first length
     report["scaling"] = _scaling(report["lengths"], first, last, kinds)
-    if torch_bench:
-        torch_report = report["compare"]["torch"]
-        torch_report.update(torch_report["lengths"][first])
-        torch_report["scaling"] = _scaling(torch_report["lengths"], first, last, ("sft", "dpo_reference"))
-        torch_report["library"] = torch_bench.description
+    for library, other in others.items():
+        theirs = report["compare"][library]
+        theirs.update(theirs["lengths"][first])
+        theirs["scaling"] = _scaling(theirs["lengths"], first, last, ("sft", "dpo_reference"))
+        theirs["library"] = other.description
     device = jax.devices()[0]
     report["device"] = {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
     report["config"] = {
@@ -319,14 +321,14 @@ def _mib(n) -> str:
 
 
 def format_bench(report: dict) -> str:
-    """The report of `run_bench` as Markdown: one table per length (and PyTorch's beside it
-    with `compare`), then tokens/s at the longest length relative to the shortest."""
+    """The report of `run_bench` as Markdown: one table per length (and each compared
+    library's beside it), then tokens/s at the longest length relative to the shortest."""
     c, d = report["config"], report["device"]
     m = c["model"]
     out = [f"{c['preset']} ({m['num_params'] / 1e6:.1f}M params, {m['compute_dtype']}, "
            f"{c['attention_backend']} attention), batch {c['batch_size']} rows, "
            f"{d['count']} x {d['kind']}, best of {c['rounds']} rounds"]
-    torch = report["compare"].get("torch")
+    others = {LIBRARY_NAMES[name]: theirs for name, theirs in report["compare"].items()}
     for length, row in report["lengths"].items():
         out += ["", f"### {length} tokens", "",
                 "| step | ms/step | tokens/s | x sft | MFU | first call s | peak MiB |",
@@ -339,11 +341,11 @@ def format_bench(report: dict) -> str:
             out += ["", f"LoRA: the sft_lora step takes {row['sft_lora']['ratio_to_sft']:.2f}x the full sft step "
                         f"({1 / row['sft_lora']['ratio_to_sft']:.2f}x faster); dpo_lora takes "
                         f"{row['dpo_lora']['step_time'] / row['sft_lora']['step_time']:.2f}x sft_lora"]
-        if torch:
-            theirs = torch["lengths"][length]
-            out += ["", "| jaxft step | vs PyTorch step | PyTorch ms/step | PyTorch tokens/s | jaxft tokens/s "
-                        "| jaxft / PyTorch |", "|---|---|---|---|---|---|"]
-            for kind, vs in VERSUS_TORCH.items():
+        for lib, theirs in others.items():
+            theirs = theirs["lengths"][length]
+            out += ["", f"| jaxft step | vs {lib} step | {lib} ms/step | {lib} tokens/s | jaxft tokens/s "
+                        f"| jaxft / {lib} |", "|---|---|---|---|---|---|"]
+            for kind, vs in VERSUS.items():
                 t = theirs[vs]
                 out.append(f"| {_LABELS[kind]} | {vs} | {1000 * t['step_time']:,.1f} | {t['tokens_per_sec']:,.0f} "
                            f"| {row[kind]['tokens_per_sec']:,.0f} | {theirs['ratio'][kind]:.2f}x |")
@@ -351,15 +353,14 @@ def format_bench(report: dict) -> str:
         first, last = list(report["lengths"])[0], list(report["lengths"])[-1]
         out += ["", f"### tokens/s at {last} relative to {first}", "",
                 f"| step | jaxft {first} | jaxft {last} | jaxft {last} / {first} |"
-                + (f" PyTorch {last} / {first} |" if torch else ""),
-                "|---|---|---|---|" + ("---|" if torch else "")]
+                + "".join(f" {lib} {last} / {first} |" for lib in others),
+                "|---|---|---|---|" + "---|" * len(others)]
         for kind in report["scaling"]:
             line = (f"| {_LABELS[kind]} | {report['lengths'][first][kind]['tokens_per_sec']:,.0f} | "
                     f"{report['lengths'][last][kind]['tokens_per_sec']:,.0f} | {report['scaling'][kind]:.2f} |")
-            if torch:
-                vs = VERSUS_TORCH.get(kind)
-                line += f" {torch['scaling'][vs]:.2f} ({vs}) |" if vs else " |"
+            vs = VERSUS.get(kind)
+            line += "".join(f" {theirs['scaling'][vs]:.2f} ({vs}) |" if vs else " |" for theirs in others.values())
             out.append(line)
-    if torch:
-        out += ["", f"PyTorch: {torch['library']}; same model sizes, batch and loss masks."]
+    for lib, theirs in others.items():
+        out += ["", f"{lib}: {theirs['library']}; same model sizes, batch and loss masks."]
     return "\n".join(out)

@@ -84,10 +84,37 @@ def test_tables_are_printed(bench):
         assert text in printed
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tunix") is not None, reason="Tunix is installed")
+HAS_TUNIX = importlib.util.find_spec("tunix") is not None
+
+
+@pytest.mark.skipif(HAS_TUNIX, reason="Tunix is installed")
 def test_missing_tunix_is_a_clear_error():
-    with pytest.raises(SystemExit, match="Tunix is not installed"):
+    with pytest.raises(SystemExit, match="--compare tunix needs Tunix"):
         cli.main(["bench", "--compare", "tunix"])
+
+
+@pytest.mark.skipif(not HAS_TUNIX, reason="needs Tunix (CI installs it: .ci/run)")
+def test_tunix_steps_train_the_same_architecture():
+    """Tunix's model has jaxft's sizes, and each timed call is a real training step."""
+    import jax
+    from flax import nnx
+
+    from jaxft.bench import _batch
+    from jaxft.bench_tunix import TunixBench
+    from jaxft.models import get_preset
+
+    cfg = get_preset("tiny").replace(num_layers=1)
+    tunix = TunixBench(cfg)
+    assert sum(x.size for x in jax.tree.leaves(nnx.state(tunix.sft_trainer.model, nnx.Param))) == cfg.num_params()
+    cases = tunix.cases(_batch(4, 16, cfg.vocab_size))
+    assert set(cases) == {"sft", "dpo_reference"}
+    for name, trainer in (("sft", tunix.sft_trainer), ("dpo_reference", tunix.dpo_trainer)):
+        before = jax.tree.map(lambda x: x.copy(), nnx.state(trainer.model, nnx.Param))
+        cases[name]()
+        after = nnx.state(trainer.model, nnx.Param)
+        assert any(not (a == b).all() for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after))), name
+    reference = nnx.state(tunix.dpo_trainer.ref_model, nnx.Param)  # frozen: as initialised
+    assert all((a == b).all() for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(before)))
 
 
 def test_bad_backend_or_missing_torch_fail_before_timing(monkeypatch):

@@ -89,9 +89,10 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str | Path, *, only: Sequence[str]
         unknown = sorted(set(only) - {r.name for r in ordered})
         if unknown:
             raise ValueError(f"--only {', '.join(unknown)}: not runs of this sweep ({', '.join(r.name for r in ordered)})")
-    for r in ordered:  # every run's config errors before the first run starts
+    configs = {}  # every run's config errors before the first run starts
+    for r in ordered:
         try:
-            jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir))
+            configs[r.name] = jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir))
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"sweep run {r.name!r}: {err}") from err
     _write(sweep_dir / "sweep.json", {"runs": [{"name": r.name, **_settings(r)} for r in ordered]})
@@ -113,9 +114,8 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str | Path, *, only: Sequence[str]
         record = {"name": r.name, "settings": _settings(r), "status": "running"}
         start = time.perf_counter()
         try:
-            config = jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir))
             _write(workdir / RECORD, record)
-            train(config, workdir, kind=r.kind)
+            train(configs[r.name], workdir, kind=r.kind)
         except Preempted:
             raise  # the job is being stopped: the launcher reruns the sweep, which resumes here
         except Exception as err:  # noqa: BLE001 - recorded, reported, and the sweep goes on
