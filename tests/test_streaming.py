@@ -226,6 +226,32 @@ def test_two_hosts_take_their_slices_of_the_one_host_batch(tmp_path, tokenizer, 
             assert sorted(_keys(parts[0])) == sorted(_keys(whole))
 
 
+def test_a_hub_name_is_streamed_not_downloaded(tmp_path, tokenizer, monkeypatch):
+    """The hub branch (offline here: a stand-in `datasets`) asks for streaming=True and
+    feeds the same windows; its records are located as name[split] index i."""
+    import sys
+    import types
+
+    records = [json.loads(line) for line in open(_write(tmp_path / "hub.jsonl", 12))]
+    calls = []
+
+    def load_dataset(name, *, split, streaming=False):
+        calls.append((name, split, streaming))
+        return iter(records)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    it = _stream("someorg/somedata", tokenizer, packing=False)
+    keys = []
+    while it.epoch < 1:
+        keys += _keys(next(it))
+    assert sorted(keys) == list(range(12))
+    assert calls and all(call == ("someorg/somedata", "train", True) for call in calls)
+    records[3] = {"prompt": 5}
+    with pytest.raises(ValueError, match=r"someorg/somedata\[train\] index 3"):
+        for _ in range(10):
+            next(it)
+
+
 # --- errors ---------------------------------------------------------------------------------------
 
 
