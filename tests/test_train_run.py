@@ -234,7 +234,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     assert steps_logged(tmp_path) == [r["step"] for r in rows] == [1, 2]  # skipped steps get no row
     assert latest_step(tmp_path) == 2
     # The last good checkpoint restores (the skipped steps never reached it).
-    params = load_file(str(export_checkpoint(tmp_path, tmp_path / "hf") / "model.safetensors"))
+    params = load_file(str(export_checkpoint(tmp_path, tmp_path.parent / f"{tmp_path.name}-hf") / "model.safetensors"))
     assert all(np.isfinite(p).all() for p in params.values())
 
 
