@@ -58,7 +58,9 @@ def _config_flags(argv, prog, *, workdir: bool):
     except (AttributeError, KeyError, TypeError, ValueError) as err:  # a bad --config.KEY=VALUE
         raise SystemExit(f"{prog}: {_override_error(err, argv)}")
     except Exception as err:  # the config file itself fails (SyntaxError, NameError, ...)
-        raise SystemExit(f"{prog}: --config {spec}: {_config_file_error(err, spec)}")
+        from jaxft.config import config_file_error
+
+        raise SystemExit(f"{prog}: --config {spec}: {config_file_error(err, (spec or '').split(':', 1)[0])}")
     if fv.config is None or (workdir and fv.workdir is None):
         raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
     return fv
@@ -84,17 +86,6 @@ def _flag_error(err: BaseException) -> str:
         last = next(line for line in reversed(message.splitlines()) if line.strip())
         return f"{flag}: {last.strip()}"
     return " ".join(message.split())
-
-
-def _config_file_error(err: BaseException, spec: str | None) -> str:
-    """An exception raised while running a config file, with the line of the file it came from."""
-    import traceback
-
-    path = os.path.abspath((spec or "").split(":", 1)[0])
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if os.path.abspath(f.filename) == path]
-    line = getattr(err, "lineno", None) if isinstance(err, SyntaxError) else (frames[-1].lineno if frames else None)
-    where = f"line {line}: " if line else ""
-    return f"{where}{type(err).__name__}: {' '.join(str(getattr(err, 'msg', None) or err).split())}"
 
 
 def _override_error(err: BaseException, argv) -> str:

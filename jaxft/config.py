@@ -198,13 +198,32 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
         raise FileNotFoundError(f"config file {path!r} not found (spec {spec!r})")
     module_spec = importlib.util.spec_from_file_location(f"jaxft_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"config file {path} has no get_config() function")
-    config = module.get_config(arg) if arg else module.get_config()
+    try:
+        module_spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError(f"config file {path} has no get_config() function")
+        config = module.get_config(arg) if arg else module.get_config()
+    except ValueError:
+        raise  # the file's own message (an unknown preset, ...)
+    except Exception as err:  # a mistake in the file itself: where, not a traceback into it
+        raise ValueError(f"config file {path}: {config_file_error(err, file)}") from err
     apply_overrides(config, overrides or {})
     config.lock()
     return config
+
+
+def config_file_error(err: BaseException, path: str | Path) -> str:
+    """"line N: NameError: ..." for an exception raised while running config file `path` (its
+    last line in the traceback, or a SyntaxError's own line)."""
+    import traceback
+
+    file = Path(path).absolute()
+    if isinstance(err, SyntaxError):
+        line, message = err.lineno, err.msg
+    else:
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).absolute() == file]
+        line, message = (frames[-1].lineno if frames else None), str(err)
+    return f"{f'line {line}: ' if line else ''}{type(err).__name__}: {' '.join(str(message).split())}"
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:

@@ -55,7 +55,7 @@ def parse_mixture(spec: str, field: str = "data.train",
                 f"{field}: weight {weight.strip()!r} of {source!r} is not a number; {_SYNTAX}"
             ) from None
         if not np.isfinite(w) or w <= 0:
-            raise ValueError(f"{field}: weight of {source!r} must be > 0, got {weight.strip()}")
+            raise ValueError(f"{field}: weight of {source!r} must be a finite number > 0, got {weight.strip()}")
         out.append((source, w))
     total = sum(w for _, w in out)
     return [(s, w / total) for s, w in out]
