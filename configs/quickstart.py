@@ -3,12 +3,12 @@
   jaxft sft --config configs/quickstart.py:WORKDIR --workdir WORKDIR/sft
 
 expects WORKDIR/data and WORKDIR/base as `jaxft quickstart --workdir WORKDIR` writes them; the
-DPO stage is `quickstart_configs(...)[1]` in jaxft/quickstart.py.
+DPO stage is `quickstart_configs(...)[1]` in jaxft/quickstart/pipeline.py.
 """
 
 from pathlib import Path
 
-from jaxft.quickstart import quickstart_configs
+from jaxft.quickstart.pipeline import quickstart_configs
 
 
 def get_config(arg: str = "jaxft_quickstart"):

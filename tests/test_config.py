@@ -68,3 +68,15 @@ def test_warmup_steps_win_over_the_ratio():
     with pytest.raises(ValueError, match=r"optim\.warmup_ratio: must be in \[0, 1\)"):
         config_lib.validate(config_lib.load(SFT, {"model.path": "m", "data.train": "t", "optim.warmup_ratio": 1.5}))
     assert math.isclose(config_lib.load(DPO).optim.warmup_ratio, 0.1)
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.py")), ids=str)
+def test_every_shipped_config_file_loads(path, tmp_path):
+    """configs/ are the examples users copy: each loads as the README runs it (the quickstart
+    stage points at a quickstart workdir; sweep files also give their runs)."""
+    arg = {"quickstart.py": str(tmp_path)}.get(str(path), "tiny" if path.parent == Path(".") else "")
+    spec = f"{CONFIGS / path}:{arg}" if arg else str(CONFIGS / path)
+    config = config_lib.load(spec)
+    assert config.is_locked and config.train.batch_size > 0
+    if path.name == "quickstart.py":
+        assert config.model.path == str(tmp_path / "base")
