@@ -296,7 +296,7 @@ def test_parse_mixture():
     np.testing.assert_allclose([w for _, w in mix], [0.312, 0.466, 0.222])
     np.testing.assert_allclose([w for _, w in parse_mixture("a=1,b=3")], [0.25, 0.75])
     for bad, match in [("", "data.train is empty"), ("a.jsonl,b.jsonl=1", "has no weight"),
-                       ("a=x,b=1", "not a number"), ("a=0,b=1", "must be > 0"),
+                       ("a=x,b=1", "not a number"), ("a=0,b=1", "must be a finite number > 0"),
                        ("a=1,,b=1", "empty source")]:
         with pytest.raises(ValueError, match=match) as err:
             parse_mixture(bad)

@@ -304,21 +304,7 @@ class BatchIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore `get_state()` output; ValueError if the data or batch settings changed."""
-        if state.get("streaming"):  # a `stream.StreamBatchIterator` state
-            raise ValueError("cannot resume the data iterator: the checkpoint was written with "
-                             "data.streaming=True; resume with data.streaming=True or start a "
-                             "new workdir")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')} is not "
-                             f"{STATE_VERSION}; it was written by another jaxft version")
-        saved = state["settings"]
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self._settings.items()
-                   if saved.get(k) != v]
-        if changed:
-            raise ValueError(
-                "cannot resume the data iterator: the batch settings changed since the "
-                f"checkpoint ({'; '.join(changed)}). Resume with the original settings or "
-                "start a new workdir.")
+        check_state(state, streaming=False, settings=self._settings)
         if state["data"] != self._data:
             raise ValueError(
                 "cannot resume the data iterator: the training data changed since the "
@@ -328,6 +314,27 @@ class BatchIterator:
         self._position, self._counts = int(state["position"]), [int(c) for c in state["counts"]]
         self._row, self._batches = int(state["row"]), int(state["batches"])
         self._real, self._slots = int(state["real_tokens"]), int(state["slot_tokens"])
+
+
+def check_state(state: dict[str, Any], *, streaming: bool, settings: dict) -> None:
+    """Raises ValueError, saying what to do, unless `state` (a `get_state()` of an in-memory or,
+    `streaming`, a `stream.StreamBatchIterator`) was written by this kind of iterator, by this
+    state version and with these batch `settings`. The data's own check is the caller's."""
+    saved_streaming = bool(state.get("streaming"))
+    if saved_streaming != streaming:
+        raise ValueError("cannot resume the data iterator: the checkpoint was written with "
+                         f"data.streaming={saved_streaming}; resume with data.streaming={saved_streaming} "
+                         "or start a new workdir")
+    if state.get("version") != STATE_VERSION:
+        raise ValueError(f"data iterator state version {state.get('version')} is not "
+                         f"{STATE_VERSION}; it was written by another jaxft version")
+    saved = state["settings"]
+    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            "cannot resume the data iterator: the batch settings changed since the "
+            f"checkpoint ({'; '.join(changed)}). Resume with the original settings or "
+            "start a new workdir.")
 
 
 class EvalBatches:

@@ -37,9 +37,9 @@ import numpy as np
 from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
 from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, group_by_length, pack_lengths, row_lengths, unit_lengths)
+from jaxft.data.pipeline import STATE_VERSION, check_state
 from jaxft.data.stream_source import ExampleStream
 
-STATE_VERSION = 1
 _TAG_ROWS = 0x726F7773  # the in-memory pipeline's tag: a chunk of the same draws is laid out alike
 _NO_REFERENCE_PASS = (
     "config key dpo.precompute_reference: a streaming source (data.streaming=True) is not held "
@@ -210,21 +210,7 @@ class StreamBatchIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore `get_state()` output; ValueError if the data or batch settings changed."""
-        if not state.get("streaming"):
-            raise ValueError("cannot resume the data iterator: the checkpoint was written with "
-                             "data.streaming=False; resume with data.streaming=False or start "
-                             "a new workdir")
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"stream state version {state.get('version')} is not "
-                             f"{STATE_VERSION}; it was written by another jaxft version")
-        saved = state["settings"]
-        changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self._settings.items()
-                   if saved.get(k) != v]
-        if changed:
-            raise ValueError(
-                "cannot resume the data iterator: the batch settings changed since the "
-                f"checkpoint ({'; '.join(changed)}). Resume with the original settings or "
-                "start a new workdir.")
+        check_state(state, streaming=True, settings=self._settings)
         if state["data"] != self._data:
             raise ValueError(
                 "cannot resume the data iterator: the training data changed since the "
