@@ -39,8 +39,3 @@ def test_library_errors_are_one_line(tmp_path):
         cli.main(["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "out")])
 
 
-def test_quickstart_command_runs(tmp_path, capsys):
-    # README's first command, on a tiny schedule: every stage runs and the table is printed.
-    cli.main(["quickstart", "--workdir", str(tmp_path), "--sft-steps", "2", "--dpo-steps", "2", "--questions", "2"])
-    assert "| dpo |" in capsys.readouterr().out
-    assert (tmp_path / "dpo" / "hf" / "model.safetensors").is_file()
