@@ -43,6 +43,7 @@ from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
 from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, check_lengths, group_by_length, pack_lengths,
     row_lengths, unit_lengths)
+from jaxft.data.progress import BatchProgress
 
 Example = SFTExample | PreferenceExample
 Batch = SFTBatch | DPOBatch
@@ -120,7 +121,7 @@ def _data_hash(datasets) -> str:
     return h.hexdigest()
 
 
-class BatchIterator:
+class BatchIterator(BatchProgress):
     """Infinite, deterministic, resumable stream of one host's fixed-shape batches.
 
     datasets: one list of examples per source (all SFTExample for kind "sft", all
@@ -146,8 +147,8 @@ class BatchIterator:
         self._batch = global_batch_size
         self._per_row = max_segments_per_row // (2 if kind == "dpo" else 1)
         self._chunk_size = pack_chunk if packing else window_batches * global_batch_size
-        self._layout = BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
-                                   process_index, process_count)
+        self._start_progress(BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
+                                         process_index, process_count), max_segments_per_row)
         # Packing needs a unit's total tokens; bucketing the longest row it occupies.
         self._lengths = [(unit_lengths if packing else row_lengths)(d) for d in self.datasets]
         for name, examples, lengths in zip(self.names, self.datasets, self._lengths):
@@ -170,11 +171,8 @@ class BatchIterator:
         self._fingerprint = hashlib.blake2b(
             json.dumps([self._settings, self._data], sort_keys=True).encode(),
             digest_size=12).hexdigest()
-        self._max_segments = max_segments_per_row
         self._position, self._counts, self._row = 0, [0] * len(datasets), 0
-        self._batches, self._real, self._slots = 0, 0, 0
         self._chunks: dict[int, _Chunk] = {}
-        self.last_padding_fraction = 0.0
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -224,43 +222,12 @@ class BatchIterator:
     def _example(self, d: int, i: int) -> tuple[Example, int]:
         return self.datasets[d][i], int(self._keys[d][i])
 
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        batch, real, slots = self._layout.build(self._next_units())
-        self._batches += 1
-        self._real += real
-        self._slots += slots
-        self.last_padding_fraction = 1.0 - real / slots
-        return batch
-
-    # -- progress --------------------------------------------------------------------------
+    # -- progress (tokens, padding, epoch: `BatchProgress`) ---------------------------------
 
     @property
     def dataset_epochs(self) -> dict[str, int]:
         """Completed passes over each source (as of the chunk being consumed)."""
         return {name: c // len(d) for name, c, d in zip(self.names, self._counts, self.datasets)}
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the data (one source); for a mixture, of its most-repeated source."""
-        return max(self.dataset_epochs.values())
-
-    @property
-    def real_tokens(self) -> int:
-        """Non-padding tokens of every global batch produced so far (all hosts)."""
-        return self._real
-
-    @property
-    def padding_fraction(self) -> float:
-        """Share of padding in all row tokens produced so far (global batch, empty rows too)."""
-        return 1.0 - self._real / self._slots if self._slots else 0.0
-
-    @property
-    def max_segments_per_row(self) -> int:
-        """S, the segment axis of the batches: the configured cap when packing, else 1."""
-        return self._max_segments if self._layout.packing else 1
 
     @property
     def num_examples(self) -> int:
@@ -297,8 +264,7 @@ class BatchIterator:
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable state; `set_state` on it continues with exactly the next batch."""
         return {"version": STATE_VERSION, "position": self._position,
-                "counts": list(self._counts), "row": self._row, "batches": self._batches,
-                "real_tokens": self._real, "slot_tokens": self._slots,
+                "counts": list(self._counts), "row": self._row, **self._progress_state(),
                 "settings": dict(self._settings), "data": dict(self._data),
                 "fingerprint": self._fingerprint}
 
@@ -312,8 +278,8 @@ class BatchIterator:
                 f"{self._data['num_examples']}, content hash {state['data']['hash']} -> "
                 f"{self._data['hash']}). Resume with the original data or start a new workdir.")
         self._position, self._counts = int(state["position"]), [int(c) for c in state["counts"]]
-        self._row, self._batches = int(state["row"]), int(state["batches"])
-        self._real, self._slots = int(state["real_tokens"]), int(state["slot_tokens"])
+        self._row = int(state["row"])
+        self._set_progress_state(state)
 
 
 def check_state(state: dict[str, Any], *, streaming: bool, settings: dict) -> None:

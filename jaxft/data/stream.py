@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
 from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, group_by_length, pack_lengths, row_lengths, unit_lengths)
 from jaxft.data.pipeline import STATE_VERSION, check_state
+from jaxft.data.progress import BatchProgress
 from jaxft.data.stream_source import ExampleStream
 
 _TAG_ROWS = 0x726F7773  # the in-memory pipeline's tag: a chunk of the same draws is laid out alike
@@ -46,7 +47,7 @@ _NO_REFERENCE_PASS = (
     "in memory for a reference pass; set dpo.precompute_reference=False or data.streaming=False")
 
 
-class StreamBatchIterator:
+class StreamBatchIterator(BatchProgress):
     """Infinite, deterministic, resumable stream of one host's fixed-shape batches, read from
     `streams` (one `ExampleStream` per source). Same interface as `pipeline.BatchIterator`
     (next, get_state / set_state, real_tokens, padding_fraction, epoch), without a length.
@@ -76,9 +77,8 @@ class StreamBatchIterator:
         self._per_row = max_segments_per_row // (2 if kind == "dpo" else 1)
         if packing and self._per_row < 1:
             raise ValueError("max_segments_per_row must be >= 2 to pack DPO pairs")
-        self._layout = BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
-                                   process_index, process_count)
-        self._max_segments = max_segments_per_row
+        self._start_progress(BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
+                                         process_index, process_count), max_segments_per_row)
         self._settings = json.loads(json.dumps({
             "kind": kind, "global_batch_size": global_batch_size, "max_length": max_length,
             "packing": packing, "seed": seed, "weights": self._mix.weights.tolist(),
@@ -91,9 +91,7 @@ class StreamBatchIterator:
         self._start = [s.get_state() for s in self.streams]  # stream positions at the chunk's start
         self._units: list | None = None  # the current chunk's units, built on demand
         self._period_end, self._draws = False, 0
-        self._batches, self._real, self._slots = 0, 0, 0
         self.reports = {name: s.report for name, s in zip(self.names, self.streams)}
-        self.last_padding_fraction = 0.0
 
     # -- the stream ------------------------------------------------------------------------
 
@@ -155,40 +153,12 @@ class StreamBatchIterator:
                     break
         return units + [[] for _ in range(self._batch - len(units))]
 
-    def __iter__(self) -> Iterator:
-        return self
-
-    def __next__(self):
-        batch, real, slots = self._layout.build(self._next_units())
-        self._batches += 1
-        self._real += real
-        self._slots += slots
-        self.last_padding_fraction = 1.0 - real / slots
-        return batch
-
-    # -- progress --------------------------------------------------------------------------
+    # -- progress (tokens, padding, epoch: `BatchProgress`) ---------------------------------
 
     @property
     def dataset_epochs(self) -> dict[str, int]:
         """Completed passes over each source (as of the current chunk's start)."""
         return {name: int(s["epoch"]) for name, s in zip(self.names, self._start)}
-
-    @property
-    def epoch(self) -> int:
-        return max(self.dataset_epochs.values())
-
-    @property
-    def real_tokens(self) -> int:
-        """Non-padding tokens of every global batch produced so far (all hosts)."""
-        return self._real
-
-    @property
-    def padding_fraction(self) -> float:
-        return 1.0 - self._real / self._slots if self._slots else 0.0
-
-    @property
-    def max_segments_per_row(self) -> int:
-        return self._max_segments if self._layout.packing else 1
 
     def batches_per_epoch(self) -> int:
         raise ValueError(
@@ -203,8 +173,7 @@ class StreamBatchIterator:
     def get_state(self) -> dict[str, Any]:
         """JSON-serialisable state; `set_state` on it continues with exactly the next batch."""
         return {"version": STATE_VERSION, "streaming": True, "position": self._position,
-                "sources": [dict(s) for s in self._start], "row": self._row,
-                "batches": self._batches, "real_tokens": self._real, "slot_tokens": self._slots,
+                "sources": [dict(s) for s in self._start], "row": self._row, **self._progress_state(),
                 "settings": dict(self._settings), "data": dict(self._data),
                 "fingerprint": self._fingerprint}
 
@@ -222,8 +191,7 @@ class StreamBatchIterator:
         for stream, position in zip(self.streams, self._start):
             stream.set_state(position)
         self._units = None
-        self._batches = int(state["batches"])
-        self._real, self._slots = int(state["real_tokens"]), int(state["slot_tokens"])
+        self._set_progress_state(state)
 
 
 def make_stream_iterator(sources: str, tokenizer, *, kind: str, global_batch_size: int,

@@ -1,0 +1,75 @@
+"""`jaxft export`, `jaxft generate` and `jaxft eval`: a checkpoint as a Hugging Face folder, and
+what such a folder generates and scores."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxft.cli.common import _positive_int
+
+
+def _export(argv):
+    p = argparse.ArgumentParser(prog="jaxft export", description="write a checkpoint as a Hugging Face folder")
+    p.add_argument("workdir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--step", type=int, default=None, help="default: latest")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the training param dtype)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--merge", dest="kind", action="store_const", const="merge",
+                      help="LoRA run: a full HF folder, adapters merged into the base (the default)")
+    kind.add_argument("--adapter", dest="kind", action="store_const", const="adapter",
+                      help="LoRA run: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
+    a = p.parse_args(argv)
+    from jaxft.io.export import export_checkpoint
+    from jaxft.models.config import parse_dtype
+
+    out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=parse_dtype(a.dtype, key="--dtype"), kind=a.kind)
+    print(f"exported to {out}")
+
+
+def _generate(argv):
+    p = argparse.ArgumentParser(prog="jaxft generate", description="sample from a Hugging Face model folder")
+    p.add_argument("--model", required=True, help="Hugging Face folder (WORKDIR/hf; a run's WORKDIR means it)")
+    p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="JSONL records with a 'prompt' or 'messages' (an eval data file works)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--raw", action="store_true", help="no chat template, even if the tokenizer has one")
+    a = p.parse_args(argv)
+    from jaxft.eval.generation import read_prompts
+    from jaxft.inference.generate import generate_cli
+
+    empty = [i for i, text in enumerate(a.prompt, 1) if not text.strip()]
+    if empty:
+        p.error(f"--prompt number {empty[0]} is empty: give the text to continue")
+    prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
+    if not prompts:
+        p.error("give --prompt TEXT (repeatable) and / or --prompts FILE")
+    outputs = generate_cli(a.model, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                           top_k=a.top_k, top_p=a.top_p, chat=False if a.raw else None)
+    for prompt, out in zip(prompts, outputs):
+        print(f">>> {prompt if isinstance(prompt, str) else prompt[-1].get('content')}\n{out}\n")
+
+
+def _eval(argv):
+    p = argparse.ArgumentParser(prog="jaxft eval", description=(
+        "evaluate a Hugging Face folder: greedy answers (exact match, repetition ratio) and eval "
+        "loss on --data, preference accuracy on --pairs"))
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", default=None, help="JSONL records with an 'answer' field")
+    p.add_argument("--pairs", default=None, help="preference pairs (prompt/chosen/rejected)")
+    p.add_argument("--reference", default=None, help="reference model for implicit-reward accuracy")
+    p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N records")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=512)
+    a = p.parse_args(argv)
+    import json
+
+    from jaxft.eval.folder import evaluate_folder
+
+    result = evaluate_folder(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
+                             max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
+    print(json.dumps(result, indent=2))

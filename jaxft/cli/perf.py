@@ -1,0 +1,76 @@
+"""`jaxft bench` and `jaxft plan`: step throughput measured here, memory and time of a step planned
+for a TPU slice."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from jaxft.cli.common import _config_flags, _split_config_args
+
+
+def _bench(argv):
+    p = argparse.ArgumentParser(prog="jaxft bench", description=(
+        "SFT and DPO step throughput on the same tokens, measured side by side in one process "
+        "(interleaved rounds, best of each); --compare torch / tunix times transformers + PyTorch / Tunix too"))
+    p.add_argument("--preset", default="tiny", help="model architecture (jaxft.models.PRESETS), e.g. bench")
+    p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
+    p.add_argument("--lengths", "--length", default="256",
+                   help="comma-separated sequence lengths, e.g. 256,1024,2048 (cost growth)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="steps per timed round (default: 1-5 per step kind, about a second a round)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    p.add_argument("--chunk-size", type=int, default=128, help="sft_chunked_ce's loss chunk")
+    p.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 on accelerators")
+    p.add_argument("--layers", type=int, default=None, help="override num_layers (smaller real models)")
+    p.add_argument("--attention", default=None,
+                   help="attention backend (model.attention: auto, reference, blockwise, xla, ...)")
+    p.add_argument("--compare", action="append", default=[], choices=("torch", "tunix"),
+                   help="also time the same steps in transformers + PyTorch (torch) or Tunix (tunix); repeatable")
+    p.add_argument("--lora", type=int, default=0, metavar="RANK",
+                   help="also time LoRA steps of this rank (SFT, and DPO with the adapters-off reference)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    a = p.parse_args(argv)
+    try:
+        lengths = [int(n) for n in a.lengths.split(",") if n.strip()]
+    except ValueError:
+        raise SystemExit(f"jaxft bench: --lengths {a.lengths!r} must be comma-separated integers") from None
+    import json
+
+    from jaxft.bench import format_bench, run_bench
+    from jaxft.models.config import parse_dtype
+
+    overrides = {"num_layers": a.layers} if a.layers else None
+    report = run_bench(preset=a.preset, batch_size=a.batch_size, lengths=lengths, steps=a.steps, rounds=a.rounds,
+                       chunk_size=a.chunk_size, overrides=overrides, attention=a.attention, compare=a.compare,
+                       compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"), lora_rank=a.lora)
+    print(format_bench(report))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _plan(argv):
+    config_args, argv = _split_config_args(argv)
+    p = argparse.ArgumentParser(prog="jaxft plan", description=(
+        "per-device memory and time of one training step of --config configs/NAME.py[:preset] "
+        "[--config.KEY=VALUE ...] on a TPU slice, compiled ahead of time on this machine through "
+        "libtpu (nothing allocated, nothing run); GPU targets get an analytic estimate"))
+    p.add_argument("--target", required=True, help="v4-32, v5p-8, v5p-64, v5e-16, v6e-256, 8xH100, ...")
+    p.add_argument("--kind", choices=("sft", "dpo"), default="sft")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    a = p.parse_args(argv)
+    if not config_args:
+        raise SystemExit("jaxft plan: --config configs/NAME.py[:preset] is required")
+    # Nothing executes: keep JAX off local accelerators (a TPU VM's chips may be training).
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    config = _config_flags(config_args, "jaxft plan", workdir=False).config
+    import json
+
+    from jaxft.plan import format_plan, plan
+
+    result = plan(config, target=a.target, kind=a.kind)
+    print(format_plan(result))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result.to_json(), f, indent=2)
