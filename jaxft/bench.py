@@ -195,6 +195,29 @@ def _lora_cases(cfg, rank: int, base, tx, schedule, mesh) -> Callable[[dict, dic
     return cases
 
 
+def _measure_length(report: dict, length: int, cases: dict[str, Case], *, cfg, batch_size: int, kinds,
+                    steps: int | None, rounds: int, peak_flops: float | None) -> None:
+    """Times `cases` (jaxft's kinds, then "library/kind") in alternating rounds and writes
+    report["lengths"][length] and each library's report["compare"][lib]["lengths"][length]."""
+    log.info("bench: %d tokens: first calls (compile + one step) %s", length,
+             ", ".join(f"{n} {c.compile_s:.1f} s" for n, c in cases.items()))
+    measured = _measure(cases, steps=steps, rounds=rounds)
+    tokens = batch_size * length
+    # MFU = flops_per_token * tokens/s / (peak * devices): pass the per-token share.
+    mfu_per_token = (train_flops_per_token(cfg, length) / (peak_flops * jax.device_count())
+                     if peak_flops else None)
+    row = {name: _summary(*measured[name], cases[name], tokens, mfu_per_token) for name in kinds}
+    for r in row.values():
+        r["ratio_to_sft"] = r["step_time"] / row["sft"]["step_time"]
+    report["lengths"][str(length)] = row
+    for library, theirs_report in report["compare"].items():
+        theirs = {name: _summary(*measured[f"{library}/{name}"], cases[f"{library}/{name}"], tokens, None)
+                  for name in ("sft", "dpo_reference")}
+        theirs["ratio"] = {kind: row[kind]["tokens_per_sec"] / theirs[vs]["tokens_per_sec"]
+                           for kind, vs in VERSUS.items()}
+        theirs_report["lengths"][str(length)] = theirs
+
+
 def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Sequence[int] = 256,
               steps: int | None = None, rounds: int = 3, chunk_size: int = 128, compute_dtype=None,
               attention: str | None = None, overrides: dict | None = None, compare: Sequence[str] = (),
@@ -245,8 +268,7 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
         # The policy's initial params stay untouched (the full cases train copies): the LoRA base.
         lora_cases = _lora_cases(cfg, lora_rank, params, tx, schedule, mesh) if lora_rank else None
 
-        for length in lengths:
-            host = _batch(batch_size, length, cfg.vocab_size)
+        def jax_cases(host: dict) -> dict[str, Case]:
             batch = {k: jax.device_put(v, rows_sharding if v.ndim == 2 else replicated) for k, v in host.items()}
             sft_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
             cases = {}
@@ -263,27 +285,18 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
                 cases[name] = _jax_case(step, holder, ref, batch)
             if lora_cases:
                 cases.update(lora_cases(sft_batch, batch))
+            return cases
+
+        for length in lengths:
+            host = _batch(batch_size, length, cfg.vocab_size)
+            cases = jax_cases(host)
             for library, other in others.items():  # after jaxft's, in the same rounds: alternating
                 for name, fn in other.cases(host).items():
                     cases[f"{library}/{name}"] = _host_case(fn)
-
-            log.info("bench: %d tokens: first calls (compile + one step) %s", length,
-                     ", ".join(f"{n} {c.compile_s:.1f} s" for n, c in cases.items()))
-            measured = _measure(cases, steps=steps, rounds=rounds)
-            tokens = batch_size * length
-            # MFU = flops_per_token * tokens/s / (peak * devices): pass the per-token share.
-            mfu_per_token = (train_flops_per_token(cfg, length) / (peak_flops * jax.device_count())
-                             if peak_flops else None)
-            row = {name: _summary(*measured[name], cases[name], tokens, mfu_per_token) for name in kinds}
-            for r in row.values():
-                r["ratio_to_sft"] = r["step_time"] / row["sft"]["step_time"]
-            report["lengths"][str(length)] = row
-            for library in others:
-                theirs = {name: _summary(*measured[f"{library}/{name}"], cases[f"{library}/{name}"], tokens, None)
-                          for name in ("sft", "dpo_reference")}
-                theirs["ratio"] = {kind: row[kind]["tokens_per_sec"] / theirs[vs]["tokens_per_sec"]
-                                   for kind, vs in VERSUS.items()}
-                report["compare"][library]["lengths"][str(length)] = theirs
+            _measure_length(report, length, cases, cfg=cfg, batch_size=batch_size, kinds=kinds, steps=steps,
+                            rounds=rounds, peak_flops=peak_flops)
+            # A long bench that is stopped keeps what it measured: each length's table as it ends.
+            log.info("bench: %d tokens:\n%s", length, "\n".join(_format_length(report, str(length))))
 
     first, last = str(lengths[0]), str(lengths[-1])
     report.update(report["lengths"][first])  # top-level entries: the first length
@@ -320,6 +333,31 @@ def _mib(n) -> str:
     return "n/a" if n is None else f"{n / 2**20:,.0f}"
 
 
+def _format_length(report: dict, length: str) -> list[str]:
+    """Markdown lines of one length: jaxft's kinds, then each compared library's table."""
+    row = report["lengths"][length]
+    out = ["", f"### {length} tokens", "",
+           "| step | ms/step | tokens/s | x sft | MFU | first call s | peak MiB |",
+           "|---|---|---|---|---|---|---|"]
+    for name, r in row.items():
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        out.append(f"| {_LABELS[name]} | {1000 * r['step_time']:,.1f} | {r['tokens_per_sec']:,.0f} | "
+                   f"{r['ratio_to_sft']:.2f} | {mfu} | {r['compile_s']:.1f} | {_mib(r['peak_bytes'])} |")
+    if "sft_lora" in row:
+        out += ["", f"LoRA: the sft_lora step takes {row['sft_lora']['ratio_to_sft']:.2f}x the full sft step "
+                    f"({1 / row['sft_lora']['ratio_to_sft']:.2f}x faster); dpo_lora takes "
+                    f"{row['dpo_lora']['step_time'] / row['sft_lora']['step_time']:.2f}x sft_lora"]
+    for name, theirs in report["compare"].items():
+        lib, theirs = LIBRARY_NAMES[name], theirs["lengths"][length]
+        out += ["", f"| jaxft step | vs {lib} step | {lib} ms/step | {lib} tokens/s | jaxft tokens/s "
+                    f"| jaxft / {lib} |", "|---|---|---|---|---|---|"]
+        for kind, vs in VERSUS.items():
+            t = theirs[vs]
+            out.append(f"| {_LABELS[kind]} | {vs} | {1000 * t['step_time']:,.1f} | {t['tokens_per_sec']:,.0f} "
+                       f"| {row[kind]['tokens_per_sec']:,.0f} | {theirs['ratio'][kind]:.2f}x |")
+    return out
+
+
 def format_bench(report: dict) -> str:
     """The report of `run_bench` as Markdown: one table per length (and each compared
     library's beside it), then tokens/s at the longest length relative to the shortest."""
@@ -329,26 +367,8 @@ def format_bench(report: dict) -> str:
            f"{c['attention_backend']} attention), batch {c['batch_size']} rows, "
            f"{d['count']} x {d['kind']}, best of {c['rounds']} rounds"]
     others = {LIBRARY_NAMES[name]: theirs for name, theirs in report["compare"].items()}
-    for length, row in report["lengths"].items():
-        out += ["", f"### {length} tokens", "",
-                "| step | ms/step | tokens/s | x sft | MFU | first call s | peak MiB |",
-                "|---|---|---|---|---|---|---|"]
-        for name, r in row.items():
-            mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-            out.append(f"| {_LABELS[name]} | {1000 * r['step_time']:,.1f} | {r['tokens_per_sec']:,.0f} | "
-                       f"{r['ratio_to_sft']:.2f} | {mfu} | {r['compile_s']:.1f} | {_mib(r['peak_bytes'])} |")
-        if "sft_lora" in row:
-            out += ["", f"LoRA: the sft_lora step takes {row['sft_lora']['ratio_to_sft']:.2f}x the full sft step "
-                        f"({1 / row['sft_lora']['ratio_to_sft']:.2f}x faster); dpo_lora takes "
-                        f"{row['dpo_lora']['step_time'] / row['sft_lora']['step_time']:.2f}x sft_lora"]
-        for lib, theirs in others.items():
-            theirs = theirs["lengths"][length]
-            out += ["", f"| jaxft step | vs {lib} step | {lib} ms/step | {lib} tokens/s | jaxft tokens/s "
-                        f"| jaxft / {lib} |", "|---|---|---|---|---|---|"]
-            for kind, vs in VERSUS.items():
-                t = theirs[vs]
-                out.append(f"| {_LABELS[kind]} | {vs} | {1000 * t['step_time']:,.1f} | {t['tokens_per_sec']:,.0f} "
-                           f"| {row[kind]['tokens_per_sec']:,.0f} | {theirs['ratio'][kind]:.2f}x |")
+    for length in report["lengths"]:
+        out += _format_length(report, length)
     if len(report["lengths"]) > 1:
         first, last = list(report["lengths"])[0], list(report["lengths"])[-1]
         out += ["", f"### tokens/s at {last} relative to {first}", "",

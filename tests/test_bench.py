@@ -7,6 +7,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import logging
 import sys
 
 import pytest
@@ -21,17 +22,36 @@ HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "tran
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
-    """(the --json report, what the command printed) of the documented invocation, shrunk."""
+    """(the --json report, what the command printed, what it logged) of the documented
+    invocation, shrunk."""
     path = tmp_path_factory.mktemp("bench") / "bench.json"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        cli.main(["bench", "--layers", "1", "--batch-size", "8", "--lengths", "16,32", "--steps", "1",
-                  "--rounds", "1", "--lora", "2", "--json", str(path)] + (["--compare", "torch"] if HAS_TORCH else []))
-    return json.loads(path.read_text()), printed.getvalue()
+    printed, logged = io.StringIO(), _Records()
+    bench_log = logging.getLogger("jaxft.bench")
+    bench_log.addHandler(logged)
+    level = bench_log.level
+    bench_log.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(printed):
+            cli.main(["bench", "--layers", "1", "--batch-size", "8", "--lengths", "16,32", "--steps", "1",
+                      "--rounds", "1", "--lora", "2", "--json", str(path)]
+                     + (["--compare", "torch"] if HAS_TORCH else []))
+    finally:
+        bench_log.removeHandler(logged)
+        bench_log.setLevel(level)
+    return json.loads(path.read_text()), printed.getvalue(), logged.messages
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
 
 
 def test_every_kind_is_measured_at_every_length(bench):
-    report, _ = bench
+    report, *_ = bench
     assert list(report["lengths"]) == ["16", "32"]
     for length, row in report["lengths"].items():
         assert list(row) == list(KINDS + LORA_KINDS)
@@ -46,7 +66,7 @@ def test_every_kind_is_measured_at_every_length(bench):
 
 
 def test_json_has_the_documented_keys(bench):
-    report, _ = bench
+    report, *_ = bench
     assert {"sft", "dpo", "dpo_reference", "lengths", "device", "config", "compare"} <= set(report)
     for name in KINDS:  # top-level entries are the first length's
         assert report[name] == report["lengths"]["16"][name]
@@ -59,7 +79,7 @@ def test_json_has_the_documented_keys(bench):
 
 @pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
 def test_torch_comparison_on_the_same_shapes(bench):
-    report, _ = bench
+    report, *_ = bench
     torch = report["compare"]["torch"]
     assert "sdpa attention" in torch["library"] and list(torch["lengths"]) == ["16", "32"]
     for length, theirs in torch["lengths"].items():
@@ -77,11 +97,24 @@ def test_torch_comparison_on_the_same_shapes(bench):
 
 
 def test_tables_are_printed(bench):
-    report, printed = bench
+    report, printed, _ = bench
     assert printed.strip() == format_bench(report)  # format_bench reads the JSON form too
     for text in ("### 16 tokens", "### 32 tokens", "| dpo (precomputed reference) |", "LoRA: the sft_lora step takes",
                  "tokens/s at 32 relative to 16") + (("jaxft / PyTorch",) if HAS_TORCH else ()):
         assert text in printed
+
+
+def test_each_length_is_logged_when_it_is_measured(bench):
+    """A long bench stopped part-way keeps the lengths it finished: each length's table is
+    logged as soon as it is measured, before the next length compiles."""
+    report, printed, logged = bench
+    tables = [m for m in logged if m.startswith("bench: ") and "### " in m]
+    assert [m.split(":")[1].strip() for m in tables] == ["16 tokens", "32 tokens"]
+    first_call_32 = next(i for i, m in enumerate(logged) if m.startswith("bench: 32 tokens: first calls"))
+    assert logged.index(tables[0]) < first_call_32
+    for table, length in zip(tables, ("16", "32")):
+        body = table.split("\n", 1)[1]
+        assert f"### {length} tokens" in body and body in printed  # the same lines the final report prints
 
 
 HAS_TUNIX = importlib.util.find_spec("tunix") is not None

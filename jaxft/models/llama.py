@@ -24,7 +24,7 @@ from jaxft.models.attention import attend
 from jaxft.models.config import ModelConfig
 from jaxft.models.quantize import kernel_value
 from jaxft.models.remat import REMAT_POLICIES, remat
-from jaxft.parallel.sharding import constrain
+from jaxft.parallel.sharding import constrain, splits
 
 _INIT_STD = 0.02  # transformers' default initializer_range
 
@@ -42,6 +42,21 @@ def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal") -> nnx.Para
 def _bcast(w: jax.Array, x: jax.Array) -> jax.Array:
     """Leading unit axes so `w` (trailing dims of x) broadcasts without rank promotion."""
     return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
+
+
+def _act(x: jax.Array, last: str) -> tuple[str, ...]:
+    """Logical axes of an activation: [B, L, last] or [N, last] token rows (`_token_rows`)."""
+    return ("act_tokens", last) if x.ndim == 2 else ("act_batch", "act_length", last)
+
+
+def _token_rows(x_BLE: jax.Array) -> jax.Array:
+    """[B, L, E] as [B * L, E] token rows, unless the mesh splits the token axis (context
+    parallelism keeps [B, L, E]). Dense layers then contract one token axis: XLA:CPU runs the
+    weight gradients of a two-axis (B, L) contraction through transposed copies, at about
+    half the speed; the merged axis is sharded as the batch is, so elsewhere it is a no-op."""
+    if splits("act_length"):
+        return x_BLE
+    return x_BLE.reshape(-1, x_BLE.shape[-1])
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -109,14 +124,17 @@ class Attention(nnx.Module):
 
     def _project(self, x_BLE, name, rng=None):
         kernel = kernel_value(getattr(self, f"{name}_proj"), x_BLE.dtype)
-        y = lora.adapt(self, f"{name}_proj", x_BLE, jnp.einsum("BLE,EHD->BLHD", x_BLE, kernel), self.cfg.lora, rng)
+        y = lora.adapt(self, f"{name}_proj", x_BLE, jnp.einsum("...E,EHD->...HD", x_BLE, kernel), self.cfg.lora, rng)
         if self.cfg.qkv_bias:
             y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
         return y
 
     def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None):
+        """x_BLE: [B, L, E], or [B * L, E] token rows (`_token_rows`); the result is shaped as x."""
         cfg = self.cfg
-        q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n, rng) for n in ("q", "k", "v"))
+        B, L = positions_BL.shape
+        q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n, rng).reshape(B, L, -1, cfg.dim_per_head)
+                                  for n in ("q", "k", "v"))
         if cfg.qk_norm:
             q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
         inv_freq = rope_inv_freq(cfg)
@@ -142,7 +160,8 @@ class Attention(nnx.Module):
         out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
                           kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset,
                           sliding_window=cfg.sliding_window, implementation=cfg.attention).astype(x_BLE.dtype)
-        y_BLE = jnp.einsum("BLHD,HDE->BLE", out_BLHD, kernel_value(self.o_proj, x_BLE.dtype))
+        out_BLHD = out_BLHD.reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
+        y_BLE = jnp.einsum("...HD,HDE->...E", out_BLHD, kernel_value(self.o_proj, x_BLE.dtype))
         y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora, rng)
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
@@ -174,7 +193,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BLE, rng=None):
         h_BLF = jax.nn.silu(self._dense(x_BLE, "gate", rng)) * self._dense(x_BLE, "up", rng)
-        h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
+        h_BLF = constrain(h_BLF, _act(h_BLF, "act_mlp"))
         return self._dense(h_BLF, "down", rng)
 
 
@@ -189,12 +208,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None):
         """rng: this layer's LoRA dropout key (training with lora.dropout > 0), else None."""
-        attn_BLE, new_cache = self.self_attn(
-            self.input_layernorm(x_BLE), positions_BL, segment_ids_BL, cache, cache_index, rng
-        )
-        x_BLE = x_BLE + attn_BLE
-        x_BLE = x_BLE + self.mlp(self.post_attention_layernorm(x_BLE), rng)
-        return constrain(x_BLE, ("act_batch", "act_length", "act_embed")), new_cache
+        x = _token_rows(x_BLE)
+        attn, new_cache = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache, cache_index, rng)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x), rng)
+        return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache
 
 
 def _run_layer(layer, x, positions, segment_ids, rng=None):
@@ -314,8 +332,8 @@ class Decoder(nnx.Module):
         out = self.norm(x_BLE)
         if not return_hidden:
             # f32 accumulation and output: bf16 logits would round the softmax's inputs.
-            out = jnp.einsum("BLE,EV->BLV", out, self.lm_head_kernel().astype(out.dtype),
-                             preferred_element_type=jnp.float32)
+            out = jnp.einsum("...E,EV->...V", _token_rows(out), self.lm_head_kernel().astype(out.dtype),
+                             preferred_element_type=jnp.float32).reshape(B, L, -1)
             out = constrain(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return out

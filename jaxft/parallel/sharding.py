@@ -34,6 +34,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # activations
     "act_batch": ("data", "fsdp"),
     "act_length": "sequence",
+    # [B * L] token rows: dense layers contract them as one axis when "act_length" is not split
+    "act_tokens": ("data", "fsdp"),
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -124,6 +126,14 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
 def _current_mesh():
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
+
+
+def splits(logical_axis: str) -> bool:
+    """Whether the ambient mesh splits `logical_axis` over more than one device."""
+    mesh = _current_mesh()
+    target = LOGICAL_RULES[logical_axis]
+    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+    return mesh is not None and any(mesh.shape[m] > 1 for m in mesh_axes)
 
 
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
