@@ -94,6 +94,22 @@ def test_batch_rows_split_over_data_and_fsdp_and_tokens_over_sequence():
     assert x.addressable_shards[0].data.shape == (2, 16)
 
 
+def test_dense_layers_take_token_rows_unless_the_mesh_splits_the_tokens():
+    """[B, L, E] -> [B * L, E] rows (one contracted token axis: XLA:CPU's fast weight gradients)
+    with no mesh and on batch-split meshes, where the merged axis splits as the batch does and
+    needs no collective; a mesh that splits the tokens keeps [B, L, E]."""
+    from jaxft.models.llama import _token_rows
+
+    x = jnp.zeros((8, 64, 8))
+    assert _token_rows(x).shape == (512, 8)
+    for mesh, rows in ((make_mesh(data=2, fsdp=4), True), (make_mesh(data=2, sequence=4), False)):
+        with jax.set_mesh(mesh):
+            assert (_token_rows(x).ndim == 2) == rows
+            placed = jax.device_put(x, batch_sharding(mesh))
+            hlo = jax.jit(lambda a: _token_rows(a) * 2).lower(placed).compile().as_text()
+        assert not any(op in hlo for op in ("all-to-all", "all-gather", "collective-permute"))
+
+
 def test_max_length_must_divide_over_the_sequence_axis():
     import jaxft.config
     from jaxft.parallel.sharding import check_batch_divisibility
