@@ -70,8 +70,9 @@ def test_fresh_adapters_are_the_base_and_merging_equals_the_adapted_forward(scan
         plain = forward(base_graphdef, base)
         lcfg = lora_of(cfg, rslora=scan)  # rsLoRA's scale on one of the two: the same code either way
         graphdef, adapters = init_adapters(lcfg, seed=3, mesh=mesh)
-        # B starts at zero: the adapted model is exactly its base.
-        assert np.array_equal(np.asarray(forward(graphdef, adapters, base)), np.asarray(plain))
+        # B starts at zero: the adapted model is its base (to float rounding: XLA compiles the
+        # adapted program's dots apart from the plain one's, which can move the last bit).
+        np.testing.assert_allclose(np.asarray(forward(graphdef, adapters, base)), np.asarray(plain), rtol=0, atol=1e-6)
         trained = perturbed(adapters)
         adapted = forward(graphdef, trained, base)
         assert float(jnp.abs(adapted - plain).max()) > 1e-2  # the adapters do something
