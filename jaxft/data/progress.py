@@ -3,13 +3,14 @@ they hand out batches, and the progress read from it: real tokens, padding, segm
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from jaxft.data.batch import DPOBatch, SFTBatch
 from jaxft.data.packing import BatchLayout
 
 
-class BatchProgress:
+class BatchProgress(ABC):
     """The iteration and token counts of a training iterator. A subclass calls `_start_progress`
     in its `__init__` and defines `_next_units()` (the next global batch's units, as
     `BatchLayout.build` takes them) and `dataset_epochs` (completed passes per source)."""
@@ -40,9 +41,14 @@ class BatchProgress:
         self.last_padding_fraction = 1.0 - real / slots
         return batch
 
+    @abstractmethod
+    def _next_units(self) -> list:
+        """The next global batch's units, as `BatchLayout.build` takes them."""
+
     @property
+    @abstractmethod
     def dataset_epochs(self) -> dict[str, int]:
-        raise NotImplementedError
+        """Completed passes over each source."""
 
     @property
     def epoch(self) -> int:

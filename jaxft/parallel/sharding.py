@@ -103,14 +103,19 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
         )
 
 
+def _mesh_axes(name: str | None) -> tuple[str, ...]:
+    """The mesh axes LOGICAL_RULES splits logical axis `name` over (none for None)."""
+    target = LOGICAL_RULES.get(name) if name else None
+    return (target,) if isinstance(target, str) else tuple(target or ())
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh=None) -> P:
     """PartitionSpec for logical `axes`; drops mesh axes that do not divide `shape`."""
     spec, used = [], set()
     for i, name in enumerate(axes):
         if name is not None and name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no entry in jaxft.parallel.sharding.LOGICAL_RULES")
-        target = LOGICAL_RULES.get(name) if name else None
-        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = _mesh_axes(name)
         kept = []
         for m in mesh_axes:
             size = mesh.shape[m] if mesh is not None else 1
@@ -131,9 +136,7 @@ def _current_mesh():
 def splits(logical_axis: str) -> bool:
     """Whether the ambient mesh splits `logical_axis` over more than one device."""
     mesh = _current_mesh()
-    target = LOGICAL_RULES[logical_axis]
-    mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
-    return mesh is not None and any(mesh.shape[m] > 1 for m in mesh_axes)
+    return mesh is not None and any(mesh.shape[m] > 1 for m in _mesh_axes(logical_axis))
 
 
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
