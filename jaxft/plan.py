@@ -112,15 +112,25 @@ def get_target(name: str) -> Target:
 
 def topology_devices(target: Target) -> list:
     """The compile-only devices of a TPU target's topology (libtpu, no TPU needed)."""
+    # Checked here: without libtpu JAX's topology call fails with "JAX TPU support not
+    # installed; cannot generate TPU topology", which names no extra to install.
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(f"planning for {target.name} compiles for a TPU through libtpu, which is not "
                            f"installed: {INSTALL_HINT}")
     from jax.experimental import topologies
 
+    from jaxft.platforms import tpu_present
+
     # libtpu takes /tmp/libtpu_lockfile for the process that loads it, so a second plan or a
     # test run alongside would fail ("ABORTED ... lockfile"). This process only compiles for
     # compile-only devices, so it may share libtpu.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    if not tpu_present():
+        # Off a TPU VM libtpu finds no accelerator type or worker hostnames in the metadata
+        # and prints errors for both ("Failed to find host bounds ..."). The topology is named
+        # explicitly, so say them: the compile-only devices are the same either way.
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name)
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
                                         **dict(target.topology_kwargs))
     if len(topo.devices) != target.chips:
@@ -156,10 +166,9 @@ def plan_model_config(config):
 
 def loss_chunk_size(config, cfg) -> int:
     """train.loss_chunk_size with -1 resolved as the run resolves it."""
-    from jaxft.tasks.base import AUTO_CHUNK_MIN_VOCAB, AUTO_CHUNK_SIZE
+    from jaxft.losses import resolve_chunk_size
 
-    chunk = config.train.loss_chunk_size
-    return chunk if chunk >= 0 else (AUTO_CHUNK_SIZE if cfg.vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0)
+    return resolve_chunk_size(config.train.loss_chunk_size, cfg.vocab_size)
 
 
 def per_device_bytes(tree, shardings) -> int:
@@ -323,7 +332,7 @@ def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
         out.append(f"--config.mesh.sequence={mesh_shape['sequence'] * 2} --config.mesh.fsdp={mesh_shape['fsdp'] // 2} "
                    "and a batch of one row per fsdp shard (context parallelism: split each row's tokens)")
     if loss_chunk_size(config, cfg) == 0:
-        out.append("--config.train.loss_chunk_size=512 (never materialise [B, L, V] logits)")
+        out.append("--config.train.loss_chunk_size=-1 (logits a chunk of trained tokens at a time, never [B, L, V])")
     return out
 
 
@@ -350,8 +359,9 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
         acts = tokens * (cfg.num_layers * c_bytes * E + 2 * layer)
     else:
         acts = tokens * cfg.num_layers * layer
-    chunk = loss_chunk_size(config, cfg) or length
-    logits = rows_dev * chunk // mesh_shape["sequence"] * cfg.vocab_size * 4 * 2  # f32 logits and their gradient
+    # f32 logits and their gradient: one chunk of tokens per device, or every row's whole.
+    chunk = loss_chunk_size(config, cfg) or rows_dev * length // mesh_shape["sequence"]
+    logits = chunk * cfg.vocab_size * 4 * 2
     return dict(param_bytes=params, opt_state_bytes=opt, argument_bytes=params + opt + frozen, output_bytes=0,
                 alias_bytes=0, temp_bytes=grads + acts + logits, frozen_bytes=frozen)
 

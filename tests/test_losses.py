@@ -84,31 +84,63 @@ def _random_head(batch, length, embed, vocab, seed=0):
     return hidden, lm_head, targets, weights
 
 
-@pytest.mark.parametrize("length,chunk_size,softcap", [(12, 4, None), (7, 16, None), (10, 3, 5.0)])
-def test_chunked_equals_full_in_values_and_gradients(length, chunk_size, softcap):
-    hidden, lm_head, targets, weights = _random_head(2, length, 8, 37)
+def _packed_mask(batch, length, seed=0):
+    """Target masks as the data gives them: a prompt, then a trained completion, per packed
+    segment, then right padding (0)."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, length), np.int32)
+    for row in mask:
+        start = 0
+        while start < length - 2:
+            prompt, completion = rng.integers(1, 4), rng.integers(1, 5)
+            row[start + prompt:start + prompt + completion] = 1
+            start += prompt + completion + rng.integers(0, 2)
+    return jnp.asarray(mask)
+
+
+@pytest.mark.parametrize("batch,length,chunk_size,groups,softcap", [
+    (2, 12, 4, (1, 1), None),  # several chunks
+    (2, 7, 16, (1, 1), None),  # rows shorter than a chunk
+    (4, 10, 3, (2, 1), 5.0),  # soft-capped, row groups (data parallel devices)
+    (4, 8, 3, (2, 2), None),  # rows and positions split (context parallelism)
+])
+def test_chunked_equals_full_in_values_and_gradients(batch, length, chunk_size, groups, softcap):
+    hidden, lm_head, targets, weights = _random_head(batch, length, 8, 37)
+    mask = _packed_mask(batch, length)
+    mean_weights = jnp.flip(weights, axis=1)
 
     def full(h, w):
-        logps, correct = losses.full_token_logps(h @ w, targets, logit_softcap=softcap)
-        return jnp.sum(logps * weights), (logps, correct)
+        logits = h @ w
+        logps, correct = losses.full_token_logps(logits, targets, logit_softcap=softcap)
+        means = (logits if softcap is None else softcap * jnp.tanh(logits / softcap)).mean(-1)
+        trained = mask > 0
+        out = (jnp.where(trained, logps, 0.0), correct & trained, jnp.where(trained, means, 0.0))
+        return jnp.sum(out[0] * weights + out[2] * mean_weights), out
 
     def chunked(h, w):
-        logps, correct, mean_logits = losses.chunked_token_logps(
-            h, w, targets, chunk_size=chunk_size, logit_softcap=softcap, return_mean_logits=True)
-        return jnp.sum(logps * weights), (logps, correct, mean_logits)
+        out = losses.chunked_token_logps(h, w, targets, mask, chunk_size=chunk_size, groups=groups,
+                                         logit_softcap=softcap)
+        return jnp.sum(out[0] * weights + out[2] * mean_weights), out
 
-    @jax.jit  # one compile is much cheaper than dispatching the scan's backward op by op
+    @jax.jit  # one compile is much cheaper than dispatching the loops op by op
     def both(h, w):
         return [jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(h, w) for f in (full, chunked)]
 
-    ((_, (logps_f, correct_f)), grads_f), ((_, (logps_c, correct_c, means_c)), grads_c) = both(hidden, lm_head)
-    assert logps_c.shape == (2, length) and logps_c.dtype == jnp.float32
-    np.testing.assert_allclose(logps_c, logps_f, atol=1e-5)
-    np.testing.assert_array_equal(correct_c, correct_f)
-    logits = hidden @ lm_head if softcap is None else softcap * jnp.tanh(hidden @ lm_head / softcap)
-    np.testing.assert_allclose(means_c, logits.mean(-1), atol=1e-5)
+    ((_, want), grads_f), ((_, got), grads_c) = both(hidden, lm_head)
+    assert got[0].shape == (batch, length) and got[0].dtype == jnp.float32
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)  # log-probs, 0 off the targets
+    np.testing.assert_array_equal(got[1], want[1])  # argmax == target
+    np.testing.assert_allclose(got[2], want[2], atol=1e-5)  # vocabulary-mean logits
     np.testing.assert_allclose(grads_c[0], grads_f[0], atol=1e-5)  # d/d hidden
     np.testing.assert_allclose(grads_c[1], grads_f[1], atol=1e-5)  # d/d lm_head
+
+
+def test_chunked_without_targets_is_zero_with_zero_gradients():
+    hidden, lm_head, targets, _ = _random_head(2, 6, 4, 11)
+    none = jnp.zeros((2, 6), jnp.int32)
+    loss = lambda h, w: jnp.sum(losses.chunked_token_logps(h, w, targets, none, chunk_size=4)[0])  # noqa: E731
+    value, (dh, dw) = jax.value_and_grad(loss, argnums=(0, 1))(hidden, lm_head)
+    assert float(value) == 0.0 and not np.any(dh) and not np.any(dw)
 
 
 def _largest_intermediate(jaxpr) -> int:
@@ -125,13 +157,30 @@ def _largest_intermediate(jaxpr) -> int:
     return biggest
 
 
-def test_chunked_never_holds_all_logits_forward_or_backward():
-    batch, length, vocab, chunk = 2, 12, 50, 4
-    hidden, lm_head, targets, _ = _random_head(batch, length, 8, vocab)
-    loss = lambda h, w: jnp.sum(losses.chunked_token_logps(h, w, targets, chunk_size=chunk)[0])  # noqa: E731
-    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, lm_head).jaxpr
-    # A chunk's logits are batch * chunk * vocab; stacking them over chunks (no remat) would not be.
-    assert _largest_intermediate(jaxpr) == batch * chunk * vocab
+def test_chunked_holds_one_chunk_of_logits_whatever_the_batch():
+    """Forward and backward, the biggest array is one chunk's [groups, chunk, V] logits: the
+    same for 2 rows as for 8 (the old path held [rows, chunk, V])."""
+    vocab, chunk = 200, 4  # a chunk's logits outsize the [rows * 12, 4] hidden states
+    sizes = []
+    for batch in (2, 8):
+        hidden, lm_head, targets, _ = _random_head(batch, 12, 4, vocab)
+        mask = _packed_mask(batch, 12)
+        loss = lambda h, w: jnp.sum(losses.chunked_token_logps(h, w, targets, mask, chunk_size=chunk)[0])  # noqa: E731
+        sizes.append(_largest_intermediate(jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(
+            hidden, lm_head).jaxpr))
+    assert sizes == [chunk * vocab, chunk * vocab]
+
+
+def test_auto_chunk_size_keeps_one_chunk_near_the_budget():
+    from jaxft.losses.chunked import AUTO_CHUNK_RANGE, AUTO_LOGITS_BYTES
+
+    for vocab in (512, 32_000, 49_152, 128_256, 151_936, 262_144):
+        chunk = losses.auto_chunk_size(vocab)
+        assert chunk % 128 == 0 and AUTO_CHUNK_RANGE[0] <= chunk <= AUTO_CHUNK_RANGE[1]
+        if chunk > AUTO_CHUNK_RANGE[0]:
+            assert chunk * vocab * 4 <= AUTO_LOGITS_BYTES
+    assert losses.resolve_chunk_size(-1, 128_256) == losses.auto_chunk_size(128_256)
+    assert losses.resolve_chunk_size(0, 128_256) == 0 and losses.resolve_chunk_size(96, 128_256) == 96
 
 
 # ---------------------------------------------------------------- SFT loss and sequence sums

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 
 
-
 def shift_targets(tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array):
     """Aligns targets with the model outputs that predict them.
 
@@ -82,66 +81,6 @@ def full_token_logps(logits: jax.Array, targets: jax.Array, *, logit_softcap: fl
       correct: bool [B, L], argmax of the logits == target (for `mean_token_accuracy`).
     """
     return _logps_and_correct(_softcap(logits.astype(jnp.float32), logit_softcap), targets)
-
-
-def chunked_token_logps(
-    hidden: jax.Array,
-    lm_head: jax.Array,
-    targets: jax.Array,
-    *,
-    chunk_size: int,
-    logit_softcap: float | None = None,
-    return_mean_logits: bool = False,
-):
-    """Target log-probs from final hidden states without ever holding all [B, L, V] logits.
-
-    Computes `hidden @ lm_head` one chunk of chunk_size positions at a time (`lax.map`). Each
-    chunk is wrapped in `jax.checkpoint`, so the backward pass recomputes that chunk's logits
-    instead of saving them: peak logits memory is [B, chunk_size, V] forward and backward.
-    Results equal `full_token_logps(hidden @ lm_head, targets)`.
-
-    Chunk j holds positions j, j + n, j + 2n, ... (n chunks), not a contiguous run: when the
-    token axis is split over devices (context parallelism) each chunk then spans every
-    device's part, and each device computes its own positions' logits, never another's.
-
-    Args:
-      hidden: [B, L, E] final (normed) hidden states, any float dtype.
-      lm_head: [E, V] output projection (transpose of the embedding when tied).
-      targets: int [B, L].
-      chunk_size: positions per chunk; L need not be a multiple (the tail is padded).
-      logit_softcap: optional soft cap applied to the logits before the softmax.
-      return_mean_logits: also return the vocabulary-mean logit of each position, float32
-        [B, L] (what `sequence_logit_means` takes for TRL's logits/chosen, logits/rejected).
-
-    Returns:
-      logps: float32 [B, L]; correct: bool [B, L] (argmax == target); and mean_logits
-      float32 [B, L] when `return_mean_logits`.
-    """
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
-    batch, length, embed = hidden.shape
-    num_chunks = -(-length // chunk_size)
-    pad = num_chunks * chunk_size - length
-    if pad:
-        # Padded positions compute throwaway log-probs and are sliced off below.
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # Position c * n + j is element c of chunk j; chunk axis first for lax.map: [n, B, C, E].
-    hidden_chunks = hidden.reshape(batch, chunk_size, num_chunks, embed).transpose(2, 0, 1, 3)
-    target_chunks = targets.reshape(batch, chunk_size, num_chunks).transpose(2, 0, 1)
-
-    @jax.checkpoint
-    def one_chunk(w_ExV, h_BxCxE, t_BxC):
-        # f32 accumulation so bf16 activations still give f32 logits, as the full path does.
-        logits = _softcap(jnp.einsum("bce,ev->bcv", h_BxCxE, w_ExV, preferred_element_type=jnp.float32),
-                          logit_softcap)
-        return (*_logps_and_correct(logits, t_BxC), jnp.mean(logits, axis=-1))
-
-    outs = jax.lax.map(lambda xs: one_chunk(lm_head, *xs), (hidden_chunks, target_chunks))
-    # [n, B, C] -> [B, C, n] -> [B, L], dropping the padded tail.
-    logps, correct, mean_logits = (x.transpose(1, 2, 0).reshape(batch, num_chunks * chunk_size)[:, :length]
-                                   for x in outs)
-    return (logps, correct, mean_logits) if return_mean_logits else (logps, correct)
 
 
 def mean_token_accuracy(correct: jax.Array, target_mask: jax.Array) -> jax.Array:

@@ -139,6 +139,23 @@ def splits(logical_axis: str) -> bool:
     return mesh is not None and any(mesh.shape[m] > 1 for m in _mesh_axes(logical_axis))
 
 
+def token_groups(rows: int, length: int) -> tuple[int, int]:
+    """(row blocks, position blocks) a [rows, length] activation is split into over the ambient
+    mesh's devices (act_batch, act_length), each 1 where the mesh does not split it evenly: the
+    `groups` of `jaxft.losses.chunked_token_logps`, so each device works on its own tokens."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return 1, 1
+
+    def blocks(logical_axis: str, size: int) -> int:
+        n = 1
+        for m in _mesh_axes(logical_axis):
+            n *= mesh.shape[m]
+        return n if size % n == 0 else 1
+
+    return blocks("act_batch", rows), blocks("act_length", length)
+
+
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
     """with_sharding_constraint by logical names under the ambient mesh; no-op without one."""
     mesh = _current_mesh()

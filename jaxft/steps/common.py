@@ -16,6 +16,7 @@ import optax
 from flax import nnx
 
 from jaxft import losses
+from jaxft.parallel.sharding import token_groups
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -65,15 +66,19 @@ def dropout_key(seed: int | None, step, micro_index):
 def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, dropout_rng=None):
     """Per-token target log-probs [B, L] f32, target mask [B, L], argmax-correct [B, L] and
     the per-token mean logit [B, L] (for TRL's logits/* metrics). `params`: a params tree,
-    or (adapters, frozen base) for a LoRA model. dropout_rng: LoRA dropout (training only)."""
+    or (adapters, frozen base) for a LoRA model. dropout_rng: LoRA dropout (training only).
+
+    loss_chunk_size > 0: logits only at trained positions, that many tokens a chunk on each
+    device (`losses.chunked_token_logps`; the other positions read 0); 0: the model's whole
+    [B, L, V] logits."""
     model = merge_model(graphdef, params)
     targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     if loss_chunk_size:
         hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
                        dropout_rng=dropout_rng)
         logps, correct, mean_logits = losses.chunked_token_logps(
-            hidden, model.lm_head_kernel().astype(hidden.dtype), targets, chunk_size=loss_chunk_size,
-            return_mean_logits=True,
+            hidden, model.lm_head_kernel().astype(hidden.dtype), targets, target_mask,
+            chunk_size=loss_chunk_size, groups=token_groups(*targets.shape),
         )
     else:
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)

@@ -16,10 +16,9 @@ from typing import Any
 
 from jaxft.eval.samples import Sampler
 from jaxft.io import checkpoint
+from jaxft.losses import resolve_chunk_size
 from jaxft.steps.common import with_frozen
 
-AUTO_CHUNK_MIN_VOCAB = 32_768  # train.loss_chunk_size = -1 chunks the loss from this vocabulary up
-AUTO_CHUNK_SIZE = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +61,7 @@ class RunContext:
     @property
     def loss_chunk_size(self) -> int:
         """train.loss_chunk_size, with -1 resolved for this model's vocabulary."""
-        chunk = self.config.train.loss_chunk_size
-        if chunk >= 0:
-            return chunk
-        return AUTO_CHUNK_SIZE if self.model_config.vocab_size >= AUTO_CHUNK_MIN_VOCAB else 0
+        return resolve_chunk_size(self.config.train.loss_chunk_size, self.model_config.vocab_size)
 
 
 class Task(abc.ABC):
