@@ -7,6 +7,8 @@ No preset: plain DPO of your own (SFT) model, with TRL's DPO defaults: the sigmo
   jaxft dpo --config configs/dpo.py --config.model.path=runs/my_sft/hf \\
             --config.data.train=pairs.jsonl --workdir runs/my_dpo
 
+--config.train.steps=N trains N steps instead of the epoch (train.steps, when given, wins).
+
 Presets:
   tiny        DPO + NLL (RPO) on the bundled preference pairs, starting from an SFT export
               (--config.model.path=SFT_WORKDIR/hf); the quickstart runs this after SFT

@@ -6,6 +6,9 @@ decay after a 3% warmup, 3 epochs, 1,024-token rows, bf16 compute, FSDP over eve
   jaxft sft --config configs/sft.py --config.model.path=/path/to/hf_model \\
             --config.data.train=train.jsonl --workdir runs/my_sft
 
+The run's length: train.epochs, or train.steps when given (--config.train.steps=N trains N steps
+whatever the epochs); the warmup: optim.warmup_ratio, or optim.warmup_steps when given.
+
 Presets (the part after the colon):
   tiny             the bundled tiny model on the bundled arithmetic data; ~1 minute on a laptop CPU
   llama3_8b        Llama-3/3.1-8B(-Instruct): packed 4k rows; set model.path and data.train
@@ -49,7 +52,7 @@ def tiny(c):
     c.data.eval = str(quickstart_file("sft_eval.jsonl"))
     c.data.max_length = 128
     c.data.packing = True
-    c.train.epochs = 0.0
+    c.train.epochs = 0.0  # the length is the steps (--config.train.epochs=N clears them)
     c.train.steps = 250  # ~50 s of training on 2 CPU cores (~10k tokens/s)
     c.train.batch_size = 16
     c.train.log_every = 25

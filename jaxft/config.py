@@ -8,6 +8,11 @@ line, `--config.optim.lrr=1e-5`) fails at start-up instead of being silently ign
 In a notebook:
 
     config = jaxft.config.load("configs/sft.py:tiny", overrides={"train.steps": 100})
+
+Some keys say one thing two ways (RIVALS): train.steps or train.epochs, optim.warmup_steps or
+optim.warmup_ratio. The step count wins when both are set, and the one the user gives
+(--config.KEY, `load(overrides=...)`, a sweep) is the one that counts: `--config.train.epochs=2`
+on a preset that fixes train.steps trains 2 epochs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import difflib
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -61,8 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 8192
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000  # optimizer steps; see `epochs`
-    c.train.epochs = 0.0  # > 0: steps = epochs * examples / batch_size (overrides `steps`)
+    # The run's length (set one; configs/*.py do): train.steps optimizer steps when > 0 (as
+    # TRL's max_steps, it wins over epochs), else train.epochs passes over the data (counted in
+    # batches). 0 = not given. See RIVALS for overrides of either.
+    c.train.steps = 0
+    c.train.epochs = 0.0
     c.train.batch_size = 32  # global examples per step (pairs for DPO; rows when packing)
     c.train.seed = 0
     c.train.log_every = 10
@@ -92,7 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5
     c.optim.schedule = "cosine"
-    c.optim.warmup_steps = 0  # > 0 wins over warmup_ratio
+    c.optim.warmup_steps = 0  # > 0 wins over warmup_ratio; 0 = not given
     c.optim.warmup_ratio = 0.0  # warmup as a share of the total steps (when warmup_steps is 0)
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.0
@@ -129,6 +137,34 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Pairs of keys that set one thing two ways: each is given when > 0, and the first wins when
+# both are (steps over epochs, as TRL's max_steps; warmup_steps over warmup_ratio, as HF's
+# Trainer). A config file sets either; the user overriding one (and not the other) gets it:
+# `clear_rivals` sets its rival to 0, "not given".
+RIVALS = (("train.steps", "train.epochs"), ("optim.warmup_steps", "optim.warmup_ratio"))
+_RIVAL = {key: rival for pair in RIVALS for key, rival in (pair, pair[::-1])}
+
+
+def clear_rivals(config: ml_collections.ConfigDict, given: Iterable[str]) -> None:
+    """Sets to 0 the rival (RIVALS) of each key of `given` (the keys the user set, already set in
+    `config`) that is > 0, unless `given` holds the rival too. (A user's `train.steps=0` keeps
+    the file's epochs.)"""
+    given = set(given)
+    for key in given & _RIVAL.keys():
+        if _RIVAL[key] not in given and _get(config, key) > 0:
+            _override(config, _RIVAL[key], 0)
+
+
+def merge_overrides(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """One overrides dict of `layers`, later ones winning: a key of a later layer replaces that
+    key and drops its rival (RIVALS) from the earlier ones. (A sweep run's own train.epochs beats
+    a --config.train.steps given to every run.)"""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = {k: v for k, v in merged.items() if _RIVAL.get(k) not in layer} | dict(layer)
+    return merged
+
+
 def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.lock()
     return config
@@ -145,6 +181,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "no model; set --config.model.path=HF_FOLDER (or model.preset, e.g. configs/sft.py:tiny)")
     need(config.data.train != "", "data.train", "no training data; set --config.data.train=FILE")
     need(config.train.batch_size > 0, "train.batch_size", "must be > 0")
+    if config.data.streaming:
+        need(config.train.steps > 0, "train.steps", "must be > 0 with data.streaming=True (a stream has "
+             "no known length, so train.epochs cannot set the run's length)")
     need(config.train.steps > 0 or config.train.epochs > 0, "train.steps", "must be > 0 (or set train.epochs)")
     need(config.optim.accumulate >= 1, "optim.accumulate", "must be >= 1")
     need(config.train.batch_size % config.optim.accumulate == 0, "optim.accumulate",
@@ -227,9 +266,17 @@ def config_file_error(err: BaseException, path: str | Path) -> str:
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> None:
-    """Sets each dotted key of `overrides` (see `load`) in place."""
+    """Sets each dotted key of `overrides` (see `load`) in place; a key given without its rival
+    clears the rival (`clear_rivals`)."""
     for key, value in overrides.items():
         _override(config, key, value)
+    clear_rivals(config, overrides)
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:

@@ -39,12 +39,21 @@ class RunResult:
     adapter_dir: Path | None = None  # WORKDIR/adapter: the PEFT adapter of a LoRA run
 
 
+def run_length(config, data) -> tuple[int, str]:
+    """(optimizer steps, what set them). train.steps when > 0 (it wins over train.epochs, as
+    TRL's max_steps), else train.epochs passes over `data` counted in its batches_per_epoch()
+    (packed rows and per-host slicing accounted for)."""
+    if config.train.steps > 0:
+        ignored = f"; train.epochs={config.train.epochs:g} ignored" if config.train.epochs > 0 else ""
+        return config.train.steps, f"{config.train.steps} steps (train.steps{ignored})"
+    batches = data.batches_per_epoch()
+    steps = max(1, int(round(config.train.epochs * batches)))
+    return steps, f"{steps} steps = {config.train.epochs:g} epochs x {batches} batches (train.epochs)"
+
+
 def total_steps(config, data) -> int:
-    """train.steps, or train.epochs passes over the data (counted in batches, so packed rows
-    and per-host slicing are accounted for)."""
-    if config.train.epochs > 0:
-        return max(1, int(round(config.train.epochs * data.batches_per_epoch())))
-    return config.train.steps
+    """The run's optimizer steps (`run_length`)."""
+    return run_length(config, data)[0]
 
 
 def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) -> RunResult:
@@ -75,7 +84,8 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool)
     model_cfg = model_config(config, tokenizer)
     train = train_data(config, tokenizer, kind=kind, workdir=workdir)
     held_out = eval_data(config, tokenizer, kind=kind, workdir=workdir)
-    steps = total_steps(config, train)
+    steps, length = run_length(config, train)
+    log.info("run length: %s", length)
     tx, schedule = optimizer_from_config(config.optim, steps)
 
     with jax.set_mesh(mesh):

@@ -80,3 +80,80 @@ def test_every_shipped_config_file_loads(path, tmp_path):
     assert config.is_locked and config.train.batch_size > 0
     if path.name == "quickstart.py":
         assert config.model.path == str(tmp_path / "base")
+
+
+# --- the run's length and warmup: the key the user gives counts ----------------------------------
+
+
+class _Data:
+    """What `total_steps` reads of the training data: its batches per epoch."""
+
+    def batches_per_epoch(self) -> int:
+        return 25
+
+
+def _cli(spec, **overrides):
+    """The config `jaxft sft --config SPEC --config.KEY=VALUE ...` builds."""
+    flags = [f"--config={spec}"] + [f"--config.{k}={v}" for k, v in overrides.items()]
+    return cli._config_flags(flags, "jaxft sft", workdir=False).config
+
+
+def _length(config):
+    from jaxft.run import run_length
+
+    return run_length(config, _Data())
+
+
+def test_an_explicit_train_steps_wins_over_the_recipes_epochs():
+    # The presetless recipes train 3 (SFT) / 1 (DPO) epochs; TRL's max_steps overrides them.
+    for config in (config_lib.load(SFT, {"train.steps": 20}), _cli(SFT, **{"train.steps": 20}),
+                   config_lib.load(DPO, {"train.steps": "20"})):
+        assert _length(config) == (20, "20 steps (train.steps)")
+    notebook = config_lib.load(SFT)
+    notebook.train.steps = 20  # set in Python, not as an override: the step count still wins
+    assert _length(notebook) == (20, "20 steps (train.steps; train.epochs=3 ignored)")
+
+
+def test_without_an_explicit_length_the_recipe_trains_its_epochs():
+    assert _length(config_lib.load(SFT)) == (75, "75 steps = 3 epochs x 25 batches (train.epochs)")
+    assert _length(_cli(SFT, **{"optim.lr": "1e-5"}))[0] == 75
+    assert _length(config_lib.load(DPO))[0] == 25
+    assert _length(config_lib.load(f"{SFT}:deepseek_llm_67b"))[0] == 50
+    # steps=0 given by the user means "not given": the recipe's epochs stay.
+    assert _length(config_lib.load(SFT, {"train.steps": 0}))[0] == 75
+
+
+def test_explicit_epochs_take_effect_on_a_preset_that_fixes_the_steps():
+    assert _length(config_lib.load(f"{SFT}:tiny"))[0] == 250
+    for config in (config_lib.load(f"{SFT}:tiny", {"train.epochs": 2.0}), _cli(f"{SFT}:tiny", **{"train.epochs": 2})):
+        assert config.train.steps == 0  # config.json says what the run did
+        assert _length(config) == (50, "50 steps = 2 epochs x 25 batches (train.epochs)")
+    # Both given: the step count wins, as TRL's max_steps over num_train_epochs.
+    assert _length(config_lib.load(f"{SFT}:tiny", {"train.epochs": 2.0, "train.steps": 7}))[0] == 7
+
+
+def test_a_sweep_runs_own_key_beats_a_rival_given_to_every_run():
+    from jaxft import sweep
+
+    runs = sweep.grid({"train.epochs": [2.0]}, kind="sft", config=f"{SFT}:tiny", overrides={"train.steps": "10"})
+    assert _length(config_lib.load(runs[0].config, runs[0].overrides))[0] == 50
+    assert config_lib.merge_overrides({"train.steps": 10, "optim.lr": 1e-4}, {"train.epochs": 2.0}) == {
+        "optim.lr": 1e-4, "train.epochs": 2.0}
+
+
+def test_an_explicit_warmup_ratio_takes_effect_on_a_preset_with_warmup_steps():
+    assert warmup_steps_of(config_lib.load(f"{SFT}:tiny").optim, 250) == 20
+    for config in (config_lib.load(f"{SFT}:tiny", {"optim.warmup_ratio": 0.1}),
+                   _cli(f"{SFT}:tiny", **{"optim.warmup_ratio": 0.1})):
+        assert config.optim.warmup_steps == 0 and warmup_steps_of(config.optim, 250) == 25
+    # ...and explicit warmup_steps on the recipe's 3% ratio.
+    assert warmup_steps_of(_cli(SFT, **{"optim.warmup_steps": 5}).optim, 1000) == 5
+
+
+def test_streaming_needs_train_steps_and_says_so():
+    streaming = {"model.path": "m", "data.train": "t.jsonl", "data.streaming": True}
+    with pytest.raises(ValueError, match=r"train\.steps: must be > 0 with data\.streaming=True"):
+        config_lib.validate(config_lib.load(SFT, streaming))
+    config = config_lib.load(SFT, {**streaming, "train.steps": 100})
+    config_lib.validate(config)
+    assert config.train.epochs == 0  # the streaming pipeline refuses a config with epochs

@@ -9,7 +9,8 @@ import os
 
 def _config_flags(argv, prog, *, workdir: bool):
     """--config FILE[:arg] --config.KEY=VALUE ... (and --workdir DIR) via ml_collections
-    config_flags: the same locked config `jaxft.config.load` builds."""
+    config_flags: the same locked config `jaxft.config.load` builds (rival keys included:
+    `jaxft.config.clear_rivals` on the keys the flags override)."""
     from absl import flags
     from ml_collections import config_flags
 
@@ -38,6 +39,10 @@ def _config_flags(argv, prog, *, workdir: bool):
         raise SystemExit(f"{prog}: --config {spec}: {config_file_error(err, (spec or '').split(':', 1)[0])}")
     if fv.config is None or (workdir and fv.workdir is None):
         raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
+    from jaxft.config import clear_rivals
+
+    # As `jaxft.config.load` does: --config.train.epochs=2 on a preset with train.steps trains 2 epochs.
+    clear_rivals(fv.config, config_flags.get_override_values(fv["config"]))
     return fv
 
 

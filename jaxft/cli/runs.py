@@ -27,6 +27,7 @@ def _sweep(argv):
     config_args, rest = _split_config_args(argv)
     a = p.parse_args(rest)
     from jaxft import sweep
+    from jaxft.config import merge_overrides
 
     spec = next((config_args[i + 1] for i, x in enumerate(config_args) if x == "--config"), None)
     spec = spec or next((x.split("=", 1)[1] for x in config_args if x.startswith("--config=")), None)
@@ -36,7 +37,8 @@ def _sweep(argv):
     if a.sweep_file:
         if a.sweep:
             raise SystemExit("jaxft sweep: --sweep flags go with --config; a sweep file's get_sweep() lists its runs")
-        runs = [sweep.Run(r.name, r.kind, r.config, {**common, **r.overrides}) for r in sweep.load_sweep_file(a.sweep_file)]
+        runs = [sweep.Run(r.name, r.kind, r.config, merge_overrides(common, r.overrides))
+                for r in sweep.load_sweep_file(a.sweep_file)]
     else:
         if not a.sweep:
             raise SystemExit("jaxft sweep: --config needs at least one --sweep KEY=V1,V2")

@@ -19,6 +19,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from jaxft.config import merge_overrides
+
 KINDS = ("sft", "dpo")
 _REFERENCE = re.compile(r"^@([^/]+)(?:/(.*))?$")
 
@@ -60,8 +62,9 @@ def grid(axes: Mapping[str, Sequence[Any]], *, kind: str, config: str | None = N
          overrides: Mapping[str, Any] | None = None, prefix: str = "") -> list[Run]:
     """The runs of `axes` ({key: [values]}): every combination (the first key varies slowest),
     or the i-th value of every key together (paired=True, `--zip`: equal lengths). `overrides`
-    apply to every run first; names come from the swept values (`run_name`), after `prefix`.
-    config None: the sweep file's own config (set by `load_sweep_file`)."""
+    apply to every run first (a swept key drops its rival from them: `merge_overrides`); names
+    come from the swept values (`run_name`), after `prefix`. config None: the sweep file's own
+    config (set by `load_sweep_file`)."""
     keys = list(axes)
     values = [list(axes[k]) for k in keys]
     if not keys or any(not v for v in values):
@@ -73,7 +76,7 @@ def grid(axes: Mapping[str, Sequence[Any]], *, kind: str, config: str | None = N
     runs = []
     for combo in combos:
         swept = dict(zip(keys, combo))
-        runs.append(Run(prefix + run_name(swept, keys), kind, config or "", {**dict(overrides or {}), **swept}))
+        runs.append(Run(prefix + run_name(swept, keys), kind, config or "", merge_overrides(overrides or {}, swept)))
     return runs
 
 
