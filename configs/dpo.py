@@ -33,7 +33,6 @@ def own_model():
     c.data.max_length = 1024
     c.train.epochs = 1.0
     c.train.batch_size = 32  # pairs
-    c.train.loss_chunk_size = 512
     c.optim.lr = 1e-6  # DPO wants a far smaller step than SFT
     c.optim.schedule = "cosine"
     c.optim.warmup_ratio = 0.1

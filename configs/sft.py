@@ -35,7 +35,6 @@ def own_model():
     c.train.batch_size = 64
     c.train.log_every = 10
     c.train.save_every = 500
-    c.train.loss_chunk_size = 512  # large vocabularies: never materialise [B, L, V] logits
     c.optim.lr = 2e-5
     c.optim.schedule = "cosine"
     c.optim.warmup_ratio = 0.03
