@@ -1,16 +1,21 @@
 """`jaxft bench`: step throughput measured side by side, on the same tokens, in one process.
 
-On one batch of random tokens [B, L] (B rows = B/2 DPO pairs, a prompt quarter out of the
-loss), for each length in `lengths`, times jaxft's step kinds:
-  sft               the SFT step
-  sft_chunked_ce    the SFT step with chunked cross-entropy (train.loss_chunk_size)
+It measures what a user runs by default (`jaxft.bench_setup`): the settings of
+`configs/sft.py` and `configs/dpo.py` without a preset (param and compute dtype, remat,
+attention, the loss chunk as a run resolves it), on one batch shaped like user data: B rows =
+B/2 DPO pairs of random tokens, each row right-padded to L from a real length between L and
+L/2 (segment_ids 0 and loss_mask 0 on the padding), its first L/4 tokens a prompt out of the
+loss. For each length in `lengths` it times jaxft's step kinds:
+  sft               the SFT step with the default loss (chunked unless the config says 0)
+  sft_full_logits   the SFT step with the whole [B, L, V] logits (loss_chunk_size 0)
   dpo               the DPO step with a precomputed reference table (no reference forward)
   dpo_reference     the DPO step with a reference forward per step
 and, with `compare=("torch", "tunix")`, the same model in transformers + PyTorch
-(`jaxft.bench_torch`) and in Tunix (`jaxft.bench_tunix`): each library's SFT step and DPO step
-with a reference forward, in the same alternating rounds. Every kind
-reports tokens/s, step time, MFU (known accelerators only), the first call's time (compile +
-one step) and the compiled step's peak memory (XLA's memory analysis, per device).
+(`jaxft.bench_torch`, at the same precision and remat) and in Tunix (`jaxft.bench_tunix`):
+each library's SFT step and DPO step with a reference forward, in the same alternating
+rounds. Every kind reports tokens/s (every position of the [B, L] batch, padding included,
+for every library alike), step time, MFU (known accelerators only), the first call's time
+(compile + one step) and the compiled step's peak memory (XLA's memory analysis, per device).
 
 Steps go through the model every run builds (`create_model(cfg)`: scanned layers, the
 configured attention backend) and the steps' own jit with shardings and donation.
@@ -27,11 +32,10 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jaxft.bench_setup import batch_counts, bench_batch, bench_config
 from jaxft.io.metrics import device_peak_flops, train_flops_per_token
-from jaxft.models import create_model, get_preset
-from jaxft.models.attention import resolve
+from jaxft.models import create_model
 from jaxft.models.config import dtype_name
 from jaxft.models.adapters import init_adapters
 from jaxft.models.from_config import split_params
@@ -43,13 +47,14 @@ from jaxft.steps.optimizer import make_optimizer
 from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
 
-KINDS = ("sft", "sft_chunked_ce", "dpo", "dpo_reference")
+KINDS = ("sft", "sft_full_logits", "dpo", "dpo_reference")
 # With --lora RANK: the LoRA SFT step (adapters train, the base is frozen) and DPO with adapters,
 # its reference the base with the adapters off (a live forward, no second copy).
 LORA_KINDS = ("sft_lora", "dpo_lora")
 # Each jaxft kind against the step another library's loop would run for it: DPO with a
-# precomputed reference is compared with their DPO step with its reference forward.
-VERSUS = {"sft": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
+# precomputed reference is compared with their DPO step with its reference forward; both SFT
+# kinds with their SFT step (whole logits, as plain transformers computes them).
+VERSUS = {"sft": "sft", "sft_full_logits": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
 # The libraries `compare` times (each its SFT step and its DPO step with a reference forward):
 # name -> (module with check_available() and the bench class, that class).
 LIBRARIES = {"torch": ("jaxft.bench_torch", "TorchBench"), "tunix": ("jaxft.bench_tunix", "TunixBench")}
@@ -68,27 +73,6 @@ class Case:
     run: Callable[[int], float]
     compile_s: float
     peak_bytes: int | None = None
-
-
-def _batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict:
-    """Host arrays of one DPO-shaped batch; SFT uses its row keys. [B, L] int32 rows, [P] pairs."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocab, (rows, length)).astype(np.int32)
-    loss_mask = np.ones((rows, length), np.int32)
-    loss_mask[:, : length // 4] = 0  # a prompt quarter
-    pairs = rows // 2
-    return {
-        "tokens": tokens,
-        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy(),
-        "segment_ids": np.ones((rows, length), np.int32),
-        "loss_mask": loss_mask,
-        "chosen_row": np.arange(0, rows, 2, dtype=np.int32),
-        "rejected_row": np.arange(1, rows, 2, dtype=np.int32),
-        "chosen_segment": np.ones(pairs, np.int32),
-        "rejected_segment": np.ones(pairs, np.int32),
-        "pair_mask": np.ones(pairs, np.int32),
-        "pair_index": np.arange(pairs, dtype=np.int32),
-    }
 
 
 def _peak_bytes(compiled) -> int | None:
@@ -219,34 +203,37 @@ def _measure_length(report: dict, length: int, cases: dict[str, Case], *, cfg, b
 
 
 def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Sequence[int] = 256,
-              steps: int | None = None, rounds: int = 3, chunk_size: int = 128, compute_dtype=None,
-              attention: str | None = None, overrides: dict | None = None, compare: Sequence[str] = (),
-              lora_rank: int = 0) -> dict:
+              steps: int | None = None, rounds: int = 3, chunk_size: int | None = None, compute_dtype=None,
+              remat: str | None = None, attention: str | None = None, overrides: dict | None = None,
+              compare: Sequence[str] = (), lora_rank: int = 0) -> dict:
     """Times every step kind at every length; returns the JSON-able report
 
-    {"sft" | "sft_chunked_ce" | "dpo" | "dpo_reference": {tokens_per_sec, step_time (s), mfu,
+    {"sft" | "sft_full_logits" | "dpo" | "dpo_reference": {tokens_per_sec, step_time (s), mfu,
       peak_bytes, compile_s, steps_per_round, ratio_to_sft}   (the first length's),
      "lengths": {"256": {kind: ...}, ...}, "scaling": {kind: tokens/s longest / shortest},
-     "device": {...}, "config": {...},
+     "batch": {"256": {"positions", "real_tokens", "trained_tokens"}, ...},
+     "device": {...}, "config": {..., "settings": {param_dtype, compute_dtype, remat, attention,
+       attention_backend, loss_chunk_size (as set), loss_chunk (as the steps use it),
+       overridden}},
      "compare": {"torch" | "tunix": {"lengths": {"256": {"sft" | "dpo_reference": {...},
                  "ratio": {kind: jaxft tokens/s / theirs}}}, "sft", "dpo_reference",
                  "ratio" (the first length's), "scaling", "library"}}}.
 
-    steps: per timed round; None picks 1-5 per kind (about a second a round). mfu is None off
-    the known accelerators (`jaxft.io.metrics.PEAK_FLOPS`). lora_rank > 0 adds "sft_lora" and
-    "dpo_lora" (LoRA of that rank on every projection, alpha = 2 x rank) to every length.
+    The settings are `bench_setup.user_settings()` (configs/sft.py and configs/dpo.py without
+    a preset); compute_dtype, remat, attention and chunk_size (train.loss_chunk_size for both
+    methods: -1 auto, 0 whole logits, > 0 tokens) override them when given. steps: per timed round;
+    None picks 1-5 per kind (about a second a round). mfu is None off the known accelerators
+    (`jaxft.io.metrics.PEAK_FLOPS`). lora_rank > 0 adds "sft_lora" and "dpo_lora" (LoRA of that
+    rank on every projection, alpha = 2 x rank) to every length.
     """
     lengths = [lengths] if isinstance(lengths, int) else list(lengths)
     if not lengths or min(lengths) < 2 or batch_size < 2 or batch_size % 2:
         raise ValueError(f"jaxft bench: need lengths >= 2 and an even batch size (rows = 2 x DPO pairs); "
                          f"got lengths {lengths}, batch size {batch_size}")
     _check_compare(compare)  # before anything compiles
-    cfg = get_preset(preset).replace(**(overrides or {}))
-    if compute_dtype is not None:
-        cfg = cfg.replace(compute_dtype=compute_dtype)
-    if attention is not None:
-        cfg = cfg.replace(attention=attention)
-    backend = resolve(cfg.attention)  # fails on a misspelt name before anything compiles
+    cfg, settings = bench_config(preset, overrides=overrides, compute_dtype=compute_dtype, remat=remat,
+                                 attention=attention, chunk_size=chunk_size)
+    chunk = settings["loss_chunk"]
     mesh = sharding.make_mesh(data=-1)
     rows_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     peak_flops = device_peak_flops()
@@ -254,7 +241,7 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
     for name in dict.fromkeys(compare):
         others[name] = _library(name)[1](cfg)
 
-    report = {"lengths": {}, "compare": {name: {"lengths": {}} for name in others}}
+    report = {"lengths": {}, "batch": {}, "compare": {name: {"lengths": {}} for name in others}}
     with jax.set_mesh(mesh):
         model = create_model(cfg, seed=0, mesh=mesh)
         graphdef, params = split_params(model)
@@ -272,15 +259,16 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
             batch = {k: jax.device_put(v, rows_sharding if v.ndim == 2 else replicated) for k, v in host.items()}
             sft_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
             cases = {}
-            for name, chunk in (("sft", 0), ("sft_chunked_ce", chunk_size)):
-                step = jit_step(make_sft_step(graphdef, tx, schedule, loss_chunk_size=chunk),
+            for name, loss_chunk in (("sft", chunk["sft"]), ("sft_full_logits", 0)):
+                step = jit_step(make_sft_step(graphdef, tx, schedule, loss_chunk_size=loss_chunk),
                                 state_shardings=shardings, batch_sharding=rows_sharding)
                 cases[name] = _jax_case(step, holder, sft_batch)
             for name, mode, ref, ref_sh in (("dpo", "table", table, replicated),
                                             ("dpo_reference", "params", reference, ref_shardings)):
                 step = jit_dpo_step(
                     make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                                  reference_mode=mode, num_segments=1, rows_per_pair=2),
+                                  reference_mode=mode, num_segments=1, rows_per_pair=2,
+                                  loss_chunk_size=chunk["dpo"]),
                     state_shardings=shardings, reference_shardings=ref_sh, mesh=mesh)
                 cases[name] = _jax_case(step, holder, ref, batch)
             if lora_cases:
@@ -288,7 +276,8 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
             return cases
 
         for length in lengths:
-            host = _batch(batch_size, length, cfg.vocab_size)
+            host = bench_batch(batch_size, length, cfg.vocab_size)
+            report["batch"][str(length)] = batch_counts(host)
             cases = jax_cases(host)
             for library, other in others.items():  # after jaxft's, in the same rounds: alternating
                 for name, fn in other.cases(host).items():
@@ -310,9 +299,10 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
     report["device"] = {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
     report["config"] = {
         "preset": preset, "batch_size": batch_size, "lengths": lengths, "steps": steps, "rounds": rounds,
-        "chunk_size": chunk_size, "attention": cfg.attention, "attention_backend": backend,
+        "settings": settings,
         "model": {k: getattr(cfg, k) for k in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                                                "num_heads", "num_kv_heads", "scan_layers", "remat")}
+                                                "num_heads", "num_kv_heads", "tie_word_embeddings", "scan_layers",
+                                                "remat")}
         | {"head_dim": cfg.dim_per_head, "num_params": cfg.num_params(),
            "param_dtype": dtype_name(cfg.param_dtype), "compute_dtype": dtype_name(cfg.compute_dtype)},
     }
@@ -324,7 +314,7 @@ def _scaling(by_length: dict, first: str, last: str, kinds) -> dict:
     return {k: by_length[last][k]["tokens_per_sec"] / by_length[first][k]["tokens_per_sec"] for k in kinds}
 
 
-_LABELS = {"sft": "sft", "sft_chunked_ce": "sft_chunked_ce", "dpo": "dpo (precomputed reference)",
+_LABELS = {"sft": "sft", "sft_full_logits": "sft_full_logits (whole logits)", "dpo": "dpo (precomputed reference)",
            "dpo_reference": "dpo_reference (reference forward)", "sft_lora": "sft_lora (LoRA, frozen base)",
            "dpo_lora": "dpo_lora (LoRA, reference = adapters off)"}
 
@@ -335,8 +325,11 @@ def _mib(n) -> str:
 
 def _format_length(report: dict, length: str) -> list[str]:
     """Markdown lines of one length: jaxft's kinds, then each compared library's table."""
-    row = report["lengths"][length]
+    row, batch = report["lengths"][length], report["batch"][length]
     out = ["", f"### {length} tokens", "",
+           f"{batch['real_tokens']:,} real tokens of {batch['positions']:,} positions "
+           f"({100 * batch['real_tokens'] / batch['positions']:.0f}%), {batch['trained_tokens']:,} in the loss; "
+           "tokens/s counts positions", "",
            "| step | ms/step | tokens/s | x sft | MFU | first call s | peak MiB |",
            "|---|---|---|---|---|---|---|"]
     for name, r in row.items():
@@ -362,11 +355,21 @@ def format_bench(report: dict) -> str:
     """The report of `run_bench` as Markdown: one table per length (and each compared
     library's beside it), then tokens/s at the longest length relative to the shortest."""
     c, d = report["config"], report["device"]
-    m = c["model"]
-    out = [f"{c['preset']} ({m['num_params'] / 1e6:.1f}M params, {m['compute_dtype']}, "
-           f"{c['attention_backend']} attention), batch {c['batch_size']} rows, "
-           f"{d['count']} x {d['kind']}, best of {c['rounds']} rounds"]
+    m, st = c["model"], c["settings"]
+    chunk = st["loss_chunk"]
+    words = {method: _chunk_words(chunk[method], st["loss_chunk_size"][method]) for method in chunk}
+    loss = words["sft"] if len(set(words.values())) == 1 else " / ".join(f"{k} {v}" for k, v in words.items())
+    layers = f"{m['num_layers']} layer{'s' if m['num_layers'] > 1 else ''}"
+    out = [f"{c['preset']} ({m['num_params'] / 1e6:.1f}M params, vocabulary {m['vocab_size']:,}, {layers}"
+           f"{', tied embeddings' if m.get('tie_word_embeddings') else ''}), batch {c['batch_size']} rows "
+           f"right-padded, {d['count']} x {d['kind']}, best of {c['rounds']} rounds",
+           f"jaxft settings ({st['source']} without a preset"
+           f"{'; flags set ' + ', '.join(st['overridden']) if st['overridden'] else ''}): "
+           f"{st['param_dtype']} weights, {st['compute_dtype']} compute, remat {st['remat']}, "
+           f"attention {st['attention']} ({st['attention_backend']}), loss: {loss}; sft_full_logits: whole logits"]
     others = {LIBRARY_NAMES[name]: theirs for name, theirs in report["compare"].items()}
+    for lib, theirs in others.items():
+        out.append(f"{lib}: {theirs['library']}; the same model sizes, batch, padding and loss masks")
     for length in report["lengths"]:
         out += _format_length(report, length)
     if len(report["lengths"]) > 1:
@@ -381,6 +384,11 @@ def format_bench(report: dict) -> str:
             vs = VERSUS.get(kind)
             line += "".join(f" {theirs['scaling'][vs]:.2f} ({vs}) |" if vs else " |" for theirs in others.values())
             out.append(line)
-    for lib, theirs in others.items():
-        out += ["", f"{lib}: {theirs['library']}; same model sizes, batch and loss masks."]
     return "\n".join(out)
+
+
+def _chunk_words(chunk: int, setting: int) -> str:
+    """'chunks of 512 tokens (auto)' / 'whole logits' for a resolved loss chunk and its setting."""
+    if chunk == 0:
+        return "whole logits"
+    return f"chunks of {chunk:,} trained tokens{' (auto)' if setting < 0 else ''}"

@@ -9,8 +9,10 @@ decay):
   sft            `PeftTrainer`'s step: forward, its masked token-mean NLL, backward, update
   dpo_reference  `DPOTrainer`: its jitted reference forward (`_prepare_inputs`: the frozen
                  reference's completion log-probs), then its sigmoid-DPO train step
-Tunix builds a dense [B, L, L] attention mask from the padding mask; jaxft's rows are full
-(no padding), so both attend causally over the same tokens.
+Tunix builds a dense [B, L, L] attention mask from the padding mask: the bench's right padding
+(token 0, which the bench never draws for a real token; segment 0 in jaxft) is masked out on
+both sides, so both attend causally over the same tokens and train the same targets. Tunix runs
+at its own default precision: jaxft's compute dtype and remat are not passed to it.
 """
 
 from __future__ import annotations
@@ -73,14 +75,13 @@ class TunixBench:
         dpo_config = dpo_trainer.DPOTrainingConfig(eval_every_n_steps=10**9, beta=beta)
         self.dpo_trainer = dpo_trainer.DPOTrainer(llama3.Llama3(config, rngs=nnx.Rngs(seed)),
                                                   llama3.Llama3(config, rngs=nnx.Rngs(seed)), tx, dpo_config)
-        self.description = f"{check_available()}, llama3 model, dense [B, L, L] attention mask"
+        self.description = (f"{check_available()}, llama3 model, dense [B, L, L] attention mask, "
+                            "Tunix's own precision and remat")
 
     def _sft_inputs(self, x):
-        """As Tunix's examples build it: positions and the causal mask from the padding
-        (none: full rows), the loss from `input_mask`."""
-        import jax.numpy as jnp
-
-        not_padding = jnp.ones_like(x.input_tokens, dtype=bool)
+        """As Tunix's examples build it: positions and the causal mask from the padding (the
+        bench pads with token 0), the loss from `input_mask`."""
+        not_padding = x.input_tokens != 0
         return {"input_tokens": x.input_tokens, "input_mask": x.input_mask,
                 "positions": self._utils.build_positions_from_mask(not_padding),
                 "attention_mask": self._utils.make_causal_attn_mask(not_padding)}
@@ -92,17 +93,21 @@ class TunixBench:
         import jax.numpy as jnp
         from tunix.sft.peft_trainer import TrainingInput
 
-        tokens, loss_mask = batch["tokens"], batch["loss_mask"]
-        sft_input = TrainingInput(input_tokens=jnp.asarray(tokens), input_mask=jnp.asarray(loss_mask > 0))
-        # Tunix's DPO input: one prompt per pair (left part), chosen and rejected completions.
+        tokens, loss_mask, real = batch["tokens"], batch["loss_mask"], batch["segment_ids"] > 0
+        sft_input = TrainingInput(input_tokens=jnp.asarray(tokens), input_mask=jnp.asarray((loss_mask > 0) & real))
+        # Tunix's DPO input: one prompt per pair (the shared first quarter, never padded), chosen
+        # and rejected completions right-padded, their masks 0 on the padding.
         prompt_len = int(np.argmax(loss_mask[0] > 0))
-        chosen, rejected = tokens[batch["chosen_row"]], tokens[batch["rejected_row"]]
-        pairs, length = chosen.shape
-        ones = lambda n: jnp.ones((pairs, n), jnp.int32)  # noqa: E731 - full rows, no padding
+        chosen, rejected = batch["chosen_row"], batch["rejected_row"]
+
+        def completion(rows):
+            return jnp.asarray(tokens[rows, prompt_len:]), jnp.asarray(real[rows, prompt_len:].astype(np.int32))
+
+        (chosen_ids, chosen_mask), (rejected_ids, rejected_mask) = completion(chosen), completion(rejected)
         dpo_input = self._dpo_input(
-            prompt_ids=jnp.asarray(chosen[:, :prompt_len]), prompt_mask=ones(prompt_len),
-            chosen_ids=jnp.asarray(chosen[:, prompt_len:]), chosen_mask=ones(length - prompt_len),
-            rejected_ids=jnp.asarray(rejected[:, prompt_len:]), rejected_mask=ones(length - prompt_len))
+            prompt_ids=jnp.asarray(tokens[chosen, :prompt_len]),
+            prompt_mask=jnp.ones((len(chosen), prompt_len), jnp.int32),
+            chosen_ids=chosen_ids, chosen_mask=chosen_mask, rejected_ids=rejected_ids, rejected_mask=rejected_mask)
         sft_step, _ = self.sft_trainer.jit_train_and_eval_step()
         dpo_step, _ = self.dpo_trainer.jit_train_and_eval_step()
 

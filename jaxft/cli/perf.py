@@ -10,21 +10,31 @@ from jaxft.cli.common import _config_flags, _split_config_args
 
 
 def _bench(argv):
+    from jaxft.models.presets import PRESETS
+
     p = argparse.ArgumentParser(prog="jaxft bench", description=(
         "SFT and DPO step throughput on the same tokens, measured side by side in one process "
-        "(interleaved rounds, best of each); --compare torch / tunix times transformers + PyTorch / Tunix too"))
-    p.add_argument("--preset", default="tiny", help="model architecture (jaxft.models.PRESETS), e.g. bench")
+        "(interleaved rounds, best of each), with the settings of configs/sft.py and configs/dpo.py "
+        "without a preset (compute dtype, remat, attention, loss chunk) on right-padded rows; "
+        "--compare torch / tunix times transformers + PyTorch / Tunix too"))
+    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), metavar="PRESET",
+                   help=f"model architecture: {', '.join(PRESETS)} (real shapes: smollm2_135m, and "
+                        "llama3_vocab_2x64 for a 128k vocabulary)")
     p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
     p.add_argument("--lengths", "--length", default="256",
                    help="comma-separated sequence lengths, e.g. 256,1024,2048 (cost growth)")
     p.add_argument("--steps", type=int, default=None,
                    help="steps per timed round (default: 1-5 per step kind, about a second a round)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
-    p.add_argument("--chunk-size", type=int, default=128, help="sft_chunked_ce's loss chunk")
-    p.add_argument("--compute-dtype", default=None, help="e.g. bfloat16 on accelerators")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="train.loss_chunk_size of the sft and dpo steps: -1 auto, 0 whole logits, > 0 tokens "
+                        "(default: the configs' own)")
+    p.add_argument("--compute-dtype", default=None, help="model.compute_dtype (default: the configs' own)")
+    p.add_argument("--remat", default=None, help="model.remat: none, full, dots, ... (default: the configs' own)")
     p.add_argument("--layers", type=int, default=None, help="override num_layers (smaller real models)")
     p.add_argument("--attention", default=None,
-                   help="attention backend (model.attention: auto, reference, blockwise, xla, ...)")
+                   help="attention backend (model.attention: auto, reference, blockwise, xla, ...; "
+                        "default: the configs' own)")
     p.add_argument("--compare", action="append", default=[], choices=("torch", "tunix"),
                    help="also time the same steps in transformers + PyTorch (torch) or Tunix (tunix); repeatable")
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
@@ -42,7 +52,8 @@ def _bench(argv):
 
     overrides = {"num_layers": a.layers} if a.layers else None
     report = run_bench(preset=a.preset, batch_size=a.batch_size, lengths=lengths, steps=a.steps, rounds=a.rounds,
-                       chunk_size=a.chunk_size, overrides=overrides, attention=a.attention, compare=a.compare,
+                       chunk_size=a.chunk_size, overrides=overrides, attention=a.attention, remat=a.remat,
+                       compare=a.compare,
                        compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"), lora_rank=a.lora)
     print(format_bench(report))
     if a.json:

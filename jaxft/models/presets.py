@@ -1,4 +1,5 @@
-"""Built-in architectures: `tiny` for tests and the quickstart, and real sizes for planning.
+"""Built-in architectures: `tiny` for tests and the quickstart, and real sizes for planning
+and `jaxft bench` (`bench`, `smollm2_135m`, `llama3_vocab_2x64`).
 
 Real-size presets describe the published checkpoints' architectures (from their config.json)
 so `jaxft plan` / `jaxft bench` can size a run without downloading anything; fine-tuning a
@@ -25,6 +26,23 @@ PRESETS: dict[str, ModelConfig] = {
     "bench": ModelConfig(
         model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4,
         num_heads=8, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+    ),
+    # HuggingFaceTB/SmolLM2-135M (134,515,008 params, tied embeddings): a real small model with a
+    # real tokenizer's vocabulary (49,152), the shape a laptop or one small GPU fine-tunes.
+    # bos = eos = 0 (<|endoftext|>) as its config.json; the -Instruct model's says 1 / 2.
+    "smollm2_135m": ModelConfig(
+        model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
+        num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+    ),
+    # Llama 3's vocabulary (128,256, untied as Llama-3-8B) on a 2-layer, width-64 body: 16.5M
+    # params of which 99% are the embedding and the LM head, so a step is the loss over a 128k
+    # vocabulary and little else, the shape users found slow. The body keeps Llama 3's
+    # proportions: MLP 3.5x the width (14,336 / 4,096) and 4 query heads per KV head (32 / 8).
+    "llama3_vocab_2x64": ModelConfig(
+        model_type="llama", vocab_size=128256, hidden_size=64, intermediate_size=224, num_layers=2,
+        num_heads=4, num_kv_heads=1, rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192,
+        bos_token_id=128000, eos_token_id=128009,
     ),
     "llama3_8b": ModelConfig(
         model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
