@@ -26,9 +26,13 @@ def _on_cluster() -> bool:
 def timeouts() -> dict:
     """Bounded waits, so a host that never arrives or dies makes the others fail, not hang:
     JAXFT_INIT_TIMEOUT (s, default 300) for every host to join, JAXFT_HEARTBEAT_TIMEOUT (s,
-    default 100) of silence after which the runtime declares a host dead and stops the rest."""
+    default 100) of silence after which the runtime declares a host dead and stops the rest,
+    JAXFT_SHUTDOWN_TIMEOUT (s, default 900) for every live host to reach the end: process 0
+    exports the model after the last step while the others wait (JAX's 300 s was once too
+    short on a loaded 2-core CI machine, and a missed barrier aborts a finished run)."""
     return dict(initialization_timeout=int(os.environ.get("JAXFT_INIT_TIMEOUT", 300)),
-                heartbeat_timeout_seconds=int(os.environ.get("JAXFT_HEARTBEAT_TIMEOUT", 100)))
+                heartbeat_timeout_seconds=int(os.environ.get("JAXFT_HEARTBEAT_TIMEOUT", 100)),
+                shutdown_timeout_seconds=int(os.environ.get("JAXFT_SHUTDOWN_TIMEOUT", 900)))
 
 
 def initialize() -> None:
