@@ -82,17 +82,26 @@ class _Plan:
     position 0), `valid` [G, P] the trained prefix, `inverse` [G, M] each position's compact
     slot, and `num_chunks` the chunks the fullest group needs (a traced scalar)."""
 
-    def __init__(self, mask_GxM, chunk: int):
-        groups, tokens = mask_GxM.shape
+    def __init__(self, order, valid, inverse, num_chunks, chunk: int):
+        self.order, self.valid, self.inverse, self.num_chunks = order, valid, inverse, num_chunks
+        self.chunk, self.padded = chunk, order.shape[1]
+
+    @classmethod
+    def of(cls, mask_GxM, chunk: int) -> "_Plan":
+        """The plan of a [G, M] target mask."""
+        tokens = mask_GxM.shape[1]
         trained = mask_GxM > 0
         order = jnp.argsort(jnp.logical_not(trained), axis=1, stable=True).astype(jnp.int32)
         count = jnp.sum(trained, axis=1, dtype=jnp.int32)  # [G]
         padded = -(-tokens // chunk) * chunk
-        self.order = jnp.pad(order, ((0, 0), (0, padded - tokens)))
-        self.valid = jnp.arange(padded, dtype=jnp.int32)[None, :] < count[:, None]
-        self.inverse = jnp.argsort(order, axis=1).astype(jnp.int32)
-        self.num_chunks = (jnp.max(count) + chunk - 1) // chunk
-        self.chunk, self.padded = chunk, padded
+        return cls(order=jnp.pad(order, ((0, 0), (0, padded - tokens))),
+                   valid=jnp.arange(padded, dtype=jnp.int32)[None, :] < count[:, None],
+                   inverse=jnp.argsort(order, axis=1).astype(jnp.int32),
+                   num_chunks=(jnp.max(count) + chunk - 1) // chunk, chunk=chunk)
+
+    def arrays(self) -> tuple:
+        """What the backward pass rebuilds the plan from (saved, not recomputed)."""
+        return self.order, self.valid, self.inverse, self.num_chunks
 
     def slot(self, array_GxP, j):
         return jax.lax.dynamic_slice_in_dim(array_GxP, j * self.chunk, self.chunk, axis=1)
@@ -109,7 +118,7 @@ def _chunk_logits(h_GxCxE, w_ExV, softcap):
 
 
 def _forward(h_GxMxE, w_ExV, t_GxM, mask_GxM, chunk, softcap):
-    plan = _Plan(mask_GxM, chunk)
+    plan = _Plan.of(mask_GxM, chunk)
     groups = mask_GxM.shape[0]
     zeros = jnp.zeros((groups, plan.padded), jnp.float32)
 
@@ -128,13 +137,13 @@ def _forward(h_GxMxE, w_ExV, t_GxM, mask_GxM, chunk, softcap):
     init = (jnp.int32(0), zeros, zeros, jnp.zeros((groups, plan.padded), bool), zeros)
     _, logps, lse, correct, means = jax.lax.while_loop(lambda c: c[0] < plan.num_chunks, body, init)
     outs = tuple(plan.scatter_back(x) for x in (logps, correct, means))
-    return outs, (h_GxMxE, w_ExV, t_GxM, mask_GxM, lse)
+    return outs, (h_GxMxE, w_ExV, t_GxM, plan.arrays(), lse)
 
 
 def _backward(chunk, softcap, residuals, cotangents):
-    h_GxMxE, w_ExV, t_GxM, mask_GxM, lse_GxP = residuals
+    h_GxMxE, w_ExV, t_GxM, plan_arrays, lse_GxP = residuals
     g_logps, _, g_means = cotangents  # `correct` is boolean: no cotangent
-    plan = _Plan(mask_GxM, chunk)
+    plan = _Plan(*plan_arrays, chunk=chunk)
     vocab = w_ExV.shape[1]
     # Compact cotangents; positions without a target contribute nothing (their outputs are 0).
     g_logps = jnp.where(plan.valid, _gather_rows(g_logps, plan.order), 0.0)
