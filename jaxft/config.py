@@ -21,6 +21,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -48,43 +49,44 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = ""  # file / glob / folder / hub name, or a mixture "a.jsonl=0.3,b.jsonl=0.7"
     c.data.eval = ""
     c.data.format = "auto"
-    c.data.max_length = 512
+    c.data.max_length = 512  # tokens per row (a packed DPO pair shares one); >= 2
     c.data.truncation = "truncate_completion"  # or "drop"
     c.data.packing = False
-    c.data.max_segments_per_row = 64  # packed examples per row at most (fixed shapes)
+    # With data.packing: segments per row at most (fixed shapes); >= 1, >= 2 for DPO (a pair is two)
+    c.data.max_segments_per_row = 64
     c.data.skip_invalid = False
     c.data.completion_only_loss = True
     c.data.chat_template = ""  # Jinja template for tokenizers without one ("" = the tokenizer's)
-    c.data.eval_batch_size = 0  # 0 = train.batch_size
+    c.data.eval_batch_size = 0  # 0 = train.batch_size; else >= 1
     # Tokenised caches (jaxft.data.cache): "" = WORKDIR/data_cache; a shared path lets runs,
     # sweeps and check-data reuse one tokenisation; "none" = tokenise every time.
     c.data.cache_dir = ""
-    c.data.num_proc = 0  # tokenizer processes for the first tokenisation; 0 = every core
+    c.data.num_proc = 0  # tokenizer processes for the first tokenisation; 0 = every core; >= 0
     # Read data.train as streams (jaxft.data.stream): bounded memory for sources of any size;
-    # needs train.steps. shuffle_buffer: examples per seeded shuffle window (and packing chunk).
+    # needs train.steps. shuffle_buffer: examples per seeded shuffle window (and packing chunk), >= 1.
     c.data.streaming = False
     c.data.shuffle_buffer = 8192
 
     c.train = ml_collections.ConfigDict()
     # The run's length (set one; configs/*.py do): train.steps optimizer steps when > 0 (as
     # TRL's max_steps, it wins over epochs), else train.epochs passes over the data (counted in
-    # batches). 0 = not given. See RIVALS for overrides of either.
+    # batches). 0 = not given; negative is refused. See RIVALS for overrides of either.
     c.train.steps = 0
     c.train.epochs = 0.0
-    c.train.batch_size = 32  # global examples per step (pairs for DPO; rows when packing)
-    c.train.seed = 0
-    c.train.log_every = 10
-    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set); -1 = every epoch
-    c.train.save_every = 500
-    c.train.max_to_keep = 3
+    c.train.batch_size = 32  # global examples per step (pairs for DPO; rows when packing); >= 1
+    c.train.seed = 0  # any integer
+    c.train.log_every = 10  # steps between metrics rows (and the last step); >= 1
+    c.train.eval_every = 0  # 0 = only at the end (when data.eval is set); -1 = every epoch; else >= 1
+    c.train.save_every = 500  # steps between checkpoints; 0 = only at the end (and on a preemption)
+    c.train.max_to_keep = 3  # newest checkpoints kept; 0 = keep every one (never "keep none")
     c.train.keep_best = False  # also keep the checkpoint with the lowest eval loss
-    c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row
+    c.train.max_bad_steps = 5  # stop after this many non-finite steps in a row; >= 1 (1: at the first)
     # > 0: cross-entropy over sequence chunks of this size, never [B, L, V] logits whole;
     # 0: whole; -1: chunks of 512 for vocabularies of 32k tokens and more (Llama 3, Qwen, ...)
     c.train.loss_chunk_size = -1
     c.train.progress = True
-    c.train.prefetch = 2  # batches made ahead in a background thread (0: on demand)
-    c.train.preemption_check_every = 10  # multi-host: steps between SIGTERM checks (a gather)
+    c.train.prefetch = 2  # batches made ahead in a background thread (0: on demand); >= 0
+    c.train.preemption_check_every = 10  # multi-host: steps between SIGTERM checks (a gather); >= 1
     # Where metrics go besides WORKDIR/metrics.jsonl: tensorboard | wandb | none, or a comma list
     # ("tensorboard,wandb"); jaxft.io.trackers. W&B needs `pip install 'jaxft[wandb]'`, and
     # WANDB_MODE=offline keeps its run in WORKDIR/wandb (upload later with `wandb sync`).
@@ -94,22 +96,23 @@ def base_config() -> ml_collections.ConfigDict:
     # data.eval (an example's tokens before its first trained one) from the current params go
     # to metrics.jsonl ({"step": N, "samples": [...]}) and the trackers; 0 = never.
     c.train.sample_every = 0
-    c.train.sample_prompts = 4
-    c.train.sample_max_new_tokens = 64
+    c.train.sample_prompts = 4  # >= 1
+    c.train.sample_max_new_tokens = 64  # >= 1
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-5
-    c.optim.schedule = "cosine"
+    c.optim.lr = 2e-5  # the peak learning rate; > 0
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after the warmup)
     c.optim.warmup_steps = 0  # > 0 wins over warmup_ratio; 0 = not given
-    c.optim.warmup_ratio = 0.0  # warmup as a share of the total steps (when warmup_steps is 0)
-    c.optim.min_lr_ratio = 0.0
-    c.optim.weight_decay = 0.0
-    c.optim.clip_norm = 1.0
-    c.optim.accumulate = 1  # micro-batches per optimizer step
-    c.optim.b1 = 0.9
+    c.optim.warmup_ratio = 0.0  # warmup as a share of the total steps (when warmup_steps is 0); [0, 1)
+    c.optim.min_lr_ratio = 0.0  # the schedule ends at lr * min_lr_ratio; [0, 1]
+    c.optim.weight_decay = 0.0  # AdamW's (not on biases and norms); >= 0
+    c.optim.clip_norm = 1.0  # global gradient norm clip; 0 = no clipping
+    c.optim.accumulate = 1  # micro-batches per optimizer step; >= 1, divides train.batch_size
+    c.optim.b1 = 0.9  # Adam's betas: [0, 1)
     c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
+    c.optim.eps = 1e-8  # > 0
 
+    # Devices per mesh axis; -1 (one axis at most) = the devices left; else >= 1.
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
     c.mesh.fsdp = 1
@@ -118,19 +121,19 @@ def base_config() -> ml_collections.ConfigDict:
 
     # LoRA (jaxft.models.lora): rank > 0 trains adapters on a frozen base; 0 = full fine-tuning.
     c.lora = ml_collections.ConfigDict()
-    c.lora.rank = 0
-    c.lora.alpha = 16.0  # the delta is scaled by alpha / rank (alpha / sqrt(rank) with rslora)
+    c.lora.rank = 0  # >= 0
+    c.lora.alpha = 16.0  # the delta is scaled by alpha / rank (alpha / sqrt(rank) with rslora); > 0
     c.lora.targets = "all-linear"  # or "q_proj,v_proj", or a regex over "self_attn.q_proj", "mlp.up_proj", ...
     c.lora.rslora = False
-    c.lora.dropout = 0.0  # on each adapter's input in training (PEFT's lora_dropout; TRL examples use 0.05)
+    c.lora.dropout = 0.0  # on each adapter's input in training (PEFT's lora_dropout; TRL uses 0.05); [0, 1)
     c.lora.init_from = ""  # a PEFT adapter folder (adapter_config.json) to start from
     c.lora.base_quantization = "none"  # QLoRA: store the frozen base as "int8" or "nf4" (jaxft.models.quantize)
 
     c.dpo = ml_collections.ConfigDict()
-    c.dpo.beta = 0.1
+    c.dpo.beta = 0.1  # > 0
     c.dpo.loss_type = "sigmoid"  # or several: "sigmoid,sft" with dpo.loss_weights "1.0,0.5"
     c.dpo.loss_weights = ""
-    c.dpo.label_smoothing = 0.0
+    c.dpo.label_smoothing = 0.0  # [0, 1) (> 0 for exo_pair)
     c.dpo.f_divergence_type = "reverse_kl"
     c.dpo.reference = "policy"  # "policy" (initial weights) | HF folder | "none"
     c.dpo.precompute_reference = False
@@ -171,46 +174,74 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks values that would otherwise fail deep inside training; names the key to fix.
+    """Checks values that would otherwise fail deep inside training, or do something no one
+    asks for (delete checkpoints, train backwards); names the key and its allowed values. Each
+    numeric key's range and the meaning of 0 / -1 are the comments in `base_config`.
     (Method-specific keys, such as dpo.*, are checked by the method's Task.)"""
     def need(ok, key, msg):
         if not ok:
-            raise ValueError(f"config key {key}: {msg}")
+            raise ValueError(f"config key {key}: {msg}, got {_get(config, key)!r}")
 
-    need(config.model.path != "" or config.model.preset != "", "model.path",
-         "no model; set --config.model.path=HF_FOLDER (or model.preset, e.g. configs/sft.py:tiny)")
-    need(config.data.train != "", "data.train", "no training data; set --config.data.train=FILE")
-    need(config.train.batch_size > 0, "train.batch_size", "must be > 0")
-    if config.data.streaming:
-        need(config.train.steps > 0, "train.steps", "must be > 0 with data.streaming=True (a stream has "
+    def finite(key):
+        value = _get(config, key)
+        need(isinstance(value, (int, float)) and math.isfinite(value), key, "must be a finite number")
+        return value
+
+    if not (config.model.path or config.model.preset):
+        raise ValueError("config key model.path: no model; set --config.model.path=HF_FOLDER (or model.preset, "
+                         "e.g. configs/sft.py:tiny)")
+    if not config.data.train:
+        raise ValueError("config key data.train: no training data; set --config.data.train=FILE")
+    train, data, optim = config.train, config.data, config.optim
+    need(train.batch_size > 0, "train.batch_size", "must be >= 1")
+    need(train.steps >= 0, "train.steps", "must be >= 0 (0 = not given: train.epochs sets the length)")
+    need(finite("train.epochs") >= 0, "train.epochs", "must be >= 0 (0 = not given: train.steps sets the length)")
+    if data.streaming:
+        need(train.steps > 0, "train.steps", "must be > 0 with data.streaming=True (a stream has "
              "no known length, so train.epochs cannot set the run's length)")
-    need(config.train.steps > 0 or config.train.epochs > 0, "train.steps", "must be > 0 (or set train.epochs)")
-    need(config.optim.accumulate >= 1, "optim.accumulate", "must be >= 1")
-    need(config.train.batch_size % config.optim.accumulate == 0, "optim.accumulate",
-         f"train.batch_size={config.train.batch_size} is not divisible by optim.accumulate="
-         f"{config.optim.accumulate}")
-    need(0.0 <= config.optim.warmup_ratio < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
-    need(config.data.max_length > 1, "data.max_length", "must be > 1")
-    need(config.data.truncation in ("truncate_completion", "drop"), "data.truncation",
+    need(train.steps > 0 or train.epochs > 0, "train.steps", "must be > 0 (or set train.epochs)")
+    need(optim.accumulate >= 1, "optim.accumulate", "must be >= 1")
+    need(train.batch_size % optim.accumulate == 0, "optim.accumulate",
+         f"must divide train.batch_size={train.batch_size}")
+    need(finite("optim.lr") > 0, "optim.lr", "must be > 0")
+    need(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0 (0 = not given: optim.warmup_ratio)")
+    need(0.0 <= finite("optim.warmup_ratio") < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
+    need(0.0 <= finite("optim.min_lr_ratio") <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+    need(finite("optim.weight_decay") >= 0, "optim.weight_decay", "must be >= 0")
+    need(finite("optim.clip_norm") >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
+    for key in ("optim.b1", "optim.b2"):
+        need(0.0 <= finite(key) < 1.0, key, "must be in [0, 1)")
+    need(finite("optim.eps") > 0, "optim.eps", "must be > 0")
+    need(data.max_length > 1, "data.max_length", "must be >= 2")
+    need(data.max_segments_per_row >= 1, "data.max_segments_per_row", "must be >= 1")
+    need(data.eval_batch_size >= 0, "data.eval_batch_size", "must be >= 0 (0 = train.batch_size)")
+    need(data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    need(data.truncation in ("truncate_completion", "drop"), "data.truncation",
          "must be 'truncate_completion' or 'drop'")
-    need(config.train.log_every > 0, "train.log_every", "must be > 0")
-    need(config.train.save_every >= 0, "train.save_every", "must be >= 0")
-    need(config.data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = every core)")
-    need(config.train.eval_every >= -1, "train.eval_every", "must be >= 0, or -1 for every epoch")
-    need(config.train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0, or -1 (auto)")
-    need(config.train.prefetch >= 0, "train.prefetch", "must be >= 0")
-    need(config.train.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
+    need(train.log_every > 0, "train.log_every", "must be >= 1")
+    need(train.save_every >= 0, "train.save_every", "must be >= 0 (0 = only at the end)")
+    need(train.max_to_keep >= 0, "train.max_to_keep", "must be >= 0 (0 = keep every checkpoint)")
+    need(train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1 (1 = stop at the first non-finite step)")
+    need(data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = every core)")
+    need(train.eval_every >= -1, "train.eval_every", "must be >= 0 (0 = at the end), or -1 for every epoch")
+    need(train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0 (0 = whole), or -1 (auto)")
+    need(train.prefetch >= 0, "train.prefetch", "must be >= 0 (0 = on demand)")
+    need(train.preemption_check_every >= 1, "train.preemption_check_every", "must be >= 1")
+    sizes = {axis: _get(config, f"mesh.{axis}") for axis in config.mesh}
+    for axis, size in sizes.items():
+        need(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1, or -1 for the devices left")
+    need(list(sizes.values()).count(-1) <= 1, "mesh.data", f"only one mesh axis may be -1 (mesh {sizes})")
     from jaxft.io.trackers import parse_report_to  # jax-free
 
-    parse_report_to(config.train.report_to)  # unknown names and missing packages, named
-    need(config.train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = no samples)")
-    if config.train.sample_every:
-        need(config.data.eval != "", "train.sample_every", "needs data.eval: the sample prompts are its first records")
-        need(config.train.sample_prompts >= 1, "train.sample_prompts", "must be >= 1")
-        need(config.train.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", "must be >= 1")
+    parse_report_to(train.report_to)  # unknown names and missing packages, named
+    need(train.sample_every >= 0, "train.sample_every", "must be >= 0 (0 = no samples)")
+    need(train.sample_prompts >= 1, "train.sample_prompts", "must be >= 1")
+    need(train.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", "must be >= 1")
+    if train.sample_every:
+        need(data.eval != "", "train.sample_every", "needs data.eval: the sample prompts are its first records")
     if "lora" in config:
         need(config.lora.rank >= 0, "lora.rank", "must be >= 0 (0 = full fine-tuning)")
-        need(config.lora.alpha > 0, "lora.alpha", "must be > 0")
+        need(finite("lora.alpha") > 0, "lora.alpha", "must be > 0")
         need(0.0 <= config.lora.get("dropout", 0.0) < 1.0, "lora.dropout", "must be in [0, 1)")
         need(config.lora.rank > 0 or not config.lora.init_from, "lora.init_from",
              "needs lora.rank > 0 (set it to the adapter's r)")

@@ -1,7 +1,8 @@
 """`jaxft.run(config, workdir, kind="sft")`: one training run, wired top to bottom.
 
-validate the config -> lock the workdir (one run at a time, `jaxft.io.lock`) -> check it can
-resume -> mesh -> tokenizer -> data -> model and train state -> the method's Task
+validate the config -> check the workdir is one a run may write into (missing, empty or a
+run's: `jaxft.io.folders.check_workdir`) -> lock it (one run at a time, `jaxft.io.lock`) ->
+check it can resume -> mesh -> tokenizer -> data -> model and train state -> the method's Task
 (`jaxft.tasks.TASKS[kind]`) -> restore the newest checkpoint that restores -> the step loop
 (`jaxft.loop`) -> export a Hugging Face folder. `--workdir` of an existing run resumes it.
 """
@@ -16,7 +17,7 @@ import jax
 
 from jaxft import config as config_lib
 from jaxft.data.from_config import eval_data, load_tokenizer, train_data
-from jaxft.io import checkpoint, lock
+from jaxft.io import checkpoint, folders, lock
 from jaxft.io.export import export_run
 from jaxft.io.metrics import MetricsWriter
 from jaxft.loop import StopFlag, train_loop
@@ -62,6 +63,8 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     task_type = get_task(kind)
     config_lib.validate(config)
     task_type.validate(config)
+    # Nothing is written before this: a model, export, dataset or foreign folder is refused.
+    folders.check_workdir(workdir, config)
     check_hosts_agree(config)  # multi-host: same jaxft, config, model, tokenizer and data everywhere
     mesh = mesh_from_config(config)
     check_batch_divisibility(config, mesh, rows_per_example=task_type.rows_per_example(config))
@@ -75,9 +78,12 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
 def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool) -> RunResult:
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     resuming = ckpt.latest_step() is not None
-    saved = checkpoint.read_config(workdir)
-    if resuming and saved is not None:
+    # A run that never saved a step starts afresh, whatever config.json it left.
+    saved = checkpoint.read_config(workdir) if resuming else None
+    if saved is not None:
         checkpoint.check_resumable(saved, config.to_dict(), workdir)
+    # Written before the data is read: the marker that makes a rerun of a run stopped while
+    # tokenising (or killed) resume or restart instead of being refused as a foreign folder.
     checkpoint.write_config(workdir, config_lib.to_json(config))
 
     tokenizer = load_tokenizer(config)
@@ -102,7 +108,11 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool)
         if resuming:
             # A damaged newest step falls back to the one before (logged, moved aside, kept).
             state, meta, _ = ckpt.restore_newest_good(checkpoint.abstract_like(state, state_shardings))
-            train.set_state(meta["data"])
+            try:
+                train.set_state(meta["data"])
+            except ValueError as err:  # data changed: name the keys that may explain it
+                hint = checkpoint.data_change_hint(meta.get("config") or saved or {}, config.to_dict())
+                raise ValueError(f"{err}{hint}") from None
             log.info("resumed %s at step %d", workdir, int(state["step"]))
 
         writer = MetricsWriter(workdir, report_to=config.train.report_to, start_step=int(state["step"]),

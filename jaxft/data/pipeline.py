@@ -24,8 +24,9 @@ describe the whole global batch on every host, with global row numbers (`BatchLa
 Iterator state (`get_state`): {"version", "position" (draws before the current chunk),
 "counts" (per-source draws before it), "row" (units of the current chunk already used),
 "batches", "real_tokens", "slot_tokens" (padding statistics), "settings" (batch settings),
-"data" (examples per source and a content hash), "fingerprint" (hash of settings and data,
-e.g. to key caches)}. All small ints/strings: JSON-safe.
+"data" ({"sources": [{"source", "num_examples", "hash"}]}: each source's example count and a
+hash of its examples' tokens, so a refused resume names the source that changed), "fingerprint"
+(hash of settings and data, e.g. to key caches)}. All small ints/strings: JSON-safe.
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def _check_setup(datasets, kind, global_batch_size, process_index, process_count
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
+def check_max_segments(kind: str, max_segments_per_row: int) -> None:
+    """ValueError naming data.max_segments_per_row unless a packed row of `kind` can hold one
+    unit: an SFT example is one segment, a DPO pair two (chosen and rejected)."""
+    need = 2 if kind == "dpo" else 1
+    if max_segments_per_row < need:
+        what = "a packed DPO pair is two segments (chosen and rejected)" if kind == "dpo" else \
+            "a packed SFT example is one segment"
+        raise ValueError(f"config key data.max_segments_per_row: must be >= {need} with data.packing=True "
+                         f"({what}), got {max_segments_per_row}")
+
+
 def _keys(datasets) -> tuple[list[np.ndarray], list[int]]:
     """Per source: key of each example (index + offset), and the offsets themselves."""
     keys, offsets, offset = [], [], 0
@@ -106,19 +118,49 @@ def _data_hash(datasets) -> str:
     gathering them example by example."""
     h = hashlib.blake2b(digest_size=12)
     for examples in datasets:
-        flat = getattr(examples, "flat", None)
-        for field in dataclasses.fields(examples[0]):
-            if field.name == "index":
-                h.update(np.array([e.index for e in examples], np.int64).tobytes())
-            elif flat is not None:
-                tokens, offsets = flat[field.name]
-                h.update(np.diff(offsets).astype(np.int64).tobytes())
-                h.update(np.ascontiguousarray(tokens, np.int32).tobytes())
-            else:
-                arrays = [np.asarray(getattr(e, field.name), np.int32) for e in examples]
-                h.update(np.array([len(a) for a in arrays], np.int64).tobytes())
-                h.update(np.concatenate(arrays).tobytes())
+        _hash_examples(h, examples)
     return h.hexdigest()
+
+
+def _hash_examples(h, examples) -> None:
+    """Feeds one source's examples (every field, lengths and tokens) into hash `h`."""
+    flat = getattr(examples, "flat", None)
+    for field in dataclasses.fields(examples[0]):
+        if field.name == "index":
+            h.update(np.array([e.index for e in examples], np.int64).tobytes())
+        elif flat is not None:
+            tokens, offsets = flat[field.name]
+            h.update(np.diff(offsets).astype(np.int64).tobytes())
+            h.update(np.ascontiguousarray(tokens, np.int32).tobytes())
+        else:
+            arrays = [np.asarray(getattr(e, field.name), np.int32) for e in examples]
+            h.update(np.array([len(a) for a in arrays], np.int64).tobytes())
+            h.update(np.concatenate(arrays).tobytes())
+
+
+def _source_hash(examples) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    _hash_examples(h, examples)
+    return h.hexdigest()
+
+
+def data_changes(saved: list[dict], now: list[dict], describe) -> list[str]:
+    """What changed between two lists of per-source records ({"source", ...}), one phrase a
+    changed source: sources added or removed, else `describe(old, new)` for each source whose
+    record differs (None when it does not)."""
+    names = lambda records: [r["source"] for r in records]  # noqa: E731
+    if names(saved) != names(now):
+        return [f"sources {names(saved)} -> {names(now)}"]
+    return [f"source {new['source']!r}: {describe(old, new)}" for old, new in zip(saved, now)
+            if describe(old, new)]
+
+
+def _examples_change(old: dict, new: dict) -> str | None:
+    if old["num_examples"] != new["num_examples"]:
+        return f"{old['num_examples']} -> {new['num_examples']} examples"
+    if old["hash"] != new["hash"]:
+        return f"the same {new['num_examples']} examples, other tokens (an edited record, or another tokenizer or chat template)"
+    return None
 
 
 class BatchIterator(BatchProgress):
@@ -158,16 +200,17 @@ class BatchIterator(BatchProgress):
                     f"source {name!r} example {examples[i].index} needs {lengths[i]} tokens, "
                     f"more than max_length {max_length}" +
                     (" (a packed DPO pair holds chosen + rejected)" if packing else ""))
-        if packing and self._per_row < 1:
-            raise ValueError("max_segments_per_row must be >= 2 to pack DPO pairs")
+        if packing:
+            check_max_segments(kind, max_segments_per_row)
         self._keys, self.index_offsets = _keys(self.datasets)
         self._settings = json.loads(json.dumps({
             "kind": kind, "global_batch_size": global_batch_size, "max_length": max_length,
             "packing": packing, "seed": seed, "weights": self._stream.weights.tolist(),
             "max_segments_per_row": max_segments_per_row, "window_batches": window_batches,
             "pack_chunk": pack_chunk}))
-        self._data = {"num_examples": [len(d) for d in self.datasets],
-                      "hash": _data_hash(datasets)}
+        self._given = list(datasets)  # as given: a cache's flat arrays hash without a copy
+        self._data = {"sources": [{"source": name, "num_examples": len(d), "hash": _source_hash(d)}
+                                  for name, d in zip(self.names, self._given)]}
         self._fingerprint = hashlib.blake2b(
             json.dumps([self._settings, self._data], sort_keys=True).encode(),
             digest_size=12).hexdigest()
@@ -269,14 +312,22 @@ class BatchIterator(BatchProgress):
                 "fingerprint": self._fingerprint}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restore `get_state()` output; ValueError if the data or batch settings changed."""
+        """Restore `get_state()` output; ValueError if the data or batch settings changed,
+        naming each source that changed and how (its example count, or its tokens)."""
         check_state(state, streaming=False, settings=self._settings)
-        if state["data"] != self._data:
+        saved = state["data"]
+        if "sources" in saved:
+            changed = data_changes(saved["sources"], self._data["sources"], _examples_change)
+        else:  # a checkpoint of jaxft before per-source hashes: one hash of every source
+            counts = [s["num_examples"] for s in self._data["sources"]]
+            changed = ([f"examples per source {saved['num_examples']} -> {counts}"]
+                       if saved["num_examples"] != counts else
+                       ["the same examples per source, other tokens"]
+                       if saved["hash"] != _data_hash(self._given) else [])
+        if changed:
             raise ValueError(
-                "cannot resume the data iterator: the training data changed since the "
-                f"checkpoint (examples per source {state['data']['num_examples']} -> "
-                f"{self._data['num_examples']}, content hash {state['data']['hash']} -> "
-                f"{self._data['hash']}). Resume with the original data or start a new workdir.")
+                "cannot resume the data iterator: the training data changed since the checkpoint ("
+                + "; ".join(changed) + "). Resume with the original data or start a new workdir.")
         self._position, self._counts = int(state["position"]), [int(c) for c in state["counts"]]
         self._row = int(state["row"])
         self._set_progress_state(state)
@@ -326,6 +377,7 @@ class EvalBatches:
         self._layout = BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
                                    process_index, process_count)
         if packing:
+            check_max_segments(kind, max_segments_per_row)
             per_row = max_segments_per_row // (2 if kind == "dpo" else 1)
             self._units = pack_lengths(unit_lengths(self.examples), max_length, per_row)
         else:

@@ -21,8 +21,15 @@ A stream's length is unknown until it has been read, so a run counts optimizer s
 State (`get_state`, saved with every checkpoint): {"version", "streaming": True, "position"
 (draws before the current chunk), "sources" (each stream's position at the chunk's start, see
 `ExampleStream.get_state`), "row" (units of the chunk already used), "batches", "real_tokens",
-"slot_tokens", "settings", "data" (a fingerprint of each source: files, sizes, modification
-times, tokenizer, settings), "fingerprint"}. `set_state` continues with exactly the next batch.
+"slot_tokens", "settings", "data" (each source's {"source", "fingerprint", "files", "tokenizer",
+"settings"}: `cache.fingerprint`'s inputs, so a refused resume names the file, the tokenizer or
+the setting that changed), "fingerprint"}. `set_state` continues with exactly the next batch.
+
+data.skip_invalid is left out of a source's identity: a run that stopped at an invalid record
+(as a stream does when it reaches one) resumes with data.skip_invalid=True as the README says.
+That is exact: the stopped run never handed out an example of the window holding the record, so
+every batch up to the checkpoint is the one a run with skip_invalid=True from the start made;
+turning it off again can only stop the run at the next invalid record, naming it.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import numpy as np
 from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
 from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, group_by_length, pack_lengths, row_lengths, unit_lengths)
-from jaxft.data.pipeline import STATE_VERSION, check_state
+from jaxft.data.pipeline import STATE_VERSION, check_max_segments, check_state, data_changes
 from jaxft.data.progress import BatchProgress
 from jaxft.data.stream_source import ExampleStream
 
@@ -60,7 +67,7 @@ class StreamBatchIterator(BatchProgress):
                  max_length: int, pad_id: int, packing: bool = False, seed: int = 0,
                  weights: Sequence[float] | None = None, names: Sequence[str] | None = None,
                  process_index: int = 0, process_count: int = 1,
-                 max_segments_per_row: int = DEFAULT_MAX_SEGMENTS, data: Sequence[str] = ()):
+                 max_segments_per_row: int = DEFAULT_MAX_SEGMENTS, data: Sequence[dict] = ()):
         if kind not in ("sft", "dpo"):
             raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
         if global_batch_size <= 0 or global_batch_size % process_count:
@@ -75,15 +82,15 @@ class StreamBatchIterator(BatchProgress):
         self._seed, self._batch = int(seed), global_batch_size
         self._chunk_size = self.streams[0].window_size
         self._per_row = max_segments_per_row // (2 if kind == "dpo" else 1)
-        if packing and self._per_row < 1:
-            raise ValueError("max_segments_per_row must be >= 2 to pack DPO pairs")
+        if packing:
+            check_max_segments(kind, max_segments_per_row)
         self._start_progress(BatchLayout(kind, packing, max_length, pad_id, max_segments_per_row,
                                          process_index, process_count), max_segments_per_row)
         self._settings = json.loads(json.dumps({
             "kind": kind, "global_batch_size": global_batch_size, "max_length": max_length,
             "packing": packing, "seed": seed, "weights": self._mix.weights.tolist(),
             "max_segments_per_row": max_segments_per_row, "shuffle_buffer": self._chunk_size}))
-        self._data = {"sources": list(data) or list(self.names)}
+        self._data = {"sources": list(data) or [{"source": n, "fingerprint": n} for n in self.names]}
         self._fingerprint = hashlib.blake2b(
             json.dumps([self._settings, self._data], sort_keys=True).encode(),
             digest_size=12).hexdigest()
@@ -180,12 +187,19 @@ class StreamBatchIterator(BatchProgress):
     def set_state(self, state: dict[str, Any]) -> None:
         """Restore `get_state()` output; ValueError if the data or batch settings changed."""
         check_state(state, streaming=True, settings=self._settings)
-        if state["data"] != self._data:
+        saved = state["data"]["sources"]
+        if saved and all(isinstance(s, str) for s in saved):  # an older jaxft: one hex a source
+            now = [s["fingerprint"] for s in self._data["sources"]]
+            changed = [] if saved == now else [  # (equal for hub datasets, known by name)
+                f"the checkpoint, written by an older jaxft, keeps one fingerprint of each source "
+                f"({', '.join(self.names)}) that this jaxft computes differently (it hashes every byte "
+                "of a file); resume with the jaxft that wrote it"]
+        else:
+            changed = data_changes(saved, self._data["sources"], _source_change)
+        if changed:
             raise ValueError(
-                "cannot resume the data iterator: the training data changed since the "
-                f"checkpoint (source fingerprints {state['data']['sources']} -> "
-                f"{self._data['sources']}: files, sizes, modification times or tokenizer "
-                "differ). Resume with the original data or start a new workdir.")
+                "cannot resume the data iterator: the training data changed since the checkpoint ("
+                + "; ".join(changed) + "). Resume with the original data or start a new workdir.")
         self._position, self._row = int(state["position"]), int(state["row"])
         self._start = [dict(s) for s in state["sources"]]
         for stream, position in zip(self.streams, self._start):
@@ -216,16 +230,65 @@ def make_stream_iterator(sources: str, tokenizer, *, kind: str, global_batch_siz
                for d, (source, _) in enumerate(mixture)]
     for stream in streams:
         stream.check_start()
-    identity = []
-    for source, _ in mixture:
-        found = fingerprint(source, tokenizer, {"kind": kind, "max_length": seq_length, **options})
-        identity.append(found[0] if found else source)
+    settings = {"kind": kind, "max_length": seq_length,
+                **{k: v for k, v in options.items() if k not in RESUME_FREE_OPTIONS}}
+    identity = [_identity(source, fingerprint(source, tokenizer, settings)) for source, _ in mixture]
     return StreamBatchIterator(
         streams, kind=kind, global_batch_size=global_batch_size, max_length=max_length,
         pad_id=pad_id_of(tokenizer), packing=packing, seed=seed,
         weights=[w for _, w in mixture], names=[src for src, _ in mixture],
         process_index=process_index, process_count=process_count,
         max_segments_per_row=max_segments_per_row, data=identity)
+
+
+# load_examples options that may change on resume (see the module docstring): not in a source's identity.
+RESUME_FREE_OPTIONS = ("skip_invalid",)
+# A source's settings as the config keys that set them (for refusals naming what changed).
+_SETTING_KEYS = {"kind": "the method (sft / dpo)", "max_length": "data.max_length (halved for packed DPO)",
+                 "fmt": "data.format", "truncation": "data.truncation",
+                 "completion_only_loss": "data.completion_only_loss", "chat_template": "data.chat_template"}
+
+
+def _identity(source: str, found: tuple[str, dict] | None) -> dict:
+    """A source's record in the iterator state: its fingerprint and what it covers (a hub
+    dataset, which has no local files, is known by its name)."""
+    if found is None:
+        return {"source": source, "fingerprint": source}
+    fp, inputs = found
+    return json.loads(json.dumps({"source": source, "fingerprint": fp, **inputs}, default=str))
+
+
+def _file_entry(entry) -> tuple[str, int | None]:
+    """(path, size) of one file of `cache.fingerprint`'s inputs ([path, size, ...] or a dict)."""
+    if isinstance(entry, dict):
+        return str(entry.get("path")), entry.get("size")
+    size = entry[1] if len(entry) > 1 and isinstance(entry[1], int) else None
+    return str(entry[0]), size
+
+
+def _source_change(old: dict, new: dict) -> str | None:
+    """How a source's identity changed, in words: files added, removed or changed (with the
+    size), the tokenizer, a data setting (by its config key); None if it did not."""
+    if old.get("fingerprint") == new.get("fingerprint"):
+        return None
+    old_files = {_file_entry(e)[0]: e for e in old.get("files", [])}
+    new_files = {_file_entry(e)[0]: e for e in new.get("files", [])}
+    parts = [f"file {f} removed" for f in sorted(old_files.keys() - new_files.keys())]
+    parts += [f"file {f} added" for f in sorted(new_files.keys() - old_files.keys())]
+    for f in sorted(old_files.keys() & new_files.keys()):
+        if old_files[f] != new_files[f]:
+            before, after = _file_entry(old_files[f])[1], _file_entry(new_files[f])[1]
+            parts.append(f"file {f} changed ({before} -> {after} bytes)" if before != after else
+                         f"file {f} changed (same size, other content)")
+    if old.get("tokenizer") != new.get("tokenizer"):
+        parts.append("the tokenizer changed (model.tokenizer, or model.path's tokenizer)")
+    old_settings, new_settings = old.get("settings") or {}, new.get("settings") or {}
+    for key in sorted(set(old_settings) | set(new_settings)):
+        if key not in RESUME_FREE_OPTIONS and old_settings.get(key) != new_settings.get(key):
+            parts.append(f"{_SETTING_KEYS.get(key, key)}: {old_settings.get(key)!r} -> {new_settings.get(key)!r}")
+    if old.get("version") != new.get("version"):
+        parts.append(f"the fingerprint's version {old.get('version')} -> {new.get('version')} (another jaxft)")
+    return "; ".join(parts) or "its fingerprint changed"
 
 
 def stream_from_config(config, tokenizer, *, kind: str, load_kwargs: dict) -> StreamBatchIterator:

@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxft.config import base_config
+from jaxft.io import atomic
 
 log = logging.getLogger("jaxft")
 
@@ -47,7 +48,31 @@ SCHEDULE_KEYS = (
     "optim.lr", "optim.schedule", "optim.warmup_steps", "optim.warmup_ratio", "optim.min_lr_ratio",
     "optim.weight_decay", "optim.clip_norm", "optim.b1", "optim.b2", "optim.eps",
     "train.steps", "train.epochs", "dpo.beta", "dpo.label_smoothing", "dpo.loss_weights",
+    "dpo.f_divergence_type", "model.compute_dtype", "lora.dropout",
 )
+
+# Keys that may change on resume and do not count as a change (logged at info level): what is
+# logged and where, when the run evaluates, samples and saves, how the same numbers are
+# computed (kernels, remat, mesh, accumulation, prefetch, caches), and what is read only at a
+# run's start (lora.init_from: a resume restores the checkpoint's adapters).
+# data.skip_invalid: an in-memory run that trained had no invalid record (loading stops at the
+# first), so turning it on skips nothing it saw, and any example that changes fails the data
+# check below naming the source; a streaming run that stopped at an invalid record resumes with
+# it on exactly as one that had it on from the start (jaxft.data.stream's docstring).
+RESUME_FREE_KEYS = (
+    "train.log_every", "train.progress", "train.report_to", "train.wandb_project",
+    "data.eval", "data.eval_batch_size", "train.eval_every", "train.keep_best",
+    "train.sample_every", "train.sample_prompts", "train.sample_max_new_tokens",
+    "train.save_every", "train.max_to_keep", "train.max_bad_steps", "train.prefetch",
+    "train.preemption_check_every", "train.loss_chunk_size", "model.remat", "model.scan_layers",
+    "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "optim.accumulate",
+    "data.cache_dir", "data.num_proc", "dpo.precompute_reference", "lora.init_from", "data.skip_invalid",
+)
+
+# Keys the data iterator's own state checks on resume (its settings, or the examples
+# themselves): a refusal names the setting or the source that changed, and these keys.
+ITERATOR_KEYS = ("data.streaming", "data.shuffle_buffer", "data.max_segments_per_row")
+DATA_KEYS = ("data.chat_template", "model.tokenizer")  # they decide the examples' tokens
 
 
 def _get(config: dict, dotted: str):
@@ -72,7 +97,8 @@ def changed_keys(saved_config: dict, config: dict, keys) -> list[str]:
 
 def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
     """Raises if `config` differs from the checkpoint's in a key that breaks resumption
-    (RESUME_KEYS); logs a warning naming each changed optimizer / schedule key (SCHEDULE_KEYS)."""
+    (RESUME_KEYS), naming each with its old and new value; logs a warning naming each changed
+    optimizer / schedule key (SCHEDULE_KEYS), and each changed RESUME_FREE_KEYS key at info."""
     changed = changed_keys(saved_config, config, RESUME_KEYS)
     if changed:
         raise ValueError(
@@ -82,16 +108,28 @@ def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
         )
     for change in changed_keys(saved_config, config, SCHEDULE_KEYS):
         log.warning("resuming %s with a changed setting, used from the resumed step on: %s", workdir, change)
+    for change in changed_keys(saved_config, config, RESUME_FREE_KEYS):
+        log.info("resuming %s with %s (a key that may change on resume)", workdir, change)
+
+
+def data_change_hint(saved_config: dict, config: dict) -> str:
+    """For a resume the data iterator refused: the changed keys that decide which examples a
+    source gives (DATA_KEYS, data.skip_invalid), "" if none did."""
+    changed = changed_keys(saved_config, config, (*DATA_KEYS, "data.skip_invalid"))
+    return f" Changed config keys that decide the examples: {'; '.join(changed)}." if changed else ""
 
 
 class Checkpointer:
     """Saves and restores TrainState (+ JSON meta) under WORKDIR/checkpoints."""
 
-    def __init__(self, workdir: str | Path, *, max_to_keep: int = 3, subdir: str = "checkpoints",
+    def __init__(self, workdir: str | Path, *, max_to_keep: int | None = 3, subdir: str = "checkpoints",
                  async_save: bool = True):
+        """`max_to_keep`: the newest steps kept; 0 or None keeps every step (train.max_to_keep=0;
+        Orbax's 0 would delete each checkpoint as it is saved)."""
         self.directory = (Path(workdir) / subdir).absolute()  # Orbax rejects relative paths
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=max_to_keep if max_to_keep and max_to_keep > 0 else None, create=True,
+            enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -228,11 +266,23 @@ def workdir_path(workdir: str | Path) -> Path:
 
 
 def write_config(workdir: Path, config_json: str) -> None:
+    """WORKDIR/config.json (process 0), atomically: a kill leaves the old file or the new."""
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config_json)
+        atomic.write_text(workdir / "config.json", config_json)
 
 
 def read_config(workdir: Path) -> dict | None:
+    """WORKDIR/config.json, or None when there is none; ValueError naming the file when it is
+    not a JSON object."""
     path = workdir / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the run's config is also in each checkpoint: "
+                         f"restore the file from a copy, or start again in a new --workdir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a JSON object; restore the file from a copy, or use a new --workdir")
+    return saved

@@ -5,6 +5,15 @@ one-line error saying which kind was expected and where to find it (`runs/x/hf i
 exported model folder; export reads a run's workdir (runs/x)`), and so that no command writes
 into a run's workdir by mistake. Pure pathlib and json: the config's start-up validation
 (no jax) uses it too.
+
+The workdir rule (`check_workdir`, before a run writes anything): a run trains into a folder
+that is missing, empty (hidden entries such as .DS_Store aside), or a jaxft run (its
+config.json, checkpoints/, run.lock, metrics.jsonl or a sweep's record: a run killed before
+its first checkpoint is rerun, not refused). Everything else is refused, saying what it is:
+a file, a Hugging Face model / tokenizer folder, a jaxft export, a PEFT adapter, a dataset,
+a folder of runs, any other non-empty folder, a folder inside one of those or inside a run,
+and a folder that is, holds the outputs of, or sits inside a path the config reads
+(model.path, model.tokenizer, dpo.reference, lora.init_from, data.train, data.eval).
 """
 
 from __future__ import annotations
@@ -20,6 +29,20 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PEFT_CONFIG = "adapter_config.json"
 EXPORT_MARKER = "jaxft_export.json"  # written by jaxft.io.export into every folder it writes
 RUN_EXPORT, RUN_ADAPTER = "hf", "adapter"  # what a finished run leaves in its workdir
+RUN_LOCK = "run.lock"  # jaxft.io.lock.LOCK_NAME: taken before a run writes anything
+METRICS = "metrics.jsonl"
+SWEEP_RECORD = "sweep_run.json"  # jaxft.sweep.runner.RECORD: written just before its run starts
+# Everything a run (and `jaxft plot`) writes at the top of its workdir.
+RUN_OUTPUTS = frozenset({
+    RUN_CONFIG, CHECKPOINTS, "checkpoints_best", "checkpoints_unrestorable", METRICS, RUN_LOCK,
+    RUN_EXPORT, RUN_ADAPTER, "data_cache", "reference_logps", "tensorboard", "wandb", "wandb_id",
+    "metrics.png", SWEEP_RECORD})
+# A folder holding any of these is a model (or part of one), never a workdir.
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+               "adapter_model.safetensors", "adapter_model.bin")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".arrow")  # optionally .gz / .zst
+DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")  # `datasets.save_to_disk`
 
 
 def _json_object(path: Path) -> dict | None:
@@ -74,6 +97,139 @@ def describe(path: str | Path) -> str:
     if (path / PEFT_CONFIG).is_file():
         return "is a PEFT adapter folder"
     return "is a folder with neither a model (config.json + model.safetensors) nor a run in it"
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """Whether jaxft started a run in `path`: a workdir (`is_workdir`) or a run stopped before
+    its first checkpoint (run.lock, checkpoints/, metrics.jsonl, a sweep's record)."""
+    path = Path(path)
+    return is_workdir(path) or any((path / name).exists() for name in (RUN_LOCK, CHECKPOINTS, METRICS, SWEEP_RECORD))
+
+
+def _entries(path: Path) -> list[Path]:
+    """The folder's entries, hidden ones (.DS_Store, a killed write's .tmp- file) left out."""
+    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+
+
+def _is_data_file(path: Path) -> bool:
+    name = path.name.lower()
+    for compression in (".gz", ".zst"):
+        name = name.removesuffix(compression)
+    return path.is_file() and (name.endswith(DATA_SUFFIXES) or path.name in DATASET_FILES)
+
+
+def _model_kind(path: Path) -> str | None:
+    """What model-like thing the folder `path` is (an export, an adapter, a Hugging Face model or
+    tokenizer folder, loose weights), in words, else None."""
+    marker = export_marker(path)
+    if marker is not None:
+        return f"is a jaxft export ({EXPORT_MARKER}, layout {marker.get('layout', '?')!r})"
+    if (path / PEFT_CONFIG).is_file():
+        return f"is a PEFT adapter folder ({PEFT_CONFIG})"
+    hf = _json_object(path / HF_CONFIG)
+    found = ([HF_CONFIG] if hf is not None and "model_type" in hf else [])
+    found += [name for name in MODEL_FILES if (path / name).is_file()]
+    found += [p.name for p in path.glob("*.safetensors") if p.name not in found][:1]
+    return f"is a Hugging Face model folder ({', '.join(found[:3])})" if found else None
+
+
+def _not_a_run(path: Path) -> str | None:
+    """What `path` (an existing folder) is when jaxft must not write a run into it, else None."""
+    model = _model_kind(path)
+    if model:
+        key = "lora.init_from" if "adapter" in model else "model.path"
+        return (f"{model}: a run would write its config.json over the model's (to train from it, "
+                f"set --config.{key}={path})")
+    if is_run_folder(path):
+        return None
+    entries = _entries(path)
+    if not entries:
+        return None
+    data = [p.name for p in entries if _is_data_file(p)]
+    if data:
+        return (f"is a dataset folder ({', '.join(data[:3])}{', ...' if len(data) > 3 else ''}; to train "
+                f"on it, set --config.data.train={path})")
+    runs = [p.name for p in entries if p.is_dir() and is_run_folder(p)]
+    if runs:
+        return (f"holds runs ({', '.join(runs[:3])}{', ...' if len(runs) > 3 else ''}) but is not one: "
+                f"give each run its own folder, e.g. {path / 'NEW_RUN'}")
+    shown = [p.name + ("/" if p.is_dir() else "") for p in entries[:4]]
+    return (f"is a folder with other files in it ({', '.join(shown)}{', ...' if len(entries) > 4 else ''}) "
+            "and no jaxft run")
+
+
+def config_inputs(config) -> list[tuple[str, Path]]:
+    """(config key, local path) of each existing file or folder a run `config` reads: the
+    model, tokenizer, DPO reference, LoRA adapter and data sources (a mixture's files, a
+    glob's folder). Hub names and missing paths are left out."""
+    def get(section, key):
+        return str(config[section].get(key, "")) if section in config else ""
+
+    found = [(f"model.{k}", get("model", k)) for k in ("path", "tokenizer")]
+    found.append(("lora.init_from", get("lora", "init_from")))
+    if get("dpo", "reference") not in ("", "policy", "none"):
+        found.append(("dpo.reference", get("dpo", "reference")))
+    for key in ("data.train", "data.eval"):
+        for part in get("data", key.split(".")[1]).split(","):
+            source, eq, weight = part.rpartition("=")
+            source = source if eq and _is_number(weight) else part
+            if any(c in source for c in "*?["):  # a glob: the folder it reads from
+                source = str(Path(source.split("*")[0].split("?")[0].split("[")[0] + "x").parent)
+            found.append((key, source.strip()))
+    return [(key, Path(value).expanduser()) for key, value in found if value and Path(value).expanduser().exists()]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def workdir_problem(path: str | Path, config=None) -> str | None:
+    """Why a run must not write into `path`, in words (see the module docstring), or None when
+    it may: missing, an empty folder, or a jaxft run. `config` (a run config) adds the paths
+    it reads: the workdir may not be one of them, be inside one, or hold one among its outputs."""
+    path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        hint = f" (a dataset? to train on it, set --config.data.train={path})" if _is_data_file(path) else ""
+        return f"is a file, not a folder{hint}"
+    real, inputs = path.resolve(), [] if config is None else config_inputs(config)
+    for key, value in inputs:
+        value = value.resolve()
+        if _within(real, value):
+            where = "is" if real == value else f"is inside {value}, the path of"
+            return f"{where} config key {key}: the run would write into what it reads"
+    for parent in path.parents:
+        model = _model_kind(parent) if parent.is_dir() else None
+        if model:
+            return f"is inside {parent}, which {model}"
+        if is_workdir(parent):
+            return f"is inside the run {parent}: a run's workdir holds no other run"
+    if path.is_dir():
+        problem = _not_a_run(path)
+        if problem:
+            return problem
+    for key, value in inputs:
+        value = value.resolve()
+        if _within(value, real) and value.relative_to(real).parts[0] in RUN_OUTPUTS:
+            return (f"holds config key {key} ({value}) where the run writes its own "
+                    f"{value.relative_to(real).parts[0]}: the run would replace what it reads")
+    return None
+
+
+def check_workdir(path: str | Path, config=None) -> None:
+    """Raises ValueError, saying what `path` is and what to do, unless a run may write into it
+    (`workdir_problem`). Called by `jaxft.run` before anything is written."""
+    problem = workdir_problem(path, config)
+    if problem:
+        raise ValueError(f"workdir {path} {problem}. A run needs a new or empty folder, or a jaxft run's "
+                         f"workdir to resume: give another --workdir")
 
 
 def model_folder(path: str | Path, *, flag: str = "--model") -> Path:

@@ -10,6 +10,7 @@ import numpy as np
 
 from jaxft import losses
 from jaxft.data.from_config import eval_batch_size
+from jaxft.data.pipeline import check_max_segments
 from jaxft.eval.passes import pair_pass
 from jaxft.models.adapters import adapters_off
 from jaxft.parallel.sharding import replicated
@@ -49,6 +50,8 @@ class DPO(Task):
     @classmethod
     def validate(cls, config):
         losses.validate_dpo_settings(**loss_kwargs(config))
+        if config.data.packing:  # a packed pair is two segments: SFT's >= 1 is not enough
+            check_max_segments("dpo", config.data.max_segments_per_row)
 
     @classmethod
     def rows_per_example(cls, config):
