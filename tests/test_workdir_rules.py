@@ -86,6 +86,10 @@ def _make(kind, root):
     elif kind == "inside a run":
         _json(path / "config.json", RUN_CONFIG)
         return path / "checkpoints" / "x"
+    elif kind == "a run's export":
+        _json(path / "config.json", RUN_CONFIG)
+        _json(_hf_model(path / "hf") / folders.EXPORT_MARKER, {"layout": "hf"})
+        return path / "hf"
     return path
 
 
@@ -106,6 +110,7 @@ REFUSED = {
     "other": "is a folder with other files in it (notes.txt, src/) and no jaxft run",
     "inside a model": "which is a Hugging Face model folder",
     "inside a run": "is inside the run",
+    "a run's export": "is a jaxft export (jaxft_export.json, layout 'hf'): a run would write its config.json over",
 }
 
 

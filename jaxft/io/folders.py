@@ -205,16 +205,15 @@ def workdir_problem(path: str | Path, config=None) -> str | None:
         if _within(real, value):
             where = "is" if real == value else f"is inside {value}, the path of"
             return f"{where} config key {key}: the run would write into what it reads"
+    problem = _not_a_run(path) if path.is_dir() else None
+    if problem:
+        return problem
     for parent in path.parents:
         model = _model_kind(parent) if parent.is_dir() else None
         if model:
             return f"is inside {parent}, which {model}"
         if is_workdir(parent):
             return f"is inside the run {parent}: a run's workdir holds no other run"
-    if path.is_dir():
-        problem = _not_a_run(path)
-        if problem:
-            return problem
     for key, value in inputs:
         value = value.resolve()
         if _within(value, real) and value.relative_to(real).parts[0] in RUN_OUTPUTS:
