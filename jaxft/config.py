@@ -268,15 +268,19 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
         raise FileNotFoundError(f"config file {path!r} not found (spec {spec!r})")
     module_spec = importlib.util.spec_from_file_location(f"jaxft_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    try:
+    call = f"get_config({arg!r})" if arg else "get_config()"
+    try:  # a mistake in the file (or its own ValueError, an unknown preset): its line, no traceback
         module_spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ValueError(f"config file {path} has no get_config() function")
-        config = module.get_config(arg) if arg else module.get_config()
-    except ValueError:
-        raise  # the file's own message (an unknown preset, ...)
-    except Exception as err:  # a mistake in the file itself: where, not a traceback into it
+        if callable(getattr(module, "get_config", None)):
+            config = module.get_config(arg) if arg else module.get_config()
+    except Exception as err:  # noqa: BLE001
         raise ValueError(f"config file {path}: {config_file_error(err, file)}") from err
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path}: has no get_config() function: a config file defines "
+                         "get_config(arg=None) returning jaxft.config.base_config() with its changes")
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config file {path}: {call} returned {type(config).__name__}, not the "
+                         "ml_collections.ConfigDict of jaxft.config.base_config()")
     apply_overrides(config, overrides or {})
     config.lock()
     return config
@@ -288,7 +292,11 @@ def config_file_error(err: BaseException, path: str | Path) -> str:
     import traceback
 
     file = Path(path).absolute()
-    if isinstance(err, SyntaxError):
+    if isinstance(err, SyntaxError) and err.filename and Path(err.filename).absolute() != file:
+        # a module the config file imports: the file's import line, and where the mistake is
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).absolute() == file]
+        line, message = (frames[-1].lineno if frames else None), f"{err.msg} ({err.filename} line {err.lineno})"
+    elif isinstance(err, SyntaxError):
         line, message = err.lineno, err.msg
     else:
         frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).absolute() == file]

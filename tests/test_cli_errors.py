@@ -148,7 +148,7 @@ CASES = [
      ["typo_config.py", "line 2", "NameError", "cofnig"]),
     ("sweep config file raises", lambda b: ["sweep", "--config", str(b["dir"] / "typo_config.py"), "--kind", "sft",
                                             "--sweep", "train.steps=1,2", "--workdir", str(b["tmp"] / "sweep")],
-     ["sweep run 'steps=1'", "typo_config.py: line 2: NameError"]),
+     ["jaxft sweep: --config", "typo_config.py: line 2: NameError"]),
     ("unknown preset", lambda b: _train(b)[:2] + [SFT_TINY.replace(":tiny", ":tiniest")] + _train(b)[3:],
      ["unknown preset 'tiniest'", "choose one of tiny"]),
     ("model.path missing", lambda b: _train(b, f"--config.model.path={b['dir'] / 'nowhere'}"),
@@ -225,3 +225,61 @@ def test_a_workdir_and_an_export_are_told_apart(tiny_run):
     assert folders.is_model_folder(workdir / "hf") and not folders.is_workdir(workdir / "hf")
     assert folders.enclosing_workdir(workdir / "hf" / "deeper") == workdir
     assert json.loads((workdir / "hf" / folders.EXPORT_MARKER).read_text())["layout"] == "hf"
+
+
+# --- 3. A config or sweep file that fails: the same line from every command ---------------------
+
+_HEAD = "from jaxft import sweep\nfrom jaxft.config import base_config\n"
+_SWEEP = "\n\ndef get_sweep():\n    return sweep.grid({'train.steps': [1, 2]}, kind='sft')\n"
+# name: (the file after _HEAD, then _SWEEP: it is a sweep file too), what the one line says
+BAD_CONFIG_FILES = {
+    "syntax": ("def get_config(arg=None)\n    return base_config()", ["line 3: SyntaxError: expected ':'"]),
+    "import": ("import not_a_module_xyz\ndef get_config(arg=None):\n    return base_config()",
+               ["line 3: ModuleNotFoundError: No module named 'not_a_module_xyz'"]),
+    "name": ("X = undefined_name\ndef get_config(arg=None):\n    return base_config()",
+             ["line 3: NameError: name 'undefined_name' is not defined"]),
+    "get_config raises": ("def get_config(arg=None):\n    c = base_config()\n    c.train.steps = int('ten')\n"
+                          "    return c", ["line 5: ValueError: invalid literal for int() with base 10: 'ten'"]),
+    "no get_config": ("def get_conf(arg=None):\n    return base_config()", ["has no get_config() function"]),
+}
+_SWEEP_FLAGS = ["--sweep", "train.steps=1,2"]
+CONFIG_COMMANDS = {  # command: argv for config file F and scratch folder T
+    "sft": lambda f, t: ["sft", "--config", f, "--workdir", f"{t}/w"],
+    "dpo": lambda f, t: ["dpo", "--config", f"{f}:tiny", "--workdir", f"{t}/w", "--config.train.steps=2"],
+    "check-data": lambda f, t: ["check-data", "--config", f],
+    "plan": lambda f, t: ["plan", "--config", f, "--target", "v5p-8"],
+    "sweep --kind": lambda f, t: ["sweep", "--config", f, "--kind", "sft", *_SWEEP_FLAGS, "--workdir", f"{t}/w"],
+    "sweep": lambda f, t: ["sweep", "--config", f, *_SWEEP_FLAGS, "--workdir", f"{t}/w", "--print-commands"],
+    "sweep file": lambda f, t: ["sweep", f, "--workdir", f"{t}/w"],
+}
+
+
+@pytest.mark.parametrize("command", list(CONFIG_COMMANDS))
+def test_a_failing_config_file_is_one_line_naming_file_and_line_in_every_command(command, tmp_path, capsys,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # `jaxft plan` sets it; keep this process as it was
+    for name, (body, says) in BAD_CONFIG_FILES.items():
+        file = tmp_path / f"{name.replace(' ', '_')}.py"
+        file.write_text(_HEAD + body + _SWEEP)
+        line = one_error_line(CONFIG_COMMANDS[command](str(file), tmp_path), capsys)
+        flag = "sweep file" if command == "sweep file" else "--config"
+        assert line.startswith(f"jaxft {command.split()[0]}: {flag} {file}"), (name, line)
+        for text in says:
+            assert text in line, (name, line)
+        assert "unexpected" not in line and "jaxft bug" not in line
+        assert not (tmp_path / "w").exists()  # nothing written: the file fails before any run starts
+
+
+def test_a_config_file_importing_a_broken_module_names_both(tmp_path):
+    (tmp_path / "helper_mod.py").write_text("x = (\n")
+    config = tmp_path / "uses_helper.py"
+    config.write_text(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport helper_mod\n"
+                      "def get_config():\n    return None\n")
+    with pytest.raises(ValueError) as err:
+        config_lib.load(str(config))
+    message = str(err.value)
+    assert message.startswith(f"config file {config}: line 3: SyntaxError: ")
+    assert f"({tmp_path / 'helper_mod.py'} line 1)" in message
+    config.write_text("def get_config():\n    return {'train': {}}\n")
+    with pytest.raises(ValueError, match=r"get_config\(\) returned dict, not the ml_collections.ConfigDict"):
+        config_lib.load(str(config))

@@ -27,16 +27,14 @@ def _config_flags(argv, prog, *, workdir: bool):
     if spec and not os.path.isfile(spec.split(":", 1)[0]):
         # ml_collections would defer this to the first use of the config, as a traceback.
         raise SystemExit(f"{prog}: --config {spec}: config file {spec.split(':', 1)[0]} not found")
+    if spec:
+        check_config_file(spec, prog)
     try:
         fv(argv)
     except flags.Error as err:
         raise SystemExit(f"{prog}: {_flag_error(err)}")
     except (AttributeError, KeyError, TypeError, ValueError) as err:  # a bad --config.KEY=VALUE
         raise SystemExit(f"{prog}: {_override_error(err, argv)}")
-    except Exception as err:  # the config file itself fails (SyntaxError, NameError, ...)
-        from jaxft.config import config_file_error
-
-        raise SystemExit(f"{prog}: --config {spec}: {config_file_error(err, (spec or '').split(':', 1)[0])}")
     if fv.config is None or (workdir and fv.workdir is None):
         raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
     from jaxft.config import clear_rivals
@@ -44,6 +42,25 @@ def _config_flags(argv, prog, *, workdir: bool):
     # As `jaxft.config.load` does: --config.train.epochs=2 on a preset with train.steps trains 2 epochs.
     clear_rivals(fv.config, config_flags.get_override_values(fv["config"]))
     return fv
+
+
+def check_config_file(spec: str, prog: str, *, flag: str = "--config") -> None:
+    """Runs config file `spec` ("FILE[:arg]") as `jaxft.config.load` does; its failure (a
+    SyntaxError, an ImportError or NameError at import, a get_config() that raises or is missing)
+    exits with one line naming the file and the line: every command that takes a config file or
+    a sweep file reports it this way, before anything is written."""
+    import jaxft.config
+
+    try:
+        jaxft.config.load(spec)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"{prog}: {flag} {spec}: {_without_prefix(str(err), spec)}") from None
+
+
+def _without_prefix(message: str, spec: str) -> str:
+    """`jaxft.config.load`'s message without its "config file FILE: " (the line names FILE)."""
+    prefix = f"config file {spec.partition(':')[0]}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
 
 
 def _config_spec(argv) -> str | None:

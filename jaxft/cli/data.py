@@ -50,7 +50,7 @@ def _check_data(argv):
              "data.max_record_bytes": a.max_record_bytes}
     apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
     if a.chat_template:
-        config.data.chat_template = open(a.chat_template).read()
+        config.data.chat_template = _read_template(a.chat_template)
     specs = [(spec, "data.train") for spec in a.source] or (
         [(config.data.train, "data.train")] + ([(config.data.eval, "data.eval")] if config.data.eval else []))
     tokenizer = load_tokenizer(config)
@@ -69,3 +69,18 @@ def _check_data(argv):
         ok &= checked.ok
     if not ok:
         raise SystemExit(1)
+
+
+def _read_template(path: str) -> str:
+    """The text of a --chat-template file (UTF-8, a byte-order mark dropped); errors name it."""
+    from pathlib import Path
+
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SystemExit(f"jaxft check-data: --chat-template {path}: file not found") from None
+    except IsADirectoryError:
+        raise SystemExit(f"jaxft check-data: --chat-template {path} is a folder; give the Jinja template file") from None
+    except UnicodeDecodeError as err:
+        raise SystemExit(f"jaxft check-data: --chat-template {path}: not UTF-8 text (byte {err.object[err.start]:#04x} "
+                         f"at offset {err.start}); save it as UTF-8") from None

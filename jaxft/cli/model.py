@@ -32,7 +32,8 @@ def _generate(argv):
     p.add_argument("--model", required=True, help="Hugging Face folder (WORKDIR/hf; a run's WORKDIR means it)")
     p.add_argument("--prompt", action="append", default=[], help="repeat for a batch")
     p.add_argument("--prompts", default=None, metavar="FILE",
-                   help="JSONL records with a 'prompt' or 'messages' (an eval data file works)")
+                   help="records with a 'prompt' or 'messages' (an eval data file works): JSONL, JSON, CSV or "
+                        "Parquet, .gz / .zst compressed JSONL / JSON / CSV, a folder or a glob, as training reads them")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -59,7 +60,8 @@ def _eval(argv):
         "evaluate a Hugging Face folder: greedy answers (exact match, repetition ratio) and eval "
         "loss on --data, preference accuracy on --pairs"))
     p.add_argument("--model", required=True)
-    p.add_argument("--data", default=None, help="JSONL records with an 'answer' field")
+    p.add_argument("--data", default=None, help="records with an 'answer' field (any data file training reads: "
+                                                "JSONL, JSON, CSV, Parquet, .gz / .zst)")
     p.add_argument("--pairs", default=None, help="preference pairs (prompt/chosen/rejected)")
     p.add_argument("--reference", default=None, help="reference model for implicit-reward accuracy")
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N records")

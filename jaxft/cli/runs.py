@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from jaxft.cli.common import _split_config_args
+from jaxft.cli.common import _split_config_args, check_config_file
 
 
 def _sweep(argv):
@@ -37,14 +37,21 @@ def _sweep(argv):
     if a.sweep_file:
         if a.sweep:
             raise SystemExit("jaxft sweep: --sweep flags go with --config; a sweep file's get_sweep() lists its runs")
-        runs = [sweep.Run(r.name, r.kind, r.config, merge_overrides(common, r.overrides))
-                for r in sweep.load_sweep_file(a.sweep_file)]
+        try:
+            listed = sweep.load_sweep_file(a.sweep_file)
+        except ValueError as err:  # the file's failure at import or in get_sweep, with its line
+            raise SystemExit(f"jaxft sweep: {err}") from None
+        runs = [sweep.Run(r.name, r.kind, r.config, merge_overrides(common, r.overrides)) for r in listed]
     else:
         if not a.sweep:
             raise SystemExit("jaxft sweep: --config needs at least one --sweep KEY=V1,V2")
+        check_config_file(spec, "jaxft sweep")  # before --kind is read from it
         axes = dict(sweep.parse_axis(flag) for flag in a.sweep)
         runs = sweep.grid(axes, kind=a.kind or sweep.spec.infer_kind(spec), config=spec, paired=a.zip,
                           overrides=common)
+    for config in dict.fromkeys(r.config for r in runs if r.config and r.config != spec):
+        # every config file a run names fails here as `jaxft sft` would fail on it, naming its line
+        check_config_file(config, "jaxft sweep", flag="sweep file" if config == a.sweep_file else "config")
     if a.print_commands:
         print("\n".join(sweep.commands(runs, a.workdir)))
         return

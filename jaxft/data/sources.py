@@ -17,6 +17,15 @@ here, not by `datasets`, so that invalid JSON and non-UTF-8 bytes are reported w
 and line instead of an Arrow stack trace. Problems with the source itself (missing file,
 unknown extension, unreachable hub name) raise `DataError` naming the source.
 
+This is the one reader of a user's text files: training (in memory and streamed), check-data,
+`jaxft eval --data / --pairs`, `jaxft generate --prompts` and compare all read through it, so
+they accept the same files: UTF-8 with or without a byte-order mark, LF or CRLF line ends, and
+JSONL / JSON / CSV compressed by their suffix (`train.jsonl.gz` gzip, `train.jsonl.zst` zstd,
+which needs `pip install zstandard`). A file whose bytes disagree with its name (gzip data
+named .jsonl, a Parquet or zip file named .jsonl, UTF-16 text, any file with NUL bytes where
+text should be) is refused naming the file and what it is. `read_json` reads one JSON document
+(an adapter_config.json, a run's config.json) with the same error form, file and line.
+
 Tabular files (CSV, Parquet) can hold a message list only as its JSON text (pandas writes
 `[{"role": "user", ...}]` into a cell), so a `messages` / `prompt` / `completion` / `chosen` /
 `rejected` string cell that starts like a JSON list of objects (`[{`) is decoded into the list;
@@ -31,14 +40,18 @@ yielded as a `RecordTooLargeError` in place of the record, for the caller to cou
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
+import gzip
+import io
 import itertools
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from jaxft.data.formats import DataError
@@ -46,6 +59,10 @@ from jaxft.data.formats import DataError
 # Extensions read as data files. `.ndjson` is JSONL under another name.
 JSONL_EXTS = (".jsonl", ".ndjson")
 FILE_EXTS = JSONL_EXTS + (".json", ".parquet", ".csv")
+# Compression, by the last suffix (`train.jsonl.gz`), and the bytes such a file starts with.
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+_SNIFF = 4096  # bytes looked at to tell text from a binary file
 # data.max_record_bytes' default: ~250k tokens, past most max_lengths, < 300 MB to tokenize.
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
 # Fields that hold a message list in the conversational formats (decoded from tabular cells).
@@ -61,6 +78,13 @@ _CSV_FIELD_LIMIT = 2**31 - 1
 
 class RecordTooLargeError(DataError):
     """A record over max_record_bytes, yielded in its place: dropped and counted, not invalid."""
+
+
+class UnreadableFileError(DataError):
+    """A file that is not what its name says (binary, UTF-16, compressed under another suffix)
+    or whose compressed data breaks off. `read_records` yields it in place of the file's (next)
+    record and reads no further in that file: raised by callers, or skipped with
+    data.skip_invalid like an invalid record."""
 
 
 def read_records(source: str, *, split: str = "train",
@@ -80,6 +104,8 @@ def read_records(source: str, *, split: str = "train",
       A JSONL line that is not UTF-8 or not JSON, a tabular cell that looks like a JSON
       message list but is not JSON, and a record over `max_record_bytes` are yielded as a
       `DataError` instance in place of the record, so that a caller may skip it and read on.
+      A file that is not what its name says, or whose compressed data breaks off, is yielded
+      as an `UnreadableFileError` in place of its (next) record, and the file is left there.
 
     Raises:
       DataError: the source does not exist or cannot be read as a whole (naming it, and the
@@ -108,16 +134,133 @@ def read_records(source: str, *, split: str = "train",
 
 def _looks_local(source: str) -> bool:
     """A source that can only be meant as a local path (a hub name has none of these)."""
-    return (source.startswith(("/", ".", "~")) or source.lower().endswith(FILE_EXTS)
+    return (source.startswith(("/", ".", "~")) or split_name(source)[0] in FILE_EXTS
             or source.count("/") > 1)
 
 
+def looks_local(source: str) -> bool:
+    """Whether `read_records` reads `source` from this disk (a file, folder or glob; not a
+    hub name)."""
+    return (os.path.exists(os.path.expanduser(source)) or any(c in source for c in _GLOB_CHARS)
+            or _looks_local(source))
+
+
+def split_name(name: str | os.PathLike) -> tuple[str, str | None]:
+    """(data extension, compression or None) of a file name, lower case:
+    "train.jsonl.gz" -> (".jsonl", "gzip"), "train.csv" -> (".csv", None)."""
+    p = PurePath(str(name).lower())
+    compression = COMPRESSIONS.get(p.suffix)
+    if compression:
+        p = PurePath(p.stem)
+    return p.suffix, compression
+
+
+def is_data_file(path: str | os.PathLike) -> bool:
+    """Whether a folder's file is read as data (by its name; see FILE_EXTS and COMPRESSIONS)."""
+    return split_name(path)[0] in FILE_EXTS
+
+
 def _read_file(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict]]:
-    ext = path.suffix.lower()
+    ext, compression = split_name(path.name)
     if ext not in _READERS:
-        raise DataError(display, f"unsupported file type {ext or '(no extension)'!r}; "
-                                 f"use one of {', '.join(FILE_EXTS)}")
-    yield from _READERS[ext](path, display, limit)
+        shown = "".join(PurePath(path.name.lower()).suffixes[-2:]) if compression else ext
+        raise DataError(display, f"unsupported file type {shown or '(no extension)'!r}; use one of "
+                                 f"{', '.join(FILE_EXTS)}, JSONL / JSON / CSV optionally compressed "
+                                 f"({', '.join(e for e in COMPRESSIONS)})")
+    if compression and ext == ".parquet":
+        raise DataError(display, f"a {compression}-compressed Parquet file cannot be read: Parquet "
+                                 "compresses its own columns; decompress the file (or write it with "
+                                 "compression inside)")
+    where = display
+    try:
+        for where, record in _READERS[ext](path, display, limit):
+            yield where, record
+    except UnreadableFileError as err:
+        yield display, err
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        yield where, _damaged(display, where, compression, err)
+    except Exception as err:  # zstandard.ZstdError, or an OSError while reading
+        if type(err).__name__ != "ZstdError" and not isinstance(err, OSError):
+            raise
+        yield where, _damaged(display, where, compression, err)
+
+
+def _damaged(display: str, where: str, compression: str | None, err: BaseException) -> DataError:
+    after = f" after {where}" if where != display else ""
+    what = f"the {compression} data is damaged or truncated" if compression else "cannot be read"
+    return UnreadableFileError(display, f"{what}{after} ({type(err).__name__}: {err}); "
+                                        "re-create or re-download the file")
+
+
+def _zstd_reader(raw, display: str):
+    try:
+        import zstandard
+    except ImportError:
+        raise DataError(display, "is zstd-compressed (.zst) and reading it needs the zstandard "
+                                 "package: pip install zstandard (or decompress it: zstd -d)") from None
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                                        closefd=False),
+                             buffer_size=1 << 16)
+
+
+@contextlib.contextmanager
+def open_data_file(path: str | os.PathLike, display: str | None = None):
+    """Text file `path` opened for reading as bytes, decompressed by its suffix (.gz, .zst).
+    Refused with an UnreadableFileError naming the file: compressed bytes under a name without
+    that suffix (or the reverse), a file that is not text (a NUL byte in its first line, UTF-16,
+    Parquet, zip)."""
+    path = Path(path)
+    display = str(path) if display is None else display
+    compression = split_name(path.name)[1]
+    with open(path, "rb") as raw:
+        head = raw.read(8)
+        found = next((name for name, magic in _MAGIC.items() if head.startswith(magic)), None)
+        if found != compression:
+            raise UnreadableFileError(display, _misnamed(path.name, found, compression))
+        raw.seek(0)
+        if compression == "gzip":
+            stream = gzip.GzipFile(fileobj=raw, mode="rb")
+        elif compression == "zstd":
+            stream = _zstd_reader(raw, display)
+        else:
+            stream = raw
+        with stream:
+            try:
+                head = stream.peek(_SNIFF)[:_SNIFF]
+            except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+                raise _damaged(display, display, compression, err) from None
+            problem = _not_text(head)
+            if problem:
+                raise UnreadableFileError(display, problem)
+            yield stream
+
+
+def _misnamed(name: str, found: str | None, named: str | None) -> str:
+    suffix = {v: k for k, v in COMPRESSIONS.items()}
+    if named is None:
+        return (f"is {found}-compressed but its name does not end in {suffix[found]}: rename it to "
+                f"{name}{suffix[found]} (or decompress it)")
+    stem = name[:-len(suffix[named])]
+    return (f"ends in {suffix[named]} but is not {named}-compressed"
+            + (f" (it is {found}-compressed)" if found else "") + f": rename it to {stem}"
+            + (suffix[found] if found else ""))
+
+
+def _not_text(head: bytes) -> str | None:
+    """What is wrong with a text file that starts with `head`, or None. The start decides: a NUL
+    byte in a later line (a block of zeros a crash left) is that line's problem, not the file's."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return ("is UTF-16 text; jaxft reads UTF-8: save it as UTF-8 "
+                "(e.g. iconv -f UTF-16 -t UTF-8 IN > OUT)")
+    if head.startswith(b"PAR1"):
+        return "is a Parquet file: give it the .parquet extension"
+    if head.startswith(b"PK\x03\x04"):
+        return "is a zip archive, not text: unzip it and give the data file inside"
+    nul = head.split(b"\n", 1)[0].find(b"\0")
+    if nul >= 0:
+        return (f"is a binary file, not text (a NUL byte at byte {nul}); give a JSONL, JSON, CSV or "
+                "Parquet file (UTF-8 text)")
+    return None
 
 
 def _too_large(location: str, size: int, limit: int) -> RecordTooLargeError:
@@ -146,7 +289,7 @@ def _lines(f, limit: int) -> Iterator[tuple[int, bytes | None, int]]:
 def _read_jsonl(path: Path, display: str, limit: int = 0) -> Iterator[tuple[str, dict]]:
     """One JSON value per line, streamed; blank lines are skipped (editors leave a trailing
     one) and a UTF-8 byte-order mark on line 1 is ignored."""
-    with open(path, "rb") as f:
+    with open_data_file(path, display) as f:
         for lineno, raw, size in _lines(f, limit):
             location = f"{display} line {lineno}"
             if raw is None:
@@ -191,9 +334,13 @@ def _read_json(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict
 _JSON_LINES = object()  # what `_json_document` returns for several values, one a line
 
 
-def _json_document(path: Path, display: str) -> Any:
-    """The JSON value of a whole .json file, or _JSON_LINES when it holds JSON lines."""
-    data = path.read_bytes()
+def _json_document(path: Path, display: str, *, lines: bool = True) -> Any:
+    """The JSON value of a whole .json file, or (with `lines`) _JSON_LINES when it holds JSON
+    lines."""
+    with open_data_file(path, display) as f:
+        data = f.read()
+    if not data.strip():
+        raise DataError(display, "the file is empty; expected a JSON document")
     if data.startswith(_BOM):
         data = data[len(_BOM):]
     try:
@@ -205,17 +352,43 @@ def _json_document(path: Path, display: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data":  # several values, one a line: JSON lines
+        if err.msg == "Extra data" and lines:  # several values, one a line: JSON lines
             return _JSON_LINES
         raise DataError(f"{display} line {err.lineno}",
                         f"invalid JSON: {err.msg} (column {err.colno})") from None
+
+
+def read_json(path: str | os.PathLike, *, what: str = "", expect: type | None = dict) -> Any:
+    """The JSON document in file `path` (a config.json, an adapter_config.json, sweep.json): one
+    value, read as data files are (UTF-8 with or without a byte-order mark, .gz / .zst by suffix).
+
+    Args:
+      what: how errors name the file's role, e.g. "lora.init_from" ("" = the path alone).
+      expect: the type the document must have (default: an object; None: any).
+
+    Raises:
+      FileNotFoundError: no such file, naming it.
+      DataError: not JSON, not UTF-8, empty, or not `expect`: "PATH line N: invalid JSON: ...".
+    """
+    path = Path(path)
+    display = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{display}: " + ("is a folder, not a JSON file" if path.is_dir()
+                                                  else "file not found"))
+    value = _json_document(path, display, lines=False)
+    if expect is not None and not isinstance(value, expect):
+        names = {dict: "a JSON object ({...})", list: "a JSON list ([...])"}
+        raise DataError(display, f"expected {names.get(expect, expect.__name__)}, got a JSON "
+                                 f"{type(value).__name__}; the file is damaged or not the one meant")
+    return value
 
 
 def _read_csv(path: Path, display: str, limit: int) -> Iterator[tuple[str, dict]]:
     """Header row + one record per row; every value is a string (CSV has no other type), a
     JSON message list included (decoded, see `_tabular`)."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    with open_data_file(path, display) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig",
+                                                                 newline="") as f:
         reader = csv.DictReader(f)
         start = 2
         while True:
@@ -314,10 +487,11 @@ def _read_folder(path: Path, display: str, split: str, limit: int) -> Iterator[t
             ds, display = ds[split], f"{display}[{split}]"
         yield from _iter_dataset(ds, display, limit)
         return
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_EXTS)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p.name))
     if not files:
         raise DataError(display, "folder holds no data files (" + ", ".join(FILE_EXTS)
-                        + ") and is not a datasets.save_to_disk folder")
+                        + ", JSONL / JSON / CSV also as .gz or .zst) and is not a "
+                        "datasets.save_to_disk folder")
     for f in files:
         yield from _read_file(f, str(Path(display) / f.relative_to(path)), limit)
 

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Iterator
 
 from jaxft.data.formats import DataError
 from jaxft.data.mixture import seeded_rng
 from jaxft.data.report import DataReport
-from jaxft.data.sources import FILE_EXTS, read_records
+from jaxft.data.sources import looks_local, read_records
 from jaxft.data.tokenize import (MAX_ERRORS, MAX_LOGGED_SKIPS, Encoder, NoChatTemplateError,
                                  process_record)
 
@@ -192,9 +191,7 @@ def _records(source: str, split: str) -> Iterator[tuple[str, object]]:
 
 def _is_local(source: str) -> bool:
     """A file, folder or glob (as `read_records` tells them from hub names)."""
-    return (os.path.exists(os.path.expanduser(source)) or any(c in source for c in "*?[")
-            or source.startswith(("/", ".", "~")) or source.lower().endswith(FILE_EXTS)
-            or source.count("/") > 1)
+    return looks_local(source)
 
 
 def _hub_stream(name: str, split: str) -> Iterator[tuple[str, object]]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from jaxft.eval.generation import evaluate_generation, read_jsonl
+from jaxft.eval.generation import check_local_source, evaluate_generation, read_jsonl
 from jaxft.eval.likelihood import eval_loss, preference_eval
 from jaxft.inference.generate import load_folder
 
@@ -33,8 +31,8 @@ def evaluate_folder(model_dir: str, data_file: str | None = None, *, pairs_file:
     # Files are checked before any model loads (a run's workdir means its export, WORKDIR/hf).
     reference_dir = model_folder(reference_dir, flag="--reference") if reference_dir else None
     records = read_jsonl(data_file, limit) if data_file else None
-    if pairs_file and not Path(pairs_file).is_file():
-        raise FileNotFoundError(f"--pairs {pairs_file}: the file does not exist")
+    if pairs_file:  # read as training reads it (make_eval_batches): any file, folder or glob
+        check_local_source(pairs_file, "--pairs")
     model, tokenizer = load_folder(model_dir, flag="--model")
     out = {}
     if data_file:

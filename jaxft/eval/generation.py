@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -79,38 +78,44 @@ def evaluate_generation(
 
 
 def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Eval records of a JSONL file (blank lines skipped), at most `limit` of them. Each needs a
-    non-empty prompt ('prompt' or 'messages') and an 'answer'; a record that lacks them is a
-    ValueError naming the file and its 1-based line."""
+    """Eval records of a data file, at most `limit` of them: JSONL (blank lines skipped), or any
+    file, glob or folder that training reads (JSON, CSV, Parquet, .gz / .zst; `jaxft.data.sources`).
+    Each needs a non-empty prompt ('prompt' or 'messages') and an 'answer'; a record that lacks
+    them, or a line that is not JSON, is a ValueError naming the file and its 1-based line."""
     return [record for record, _ in _read_records(path, limit, need_answer=True)]
 
 
 def read_prompts(path: str | Path) -> list[str | list[dict]]:
-    """The prompts of a JSONL file of records with a 'prompt' (a string or messages) or
-    'messages' (trailing assistant turns dropped); an eval data file works. An empty prompt is
-    a ValueError naming the file and its 1-based line."""
+    """The prompts of a data file (read as `read_jsonl` reads it) of records with a 'prompt' (a
+    string or messages) or 'messages' (trailing assistant turns dropped); an eval data file works.
+    An empty prompt is a ValueError naming the file and its 1-based line."""
     return [prompt for _, prompt in _read_records(path, None, need_answer=False)]
 
 
+def check_local_source(path: str | Path, flag: str = "") -> str:
+    """`path` as a source that `read_records` reads from this disk (a file, a folder of data
+    files, a glob), or a FileNotFoundError naming it (and `flag`): eval and prompt files are
+    never looked up on the Hugging Face hub."""
+    path = str(path)
+    if not (Path(path).expanduser().exists() or any(c in path for c in "*?[")):
+        raise FileNotFoundError(f"{flag + ' ' if flag else ''}{path}: the file does not exist")
+    return path
+
+
 def _read_records(path, limit, *, need_answer: bool) -> list[tuple[dict, str | list]]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: the file does not exist" if not Path(path).exists()
-                                else f"{path} is a folder, not a JSONL file")
+    from jaxft.data.formats import DataError
+    from jaxft.data.sources import read_records
+
     out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if limit and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
-            prompt, problem = _prompt_of(record, need_answer)
-            if problem:
-                raise ValueError(f"{path} line {line_no}: {problem}")
-            out.append((record, prompt))
+    for location, record in read_records(check_local_source(path)):
+        if limit and len(out) >= limit:
+            break
+        if isinstance(record, DataError):  # not JSON, not UTF-8: names the file and line
+            raise record
+        prompt, problem = _prompt_of(record, need_answer)
+        if problem:
+            raise ValueError(f"{location}: {problem}")
+        out.append((record, prompt))
     if not out:
         raise ValueError(f"{path}: no records (an empty file?)")
     return out

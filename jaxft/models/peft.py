@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jaxft.data.sources import read_json
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
@@ -86,7 +87,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"lora.init_from: {path} not found; point it at a PEFT LoRA adapter folder")
-    found = json.loads(path.read_text())
+    found = read_json(path, what="lora.init_from")  # invalid JSON: a ValueError naming file and line
     if found.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: peft_type {found.get('peft_type')!r}; jaxft reads LoRA adapters only")
     return found

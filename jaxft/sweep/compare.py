@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from jaxft.data.sources import read_json
 from jaxft.io.metrics import read_metrics
 from jaxft.sweep.runner import RECORD
 
@@ -52,13 +53,22 @@ def run_dirs(dirs: Sequence[str | Path]) -> list[Path]:
         if (d / "metrics.jsonl").is_file():
             out.append(d)
         elif (d / "sweep.json").is_file():
-            names = [r["name"] for r in json.loads((d / "sweep.json").read_text())["runs"]]
+            names = [r["name"] for r in _sweep_runs(d / "sweep.json")]
             out += [d / n for n in names if (d / n / "metrics.jsonl").is_file()]
         elif d.is_dir() and (found := sorted(p.parent for p in d.glob("*/metrics.jsonl"))):
             out += found
         else:
             raise FileNotFoundError(f"{d}: neither a run workdir (metrics.jsonl) nor a folder of runs")
     return out
+
+
+def _sweep_runs(path: Path) -> list[dict]:
+    """The runs a sweep folder's sweep.json lists, or a ValueError naming the file."""
+    runs = read_json(path).get("runs")
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
+        raise ValueError(f"{path}: expected {{\"runs\": [{{\"name\": ...}}, ...]}} as jaxft sweep writes it; "
+                         "the file is damaged: rerun the sweep to rewrite it")
+    return runs
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -74,14 +84,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _what_differs(workdirs: list[Path]) -> list[dict]:
     """Per run: its sweep overrides, or else its config's values, of the keys whose values
     differ between runs."""
-    records = [json.loads((w / RECORD).read_text()) if (w / RECORD).is_file() else None for w in workdirs]
+    records = [read_json(w / RECORD) if (w / RECORD).is_file() else None for w in workdirs]
     if all(records):  # the overrides that are not the same for every run (those set the sweep apart)
         overrides = [r["settings"]["overrides"] for r in records]
         keys = list(dict.fromkeys(k for o in overrides for k in o))
         if len(overrides) > 1:
             keys = [k for k in keys if len({json.dumps(o.get(k)) for o in overrides}) > 1]
         return [{k: o.get(k) for k in keys} for o in overrides]
-    configs = [_flat(json.loads((w / "config.json").read_text())) if (w / "config.json").is_file() else {}
+    configs = [_flat(read_json(w / "config.json")) if (w / "config.json").is_file() else {}
                for w in workdirs]
     keys = sorted({k for c in configs for k in c})
     differ = [k for k in keys if k not in _NOT_SETTINGS and len({json.dumps(c.get(k)) for c in configs}) > 1]
@@ -102,7 +112,7 @@ def _summary(workdir: Path) -> dict:
     # The first logged window includes compilation: tokens/s over the ones after it.
     speeds = [r["tokens_per_sec"] for r in train[1:] if isinstance(r.get("tokens_per_sec"), float)]
     out["tokens_per_sec"] = sum(speeds) / len(speeds) if speeds else None
-    record = json.loads((workdir / RECORD).read_text()) if (workdir / RECORD).is_file() else {}
+    record = read_json(workdir / RECORD) if (workdir / RECORD).is_file() else {}
     out["wall_s"] = record.get("wall_s")
     return out
 

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from jaxft.config import merge_overrides
+from jaxft.config import config_file_error, merge_overrides
 
 KINDS = ("sft", "dpo")
 _REFERENCE = re.compile(r"^@([^/]+)(?:/(.*))?$")
@@ -102,10 +102,15 @@ def infer_kind(config_spec: str) -> str:
                      f"(or set KIND = 'sft' in the file)")
 
 
-def _module(path: Path):
+def _module(path: Path, what: str = "config file"):
+    """The module of config or sweep file `path`; its failure at import is a ValueError naming
+    the file and line (`jaxft.config.config_file_error`, as `jaxft.config.load` gives it)."""
     spec = importlib.util.spec_from_file_location(f"jaxft_sweep_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - a mistake in the file: where, not a traceback into it
+        raise ValueError(f"{what} {path}: {config_file_error(err, path)}") from err
     return module
 
 
@@ -116,11 +121,18 @@ def load_sweep_file(spec: str) -> list[Run]:
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"sweep file {path} not found")
-    module = _module(path)
-    if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path} has no get_sweep(): a sweep file is a config file (get_config) "
+    module = _module(path, "sweep file")
+    if not callable(getattr(module, "get_sweep", None)):
+        raise ValueError(f"sweep file {path} has no get_sweep(): a sweep file is a config file (get_config) "
                          f"whose get_sweep() returns its runs (jaxft.sweep.grid / jaxft.sweep.run)")
-    runs = list(module.get_sweep(arg) if arg else module.get_sweep())
+    try:
+        runs = list(module.get_sweep(arg) if arg else module.get_sweep())
+    except Exception as err:  # noqa: BLE001 - as a failure at import
+        raise ValueError(f"sweep file {path}: {config_file_error(err, path)}") from err
+    bad = next((r for r in runs if not isinstance(r, Run)), None)
+    if bad is not None:
+        raise ValueError(f"sweep file {path}: get_sweep() must return runs (jaxft.sweep.grid / "
+                         f"jaxft.sweep.run), got {type(bad).__name__} {bad!r:.80}")
     return [dataclasses.replace(r, config=r.config or spec) for r in runs]
 
 
