@@ -7,6 +7,7 @@ import argparse
 import os
 
 from jaxft.cli.common import _config_flags, _split_config_args
+from jaxft.io import atomic
 
 
 def _bench(argv):
@@ -57,8 +58,7 @@ def _bench(argv):
                        compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"), lora_rank=a.lora)
     print(format_bench(report))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
+        atomic.write_text(a.json, json.dumps(report, indent=2))
 
 
 def _plan(argv):
@@ -83,5 +83,4 @@ def _plan(argv):
     result = plan(config, target=a.target, kind=a.kind)
     print(format_plan(result))
     if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result.to_json(), f, indent=2)
+        atomic.write_text(a.json, json.dumps(result.to_json(), indent=2))

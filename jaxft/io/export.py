@@ -1,7 +1,15 @@
-"""`jaxft export`: a training checkpoint -> a Hugging Face model folder."""
+"""`jaxft export`: a training checkpoint -> a Hugging Face model folder.
+
+Every export (`jaxft export`, a finished run's WORKDIR/hf and WORKDIR/adapter) is written
+whole into a temporary folder next to the target, its ownership marker (folders.EXPORT_MARKER)
+included, and renamed into place when complete (`jaxft.io.atomic.replace_folder`): a killed
+export leaves the previous folder (or none) plus a hidden temporary folder that the next
+export of the same target removes, so the same command can be rerun as is.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -11,7 +19,7 @@ from flax import nnx
 
 from jaxft import config as config_lib
 from jaxft.data.from_config import load_tokenizer
-from jaxft.io import checkpoint, folders
+from jaxft.io import atomic, checkpoint, folders
 from jaxft.models import ModelConfig, abstract_model, save_hf
 from jaxft.models.adapters import adapter_shardings, lora_graphdef, merge_adapters
 from jaxft.models.from_config import load_model, model_config, split_params
@@ -27,7 +35,9 @@ def export_params(graphdef, params, out: str | Path, *, tokenizer=None, dtype=No
     """Writes policy `params` (nested dict) with `graphdef`'s architecture as an HF folder,
     in `dtype` (default: the param dtype, e.g. float32 master weights)."""
     model = nnx.merge(graphdef, params)
-    return _mark(save_hf(model, out, tokenizer=tokenizer, dtype=dtype), "hf")
+    with _export_folder(out, "hf") as folder:
+        save_hf(model, folder, tokenizer=tokenizer, dtype=dtype)
+    return Path(out)
 
 
 def export_merged(cfg: ModelConfig, base: dict, adapters: dict, out: str | Path, *, tokenizer=None,
@@ -41,21 +51,29 @@ def export_adapter(cfg: ModelConfig, adapters: dict, out: str | Path, *, base_mo
                    tokenizer=None) -> Path:
     """A LoRA model's adapters as a PEFT folder (adapter_config.json, adapter_model.safetensors,
     the tokenizer) for `peft.PeftModel.from_pretrained(base, out)`."""
-    folder = save_peft(cfg, adapters, out, base_model=base_model)
-    if tokenizer is not None and jax.process_index() == 0:
-        tokenizer.save_pretrained(folder)
-    return _mark(folder, "peft")
+    with _export_folder(out, "peft") as folder:
+        save_peft(cfg, adapters, folder, base_model=base_model)
+        if tokenizer is not None and jax.process_index() == 0:
+            tokenizer.save_pretrained(folder)
+    return Path(out)
 
 
-def _mark(folder: Path, layout: str) -> Path:
-    """Signs `folder` as a jaxft export (folders.EXPORT_MARKER): a later export may overwrite it,
-    and nothing else (see `check_export_target`)."""
-    if jax.process_index() == 0:
-        from jaxft import __version__
+@contextlib.contextmanager
+def _export_folder(out: str | Path, layout: str):
+    """The folder to write an export of `layout` ("hf" / "peft") into. On process 0: a temporary
+    folder that replaces `out` when the block completes, signed first as a jaxft export
+    (folders.EXPORT_MARKER: a later export may overwrite it, and nothing else, see
+    `check_export_target`). Other processes only take part in gathering the arrays (save_hf /
+    save_peft write on process 0 only): they get `out` and write nothing."""
+    if jax.process_index() != 0:
+        yield Path(out)
+        return
+    from jaxft import __version__
 
-        (Path(folder) / folders.EXPORT_MARKER).write_text(
+    with atomic.replace_folder(out) as tmp:
+        (tmp / folders.EXPORT_MARKER).write_text(
             json.dumps({"layout": layout, "written_by": f"jaxft {__version__}"}) + "\n")
-    return Path(folder)
+        yield tmp
 
 
 def export_run(cfg: ModelConfig, graphdef, params: dict, frozen: dict | None, workdir: Path, *,

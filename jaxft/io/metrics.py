@@ -4,18 +4,27 @@ Metric names follow TRL (loss, learning_rate, grad_norm, num_tokens, mean_token_
 rewards/*, logps/*, logits/*; eval metrics prefixed `eval_`) plus tokens_per_sec, step_time
 and mfu. One JSON object per logged step: {"step": N, "loss": ..., ...}, plus one per
 sample step of `train.sample_every`: {"step": N, "samples": [...]}.
+
+Kills: metrics.jsonl is appended one line at a time, so a run killed mid-append leaves at most
+a torn last line. Readers skip it with a warning naming the file and line; a resumed run
+rewrites the file without it (atomically, `jaxft.io.atomic`). A damaged line before the last
+is not a kill's doing: reading fails naming the file and line.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
 from pathlib import Path
 
 import jax
 
-from jaxft.io import trackers
+from jaxft.io import atomic, trackers
 from jaxft.models.lora import num_adapter_params
+
+log = logging.getLogger("jaxft")
 
 # Dense bf16 peak FLOP/s per device, for MFU. Unknown devices (CPU) report no MFU unless
 # `train.peak_flops` is set.
@@ -64,10 +73,10 @@ class MetricsWriter:
         self._trackers: list[trackers.Tracker] = []
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.is_file():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= start_step]
-                self.path.write_text("".join(line + "\n" for line in kept))
+            if self.path.is_file():  # a torn last line is dropped too
+                kept = [row for row in read_rows(self.path, torn="removed: the resumed run rewrites the file "
+                                                 "without it") if row["step"] <= start_step]
+                atomic.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
             self._trackers = trackers.open_trackers(report_to, workdir, config or {})
 
     def _append(self, row: dict) -> None:
@@ -108,10 +117,43 @@ def _plain(v):
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
+    """The rows of WORKDIR/metrics.jsonl (a torn last line skipped with a warning)."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {workdir} a jaxft workdir?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_rows(path)
+
+
+def read_rows(path: Path, *, torn: str = "skipped (resuming the run repairs the file)") -> list[dict]:
+    """The rows of a metrics.jsonl file. A last line that is not a whole row is what a kill
+    mid-append leaves: skipped, with a warning naming the file and line and saying `torn`
+    (what becomes of it). A damaged line before it raises ValueError naming file and line."""
+    lines = path.read_bytes().split(b"\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        row, problem = _parse_row(line)
+        if problem is None:
+            rows.append(row)
+        elif i == last:
+            log.warning("%s line %d is not a whole row (%s), as a run killed while writing it leaves it: %s",
+                        path, i + 1, problem, torn)
+        else:
+            raise ValueError(f"{path} line {i + 1}: {problem}; only the last line of metrics.jsonl can be "
+                             "torn by a kill, so this file was edited or damaged: fix or delete that line")
+    return rows
+
+
+def _parse_row(line: bytes) -> tuple[dict | None, str | None]:
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        return None, f"not a JSON row ({err})"
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+        return None, 'not a metrics row ({"step": N, ...})'
+    return row, None
 
 
 def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
@@ -138,6 +180,8 @@ def plot(workdir: str | Path, out: str | Path | None = None) -> Path:
     ax_lr.set_ylabel("learning_rate")
     fig.suptitle(str(workdir))
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic.write_bytes(out, buffer.getvalue())
     return out

@@ -18,6 +18,8 @@ import json
 import uuid
 from pathlib import Path
 
+from jaxft.io import atomic
+
 WANDB_ID_FILE = "wandb_id"  # WORKDIR/wandb_id: a resumed run continues the same W&B run
 
 
@@ -93,7 +95,7 @@ class WandB(Tracker):
             run_id = id_file.read_text().strip()
         else:
             run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits
-            id_file.write_text(run_id + "\n")
+            atomic.write_text(id_file, run_id + "\n")
         self._wandb = wandb
         self._run = wandb.init(project=config.get("train", {}).get("wandb_project") or "jaxft",
                                name=workdir.name, dir=str(workdir), id=run_id, resume="allow")

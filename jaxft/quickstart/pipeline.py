@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from jaxft.config import base_config, lock
+from jaxft.io import atomic
 from jaxft.io.checkpoint import workdir_path
 
 STAGES = ("base", "sft", "dpo")
@@ -71,7 +72,9 @@ def write_base_model(folder: Path, *, seed: int = 0) -> Path:
     config.train.seed = seed
     tokenizer = load_bundled_tokenizer()
     cfg = model_config(config, tokenizer)
-    return save_hf(create_model(cfg, seed=seed), folder, tokenizer=tokenizer)
+    with atomic.replace_folder(folder) as tmp:  # a kill leaves no half model that a rerun would take
+        save_hf(create_model(cfg, seed=seed), tmp, tokenizer=tokenizer)
+    return Path(folder)
 
 
 def evaluate_stage(model_dir: Path, data: Path, *, num_questions: int, max_length: int) -> dict:
@@ -139,7 +142,7 @@ def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int =
     timings["total_seconds"] = time.perf_counter() - start
     results["timings"] = timings
     results["devices"] = f"{jax.device_count()} x {jax.devices()[0].device_kind}"
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic.write_text(workdir / "results.json", json.dumps(results, indent=2))
     log("\n" + format_table(results))
     log(f"\nwall time {timings['total_seconds']:.0f} s (SFT {timings['sft_seconds']:.0f} s, DPO "
         f"{timings['dpo_seconds']:.0f} s, eval {timings['eval_seconds']:.0f} s); fine-tuned model: {workdir / 'dpo' / 'hf'}")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
 from typing import Sequence
 
 from jaxft.data.sources import read_json
+from jaxft.io import atomic
 from jaxft.io.metrics import read_metrics
 from jaxft.sweep.runner import RECORD
 
@@ -134,8 +136,10 @@ def plot_runs(workdirs: Sequence[Path], names: Sequence[str], metric: str, out: 
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    atomic.write_bytes(out, image.getvalue())
     return out
 
 
@@ -167,10 +171,11 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
     comparison = Comparison(rows, columns, metric)
     out.mkdir(parents=True, exist_ok=True)
     comparison.csv_path = out / "compare.csv"
-    with comparison.csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(comparison.csv_path, table.getvalue())
     comparison.png_path = plot_runs(workdirs, names, metric, out / "compare.png")
     return comparison
 

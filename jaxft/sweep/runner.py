@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from jaxft.io import atomic
 from jaxft.sweep.spec import Run, check, resolve_references
 
 RECORD = "sweep_run.json"
@@ -46,9 +47,7 @@ def _write(path: Path, data: dict) -> None:
 
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        tmp.replace(path)
+        atomic.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def command(r: Run, sweep_dir: Path) -> str:

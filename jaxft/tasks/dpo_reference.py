@@ -9,6 +9,7 @@ does no reference forward and holds no reference weights.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.eval.passes import pair_pass
+from jaxft.io import atomic
 from jaxft.models.from_config import load_model, split_params
 
 log = logging.getLogger("jaxft")
@@ -90,8 +92,10 @@ def cached_table(workdir: Path, key: dict, compute) -> np.ndarray:
     table = compute()
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, table)
-        tmp.rename(path)  # atomic: a killed run never leaves a half-written table
-        (path.with_suffix(".json")).write_text(json.dumps(key, indent=2, default=str))
+        # Each file replaced whole (jaxft.io.atomic): a kill leaves the old file or the new one.
+        # The .json only says what the table was computed from; the table is the cache.
+        atomic.write_text(path.with_suffix(".json"), json.dumps(key, indent=2, default=str))
+        array = io.BytesIO()
+        np.save(array, table)
+        atomic.write_bytes(path, array.getvalue())
     return table
