@@ -149,3 +149,31 @@ def test_cached_examples_hash_as_the_tokenised_ones_so_resume_does_not_care(tmp_
     cached = load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")
     assert type(cached.examples).__name__ == "CachedExamples"  # hashed from its flat arrays
     assert _data_hash([cached.examples]) == _data_hash([plain.examples]) == _data_hash([list(cached.examples)])
+
+
+def test_an_edit_past_the_first_mib_keeping_size_and_mtime_is_seen_and_its_bad_record_reported(tmp_path, tok):
+    """A 1.5 MiB source (whitespace lines pad it cheaply) edited in the middle, size and
+    modification time kept (as zip, rsync -t, Bazel or Nix leave them): another fingerprint,
+    tokenised again, and the record the edit broke is reported."""
+    records = quickstart_file("sft_train.jsonl").read_text().splitlines()[:60]
+    source = tmp_path / "train.jsonl"
+    source.write_text("\n".join(records[:30] + [" " * (1100 << 10)] + records[30:] + [" " * (380 << 10)]) + "\n")
+    assert (1 << 20) < source.stat().st_size < (2 << 20)
+    settings = {"kind": "sft", "max_length": 64}
+    before = cache_lib.fingerprint(str(source), tok, settings)[0]
+    first = load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")
+    # Record 45 (line 46 of the file) loses its last assistant turn, the byte count unchanged.
+    text, stat = source.read_text(), source.stat()
+    start = text.index(records[44])
+    broken = records[44][::-1].replace('"tnatsissa"', '"resu"     ', 1)[::-1]
+    assert broken != records[44] and len(broken) == len(records[44]) and start > (1 << 20)
+    source.write_text(text[:start] + broken + text[start + len(broken):])
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source.stat().st_size == stat.st_size and source.stat().st_mtime_ns == stat.st_mtime_ns
+    assert cache_lib.fingerprint(str(source), tok, settings)[0] != before
+    with pytest.raises(DataError, match=rf"{source.name} line 46: field .messages. must end with an assistant turn"):
+        load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")
+    skipped = load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c", skip_invalid=True)
+    # Tokenised again (by the strict load, which cached the report that names the record).
+    assert skipped.report.cache != first.report.cache and skipped.report.num_skipped == 1
+    assert len(skipped.examples) == len(first.examples) - 1

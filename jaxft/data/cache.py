@@ -3,13 +3,19 @@ resume, reference pass and check-data that asks for the same thing.
 
 A cache is CACHE_DIR/<source name>-<fingerprint>/ holding the examples' token ids and loss
 masks as flat int32 arrays with offsets (`.npy`, read with mmap) and meta.json (the report and
-what the fingerprint was made of). The fingerprint covers the source files (path, size,
-modification time, and a hash of their first and last MiB), the tokenizer (its serialised
-vocabulary, merges and special tokens), the chat template and every data setting
+what the fingerprint was made of). The fingerprint covers the source files (path, size and a
+SHA-256 of every byte: any edit is seen, even one that keeps the size and modification time,
+as tools that fix mtimes do; touching a file alone changes nothing), the tokenizer (its
+serialised vocabulary, merges and special tokens), the chat template and every data setting
 (`load_examples`' arguments), so any change to them reads another cache or builds one: a stale
-cache is never reused. A cache is written into a temporary folder and renamed into place
-when complete: a build killed half-way leaves no cache, only a temporary folder that the next
-build ignores and removes.
+cache is never reused. The hash reads every file once per load, cache hit or not: measured
+1.1 GB/s on one core (SHA-NI), so 1M chat records take 0.15 s at 166 bytes each (the
+quickstart's) and about 1 s at 1 KB, where tokenising them takes 12-16 minutes in one
+process (1,000-1,400 records/s).
+
+A cache is written into a temporary folder and renamed into place when complete: a build
+killed half-way leaves no cache, only a temporary folder that the next build ignores and
+removes (once its process is gone: two runs may build the same cache at once).
 
 Multi-host: process 0 builds while the others wait at a barrier, then they read it (a shared
 cache_dir) or, finding none (host-local disks), build the same cache themselves.
@@ -34,8 +40,8 @@ from jaxft.data.batch import PreferenceExample, SFTExample
 
 log = logging.getLogger("jaxft.data")
 
-VERSION = 2  # bump when the token convention or this layout changes: old caches are ignored
-_EDGE = 1 << 20  # bytes hashed at each end of a source file
+VERSION = 3  # bump when the token convention, the fingerprint or this layout changes: old caches are ignored
+_READ = 1 << 20  # bytes read per hash update (1 MiB: measured fastest)
 _META = "meta.json"
 
 
@@ -52,14 +58,17 @@ def _source_files(source: str) -> list[Path] | None:
 
 
 def _file_digest(path: Path) -> list:
-    stat = path.stat()
-    h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        h.update(f.read(_EDGE))
-        if stat.st_size > 2 * _EDGE:
-            f.seek(-_EDGE, os.SEEK_END)
-            h.update(f.read(_EDGE))
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns, h.hexdigest()]
+    """[resolved path, size, SHA-256 of the whole file]: streamed, no memo by (size, mtime)
+    (an edit may keep both: a memo keyed by them would hand back the old digest)."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb", buffering=0) as f:
+        buffer = bytearray(_READ)
+        view = memoryview(buffer)
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+            size += n
+    return [str(path.resolve()), size, h.hexdigest()]
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -149,7 +158,7 @@ def read(folder: Path):
         for name in names:
             if arrays[f"{name}_offsets"][-1] != len(arrays[name]):
                 raise ValueError(f"{name}.npy is short")
-    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:  # EOFError: an empty .npy
         if folder.exists():
             log.warning("tokenised cache %s is damaged (%s): rebuilding it", folder, err)
         return None
@@ -211,7 +220,7 @@ def cached(cache_dir: str | Path, source: str, tokenizer, settings: dict, build:
         # has read or built the cache; then the others read it (a shared cache_dir).
         if jax.process_index() == 0:
             result = read(folder) or _build_and_write(folder, build, inputs)
-        # Named by the source, the same on every host (fingerprints may differ: file times).
+        # Named by the source, the same on every host (fingerprints may differ: a host's files may).
         multihost_utils.sync_global_devices(f"jaxft tokenised cache of {source}")
     result = result or read(folder)
     if result is None:  # one host, or a cache_dir each host has its own of
