@@ -165,6 +165,35 @@ def test_a_run_refuses_a_model_folder_before_writing_a_byte(case, tmp_path):
     assert {p: p.read_bytes() for p in folder.rglob("*")} == before  # nothing added, nothing changed
 
 
+def test_a_sweep_refuses_a_run_folder_that_is_a_model_before_writing_anything(tmp_path):
+    from jaxft import sweep
+
+    sweep_dir = tmp_path / "sweep"
+    model = _hf_model(sweep_dir / "lr=0.001")  # a run's folder already holds a model
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    runs = sweep.grid({"optim.lr": [0.001]}, kind="sft", config=SFT_TINY)
+    with pytest.raises(ValueError, match=f"workdir {model} is a Hugging Face model folder"):
+        sweep.run_sweep(runs, sweep_dir, log=lambda _: None)
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before  # no sweep.json, no record
+
+
+def test_the_quickstart_refuses_a_non_empty_folder_that_is_not_a_quickstart(tmp_path):
+    from jaxft.quickstart.pipeline import run_quickstart
+
+    _hf_model(tmp_path / "mine")
+    with pytest.raises(ValueError, match="not a quickstart's .config.json, model.safetensors."):
+        run_quickstart(tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_a_damaged_model_config_names_the_file(tmp_path):
+    from jaxft.models.config import read_hf_config
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: not valid JSON"):
+        read_hf_config(tmp_path)
+
+
 # --- numeric keys: 0 and negative values ------------------------------------------------------------
 
 # Values that mean something (documented by the key in base_config) and pass validation.

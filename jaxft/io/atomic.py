@@ -66,6 +66,8 @@ def replace_folder(target: str | Path) -> Iterator[Path]:
     temporary name next to the new one, never a half-written `target`). On an exception the
     temporary folder is removed and `target` is untouched."""
     target = Path(target)
+    if target.is_symlink():  # replace what the link names, and keep the link
+        target = target.resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     for old in leftovers(target):
         _remove(old)

@@ -248,4 +248,11 @@ def read_hf_config(folder: str | Path, *, dtype=None) -> ModelConfig:
         raise FileNotFoundError(
             f"{path} not found: model.path must be a Hugging Face model folder with a config.json"
         )
-    return config_from_hf(json.loads(path.read_text()), source=str(path), dtype=dtype)
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}): a truncated or damaged file? re-export or "
+                         "re-download the model") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: not a JSON object: not a Hugging Face model config")
+    return config_from_hf(hf, source=str(path), dtype=dtype)

@@ -32,6 +32,8 @@ import random
 import re
 from pathlib import Path
 
+from jaxft.io import atomic
+
 SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
 
 # Operation -> (equation symbol, operand pairs). Subtraction keeps results non-negative.
@@ -268,9 +270,7 @@ def write_quickstart_data(out_dir: str | Path, seed: int = 0, **kwargs) -> dict[
     paths = {}
     for split, records in make_quickstart_data(seed, **kwargs).items():
         paths[split] = out_dir / f"{split}.jsonl"
-        with open(paths[split], "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        atomic.write_text(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return paths
 
 

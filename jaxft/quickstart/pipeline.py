@@ -111,6 +111,22 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+QUICKSTART_ENTRIES = ("data", "base", "sft", "dpo", "results.json")  # what a quickstart folder holds
+
+
+def _check_quickstart_folder(workdir: Path) -> None:
+    """Raises unless `workdir` is missing, empty or an earlier quickstart's folder (rerun: resumes)."""
+    if not workdir.exists():
+        return
+    if not workdir.is_dir():
+        raise ValueError(f"--workdir {workdir} is a file; give a new folder for the quickstart")
+    entries = [p.name for p in workdir.iterdir() if not p.name.startswith(".")]
+    if entries and not any(name in QUICKSTART_ENTRIES for name in entries):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise ValueError(f"--workdir {workdir} is a non-empty folder that is not a quickstart's ({shown}); "
+                         "the quickstart writes data/, base/, sft/ and dpo/ there: give a new or empty folder")
+
+
 def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int = 400, dpo_steps: int = 150,
                    num_questions: int = 200, seed: int = 0, log=print) -> dict:
     """Runs the whole quickstart; returns {stage: metrics} plus timings. Reruns resume."""
@@ -118,6 +134,7 @@ def run_quickstart(workdir: str | Path = "jaxft_quickstart", *, sft_steps: int =
     from jaxft.run import run
 
     workdir = workdir_path(workdir)
+    _check_quickstart_folder(workdir)
     start = time.perf_counter()
     data = workdir / "data"
     write_quickstart_data(data, seed=seed)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jaxft.io import atomic
+from jaxft.io import atomic, folders
 from jaxft.sweep.spec import Run, check, resolve_references
 
 RECORD = "sweep_run.json"
@@ -94,6 +94,9 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str | Path, *, only: Sequence[str]
             configs[r.name] = jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir))
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"sweep run {r.name!r}: {err}") from err
+    for r in ordered:  # a run's folder that is not a run (a model, an export, data) is refused before any write
+        if not only or r.name in only:
+            folders.check_workdir(sweep_dir / r.name, configs[r.name])
     _write(sweep_dir / "sweep.json", {"runs": [{"name": r.name, **_settings(r)} for r in ordered]})
     result = SweepResult(sweep_dir, [], [], {})
     for i, r in enumerate(ordered, 1):
