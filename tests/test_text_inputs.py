@@ -18,6 +18,7 @@ from jaxft.data.stream_source import ExampleStream
 from jaxft.data.tokenize import load_examples
 from jaxft.eval.generation import read_jsonl, read_prompts
 from jaxft.models.peft import read_adapter_config
+from tests.test_cli_errors import no_traceback_env, one_error_line  # noqa: F401 (a fixture)
 
 RECORDS = [{"prompt": "1 + 1 =", "completion": " 2", "answer": "2"},
            {"prompt": "héllo ✓ =", "completion": " wörld", "answer": "w"}]
@@ -56,25 +57,6 @@ VARIANTS = {
 @pytest.fixture(scope="module")
 def tok():
     return load_bundled_tokenizer()
-
-
-def one_error_line(argv, capsys) -> str:
-    """`jaxft ARGV` in process: exits non-zero with one error line, no traceback; the line."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    code = exit_info.value.code
-    assert code not in (0, None)
-    text = (code if isinstance(code, str) else "") + "\n" + capsys.readouterr().err
-    assert "Traceback" not in text
-    lines = [line for line in text.splitlines() if line.strip() and not line.startswith(
-        ("(set JAXFT_TRACEBACK", "usage:", " ")) and " INFO " not in line and " WARNING " not in line]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def no_traceback_env(monkeypatch):
-    monkeypatch.delenv("JAXFT_TRACEBACK", raising=False)
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

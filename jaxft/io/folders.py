@@ -22,6 +22,8 @@ import json
 import logging
 from pathlib import Path
 
+from jaxft.data.mixture import parse_mixture
+
 RUN_CONFIG = "config.json"  # a workdir's saved run config (io/checkpoint.py writes it)
 CHECKPOINTS = "checkpoints"
 HF_CONFIG = "config.json"  # a model folder's architecture
@@ -170,21 +172,16 @@ def config_inputs(config) -> list[tuple[str, Path]]:
     if get("dpo", "reference") not in ("", "policy", "none"):
         found.append(("dpo.reference", get("dpo", "reference")))
     for key in ("data.train", "data.eval"):
-        for part in get("data", key.split(".")[1]).split(","):
-            source, eq, weight = part.rpartition("=")
-            source = source if eq and _is_number(weight) else part
+        spec = get("data", key.split(".")[1])
+        try:
+            sources = [source for source, _ in parse_mixture(spec, key, require_weights=False)] if spec.strip() else []
+        except ValueError:  # a malformed mixture is the data loader's error to report
+            sources = spec.split(",")
+        for source in sources:
             if any(c in source for c in "*?["):  # a glob: the folder it reads from
                 source = str(Path(source.split("*")[0].split("?")[0].split("[")[0] + "x").parent)
             found.append((key, source.strip()))
     return [(key, Path(value).expanduser()) for key, value in found if value and Path(value).expanduser().exists()]
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _within(path: Path, folder: Path) -> bool:
