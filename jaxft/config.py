@@ -62,6 +62,9 @@ def base_config() -> ml_collections.ConfigDict:
     # sweeps and check-data reuse one tokenisation; "none" = tokenise every time.
     c.data.cache_dir = ""
     c.data.num_proc = 0  # tokenizer processes for the first tokenisation; 0 = every core; >= 0
+    # Records over this many bytes are dropped unread and counted (a tokenizer holds 100-250
+    # bytes per character it encodes); 0 = no limit; >= 0. Default 1 MiB, ~250k tokens.
+    c.data.max_record_bytes = 1 << 20
     # Read data.train as streams (jaxft.data.stream): bounded memory for sources of any size;
     # needs train.steps. shuffle_buffer: examples per seeded shuffle window (and packing chunk), >= 1.
     c.data.streaming = False
@@ -223,6 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(train.max_to_keep >= 0, "train.max_to_keep", "must be >= 0 (0 = keep every checkpoint)")
     need(train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1 (1 = stop at the first non-finite step)")
     need(data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = every core)")
+    need(data.max_record_bytes >= 0, "data.max_record_bytes", "must be >= 0 (0 = no limit)")
     need(train.eval_every >= -1, "train.eval_every", "must be >= 0 (0 = at the end), or -1 for every epoch")
     need(train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0 (0 = whole), or -1 (auto)")
     need(train.prefetch >= 0, "train.prefetch", "must be >= 0 (0 = on demand)")

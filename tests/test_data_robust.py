@@ -232,3 +232,23 @@ def test_a_mixture_is_checked_with_one_kind(sources, capsys):
     assert f"check-data {sources}/pairs.jsonl (sft, max_length 512)" in out
     assert "a 'preference' record cannot be used for sft" in out
     assert out.rstrip().endswith(f"mixture FAILED: {sources}/pairs.jsonl does not check out (above)")
+
+
+def test_data_max_record_bytes_takes_effect_in_check_data_training_and_streams(tok, tmp_path, capsys):
+    # The key was documented but missing from base_config: the locked config refused
+    # --config.data.max_record_bytes and `check-data --max-record-bytes` could not work.
+    from jaxft import config as config_lib
+    from jaxft.data.from_config import load_kwargs
+    from jaxft.data.stream_source import ExampleStream
+
+    small = {"prompt": "2+2=", "completion": "4"}
+    path = write_jsonl(tmp_path / "d.jsonl", [small, {"prompt": "2+2=", "completion": "4 " * 600}, small])
+    assert cli.main(["check-data", str(path), "--max-record-bytes", "1000"]) in (0, None)
+    assert f"dropped unread over data.max_record_bytes: 1 (the first: {path} line 2;" in capsys.readouterr().out
+    config = config_lib.load("configs/sft.py:tiny", {"data.train": str(path), "data.max_record_bytes": 1000})
+    assert load_kwargs(config)["max_record_bytes"] == 1000
+    stream = ExampleStream(str(path), tok, kind="sft", max_length=16, window=8, seed=0, max_record_bytes=1000)
+    examples, _ = stream.take(2, stop_at_epoch_end=True)
+    assert (len(examples), stream.report.num_too_large, stream.report.first_too_large) == (2, 1, f"{path} line 2")
+    with pytest.raises(ValueError, match="data.max_record_bytes: must be >= 0"):
+        config_lib.validate(config_lib.load("configs/sft.py:tiny", {"data.max_record_bytes": -1}))

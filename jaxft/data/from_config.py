@@ -52,14 +52,13 @@ def cache_dir(config, workdir=None) -> str | None:
 def load_kwargs(config, workdir=None) -> dict:
     """The data.* options of `jaxft.data.tokenize.load_examples` (the cache under `workdir`)."""
     from jaxft.data.parallel import default_num_proc
-    from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES
 
     return dict(fmt=config.data.format, truncation=config.data.truncation,
                 skip_invalid=config.data.skip_invalid,
                 completion_only_loss=config.data.completion_only_loss,
                 chat_template=config.data.chat_template or None,
                 num_proc=config.data.get("num_proc", 0) or default_num_proc(),
-                max_record_bytes=config.data.get("max_record_bytes", DEFAULT_MAX_RECORD_BYTES),
+                max_record_bytes=config.data.max_record_bytes,
                 cache_dir=cache_dir(config, workdir))
 
 

@@ -221,7 +221,7 @@ def make_stream_iterator(sources: str, tokenizer, *, kind: str, global_batch_siz
 
     options = {k: v for k, v in (load_kwargs or {}).items()
                if k in ("fmt", "truncation", "skip_invalid", "completion_only_loss",
-                        "chat_template", "split")}
+                        "chat_template", "split", "max_record_bytes")}
     # A packed DPO pair shares one row, so each sequence gets at most half of it (as in memory).
     seq_length = max_length // 2 if kind == "dpo" and packing else max_length
     mixture = parse_mixture(sources, "data.train")
@@ -246,7 +246,8 @@ RESUME_FREE_OPTIONS = ("skip_invalid",)
 # A source's settings as the config keys that set them (for refusals naming what changed).
 _SETTING_KEYS = {"kind": "the method (sft / dpo)", "max_length": "data.max_length (halved for packed DPO)",
                  "fmt": "data.format", "truncation": "data.truncation",
-                 "completion_only_loss": "data.completion_only_loss", "chat_template": "data.chat_template"}
+                 "completion_only_loss": "data.completion_only_loss", "chat_template": "data.chat_template",
+                 "max_record_bytes": "data.max_record_bytes"}
 
 
 def _identity(source: str, found: tuple[str, dict] | None) -> dict:

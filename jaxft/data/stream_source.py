@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from jaxft.data.formats import DataError
 from jaxft.data.mixture import seeded_rng
 from jaxft.data.report import DataReport
-from jaxft.data.sources import looks_local, read_records
+from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, looks_local, read_records
 from jaxft.data.tokenize import (MAX_ERRORS, MAX_LOGGED_SKIPS, Encoder, NoChatTemplateError,
                                  process_record)
 
@@ -50,10 +50,11 @@ class ExampleStream:
                  seed: int, source_id: int = 0, fmt: str = "auto",
                  truncation: str = "truncate_completion", skip_invalid: bool = False,
                  completion_only_loss: bool = True, chat_template: str | None = None,
-                 split: str = "train"):
+                 split: str = "train", max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
         if window < 1:
             raise ValueError(f"config key data.shuffle_buffer: must be >= 1, got {window}")
         self.source, self.split, self.window_size = str(source), split, int(window)
+        self._max_record_bytes = int(max_record_bytes)
         self._seed, self._id, self._skip_invalid = int(seed), int(source_id), skip_invalid
         self._encoder = Encoder(tokenizer, chat_template)
         self._options = dict(kind=kind, fmt=fmt, max_length=max_length, truncation=truncation,
@@ -73,7 +74,7 @@ class ExampleStream:
 
     def _open(self, skip: int) -> None:
         """A reader of this epoch's (index, (location, raw record)) from record `skip` on."""
-        records = enumerate(_records(self.source, self.split))
+        records = enumerate(_records(self.source, self.split, self._max_record_bytes))
         self._reader = itertools.islice(records, skip, None)
         self._reader_at, self._pending = skip, None
 
@@ -115,7 +116,7 @@ class ExampleStream:
     def check_start(self) -> None:
         """Reads up to the source's first usable example, leaving the position as it is: a
         bad first record, a wrong format or an unusable source fail at start-up, not mid-run."""
-        for index, (location, raw) in enumerate(_records(self.source, self.split)):
+        for index, (location, raw) in enumerate(_records(self.source, self.split, self._max_record_bytes)):
             if self._example(index, location, raw) is not None:
                 self.report = DataReport(source=self.source)
                 return
@@ -126,6 +127,10 @@ class ExampleStream:
         for an invalid record unless skip_invalid."""
         report = self.report
         report.num_records += 1
+        if isinstance(raw, RecordTooLargeError):  # dropped unread and counted, as in memory
+            report.num_too_large += 1
+            report.first_too_large = report.first_too_large or raw.location
+            return None
         try:
             fmt, example, status, raw_len = process_record(
                 self._encoder, raw, index, location, **self._options)
@@ -183,9 +188,9 @@ class ExampleStream:
                   records=int(state["records"]), taken=int(state["taken"]))
 
 
-def _records(source: str, split: str) -> Iterator[tuple[str, object]]:
+def _records(source: str, split: str, max_record_bytes: int = 0) -> Iterator[tuple[str, object]]:
     """`read_records(source)`, except that a hub name is streamed (never downloaded whole)."""
-    return (read_records(source, split=split) if _is_local(source)
+    return (read_records(source, split=split, max_record_bytes=max_record_bytes) if _is_local(source)
             else _hub_stream(source, split))
 
 

@@ -72,7 +72,7 @@ RESUME_FREE_KEYS = (
 # Keys the data iterator's own state checks on resume (its settings, or the examples
 # themselves): a refusal names the setting or the source that changed, and these keys.
 ITERATOR_KEYS = ("data.streaming", "data.shuffle_buffer", "data.max_segments_per_row")
-DATA_KEYS = ("data.chat_template", "model.tokenizer")  # they decide the examples' tokens
+DATA_KEYS = ("data.chat_template", "model.tokenizer", "data.max_record_bytes")  # they decide the examples
 
 
 def _get(config: dict, dotted: str):
