@@ -282,3 +282,42 @@ def test_a_changed_learning_rate_on_resume_is_logged_with_old_and_new(tmp_path, 
     assert f"optim.lr: checkpoint {saved['optim']['lr']!r} -> now 0.0001" in warnings
     assert "optim.schedule: checkpoint 'cosine' -> now 'linear'" in warnings
     assert "train.batch_size" not in warnings and str(tmp_path) in warnings
+
+
+def _two_steps(workdir):
+    """A Checkpointer over `workdir` with steps 1 and 2 of a small state; (checkpointer, abstract)."""
+    import jax
+
+    state = {"w": jax.numpy.arange(4096, dtype=jax.numpy.float32), "b": jax.numpy.ones(3)}
+    ckpt = checkpoint.Checkpointer(workdir, max_to_keep=3, async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, state, {"data": {"step": step}})
+    ckpt.wait()
+    return ckpt, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def test_only_named_damage_moves_a_step_aside_and_a_storage_error_moves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    for name, corrupt in CORRUPTIONS.items():  # each way a step breaks is damage: fall back, move aside
+        ckpt, abstract = _two_steps(tmp_path / name)
+        corrupt(tmp_path / name / "checkpoints" / "2")
+        try:
+            _, meta, step = ckpt.restore_newest_good(abstract)
+        finally:
+            ckpt.close()
+        assert (step, meta["data"]["step"]) == (1, 1), name
+        assert (tmp_path / name / checkpoint.UNRESTORABLE_SUBDIR / "2").is_dir(), name
+    # A storage outage or a bug is not damage: raised with its traceback, no step moved.
+    for err in (OSError(errno.EIO, "Input/output error"), TimeoutError("read timed out"),
+                ValueError("UNAVAILABLE: Error reading ... connection reset"), TypeError("a bug")):
+        workdir = tmp_path / f"transient-{type(err).__name__}"
+        ckpt, abstract = _two_steps(workdir)
+        monkeypatch.setattr(ckpt, "restore", lambda step, abstract, err=err: (_ for _ in ()).throw(err))
+        try:
+            with pytest.raises(type(err), match=str(err)[:10]):
+                ckpt.restore_newest_good(abstract)
+        finally:
+            ckpt.close()
+        assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["1", "2"]
+        assert not (workdir / checkpoint.UNRESTORABLE_SUBDIR).exists()

@@ -162,15 +162,19 @@ class Checkpointer:
         return restored["state"], restored["meta"]
 
     def restore_newest_good(self, abstract_state):
-        """(state, meta, step) of the newest step that restores, newest first. A step that fails
-        is logged (step, file or error) and, once an older one has restored, moved to
-        WORKDIR/checkpoints_unrestorable/ (nothing is deleted). Raises a one-line
+        """(state, meta, step) of the newest step that restores, newest first. A damaged step
+        (`damage`: a file missing or cut short, bad metadata) is logged (step, file or error)
+        and, once an older one has restored, moved to WORKDIR/checkpoints_unrestorable/
+        (nothing is deleted); any other error (I/O, a timeout, a bug) is raised as is and
+        moves nothing. Raises a one-line
         RuntimeError listing every step tried when none restores."""
         failed = []  # (step, error summary), newest first
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 state, meta = self.restore(step, abstract_state)
-            except Exception as err:  # noqa: BLE001 - any failure to read a step: try the one before
+            except Exception as err:  # noqa: BLE001 - sorted by `damage` below
+                if not damage(err):  # a storage outage or a bug: raised as is, nothing moved
+                    raise
                 failed.append((step, error_summary(err)))
                 log.warning("checkpoint step %d in %s does not restore (%s); trying the step before",
                             step, self.directory, failed[-1][1])
@@ -232,11 +236,38 @@ class Checkpointer:
         self.manager.close()
 
 
+# TensorStore's status codes for bytes that are not what was written (cut short, gone, garbled).
+# Others (UNAVAILABLE, DEADLINE_EXCEEDED, PERMISSION_DENIED, RESOURCE_EXHAUSTED, ...) say the
+# storage failed, not the step: a rerun may read it.
+_DAMAGE_CODES = ("OUT_OF_RANGE", "FAILED_PRECONDITION", "DATA_LOSS", "NOT_FOUND")
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+
+
+def damage(err: BaseException) -> bool:
+    """Whether a failed restore is damage to the step itself, which no retry mends: a file
+    missing or cut short (TensorStore's OUT_OF_RANGE, FAILED_PRECONDITION, DATA_LOSS,
+    NOT_FOUND; FileNotFoundError), metadata that is not JSON, an item gone from the step.
+    Anything else (an I/O error, a timeout, a permission, a bug) is not: the caller re-raises
+    it instead of moving steps aside, so a storage hiccup costs no checkpoints."""
+    for e in _chain(err):
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError)):
+            return True
+        if isinstance(e, KeyError) and "not found in the checkpoint" in str(e):
+            return True
+        if type(e) is ValueError and str(e).startswith(_DAMAGE_CODES):
+            return True
+    return False
+
+
 def error_summary(err: BaseException, limit: int = 300) -> str:
     """One line for a failed restore: the innermost cause (TensorStore's names the array and
     the file; Orbax's wrapper is a page of spec), cut to `limit` characters."""
-    while err.__cause__ is not None or (err.__context__ is not None and not err.__suppress_context__):
-        err = err.__cause__ or err.__context__
+    *_, err = _chain(err)
     text = " ".join(str(err).split()) or "(no message)"
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
