@@ -18,6 +18,7 @@ from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
 from jaxft.models import create_model, get_preset
 from jaxft.steps.optimizer import make_optimizer
 from jaxft.parallel.batches import to_global
+from jaxft.io.metrics import read_metrics
 from jaxft.run import run
 from jaxft.steps.state import create_train_state
 
@@ -96,14 +97,26 @@ def test_policy_equals_reference_gives_ln2_and_zero_rewards_and_reference_stays_
             assert np.array_equal(before, np.asarray(after))
 
 
-def test_precomputed_reference_equals_on_the_fly(pairs, tmp_path):
-    run(dpo_config(pairs, precompute=False), tmp_path / "fly", kind="dpo", export=False)
-    run(dpo_config(pairs, precompute=True), tmp_path / "pre", kind="dpo", export=False)
+def test_precomputed_reference_equals_on_the_fly(pairs, tmp_path, monkeypatch):
+    import jaxft.tasks.dpo as dpo_task
+
+    passes = []  # held-out passes: the policy's at each evaluation, the frozen reference's once
+    counted = dpo_task.pair_pass
+    monkeypatch.setattr(dpo_task, "pair_pass", lambda *a: passes.append(1) or counted(*a))
+    configs = [dpo_config(pairs, precompute=False), dpo_config(pairs, precompute=True)]
+    for c in configs:
+        c.data.eval, c.train.eval_every = pairs, 2
+    run(configs[0], tmp_path / "fly", kind="dpo", export=False)
+    assert len(passes) == 2 + 1  # evaluations at steps 2 and 4, the reference's pass once
+    run(configs[1], tmp_path / "pre", kind="dpo", export=False)
     fly, pre = losses_of(tmp_path / "fly"), losses_of(tmp_path / "pre")
     assert len(fly) == len(pre) == 4
     for a, b in zip(fly, pre):
         assert abs(a["loss"] - b["loss"]) < 1e-5
         assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-5
+    evals = [[r["eval_loss"] for r in read_metrics(tmp_path / name) if "eval_loss" in r] for name in ("fly", "pre")]
+    assert len(evals[0]) == len(evals[1]) == 2  # the reused reference log-probs are the precomputed table's
+    assert np.allclose(evals[0], evals[1], atol=1e-5) and evals[0][1] != evals[0][0]
     assert list((tmp_path / "pre" / "reference_logps").glob("*.npy"))
 
 

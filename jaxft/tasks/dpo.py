@@ -65,6 +65,7 @@ class DPO(Task):
         chunk = ctx.loss_chunk_size
         self._logps = jax.jit(make_pair_logps_fn(ctx.graphdef, num_segments=num_segments, loss_chunk_size=chunk))
         self.reference = self.eval_reference = None
+        self._eval_reference_logps = None  # (pair index, chosen, rejected): see `evaluate`
         # With LoRA the reference is a base run with the adapters off (zeros: exactly the base).
         self._adapters_off = adapters_off(params) if ctx.frozen is not None else None
         if self.mode == "params":
@@ -118,8 +119,13 @@ class DPO(Task):
         if not len(index):
             return {}
         if self.mode == "params":
-            ref, _ = pair_pass(self._logps, self._reference_weights(self.eval_reference), ctx.eval_data, ctx.mesh)
-            ref_c, ref_r = ref["chosen"], ref["rejected"]
+            # The reference is frozen: its held-out log-probs are computed at the first
+            # evaluation and reused (pair_pass orders the pairs the same way every pass).
+            if self._eval_reference_logps is None or not np.array_equal(self._eval_reference_logps[0], index):
+                ref, ref_index = pair_pass(self._logps, self._reference_weights(self.eval_reference), ctx.eval_data,
+                                           ctx.mesh)
+                self._eval_reference_logps = (ref_index, ref["chosen"], ref["rejected"])
+            _, ref_c, ref_r = self._eval_reference_logps
         elif self.mode == "table":
             table = np.asarray(self.eval_reference)
             ref_c, ref_r = table[index, 0], table[index, 1]
