@@ -1,4 +1,4 @@
-"""Tokenised caches (jaxft.data.cache) and parallel tokenisation (jaxft.data.parallel): a
+"""Tokenised caches (jaxft.data.cache) and parallel tokenisation (jaxft.data.workers): a
 second load reads the cache and tokenises nothing; any change to what decides the tokens
 (file, tokenizer, template, max_length, format) builds another; a killed or damaged build is
 rebuilt; worker processes give exactly the examples one process gives."""
@@ -125,9 +125,9 @@ def test_a_strict_run_fails_on_a_cached_invalid_record_naming_it(tmp_path, tok, 
 
 
 def test_worker_processes_give_the_examples_one_process_gives(tok, monkeypatch):
-    from jaxft.data import parallel
+    from jaxft.data import workers
 
-    monkeypatch.setattr(parallel, "SERIAL_BELOW", 1024)  # 4,000 records then start workers
+    monkeypatch.setattr(workers, "SERIAL_BELOW", 1024)  # 4,000 records then start workers
     path = str(quickstart_file("sft_train.jsonl"))
     one = load_examples(path, tok, kind="sft", max_length=64)
     two = load_examples(path, tok, kind="sft", max_length=64, num_proc=2)

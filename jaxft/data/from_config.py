@@ -51,7 +51,7 @@ def cache_dir(config, workdir=None) -> str | None:
 
 def load_kwargs(config, workdir=None) -> dict:
     """The data.* options of `jaxft.data.tokenize.load_examples` (the cache under `workdir`)."""
-    from jaxft.data.parallel import default_num_proc
+    from jaxft.data.workers import default_num_proc
 
     return dict(fmt=config.data.format, truncation=config.data.truncation,
                 skip_invalid=config.data.skip_invalid,

@@ -47,7 +47,7 @@ import numpy as np
 
 from jaxft.data.batch import PreferenceExample, SFTExample
 from jaxft.data.report import DataReport, ExampleSet  # noqa: F401 - re-exported
-from jaxft.data.parallel import ordered_map
+from jaxft.data.workers import ordered_map
 from jaxft.data.formats import DataError, Record, check_kind, formats_for_kind, parse_record
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, read_records
 
@@ -283,7 +283,7 @@ def load_examples(source: str, tokenizer, *, kind: str, max_length: int, fmt: st
       split: the split of a saved DatasetDict or hub dataset.
       limit: read at most this many records.
       chat_template: Jinja chat template to use instead of the tokenizer's.
-      num_proc: tokenizer processes (`jaxft.data.parallel`); 1 = this process.
+      num_proc: tokenizer processes (`jaxft.data.workers`); 1 = this process.
       max_record_bytes: records over this many bytes are dropped unread and counted (the
         module docstring); 0 = no limit.
       cache_dir: a folder of tokenised caches (`jaxft.data.cache`): the examples are read from
