@@ -10,7 +10,7 @@ import pytest
 
 import jaxft.config
 from jaxft import cli
-from jaxft import plan as plan_lib
+from jaxft.perf import plan as plan_lib
 from jaxft.data.assets import BUNDLED_TOKENIZER_DIR
 from jaxft.models import config_to_hf, get_preset
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxft import config as config_lib, plan as plan_lib, run as run_lib
+from jaxft import config as config_lib, run as run_lib
+from jaxft.perf import plan as plan_lib
 from jaxft.data.assets import quickstart_file
 from jaxft.io.export import export_checkpoint
 from jaxft.io.metrics import read_metrics

@@ -48,7 +48,7 @@ def _bench(argv):
         raise SystemExit(f"jaxft bench: --lengths {a.lengths!r} must be comma-separated integers") from None
     import json
 
-    from jaxft.bench import format_bench, run_bench
+    from jaxft.perf.bench import format_bench, run_bench
     from jaxft.models.config import parse_dtype
 
     overrides = {"num_layers": a.layers} if a.layers else None
@@ -78,7 +78,7 @@ def _plan(argv):
     config = _config_flags(config_args, "jaxft plan", workdir=False).config
     import json
 
-    from jaxft.plan import format_plan, plan
+    from jaxft.perf.plan import format_plan, plan
 
     result = plan(config, target=a.target, kind=a.kind)
     print(format_plan(result))

@@ -58,7 +58,7 @@ def tunix_config(cfg):
 
 class TunixBench:
     """A Tunix policy, its frozen reference and the two trainers; `cases(batch)` gives the
-    timed steps on a host batch from `jaxft.bench`."""
+    timed steps on a host batch from `jaxft.perf.bench`."""
 
     def __init__(self, cfg, *, lr: float = 1e-5, clip_norm: float = 1.0, beta: float = 0.1, seed: int = 0):
         import optax

@@ -83,7 +83,7 @@ def _cpu_kernels(torch, dtype: str) -> bool:
 
 class TorchBench:
     """One transformers model (policy), its frozen reference copy and an AdamW optimizer;
-    `cases(batch)` gives the timed steps on a host batch from `jaxft.bench`."""
+    `cases(batch)` gives the timed steps on a host batch from `jaxft.perf.bench`."""
 
     def __init__(self, cfg, *, lr: float = 1e-5, clip_norm: float = 1.0, beta: float = 0.1,
                  threads: int | None = None, seed: int = 0):

@@ -1,6 +1,6 @@
 """`jaxft bench`: step throughput measured side by side, on the same tokens, in one process.
 
-It measures what a user runs by default (`jaxft.bench_setup`): the settings of
+It measures what a user runs by default (`jaxft.perf.bench_setup`): the settings of
 `configs/sft.py` and `configs/dpo.py` without a preset (param and compute dtype, remat,
 attention, the loss chunk as a run resolves it), on one batch shaped like user data: B rows =
 B/2 DPO pairs of random tokens, each row right-padded to L from a real length between L and
@@ -11,7 +11,7 @@ loss. For each length in `lengths` it times jaxft's step kinds:
   dpo               the DPO step with a precomputed reference table (no reference forward)
   dpo_reference     the DPO step with a reference forward per step
 and, with `compare=("torch", "tunix")`, the same model in transformers + PyTorch
-(`jaxft.bench_torch`, at the same precision and remat) and in Tunix (`jaxft.bench_tunix`):
+(`jaxft.perf.bench_torch`, at the same precision and remat) and in Tunix (`jaxft.perf.bench_tunix`):
 each library's SFT step and DPO step with a reference forward, in the same alternating
 rounds. Every kind reports tokens/s (every position of the [B, L] batch, padding included,
 for every library alike), step time, MFU (known accelerators only), the first call's time
@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxft.bench_setup import batch_counts, bench_batch, bench_config
+from jaxft.perf.bench_setup import batch_counts, bench_batch, bench_config
 from jaxft.io.metrics import device_peak_flops, train_flops_per_token
 from jaxft.models import create_model
 from jaxft.models.config import dtype_name
@@ -57,7 +57,7 @@ LORA_KINDS = ("sft_lora", "dpo_lora")
 VERSUS = {"sft": "sft", "sft_full_logits": "sft", "dpo": "dpo_reference", "dpo_reference": "dpo_reference"}
 # The libraries `compare` times (each its SFT step and its DPO step with a reference forward):
 # name -> (module with check_available() and the bench class, that class).
-LIBRARIES = {"torch": ("jaxft.bench_torch", "TorchBench"), "tunix": ("jaxft.bench_tunix", "TunixBench")}
+LIBRARIES = {"torch": ("jaxft.perf.bench_torch", "TorchBench"), "tunix": ("jaxft.perf.bench_tunix", "TunixBench")}
 COMPARE = tuple(LIBRARIES)
 LIBRARY_NAMES = {"torch": "PyTorch", "tunix": "Tunix"}
 _ROUND_S = 1.0  # steps=None: about this long a round per kind (1 to 5 steps)

@@ -1,6 +1,6 @@
 """What `jaxft bench` runs: the model and settings a user's run gets by default, and a batch
-laid out like user data. Every library the bench times (`jaxft.bench`, `jaxft.bench_torch`,
-`jaxft.bench_tunix`) runs this config on this batch.
+laid out like user data. Every library the bench times (`jaxft.perf.bench`, `jaxft.perf.bench_torch`,
+`jaxft.perf.bench_tunix`) runs this config on this batch.
 
 The settings are those of `configs/sft.py` and `configs/dpo.py` without a preset (the recipes
 for your own model): param and compute dtype, remat, attention, and `train.loss_chunk_size`
@@ -19,7 +19,7 @@ from jaxft.models.attention import resolve
 from jaxft.models.config import ModelConfig, dtype_name, parse_dtype
 
 # The presetless recipes whose settings the bench runs (a source checkout's configs/).
-CONFIGS = {method: Path(__file__).resolve().parent.parent / "configs" / f"{method}.py" for method in ("sft", "dpo")}
+CONFIGS = {method: Path(__file__).resolve().parents[2] / "configs" / f"{method}.py" for method in ("sft", "dpo")}
 # The run config keys that set how the model computes: one model serves every kind, so the
 # SFT and DPO recipes must agree on them.
 MODEL_KEYS = ("dtype", "compute_dtype", "remat", "attention")

@@ -1,0 +1,3 @@
+"""Performance tools: `jaxft plan` (per-chip memory and step time on a TPU pod, compiled ahead
+of time here: `plan`) and `jaxft bench` (step throughput side by side: `bench`, what it runs:
+`bench_setup`, the PyTorch and Tunix steps it compares with: `bench_torch`, `bench_tunix`)."""
