@@ -138,18 +138,12 @@ def read_rows(path: Path, *, torn: str = "skipped (resuming the run repairs the 
         if problem is None:
             rows.append(row)
         elif i == last:
-            if (str(path), i, len(line), torn) in _warned:  # compare reads a file twice: one warning
-                continue
-            _warned.add((str(path), i, len(line), torn))
             log.warning("%s line %d is not a whole row (%s), as a run killed while writing it leaves it: %s",
                         path, i + 1, problem, torn)
         else:
             raise ValueError(f"{path} line {i + 1}: {problem}; only the last line of metrics.jsonl can be "
                              "torn by a kill, so this file was edited or damaged: fix or delete that line")
     return rows
-
-
-_warned: set[tuple] = set()
 
 
 def _parse_row(line: bytes) -> tuple[dict | None, str | None]:

@@ -100,8 +100,8 @@ def _what_differs(workdirs: list[Path]) -> list[dict]:
     return [{k: c.get(k) for k in differ} for c in configs]
 
 
-def _summary(workdir: Path) -> dict:
-    rows = read_metrics(workdir)
+def _summary(workdir: Path, rows: list[dict]) -> dict:
+    """A run's summary from its metrics `rows` (and its sweep record in `workdir`)."""
     train = [r for r in rows if isinstance(r.get("loss"), float)]
     evals = [r for r in rows if isinstance(r.get("eval_loss"), float)]
     out = {"steps": train[-1]["step"] if train else 0, "loss": train[-1]["loss"] if train else None}
@@ -119,16 +119,16 @@ def _summary(workdir: Path) -> dict:
     return out
 
 
-def plot_runs(workdirs: Sequence[Path], names: Sequence[str], metric: str, out: Path) -> Path:
-    """A PNG of `metric` against step, one line per run."""
+def plot_runs(runs_rows: Sequence[list[dict]], names: Sequence[str], metric: str, out: Path) -> Path:
+    """A PNG of `metric` against step, one line per run (`runs_rows`: each run's metrics rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for workdir, name in zip(workdirs, names):
-        pts = [(r["step"], r[metric]) for r in read_metrics(workdir) if isinstance(r.get(metric), float)]
+    for rows, name in zip(runs_rows, names):
+        pts = [(r["step"], r[metric]) for r in rows if isinstance(r.get(metric), float)]
         if pts:
             ax.plot(*zip(*pts), "o-" if len(pts) < 20 else "-", label=name, markersize=3)
     ax.set_xlabel("step")
@@ -156,9 +156,10 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
     out = Path(out_dir) if out_dir else (first if not (first / "metrics.jsonl").is_file() else first.parent)
     settings = _what_differs(workdirs)
     names = [w.name for w in workdirs]
+    runs_rows = [read_metrics(w) for w in workdirs]  # each metrics.jsonl read once
     rows = []
-    for workdir, name, setting in zip(workdirs, names, settings):
-        row = {"run": name, **setting, **_summary(workdir)}
+    for workdir, name, setting, metrics in zip(workdirs, names, settings, runs_rows):
+        row = {"run": name, **setting, **_summary(workdir, metrics)}
         if eval_data or eval_pairs:
             row.update(_generation_metrics(workdir, eval_data, eval_pairs, max_new_tokens, limit))
         rows.append(row)
@@ -176,7 +177,7 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
     writer.writeheader()
     writer.writerows(rows)
     atomic.write_text(comparison.csv_path, table.getvalue())
-    comparison.png_path = plot_runs(workdirs, names, metric, out / "compare.png")
+    comparison.png_path = plot_runs(runs_rows, names, metric, out / "compare.png")
     return comparison
 
 
