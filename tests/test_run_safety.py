@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -27,7 +26,7 @@ from jaxft.io.metrics import read_metrics
 from jaxft.tasks import dpo_reference
 from jaxft.tasks.sft import SFT
 from tests.quickstart_subset import sft_data
-from tests.test_train_run import _start, _wait_for, latest_step, rows_written, small_config
+from tests.test_train_run import _start, _wait_for, latest_step, small_config
 
 # Four steps saved at 2 and 4: the corruption tests damage step 4 of a copy.
 BASE = {"data.eval": "", "train.steps": 4, "train.save_every": 2, "train.max_to_keep": 2}
@@ -62,26 +61,8 @@ def dead_pid() -> int:
 # --- 1. One run per workdir -------------------------------------------------------------------
 
 
-def test_a_second_run_on_a_live_workdir_refuses_at_once_naming_the_first(data, jax_cache, tmp_path):
-    workdir, log = tmp_path / "run", tmp_path / "first.log"
-    overrides = {**data, "data.eval": "", "train.steps": 30, "train.save_every": 10}
-    proc = _start(workdir, overrides, log, jax_cache)
-    try:
-        _wait_for(lambda: rows_written(workdir) >= 1, proc, log)  # training, checkpoints ahead
-        began = time.monotonic()
-        with pytest.raises(lock.WorkdirLocked) as refused:
-            run_lib.run(small_config(overrides), workdir)
-        assert time.monotonic() - began < 30  # refused before data, model or compilation
-        message = str(refused.value)
-        assert f"pid {proc.pid} on {socket.gethostname()}" in message and str(workdir / "run.lock") in message
-        assert "\n" not in message
-        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-    finally:
-        proc.kill()
-    steps = [r["step"] for r in read_metrics(workdir)]
-    assert steps == list(range(1, 31))  # one writer: every step once
-    assert latest_step(workdir) == 30
-    assert not (workdir / "run.lock").exists()  # released at exit
+# A second run on a live workdir is refused naming the first: proven in test_train_run's
+# test_a_signal_saves_exits_and_the_rerun_resumes (while its child process trains).
 
 
 def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(data, tmp_path, caplog):
@@ -202,25 +183,8 @@ def test_a_truncated_reference_cache_is_recomputed(tmp_path, caplog, damage):
 # --- 3. Ctrl-C --------------------------------------------------------------------------------
 
 
-def test_ctrl_c_saves_exits_130_without_a_traceback_and_the_rerun_resumes(data, jax_cache, tmp_path):
-    workdir, log = tmp_path / "run", tmp_path / "first.log"
-    overrides = {**data, "data.eval": "", "train.steps": 200, "train.save_every": 0}  # only the stop saves
-    proc = _start(workdir, overrides, log, jax_cache)
-    _wait_for(lambda: rows_written(workdir) >= 2, proc, log)
-    proc.send_signal(signal.SIGINT)
-    rc = proc.wait(timeout=120)
-    text = log.read_text()
-    assert rc == loop.EXIT_INTERRUPTED == 130, text[-3000:]
-    assert "Traceback" not in text, text[-3000:]
-    stopped = latest_step(workdir)
-    assert stopped is not None and stopped < 200
-    assert f"interrupted (Ctrl-C): saved step {stopped}; rerun the same command to resume" in text
-    assert not (workdir / "run.lock").exists()
-
-    rerun = _start(workdir, {**overrides, "train.steps": stopped + 2}, tmp_path / "second.log", jax_cache)
-    assert rerun.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
-    assert f"at step {stopped}" in (tmp_path / "second.log").read_text()
-    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, stopped + 3))
+# Ctrl-C saves, exits 130 and the rerun resumes: test_train_run's
+# test_a_signal_saves_exits_and_the_rerun_resumes[SIGINT].
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving_or_a_traceback(data, jax_cache, tmp_path):

@@ -6,10 +6,12 @@ tests and is the curve the interrupted runs must reproduce. Preemption and kill 
 CLI in child processes (tests/train_subprocess.py) so that signals hit a real `jaxft sft`.
 """
 
+import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -173,25 +175,50 @@ def _run_to_end(workdir: Path, overrides: dict, log: Path, cache: Path) -> str:
     return text
 
 
-def test_sigterm_saves_exits_75_and_the_rerun_resumes(data, jax_cache, tmp_path):
-    workdir, log = tmp_path / "run", tmp_path / "first.log"
-    # Every step is a save step, so the stop lands on a step that is already being saved.
-    overrides = {**data, "data.eval": "", "train.steps": 200, "train.save_every": 1}
-    proc = _start(workdir, overrides, log, jax_cache)
-    _wait_for(lambda: rows_written(workdir) >= 2, proc, log)
-    proc.send_signal(signal.SIGTERM)
-    rc = proc.wait(timeout=120)
-    text = log.read_text()
-    assert rc == loop.EXIT_PREEMPTED, text[-3000:]
-    stopped = steps_logged(workdir)[-1]
-    assert stopped < 200
-    assert f"preempted: saved step {stopped}" in text
-    assert latest_step(workdir) == stopped
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_saves_exits_and_the_rerun_resumes(data, jax_cache, tmp_path, caplog, signame):
+    """SIGTERM (a preemption: exit 75) and SIGINT (Ctrl-C: exit 130) save at the next step
+    boundary, exit without a traceback and release the workdir lock; the same command resumes.
+    While the first run trains, a second run on its workdir is refused at once, naming it.
+    The one signal test (issue 23): the Ctrl-C test of test_run_safety and its live-workdir lock
+    test are merged here; exact resume is proven in process by
+    test_resume_continues_the_exact_loss_curve, so the rerun goes in process too."""
+    from jaxft.io import lock
 
-    # Rerunning the same command resumes; here with two more steps so it ends quickly
-    # (train.steps may change on resume).
-    text = _run_to_end(workdir, {**overrides, "train.steps": stopped + 2}, tmp_path / "second.log", jax_cache)
-    assert f"at step {stopped}" in text  # "resumed WORKDIR at step N"
+    workdir, log = tmp_path / "run", tmp_path / "first.log"
+    sig, code = getattr(signal, signame), {"SIGTERM": loop.EXIT_PREEMPTED, "SIGINT": loop.EXIT_INTERRUPTED}[signame]
+    # SIGTERM: every step is a save step, so the stop lands on a step that is already being
+    # saved; SIGINT: only the stop saves.
+    overrides = {**data, "data.eval": "", "train.steps": 200, "train.save_every": 1 if signame == "SIGTERM" else 0}
+    proc = _start(workdir, overrides, log, jax_cache)
+    try:
+        _wait_for(lambda: rows_written(workdir) >= 2, proc, log)
+        began = time.monotonic()
+        with pytest.raises(lock.WorkdirLocked) as refused:
+            run_lib.run(small_config(overrides), workdir)
+        assert time.monotonic() - began < 30  # refused before data, model or compilation
+        message = str(refused.value)
+        assert f"pid {proc.pid} on {socket.gethostname()}" in message and str(workdir / "run.lock") in message
+        assert "\n" not in message
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert rc == code == {"SIGTERM": 75, "SIGINT": 130}[signame], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    stopped = latest_step(workdir)
+    assert stopped is not None and stopped == steps_logged(workdir)[-1] and stopped < 200
+    assert (f"preempted: saved step {stopped}" if signame == "SIGTERM" else
+            f"interrupted (Ctrl-C): saved step {stopped}; rerun the same command to resume") in text
+    assert not (workdir / "run.lock").exists()
+
+    # Rerunning resumes; here with two more steps so it ends quickly (train.steps may change on
+    # resume), in this process (8 devices: the 2-device checkpoint is resharded).
+    with caplog.at_level(logging.INFO, logger="jaxft"):
+        result = run_lib.run(small_config({**overrides, "train.steps": stopped + 2}), workdir, export=False)
+    assert any(f"at step {stopped}" in r.getMessage() for r in caplog.records)  # "resumed WORKDIR at step N"
+    assert result.step == stopped + 2
     assert steps_logged(workdir) == list(range(1, stopped + 3))
     assert latest_step(workdir) == stopped + 2
 
