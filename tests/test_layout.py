@@ -100,10 +100,3 @@ def test_entry_points_import_in_a_fresh_interpreter():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "['dpo', 'sft']"
 
-
-def test_the_readme_layout_lists_every_module():
-    readme = (PACKAGE.parent / "README.md").read_text()
-    layout = readme[readme.index("## Layout"):]
-    missing = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))
-               if p.name != "__init__.py" and f"{p.relative_to(PACKAGE.parent)} " not in layout]
-    assert not missing, f"README.md's Layout section lacks {missing}"
