@@ -219,7 +219,7 @@ def from_dict(values: Mapping[str, Any]) -> Config:
         for k in given:
             if k not in fields:
                 raise ConfigError(f"config key '{name}.{k}' does not exist{_did_you_mean(k, fields)}")
-        sections[name] = section(**{k: _checked(f"{name}.{k}", v, fields[k].type) for k, v in given.items()})
+        sections[name] = section(**{k: check_type(f"{name}.{k}", v, fields[k].type) for k, v in given.items()})
     return Config(**sections)
 
 
@@ -228,7 +228,7 @@ def typed(config) -> Config:
     return config if isinstance(config, Config) else from_dict(config)
 
 
-def _checked(name: str, value: Any, kind: type) -> Any:
+def check_type(name: str, value: Any, kind: type) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if type(value) is kind or (kind is float and isinstance(value, float)):
@@ -245,5 +245,5 @@ def _did_you_mean(name: str, options) -> str:
 
 
 __all__ = ["Config", "DataSection", "DpoSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection",
-           "SECTIONS", "TrainSection", "base_config", "from_dict", "key", "key_table", "keys", "section_docs",
-           "typed"]
+           "SECTIONS", "TrainSection", "base_config", "check_type", "from_dict", "key", "key_table", "keys",
+           "section_docs", "typed"]
