@@ -23,3 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "subprocess: trains in child processes (signals, kill -9, jax.distributed); the newest-JAX "
+        "stage of .ci/run leaves these out: process-level behaviour, proven once in the main stage")

@@ -187,6 +187,7 @@ def test_a_truncated_reference_cache_is_recomputed(tmp_path, caplog, damage):
 # test_a_signal_saves_exits_and_the_rerun_resumes[SIGINT].
 
 
+@pytest.mark.subprocess
 def test_a_second_ctrl_c_stops_at_once_without_saving_or_a_traceback(data, jax_cache, tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     # The save of step 2 never commits (the hang), so the first Ctrl-C's save cannot finish.

@@ -175,6 +175,7 @@ def _run_to_end(workdir: Path, overrides: dict, log: Path, cache: Path) -> str:
     return text
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
 def test_a_signal_saves_exits_and_the_rerun_resumes(data, jax_cache, tmp_path, caplog, signame):
     """SIGTERM (a preemption: exit 75) and SIGINT (Ctrl-C: exit 130) save at the next step
@@ -223,6 +224,7 @@ def test_a_signal_saves_exits_and_the_rerun_resumes(data, jax_cache, tmp_path, c
     assert latest_step(workdir) == stopped + 2
 
 
+@pytest.mark.subprocess
 def test_kill_during_save_resumes_from_the_last_committed_step(data, jax_cache, tmp_path):
     workdir, log = tmp_path / "run", tmp_path / "first.log"
     hang = 3  # the save of this step never commits: the process is killed while it is written
