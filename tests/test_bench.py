@@ -2,7 +2,7 @@
 settings a user's run gets (the presetless configs), a batch padded like user data and the
 PyTorch comparison on the same batch. One tiny run (1 layer, lengths 16 and 32, one step a
 round) serves the tests that need timings: compiling the 8 steps is what takes the time. These
-check the measurement, not the speed: the speed targets are a benchmark (README "Benchmarks")."""
+check the measurement, not the speed: the speed targets are a benchmark (docs/benchmarks.md)."""
 
 import contextlib
 import importlib.util

@@ -72,7 +72,7 @@ def test_warmup_steps_win_over_the_ratio():
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(CONFIGS) for p in CONFIGS.rglob("*.py")), ids=str)
 def test_every_shipped_config_file_loads(path, tmp_path):
-    """configs/ are the examples users copy: each loads as the README runs it (the quickstart
+    """configs/ are the examples users copy: each loads as the docs run it (the quickstart
     stage points at a quickstart workdir; sweep files also give their runs)."""
     arg = {"quickstart.py": str(tmp_path)}.get(str(path), "tiny" if path.parent == Path(".") else "")
     spec = f"{CONFIGS / path}:{arg}" if arg else str(CONFIGS / path)

@@ -1,4 +1,4 @@
-"""The model's public call, as README shows it: `model(tokens, positions=None, segment_ids=None)`."""
+"""The model's public call, as docs/models.md shows it: `model(tokens, positions=None, segment_ids=None)`."""
 
 import jax.numpy as jnp
 import numpy as np

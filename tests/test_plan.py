@@ -80,7 +80,7 @@ def test_context_parallel_splash_compiles_for_tpu_and_splits_the_activations():
     assert split.compiled and split.mesh == {"data": 1, "fsdp": 1, "sequence": 4, "tensor": 1}
     assert split.settings["attention"] == "splash"
     assert split.param_bytes == pytest.approx(rows.param_bytes, rel=0.02)  # sharded over sequence too
-    assert split.temp_bytes < 0.8 * rows.temp_bytes  # 0.65x here; 0.45x for Llama-3-8B at 32k (README)
+    assert split.temp_bytes < 0.8 * rows.temp_bytes  # 0.65x here; 0.45x for Llama-3-8B at 32k (docs/planning.md)
 
 
 @needs_libtpu

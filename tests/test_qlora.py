@@ -1,5 +1,5 @@
 """QLoRA: a frozen base stored as int8 or NF4 codes, de-quantized per matmul. The rounding is
-the nearest level, a quantized base's logits stay within the README's tolerance of the full
+the nearest level, a quantized base's logits stay within docs/lora.md's tolerance of the full
 base, a QLoRA run trains and merges into the full-precision base, and `jaxft plan` counts
 the packed base."""
 
@@ -26,7 +26,7 @@ from tests.quickstart_subset import quickstart_head
 from tests.test_lora import lora_of, tiny_cfg, tokens_of
 
 REPO = Path(__file__).resolve().parents[1]
-# README, "QLoRA": RMS error of the logits relative to their RMS, tiny random model.
+# docs/lora.md, "QLoRA": RMS error of the logits relative to their RMS, tiny random model.
 LOGIT_TOLERANCE = {"int8": 0.03, "nf4": 0.30}
 
 

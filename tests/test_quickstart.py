@@ -2,7 +2,8 @@
 quickstart`): SFT raises exact match over the random base model; DPO raises preference
 accuracy and lowers the repetition ratio relative to SFT.
 
-(The README reports the full schedule, `jaxft quickstart`: 300 SFT + 150 DPO steps.)
+(README.md and docs/quickstart.md report the full schedule, `jaxft quickstart`: 400 SFT + 150 DPO
+steps.)
 """
 
 import json

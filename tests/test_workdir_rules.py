@@ -359,7 +359,7 @@ def test_a_changed_stream_source_names_the_file_and_its_sizes(tmp_path, tokenize
 
 
 def test_a_stream_stopped_at_a_bad_record_resumes_with_skip_invalid_exactly(tmp_path, tokenizer):
-    """The README's remedy for a bad record met mid-run: rerun with data.skip_invalid=True. The
+    """The remedy docs/runs.md gives for a bad record met mid-run: rerun with data.skip_invalid=True. The
     resume continues as a run that had it on from the start, batch for batch."""
     from jaxft.data.stream import make_stream_iterator
 
