@@ -23,7 +23,7 @@ def test_the_configs_page_lists_every_config_key_with_its_default():
     keys = {f"{section}.{key}": value for section, fields in base.items() for key, value in fields.items()}
     table = hooks.on_page_markdown((ROOT / "docs" / "configs.md").read_text(), None, None, None)
     assert hooks.MARKER not in table
-    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `")
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[3].strip(" `")
             for line in table.splitlines() if line.startswith("| `")}
     assert rows.keys() == keys.keys()
     assert rows["train.save_every"] == str(keys["train.save_every"])
