@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.subprocess  # two processes a test: the main CI stage only (.ci/run)
 STEPS = 3
 
 
@@ -58,16 +59,17 @@ def two_hosts(cmd, devices=4, **env):
                           JAXFT_PROCESS_ID=str(i), **env)) for i in range(2)]
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["unpacked-precomputed-reference",
-                                                       "packed-live-reference-accumulate"])
-def test_two_hosts_of_four_devices_train_dpo_like_one_host_of_eight(tmp_path, packed):
+def test_two_hosts_of_four_devices_train_dpo_like_one_host_of_eight(tmp_path):
+    """Packed pairs, accumulation 2 and the precomputed reference table (its pass over both
+    hosts' data, gathered), in one run: each two-host run is two processes that compile
+    everything (issue 23). The live reference's step is the same sharded step with one more
+    argument: test_dpo and test_context_parallel prove it on one process of eight devices."""
     from tests.quickstart_subset import quickstart_head
 
     # One epoch of 48 pairs: each pair is seen once, as one host sees it, or the losses differ.
     data = quickstart_head(tmp_path, "pref_train.jsonl", 48)
-    variant = (["--config.data.packing=True", "--config.optim.accumulate=2", "--config.data.max_length=128",
-                "--config.train.batch_size=16"]
-               if packed else ["--config.dpo.precompute_reference=True"])
+    variant = ["--config.data.packing=True", "--config.optim.accumulate=2", "--config.data.max_length=128",
+               "--config.train.batch_size=16", "--config.dpo.precompute_reference=True"]
     cmd = [c for c in command("dpo", "WORKDIR") if not c.startswith(("--config.train.steps=", "--config.mesh.",
                                                                        "--config.dpo.precompute"))]
     cmd += [f"--config.data.train={data}", "--config.train.epochs=1", "--config.mesh.data=2",
@@ -80,7 +82,7 @@ def test_two_hosts_of_four_devices_train_dpo_like_one_host_of_eight(tmp_path, pa
     assert "from the tokenised cache" in host1
     assert len(list((tmp_path / "cache").iterdir())) == 1  # the train data, built once
     single, multi = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(single) == (3 if packed else 48 // 8)  # one epoch: 48 rows of 1 pair / 16; 48 pairs / 8
+    assert len(single) == 3  # one epoch: 48 packed rows of one pair each (max_length 128), 16 a step
     assert single == pytest.approx(multi, abs=1e-5)
     # Both processes wrote the last checkpoint together; only process 0 the export and logs.
     assert (tmp_path / "two" / "checkpoints" / str(len(multi))).is_dir()
