@@ -43,7 +43,7 @@ def load_tokenizer(config):
 def cache_dir(config, workdir=None) -> str | None:
     """Where tokenised caches go: data.cache_dir, or WORKDIR/data_cache when it is "" (None
     without a workdir, and for "none")."""
-    value = config.data.get("cache_dir", "")  # saved configs may predate the key
+    value = config.data.cache_dir
     if value.lower() == "none" or (not value and workdir is None):
         return None
     return value or str(Path(workdir) / "data_cache")
@@ -57,7 +57,7 @@ def load_kwargs(config, workdir=None) -> dict:
                 skip_invalid=config.data.skip_invalid,
                 completion_only_loss=config.data.completion_only_loss,
                 chat_template=config.data.chat_template or None,
-                num_proc=config.data.get("num_proc", 0) or default_num_proc(),
+                num_proc=config.data.num_proc or default_num_proc(),
                 max_record_bytes=config.data.max_record_bytes,
                 cache_dir=cache_dir(config, workdir))
 
@@ -67,7 +67,7 @@ def train_data(config, tokenizer, *, kind: str, workdir=None):
     tokenised caches under `workdir` (see `cache_dir`). data.streaming: a `StreamBatchIterator`."""
     from jaxft.data.pipeline import make_train_iterator
 
-    if config.data.get("streaming", False):  # saved configs may predate the key
+    if config.data.streaming:
         from jaxft.data.stream import stream_from_config
 
         return stream_from_config(config, tokenizer, kind=kind, load_kwargs=load_kwargs(config, workdir))

@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from jaxft.config import base_config
+from jaxft.config import upgrade
 from jaxft.io import atomic
 
 log = logging.getLogger("jaxft")
@@ -84,15 +84,11 @@ def _get(config: dict, dotted: str):
 
 def changed_keys(saved_config: dict, config: dict, keys) -> list[str]:
     """"KEY: checkpoint OLD -> now NEW" for each of `keys` that differs. A key the saved config
-    predates counts as its default (a run from before LoRA had lora.rank 0)."""
-    defaults = base_config().to_dict()
-
-    def saved(key):
-        value = _get(saved_config, key)
-        return _get(defaults, key) if value is None else value
-
-    return [f"{key}: checkpoint {saved(key)!r} -> now {_get(config, key)!r}"
-            for key in keys if saved(key) != _get(config, key)]
+    predates counts as the value its run had (`jaxft.config.upgrade`: a run from before LoRA
+    had lora.rank 0)."""
+    saved_config = upgrade(saved_config)
+    return [f"{key}: checkpoint {_get(saved_config, key)!r} -> now {_get(config, key)!r}"
+            for key in keys if _get(saved_config, key) != _get(config, key)]
 
 
 def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:

@@ -153,10 +153,10 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
     model.path with the adapters merged in) or "adapter" (a LoRA run: a PEFT folder); None
     picks "full" or "merge" from the run's config."""
     workdir = checkpoint.workdir_path(workdir)
-    config = config_lib.from_json(json.dumps(check_export_source(workdir)))
+    config = config_lib.from_saved(check_export_source(workdir), f"{workdir}/config.json")  # upgraded, typed
     if kind is not None and kind not in EXPORT_KINDS:
         raise ValueError(f"export kind {kind!r}: choose from {', '.join(EXPORT_KINDS)}")
-    lora = int(config.get("lora", {}).get("rank", 0)) > 0
+    lora = config.lora.rank > 0
     kind = kind or ("merge" if lora else "full")
     if (kind == "full") == lora:
         raise ValueError(f"{workdir} is a {'LoRA' if lora else 'full fine-tuning'} run: "

@@ -18,6 +18,7 @@ import json
 import uuid
 from pathlib import Path
 
+from jaxft.config.schema import typed
 from jaxft.io import atomic
 
 WANDB_ID_FILE = "wandb_id"  # WORKDIR/wandb_id: a resumed run continues the same W&B run
@@ -97,7 +98,8 @@ class WandB(Tracker):
             run_id = uuid.uuid4().hex[:12]  # W&B ids: letters and digits
             atomic.write_text(id_file, run_id + "\n")
         self._wandb = wandb
-        self._run = wandb.init(project=config.get("train", {}).get("wandb_project") or "jaxft",
+        project = typed(config).train.wandb_project or "jaxft"  # {} without a run config: the default
+        self._run = wandb.init(project=project,
                                name=workdir.name, dir=str(workdir), id=run_id, resume="allow")
         self._run.define_metric("step")
         self._run.define_metric("*", step_metric="step")

@@ -44,28 +44,26 @@ def model_config(config, tokenizer) -> ModelConfig:
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; "
             "use the model's own tokenizer (model.tokenizer)"
         )
-    resolve(config.model.get("attention", "auto"))  # an unknown name fails here, naming model.attention
+    resolve(config.model.attention)  # an unknown name fails here, naming model.attention
+    # A saved config older than a key reads the value its run had (jaxft.config.upgrade).
     return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=config.model.remat,
-                       attention=config.model.get("attention", "auto"),
-                       # A workdir saved before scanning existed has no such key: its layers are a list.
-                       scan_layers=bool(config.model.get("scan_layers", False)),
+                       attention=config.model.attention, scan_layers=bool(config.model.scan_layers),
                        lora=lora_spec(config))
 
 
 def base_quantization(config) -> str:
-    """lora.base_quantization ("none" for configs from before QLoRA)."""
-    section = config.get("lora")
-    return "none" if section is None else section.get("base_quantization", "none")
+    """lora.base_quantization ("none" for configs from before QLoRA: jaxft.config.upgrade)."""
+    return config.lora.base_quantization
 
 
 def lora_spec(config) -> LoRASpec | None:
-    """The adapters lora.* asks for, or None (full fine-tuning; also configs without lora.*)."""
-    section = config.get("lora")
-    if section is None or section.rank == 0:
+    """The adapters lora.* asks for, or None (full fine-tuning: lora.rank 0)."""
+    section = config.lora
+    if section.rank == 0:
         return None
     return LoRASpec(rank=int(section.rank), alpha=float(section.alpha),
                     targets=resolve_targets(section.targets), rslora=bool(section.rslora),
-                    dropout=float(section.get("dropout", 0.0)))
+                    dropout=float(section.dropout))
 
 
 def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None, transform=None):

@@ -74,8 +74,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, s
 
 
 def mesh_from_config(config) -> Mesh:
-    """The mesh of the `mesh.*` config keys (a saved config older than mesh.sequence: 1)."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, sequence=config.mesh.get("sequence", 1))
+    """The mesh of the `mesh.*` config keys."""
+    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, sequence=config.mesh.sequence)
 
 
 def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -> None:
