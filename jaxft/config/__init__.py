@@ -23,10 +23,10 @@ from jaxft.config.load import (RIVALS, apply_overrides, clear_rivals, config_fil
 from jaxft.config.schema import (Config, DataSection, DpoSection, LoraSection, MeshSection, ModelSection,
                                  OptimSection, TrainSection, base_config, from_dict, key_table, section_docs,
                                  typed)
-from jaxft.config.upgrade import upgrade
+from jaxft.config.upgrade import from_saved, upgrade
 from jaxft.config.validate import validate
 
 __all__ = ["RIVALS", "Config", "DataSection", "DpoSection", "LoraSection", "MeshSection", "ModelSection",
            "OptimSection", "TrainSection", "apply_overrides", "base_config", "clear_rivals", "config_file_error",
-           "from_dict", "from_json", "key_table", "load", "load_file", "lock", "merge_overrides", "section_docs",
+           "from_dict", "from_json", "from_saved", "key_table", "load", "load_file", "lock", "merge_overrides", "section_docs",
            "to_json", "typed", "upgrade", "validate"]

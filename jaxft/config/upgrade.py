@@ -41,3 +41,16 @@ def upgrade(saved: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) and value in spellings:
             section[key] = spellings[value]
     return {name: config[name] for name in [*SECTIONS, *(k for k in config if k not in SECTIONS)]}
+
+
+def from_saved(saved: Mapping[str, Any], source: str):
+    """The typed Config of a saved config (`upgrade`d first); a ConfigError names `source`
+    (e.g. "WORKDIR/config.json") and the key when a value has the wrong type."""
+    from jaxft.config.schema import typed
+    from jaxft.errors import ConfigError
+
+    try:
+        return typed(upgrade(saved))
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}. Restore the file from a copy, or start again in a new "
+                          "--workdir") from None
