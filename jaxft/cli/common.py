@@ -1,5 +1,5 @@
-"""What the commands share: --config flags (ml_collections, locked), their errors in one line, and
-the one-line error of a failed command."""
+"""What the commands share: --config flags (the config file run once, its --config.KEY=VALUE
+overrides applied, locked), their errors in one line, and the one-line error of a failed command."""
 
 from __future__ import annotations
 
@@ -8,51 +8,80 @@ import os
 
 
 def _config_flags(argv, prog, *, workdir: bool):
-    """--config FILE[:arg] --config.KEY=VALUE ... (and --workdir DIR) via ml_collections
-    config_flags: the same locked config `jaxft.config.load` builds (rival keys included:
-    `jaxft.config.clear_rivals` on the keys the flags override)."""
-    from absl import flags
-    from ml_collections import config_flags
+    """--config FILE[:arg] --config.KEY=VALUE ... (and --workdir DIR): the config file run once
+    (`jaxft.config.load_file`) and the overrides applied to it, rival keys included
+    (`jaxft.config.clear_rivals`), locked: the config `jaxft.config.load(spec, overrides)`
+    builds. Returns .config and .workdir; a mistake exits with one line naming the flag."""
+    import types
 
-    fv = flags.FlagValues()
-    argv = [prog] + list(argv)
-    # sys_argv: which --config.KEY overrides exist is read from these arguments, not from
-    # sys.argv (which differs when `cli.main([...])` is called from Python).
-    config_flags.DEFINE_config_file("config", None, "config file: configs/NAME.py[:preset]",
-                                    flag_values=fv, lock_config=True, sys_argv=argv)
-    if workdir:
-        flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, export; reused = resume",
-                            flag_values=fv)
-    spec = _config_spec(argv)
-    if spec and not os.path.isfile(spec.split(":", 1)[0]):
-        # ml_collections would defer this to the first use of the config, as a traceback.
-        raise SystemExit(f"{prog}: --config {spec}: config file {spec.split(':', 1)[0]} not found")
-    if spec:
-        check_config_file(spec, prog)
-    try:
-        fv(argv)
-    except flags.Error as err:
-        raise SystemExit(f"{prog}: {_flag_error(err)}")
-    except (AttributeError, KeyError, TypeError, ValueError) as err:  # a bad --config.KEY=VALUE
-        raise SystemExit(f"{prog}: {_override_error(err, argv)}")
-    if fv.config is None or (workdir and fv.workdir is None):
+    from jaxft.config import clear_rivals, set_key
+
+    spec, overrides, workdir_value = _parse_config_args(list(argv), prog, workdir=workdir)
+    if spec is None or (workdir and workdir_value is None):
         raise SystemExit(f"{prog}: --config{' and --workdir are' if workdir else ' is'} required")
-    from jaxft.config import clear_rivals
-
+    config = check_config_file(spec, prog)
+    for key, (flag, value) in overrides.items():
+        if value is None:  # a bare --config.KEY: true, for a boolean key
+            value = "true" if _is_bool(config, key) else None
+        if value is None:
+            raise SystemExit(f"{prog}: {flag}: needs a value: {flag}=VALUE")
+        try:
+            set_key(config, key, value)
+        except ValueError as err:
+            raise SystemExit(f"{prog}: {flag}: {' '.join(str(err).split())}") from None
     # As `jaxft.config.load` does: --config.train.epochs=2 on a preset with train.steps trains 2 epochs.
-    clear_rivals(fv.config, config_flags.get_override_values(fv["config"]))
-    return fv
+    clear_rivals(config, overrides)
+    config.lock()
+    return types.SimpleNamespace(config=config, workdir=workdir_value)
 
 
-def check_config_file(spec: str, prog: str, *, flag: str = "--config") -> None:
-    """Runs config file `spec` ("FILE[:arg]") as `jaxft.config.load` does; its failure (a
-    SyntaxError, an ImportError or NameError at import, a get_config() that raises or is missing)
-    exits with one line naming the file and the line: every command that takes a config file or
-    a sweep file reports it this way, before anything is written."""
+def _parse_config_args(argv, prog, *, workdir: bool):
+    """(the --config SPEC, {KEY: (flag, VALUE or None for a bare flag)}, the --workdir DIR) of
+    `argv`; anything else exits naming it."""
+    spec = folder = None
+    overrides: dict[str, tuple[str, str | None]] = {}
+    args = iter(enumerate(argv))
+    for i, a in args:
+        name, eq, value = a.partition("=")
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        takes_next = not eq and following is not None and not following.startswith("--")
+        if name in ("--config", "--workdir") and not (workdir or name == "--config"):
+            raise SystemExit(f"{prog}: unknown flag {a!r}")
+        if name in ("--config", "--workdir"):
+            if not eq and not takes_next:
+                raise SystemExit(f"{prog}: {name} needs a value")
+            value = value if eq else next(args)[1]
+            spec, folder = (value, folder) if name == "--config" else (spec, value)
+        elif name.startswith("--config."):
+            if not eq and takes_next:
+                value, eq = next(args)[1], "="
+            overrides[name[len("--config."):]] = (f"{name}={value}" if eq else name, value if eq else None)
+        else:
+            raise SystemExit(f"{prog}: unknown {'flag' if a.startswith('-') else 'argument'} {a!r}: the flags are "
+                             f"--config FILE[:preset], --config.KEY=VALUE{' and --workdir DIR' if workdir else ''}")
+    return spec, overrides, folder
+
+
+def _is_bool(config, key: str) -> bool:
+    node = config
+    for part in key.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return isinstance(node, bool)
+
+
+def check_config_file(spec: str, prog: str, *, flag: str = "--config"):
+    """Runs config file `spec` ("FILE[:arg]") once (`jaxft.config.load_file`) and returns its
+    ConfigDict (unlocked); its failure (missing, a SyntaxError, an ImportError or NameError at
+    import, a get_config() that raises or is missing) exits with one line naming the file and
+    the line: every command that takes a config file or a sweep file reports it this way,
+    before anything is written."""
     import jaxft.config
 
+    file = spec.split(":", 1)[0]
+    if not os.path.isfile(file):
+        raise SystemExit(f"{prog}: {flag} {spec}: config file {file} not found")
     try:
-        jaxft.config.load(spec)
+        return jaxft.config.load_file(spec)
     except (ValueError, OSError) as err:
         raise SystemExit(f"{prog}: {flag} {spec}: {_without_prefix(str(err), spec)}") from None
 
@@ -61,39 +90,6 @@ def _without_prefix(message: str, spec: str) -> str:
     """`jaxft.config.load`'s message without its "config file FILE: " (the line names FILE)."""
     prefix = f"config file {spec.partition(':')[0]}: "
     return message[len(prefix):] if message.startswith(prefix) else message
-
-
-def _config_spec(argv) -> str | None:
-    """The FILE[:arg] of --config in `argv` (None without one)."""
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _flag_error(err: BaseException) -> str:
-    """absl's flag error in one line. An exception raised by the config file's get_config (an
-    unknown preset) arrives as "Error whilst parsing config file:" and its whole traceback: keep
-    the flag and the exception's last line."""
-    message = str(err)
-    if "Error whilst parsing config file" in message:
-        flag = message.split(": Error whilst parsing", 1)[0]
-        last = next(line for line in reversed(message.splitlines()) if line.strip())
-        return f"{flag}: {last.strip()}"
-    return " ".join(message.split())
-
-
-def _override_error(err: BaseException, argv) -> str:
-    """ml_collections' error for a bad override (a KeyError inside an AttributeError, with its
-    "Did you mean" suggestion) as one line naming the flag."""
-    while isinstance(err, (AttributeError, KeyError)) and err.args and isinstance(err.args[0], BaseException):
-        err = err.args[0]
-    message = " ".join(str(err.args[0] if isinstance(err, KeyError) and err.args else err).split())
-    key = message.split("'")[1] if message.count("'") >= 2 else None
-    flag = next((a for a in argv if key and a.startswith("--config.") and f".{key}" in a.split("=")[0]), None)
-    return f"{flag or 'config override'}: {message}"
 
 
 def _split_config_args(argv):
