@@ -29,13 +29,13 @@ def test_load_equals_the_cli_config(spec, overrides):
 def test_overrides_take_python_values_and_refuse_unknown_keys():
     config = config_lib.load(f"{SFT}:tiny", {"train.steps": 7, "optim.lr": 1e-3, "data.packing": False})
     assert (config.train.steps, config.optim.lr, config.data.packing) == (7, 1e-3, False)
-    with pytest.raises(ValueError, match=r"'optim\.lrr' does not exist; did you mean \"lr\""):
+    with pytest.raises(ValueError, match=r"'optim\.lrr' does not exist\. Did you mean \"lr\""):
         config_lib.load(SFT, {"optim.lrr": 1e-5})
-    with pytest.raises(ValueError, match=r"'optm\.lr' does not exist; did you mean \"optim\""):
+    with pytest.raises(ValueError, match=r"'optm\.lr' does not exist\. Did you mean \"optim\""):
         config_lib.load(SFT, {"optm.lr": 1e-5})
     with pytest.raises(ValueError, match=r"train\.steps: cannot parse 'many'"):
         config_lib.load(SFT, {"train.steps": "many"})
-    with pytest.raises(FileNotFoundError, match="configs/nope.py"):
+    with pytest.raises(OSError, match="configs/nope.py"):
         config_lib.load("configs/nope.py:tiny")
     with pytest.raises(ValueError, match="unknown preset 'llama9'"):
         config_lib.load(f"{SFT}:llama9")
