@@ -365,9 +365,12 @@ def _one_lora_step(mesh_shape, remat, data):
 
 
 def test_lora_steps_agree_across_meshes_and_remat_policies(tmp_path):
+    """Data parallel without remat against data x fsdp x tensor with the "dots" policy: each
+    case compiles a step on 8 devices (issue 23: two cases, was three; "full" remat runs in
+    test_context_parallel's and test_loss_paths' steps)."""
     data = str(quickstart_head(tmp_path, "sft_train.jsonl", 64))
     ref_loss, ref_norm, ref = _one_lora_step((8, 1, 1), "none", data)
-    for mesh_shape, remat in (((2, 2, 2), "full"), ((1, 4, 2), "dots")):
+    for mesh_shape, remat in (((2, 2, 2), "dots"),):
         loss, norm, adapters = _one_lora_step(mesh_shape, remat, data)
         assert abs(loss - ref_loss) <= 1e-5 and abs(norm - ref_norm) <= 1e-5 * ref_norm, (mesh_shape, remat)
         # Adam's first step is ~lr * sign(g): float noise in near-zero g moves it by <= 2 lr.
