@@ -197,18 +197,6 @@ def test_every_cli_error_is_one_line_naming_what_to_fix(bad, argv, says, tmp_pat
         assert text in line, (text, line)
 
 
-def test_an_unexpected_exception_is_one_line_too(monkeypatch, capsys):
-    def broken(argv):
-        raise KeyError("weights")
-
-    monkeypatch.setitem(cli.COMMANDS, "plot", broken)
-    line = one_error_line(["plot", "x"], capsys)
-    assert line == "jaxft plot: error: unexpected KeyError: 'weights' (a jaxft bug: please report it)"
-    monkeypatch.setenv("JAXFT_TRACEBACK", "1")
-    with pytest.raises(KeyError):  # the traceback, when asked for
-        cli.main(["plot", "x"])
-
-
 def test_the_command_prints_one_line_on_stderr(tmp_path):
     # The real entry point: the message reaches stderr as is, exit status 1, no traceback.
     out = subprocess.run([sys.executable, "-m", "jaxft.cli", "sft", "--config", str(tmp_path / "nope.py"),

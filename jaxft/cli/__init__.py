@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 # EXPECTED_ERRORS and _config_flags: reached as jaxft.cli.X (tests build a config as `jaxft sft` does).
 from jaxft.cli.common import EXPECTED_ERRORS, _config_flags, error_line  # noqa: F401
@@ -76,4 +77,7 @@ def main(argv=None) -> None:
         if isinstance(getattr(err, "exit_code", None), int):  # Preempted out of a sweep or the quickstart
             print(err, file=sys.stderr)
             raise SystemExit(err.exit_code)
-        raise SystemExit(error_line(f"jaxft {argv[0]}", err) + "\n(set JAXFT_TRACEBACK=1 for the traceback)")
+        if isinstance(err, EXPECTED_ERRORS):  # a config key, data file or path to fix: one line
+            raise SystemExit(error_line(f"jaxft {argv[0]}", err) + "\n(set JAXFT_TRACEBACK=1 for the traceback)")
+        traceback.print_exception(err, file=sys.stderr)  # a bug or an outside failure: where it happened
+        raise SystemExit(error_line(f"jaxft {argv[0]}", err)) from err

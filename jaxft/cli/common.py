@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from jaxft.errors import UserError
+
 
 def _config_flags(argv, prog, *, workdir: bool):
     """--config FILE[:arg] --config.KEY=VALUE ... (and --workdir DIR): the config file run once
@@ -111,15 +113,18 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-# Errors that jaxft raises to name the file, record, flag or config key to fix (OSError: a path
-# that is missing, unreadable or a folder, named by Python). Anything else is a bug.
-EXPECTED_ERRORS = (ValueError, OSError, RuntimeError)
+# The errors a user fixes (jaxft.errors: a config key or flag, a data file or record, a path), each
+# naming what to change: one line. Anything else (a shape bug, an XLA or storage error, a ValueError
+# jaxft did not mean to raise) keeps its traceback.
+EXPECTED_ERRORS = (UserError,)
+UNEXPECTED = ("not a problem with your config, data or paths: a jaxft bug or an outside failure (device, "
+              "storage, memory); the traceback above shows where (please report a jaxft bug with it)")
 
 
 def error_line(prog: str, err: BaseException) -> str:
-    """One line for `err`: its message (whitespace collapsed), or, for an exception jaxft did
-    not mean to raise, its type and message marked as unexpected."""
+    """One line for `err`: a user error's message (whitespace collapsed); any other exception's
+    type and message, marked as unexpected (its traceback is printed above it)."""
     message = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, EXPECTED_ERRORS):
         return f"{prog}: error: {message}"
-    return f"{prog}: error: unexpected {type(err).__name__}: {message} (a jaxft bug: please report it)"
+    return f"{prog}: error: unexpected {type(err).__name__}: {message} ({UNEXPECTED})"

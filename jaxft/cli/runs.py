@@ -64,7 +64,9 @@ def _sweep(argv):
         print(table.markdown())
         print(f"table: {table.csv_path}\ncurves ({table.metric}): {table.png_path}")
     if result.failed:
-        raise RuntimeError("sweep runs failed: " + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
+        # Each run's error (with its traceback where it was not a user error) is in the log above.
+        raise SystemExit("jaxft sweep: error: sweep runs failed: "
+                         + "; ".join(f"{k}: {v}" for k, v in result.failed.items()))
 
 
 def _compare(argv):

@@ -38,6 +38,9 @@ import dataclasses
 import json
 from typing import Any
 
+from jaxft import errors
+from jaxft.errors import ConfigError
+
 SFT_FORMATS = ("text", "prompt_completion", "conversational", "conversational_prompt_completion")
 DPO_FORMATS = ("preference", "conversational_preference", "implicit_preference")
 FORMATS_BY_KIND = {"sft": SFT_FORMATS, "dpo": DPO_FORMATS}
@@ -48,7 +51,7 @@ COMPLETION_ROLES = ("assistant", "tool")  # what may follow the prompt of a pref
 Messages = list[dict[str, Any]]  # {"role", "content": str} (+ "tool_calls" / "name" / "tool_call_id")
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):
     """A record or source that cannot be used, with where it is and what is wrong.
 
     str(err) is "LOCATION: MESSAGE"; `location`, `field` (or None) and `message` are kept
@@ -148,7 +151,7 @@ def parse_record(record: Any, location: str, fmt: str = "auto") -> Record:
     if fmt == "auto":
         fmt = detect_format(record, location)
     elif fmt not in ALL_FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {', '.join(ALL_FORMATS)}")
+        raise ConfigError(f"unknown data format {fmt!r}; use 'auto' or one of {', '.join(ALL_FORMATS)}")
     _require_object(record, location)
     parsed = _PARSERS[fmt](record, location)
     tools = _tools(record, location)

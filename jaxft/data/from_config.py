@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 
 from jaxft.data.assets import BUNDLED_TOKENIZER_DIR
+from jaxft.errors import ConfigError, PathError
 
 
 def load_bundled_tokenizer():
@@ -30,11 +31,11 @@ def load_tokenizer(config):
     if not config.model.tokenizer:
         check_model_folder(source, flag="config key model.path:")
     elif missing_local_folder(source):
-        raise FileNotFoundError(f"config key model.tokenizer: {source}: the folder does not exist")
+        raise PathError(f"config key model.tokenizer: {source}: the folder does not exist")
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"could not load a tokenizer from {source!r} (config key "
             f"{'model.tokenizer' if config.model.tokenizer else 'model.path'}): {err}"
         ) from err

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxft.errors import ConfigError
+
 _MIX_BLOCK = 4096
 # Distinct streams of randomness derived from the one seed.
 _TAG_MIX, _TAG_PERM = 0x6D6978, 0x7065726D
@@ -32,7 +34,7 @@ def parse_mixture(spec: str, field: str = "data.train",
     `field` and show the expected syntax.
     """
     if not spec or not spec.strip():
-        raise ValueError(f"{field} is empty: {_SYNTAX}")
+        raise ConfigError(f"{field} is empty: {_SYNTAX}")
     parts = [p.strip() for p in spec.split(",")]
     out = []
     for part in parts:
@@ -41,21 +43,21 @@ def parse_mixture(spec: str, field: str = "data.train",
             source, eq = part, ""  # one source whose path happens to contain "="
         source = source.strip()
         if not source:
-            raise ValueError(f"{field}: empty source in {spec!r}; {_SYNTAX}")
+            raise ConfigError(f"{field}: empty source in {spec!r}; {_SYNTAX}")
         if not eq:
             if len(parts) > 1 and require_weights:
-                raise ValueError(
+                raise ConfigError(
                     f"{field}: source {source!r} in mixture {spec!r} has no weight; {_SYNTAX}")
             out.append((source, 1.0))
             continue
         try:
             w = float(weight)
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"{field}: weight {weight.strip()!r} of {source!r} is not a number; {_SYNTAX}"
             ) from None
         if not np.isfinite(w) or w <= 0:
-            raise ValueError(f"{field}: weight of {source!r} must be a finite number > 0, got {weight.strip()}")
+            raise ConfigError(f"{field}: weight of {source!r} must be a finite number > 0, got {weight.strip()}")
         out.append((source, w))
     total = sum(w for _, w in out)
     return [(s, w / total) for s, w in out]

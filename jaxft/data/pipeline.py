@@ -45,6 +45,7 @@ from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, check_lengths, group_by_length, pack_lengths,
     row_lengths, unit_lengths)
 from jaxft.data.progress import BatchProgress
+from jaxft.errors import ConfigError, DataError
 
 Example = SFTExample | PreferenceExample
 Batch = SFTBatch | DPOBatch
@@ -58,7 +59,7 @@ def pad_id_of(tokenizer) -> int:
         value = getattr(tokenizer, name, None)
         if value is not None:
             return int(value)
-    raise ValueError("the tokenizer has neither a pad nor an EOS token id")
+    raise ConfigError("the tokenizer has neither a pad nor an EOS token id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +79,12 @@ def _check_setup(datasets, kind, global_batch_size, process_index, process_count
     want = SFTExample if kind == "sft" else PreferenceExample
     for name, examples in zip(names, datasets):
         if not examples:
-            raise ValueError(f"source {name!r} has no examples")
+            raise DataError(f"source {name!r} has no examples")
         if not isinstance(examples[0], want):
             raise ValueError(f"source {name!r} holds {type(examples[0]).__name__}, but "
                              f"kind={kind!r} needs {want.__name__}")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"{field} ({global_batch_size}) must be a positive multiple of the number "
             f"of processes ({process_count}): each host loads an equal slice of the batch")
     if not 0 <= process_index < process_count:
@@ -97,7 +98,7 @@ def check_max_segments(kind: str, max_segments_per_row: int) -> None:
     if max_segments_per_row < need:
         what = "a packed DPO pair is two segments (chosen and rejected)" if kind == "dpo" else \
             "a packed SFT example is one segment"
-        raise ValueError(f"config key data.max_segments_per_row: must be >= {need} with data.packing=True "
+        raise ConfigError(f"config key data.max_segments_per_row: must be >= {need} with data.packing=True "
                          f"({what}), got {max_segments_per_row}")
 
 
@@ -325,7 +326,7 @@ class BatchIterator(BatchProgress):
                        ["the same examples per source, other tokens"]
                        if saved["hash"] != _data_hash(self._given) else [])
         if changed:
-            raise ValueError(
+            raise DataError(
                 "cannot resume the data iterator: the training data changed since the checkpoint ("
                 + "; ".join(changed) + "). Resume with the original data or start a new workdir.")
         self._position, self._counts = int(state["position"]), [int(c) for c in state["counts"]]
@@ -339,16 +340,16 @@ def check_state(state: dict[str, Any], *, streaming: bool, settings: dict) -> No
     state version and with these batch `settings`. The data's own check is the caller's."""
     saved_streaming = bool(state.get("streaming"))
     if saved_streaming != streaming:
-        raise ValueError("cannot resume the data iterator: the checkpoint was written with "
+        raise ConfigError("cannot resume the data iterator: the checkpoint was written with "
                          f"data.streaming={saved_streaming}; resume with data.streaming={saved_streaming} "
                          "or start a new workdir")
     if state.get("version") != STATE_VERSION:
-        raise ValueError(f"data iterator state version {state.get('version')} is not "
+        raise DataError(f"data iterator state version {state.get('version')} is not "
                          f"{STATE_VERSION}; it was written by another jaxft version")
     saved = state["settings"]
     changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
     if changed:
-        raise ValueError(
+        raise ConfigError(
             "cannot resume the data iterator: the batch settings changed since the "
             f"checkpoint ({'; '.join(changed)}). Resume with the original settings or "
             "start a new workdir.")

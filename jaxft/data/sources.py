@@ -55,6 +55,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from jaxft.data.formats import DataError
+from jaxft.errors import ConfigError, PathError
 
 # Extensions read as data files. `.ndjson` is JSONL under another name.
 JSONL_EXTS = (".jsonl", ".ndjson")
@@ -112,7 +113,7 @@ def read_records(source: str, *, split: str = "train",
         line for a broken .json document or CSV file).
     """
     if max_record_bytes < 0:
-        raise ValueError(f"data.max_record_bytes must be >= 0 (0 = no limit), got {max_record_bytes}")
+        raise ConfigError(f"data.max_record_bytes must be >= 0 (0 = no limit), got {max_record_bytes}")
     source, limit = str(source), max_record_bytes
     path = Path(os.path.expanduser(source))
     if any(c in source for c in _GLOB_CHARS) and not path.exists():
@@ -373,7 +374,7 @@ def read_json(path: str | os.PathLike, *, what: str = "", expect: type | None = 
     path = Path(path)
     display = f"{what} {path}" if what else str(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{display}: " + ("is a folder, not a JSON file" if path.is_dir()
+        raise PathError(f"{display}: " + ("is a folder, not a JSON file" if path.is_dir()
                                                   else "file not found"))
     value = _json_document(path, display, lines=False)
     if expect is not None and not isinstance(value, expect):

@@ -47,6 +47,7 @@ from jaxft.data.packing import (
 from jaxft.data.pipeline import STATE_VERSION, check_max_segments, check_state, data_changes
 from jaxft.data.progress import BatchProgress
 from jaxft.data.stream_source import ExampleStream
+from jaxft.errors import ConfigError, DataError
 
 _TAG_ROWS = 0x726F7773  # the in-memory pipeline's tag: a chunk of the same draws is laid out alike
 _NO_REFERENCE_PASS = (
@@ -71,7 +72,7 @@ class StreamBatchIterator(BatchProgress):
         if kind not in ("sft", "dpo"):
             raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
         if global_batch_size <= 0 or global_batch_size % process_count:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size ({global_batch_size}) must be a positive multiple of the "
                 f"number of processes ({process_count}): each host loads an equal slice of the batch")
         self.streams = list(streams)
@@ -168,12 +169,12 @@ class StreamBatchIterator(BatchProgress):
         return {name: int(s["epoch"]) for name, s in zip(self.names, self._start)}
 
     def batches_per_epoch(self) -> int:
-        raise ValueError(
+        raise ConfigError(
             "a streaming source (data.streaming=True) has no known length: set train.steps "
             "(not train.epochs) and a train.eval_every > 0 (not -1), or data.streaming=False")
 
     def one_pass(self, batch_size: int):
-        raise ValueError(_NO_REFERENCE_PASS)
+        raise ConfigError(_NO_REFERENCE_PASS)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -197,7 +198,7 @@ class StreamBatchIterator(BatchProgress):
         else:
             changed = data_changes(saved, self._data["sources"], _source_change)
         if changed:
-            raise ValueError(
+            raise DataError(
                 "cannot resume the data iterator: the training data changed since the checkpoint ("
                 + "; ".join(changed) + "). Resume with the original data or start a new workdir.")
         self._position, self._row = int(state["position"]), int(state["row"])
@@ -299,13 +300,13 @@ def stream_from_config(config, tokenizer, *, kind: str, load_kwargs: dict) -> St
 
     train = config.train
     if train.epochs > 0:
-        raise ValueError("config key train.epochs: a streaming source (data.streaming=True) has "
+        raise ConfigError("config key train.epochs: a streaming source (data.streaming=True) has "
                          "no known length; set train.epochs=0 and the run's length with train.steps")
     if train.eval_every == -1:
-        raise ValueError("config key train.eval_every: -1 (every epoch) needs the data's length; "
+        raise ConfigError("config key train.eval_every: -1 (every epoch) needs the data's length; "
                          "with data.streaming=True set a number of steps")
     if kind == "dpo" and config.dpo.reference != "none" and config.dpo.precompute_reference:
-        raise ValueError(_NO_REFERENCE_PASS)
+        raise ConfigError(_NO_REFERENCE_PASS)
     return make_stream_iterator(
         config.data.train, tokenizer, kind=kind, global_batch_size=train.batch_size,
         max_length=config.data.max_length, packing=config.data.packing, seed=train.seed,

@@ -28,6 +28,7 @@ from jaxft.data.report import DataReport
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, looks_local, read_records
 from jaxft.data.tokenize import (MAX_ERRORS, MAX_LOGGED_SKIPS, Encoder, NoChatTemplateError,
                                  process_record)
+from jaxft.errors import ConfigError
 
 log = logging.getLogger("jaxft.data")
 
@@ -52,7 +53,7 @@ class ExampleStream:
                  completion_only_loss: bool = True, chat_template: str | None = None,
                  split: str = "train", max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES):
         if window < 1:
-            raise ValueError(f"config key data.shuffle_buffer: must be >= 1, got {window}")
+            raise ConfigError(f"config key data.shuffle_buffer: must be >= 1, got {window}")
         self.source, self.split, self.window_size = str(source), split, int(window)
         self._max_record_bytes = int(max_record_bytes)
         self._seed, self._id, self._skip_invalid = int(seed), int(source_id), skip_invalid

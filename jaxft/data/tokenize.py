@@ -50,6 +50,7 @@ from jaxft.data.report import DataReport, ExampleSet  # noqa: F401 - re-exported
 from jaxft.data.workers import ordered_map
 from jaxft.data.formats import DataError, Record, check_kind, formats_for_kind, parse_record
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, read_records
+from jaxft.errors import ConfigError
 
 log = logging.getLogger("jaxft.data")
 
@@ -86,7 +87,7 @@ class Encoder:
         self.tok = tokenizer
         self.eos = tokenizer.eos_token_id
         if self.eos is None:
-            raise ValueError("the tokenizer has no eos_token; set one (examples must end with it)")
+            raise ConfigError("the tokenizer has no eos_token; set one (examples must end with it)")
         # None lets apply_chat_template pick the tokenizer's own (which may be a dict of
         # named templates); has_template is what decides whether chat records can be encoded.
         self.chat_template = chat_template or None
@@ -338,12 +339,12 @@ def tokenize_source(source: str, tokenizer, *, kind: str, max_length: int, fmt: 
     """`load_examples` without the cache and the final "no usable examples" check (for check-data)."""
     accepted = formats_for_kind(kind)
     if fmt != "auto" and fmt not in accepted:  # a config mistake: say so before reading
-        raise ValueError(f"data format {fmt!r} cannot be used for {kind}; {kind} accepts "
+        raise ConfigError(f"data format {fmt!r} cannot be used for {kind}; {kind} accepts "
                          f"'auto' or {', '.join(accepted)}")
     if truncation not in TRUNCATION_MODES:
-        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
+        raise ConfigError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise ConfigError(f"max_length must be at least 2, got {max_length}")
     options = dict(kind=kind, fmt=fmt, max_length=max_length, truncation=truncation,
                    completion_only_loss=completion_only_loss)
     report = DataReport(source=str(source))

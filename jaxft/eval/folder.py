@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError
 from jaxft.eval.generation import check_local_source, evaluate_generation, read_jsonl
 from jaxft.eval.likelihood import eval_loss, preference_eval
 from jaxft.inference.generate import load_folder
@@ -25,12 +26,12 @@ def evaluate_folder(model_dir: str, data_file: str | None = None, *, pairs_file:
     from jaxft.models import load_hf
 
     if not data_file and not pairs_file:
-        raise ValueError("jaxft eval needs --data (questions with answers) and/or --pairs (preference pairs)")
+        raise ConfigError("jaxft eval needs --data (questions with answers) and/or --pairs (preference pairs)")
     if reference_dir and not pairs_file:
-        raise ValueError("--reference scores preference pairs against a reference model: give --pairs too")
+        raise ConfigError("--reference scores preference pairs against a reference model: give --pairs too")
     # Files are checked before any model loads (a run's workdir means its export, WORKDIR/hf).
     reference_dir = model_folder(reference_dir, flag="--reference") if reference_dir else None
-    records = read_jsonl(data_file, limit) if data_file else None
+    records = read_jsonl(check_local_source(data_file, "--data"), limit) if data_file else None
     if pairs_file:  # read as training reads it (make_eval_batches): any file, folder or glob
         check_local_source(pairs_file, "--pairs")
     model, tokenizer = load_folder(model_dir, flag="--model")

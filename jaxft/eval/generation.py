@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+from jaxft.errors import DataError, PathError
 from jaxft.eval.metrics import exact_match, extract_final_answer, repetition_ratio
 from jaxft.inference.generate import generate_text
 
@@ -13,7 +14,7 @@ def _record_prompt(record: dict, index: int):
     """The prompt of an eval record: a message list without trailing assistant turns, or a string."""
     prompt, problem = _prompt_of(record)
     if problem:
-        raise ValueError(f"record {index}: {problem}")
+        raise DataError(f"record {index}: {problem}")
     return prompt
 
 
@@ -98,7 +99,7 @@ def check_local_source(path: str | Path, flag: str = "") -> str:
     never looked up on the Hugging Face hub."""
     path = str(path)
     if not (Path(path).expanduser().exists() or any(c in path for c in "*?[")):
-        raise FileNotFoundError(f"{flag + ' ' if flag else ''}{path}: the file does not exist")
+        raise PathError(f"{flag + ' ' if flag else ''}{path}: the file does not exist")
     return path
 
 
@@ -114,8 +115,8 @@ def _read_records(path, limit, *, need_answer: bool) -> list[tuple[dict, str | l
             raise record
         prompt, problem = _prompt_of(record, need_answer)
         if problem:
-            raise ValueError(f"{location}: {problem}")
+            raise DataError(location, problem)
         out.append((record, prompt))
     if not out:
-        raise ValueError(f"{path}: no records (an empty file?)")
+        raise DataError(str(path), "no records (an empty file?)")
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from jaxft.data.pipeline import pad_id_of
+from jaxft.errors import ConfigError
 from jaxft.inference.generate import generate
 from jaxft.steps.common import merge_model
 
@@ -21,7 +22,7 @@ class Sampler:
 
     def __init__(self, graphdef, tokenizer, examples: Sequence, *, max_new_tokens: int):
         if not examples:
-            raise ValueError("sampling needs at least one eval example (train.sample_prompts)")
+            raise ConfigError("sampling needs at least one eval example (train.sample_prompts)")
         self.graphdef, self.tokenizer, self.max_new_tokens = graphdef, tokenizer, max_new_tokens
         self.prompt_ids = [[int(t) for t in ex.prompt_ids] for ex in examples]
         # The prompt as the model saw it, special tokens included; completions without them.

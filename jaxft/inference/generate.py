@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxft.errors import ConfigError, DataError
 from jaxft.models.llama import init_cache
 from jaxft.parallel.sharding import constrain
 
@@ -150,13 +151,13 @@ def generate_array(
     after each row's first EOS, number of decode steps actually run (< N when all rows hit EOS
     early))."""
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+        raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                          f"{temperature=}, {top_p=}, {top_k=}")
     lengths = [len(p) for p in prompt_ids]
     if not lengths or min(lengths) == 0:
-        raise ValueError("generate needs at least one prompt and every prompt needs >= 1 token")
+        raise DataError("generate needs at least one prompt and every prompt needs >= 1 token")
     eos = _eos_list(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else (eos or [0])[0]
@@ -168,7 +169,7 @@ def generate_array(
     # A fixed-size EOS array (impossible id -1 fills it) keeps the compiled shape the same
     # whatever the number of EOS ids.
     if len(eos) > MAX_EOS_IDS:
-        raise ValueError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
+        raise ConfigError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos)}")
     eos_arr = np.full((MAX_EOS_IDS,), -1, np.int32)
     eos_arr[:len(eos)] = eos
     out, steps = _generate_jit(
@@ -227,7 +228,7 @@ def encode_prompts(
     for i, prompt in enumerate(prompts):
         is_messages = not isinstance(prompt, str)
         if is_messages and chat is False:
-            raise ValueError(f"prompt {i} is a message list but chat=False")
+            raise DataError(f"prompt {i} is a message list but chat=False")
         if is_messages or chat:
             messages = prompt if is_messages else [{"role": "user", "content": prompt}]
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -307,7 +308,7 @@ def load_folder(path: str, *, flag: str = "--model"):
     try:  # first: it is cheap, and a folder without tokenizer files should fail before the weights load
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise ValueError(f"{flag} {folder}: cannot load its tokenizer ({' '.join(str(err).split())[:300]}); a "
+        raise DataError(f"{flag} {folder}: cannot load its tokenizer ({' '.join(str(err).split())[:300]}); a "
                          "model folder needs the tokenizer files jaxft export writes (tokenizer.json, "
                          "tokenizer_config.json)") from err
     return load_hf(folder), tokenizer

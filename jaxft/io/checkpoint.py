@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxft.config import upgrade
+from jaxft.errors import ConfigError, DataError, PathError
 from jaxft.io import atomic
 
 log = logging.getLogger("jaxft")
@@ -97,7 +98,7 @@ def check_resumable(saved_config: dict, config: dict, workdir: Path) -> None:
     optimizer / schedule key (SCHEDULE_KEYS), and each changed RESUME_FREE_KEYS key at info."""
     changed = changed_keys(saved_config, config, RESUME_KEYS)
     if changed:
-        raise ValueError(
+        raise ConfigError(
             f"cannot resume {workdir}: the config changed in ways that break resumption ("
             + "; ".join(changed)
             + "). Use a new --workdir, or restore the old values."
@@ -148,7 +149,7 @@ class Checkpointer:
         ShapeDtypeStructs with the target shardings, so a checkpoint restores onto any mesh."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+            raise PathError(f"no checkpoint under {self.directory}")
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -206,7 +207,7 @@ class Checkpointer:
         """Only the policy params of a checkpoint (no optimizer state is read)."""
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"no checkpoint under {self.directory}")
+            raise PathError(f"no checkpoint under {self.directory}")
         # StandardRestore insists on the whole saved tree; PyTreeRestore(partial_restore=True)
         # reads the subtree named in `item` and skips the rest (same on-disk format).
         item = {"params": abstract_params}
@@ -308,8 +309,8 @@ def read_config(workdir: Path) -> dict | None:
     try:
         saved = json.loads(path.read_text())
     except ValueError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); the run's config is also in each checkpoint: "
+        raise DataError(f"{path}: not valid JSON ({err}); the run's config is also in each checkpoint: "
                          f"restore the file from a copy, or start again in a new --workdir") from None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path}: not a JSON object; restore the file from a copy, or use a new --workdir")
+        raise DataError(f"{path}: not a JSON object; restore the file from a copy, or use a new --workdir")
     return saved

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxft import config as config_lib
 from jaxft.data.from_config import load_tokenizer
+from jaxft.errors import ConfigError, PathError
 from jaxft.io import atomic, checkpoint, folders
 from jaxft.models import ModelConfig, abstract_model, save_hf
 from jaxft.models.adapters import adapter_shardings, lora_graphdef, merge_adapters
@@ -105,15 +106,15 @@ def check_export_source(workdir: Path) -> dict:
     if folders.is_model_folder(workdir) or (workdir / folders.PEFT_CONFIG).is_file():
         run = folders.enclosing_workdir(workdir.parent)
         what = "an exported model folder" if folders.is_model_folder(workdir) else "a PEFT adapter folder"
-        raise ValueError(f"{workdir} is already {what}; export reads a run's workdir ("
+        raise ConfigError(f"{workdir} is already {what}; export reads a run's workdir ("
                          + (f"{run}" if run else "the --workdir of jaxft sft / dpo") + "). To use this folder, "
                          "pass it to jaxft generate / eval --model, or as model.path")
     saved = checkpoint.read_config(workdir) if (workdir / folders.RUN_CONFIG).is_file() else None
     if saved is None:
-        raise FileNotFoundError(f"{workdir}/config.json not found: {workdir} {folders.describe(workdir)}; "
+        raise PathError(f"{workdir}/config.json not found: {workdir} {folders.describe(workdir)}; "
                                 "export reads a run's workdir (the --workdir of jaxft sft / dpo)")
     if not all(isinstance(saved.get(k), dict) for k in ("model", "data", "train")):
-        raise ValueError(f"{workdir}/config.json is not a jaxft run config (no model / data / train sections): "
+        raise ConfigError(f"{workdir}/config.json is not a jaxft run config (no model / data / train sections): "
                          "export reads a run's workdir (the --workdir of jaxft sft / dpo)")
     return saved
 
@@ -127,19 +128,19 @@ def check_export_target(out: str | Path, layout: str) -> Path:
     run = folders.enclosing_workdir(out)
     if run is not None:
         where = "is the run workdir" if run == out else f"is inside the run workdir {run}"
-        raise ValueError(f"--out {out} {where}: export never writes into a run's folder (its config, "
+        raise ConfigError(f"--out {out} {where}: export never writes into a run's folder (its config, "
                          f"checkpoints and final export stay as they are); choose a folder outside it, "
                          f"e.g. --out {run.parent / (run.name + '-export')}")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file: export writes a folder")
+        raise ConfigError(f"--out {out} is a file: export writes a folder")
     if out.is_dir() and any(out.iterdir()):
         marker = folders.export_marker(out)
         if marker is None:
-            raise ValueError(f"--out {out} is not empty and is not a folder jaxft exported (no "
+            raise ConfigError(f"--out {out} is not empty and is not a folder jaxft exported (no "
                              f"{folders.EXPORT_MARKER}): export overwrites only its own exports; choose a "
                              "new or empty folder")
         if marker.get("layout") != layout:
-            raise ValueError(f"--out {out} holds a jaxft {marker.get('layout')!r} export and this one is "
+            raise ConfigError(f"--out {out} holds a jaxft {marker.get('layout')!r} export and this one is "
                              f"{layout!r}: choose another folder, or delete that one first")
     return out
 
@@ -155,11 +156,11 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
     workdir = checkpoint.workdir_path(workdir)
     config = config_lib.from_saved(check_export_source(workdir), f"{workdir}/config.json")  # upgraded, typed
     if kind is not None and kind not in EXPORT_KINDS:
-        raise ValueError(f"export kind {kind!r}: choose from {', '.join(EXPORT_KINDS)}")
+        raise ConfigError(f"export kind {kind!r}: choose from {', '.join(EXPORT_KINDS)}")
     lora = config.lora.rank > 0
     kind = kind or ("merge" if lora else "full")
     if (kind == "full") == lora:
-        raise ValueError(f"{workdir} is a {'LoRA' if lora else 'full fine-tuning'} run: "
+        raise ConfigError(f"{workdir} is a {'LoRA' if lora else 'full fine-tuning'} run: "
                          + ("use --merge (a full HF folder) or --adapter (a PEFT folder)" if lora
                             else "--merge / --adapter apply to LoRA runs only (lora.rank > 0)"))
     out = check_export_target(out, LAYOUTS[kind])  # before anything is loaded or written
@@ -167,13 +168,13 @@ def export_checkpoint(workdir: str | Path, out: str | Path, *, step: int | None 
     cfg = model_config(config, tokenizer)
     mesh = mesh_from_config(config)
     if not (workdir / folders.CHECKPOINTS).is_dir():  # else Orbax would create it
-        raise FileNotFoundError(f"no checkpoints under {workdir / folders.CHECKPOINTS}")
+        raise PathError(f"no checkpoints under {workdir / folders.CHECKPOINTS}")
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     available = ckpt.all_steps()
     if not available:
-        raise FileNotFoundError(f"no checkpoints under {ckpt.directory}")
+        raise PathError(f"no checkpoints under {ckpt.directory}")
     if step is not None and step not in available:
-        raise ValueError(f"--step {step} is not a saved step of {workdir}; saved steps: {available}")
+        raise ConfigError(f"--step {step} is not a saved step of {workdir}; saved steps: {available}")
     with jax.set_mesh(mesh):
         if cfg.lora is None:
             graphdef, abstract_state = nnx.split(abstract_model(cfg), nnx.Param)

@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 
 from jaxft.data.mixture import parse_mixture
+from jaxft.errors import ConfigError, DataError, PathError
 
 RUN_CONFIG = "config.json"  # a workdir's saved run config (io/checkpoint.py writes it)
 CHECKPOINTS = "checkpoints"
@@ -224,7 +225,7 @@ def check_workdir(path: str | Path, config=None) -> None:
     (`workdir_problem`). Called by `jaxft.run` before anything is written."""
     problem = workdir_problem(path, config)
     if problem:
-        raise ValueError(f"workdir {path} {problem}. A run needs a new or empty folder, or a jaxft run's "
+        raise ConfigError(f"workdir {path} {problem}. A run needs a new or empty folder, or a jaxft run's "
                          f"workdir to resume: give another --workdir")
 
 
@@ -238,10 +239,10 @@ def model_folder(path: str | Path, *, flag: str = "--model") -> Path:
             logging.getLogger("jaxft").info("%s is a run's workdir: using its export %s", path, path / RUN_EXPORT)
             return path / RUN_EXPORT
         if (path / RUN_ADAPTER / PEFT_CONFIG).is_file():
-            raise ValueError(
+            raise ConfigError(
                 f"{flag} {path} is a run's workdir with only a LoRA adapter ({path / RUN_ADAPTER}); write a "
                 f"model folder with `jaxft export {path} --merge --out DIR`, then pass {flag} DIR")
-        raise FileNotFoundError(
+        raise PathError(
             f"{flag} {path} is a run's workdir without an export yet (a finished run writes {path / RUN_EXPORT}); "
             f"write one from its latest checkpoint with `jaxft export {path} --out DIR`, then pass {flag} DIR")
     check_model_folder(path, flag=flag)
@@ -253,25 +254,25 @@ def check_model_folder(path: str | Path, *, flag: str) -> None:
     message says what is there instead. (Weights are checked when they are read.)"""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{flag} {path}: the folder does not exist (give a Hugging Face model "
+        raise PathError(f"{flag} {path}: the folder does not exist (give a Hugging Face model "
                                 "folder: config.json + model.safetensors)")
     if not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file; give the Hugging Face model folder that holds it")
+        raise ConfigError(f"{flag} {path} is a file; give the Hugging Face model folder that holds it")
     if is_workdir(path):
-        raise ValueError(f"{flag} {path} is a run's workdir, not a model folder: use {path / RUN_EXPORT} "
+        raise ConfigError(f"{flag} {path} is a run's workdir, not a model folder: use {path / RUN_EXPORT} "
                          f"(its export), or `jaxft export {path} --out DIR` for a checkpoint")
     config = path / HF_CONFIG
     if not config.is_file():
         hint = (f"; {path} {describe(path)}" if (path / PEFT_CONFIG).is_file() else
                 f"; did you mean {path / RUN_EXPORT}?" if is_model_folder(path / RUN_EXPORT) else "")
-        raise FileNotFoundError(f"{flag} {path} has no config.json: a Hugging Face model folder holds "
+        raise PathError(f"{flag} {path} has no config.json: a Hugging Face model folder holds "
                                 f"config.json and model.safetensors{hint}")
     hf = _json_object(config)
     if hf is None:
-        raise ValueError(f"{config}: not a JSON object (a truncated or damaged file?); re-export or "
+        raise DataError(f"{config}: not a JSON object (a truncated or damaged file?); re-export or "
                          "re-download the model")
     if "model_type" not in hf:
-        raise ValueError(f"{config} has no model_type: not a Hugging Face model config")
+        raise DataError(f"{config} has no model_type: not a Hugging Face model config")
 
 
 def missing_local_folder(name: str) -> bool:

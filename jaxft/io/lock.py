@@ -21,13 +21,16 @@ import socket
 import time
 from pathlib import Path
 
+from jaxft.errors import UserError
+
 log = logging.getLogger("jaxft")
 
 LOCK_NAME = "run.lock"
 
 
-class WorkdirLocked(RuntimeError):
-    """Another live (or uncheckable) process holds the workdir's lock."""
+class WorkdirLocked(UserError, RuntimeError):
+    """Another live (or uncheckable) process holds the workdir's lock (a user error: wait for it,
+    or give another --workdir; a RuntimeError as before)."""
 
 
 def _pid_start(pid: int) -> str | None:

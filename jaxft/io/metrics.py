@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jax
 
+from jaxft.errors import DataError, PathError
 from jaxft.io import atomic, trackers
 from jaxft.models.lora import num_adapter_params
 
@@ -120,7 +121,7 @@ def read_metrics(workdir: str | Path) -> list[dict]:
     """The rows of WORKDIR/metrics.jsonl (a torn last line skipped with a warning)."""
     path = Path(workdir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {workdir} a jaxft workdir?")
+        raise PathError(f"{path} not found: is {workdir} a jaxft workdir?")
     return read_rows(path)
 
 
@@ -141,7 +142,7 @@ def read_rows(path: Path, *, torn: str = "skipped (resuming the run repairs the 
             log.warning("%s line %d is not a whole row (%s), as a run killed while writing it leaves it: %s",
                         path, i + 1, problem, torn)
         else:
-            raise ValueError(f"{path} line {i + 1}: {problem}; only the last line of metrics.jsonl can be "
+            raise DataError(f"{path} line {i + 1}: {problem}; only the last line of metrics.jsonl can be "
                              "torn by a kill, so this file was edited or damaged: fix or delete that line")
     return rows
 

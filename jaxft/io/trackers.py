@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 
 from jaxft.config.schema import typed
+from jaxft.errors import ConfigError
 from jaxft.io import atomic
 
 WANDB_ID_FILE = "wandb_id"  # WORKDIR/wandb_id: a resumed run continues the same W&B run
@@ -137,16 +138,16 @@ def parse_report_to(value: str) -> list[str]:
     allowed = f"{', '.join(TRACKERS)} or {NONE} (a comma list allowed, e.g. 'tensorboard,wandb')"
     unknown = [n for n in names if n not in TRACKERS and n != NONE]
     if unknown or not names:
-        raise ValueError(f"config key train.report_to: unknown tracker {', '.join(map(repr, unknown)) or repr(value)}; "
+        raise ConfigError(f"config key train.report_to: unknown tracker {', '.join(map(repr, unknown)) or repr(value)}; "
                          f"choose from {allowed}")
     if NONE in names:
         if len(names) > 1:
-            raise ValueError(f"config key train.report_to: {value!r}: '{NONE}' cannot be combined with a tracker")
+            raise ConfigError(f"config key train.report_to: {value!r}: '{NONE}' cannot be combined with a tracker")
         return []
     for name in names:
         module = TRACKERS[name].module
         if module and importlib.util.find_spec(module) is None:
-            raise ValueError(f"config key train.report_to: {name!r} needs the {module} package: "
+            raise ConfigError(f"config key train.report_to: {name!r} needs the {module} package: "
                              f"pip install {module} (or pip install 'jaxft[{name}]')")
     return list(dict.fromkeys(names))  # in order, each once
 

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxft.errors import ConfigError
+
 # Short names so the code reads like the formulas in the docstrings.
 ls = jax.nn.log_sigmoid
 sig = jax.nn.sigmoid
@@ -240,42 +242,42 @@ def validate_dpo_settings(loss_type, beta, label_smoothing, loss_weights=None, *
     names = loss_type.split(",") if isinstance(loss_type, str) else list(loss_type)
     types = tuple(str(n).strip() for n in names if str(n).strip())
     if not types:
-        raise ValueError(f"dpo.loss_type is empty; choose from {', '.join(DPO_LOSS_TYPES)}")
+        raise ConfigError(f"dpo.loss_type is empty; choose from {', '.join(DPO_LOSS_TYPES)}")
     for name in types:
         if name not in LOSS_FNS:
-            raise ValueError(f"dpo.loss_type: unknown loss type {name!r}; valid types: "
+            raise ConfigError(f"dpo.loss_type: unknown loss type {name!r}; valid types: "
                              f"{', '.join(DPO_LOSS_TYPES)}")
     if _is_number(beta) and not beta > 0:
-        raise ValueError(f"dpo.beta must be > 0, got {beta}")
+        raise ConfigError(f"dpo.beta must be > 0, got {beta}")
     if _is_number(label_smoothing):
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"dpo.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 1), got {label_smoothing}")
         if "exo_pair" in types and label_smoothing == 0.0:
-            raise ValueError("dpo.label_smoothing must be > 0 for dpo.loss_type 'exo_pair' (it is EXO's "
+            raise ConfigError("dpo.label_smoothing must be > 0 for dpo.loss_type 'exo_pair' (it is EXO's "
                              "epsilon; the paper suggests 1e-3)")
         if "robust" in types and label_smoothing >= 0.5:
-            raise ValueError(f"dpo.label_smoothing must be < 0.5 for dpo.loss_type 'robust' (a label-flip "
+            raise ConfigError(f"dpo.label_smoothing must be < 0.5 for dpo.loss_type 'robust' (a label-flip "
                              f"rate), got {label_smoothing}")
     if loss_weights is None:
         weights = (1.0,) * len(types)
     else:
         weights = tuple(float(w) for w in loss_weights)
         if len(weights) != len(types):
-            raise ValueError(f"dpo.loss_weights has {len(weights)} weights for {len(types)} loss types "
+            raise ConfigError(f"dpo.loss_weights has {len(weights)} weights for {len(types)} loss types "
                              f"{list(types)}; give one weight per dpo.loss_type entry")
     if f_divergence_type not in F_DIVERGENCES:
-        raise ValueError(f"dpo.f_divergence_type: unknown {f_divergence_type!r}; valid: "
+        raise ConfigError(f"dpo.f_divergence_type: unknown {f_divergence_type!r}; valid: "
                          f"{', '.join(F_DIVERGENCES)}")
     if f_divergence_type != "reverse_kl":
         unsupported = [n for n in types if n not in F_DIVERGENCE_LOSS_TYPES]
         if unsupported:
-            raise ValueError(f"dpo.f_divergence_type={f_divergence_type!r} only works with loss types "
+            raise ConfigError(f"dpo.f_divergence_type={f_divergence_type!r} only works with loss types "
                              f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; dpo.loss_type has {unsupported}")
     alpha = f_alpha_divergence_coef
     if f_divergence_type == "alpha_divergence" and _is_number(alpha) and not alpha > 0:
-        raise ValueError(f"dpo.f_alpha_divergence_coef must be > 0, got {f_alpha_divergence_coef}")
+        raise ConfigError(f"dpo.f_alpha_divergence_coef must be > 0, got {f_alpha_divergence_coef}")
     if "discopop" in types and _is_number(discopop_tau) and not discopop_tau > 0:
-        raise ValueError(f"dpo.discopop_tau must be > 0, got {discopop_tau}")
+        raise ConfigError(f"dpo.discopop_tau must be > 0, got {discopop_tau}")
     return types, weights
 
 

@@ -35,6 +35,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxft.errors import ConfigError
 from jaxft.models import context_parallel
 from jaxft.parallel.sharding import logical_to_spec
 
@@ -364,7 +365,7 @@ def resolve(implementation: str, platform: str | None = None) -> str:
     if implementation == "auto":
         return _AUTO.get(platform or jax.default_backend(), "blockwise")
     if implementation not in BACKENDS:
-        raise ValueError(f"model.attention={implementation!r} is not an attention backend; "
+        raise ConfigError(f"model.attention={implementation!r} is not an attention backend; "
                          f"use one of: auto, {', '.join(BACKENDS)}")
     return implementation
 

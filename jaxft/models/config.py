@@ -15,6 +15,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxft.errors import ConfigError, DataError, PathError
 from jaxft.models.lora import LoRASpec
 from jaxft.models.remat import normalize_remat
 
@@ -40,7 +41,7 @@ def parse_dtype(name: Any, *, key: str = "dtype") -> Any:
     try:
         return _DTYPES[name.lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"{key}={name!r} is not a supported dtype; use one of {sorted(set(_DTYPES))}"
         ) from None
 
@@ -90,18 +91,18 @@ class ModelConfig:
     def __post_init__(self):
         object.__setattr__(self, "remat", normalize_remat(self.remat))
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"model_type {self.model_type!r} is not supported; jaxft supports "
                 f"{', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"rope_scaling type {rope_type!r} is not supported; jaxft supports "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)}"
             )
@@ -163,12 +164,12 @@ def config_from_hf(hf: dict, *, source: str = "config.json", dtype=None) -> Mode
     """Builds a ModelConfig from a parsed HF `config.json` (4.x or 5.x dialect)."""
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
+        raise ConfigError(
             f"{source}: model_type {model_type!r} is not supported; jaxft supports "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+        raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
     theta, scaling = _rope_from_hf(hf)
     heads = hf["num_attention_heads"]
     sliding = hf.get("sliding_window")
@@ -245,14 +246,14 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 def read_hf_config(folder: str | Path, *, dtype=None) -> ModelConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise PathError(
             f"{path} not found: model.path must be a Hugging Face model folder with a config.json"
         )
     try:
         hf = json.loads(path.read_text(encoding="utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err}): a truncated or damaged file? re-export or "
+        raise DataError(f"{path}: not valid JSON ({err}): a truncated or damaged file? re-export or "
                          "re-download the model") from None
     if not isinstance(hf, dict):
-        raise ValueError(f"{path}: not a JSON object: not a Hugging Face model config")
+        raise DataError(f"{path}: not a JSON object: not a Hugging Face model config")
     return config_from_hf(hf, source=str(path), dtype=dtype)

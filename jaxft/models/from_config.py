@@ -8,6 +8,7 @@ import logging
 import jax
 from flax import nnx
 
+from jaxft.errors import ConfigError
 from jaxft.io.folders import check_model_folder
 from jaxft.models.adapters import init_adapters
 from jaxft.models.attention import resolve
@@ -40,7 +41,7 @@ def model_config(config, tokenizer) -> ModelConfig:
             cfg = cfg.replace(param_dtype=dtype)
     compute = parse_dtype(config.model.compute_dtype or None, key="model.compute_dtype")
     if len(tokenizer) > cfg.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {cfg.vocab_size}; "
             "use the model's own tokenizer (model.tokenizer)"
         )

@@ -18,6 +18,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxft.errors import DataError, PathError
 from jaxft.io.folders import check_model_folder
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
 from jaxft.models.llama import Decoder
@@ -122,12 +123,12 @@ class _TensorReader:
             self.files = {name: folder / f for name, f in _weight_map(index).items()}
             for path in sorted(set(self.files.values())):
                 if not path.is_file():
-                    raise FileNotFoundError(f"{path} not found: {index} lists it; the download or export "
+                    raise PathError(f"{path} not found: {index} lists it; the download or export "
                                             "is incomplete (copy every shard the index names)")
         elif (folder / SINGLE_FILE).is_file():
             self.files = {name: folder / SINGLE_FILE for name in self._handle_of(folder / SINGLE_FILE).keys()}
         else:
-            raise FileNotFoundError(
+            raise PathError(
                 f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; jaxft reads safetensors checkpoints "
                 "(convert .bin files with transformers' save_pretrained(safe_serialization=True))"
             )
@@ -142,7 +143,7 @@ class _TensorReader:
         try:
             return self._handle(name).get_tensor(name)
         except SafetensorError as err:
-            raise ValueError(f"{self.files[name]}: cannot read tensor {name} ({err}); the file is damaged: "
+            raise DataError(f"{self.files[name]}: cannot read tensor {name} ({err}); the file is damaged: "
                              "re-export or re-download it") from None
 
     def _handle(self, name):
@@ -154,7 +155,7 @@ class _TensorReader:
                 self._open[path] = safe_open(path, framework="np").__enter__()
             except SafetensorError as err:
                 # A truncated download or an interrupted copy: name the file, not the parser's state.
-                raise ValueError(f"{path} is not a readable safetensors file ({err}): it is truncated or "
+                raise DataError(f"{path} is not a readable safetensors file ({err}): it is truncated or "
                                  "damaged; re-export or re-download it") from None
         return self._open[path]
 
@@ -166,7 +167,7 @@ def _weight_map(index: Path) -> dict[str, str]:
     except (ValueError, KeyError, TypeError):
         weight_map = None
     if not isinstance(weight_map, dict):
-        raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): it is "
+        raise DataError(f"{index} is not a safetensors index (a JSON object with a weight_map): it is "
                          "truncated or damaged; re-export or re-download it")
     return weight_map
 
@@ -214,7 +215,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     if bad_shapes:
         problems.append("tensors with wrong shapes: " + "; ".join(bad_shapes))
     if problems:
-        raise ValueError(f"{folder} does not match its config.json ({cfg.model_type}): " + ". ".join(problems))
+        raise DataError(f"{folder} does not match its config.json ({cfg.model_type}): " + ". ".join(problems))
 
     # Host values per state path; a scanned model's layers stack along a leading axis.
     host: dict[tuple, object] = {}

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.errors import ConfigError
+
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
@@ -42,12 +44,12 @@ class LoRASpec:
 
     def __post_init__(self):
         if self.rank < 1:
-            raise ValueError(f"lora.rank must be >= 1 for adapters (0 = full fine-tuning); got {self.rank}")
+            raise ConfigError(f"lora.rank must be >= 1 for adapters (0 = full fine-tuning); got {self.rank}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora.dropout must be in [0, 1); got {self.dropout}")
+            raise ConfigError(f"lora.dropout must be in [0, 1); got {self.dropout}")
         unknown = [t for t in self.targets if t not in PROJECTIONS]
         if unknown or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)}: choose from {', '.join(PROJECTIONS)}")
+            raise ConfigError(f"LoRA targets {list(self.targets)}: choose from {', '.join(PROJECTIONS)}")
 
     @property
     def scale(self) -> float:
@@ -67,10 +69,10 @@ def resolve_targets(text: str, *, key: str = "lora.targets") -> tuple[str, ...]:
     try:
         pattern = re.compile(text)
     except re.error as err:
-        raise ValueError(f"config key {key}: {text!r} is neither projection names nor a valid regex ({err})") from None
+        raise ConfigError(f"config key {key}: {text!r} is neither projection names nor a valid regex ({err})") from None
     found = tuple(n for n in PROJECTIONS if pattern.search(qualified[n]))
     if not found:
-        raise ValueError(
+        raise ConfigError(
             f"config key {key}: {text!r} matches no projection; use {ALL_LINEAR!r}, names from "
             f"{', '.join(PROJECTIONS)}, or a regex over {', '.join(qualified.values())}"
         )

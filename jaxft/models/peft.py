@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxft.data.sources import read_json
+from jaxft.errors import ConfigError, DataError, PathError
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
@@ -86,10 +87,10 @@ def save_peft(cfg: ModelConfig, adapters: dict, folder: str | Path, *, base_mode
 def read_adapter_config(folder: str | Path) -> dict:
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"lora.init_from: {path} not found; point it at a PEFT LoRA adapter folder")
+        raise PathError(f"lora.init_from: {path} not found; point it at a PEFT LoRA adapter folder")
     found = read_json(path, what="lora.init_from")  # invalid JSON: a ValueError naming file and line
     if found.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {found.get('peft_type')!r}; jaxft reads LoRA adapters only")
+        raise DataError(f"{path}: peft_type {found.get('peft_type')!r}; jaxft reads LoRA adapters only")
     return found
 
 
@@ -105,7 +106,7 @@ def check_matches(found: dict, spec: LoRASpec, source: str) -> None:
            for field, (key, value) in wanted.items() if have[field] != value
            and not (field == "lora_alpha" and have[field] is not None and float(have[field]) == float(value))]
     if bad:
-        raise ValueError(f"{source} was trained with other LoRA settings; set " + ", ".join(bad))
+        raise ConfigError(f"{source} was trained with other LoRA settings; set " + ", ".join(bad))
 
 
 def _flag(field, value):
@@ -118,7 +119,7 @@ def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
     check_matches(read_adapter_config(folder), cfg.lora, str(folder / CONFIG_FILE))
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"lora.init_from: {weights} not found (jaxft reads safetensors adapters)")
+        raise PathError(f"lora.init_from: {weights} not found (jaxft reads safetensors adapters)")
     spec, host = cfg.lora, {}
     with safe_open(weights, framework="np") as f:
         names = set(f.keys())
@@ -128,11 +129,11 @@ def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
                 for which, shape in (("A", in_shape + (spec.rank,)), ("B", (spec.rank,) + out_shape)):
                     tensor = _tensor_name(layer, name, which)
                     if tensor not in names:
-                        raise ValueError(f"{weights}: missing tensor {tensor}; is the adapter for this base model?")
+                        raise DataError(f"{weights}: missing tensor {tensor}; is the adapter for this base model?")
                     matrix = f.get_tensor(tensor).astype(np.float32)
                     expected = (spec.rank, int(np.prod(in_shape))) if which == "A" else (int(np.prod(out_shape)), spec.rank)
                     if matrix.shape != expected:
-                        raise ValueError(f"{weights}: {tensor} has shape {matrix.shape}, the model needs {expected}")
+                        raise DataError(f"{weights}: {tensor} has shape {matrix.shape}, the model needs {expected}")
                     path, index = _jaxft_path(cfg, layer, name, which)
                     value = matrix.T.reshape(shape)
                     if index is None:

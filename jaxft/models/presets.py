@@ -8,6 +8,7 @@ real model starts from its HF folder (`model.path`), which carries the same conf
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError
 from jaxft.models.config import ModelConfig
 
 _LLAMA31_ROPE = {
@@ -87,4 +88,4 @@ def get_preset(name: str) -> ModelConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ValueError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}") from None
+        raise ConfigError(f"model.preset={name!r} is unknown; choose one of {', '.join(PRESETS)}") from None

@@ -27,6 +27,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding
 
+from jaxft.errors import ConfigError
 from jaxft.models.lora import PROJECTIONS, projection_dims
 from jaxft.models.paths import get_path, set_path
 from jaxft.parallel.sharding import logical_to_spec
@@ -114,7 +115,7 @@ def quantize_kernel(x: jax.Array, kind: str, in_ndim: int, out_ndim: int) -> Qua
         codes = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
         return QuantizedKernel(codes, scale, "int8")
     if kind != "nf4":
-        raise ValueError(f"lora.base_quantization={kind!r}: choose one of {', '.join(QUANTIZATIONS)}")
+        raise ConfigError(f"lora.base_quantization={kind!r}: choose one of {', '.join(QUANTIZATIONS)}")
     axis = in_axes[-1]
     block = _block_size(x.shape[axis])
     blocked = x.reshape(x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:])

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import jax
 
+from jaxft.errors import ConfigError
+
 _POLICIES = jax.checkpoint_policies
 
 REMAT_POLICIES = {
@@ -30,7 +32,7 @@ def normalize_remat(value) -> str:
     if isinstance(value, bool):
         return "full" if value else "none"
     if value not in REMAT_POLICIES:
-        raise ValueError(f"model.remat={value!r} is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}")
+        raise ConfigError(f"model.remat={value!r} is not a remat policy; choose one of {', '.join(REMAT_POLICIES)}")
     return value
 
 

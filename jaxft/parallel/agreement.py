@@ -17,6 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxft.errors import ConfigError
+
 HEAD_BYTES = 2**20  # data files are compared by size and a hash of their first MiB
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "merges.txt",
                     "special_tokens_map.json", "chat_template.jinja", "qwen.tiktoken")
@@ -100,7 +102,7 @@ def check_hosts_agree(config) -> None:
     where = "; ".join(f"process {p} differs in {', '.join(fields)}" for p, fields in sorted(by_host.items()))
     here = jax.process_index()
     mine_text = "; ".join(f"{f} = {mine[f]}" for f in sorted({f for _, f in bad}))
-    raise RuntimeError(
+    raise ConfigError(
         f"the hosts of this run disagree with process 0: {where}. Every host must run the same jaxft "
         f"and config on the same model, tokenizer and data files (same paths, same contents). "
         f"On this host (process {here}): {mine_text}"

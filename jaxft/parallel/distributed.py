@@ -13,6 +13,8 @@ import os
 
 import jax
 
+from jaxft.errors import ConfigError
+
 _ENV = ("JAXFT_COORDINATOR", "JAXFT_NUM_PROCESSES", "JAXFT_PROCESS_ID")
 
 
@@ -46,6 +48,6 @@ def initialize() -> None:
         )
     elif any(k in os.environ for k in _ENV):
         missing = [k for k in _ENV if k not in os.environ]
-        raise ValueError(f"multi-process run: set all of {', '.join(_ENV)} (missing {', '.join(missing)})")
+        raise ConfigError(f"multi-process run: set all of {', '.join(_ENV)} (missing {', '.join(missing)})")
     elif _on_cluster():
         jax.distributed.initialize(**timeouts())

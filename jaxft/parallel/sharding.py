@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jaxft.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
 # logical axis -> mesh axis (or axes) it is split over; None = replicated.
@@ -52,19 +54,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, s
     sizes = {"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor}
     unknown = [k for k, v in sizes.items() if v == -1]
     if len(unknown) > 1:
-        raise ValueError(f"only one of mesh.{', mesh.'.join(unknown)} may be -1")
+        raise ConfigError(f"only one of mesh.{', mesh.'.join(unknown)} may be -1")
     known = math.prod(v for v in sizes.values() if v != -1)
     if any(v == 0 or v < -1 for v in sizes.values()):
-        raise ValueError(f"mesh sizes must be positive or -1, got {sizes}")
+        raise ConfigError(f"mesh sizes must be positive or -1, got {sizes}")
     if unknown:
         if len(devices) % known:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh: {len(devices)} devices are not divisible by the fixed axis sizes "
                 f"{ {k: v for k, v in sizes.items() if v != -1} }"
             )
         sizes[unknown[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"mesh.data * mesh.fsdp * mesh.sequence * mesh.tensor = {math.prod(sizes.values())} but there are "
             f"{len(devices)} devices; set one of them to -1 to use the rest"
         )
@@ -86,18 +88,18 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro_rows = batch // accumulate * rows_per_example
     if jax.process_count() > 1 and batch % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={batch} is not divisible by the number of hosts ({jax.process_count()})"
         )
     if micro_rows % shards:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size / optim.accumulate = {batch // accumulate} is not divisible by "
             f"mesh.data * mesh.fsdp = {shards}; choose a batch size that is a multiple of {shards}"
             f" per micro-batch"
         )
     sequence = mesh.shape["sequence"]
     if sequence > 1 and config.data.max_length % sequence:
-        raise ValueError(
+        raise ConfigError(
             f"data.max_length={config.data.max_length} is not divisible by mesh.sequence={sequence}: "
             f"context parallelism splits every row into mesh.sequence equal parts"
         )

@@ -32,6 +32,7 @@ import random
 import re
 from pathlib import Path
 
+from jaxft.errors import ConfigError
 from jaxft.io import atomic
 
 SPLITS = ("sft_train", "sft_eval", "pref_train", "pref_eval")
@@ -232,7 +233,7 @@ def make_quickstart_data(
     elif eval_split == "wording":
         train_problems = eval_problems = [p for ps in split_problems(seed, 0.0) for p in ps]
     else:
-        raise ValueError(f"eval_split must be 'wording' or 'problem', got {eval_split!r}")
+        raise ConfigError(f"eval_split must be 'wording' or 'problem', got {eval_split!r}")
     sft_train = _sft_records(rng, train_problems, num_sft, repeat_fraction=repeat_fraction,
                              system_fraction=system_fraction)
     pref_train = _pref_records(rng, train_problems, num_pref, system_fraction=system_fraction)

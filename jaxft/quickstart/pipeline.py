@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 
 from jaxft.config import base_config, lock
+from jaxft.errors import ConfigError
 from jaxft.io import atomic
 from jaxft.io.checkpoint import workdir_path
 
@@ -119,11 +120,11 @@ def _check_quickstart_folder(workdir: Path) -> None:
     if not workdir.exists():
         return
     if not workdir.is_dir():
-        raise ValueError(f"--workdir {workdir} is a file; give a new folder for the quickstart")
+        raise ConfigError(f"--workdir {workdir} is a file; give a new folder for the quickstart")
     entries = [p.name for p in workdir.iterdir() if not p.name.startswith(".")]
     if entries and not any(name in QUICKSTART_ENTRIES for name in entries):
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
-        raise ValueError(f"--workdir {workdir} is a non-empty folder that is not a quickstart's ({shown}); "
+        raise ConfigError(f"--workdir {workdir} is a non-empty folder that is not a quickstart's ({shown}); "
                          "the quickstart writes data/, base/, sft/ and dpo/ there: give a new or empty folder")
 
 

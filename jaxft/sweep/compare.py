@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jaxft.data.sources import read_json
+from jaxft.errors import DataError, PathError
 from jaxft.io import atomic
 from jaxft.io.metrics import read_metrics
 from jaxft.sweep.runner import RECORD
@@ -60,7 +61,7 @@ def run_dirs(dirs: Sequence[str | Path]) -> list[Path]:
         elif d.is_dir() and (found := sorted(p.parent for p in d.glob("*/metrics.jsonl"))):
             out += found
         else:
-            raise FileNotFoundError(f"{d}: neither a run workdir (metrics.jsonl) nor a folder of runs")
+            raise PathError(f"{d}: neither a run workdir (metrics.jsonl) nor a folder of runs")
     return out
 
 
@@ -68,7 +69,7 @@ def _sweep_runs(path: Path) -> list[dict]:
     """The runs a sweep folder's sweep.json lists, or a ValueError naming the file."""
     runs = read_json(path).get("runs")
     if not isinstance(runs, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str) for r in runs):
-        raise ValueError(f"{path}: expected {{\"runs\": [{{\"name\": ...}}, ...]}} as jaxft sweep writes it; "
+        raise DataError(f"{path}: expected {{\"runs\": [{{\"name\": ...}}, ...]}} as jaxft sweep writes it; "
                          "the file is damaged: rerun the sweep to rewrite it")
     return runs
 
@@ -151,7 +152,7 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
     parent). metric: the curve to plot (default eval_loss when any run has it, else loss)."""
     workdirs = run_dirs(dirs)
     if not workdirs:
-        raise FileNotFoundError(f"no runs with metrics.jsonl under {', '.join(map(str, dirs))}")
+        raise PathError(f"no runs with metrics.jsonl under {', '.join(map(str, dirs))}")
     first = Path(dirs[0])
     out = Path(out_dir) if out_dir else (first if not (first / "metrics.jsonl").is_file() else first.parent)
     settings = _what_differs(workdirs)
@@ -202,7 +203,7 @@ def _generation_metrics(workdir: Path, eval_data, eval_pairs, max_new_tokens, li
 
     export = workdir / "hf"
     if not (export / "config.json").is_file():
-        raise FileNotFoundError(f"{export} not found: comparing generations needs each run's export "
+        raise PathError(f"{export} not found: comparing generations needs each run's export "
                                 f"(jaxft export {workdir} --out {export})")
     got = evaluate_folder(str(export), eval_data, pairs_file=eval_pairs, max_new_tokens=max_new_tokens,
                           limit=limit)

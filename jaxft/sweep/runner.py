@@ -14,9 +14,11 @@ import dataclasses
 import json
 import shlex
 import time
+import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
+from jaxft.errors import ConfigError, UserError
 from jaxft.io import atomic, folders
 from jaxft.sweep.spec import Run, check, resolve_references
 
@@ -68,7 +70,7 @@ def _finished_before(r: Run, workdir: Path) -> bool:
     if record is None or record.get("status") != "finished":
         return False
     if record["settings"] != _settings(r):
-        raise ValueError(
+        raise ConfigError(
             f"sweep run {r.name!r} in {workdir} finished with other settings ({record['settings']}) than "
             f"now ({_settings(r)}): use another sweep folder, or delete {workdir} to rerun it")
     return True
@@ -87,13 +89,13 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str | Path, *, only: Sequence[str]
     if only:
         unknown = sorted(set(only) - {r.name for r in ordered})
         if unknown:
-            raise ValueError(f"--only {', '.join(unknown)}: not runs of this sweep ({', '.join(r.name for r in ordered)})")
+            raise ConfigError(f"--only {', '.join(unknown)}: not runs of this sweep ({', '.join(r.name for r in ordered)})")
     configs = {}  # every run's config errors before the first run starts
     for r in ordered:
         try:
             configs[r.name] = jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir))
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"sweep run {r.name!r}: {err}") from err
+        except (ValueError, FileNotFoundError, UserError) as err:
+            raise ConfigError(f"sweep run {r.name!r}: {err}") from err
     for r in ordered:  # a run's folder that is not a run (a model, an export, data) is refused before any write
         if not only or r.name in only:
             folders.check_workdir(sweep_dir / r.name, configs[r.name])
@@ -123,6 +125,8 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str | Path, *, only: Sequence[str]
         except Exception as err:  # noqa: BLE001 - recorded, reported, and the sweep goes on
             result.failed[r.name] = f"{type(err).__name__}: {err}"
             _write(workdir / RECORD, {**record, "status": "failed", "error": result.failed[r.name]})
+            if not isinstance(err, UserError):  # a bug or an outside failure: where it happened
+                log("".join(traceback.format_exception(err)).rstrip())
             log(f"[{i}/{len(ordered)}] {r.name}: FAILED: {result.failed[r.name]}")
             continue
         # Wall time of the invocation that finished it (a resumed run: since it resumed).

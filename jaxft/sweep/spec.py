@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from jaxft.config import config_file_error, merge_overrides
+from jaxft.errors import ConfigError, PathError
 
 KINDS = ("sft", "dpo")
 _REFERENCE = re.compile(r"^@([^/]+)(?:/(.*))?$")
@@ -68,10 +69,10 @@ def grid(axes: Mapping[str, Sequence[Any]], *, kind: str, config: str | None = N
     keys = list(axes)
     values = [list(axes[k]) for k in keys]
     if not keys or any(not v for v in values):
-        raise ValueError(f"a sweep needs at least one key with at least one value; got {dict(axes)}")
+        raise ConfigError(f"a sweep needs at least one key with at least one value; got {dict(axes)}")
     if paired and len({len(v) for v in values}) > 1:
         lengths = ", ".join(f"{k}: {len(v)}" for k, v in zip(keys, values))
-        raise ValueError(f"--zip pairs the i-th values of every key, so each needs as many; got {lengths}")
+        raise ConfigError(f"--zip pairs the i-th values of every key, so each needs as many; got {lengths}")
     combos = zip(*values) if paired else itertools.product(*values)
     runs = []
     for combo in combos:
@@ -85,7 +86,7 @@ def parse_axis(flag: str) -> tuple[str, list[str]]:
     (dpo.loss_type=sigmoid,sft) are separated with "|" instead: "dpo.loss_type=sigmoid|sigmoid,sft"."""
     key, sep, values = flag.partition("=")
     if not sep or not key or not values:
-        raise ValueError(f"--sweep {flag!r}: expected KEY=VALUE1,VALUE2,... (e.g. dpo.beta=0.05,0.1)")
+        raise ConfigError(f"--sweep {flag!r}: expected KEY=VALUE1,VALUE2,... (e.g. dpo.beta=0.05,0.1)")
     return key.strip(), [v.strip() for v in values.split("|" if "|" in values else ",")]
 
 
@@ -98,7 +99,7 @@ def infer_kind(config_spec: str) -> str:
     kind = getattr(_module(path), "KIND", None) if path.is_file() else None
     if kind in KINDS:
         return kind
-    raise ValueError(f"cannot tell whether {config_spec} is an SFT or a DPO config: pass --kind sft|dpo "
+    raise ConfigError(f"cannot tell whether {config_spec} is an SFT or a DPO config: pass --kind sft|dpo "
                      f"(or set KIND = 'sft' in the file)")
 
 
@@ -110,7 +111,7 @@ def _module(path: Path, what: str = "config file"):
     try:
         spec.loader.exec_module(module)
     except Exception as err:  # noqa: BLE001 - a mistake in the file: where, not a traceback into it
-        raise ValueError(f"{what} {path}: {config_file_error(err, path)}") from err
+        raise ConfigError(f"{what} {path}: {config_file_error(err, path)}") from err
     return module
 
 
@@ -120,18 +121,18 @@ def load_sweep_file(spec: str) -> list[Run]:
     file, _, arg = spec.partition(":")
     path = Path(file)
     if not path.is_file():
-        raise FileNotFoundError(f"sweep file {path} not found")
+        raise PathError(f"sweep file {path} not found")
     module = _module(path, "sweep file")
     if not callable(getattr(module, "get_sweep", None)):
-        raise ValueError(f"sweep file {path} has no get_sweep(): a sweep file is a config file (get_config) "
+        raise ConfigError(f"sweep file {path} has no get_sweep(): a sweep file is a config file (get_config) "
                          f"whose get_sweep() returns its runs (jaxft.sweep.grid / jaxft.sweep.run)")
     try:
         runs = list(module.get_sweep(arg) if arg else module.get_sweep())
     except Exception as err:  # noqa: BLE001 - as a failure at import
-        raise ValueError(f"sweep file {path}: {config_file_error(err, path)}") from err
+        raise ConfigError(f"sweep file {path}: {config_file_error(err, path)}") from err
     bad = next((r for r in runs if not isinstance(r, Run)), None)
     if bad is not None:
-        raise ValueError(f"sweep file {path}: get_sweep() must return runs (jaxft.sweep.grid / "
+        raise ConfigError(f"sweep file {path}: get_sweep() must return runs (jaxft.sweep.grid / "
                          f"jaxft.sweep.run), got {type(bad).__name__} {bad!r:.80}")
     return [dataclasses.replace(r, config=r.config or spec) for r in runs]
 
@@ -142,16 +143,16 @@ def check(runs: Sequence[Run]) -> list[Run]:
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"sweep runs must have distinct names; repeated: {', '.join(dupes)}")
+        raise ConfigError(f"sweep runs must have distinct names; repeated: {', '.join(dupes)}")
     by_name = {r.name: r for r in runs}
     for r in runs:
         if r.kind not in KINDS:
-            raise ValueError(f"sweep run {r.name!r}: kind {r.kind!r} is not one of {', '.join(KINDS)}")
+            raise ConfigError(f"sweep run {r.name!r}: kind {r.kind!r} is not one of {', '.join(KINDS)}")
         if not r.config:
-            raise ValueError(f"sweep run {r.name!r} has no config (configs/NAME.py[:preset])")
+            raise ConfigError(f"sweep run {r.name!r} has no config (configs/NAME.py[:preset])")
         for d in r.depends_on():
             if d not in by_name:
-                raise ValueError(f"sweep run {r.name!r} refers to @{d}, which is not a run of this sweep; "
+                raise ConfigError(f"sweep run {r.name!r} refers to @{d}, which is not a run of this sweep; "
                                  f"runs: {', '.join(names)}")
     ordered, state = [], {}
 
@@ -159,7 +160,7 @@ def check(runs: Sequence[Run]) -> list[Run]:
         if state.get(r.name) == "done":
             return
         if r.name in path:
-            raise ValueError(f"sweep runs refer to each other in a circle: {' -> '.join((*path, r.name))}")
+            raise ConfigError(f"sweep runs refer to each other in a circle: {' -> '.join((*path, r.name))}")
         for d in r.depends_on():
             visit(by_name[d], (*path, r.name))
         state[r.name] = "done"
