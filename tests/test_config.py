@@ -78,6 +78,7 @@ def test_every_shipped_config_file_loads(path, tmp_path):
     spec = f"{CONFIGS / path}:{arg}" if arg else str(CONFIGS / path)
     config = config_lib.load(spec)
     assert config.is_locked and config.train.batch_size > 0
+    assert config_lib.typed(config).to_dict() == config.to_dict()  # every key known, of its type
     if path.name == "quickstart.py":
         assert config.model.path == str(tmp_path / "base")
 
