@@ -97,15 +97,19 @@ def test_policy_equals_reference_gives_ln2_and_zero_rewards_and_reference_stays_
             assert np.array_equal(before, np.asarray(after))
 
 
-def test_precomputed_reference_equals_on_the_fly(pairs, tmp_path, monkeypatch):
+def test_precomputed_reference_equals_on_the_fly_and_accumulation_equals_one_batch(pairs, tmp_path, monkeypatch):
+    """The reference on the fly accumulating 4 micro-batches (2 pairs each: rows split over 2
+    devices, the rest tensor-parallel) against the precomputed table in one batch: equal losses,
+    rewards and evaluations prove both (issue 23: one pair of runs, was two tests of two runs)."""
     import jaxft.tasks.dpo as dpo_task
 
     passes = []  # held-out passes: the policy's at each evaluation, the frozen reference's once
     counted = dpo_task.pair_pass
     monkeypatch.setattr(dpo_task, "pair_pass", lambda *a: passes.append(1) or counted(*a))
-    configs = [dpo_config(pairs, precompute=False), dpo_config(pairs, precompute=True)]
+    configs = [dpo_config(pairs, precompute=False, accumulate=4), dpo_config(pairs, precompute=True)]
     for c in configs:
         c.data.eval, c.train.eval_every = pairs, 2
+        c.mesh.data, c.mesh.tensor = 2, -1
     run(configs[0], tmp_path / "fly", kind="dpo", export=False)
     assert len(passes) == 2 + 1  # evaluations at steps 2 and 4, the reference's pass once
     run(configs[1], tmp_path / "pre", kind="dpo", export=False)
@@ -114,22 +118,11 @@ def test_precomputed_reference_equals_on_the_fly(pairs, tmp_path, monkeypatch):
     for a, b in zip(fly, pre):
         assert abs(a["loss"] - b["loss"]) < 1e-5
         assert abs(a["rewards/margins"] - b["rewards/margins"]) < 1e-5
+        assert abs(a["rewards/accuracies"] - b["rewards/accuracies"]) < 1e-6
     evals = [[r["eval_loss"] for r in read_metrics(tmp_path / name) if "eval_loss" in r] for name in ("fly", "pre")]
     assert len(evals[0]) == len(evals[1]) == 2  # the reused reference log-probs are the precomputed table's
     assert np.allclose(evals[0], evals[1], atol=1e-5) and evals[0][1] != evals[0][0]
     assert list((tmp_path / "pre" / "reference_logps").glob("*.npy"))
-
-
-def test_accumulated_run_equals_plain(pairs, tmp_path):
-    configs = [dpo_config(pairs, steps=2), dpo_config(pairs, steps=2, accumulate=4)]
-    for c in configs:  # 2 pairs per micro-batch: split rows over 2 devices, tensor-parallel the rest
-        c.mesh.data, c.mesh.tensor = 2, -1
-    run(configs[0], tmp_path / "plain", kind="dpo", export=False)
-    run(configs[1], tmp_path / "acc", kind="dpo", export=False)
-    plain, acc = losses_of(tmp_path / "plain"), losses_of(tmp_path / "acc")
-    for a, b in zip(plain, acc):
-        assert abs(a["loss"] - b["loss"]) < 1e-5
-        assert abs(a["rewards/accuracies"] - b["rewards/accuracies"]) < 1e-6
 
 
 def test_rewards_accuracies_rise_on_separable_pairs(pairs, tmp_path):
