@@ -17,14 +17,22 @@ REPO = Path(__file__).resolve().parents[1]
 def _user_error_cases(tmp):
     """(argv, the UserError class, what the one line says): each fails before any model loads."""
     (tmp / "eval.jsonl").write_text('{"prompt": "1 + 1 ="}\n')  # no answer
-    missing = tmp / "missing.jsonl"
+    missing, file = tmp / "missing.jsonl", tmp / "file.txt"
+    file.write_text("x")
+    sft = ["sft", "--config", f"{REPO / 'configs' / 'sft.py'}:tiny"]
     return [
         (["eval", "--model", str(tmp / "no_model"), "--data", str(missing)], PathError,
          [f"--data {missing}: the file does not exist"]),
         (["eval", "--model", str(tmp / "no_model"), "--data", str(tmp / "eval.jsonl")], DataError,
          [f"{tmp / 'eval.jsonl'} line 1: needs an 'answer' field"]),
-        (["sft", "--config", f"{REPO / 'configs' / 'sft.py'}:tiny", "--workdir", str(tmp / "w"),
-          "--config.train.report_to=bogus"], ConfigError, ["config key train.report_to: unknown tracker 'bogus'"]),
+        ([*sft, "--workdir", str(tmp / "w"), "--config.train.report_to=bogus"], ConfigError,
+         ["config key train.report_to: unknown tracker 'bogus'"]),
+        # Paths to write that Python would refuse deep inside the write: named where jaxft takes them.
+        ([*sft, "--workdir", str(file / "w")], ConfigError, [f"workdir {file / 'w'} is under {file}, which is a file"]),
+        (["export", str(tmp / "run"), "--out", str(file / "o")], PathError, [f"--out {file / 'o'}: {file} is a file"]),
+        (["plot", str(tmp / "run"), "--out", str(tmp / "no" / "x.png")], PathError,
+         [f"--out {tmp / 'no' / 'x.png'}: the folder {tmp / 'no'} does not exist"]),
+        (["compare", str(tmp / "run"), "--out", str(file)], PathError, [f"--out {file} is a file; give a folder"]),
     ]
 
 

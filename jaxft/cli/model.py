@@ -4,6 +4,7 @@ what such a folder generates and scores."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from jaxft.cli.common import _positive_int
 
@@ -21,8 +22,11 @@ def _export(argv):
                       help="LoRA run: a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     a = p.parse_args(argv)
     from jaxft.io.export import export_checkpoint
+    from jaxft.io.folders import check_output
     from jaxft.models.config import parse_dtype
 
+    if not os.path.lexists(a.out):  # not under a file (export names what an existing --out is)
+        check_output(a.out, "--out", folder=True)
     out = export_checkpoint(a.workdir, a.out, step=a.step, dtype=parse_dtype(a.dtype, key="--dtype"), kind=a.kind)
     print(f"exported to {out}")
 

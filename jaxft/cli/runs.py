@@ -80,8 +80,11 @@ def _compare(argv):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
     a = p.parse_args(argv)
+    from jaxft.io.folders import check_output
     from jaxft.sweep import compare
 
+    if a.out:
+        check_output(a.out, "--out", folder=True)
     table = compare(a.dirs, metric=a.metric, out_dir=a.out, eval_data=a.data, eval_pairs=a.pairs,
                     max_new_tokens=a.max_new_tokens, limit=a.limit)
     print(table.markdown())
@@ -93,6 +96,9 @@ def _plot(argv):
     p.add_argument("workdir")
     p.add_argument("--out", default=None, help="default: WORKDIR/metrics.png")
     a = p.parse_args(argv)
+    from jaxft.io.folders import check_output
     from jaxft.io.metrics import plot
 
+    if a.out:
+        check_output(a.out, "--out", folder=False)
     print(f"wrote {plot(a.workdir, a.out)}")

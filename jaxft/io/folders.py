@@ -197,6 +197,9 @@ def workdir_problem(path: str | Path, config=None) -> str | None:
     if path.exists() and not path.is_dir():
         hint = f" (a dataset? to train on it, set --config.data.train={path})" if _is_data_file(path) else ""
         return f"is a file, not a folder{hint}"
+    above = _nearest_existing(path)
+    if not above.is_dir():
+        return f"is under {above}, which is a file, not a folder"
     real, inputs = path.resolve(), [] if config is None else config_inputs(config)
     for key, value in inputs:
         value = value.resolve()
@@ -220,8 +223,29 @@ def workdir_problem(path: str | Path, config=None) -> str | None:
     return None
 
 
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest folder (or file) above it that exists."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path(path.anchor or "."))
+
+
+def check_output(path: str | Path, flag: str, *, folder: bool) -> Path:
+    """`path` as a place to write a folder (`folder`) or a file: a PathError naming `flag` unless
+    it is missing or of that kind, and the nearest existing path above it is a folder (where a
+    file's parent must already exist). Python's own error would come from deep in the write."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise PathError(f"{flag} {path} is a {'file' if folder else 'folder'}; give "
+                        f"{'a folder' if folder else 'a file name'} to write")
+    above = _nearest_existing(path.parent)
+    if not above.is_dir():
+        raise PathError(f"{flag} {path}: {above} is a file, not a folder")
+    if not folder and above != path.parent:
+        raise PathError(f"{flag} {path}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
 def check_workdir(path: str | Path, config=None) -> None:
-    """Raises ValueError, saying what `path` is and what to do, unless a run may write into it
+    """Raises ConfigError, saying what `path` is and what to do, unless a run may write into it
     (`workdir_problem`). Called by `jaxft.run` before anything is written."""
     problem = workdir_problem(path, config)
     if problem:
@@ -231,7 +255,7 @@ def check_workdir(path: str | Path, config=None) -> None:
 
 def model_folder(path: str | Path, *, flag: str = "--model") -> Path:
     """The Hugging Face model folder `path` names: `path` itself, or, for a run's workdir, its
-    export WORKDIR/hf. Raises FileNotFoundError / ValueError saying what `path` is instead
+    export WORKDIR/hf. Raises PathError / ConfigError saying what `path` is instead
     and what to pass (`flag` is the option or config key being read)."""
     path = Path(path)
     if is_workdir(path):

@@ -20,6 +20,7 @@ from jaxft.config import base_config, lock
 from jaxft.errors import ConfigError
 from jaxft.io import atomic
 from jaxft.io.checkpoint import workdir_path
+from jaxft.io.folders import check_output
 
 STAGES = ("base", "sft", "dpo")
 
@@ -118,6 +119,7 @@ QUICKSTART_ENTRIES = ("data", "base", "sft", "dpo", "results.json")  # what a qu
 def _check_quickstart_folder(workdir: Path) -> None:
     """Raises unless `workdir` is missing, empty or an earlier quickstart's folder (rerun: resumes)."""
     if not workdir.exists():
+        check_output(workdir, "--workdir", folder=True)  # not under a file
         return
     if not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; give a new folder for the quickstart")
