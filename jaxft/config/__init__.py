@@ -19,7 +19,7 @@ on a preset that fixes train.steps trains 2 epochs.
 """
 
 from jaxft.config.load import (RIVALS, apply_overrides, clear_rivals, config_file_error, from_json, load,
-                               load_file, lock, merge_overrides, to_json)
+                               load_file, lock, merge_overrides, set_key, to_json)
 from jaxft.config.schema import (Config, DataSection, DpoSection, LoraSection, MeshSection, ModelSection,
                                  OptimSection, TrainSection, base_config, from_dict, key_table, section_docs,
                                  typed)
@@ -28,5 +28,5 @@ from jaxft.config.validate import validate
 
 __all__ = ["RIVALS", "Config", "DataSection", "DpoSection", "LoraSection", "MeshSection", "ModelSection",
            "OptimSection", "TrainSection", "apply_overrides", "base_config", "clear_rivals", "config_file_error",
-           "from_dict", "from_json", "from_saved", "key_table", "load", "load_file", "lock", "merge_overrides", "section_docs",
-           "to_json", "typed", "upgrade", "validate"]
+           "from_dict", "from_json", "from_saved", "key_table", "load", "load_file", "lock", "merge_overrides",
+           "section_docs", "set_key", "to_json", "typed", "upgrade", "validate"]

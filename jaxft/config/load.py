@@ -15,7 +15,7 @@ import ml_collections
 
 from jaxft.config.schema import Config, check_type
 from jaxft.config.upgrade import upgrade
-from jaxft.errors import ConfigError
+from jaxft.errors import ConfigError, PathError
 
 
 # Pairs of keys that set one thing two ways: each is given when > 0, and the first wins when
@@ -33,7 +33,7 @@ def clear_rivals(config: ml_collections.ConfigDict, given: Iterable[str]) -> Non
     given = set(given)
     for key in given & _RIVAL.keys():
         if _RIVAL[key] not in given and _get(config, key) > 0:
-            _override(config, _RIVAL[key], 0)
+            set_key(config, _RIVAL[key], 0)
 
 
 def merge_overrides(*layers: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,12 +68,12 @@ def load(spec: str, overrides: Mapping[str, Any] | None = None) -> ml_collection
 
 def load_file(spec: str) -> ml_collections.ConfigDict:
     """The ConfigDict config file `spec` ("FILE[:ARG]") returns, the file run once (see `load`).
-    FileNotFoundError when it is missing; ConfigError, "config file FILE: line N: NameError: ...",
+    PathError (an OSError) when it is missing; ConfigError, "config file FILE: line N: NameError: ...",
     when running it fails or it returns no ConfigDict."""
     path, _, arg = spec.partition(":")
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"config file {path!r} not found (spec {spec!r})")
+        raise PathError(f"config file {path!r} not found (spec {spec!r})")
     module_spec = importlib.util.spec_from_file_location(f"jaxft_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
     call = f"get_config({arg!r})" if arg else "get_config()"
@@ -114,7 +114,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
     """Sets each dotted key of `overrides` (see `load`) in place; a key given without its rival
     clears the rival (`clear_rivals`)."""
     for key, value in overrides.items():
-        _override(config, key, value)
+        set_key(config, key, value)
     clear_rivals(config, overrides)
 
 
@@ -124,14 +124,17 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     return config
 
 
-def _override(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+def set_key(config: ml_collections.ConfigDict, key: str, value: Any) -> None:
+    """Sets dotted `key` of `config` to `value` (a string parsed as the command line parses it
+    when the key is not a string); ConfigError naming the key when it does not exist or the
+    value has the wrong type. (Rivals: `apply_overrides`, `clear_rivals`.)"""
     parts = key.split(".")
     parent = node = config
     for part in parts:
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             options = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
             close = difflib.get_close_matches(part, options, n=1)
-            hint = f'; did you mean "{close[0]}"?' if close else ""
+            hint = f'. Did you mean "{close[0]}"?' if close else ""
             raise ConfigError(f"config key {key!r} does not exist{hint}")
         parent, node = node, node[part]
     if isinstance(value, str) and not isinstance(node, str):

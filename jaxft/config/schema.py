@@ -241,7 +241,7 @@ def check_type(name: str, value: Any, kind: type) -> Any:
 
 def _did_you_mean(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
-    return f'; did you mean "{close[0]}"?' if close else ""
+    return f'. Did you mean "{close[0]}"?' if close else ""
 
 
 __all__ = ["Config", "DataSection", "DpoSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection",
