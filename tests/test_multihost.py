@@ -162,9 +162,7 @@ def _run_all(cmds_envs):
     return outputs
 
 
-def test_two_hosts_train_sft_like_one_and_their_checkpoint_resumes_in_one_process_on_other_meshes(tmp_path):
-    import shutil
-
+def test_two_hosts_train_sft_like_one_and_their_checkpoint_resumes_in_one_process_on_another_mesh(tmp_path):
     # 2 processes x 4 devices on mesh (2, 4, 1), packed rows, accumulation 2: two steps,
     # checkpointed at step 2, beside the uninterrupted one-process run of four steps.
     _run_all([(_sft_cmd(tmp_path / "ref", 4, 2, 4, 1, accumulate=2), env_for(8)),
@@ -173,11 +171,9 @@ def test_two_hosts_train_sft_like_one_and_their_checkpoint_resumes_in_one_proces
     assert len(ref) == 4
     assert losses(tmp_path / "two") == pytest.approx(ref[:2], abs=1e-5)
     assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()  # process 0 exported
-    shutil.copytree(tmp_path / "two", tmp_path / "two_b")
-    # The resumes, resharded: (1, 4, 2) without accumulation, and (1, 1, 8).
-    _run_all([(_sft_cmd(tmp_path / "two", 4, 1, 4, 2, accumulate=1), env_for(8)),
-              (_sft_cmd(tmp_path / "two_b", 4, 1, 1, 8, accumulate=2), env_for(8))])
-    for workdir in ("two", "two_b"):
-        resumed = losses(tmp_path / workdir)
-        assert resumed[:2] == pytest.approx(ref[:2], abs=1e-5)  # the two-process steps
-        assert resumed[2:] == pytest.approx(ref[2:], abs=1e-5), workdir  # after resharding
+    # The resume, resharded: (1, 4, 2) without accumulation (one resume: a third process of
+    # eight devices onto (1, 1, 8) proved the same restore-onto-new-shardings path; issue 23).
+    _run_all([(_sft_cmd(tmp_path / "two", 4, 1, 4, 2, accumulate=1), env_for(8))])
+    resumed = losses(tmp_path / "two")
+    assert resumed[:2] == pytest.approx(ref[:2], abs=1e-5)  # the two-process steps
+    assert resumed[2:] == pytest.approx(ref[2:], abs=1e-5)  # after resharding
