@@ -38,8 +38,10 @@ def data(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
+def jax_cache() -> Path:
+    """The session's XLA compilation cache (tests/conftest.py): the child processes of both
+    workers and both files compile their 2-device programs once."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 @pytest.fixture(scope="module")

@@ -138,8 +138,10 @@ def test_resume_continues_the_exact_loss_curve(data, reference, tmp_path, monkey
 
 
 @pytest.fixture(scope="module")
-def jax_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("jax_cache")
+def jax_cache() -> Path:
+    """The session's XLA compilation cache (tests/conftest.py): the child processes of both
+    workers and both files compile their 2-device programs once."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def _start(workdir: Path, overrides: dict, log: Path, cache: Path, env: dict | None = None) -> subprocess.Popen:
