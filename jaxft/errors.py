@@ -29,4 +29,8 @@ class PathError(UserError, OSError):
     or flag that gave it)."""
 
 
-__all__ = ["ConfigError", "DataError", "PathError", "UserError"]
+class SetupError(UserError, RuntimeError):
+    """An optional dependency a command needs is not installed (message: what to pip install)."""
+
+
+__all__ = ["ConfigError", "DataError", "PathError", "SetupError", "UserError"]

@@ -9,6 +9,7 @@ check it can resume -> mesh -> tokenizer -> data -> model and train state -> the
 
 from __future__ import annotations
 
+from jaxft.errors import DataError
 import dataclasses
 import logging
 from pathlib import Path
@@ -26,6 +27,7 @@ from jaxft.parallel.agreement import check_hosts_agree
 from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
 from jaxft.steps.optimizer import optimizer_from_config
 from jaxft.steps.state import create_train_state
+from jaxft.steps.weights import Weights
 from jaxft.tasks import RunContext, get_task
 
 log = logging.getLogger("jaxft")
@@ -57,8 +59,9 @@ def total_steps(config, data) -> int:
     return run_length(config, data)[0]
 
 
-def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) -> RunResult:
-    """Trains (or resumes) a run in `workdir`; returns the logged metrics and export folder."""
+def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True, hooks=()) -> RunResult:
+    """Trains (or resumes) a run in `workdir`; returns the logged metrics and export folder.
+    hooks: extra `jaxft.loop.Hook`s (e.g. `Hook(fn, every=100)`), run after the built-in ones."""
     # Config errors first, before anything is written to the workdir.
     task_type = get_task(kind)
     config_lib.validate(config)
@@ -72,10 +75,10 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True) 
     workdir = checkpoint.workdir_path(workdir)
     # Before anything else writes there: a second run on the workdir stops here, naming the first.
     with lock.acquire_for_run(workdir):
-        return _run_locked(config, workdir, kind, task_type, mesh, export)
+        return _run_locked(config, workdir, kind, task_type, mesh, export, hooks)
 
 
-def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool) -> RunResult:
+def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool, hooks=()) -> RunResult:
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     resuming = ckpt.latest_step() is not None
     # A run that never saved a step starts afresh, whatever config.json it left.
@@ -99,12 +102,11 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool)
         graphdef, params, frozen = load_trainable(config, model_cfg, mesh)
         state, state_shardings = create_train_state(params, tx, mesh)
         del params  # the state holds its own copy
-        frozen_shardings = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
-        context = RunContext(config=config, workdir=workdir, mesh=mesh, tokenizer=tokenizer,
-                             model_config=model_cfg, graphdef=graphdef, tx=tx, schedule=schedule,
-                             state_shardings=state_shardings, train_data=train, eval_data=held_out,
-                             frozen=frozen, frozen_shardings=frozen_shardings)
-        task = task_type(context, state["params"])
+        context = RunContext(config=config, model_config=model_cfg, mesh=mesh,
+                             weights=Weights.of(graphdef, state_shardings["params"], frozen), tx=tx,
+                             schedule=schedule, state_shardings=state_shardings, workdir=workdir,
+                             tokenizer=tokenizer, train_data=train, eval_data=held_out)
+        task = task_type.create(context, state["params"])
         if resuming:
             # A damaged newest step falls back to the one before (logged, moved aside, kept).
             state, meta, _ = ckpt.restore_newest_good(checkpoint.abstract_like(state, state_shardings))
@@ -112,7 +114,7 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool)
                 train.set_state(meta["data"])
             except ValueError as err:  # data changed: name the keys that may explain it
                 hint = checkpoint.data_change_hint(meta.get("config") or saved or {}, config.to_dict())
-                raise ValueError(f"{err}{hint}") from None
+                raise DataError(f"{err}{hint}") from None
             log.info("resumed %s at step %d", workdir, int(state["step"]))
 
         writer = MetricsWriter(workdir, report_to=config.train.report_to, start_step=int(state["step"]),
@@ -122,7 +124,7 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool)
         completed = interrupted = False
         try:
             state, logged = train_loop(state, task, train, config=config, steps=steps, model_config=model_cfg,
-                                       checkpointer=ckpt, writer=writer, stop=stop)
+                                       checkpointer=ckpt, writer=writer, stop=stop, hooks=hooks)
             completed = True
         except KeyboardInterrupt:  # a second Ctrl-C: the user will not wait for a save
             interrupted = True

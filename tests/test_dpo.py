@@ -14,7 +14,8 @@ from jaxft.models.from_config import split_params
 from jaxft.parallel import sharding
 from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.pipeline import make_eval_batches
-from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
+from jaxft.steps.common import jit_step
+from jaxft.steps.dpo import batch_shardings, make_dpo_step
 from jaxft.models import create_model, get_preset
 from jaxft.steps.optimizer import make_optimizer
 from jaxft.parallel.batches import to_global
@@ -81,8 +82,8 @@ def test_policy_equals_reference_gives_ln2_and_zero_rewards_and_reference_stays_
         state, shardings = create_train_state(params, tx, mesh)
         step = make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
                              reference_mode="params", num_segments=1, rows_per_pair=2)
-        jitted = jit_dpo_step(step, state_shardings=shardings,
-                              reference_shardings=jax.tree.map(lambda x: x.sharding, reference), mesh=mesh)
+        jitted = jit_step(step, state_shardings=shardings, batch_sharding=batch_shardings(mesh),
+                          leading_shardings=(jax.tree.map(lambda x: x.sharding, reference),))
         batches = list(make_eval_batches(pairs, tok, kind="dpo", batch_size=8, max_length=64, packing=False))
         state, m = jitted(state, reference, to_global(batches[0], mesh))
         assert abs(float(m["loss"]) - math.log(2)) < 1e-6

@@ -93,14 +93,7 @@ def test_the_data_errors_of_records_are_user_errors():
 # A message that names a config key or a flag is a user error: raised as a builtin, the CLI would
 # print it with a traceback and call it a bug. PENDING: sites their owners convert (issue 23);
 # the test fails when one of them is gone, so the list only shrinks.
-PENDING = {
-    ("jaxft/perf/bench.py", "--compare {}: choose from"),
-    ("jaxft/perf/bench_torch.py", "--compare torch needs PyTorch"),
-    ("jaxft/perf/bench_tunix.py", "--compare tunix: Tunix's llama3"),
-    ("jaxft/perf/bench_tunix.py", "--compare tunix needs Tunix"),
-    ("jaxft/perf/plan.py", "config key model.path: no model"),
-    ("jaxft/tasks/dpo.py", "config key dpo.loss_weights:"),
-}
+PENDING: set[tuple[str, str]] = set()
 BUILTINS = {"ValueError", "OSError", "FileNotFoundError", "RuntimeError", "KeyError", "TypeError"}
 
 

@@ -26,7 +26,7 @@ from jaxft.models.peft import load_peft, save_peft
 from jaxft.parallel import sharding
 from jaxft.parallel.batches import to_global
 from jaxft.steps.common import jit_step
-from jaxft.steps.dpo import jit_dpo_step, make_dpo_step, make_pair_logps_fn
+from jaxft.steps.dpo import batch_shardings, make_dpo_step, make_pair_logps_fn
 from jaxft.steps.optimizer import make_optimizer
 from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
@@ -189,10 +189,10 @@ def test_dpo_with_adapters_off_reference_starts_at_ln2_and_equals_a_frozen_copy(
         fresh = init_adapters(lora_of(cfg, rank=4, alpha=8.0), seed=1, mesh=mesh)[1]
         state, shardings = create_train_state(fresh, tx, mesh)
         base_sh = jax.tree.map(lambda x: x.sharding, base)
-        step = jit_dpo_step(make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                                          reference_mode="params", num_segments=1, rows_per_pair=2),
-                            state_shardings=shardings, reference_shardings=None, mesh=mesh,
-                            frozen_shardings=base_sh)
+        step = jit_step(make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
+                                      reference_mode="params", num_segments=1, rows_per_pair=2),
+                        state_shardings=shardings, batch_sharding=batch_shardings(mesh), leading_shardings=(None,),
+                        frozen_shardings=base_sh)
         state, m = step(state, None, batch, base)  # the reference is the base itself: no copy
         assert abs(float(m["loss"]) - math.log(2)) < 1e-6
         for b in batches[1:4]:

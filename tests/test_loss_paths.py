@@ -15,7 +15,7 @@ from jaxft.models.from_config import split_params
 from jaxft.models.lora import PROJECTIONS, LoRASpec
 from jaxft.parallel import sharding
 from jaxft.steps.common import jit_step, token_logps_for, with_frozen
-from jaxft.steps.dpo import jit_dpo_step, make_dpo_step, pair_logps
+from jaxft.steps.dpo import batch_shardings, make_dpo_step, pair_logps
 from jaxft.steps.optimizer import make_optimizer
 from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
@@ -131,10 +131,11 @@ def qwen_vocab_steps():
                 chunk = losses.resolve_chunk_size(setting, QWEN_VOCAB)
                 sft = jit_step(make_sft_step(graphdef, tx, schedule, loss_chunk_size=chunk),
                                state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh))
-                dpo = jit_dpo_step(make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                                                 reference_mode="table", num_segments=1, rows_per_pair=2,
-                                                 loss_chunk_size=chunk),
-                                   state_shardings=shardings, reference_shardings=sharding.replicated(mesh), mesh=mesh)
+                dpo = jit_step(make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
+                                             reference_mode="table", num_segments=1, rows_per_pair=2,
+                                             loss_chunk_size=chunk),
+                               state_shardings=shardings, batch_sharding=batch_shardings(mesh),
+                               leading_shardings=(sharding.replicated(mesh),))
                 out["sft", rows, setting] = sft.lower(abstract, row).compile().memory_analysis().temp_size_in_bytes
                 out["dpo", rows, setting] = dpo.lower(abstract, table, {**row, **pairs}).compile() \
                     .memory_analysis().temp_size_in_bytes

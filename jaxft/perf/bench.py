@@ -23,6 +23,7 @@ configured attention backend) and the steps' own jit with shardings and donation
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError
 import dataclasses
 import importlib
 import logging
@@ -33,19 +34,22 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-from jaxft.perf.bench_setup import batch_counts, bench_batch, bench_config
 from jaxft.io.metrics import device_peak_flops, train_flops_per_token
 from jaxft.models import create_model
-from jaxft.models.config import dtype_name
 from jaxft.models.adapters import init_adapters
+from jaxft.models.config import dtype_name
 from jaxft.models.from_config import split_params
 from jaxft.models.lora import PROJECTIONS, LoRASpec
 from jaxft.parallel import sharding
-from jaxft.steps.common import jit_step
-from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
+from jaxft.perf.bench_setup import batch_counts, bench_batch, bench_config, run_config
+from jaxft.steps.common import ROW_KEYS
 from jaxft.steps.optimizer import make_optimizer
-from jaxft.steps.sft import make_sft_step
 from jaxft.steps.state import create_train_state
+from jaxft.steps.weights import Weights
+from jaxft.tasks import StepSetup, TrainStep
+from jaxft.tasks.dpo import DPO
+from jaxft.tasks.dpo_reference import Reference
+from jaxft.tasks.sft import SFT
 
 KINDS = ("sft", "sft_full_logits", "dpo", "dpo_reference")
 # With --lora RANK: the LoRA SFT step (adapters train, the base is frozen) and DPO with adapters,
@@ -85,11 +89,12 @@ def _peak_bytes(compiled) -> int | None:
                + m.temp_size_in_bytes)
 
 
-def _jax_case(jitted, holder: dict, *args) -> Case:
-    """Compiles `jitted(state, *args)` ahead of time and times that plus a first step. All
-    cases share `holder["state"]`: each step donates it and leaves the new one there."""
+def _jax_case(step: TrainStep, holder: dict, batch) -> Case:
+    """Compiles the task's `step(state, batch)` ahead of time and times that plus a first step.
+    All cases share `holder["state"]`: each step donates it and leaves the new one there."""
     start = time.perf_counter()
-    compiled = jitted.lower(holder["state"], *args).compile()
+    args = (*step.leading, batch, *step.trailing)
+    compiled = step.lower(holder["state"], batch).compile()
     holder["state"] = jax.block_until_ready(compiled(holder["state"], *args)[0])
     compile_s = time.perf_counter() - start
 
@@ -155,26 +160,30 @@ def _check_compare(compare: Sequence[str]) -> None:
     """Raises, naming what to install, if a comparison cannot run."""
     for name in compare:
         if name not in COMPARE:
-            raise ValueError(f"--compare {name!r}: choose from {', '.join(COMPARE)}")
+            raise ConfigError(f"--compare {name!r}: choose from {', '.join(COMPARE)}")
         _library(name)[0].check_available()
 
 
-def _lora_cases(cfg, rank: int, base, tx, schedule, mesh) -> Callable[[dict, dict], dict[str, Case]]:
+def _setup(method: str, chunk_size: int | None, *, cfg, weights, tx, schedule, shardings, mesh) -> StepSetup:
+    """The StepSetup of `method`'s run config (`bench_setup.run_config`) on the bench's model."""
+    return StepSetup(config=run_config(method, chunk_size), model_config=cfg, mesh=mesh, weights=weights, tx=tx,
+                     schedule=schedule, state_shardings=shardings)
+
+
+def _lora_cases(cfg, rank: int, base, tx, schedule, mesh, chunk_size) -> Callable[[dict, dict], dict[str, Case]]:
     """`cases(sft_batch, dpo_batch)` -> {"sft_lora", "dpo_lora"}: LoRA of `rank` on every
     projection (alpha 2 x rank) over the frozen `base`; DPO's reference is the adapters off."""
     lora_cfg = cfg.replace(lora=LoRASpec(rank=rank, alpha=2.0 * rank, targets=PROJECTIONS))
     graphdef, adapters = init_adapters(lora_cfg, seed=1, mesh=mesh)
     state, shardings = create_train_state(adapters, tx, mesh)
     holder = {"state": state}
-    base_sh = jax.tree.map(lambda x: x.sharding, base)
+    kw = dict(cfg=lora_cfg, weights=Weights.of(graphdef, shardings["params"], base), tx=tx, schedule=schedule,
+              shardings=shardings, mesh=mesh)
 
     def cases(sft_batch, batch):
-        sft = jit_step(make_sft_step(graphdef, tx, schedule), state_shardings=shardings,
-                       batch_sharding=sharding.batch_sharding(mesh), frozen_shardings=base_sh)
-        dpo = jit_dpo_step(make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                                         reference_mode="params", num_segments=1, rows_per_pair=2),
-                           state_shardings=shardings, reference_shardings=None, mesh=mesh, frozen_shardings=base_sh)
-        return {"sft_lora": _jax_case(sft, holder, sft_batch, base), "dpo_lora": _jax_case(dpo, holder, None, batch, base)}
+        sft = SFT.build_train_step(_setup("sft", chunk_size, **kw))
+        dpo = DPO.build_train_step(_setup("dpo", chunk_size, **kw), Reference("adapters_off"))
+        return {"sft_lora": _jax_case(sft, holder, sft_batch), "dpo_lora": _jax_case(dpo, holder, batch)}
 
     return cases
 
@@ -228,12 +237,11 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
     """
     lengths = [lengths] if isinstance(lengths, int) else list(lengths)
     if not lengths or min(lengths) < 2 or batch_size < 2 or batch_size % 2:
-        raise ValueError(f"jaxft bench: need lengths >= 2 and an even batch size (rows = 2 x DPO pairs); "
+        raise ConfigError(f"jaxft bench: need lengths >= 2 and an even batch size (rows = 2 x DPO pairs); "
                          f"got lengths {lengths}, batch size {batch_size}")
     _check_compare(compare)  # before anything compiles
     cfg, settings = bench_config(preset, overrides=overrides, compute_dtype=compute_dtype, remat=remat,
                                  attention=attention, chunk_size=chunk_size)
-    chunk = settings["loss_chunk"]
     mesh = sharding.make_mesh(data=-1)
     rows_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     peak_flops = device_peak_flops()
@@ -253,24 +261,22 @@ def run_bench(*, preset: str = "tiny", batch_size: int = 8, lengths: int | Seque
         table = jax.device_put(jnp.zeros((batch_size // 2, 2), jnp.float32), replicated)
         kinds = KINDS + (LORA_KINDS if lora_rank else ())
         # The policy's initial params stay untouched (the full cases train copies): the LoRA base.
-        lora_cases = _lora_cases(cfg, lora_rank, params, tx, schedule, mesh) if lora_rank else None
+        lora_cases = _lora_cases(cfg, lora_rank, params, tx, schedule, mesh, chunk_size) if lora_rank else None
+
+        weights = Weights.of(graphdef, shardings["params"])
+        kw = dict(cfg=cfg, weights=weights, tx=tx, schedule=schedule, shardings=shardings, mesh=mesh)
+        # Each kind's step as a run builds it (`jaxft.tasks`), from the presetless recipes.
+        train_steps = {"sft": SFT.build_train_step(_setup("sft", chunk_size, **kw)),
+                 "sft_full_logits": SFT.build_train_step(_setup("sft", 0, **kw)),
+                 "dpo": DPO.build_train_step(_setup("dpo", chunk_size, **kw), Reference("table", table, replicated)),
+                 "dpo_reference": DPO.build_train_step(_setup("dpo", chunk_size, **kw),
+                                                       Reference("policy", reference, ref_shardings))}
 
         def jax_cases(host: dict) -> dict[str, Case]:
             batch = {k: jax.device_put(v, rows_sharding if v.ndim == 2 else replicated) for k, v in host.items()}
-            sft_batch = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "loss_mask")}
-            cases = {}
-            for name, loss_chunk in (("sft", chunk["sft"]), ("sft_full_logits", 0)):
-                step = jit_step(make_sft_step(graphdef, tx, schedule, loss_chunk_size=loss_chunk),
-                                state_shardings=shardings, batch_sharding=rows_sharding)
-                cases[name] = _jax_case(step, holder, sft_batch)
-            for name, mode, ref, ref_sh in (("dpo", "table", table, replicated),
-                                            ("dpo_reference", "params", reference, ref_shardings)):
-                step = jit_dpo_step(
-                    make_dpo_step(graphdef, tx, schedule, loss_kwargs={"loss_type": "sigmoid", "beta": 0.1},
-                                  reference_mode=mode, num_segments=1, rows_per_pair=2,
-                                  loss_chunk_size=chunk["dpo"]),
-                    state_shardings=shardings, reference_shardings=ref_sh, mesh=mesh)
-                cases[name] = _jax_case(step, holder, ref, batch)
+            sft_batch = {k: batch[k] for k in ROW_KEYS}
+            cases = {name: _jax_case(step, holder, sft_batch if name.startswith("sft") else batch)
+                     for name, step in train_steps.items()}
             if lora_cases:
                 cases.update(lora_cases(sft_batch, batch))
             return cases

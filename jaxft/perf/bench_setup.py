@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from jaxft.errors import ConfigError, PathError
 import numpy as np
 
 from jaxft.losses import resolve_chunk_size
@@ -25,25 +26,41 @@ CONFIGS = {method: Path(__file__).resolve().parents[2] / "configs" / f"{method}.
 MODEL_KEYS = ("dtype", "compute_dtype", "remat", "attention")
 
 
-def user_settings(configs: dict[str, str | Path] = CONFIGS) -> dict:
-    """What a user's run gets by default: {"model": {KEY: value} for MODEL_KEYS (model.KEY of
-    the SFT recipe, which the DPO recipe must match), "loss_chunk_size": {"sft": N, "dpo": N}
-    (train.loss_chunk_size as set: -1 auto, 0 whole logits, > 0 tokens)}."""
+def _load_configs(configs: dict[str, str | Path], overrides: dict | None = None) -> dict:
+    """{method: the locked ConfigDict of its recipe file, with `overrides`}."""
     from jaxft.config import load
 
     loaded = {}
     for method, path in configs.items():
         if not Path(path).is_file():
-            raise FileNotFoundError(f"jaxft bench runs the settings of {path}, which is not there: run it from "
+            raise PathError(f"jaxft bench runs the settings of {path}, which is not there: run it from "
                                     "a source checkout (pip install -e .)")
-        loaded[method] = load(str(path))
+        loaded[method] = load(str(path), overrides)
+    return loaded
+
+
+def user_settings(configs: dict[str, str | Path] = CONFIGS) -> dict:
+    """What a user's run gets by default: {"model": {KEY: value} for MODEL_KEYS (model.KEY of
+    the SFT recipe, which the DPO recipe must match), "loss_chunk_size": {"sft": N, "dpo": N}
+    (train.loss_chunk_size as set: -1 auto, 0 whole logits, > 0 tokens)}."""
+    loaded = _load_configs(configs)
     sft, dpo = loaded["sft"], loaded["dpo"]
     differ = [k for k in MODEL_KEYS if sft.model[k] != dpo.model[k]]
     if differ:
-        raise ValueError(f"jaxft bench builds one model for SFT and DPO, but {configs['sft']} and {configs['dpo']} "
+        raise ConfigError(f"jaxft bench builds one model for SFT and DPO, but {configs['sft']} and {configs['dpo']} "
                          f"set {', '.join(f'model.{k}' for k in differ)} differently")
     return {"model": {k: sft.model[k] for k in MODEL_KEYS},
             "loss_chunk_size": {method: int(c.train.loss_chunk_size) for method, c in loaded.items()}}
+
+
+def run_config(method: str, chunk_size: int | None = None):
+    """The run config the bench builds `method`'s steps from (`jaxft.tasks`, as a run builds
+    them): the presetless recipe, its train.loss_chunk_size replaced when `chunk_size` is given,
+    one micro-batch a step and unpacked rows (the bench batch's layout)."""
+    overrides = {"optim.accumulate": 1, "data.packing": False}
+    if chunk_size is not None:
+        overrides["train.loss_chunk_size"] = chunk_size
+    return _load_configs({method: CONFIGS[method]}, overrides)[method]
 
 
 def bench_config(preset: str, *, overrides: dict | None = None, compute_dtype=None, remat: str | None = None,
@@ -55,7 +72,7 @@ def bench_config(preset: str, *, overrides: dict | None = None, compute_dtype=No
     attention_backend, loss_chunk_size (as set), loss_chunk (as the steps use it: tokens, 0 =
     whole logits), overridden (the keys given)}. Fails on a bad name before anything compiles."""
     if chunk_size is not None and chunk_size < -1:
-        raise ValueError(f"jaxft bench: --chunk-size {chunk_size}: use -1 (auto), 0 (whole logits) or tokens > 0")
+        raise ConfigError(f"jaxft bench: --chunk-size {chunk_size}: use -1 (auto), 0 (whole logits) or tokens > 0")
     user = user_settings()
     model = user["model"]
     cfg = get_preset(preset).replace(**(overrides or {})).replace(

@@ -24,6 +24,7 @@ their bookkeeping):
 
 from __future__ import annotations
 
+from jaxft.errors import SetupError
 import contextlib
 import copy
 import os
@@ -38,7 +39,7 @@ def _import_torch():
         import torch
         import transformers
     except ImportError as err:
-        raise RuntimeError(
+        raise SetupError(
             f"--compare torch needs PyTorch and transformers ({err}); pip install torch transformers"
         ) from None
     return torch, transformers

@@ -17,6 +17,7 @@ at its own default precision: jaxft's compute dtype and remat are not passed to 
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError, SetupError
 import numpy as np
 
 
@@ -27,7 +28,7 @@ def _import_tunix():
         from tunix.sft import peft_trainer, utils
         from tunix.sft.dpo import dpo_trainer
     except ImportError as err:
-        raise RuntimeError(f"--compare tunix needs Tunix ({err}); pip install google-tunix") from None
+        raise SetupError(f"--compare tunix needs Tunix ({err}); pip install google-tunix") from None
     return llama3, peft_trainer, utils, dpo_trainer
 
 
@@ -46,7 +47,7 @@ def tunix_config(cfg):
     """Tunix's llama3 `ModelConfig` of a jaxft ModelConfig (Llama-architecture fields only)."""
     llama3, *_ = _import_tunix()
     if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.qk_norm or cfg.sliding_window:
-        raise ValueError(f"--compare tunix: Tunix's llama3 model has no biases, q/k norm or sliding window; "
+        raise ConfigError(f"--compare tunix: Tunix's llama3 model has no biases, q/k norm or sliding window; "
                          f"the {cfg.model_type} preset has them: bench a Llama-shaped preset (e.g. bench)")
     return llama3.ModelConfig(
         num_layers=cfg.num_layers, vocab_size=cfg.vocab_size, embed_dim=cfg.hidden_size,

@@ -14,6 +14,7 @@ compiled here, get an analytic estimate only.
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError, SetupError
 import dataclasses
 import importlib.util
 import math
@@ -107,7 +108,7 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        raise ValueError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
+        raise ConfigError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
 
 
 def topology_devices(target: Target) -> list:
@@ -115,7 +116,7 @@ def topology_devices(target: Target) -> list:
     # Checked here: without libtpu JAX's topology call fails with "JAX TPU support not
     # installed; cannot generate TPU topology", which names no extra to install.
     if importlib.util.find_spec("libtpu") is None:
-        raise RuntimeError(f"planning for {target.name} compiles for a TPU through libtpu, which is not "
+        raise SetupError(f"planning for {target.name} compiles for a TPU through libtpu, which is not "
                            f"installed: {INSTALL_HINT}")
     from jax.experimental import topologies
 
@@ -157,7 +158,7 @@ def plan_model_config(config):
     from jaxft.models.presets import get_preset
 
     if not config.model.path and not config.model.preset:
-        raise ValueError("config key model.path: no model; set --config.model.preset=NAME (e.g. llama3_8b) "
+        raise ConfigError("config key model.path: no model; set --config.model.preset=NAME (e.g. llama3_8b) "
                          "or --config.model.path=HF_FOLDER")
     if config.model.path or config.model.tokenizer:
         return model_config(config, load_tokenizer(config))
@@ -182,117 +183,75 @@ def _itemsize(dtype) -> float:
     return 0.5 if jnp.dtype(dtype).name in ("int4", "uint4") else jnp.dtype(dtype).itemsize
 
 
-def _rows(config, kind: str) -> tuple[int, int, int]:
-    """(global rows, pairs, segments per row) of one step's batch, as the data layer lays it out."""
-    from jaxft.tasks.dpo import DPO
-
-    b = config.train.batch_size
-    if kind == "sft":
-        return b, 0, 1
-    if config.data.packing:  # rows of up to S segments, S // 2 pair slots each
-        return b, b * (config.data.max_segments_per_row // 2), config.data.max_segments_per_row
-    return b * DPO.rows_per_example(config), b, 1
-
-
-def abstract_batch(config, kind: str, mesh) -> dict:
-    """The global batch as int32 ShapeDtypeStructs with the step's batch shardings."""
-    from jaxft.steps.common import ROW_KEYS
-    from jaxft.steps.dpo import PAIR_KEYS, batch_shardings
-
-    rows, pairs, _ = _rows(config, kind)
-    shardings = batch_shardings(mesh)
-    batch = {k: jax.ShapeDtypeStruct((rows, config.data.max_length), jnp.int32, sharding=shardings[k])
-             for k in ROW_KEYS}
-    if kind == "dpo":
-        batch.update({k: jax.ShapeDtypeStruct((pairs,), jnp.int32, sharding=shardings[k]) for k in PAIR_KEYS})
-    return batch
-
-
 @dataclasses.dataclass
 class _Step:
-    """The jitted step, its abstract arguments, and what the table reads off them."""
-    jitted: object
-    args: tuple
-    params: dict
-    opt_state: object
+    """The task's jitted step for the plan, its abstract arguments, and what the table reads off them."""
+    train_step: object  # jaxft.tasks.TrainStep
+    mesh: object
+    state: dict
+    batch: dict
     state_shardings: dict
     argument_bytes: int  # per device, from the shapes (XLA's own count when it compiles)
     note: str | None = None
     frozen_bytes: int = 0  # LoRA: the frozen base, per device (among the arguments)
 
+    @property
+    def params(self):
+        return self.state["params"]
+
+    @property
+    def opt_state(self):
+        return self.state["opt_state"]
+
+    def lower(self):
+        """The step lowered as a run lowers it: under the mesh (model code constrains
+        activations by the ambient mesh)."""
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(self.state, self.batch)
+
+
+def _sharded_bytes(tree) -> int:
+    """Per-device bytes of a tree of ShapeDtypeStructs (or arrays) by their own shardings."""
+    if tree is None:
+        return 0
+    return per_device_bytes(tree, jax.tree.map(lambda x: x.sharding, tree))
+
+
+def _task(kind: str):
+    """The Task class of `kind` (ValueError naming the known kinds)."""
+    from jaxft.tasks import get_task
+
+    return get_task(kind)
+
 
 def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
-    """The run's jitted step for `kind` and its abstract arguments (state, [reference,] batch)."""
-    from flax import nnx
-
-    from jaxft.models import abstract_model
-    from jaxft.models.adapters import lora_graphdef
-    from jaxft.models.from_config import base_quantization
-    from jaxft.models.quantize import quantize_base, quantized_shardings
-    from jaxft.parallel.sharding import param_shardings, replicated
-    from jaxft.steps.common import jit_step
-    from jaxft.steps.sft import make_sft_step
+    """The run's train step for `kind`, from the task (`TASKS[kind].build_train_step`, as a run
+    builds it) over abstract state, reference and batch: what plan compiles is what a run compiles."""
     from jaxft.steps.state import train_state_shardings
+    from jaxft.steps.weights import abstract_weights
+    from jaxft.tasks import StepSetup
 
-    chunk = loss_chunk_size(config, cfg)
-    accumulate = config.optim.accumulate
-    frozen = frozen_sh = None
-    with jax.set_mesh(mesh):  # Flax builds annotated params only under a mesh
-        if cfg.lora is None:
-            graphdef, abstract_state = nnx.split(abstract_model(cfg), nnx.Param)
-        else:  # trains the adapters; the base is a frozen, undonated argument
-            graphdef, abstract_state, abstract_base = lora_graphdef(cfg)
-            frozen_sh = nnx.to_pure_dict(param_shardings(abstract_base, mesh))
-            base = nnx.to_pure_dict(abstract_base)
-            quantization = base_quantization(config)
-            if quantization != "none":  # QLoRA: the base as the run stores it (codes + scales)
-                frozen_sh = quantized_shardings(cfg, base, frozen_sh, quantization, mesh)
-                base = jax.eval_shape(lambda b: quantize_base(cfg, b, quantization), base)
-            frozen = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), base, frozen_sh)
-    shardings = nnx.to_pure_dict(param_shardings(abstract_state, mesh))
-    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nnx.to_pure_dict(abstract_state), shardings)
+    task = _task(kind)
+    weights, params = abstract_weights(config, cfg, mesh)
     # Outside the mesh: optax's tree_map_params runs tx.init on a placeholder concretely,
     # and nothing can execute on compile-only TPU devices.
     state_sh = train_state_shardings(params, tx, mesh)
-    opt_state = jax.eval_shape(tx.init, params)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt_state}
-    batch = abstract_batch(config, kind, mesh)
-    arg_bytes = per_device_bytes(state, state_sh) + per_device_bytes(batch, {k: v.sharding for k, v in batch.items()})
-    frozen_bytes = per_device_bytes(frozen, frozen_sh) if frozen is not None else 0
-    extra = () if frozen is None else (frozen,)
-    if kind == "sft":
-        step = make_sft_step(graphdef, tx, schedule, accumulate=accumulate, loss_chunk_size=chunk)
-        jitted = jit_step(step, state_shardings=state_sh, batch_sharding=batch["tokens"].sharding,
-                          frozen_shardings=frozen_sh)
-        return _Step(jitted, (state, batch, *extra), params, opt_state, state_sh, arg_bytes + frozen_bytes,
-                     frozen_bytes=frozen_bytes)
-    from jaxft.steps.dpo import jit_dpo_step, make_dpo_step
-    from jaxft.tasks.dpo import DPO, loss_kwargs
-    from jaxft.tasks.dpo_reference import reference_mode
-
-    mode = reference_mode(config)
-    _, pairs, segments = _rows(config, kind)
-    if mode == "table":  # [N, 2] f32, replicated: one row per pair the run trains on
-        n = max(pairs * max(config.train.steps, 1), 1)
-        reference, ref_sh = jax.ShapeDtypeStruct((n, 2), jnp.float32), replicated(mesh)
-    elif mode == "params" and frozen is not None:  # LoRA: the frozen base, adapters off
-        reference, ref_sh = None, None
-    elif mode == "params":  # a frozen copy of the policy, sharded like it
-        reference, ref_sh = params, shardings
-    else:
-        reference, ref_sh = None, None
-    step = make_dpo_step(graphdef, tx, schedule, loss_kwargs=loss_kwargs(config), reference_mode=mode,
-                         num_segments=segments, rows_per_pair=DPO.rows_per_example(config),
-                         accumulate=accumulate, loss_chunk_size=chunk)
-    jitted = jit_dpo_step(step, state_shardings=state_sh, reference_shardings=ref_sh, mesh=mesh,
-                          frozen_shardings=frozen_sh)
-    ref_bytes = per_device_bytes(reference, ref_sh) if reference is not None else 0
-    note = f"DPO reference: {mode} ({ref_bytes / GIB:.3f} GiB per device, among the arguments)"
-    if mode == "params" and frozen is not None:
-        note = "DPO reference: the frozen base with the adapters off (no second copy)"
-    return _Step(jitted, (state, reference, batch, *extra), params, opt_state, state_sh,
-                 arg_bytes + ref_bytes + frozen_bytes, note, frozen_bytes=frozen_bytes)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=state_sh["step"]), "params": params,
+             "opt_state": jax.eval_shape(tx.init, params)}
+    setup = StepSetup(config=config, model_config=cfg, mesh=mesh, weights=weights, tx=tx, schedule=schedule,
+                      state_shardings=state_sh)
+    reference = task.abstract_reference(setup, params)
+    train_step = task.build_train_step(setup, reference)
+    batch = task.abstract_batch(config, mesh)
+    frozen_bytes = _sharded_bytes(weights.frozen)
+    ref_bytes = _sharded_bytes(None if reference is None else reference.value)
+    arg_bytes = per_device_bytes(state, state_sh) + _sharded_bytes(batch) + frozen_bytes + ref_bytes
+    note = None
+    if reference is not None:
+        note = f"DPO reference: {reference.variant} ({ref_bytes / GIB:.3f} GiB per device, among the arguments)"
+        if reference.variant == "adapters_off":
+            note = "DPO reference: the frozen base with the adapters off (no second copy)"
+    return _Step(train_step, mesh, state, batch, state_sh, arg_bytes, note, frozen_bytes=frozen_bytes)
 
 
 def compile_memory(step: _Step, mesh) -> tuple[dict, str | None]:
@@ -300,8 +259,7 @@ def compile_memory(step: _Step, mesh) -> tuple[dict, str | None]:
     because the step does not fit, its estimate (temporaries from its message, arguments from
     the shapes) and that message."""
     try:
-        with jax.set_mesh(mesh):  # model code constrains activations by the ambient mesh
-            m = step.jitted.lower(*step.args).compile().memory_analysis()
+        m = step.lower().compile().memory_analysis()
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -349,7 +307,7 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
         grads = params
     opt = 2 * params  # AdamW mu and nu, in the param dtype
     length = config.data.max_length
-    rows_dev = max(_rows(config, kind)[0] // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
+    rows_dev = max(_task(kind).batch_rows(config) // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
     tokens = rows_dev * length // mesh_shape["sequence"]  # context parallelism splits each row
     E, F, H, K, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     # What one layer keeps for the backward pass per token: norms, q/k/v, attention out, the
@@ -378,8 +336,7 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     from jaxft.parallel.sharding import check_batch_divisibility, make_mesh
     from jaxft.steps.optimizer import optimizer_from_config
 
-    if kind not in ("sft", "dpo"):
-        raise ValueError(f"kind={kind!r}: choose sft or dpo")
+    task = _task(kind)  # an unknown kind fails here, naming the known ones
     spec = get_target(target)
     cfg = plan_model_config(config)
     # model.attention "auto" picks by the local backend (this CPU): pick for the target instead.
@@ -388,8 +345,8 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
                      sequence=config.mesh.sequence)
     mesh_shape = dict(mesh.shape)
-    rows = _rows(config, kind)[0]
-    check_batch_divisibility(config, mesh, rows_per_example=rows // config.train.batch_size)
+    rows = task.batch_rows(config)
+    check_batch_divisibility(config, mesh, rows_per_example=task.rows_per_example(config))
     length = config.data.max_length
     tokens = rows * length
     flops = train_flops_per_token(cfg, length) * tokens

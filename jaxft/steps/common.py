@@ -116,15 +116,18 @@ def apply_update(state: dict, grads, loss, tx: optax.GradientTransformation):
     return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32)}
 
 
-def jit_step(step_fn, *, state_shardings, batch_sharding, frozen_shardings=None, donate: bool = True):
-    """jax.jit of `step(state, batch, frozen)` with explicit shardings: the state keeps its
-    param shardings, the batch is split by rows over (data, fsdp), the frozen params (a LoRA
-    base, or None) keep theirs, metrics come back replicated; the old state is donated so the
-    update happens in place (never the frozen params)."""
+def jit_step(step_fn, *, state_shardings, batch_sharding, frozen_shardings=None, leading_shardings=(),
+             donate: bool = True):
+    """jax.jit of `step(state, *leading, batch, frozen)` with explicit shardings: the state keeps
+    its param shardings, the batch is split by rows over (data, fsdp) (`batch_sharding`: one
+    sharding, or a dict of them by key), `leading` arguments (DPO's frozen reference) and the
+    frozen params (a LoRA base, or None: no argument) keep theirs, metrics come back
+    replicated; the old state is donated so the update happens in place (never the
+    frozen arguments). The one jit of every method's train step."""
     frozen = () if frozen_shardings is None else (frozen_shardings,)  # full fine-tuning: (state, batch)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sharding, *frozen),  # batch rows split
+        in_shardings=(state_shardings, *leading_shardings, batch_sharding, *frozen),  # batch rows split
         out_shardings=(state_shardings, None),  # new state as the old; metrics replicated
         donate_argnums=(0,) if donate else (),  # reuse the old state's buffers
     )

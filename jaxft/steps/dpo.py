@@ -134,17 +134,6 @@ def batch_shardings(mesh) -> dict:
     return {**{k: rows for k in ROW_KEYS}, **{k: everywhere for k in PAIR_KEYS}}
 
 
-def jit_dpo_step(step, *, state_shardings, reference_shardings, mesh, frozen_shardings=None):
-    return jax.jit(
-        step,
-        # state, frozen reference, batch, frozen LoRA base (or None)
-        in_shardings=(state_shardings, reference_shardings, batch_shardings(mesh),
-                      *(() if frozen_shardings is None else (frozen_shardings,))),
-        out_shardings=(state_shardings, None),  # new state as the old; metrics replicated
-        donate_argnums=(0,),  # the state only: the reference and the base are reused every step
-    )
-
-
 def make_pair_logps_fn(graphdef, *, num_segments: int, loss_chunk_size: int = 0):
     """(params, batch) -> {chosen, rejected, chosen_lengths, rejected_lengths}, each [P]: for
     precomputing a reference and for held-out preference metrics."""
@@ -161,6 +150,6 @@ def make_pair_logps_fn(graphdef, *, num_segments: int, loss_chunk_size: int = 0)
 
 
 __all__ = [
-    "PairLogps", "batch_shardings", "jit_dpo_step", "make_dpo_step",
+    "PairLogps", "batch_shardings", "make_dpo_step",
     "make_pair_logps_fn", "pair_logps", "reference_pair_logps",
 ]

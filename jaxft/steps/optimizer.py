@@ -7,6 +7,7 @@ accumulate 1 and batch 1 x accumulate 8 give the same update.
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError
 import jax
 import optax
 
@@ -18,11 +19,11 @@ def make_schedule(*, lr: float, schedule: str, warmup_steps: int, total_steps: i
     """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine / linear decay to
     `lr * min_lr_ratio` at `total_steps`, or constant."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"optim.schedule={schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
     if lr <= 0:
-        raise ValueError(f"optim.lr must be > 0, got {lr}")
+        raise ConfigError(f"optim.lr must be > 0, got {lr}")
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"optim.warmup_steps={warmup_steps} must be between 0 and train.steps={total_steps}")
+        raise ConfigError(f"optim.warmup_steps={warmup_steps} must be between 0 and train.steps={total_steps}")
     decay_steps = max(total_steps - warmup_steps, 1)
     end = lr * min_lr_ratio
     if schedule == "cosine":

@@ -1,9 +1,11 @@
-"""Training methods by name: `TASKS[kind](run_context)` gives the Task the run loop drives.
+"""Training methods by name: `TASKS[kind].create(run_context, params)` gives the Task the run
+loop drives; `TASKS[kind].build_train_step(setup)` the step plan and bench compile.
 
 Adding a method: a file with a `Task` subclass (see `base.py`) and one line here.
 """
 
-from jaxft.tasks.base import RunContext, Task
+from jaxft.errors import ConfigError
+from jaxft.tasks.base import RunContext, StepSetup, Task, TrainStep
 from jaxft.tasks.dpo import DPO
 from jaxft.tasks.sft import SFT
 
@@ -15,8 +17,8 @@ TASKS: dict[str, type[Task]] = {
 
 def get_task(kind: str) -> type[Task]:
     if kind not in TASKS:
-        raise ValueError(f"unknown training kind {kind!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown training kind {kind!r}; choose one of {', '.join(TASKS)}")
     return TASKS[kind]
 
 
-__all__ = ["RunContext", "TASKS", "Task", "get_task"]
+__all__ = ["RunContext", "StepSetup", "TASKS", "Task", "TrainStep", "get_task"]

@@ -1,10 +1,13 @@
-"""What a training method is to the run: a `Task` built from a `RunContext` and the policy's initial params.
+"""What a training method is to the run, to `jaxft plan` and to `jaxft bench`: a `Task`.
 
-`jaxft.run` wires a RunContext once (config, mesh, tokenizer, model, optimizer, data) and
-hands it, with the initial params, to `TASKS[kind]` (`jaxft.tasks`). The task jits its step and evaluates held-out data;
-the loop (`jaxft.loop`) calls `task.step`, `task.evaluate`, `task.sample` and `task.save_best` and knows no
-method and no batch layout. A new method is one file with a Task subclass plus one line in
-the registry.
+A method is one file: a `Task` subclass that builds its train step from a `StepSetup`
+(`build_train_step`: the pure step, its shardings and the arguments it takes besides the state
+and the batch) and lays out its batch (`abstract_batch`). `jaxft.run` wires a `RunContext` (a
+StepSetup with the run's data, tokenizer and workdir) and calls `TASKS[kind].create(ctx,
+params)`; `jaxft plan` builds the same StepSetup from shapes alone and takes the step from the
+same classmethod, so what plan compiles is what a run compiles; `jaxft bench` times the same
+steps. The loop (`jaxft.loop`) calls `task.step`, `task.evaluate` and `task.sample` and knows
+no method and no batch layout. A new method is one file plus one line in `jaxft.tasks.TASKS`.
 """
 
 from __future__ import annotations
@@ -14,39 +17,36 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from jaxft.eval.samples import Sampler
-from jaxft.io import checkpoint
 from jaxft.losses import resolve_chunk_size
-from jaxft.steps.common import with_frozen
+from jaxft.parallel.sharding import batch_sharding
+from jaxft.steps.common import ROW_KEYS
+from jaxft.steps.weights import Weights
 
 
-
-@dataclasses.dataclass(frozen=True)
-class RunContext:
-    """Everything a task needs to build its steps, wired once by `jaxft.run`.
-
-    train_data: this host's `BatchIterator`; eval_data: its `EvalBatches`, or None.
-    """
-    config: Any  # the locked ml_collections.ConfigDict
-    workdir: Path
-    mesh: Any  # jax.sharding.Mesh
-    tokenizer: Any
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepSetup:
+    """What a method's steps are built from: concrete in a run and the bench, shapes
+    (ShapeDtypeStructs with shardings) when `jaxft plan` compiles for a pod."""
+    config: Any  # the run config (ml_collections.ConfigDict): train.*, optim.*, data.*, dpo.*
     model_config: Any  # jaxft.models.ModelConfig
-    graphdef: Any  # nnx.GraphDef of the policy
+    mesh: Any  # jax.sharding.Mesh
+    weights: Weights  # graphdef, trainable/frozen split and shardings
     tx: Any  # optax.GradientTransformation
     schedule: Any  # optax.Schedule
     state_shardings: dict
-    train_data: Any
-    eval_data: Any = None
-    frozen: Any = None  # LoRA: the frozen base params (the state's params are the adapters)
-    frozen_shardings: Any = None
 
-    def weights(self, params):
-        """What the model is merged from: `params`, or (adapters, frozen base) with LoRA."""
-        return with_frozen(params, self.frozen)
+    @property
+    def graphdef(self):
+        return self.weights.graphdef
 
-    def weight_shardings(self):
-        return with_frozen(self.state_shardings["params"], self.frozen_shardings)
+    @property
+    def loss_chunk_size(self) -> int:
+        """train.loss_chunk_size, with -1 resolved for this model's vocabulary."""
+        return resolve_chunk_size(self.config.train.loss_chunk_size, self.model_config.vocab_size)
 
     @property
     def dropout_seed(self) -> int | None:
@@ -54,20 +54,49 @@ class RunContext:
         spec = self.model_config.lora
         return self.config.train.seed if spec is not None and spec.dropout > 0 else None
 
-    def step_args(self) -> tuple:
-        """The trailing arguments of a jitted step: (frozen base,) with LoRA, else ()."""
-        return () if self.frozen is None else (self.frozen,)
-
     @property
-    def loss_chunk_size(self) -> int:
-        """train.loss_chunk_size, with -1 resolved for this model's vocabulary."""
-        return resolve_chunk_size(self.config.train.loss_chunk_size, self.model_config.vocab_size)
+    def num_segments(self) -> int:
+        """S, the segment axis of the batches: data.max_segments_per_row when packing, else 1."""
+        data = self.config.data
+        return data.max_segments_per_row if data.packing else 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunContext(StepSetup):
+    """A StepSetup with what only a run has. train_data: this host's `BatchIterator`;
+    eval_data: its `EvalBatches`, or None."""
+    workdir: Path
+    tokenizer: Any
+    train_data: Any
+    eval_data: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """A method's jitted train step and the arguments it takes besides the state and the batch:
+    `leading` before the batch (DPO's reference), `trailing` after it (the LoRA base). Called
+    as `step(state, batch) -> (state, metrics)`; `lower(state, batch)` is what plan compiles."""
+    jitted: Any  # jax.jit(step, in_shardings=..., donate_argnums=(0,))
+    leading: tuple = ()
+    trailing: tuple = ()
+
+    def __call__(self, state, batch):
+        return self.jitted(state, *self.leading, batch, *self.trailing)
+
+    def lower(self, state, batch):
+        return self.jitted.lower(state, *self.leading, batch, *self.trailing)
+
+
+def row_batch(rows: int, config, shardings: dict) -> dict:
+    """The [rows, data.max_length] int32 row arrays of a global batch as ShapeDtypeStructs."""
+    return {k: jax.ShapeDtypeStruct((rows, config.data.max_length), jnp.int32, sharding=shardings[k])
+            for k in ROW_KEYS}
 
 
 class Task(abc.ABC):
-    """One training method: `step(state, batch) -> (state, metrics)` (jitted, state donated)
-    and `evaluate(params) -> {"eval_loss": ..., ...}` on the run's eval data; `sample(params)`
-    generates from the eval prompts."""
+    """One training method: `step(state, batch) -> (state, metrics)` (jitted, state donated),
+    `evaluate(params) -> {"eval_loss": ..., ...}` on the run's eval data and `sample(params)`,
+    greedy completions of the eval prompts."""
 
     @classmethod
     def validate(cls, config) -> None:
@@ -78,17 +107,44 @@ class Task(abc.ABC):
         """Device rows one training example occupies (for the batch divisibility check)."""
         return 1
 
-    def __init__(self, ctx: RunContext, params: dict):
-        """`params`: the policy's initial params (sharded nested dict): the train state's own
-        buffers, which the first step donates, so use them only here and copy what you keep
-        (as the DPO reference does)."""
+    @classmethod
+    def batch_rows(cls, config) -> int:
+        """Global rows of one step's batch."""
+        return config.train.batch_size * cls.rows_per_example(config)
+
+    @classmethod
+    def abstract_batch(cls, config, mesh) -> dict:
+        """One step's global batch as int32 ShapeDtypeStructs with the step's shardings."""
+        rows = batch_sharding(mesh)
+        return row_batch(cls.batch_rows(config), config, {k: rows for k in ROW_KEYS})
+
+    @classmethod
+    @abc.abstractmethod
+    def build_train_step(cls, setup: StepSetup, reference=None) -> TrainStep:
+        """The method's jitted train step for `setup` (concrete or abstract); `reference`:
+        what the method compares against (DPO's `Reference`), None for SFT."""
+
+    @classmethod
+    def abstract_reference(cls, setup: StepSetup, params):
+        """The `reference` argument of `build_train_step` as shapes, for plan (None for SFT);
+        `params`: the abstract trainable params."""
+        return None
+
+    @classmethod
+    def create(cls, ctx: RunContext, params: dict) -> "Task":
+        """The run's Task. `params`: the policy's initial params (sharded nested dict): the
+        train state's own buffers, which the first step donates, so use them only here and
+        copy what you keep (as the DPO reference does)."""
+        return cls(ctx, cls.build_train_step(ctx))
+
+    def __init__(self, ctx: RunContext, train_step: TrainStep):
         self.ctx = ctx
-        self._best: checkpoint.Checkpointer | None = None
+        self.train_step = train_step
         self._sampler: Sampler | None = None
 
-    @abc.abstractmethod
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step on a global batch (dict of arrays from `to_global`)."""
+        return self.train_step(state, batch)
 
     @abc.abstractmethod
     def evaluate(self, params) -> dict[str, float]:
@@ -107,11 +163,4 @@ class Task(abc.ABC):
             examples = self.ctx.eval_data.examples[:train.sample_prompts]
             self._sampler = Sampler(self.ctx.graphdef, self.ctx.tokenizer, examples,
                                     max_new_tokens=train.sample_max_new_tokens)
-        return self._sampler(self.ctx.weights(params))
-
-    def save_best(self, step: int, state: dict, eval_loss: float) -> None:
-        """Keeps `state` as WORKDIR/checkpoints_best (train.keep_best), replacing the last."""
-        if self._best is None:
-            self._best = checkpoint.Checkpointer(self.ctx.workdir, max_to_keep=1,
-                                                 subdir=checkpoint.BEST_SUBDIR, async_save=False)
-        self._best.save(step, state, {"eval_loss": eval_loss}, force=True)
+        return self._sampler(self.ctx.weights.merge_args(params))

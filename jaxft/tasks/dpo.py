@@ -4,21 +4,18 @@ against a frozen reference that is params, a precomputed table, or absent
 
 from __future__ import annotations
 
+from jaxft.errors import ConfigError
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxft import losses
-from jaxft.data.from_config import eval_batch_size
 from jaxft.data.pipeline import check_max_segments
 from jaxft.eval.passes import pair_pass
-from jaxft.models.adapters import adapters_off
-from jaxft.parallel.sharding import replicated
-from jaxft.steps.dpo import jit_dpo_step, make_dpo_step, make_pair_logps_fn
-from jaxft.tasks.base import RunContext, Task
-from jaxft.tasks.dpo_reference import (
-    cache_key, cached_table, load_reference_params, precompute_table, reference_mode,
-)
+from jaxft.steps.common import jit_step
+from jaxft.steps.dpo import PAIR_KEYS, batch_shardings, make_dpo_step, make_pair_logps_fn
+from jaxft.tasks.base import RunContext, StepSetup, Task, TrainStep, row_batch
+from jaxft.tasks.dpo_reference import Reference, abstract_reference, prepare_reference
 
 
 def loss_types(config) -> str | list[str]:
@@ -33,7 +30,7 @@ def loss_weights(config) -> list[float] | None:
     try:
         return [float(w) for w in config.dpo.loss_weights.split(",")]
     except ValueError:
-        raise ValueError(
+        raise ConfigError(
             f"config key dpo.loss_weights: {config.dpo.loss_weights!r} is not a comma-separated "
             "list of numbers, e.g. '1.0,0.5'"
         ) from None
@@ -57,80 +54,76 @@ class DPO(Task):
     def rows_per_example(cls, config):
         return 1 if config.data.packing else 2  # unpacked, a pair is a chosen and a rejected row
 
-    def __init__(self, ctx: RunContext, params: dict):
-        super().__init__(ctx, params)
-        config = ctx.config
-        self.mode = reference_mode(config)
-        num_segments = ctx.train_data.max_segments_per_row
-        chunk = ctx.loss_chunk_size
-        self._logps = jax.jit(make_pair_logps_fn(ctx.graphdef, num_segments=num_segments, loss_chunk_size=chunk))
-        self.reference = self.eval_reference = None
-        self._eval_reference_logps = None  # (pair index, chosen, rejected): see `evaluate`
-        # With LoRA the reference is a base run with the adapters off (zeros: exactly the base).
-        self._adapters_off = adapters_off(params) if ctx.frozen is not None else None
-        if self.mode == "params":
-            self.reference = self.eval_reference = load_reference_params(ctx, params)
-            if self.reference is ctx.frozen:  # LoRA against its own base: the step reads `frozen`
-                self.reference = None
-        elif self.mode == "table":
-            self.reference, self.eval_reference = self._precompute(
-                self._reference_weights(load_reference_params(ctx, params)))
-        step = make_dpo_step(ctx.graphdef, ctx.tx, ctx.schedule, loss_kwargs=loss_kwargs(config),
-                             reference_mode=self.mode, num_segments=num_segments,
-                             rows_per_pair=self.rows_per_example(config),
-                             accumulate=config.optim.accumulate, loss_chunk_size=chunk,
-                             dropout_seed=ctx.dropout_seed)
-        ref_shardings = {"params": None if self.reference is None else jax.tree.map(lambda x: x.sharding, self.reference),
-                         "table": replicated(ctx.mesh), "none": None}[self.mode]
-        self._step = jit_dpo_step(step, state_shardings=ctx.state_shardings,
-                                  reference_shardings=ref_shardings, mesh=ctx.mesh,
-                                  frozen_shardings=ctx.frozen_shardings)
+    @classmethod
+    def pairs_per_batch(cls, config) -> int:
+        """Pair slots of one step's batch: a pair per example, or with packing S // 2 a row."""
+        b = config.train.batch_size
+        return b * (config.data.max_segments_per_row // 2) if config.data.packing else b
 
-    def _reference_weights(self, reference):
-        """What the model merges for a reference pass: the reference params, or with LoRA
-        (adapters off, reference base)."""
-        return reference if self._adapters_off is None else (self._adapters_off, reference)
+    @classmethod
+    def abstract_batch(cls, config, mesh) -> dict:
+        shardings = batch_shardings(mesh)
+        pairs = {k: jax.ShapeDtypeStruct((cls.pairs_per_batch(config),), jnp.int32, sharding=shardings[k])
+                 for k in PAIR_KEYS}
+        return {**row_batch(cls.batch_rows(config), config, shardings), **pairs}
 
-    def _precompute(self, ref_params):
-        """(train table, eval table or None): one reference pass over the data the run has
-        already loaded, or the tables cached by an earlier run with the same key. The
-        reference params are dropped afterwards: no reference forward per step."""
+    @classmethod
+    def build_train_step(cls, setup: StepSetup, reference: Reference | None = None) -> TrainStep:
+        reference = reference or Reference("none")
+        config = setup.config
+        step = make_dpo_step(setup.graphdef, setup.tx, setup.schedule, loss_kwargs=loss_kwargs(config),
+                             reference_mode=reference.mode, num_segments=setup.num_segments,
+                             rows_per_pair=cls.rows_per_example(config), accumulate=config.optim.accumulate,
+                             loss_chunk_size=setup.loss_chunk_size, dropout_seed=setup.dropout_seed)
+        jitted = jit_step(step, state_shardings=setup.state_shardings, batch_sharding=batch_shardings(setup.mesh),
+                          leading_shardings=(reference.shardings,), frozen_shardings=setup.weights.frozen_shardings)
+        return TrainStep(jitted, leading=(reference.value,), trailing=setup.weights.step_args())
+
+    @classmethod
+    def abstract_reference(cls, setup: StepSetup, params) -> Reference:
+        return abstract_reference(setup, params, pairs=cls.pairs_per_batch(setup.config))
+
+    @classmethod
+    def create(cls, ctx: RunContext, params: dict) -> "DPO":
+        """Prepares the reference (a copy, a folder, or a table precomputed over the data),
+        then builds the train step against it."""
+        logps = jax.jit(make_pair_logps_fn(ctx.graphdef, num_segments=ctx.num_segments,
+                                           loss_chunk_size=ctx.loss_chunk_size))
+        reference, eval_reference = prepare_reference(ctx, params, logps)
+        return cls(ctx, cls.build_train_step(ctx, reference), reference, eval_reference, logps)
+
+    def __init__(self, ctx: RunContext, train_step: TrainStep, reference: Reference, eval_reference, logps_fn):
+        """eval_reference: the reference's merge weights (a live reference: its held-out
+        log-probs are computed at the first evaluation and reused), the held-out table, or None."""
+        super().__init__(ctx, train_step)
+        self.reference = reference
+        self._eval_reference = eval_reference
+        self._eval_reference_logps = None  # (pair index, chosen, rejected) of a live reference
+        self._logps = logps_fn
+
+    def _held_out_reference(self, index):
+        """Reference (chosen, rejected) log-probs of the held-out pairs `index`."""
         ctx = self.ctx
-        key = cache_key(ctx.config, ctx.train_data.get_state()["fingerprint"])
-
-        def table(split_key, batches):
-            return jnp.asarray(cached_table(ctx.workdir, {**key, **split_key}, lambda: precompute_table(
-                self._logps, ref_params, batches, ctx.mesh)))
-
-        train = table({"split": "train"}, ctx.train_data.one_pass(eval_batch_size(ctx.config)))
-        held_out = None
-        if ctx.eval_data is not None:
-            held_out = table({"split": "eval", "eval": ctx.config.data.eval}, ctx.eval_data)
-        return train, held_out
-
-    def step(self, state, batch):
-        return self._step(state, self.reference, batch, *self.ctx.step_args())
+        if self.reference.variant == "none":
+            zeros = np.zeros(len(index), np.float32)
+            return zeros, zeros
+        if self.reference.variant == "table":
+            table = np.asarray(self._eval_reference)
+            return table[index, 0], table[index, 1]
+        # Frozen: computed at the first evaluation and reused (pair_pass orders pairs alike every pass).
+        if self._eval_reference_logps is None or not np.array_equal(self._eval_reference_logps[0], index):
+            ref, ref_index = pair_pass(self._logps, self._eval_reference, ctx.eval_data, ctx.mesh)
+            self._eval_reference_logps = (ref_index, ref["chosen"], ref["rejected"])
+        return self._eval_reference_logps[1:]
 
     def evaluate(self, params):
         """DPO loss and TRL's reward metrics over the held-out pairs (eval_loss,
         eval_rewards/accuracies, ...)."""
         ctx = self.ctx
-        pol, index = pair_pass(self._logps, ctx.weights(params), ctx.eval_data, ctx.mesh)
+        pol, index = pair_pass(self._logps, ctx.weights.merge_args(params), ctx.eval_data, ctx.mesh)
         if not len(index):
             return {}
-        if self.mode == "params":
-            # The reference is frozen: its held-out log-probs are computed at the first
-            # evaluation and reused (pair_pass orders the pairs the same way every pass).
-            if self._eval_reference_logps is None or not np.array_equal(self._eval_reference_logps[0], index):
-                ref, ref_index = pair_pass(self._logps, self._reference_weights(self.eval_reference), ctx.eval_data,
-                                           ctx.mesh)
-                self._eval_reference_logps = (ref_index, ref["chosen"], ref["rejected"])
-            _, ref_c, ref_r = self._eval_reference_logps
-        elif self.mode == "table":
-            table = np.asarray(self.eval_reference)
-            ref_c, ref_r = table[index, 0], table[index, 1]
-        else:
-            ref_c = ref_r = np.zeros(len(index), np.float32)
+        ref_c, ref_r = self._held_out_reference(index)
         loss, metrics = losses.dpo_loss(
             jnp.asarray(pol["chosen"]), jnp.asarray(pol["rejected"]), jnp.asarray(ref_c), jnp.asarray(ref_r),
             chosen_lengths=jnp.asarray(pol["chosen_lengths"]),

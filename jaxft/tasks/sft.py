@@ -8,24 +8,23 @@ from jaxft.eval.passes import sum_over_batches, token_metrics
 from jaxft.parallel.sharding import batch_sharding
 from jaxft.steps.common import jit_step
 from jaxft.steps.sft import make_sft_eval_step, make_sft_step
-from jaxft.tasks.base import RunContext, Task
+from jaxft.tasks.base import RunContext, StepSetup, Task, TrainStep
 
 
 class SFT(Task):
-    def __init__(self, ctx: RunContext, params: dict):
-        super().__init__(ctx, params)
-        chunk = ctx.loss_chunk_size
-        step = make_sft_step(ctx.graphdef, ctx.tx, ctx.schedule, accumulate=ctx.config.optim.accumulate,
-                             loss_chunk_size=chunk, dropout_seed=ctx.dropout_seed)
-        rows = batch_sharding(ctx.mesh)
-        self._step = jit_step(step, state_shardings=ctx.state_shardings, batch_sharding=rows,
-                              frozen_shardings=ctx.frozen_shardings)
-        self._eval = jax.jit(make_sft_eval_step(ctx.graphdef, loss_chunk_size=chunk),
-                             in_shardings=(ctx.weight_shardings(), rows))
+    @classmethod
+    def build_train_step(cls, setup: StepSetup, reference=None) -> TrainStep:
+        step = make_sft_step(setup.graphdef, setup.tx, setup.schedule, accumulate=setup.config.optim.accumulate,
+                             loss_chunk_size=setup.loss_chunk_size, dropout_seed=setup.dropout_seed)
+        jitted = jit_step(step, state_shardings=setup.state_shardings, batch_sharding=batch_sharding(setup.mesh),
+                          frozen_shardings=setup.weights.frozen_shardings)
+        return TrainStep(jitted, trailing=setup.weights.step_args())
 
-    def step(self, state, batch):
-        return self._step(state, batch, *self.ctx.step_args())
+    def __init__(self, ctx: RunContext, train_step: TrainStep):
+        super().__init__(ctx, train_step)
+        self._eval = jax.jit(make_sft_eval_step(ctx.graphdef, loss_chunk_size=ctx.loss_chunk_size),
+                             in_shardings=(ctx.weights.shardings(), batch_sharding(ctx.mesh)))
 
     def evaluate(self, params):
-        weights = self.ctx.weights(params)
+        weights = self.ctx.weights.merge_args(params)
         return token_metrics(sum_over_batches(self._eval, weights, self.ctx.eval_data, self.ctx.mesh))
