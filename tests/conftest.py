@@ -43,10 +43,12 @@ def pytest_configure(config):
 
 # The slowest files first (CI's main stage, issue 23): with `--dist loadfile --no-loadscope-reorder`
 # (pyproject's addopts) the two workers take whole files in this order, so the long ones start
-# at once and the many short ones fill the end. xdist's own order (most tests first) left the
-# one-test files, the slowest, for last: one worker finished minutes before the other.
-SLOWEST_FIRST = ("test_lora.py", "test_multihost.py", "test_loss_paths.py", "test_bench.py", "test_train_run.py",
-                 "test_quickstart.py", "test_dpo.py", "test_notebooks.py", "test_sweep.py", "test_context_parallel.py",
+# at once and the many short ones fill the end. xdist's own order (most tests first) put the
+# one-test files, the slowest (test_quickstart: 170 s), last, where one worker could run alone
+# for minutes. By CI's --durations (cold cache); test_quickstart trains, so a warm cache
+# shortens it least.
+SLOWEST_FIRST = ("test_multihost.py", "test_quickstart.py", "test_lora.py", "test_loss_paths.py", "test_bench.py",
+                 "test_train_run.py", "test_notebooks.py", "test_dpo.py", "test_sweep.py", "test_context_parallel.py",
                  "test_run_safety.py")
 
 
