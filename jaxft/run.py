@@ -64,7 +64,7 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True, 
     hooks: extra `jaxft.loop.Hook`s (e.g. `Hook(fn, every=100)`), run after the built-in ones."""
     # Config errors first, before anything is written to the workdir.
     task_type = get_task(kind)
-    config_lib.validate(config)
+    config = config_lib.validate(config)  # the typed, frozen Config from here on (jaxft.config.schema)
     task_type.validate(config)
     # Nothing is written before this: a model, export, dataset or foreign folder is refused.
     folders.check_workdir(workdir, config)

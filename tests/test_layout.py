@@ -92,7 +92,11 @@ def test_arrows_point_down():
         if name.startswith(("jaxft.steps", "jaxft.losses", "jaxft.models", "jaxft.parallel")):
             assert not any(e.startswith(("jaxft.tasks", "jaxft.eval")) for e in edges), name
         if name.startswith("jaxft.losses"):
-            assert edges <= {"jaxft.losses.token", "jaxft.losses.preference", "jaxft.losses.chunked"}, name
+            # jaxft.errors, the UserError family, is the ground floor: it imports nothing.
+            assert edges <= {"jaxft.losses.token", "jaxft.losses.preference", "jaxft.losses.chunked",
+                             "jaxft.errors"}, name
+        if name == "jaxft.errors":
+            assert not edges, name
 
 
 def test_entry_points_import_in_a_fresh_interpreter():

@@ -32,7 +32,7 @@ def _check_data(argv):
                    help="a run's workdir: read (or build) its tokenised cache, WORKDIR/data_cache, unless "
                         "data.cache_dir names another folder")
     a = p.parse_args(argv)
-    from jaxft.config import apply_overrides, base_config
+    from jaxft.config import apply_overrides, base_config, typed
     from jaxft.data.check import check_spec, format_check_result, format_mixture
     from jaxft.data.from_config import load_kwargs, load_tokenizer
 
@@ -51,6 +51,7 @@ def _check_data(argv):
     apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
     if a.chat_template:
         config.data.chat_template = _read_template(a.chat_template)
+    config = typed(config)  # every key known, of its type; read only from here
     specs = [(spec, "data.train") for spec in a.source] or (
         [(config.data.train, "data.train")] + ([(config.data.eval, "data.eval")] if config.data.eval else []))
     tokenizer = load_tokenizer(config)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+import jaxft.config
 from jaxft.cli.common import _config_flags, _split_config_args
 from jaxft.io import atomic
 
@@ -75,7 +76,8 @@ def _plan(argv):
         raise SystemExit("jaxft plan: --config configs/NAME.py[:preset] is required")
     # Nothing executes: keep JAX off local accelerators (a TPU VM's chips may be training).
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    config = _config_flags(config_args, "jaxft plan", workdir=False).config
+    # typed, not validated: a plan of configs/sft.py:llama3_8b has no data.train
+    config = jaxft.config.typed(_config_flags(config_args, "jaxft plan", workdir=False).config)
     import json
 
     from jaxft.perf.plan import format_plan, plan

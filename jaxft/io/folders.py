@@ -166,7 +166,7 @@ def config_inputs(config) -> list[tuple[str, Path]]:
     model, tokenizer, DPO reference, LoRA adapter and data sources (a mixture's files, a
     glob's folder). Hub names and missing paths are left out."""
     def get(section, key):
-        return str(config[section].get(key, "")) if section in config else ""
+        return str(getattr(getattr(config, section), key))
 
     found = [(f"model.{k}", get("model", k)) for k in ("path", "tokenizer")]
     found.append(("lora.init_from", get("lora", "init_from")))

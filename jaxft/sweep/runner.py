@@ -93,7 +93,7 @@ def run_sweep(runs: Sequence[Run], sweep_dir: str | Path, *, only: Sequence[str]
     configs = {}  # every run's config errors before the first run starts
     for r in ordered:
         try:
-            configs[r.name] = jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir))
+            configs[r.name] = jaxft.config.typed(jaxft.config.load(r.config, resolve_references(r.overrides, sweep_dir)))
         except (ValueError, FileNotFoundError, UserError) as err:
             raise ConfigError(f"sweep run {r.name!r}: {err}") from err
     for r in ordered:  # a run's folder that is not a run (a model, an export, data) is refused before any write

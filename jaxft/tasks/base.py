@@ -31,7 +31,7 @@ from jaxft.steps.weights import Weights
 class StepSetup:
     """What a method's steps are built from: concrete in a run and the bench, shapes
     (ShapeDtypeStructs with shardings) when `jaxft plan` compiles for a pod."""
-    config: Any  # the run config (ml_collections.ConfigDict): train.*, optim.*, data.*, dpo.*
+    config: Any  # the run config (jaxft.config.Config, typed; a ConfigDict reads the same)
     model_config: Any  # jaxft.models.ModelConfig
     mesh: Any  # jax.sharding.Mesh
     weights: Weights  # graphdef, trainable/frozen split and shardings
