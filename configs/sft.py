@@ -18,7 +18,7 @@ Presets (the part after the colon):
   deepseek_llm_67b the same at 67B: only 2 epochs (the larger model overfits sooner), lr 5e-6
   llama3_8b_lora   Llama-3-8B with LoRA rank 16 (alpha 32, all-linear, lr 2e-4) on a frozen bf16 base
   llama3_8b_qlora  the same on an NF4 base (QLoRA): fits one 16 GiB chip (jaxft plan --target v5e-1)
-Any preset or your own model takes adapters with --config.lora.rank=16 (see README, "LoRA and QLoRA").
+Any preset or your own model takes adapters with --config.lora.rank=16 (see docs/lora.md).
 """
 
 from jaxft.config import base_config, lock

@@ -1,6 +1,6 @@
 """`jaxft <command>`: parses flags and config files, then calls library functions. No logic.
 
-Every command here is one Python call away in a notebook (see README.md). A module per group of
+Every command here is one Python call away in a notebook (see docs/python-api.md). A module per group of
 commands: train (sft, dpo, quickstart), data (check-data), model (export, generate, eval), perf
 (bench, plan), runs (sweep, compare, plot); common holds the flag and error helpers they share.
 """

@@ -6,7 +6,7 @@ Two levels:
 - *batches* are fixed-shape numpy arrays for one host's part of a global step, produced by
     `jaxft.data.pipeline` and turned into global jax arrays by `jaxft.parallel.batches.to_global`.
 
-Token convention (README, "Data formats"): `loss_mask[t] == 1` means token `t` is a *target*
+Token convention (docs/data.md, "Data formats"): `loss_mask[t] == 1` means token `t` is a *target*
 that is trained (it is predicted from the tokens before it). The first token of an example
 is never a target. Padding is on the right; padding tokens have segment id 0, loss mask 0,
 position 0 and token id `pad_id`.

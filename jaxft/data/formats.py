@@ -1,4 +1,4 @@
-"""Recognise and validate dataset records in TRL's formats (README.md, "Data formats").
+"""Recognise and validate dataset records in TRL's formats (docs/data.md, "Data formats").
 
 Formats, detected from a record's fields (or named explicitly with `fmt=`):
 

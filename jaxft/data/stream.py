@@ -26,7 +26,7 @@ State (`get_state`, saved with every checkpoint): {"version", "streaming": True,
 the setting that changed), "fingerprint"}. `set_state` continues with exactly the next batch.
 
 data.skip_invalid is left out of a source's identity: a run that stopped at an invalid record
-(as a stream does when it reaches one) resumes with data.skip_invalid=True as the README says.
+(as a stream does when it reaches one) resumes with data.skip_invalid=True (docs/data.md, "Streaming sources").
 That is exact: the stopped run never handed out an example of the window holding the record, so
 every batch up to the checkpoint is the one a run with skip_invalid=True from the start made;
 turning it off again can only stop the run at the next invalid record, naming it.

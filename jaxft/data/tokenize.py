@@ -1,6 +1,6 @@
 """Records -> token ids and loss masks (SFTExample / PreferenceExample), and `load_examples`.
 
-Token convention (README.md, "Data formats"):
+Token convention (docs/data.md, "Data formats"):
 * String records: `prompt_ids = tok(prompt)` with the tokenizer's leading special tokens (BOS
   if it adds one; never a trailing EOS some tokenizers append), `completion_ids =
   tok(completion, add_special_tokens=False) + [eos]`; the loss is on the completion.

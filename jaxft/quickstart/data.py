@@ -21,7 +21,7 @@ two CPU cores, so the data is built for learnability rather than variety:
   number) or a degenerate, repetitive one; prompts of the noisy phrasing always get a
   repetitive rejected answer, which is what teaches DPO to stop repeating.
 
-Records follow TRL's conversational formats (README.md, "Data formats"); each also carries its
+Records follow TRL's conversational formats (docs/data.md, "Data formats"); each also carries its
 gold `answer` as a string.
 """
 
