@@ -223,6 +223,20 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _check_f_divergence(types, f_divergence_type, f_alpha_divergence_coef):
+    if f_divergence_type not in F_DIVERGENCES:
+        raise ConfigError(f"dpo.f_divergence_type: unknown {f_divergence_type!r}; valid: "
+                         f"{', '.join(F_DIVERGENCES)}")
+    if f_divergence_type != "reverse_kl":
+        unsupported = [n for n in types if n not in F_DIVERGENCE_LOSS_TYPES]
+        if unsupported:
+            raise ConfigError(f"dpo.f_divergence_type={f_divergence_type!r} only works with loss types "
+                             f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; dpo.loss_type has {unsupported}")
+    alpha = f_alpha_divergence_coef
+    if f_divergence_type == "alpha_divergence" and _is_number(alpha) and not alpha > 0:
+        raise ConfigError(f"dpo.f_alpha_divergence_coef must be > 0, got {f_alpha_divergence_coef}")
+
+
 def validate_dpo_settings(loss_type, beta, label_smoothing, loss_weights=None, *,
                           f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05):
     """Checks DPO settings from Python values alone (usable at config time, outside jit).
@@ -265,17 +279,7 @@ def validate_dpo_settings(loss_type, beta, label_smoothing, loss_weights=None, *
         if len(weights) != len(types):
             raise ConfigError(f"dpo.loss_weights has {len(weights)} weights for {len(types)} loss types "
                              f"{list(types)}; give one weight per dpo.loss_type entry")
-    if f_divergence_type not in F_DIVERGENCES:
-        raise ConfigError(f"dpo.f_divergence_type: unknown {f_divergence_type!r}; valid: "
-                         f"{', '.join(F_DIVERGENCES)}")
-    if f_divergence_type != "reverse_kl":
-        unsupported = [n for n in types if n not in F_DIVERGENCE_LOSS_TYPES]
-        if unsupported:
-            raise ConfigError(f"dpo.f_divergence_type={f_divergence_type!r} only works with loss types "
-                             f"{', '.join(F_DIVERGENCE_LOSS_TYPES)}; dpo.loss_type has {unsupported}")
-    alpha = f_alpha_divergence_coef
-    if f_divergence_type == "alpha_divergence" and _is_number(alpha) and not alpha > 0:
-        raise ConfigError(f"dpo.f_alpha_divergence_coef must be > 0, got {f_alpha_divergence_coef}")
+    _check_f_divergence(types, f_divergence_type, f_alpha_divergence_coef)
     if "discopop" in types and _is_number(discopop_tau) and not discopop_tau > 0:
         raise ConfigError(f"dpo.discopop_tau must be > 0, got {discopop_tau}")
     return types, weights
@@ -283,6 +287,64 @@ def validate_dpo_settings(loss_type, beta, label_smoothing, loss_weights=None, *
 
 def _masked_mean(x, mask):
     return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
+
+
+def _require_lengths(types, chosen_lengths, rejected_lengths):
+    lengths = {"chosen": chosen_lengths, "rejected": rejected_lengths}
+    for name in types:
+        for side in _NEEDS_LENGTHS.get(name, ()):
+            if lengths[side] is None:
+                raise ValueError(f"dpo.loss_type {name!r} needs {side}_lengths (completion token counts)")
+
+
+def pair_terms(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *, pair_mask=None,
+               chosen_lengths=None, rejected_lengths=None, beta=0.1, label_smoothing=0.0,
+               f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, discopop_tau=0.05,
+               bco_running_mean=0.0) -> PairTerms:
+    """The `PairTerms` every loss function reads, from `dpo_loss`'s arguments (same meanings):
+    padding slots cleaned to zeros (lengths to 1), log-ratios and their f-divergence scores."""
+    chosen_logps = jnp.asarray(chosen_logps, jnp.float32)
+    mask = (jnp.ones(chosen_logps.shape, bool) if pair_mask is None
+            else jnp.asarray(pair_mask).reshape(chosen_logps.shape) > 0)
+
+    def clean(x, fill=0.0):
+        # Padding slots may hold anything (even NaN); replace them before any arithmetic.
+        return None if x is None else jnp.where(mask, jnp.asarray(x, jnp.float32), fill)
+
+    pol_c, pol_r = clean(chosen_logps), clean(rejected_logps)
+    ref_c, ref_r = clean(ref_chosen_logps), clean(ref_rejected_logps)
+    lr_c, lr_r = pol_c - ref_c, pol_r - ref_r
+    to_scores = F_DIVERGENCES[f_divergence_type]
+    # Lengths clamp to >= 1 (as TRL's clamp(min=1)) so an empty completion never divides by 0.
+    len_c, len_r = (None if x is None else jnp.maximum(clean(x, 1.0), 1.0)
+                    for x in (chosen_lengths, rejected_lengths))
+    return PairTerms(
+        chosen_logps=pol_c, rejected_logps=pol_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
+        chosen_logratios=lr_c, rejected_logratios=lr_r,
+        chosen_scores=to_scores(lr_c, f_alpha_divergence_coef),
+        rejected_scores=to_scores(lr_r, f_alpha_divergence_coef),
+        chosen_lengths=len_c, rejected_lengths=len_r, mask=mask, beta=beta, label_smoothing=label_smoothing,
+        discopop_tau=discopop_tau, bco_running_mean=bco_running_mean,
+    )
+
+
+def reward_metrics(loss, t: PairTerms, *, with_bco: bool = False) -> dict:
+    """TRL's reward metrics, float32 means over real pairs (see `dpo_loss`). Reports, not
+    objectives: no gradient flows through them."""
+    mask = t.mask
+    rewards_c, rewards_r = jax.lax.stop_gradient((t.beta * t.chosen_logratios, t.beta * t.rejected_logratios))
+    metrics = {
+        "loss": jax.lax.stop_gradient(loss),
+        "rewards/chosen": _masked_mean(rewards_c, mask),
+        "rewards/rejected": _masked_mean(rewards_r, mask),
+        "rewards/accuracies": _masked_mean((rewards_c > rewards_r).astype(jnp.float32), mask),
+        "rewards/margins": _masked_mean(rewards_c - rewards_r, mask),
+        "logps/chosen": _masked_mean(jax.lax.stop_gradient(t.chosen_logps), mask),
+        "logps/rejected": _masked_mean(jax.lax.stop_gradient(t.rejected_logps), mask),
+    }
+    if with_bco:
+        metrics["bco/reward_mean"] = 0.5 * (metrics["rewards/chosen"] + metrics["rewards/rejected"])
+    return metrics
 
 
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
@@ -325,49 +387,13 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     types, weights = validate_dpo_settings(
         loss_type, beta, label_smoothing, loss_weights, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau)
-    lengths = {"chosen": chosen_lengths, "rejected": rejected_lengths}
-    for name in types:
-        for side in _NEEDS_LENGTHS.get(name, ()):
-            if lengths[side] is None:
-                raise ValueError(f"dpo.loss_type {name!r} needs {side}_lengths (completion token counts)")
-
-    chosen_logps = jnp.asarray(chosen_logps, jnp.float32)
-    mask = (jnp.ones(chosen_logps.shape, bool) if pair_mask is None
-            else jnp.asarray(pair_mask).reshape(chosen_logps.shape) > 0)
-
-    def clean(x, fill=0.0):
-        # Padding slots may hold anything (even NaN); replace them before any arithmetic.
-        return None if x is None else jnp.where(mask, jnp.asarray(x, jnp.float32), fill)
-
-    pol_c, pol_r = clean(chosen_logps), clean(rejected_logps)
-    ref_c, ref_r = clean(ref_chosen_logps), clean(ref_rejected_logps)
-    lr_c, lr_r = pol_c - ref_c, pol_r - ref_r
-    to_scores = F_DIVERGENCES[f_divergence_type]
-    # Lengths clamp to >= 1 (as TRL's clamp(min=1)) so an empty completion never divides by 0.
-    len_c, len_r = (None if x is None else jnp.maximum(clean(x, 1.0), 1.0)
-                    for x in (chosen_lengths, rejected_lengths))
-    terms = PairTerms(
-        chosen_logps=pol_c, rejected_logps=pol_r, ref_chosen_logps=ref_c, ref_rejected_logps=ref_r,
-        chosen_logratios=lr_c, rejected_logratios=lr_r,
-        chosen_scores=to_scores(lr_c, f_alpha_divergence_coef),
-        rejected_scores=to_scores(lr_r, f_alpha_divergence_coef),
-        chosen_lengths=len_c, rejected_lengths=len_r, mask=mask, beta=beta, label_smoothing=label_smoothing,
-        discopop_tau=discopop_tau, bco_running_mean=bco_running_mean,
-    )
-    loss = sum(w * _masked_mean(LOSS_FNS[name](terms), mask) for name, w in zip(types, weights))
+    _require_lengths(types, chosen_lengths, rejected_lengths)
+    terms = pair_terms(
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, pair_mask=pair_mask,
+        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, beta=beta,
+        label_smoothing=label_smoothing, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef, discopop_tau=discopop_tau,
+        bco_running_mean=bco_running_mean)
+    loss = sum(w * _masked_mean(LOSS_FNS[name](terms), terms.mask) for name, w in zip(types, weights))
     loss = jnp.asarray(loss, jnp.float32)
-
-    # Metrics are reports, not objectives: no gradient through them.
-    rewards_c, rewards_r = jax.lax.stop_gradient((beta * lr_c, beta * lr_r))
-    metrics = {
-        "loss": jax.lax.stop_gradient(loss),
-        "rewards/chosen": _masked_mean(rewards_c, mask),
-        "rewards/rejected": _masked_mean(rewards_r, mask),
-        "rewards/accuracies": _masked_mean((rewards_c > rewards_r).astype(jnp.float32), mask),
-        "rewards/margins": _masked_mean(rewards_c - rewards_r, mask),
-        "logps/chosen": _masked_mean(jax.lax.stop_gradient(pol_c), mask),
-        "logps/rejected": _masked_mean(jax.lax.stop_gradient(pol_r), mask),
-    }
-    if "bco_pair" in types:
-        metrics["bco/reward_mean"] = 0.5 * (metrics["rewards/chosen"] + metrics["rewards/rejected"])
-    return loss, metrics
+    return loss, reward_metrics(loss, terms, with_bco="bco_pair" in types)
