@@ -17,7 +17,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxft.data.sources import read_json
+from jaxft.data.text_files import read_json
 from jaxft.errors import ConfigError, DataError, PathError
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig

@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from jaxft.data.sources import read_json
+from jaxft.data.text_files import read_json
 from jaxft.errors import DataError, PathError
 from jaxft.io import atomic
 from jaxft.io.metrics import read_metrics
