@@ -92,7 +92,7 @@ def test_default_kinds_run_what_a_users_config_runs(bench):
     if HAS_TORCH:  # the same precision (where this CPU has PyTorch kernels for it) and remat
         import torch
 
-        from jaxft.perf.bench_torch import _cpu_kernels
+        from benchmarks.bench_torch import _cpu_kernels
 
         compute = settings["compute_dtype"]
         assert (f"float32 weights + {compute} autocast" if _cpu_kernels(torch, compute) else
@@ -129,7 +129,7 @@ def test_bench_batch_is_padded_like_user_data():
     np.testing.assert_array_equal(batch["tokens"][0::2, :8], batch["tokens"][1::2, :8])  # a pair's prompt
     if not HAS_TORCH:
         return
-    from jaxft.perf.bench_torch import IGNORE, hf_inputs
+    from benchmarks.bench_torch import IGNORE, hf_inputs
 
     hf = hf_inputs(batch)
     np.testing.assert_array_equal(hf["input_ids"], batch["tokens"])
@@ -241,7 +241,7 @@ def test_tunix_steps_train_the_same_architecture():
     import jax
     from flax import nnx
 
-    from jaxft.perf.bench_tunix import TunixBench
+    from benchmarks.bench_tunix import TunixBench
     from jaxft.models import get_preset
 
     cfg = get_preset("tiny").replace(num_layers=1)

@@ -69,6 +69,6 @@ def test_every_method_builds_its_step_and_batch_from_the_task():
     """plan and bench have no branch per method: each Task lays out its batch and builds its step."""
     for task in TASKS.values():
         assert callable(task.build_train_step) and callable(task.abstract_batch)
-    source = "\n".join((ROOT / "jaxft" / "perf" / f).read_text() for f in ("plan.py", "bench.py"))
+    source = "\n".join(f.read_text() for f in (ROOT / "jaxft" / "perf").glob("*.py"))
     for made_here in ("make_sft_step(", "make_dpo_step(", "jit_step(", "reference_mode"):
         assert made_here not in source, f"jaxft/perf builds a step itself ({made_here}): take it from the task"

@@ -1,6 +1,6 @@
 """What `jaxft bench` runs: the model and settings a user's run gets by default, and a batch
-laid out like user data. Every library the bench times (`jaxft.perf.bench`, `jaxft.perf.bench_torch`,
-`jaxft.perf.bench_tunix`) runs this config on this batch.
+laid out like user data. Every library the bench times (`jaxft.perf.bench`, and
+`benchmarks/bench_torch.py`, `benchmarks/bench_tunix.py` of a source checkout) runs this config on this batch.
 
 The settings are those of `configs/sft.py` and `configs/dpo.py` without a preset (the recipes
 for your own model): param and compute dtype, remat, attention, and `train.loss_chunk_size`

@@ -14,11 +14,8 @@ compiled here, get an analytic estimate only.
 
 from __future__ import annotations
 
-from jaxft.errors import ConfigError, SetupError
 import dataclasses
-import importlib.util
 import math
-import os
 import re
 import time
 
@@ -26,44 +23,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
+from jaxft.errors import ConfigError
+from jaxft.perf.targets import TARGETS, Target, get_target, topology_devices  # noqa: F401  (plan's API)
+
 GIB = 1024**3
 ASSUMED_MFU = 0.4  # a well-tuned dense step; the time below is this assumption, not a measurement
-INSTALL_HINT = 'pip install "jaxft[tpu]" (or "jax[tpu]" at your jax version)'
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """An accelerator slice: `topology` is libtpu's name (None for GPUs: not compiled here)."""
-    name: str
-    topology: str | None
-    chips: int
-    hbm_gib: float  # per chip
-    peak_flops: float  # dense bf16 FLOP/s per chip
-    topology_kwargs: tuple = ()  # extra get_topology_desc arguments, as (key, value) pairs
-
-
-def _tpus(gen: str, hbm: float, peak: float, shapes: dict[int, str], per_chip: int, **kw) -> dict:
-    # Cloud TPU names v4 / v5p slices by TensorCores (2 a chip) and v5e / v6e by chips. A
-    # single chip is smaller than libtpu's default host (2x2x1): say so.
-    one = {"chips_per_host_bounds": (1, 1, 1)}
-    return {f"{gen}-{n}": Target(f"{gen}-{n}", f"{gen}:{shape}", n // per_chip, hbm, peak,
-                                 tuple({**kw, **(one if n == per_chip else {})}.items()))
-            for n, shape in shapes.items()}
-
-
-_LITE_SHAPES = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-# Shapes as Cloud TPU documents them. v4 chips show up as 2 devices unless "megacore" (one
-# device a chip, as JAX runs v4).
-TARGETS: dict[str, Target] = {
-    **_tpus("v4", 32, 275e12, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4"}, 2,
-            chip_config_name="megacore"),
-    **_tpus("v5p", 95, 459e12, {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4",
-                                256: "4x4x8", 512: "4x8x8"}, 2),
-    **_tpus("v5e", 16, 197e12, _LITE_SHAPES, 1),
-    **_tpus("v6e", 32, 918e12, _LITE_SHAPES, 1),
-    "8xH100": Target("8xH100", None, 8, 80, 989e12),
-    "8xH200": Target("8xH200", None, 8, 141, 989e12),
-}
 
 
 @dataclasses.dataclass
@@ -101,42 +65,6 @@ class PlanResult:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def get_target(name: str) -> Target:
-    """The TARGETS entry `name` (e.g. "v5p-8"); a ValueError listing the known ones otherwise."""
-    try:
-        return TARGETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}") from None
-
-
-def topology_devices(target: Target) -> list:
-    """The compile-only devices of a TPU target's topology (libtpu, no TPU needed)."""
-    # Checked here: without libtpu JAX's topology call fails with "JAX TPU support not
-    # installed; cannot generate TPU topology", which names no extra to install.
-    if importlib.util.find_spec("libtpu") is None:
-        raise SetupError(f"planning for {target.name} compiles for a TPU through libtpu, which is not "
-                           f"installed: {INSTALL_HINT}")
-    from jax.experimental import topologies
-
-    from jaxft.platforms import tpu_present
-
-    # libtpu takes /tmp/libtpu_lockfile for the process that loads it, so a second plan or a
-    # test run alongside would fail ("ABORTED ... lockfile"). This process only compiles for
-    # compile-only devices, so it may share libtpu.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if not tpu_present():
-        # Off a TPU VM libtpu finds no accelerator type or worker hostnames in the metadata
-        # and prints errors for both ("Failed to find host bounds ..."). The topology is named
-        # explicitly, so say them: the compile-only devices are the same either way.
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name)
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                        **dict(target.topology_kwargs))
-    if len(topo.devices) != target.chips:
-        raise RuntimeError(f"{target.topology} resolved to {len(topo.devices)} devices, expected {target.chips}")
-    return list(topo.devices)
 
 
 class _PresetVocab:
@@ -334,7 +262,6 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     from jaxft.io.metrics import train_flops_per_token
     from jaxft.models.attention import resolve as resolve_attention
     from jaxft.parallel.sharding import check_batch_divisibility, make_mesh
-    from jaxft.steps.optimizer import optimizer_from_config
 
     task = _task(kind)  # an unknown kind fails here, naming the known ones
     spec = get_target(target)
@@ -357,46 +284,57 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
         from jaxft.models.from_config import base_quantization
 
         settings.update(lora_rank=cfg.lora.rank, base_quantization=base_quantization(config))
-    notes, compile_error = [], None
     if spec.topology is None:
-        mem = _analytic(config, kind, cfg, spec, mesh_shape)
-        num_params, seconds = cfg.num_params(), 0.0
-        notes.append("analytic, not compiled: GPU programs cannot be compiled here; memory is an estimate")
+        mem, compile_error, seconds = _analytic(config, kind, cfg, spec, mesh_shape), None, 0.0
+        notes = ["analytic, not compiled: GPU programs cannot be compiled here; memory is an estimate"]
     else:
-        total_steps = max(config.train.steps, config.optim.warmup_steps, 1)  # the schedule's length: no memory
-        tx, schedule = optimizer_from_config(config.optim, total_steps)
-        start = time.perf_counter()
-        step = build_step(config, kind, cfg, mesh, tx, schedule)
-        mem, compile_error = compile_memory(step, mesh)
-        seconds = time.perf_counter() - start
-        mem = dict(param_bytes=per_device_bytes(step.params, step.state_shardings["params"]),
-                   opt_state_bytes=per_device_bytes(step.opt_state, step.state_shardings["opt_state"]),
-                   frozen_bytes=step.frozen_bytes, **mem)
-        num_params = cfg.num_params()
-        if cfg.lora is not None:
-            trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(step.params))
-            notes.append(f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trainable:,} trainable "
-                         f"params ({100 * trainable / num_params:.2f}% of the model); the base is frozen")
-            shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
-            full = 3 * num_params * jnp.dtype(cfg.param_dtype).itemsize / shards  # params, mu, nu
-            notes.append(f"full fine-tuning of this model would hold {full / GIB:.2f} GiB per device of params "
-                         f"and AdamW moments alone ({jnp.dtype(cfg.param_dtype).name}, over {shards} shards), "
-                         f"gradients and activations on top; plan it without lora.rank to compile it")
-        notes += [step.note] if step.note else []
-        if compile_error:
-            notes.append("the compiler's message gives the temporaries; arguments are from the shapes")
+        mem, compile_error, seconds, notes = _compiled(config, kind, cfg, mesh)
     total = mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
     hbm = int(spec.hbm_gib * GIB)
     fits = total <= hbm and compile_error is None
     return PlanResult(
         target=target, kind=kind, model=config.model.path or config.model.preset, compiled=spec.topology is not None,
-        devices=spec.chips, mesh=mesh_shape, settings=settings, num_params=int(num_params), batch_rows=rows,
+        devices=spec.chips, mesh=mesh_shape, settings=settings, num_params=int(cfg.num_params()), batch_rows=rows,
         seq_len=length,
         tokens_per_step=tokens, **mem, total_bytes=int(total), hbm_bytes=hbm, fits=fits, flops_per_step=flops,
         step_seconds_estimate=flops / (spec.chips * spec.peak_flops * ASSUMED_MFU), mfu_assumed=ASSUMED_MFU,
         peak_flops_per_chip=spec.peak_flops, compile_seconds=round(seconds, 1),
         compile_error=compile_error,
         suggestions=[] if fits else suggestions(config, cfg, mesh_shape, spec.chips), notes=notes)
+
+
+def _compiled(config, kind, cfg, mesh) -> tuple[dict, str | None, float, list[str]]:
+    """(per-device memory, the compiler's refusal or None, compile seconds, notes) of the task's
+    step compiled for the TPU mesh."""
+    from jaxft.steps.optimizer import optimizer_from_config
+
+    total_steps = max(config.train.steps, config.optim.warmup_steps, 1)  # the schedule's length: no memory
+    tx, schedule = optimizer_from_config(config.optim, total_steps)
+    start = time.perf_counter()
+    step = build_step(config, kind, cfg, mesh, tx, schedule)
+    mem, compile_error = compile_memory(step, mesh)
+    seconds = time.perf_counter() - start
+    mem = dict(param_bytes=per_device_bytes(step.params, step.state_shardings["params"]),
+               opt_state_bytes=per_device_bytes(step.opt_state, step.state_shardings["opt_state"]),
+               frozen_bytes=step.frozen_bytes, **mem)
+    notes = _lora_notes(cfg, step.params, dict(mesh.shape)) if cfg.lora is not None else []
+    notes += [step.note] if step.note else []
+    if compile_error:
+        notes.append("the compiler's message gives the temporaries; arguments are from the shapes")
+    return mem, compile_error, seconds, notes
+
+
+def _lora_notes(cfg, adapters, mesh_shape: dict) -> list[str]:
+    """What a LoRA plan trains, and what full fine-tuning the same model would hold."""
+    num_params = cfg.num_params()
+    trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
+    shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
+    full = 3 * num_params * jnp.dtype(cfg.param_dtype).itemsize / shards  # params, mu, nu
+    return [f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trainable:,} trainable "
+            f"params ({100 * trainable / num_params:.2f}% of the model); the base is frozen",
+            f"full fine-tuning of this model would hold {full / GIB:.2f} GiB per device of params "
+            f"and AdamW moments alone ({jnp.dtype(cfg.param_dtype).name}, over {shards} shards), "
+            "gradients and activations on top; plan it without lora.rank to compile it"]
 
 
 def format_plan(r: PlanResult) -> str:

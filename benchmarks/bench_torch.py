@@ -24,12 +24,13 @@ their bookkeeping):
 
 from __future__ import annotations
 
-from jaxft.errors import SetupError
 import contextlib
 import copy
 import os
 
 import numpy as np
+
+from jaxft.errors import SetupError
 
 IGNORE = -100  # transformers' label for "no loss here"
 

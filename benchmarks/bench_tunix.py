@@ -17,8 +17,9 @@ at its own default precision: jaxft's compute dtype and remat are not passed to 
 
 from __future__ import annotations
 
-from jaxft.errors import ConfigError, SetupError
 import numpy as np
+
+from jaxft.errors import ConfigError, SetupError
 
 
 def _import_tunix():
