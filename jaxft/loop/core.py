@@ -22,14 +22,16 @@ import logging
 
 import jax
 
+from jaxft.errors import UserError
 from jaxft.loop.hooks import Hook, Record, StepInfo, default_hooks
 from jaxft.parallel.prefetch import Prefetcher
 
 log = logging.getLogger("jaxft")
 
 
-class NonFiniteError(RuntimeError):
-    pass
+class NonFiniteError(UserError, RuntimeError):
+    """The run diverged: train.max_bad_steps non-finite steps in a row. A user error (one line):
+    the message names the last checkpoint and the keys to change (optim.lr, ...)."""
 
 
 def non_finite_message(bad_in_a_row: int, train, done: int, checkpointer) -> str:
