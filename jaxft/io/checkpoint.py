@@ -24,7 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxft.config import upgrade
-from jaxft.errors import ConfigError, DataError, PathError
+from jaxft.errors import ConfigError, DataError, PathError, UserError
 from jaxft.io import atomic
 
 log = logging.getLogger("jaxft")
@@ -116,6 +116,10 @@ def data_change_hint(saved_config: dict, config: dict) -> str:
     return f" Changed config keys that decide the examples: {'; '.join(changed)}." if changed else ""
 
 
+class NoCheckpointRestores(UserError, RuntimeError):
+    """Every saved step of a run is damaged (each moved aside, kept): one line saying what to do."""
+
+
 class Checkpointer:
     """Saves and restores TrainState (+ JSON meta) under WORKDIR/checkpoints."""
 
@@ -181,7 +185,7 @@ class Checkpointer:
                 log.warning("resuming from step %d, the newest checkpoint that restores", step)
             return state, meta, step
         tried = "; ".join(f"step {s}: {e}" for s, e in failed)
-        raise RuntimeError(f"no checkpoint in {self.directory} restores ({tried or 'no steps'}): "
+        raise NoCheckpointRestores(f"no checkpoint in {self.directory} restores ({tried or 'no steps'}): "
                            "restore a copy of the folder, or start again in a new --workdir")
 
     def _move_aside(self, steps: list[int]) -> None:
