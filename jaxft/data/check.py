@@ -22,7 +22,8 @@ from jaxft.data.batch import PreferenceExample
 from jaxft.data.formats import DPO_FORMATS, DataError, detect_format
 from jaxft.data.mixture import parse_mixture
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, read_records
-from jaxft.data.tokenize import MAX_ERRORS, DataReport, fit, tokenize_cached, tokenize_source
+from jaxft.data.encode import fit
+from jaxft.data.tokenize import MAX_ERRORS, DataReport, tokenize_cached, tokenize_source
 
 PERCENTILES = (50, 90, 99)
 
