@@ -9,6 +9,15 @@ from jaxft.cli.common import _config_flags, _split_config_args
 
 def _check_data(argv):
     config_args, argv = _split_config_args(argv)
+    a = _parser().parse_args(argv)
+    config, kind = _config(a, config_args)
+    specs = [(spec, "data.train") for spec in a.source] or (
+        [(config.data.train, "data.train")] + ([(config.data.eval, "data.eval")] if config.data.eval else []))
+    if not _check_specs(specs, config, kind, a.workdir):
+        raise SystemExit(1)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jaxft check-data", description=(
         "validate and measure a dataset as `jaxft sft` / `jaxft dpo` would read it; exits 1 on errors. "
         "With --config configs/NAME.py[:preset] [--config.KEY=VALUE ...], checks what that run "
@@ -31,10 +40,12 @@ def _check_data(argv):
     p.add_argument("--workdir", default=None,
                    help="a run's workdir: read (or build) its tokenised cache, WORKDIR/data_cache, unless "
                         "data.cache_dir names another folder")
-    a = p.parse_args(argv)
+    return p
+
+
+def _config(a: argparse.Namespace, config_args: list[str]):
+    """(typed Config, kind): the --config run's (or the defaults), with the flags applied."""
     from jaxft.config import apply_overrides, base_config, typed
-    from jaxft.data.check import check_spec, format_check_result, format_mixture
-    from jaxft.data.from_config import load_kwargs, load_tokenizer
 
     if config_args:
         config = _config_flags(config_args, "jaxft check-data", workdir=False).config
@@ -51,11 +62,16 @@ def _check_data(argv):
     apply_overrides(config, {k: v for k, v in flags.items() if v is not None})
     if a.chat_template:
         config.data.chat_template = _read_template(a.chat_template)
-    config = typed(config)  # every key known, of its type; read only from here
-    specs = [(spec, "data.train") for spec in a.source] or (
-        [(config.data.train, "data.train")] + ([(config.data.eval, "data.eval")] if config.data.eval else []))
+    return typed(config), kind  # every key known, of its type; read only from here
+
+
+def _check_specs(specs: list[tuple[str, str]], config, kind: str, workdir: str | None) -> bool:
+    """Checks and prints each (spec, config key); whether all were clean."""
+    from jaxft.data.check import check_spec, format_check_result, format_mixture
+    from jaxft.data.from_config import load_kwargs, load_tokenizer
+
     tokenizer = load_tokenizer(config)
-    options = {k: v for k, v in load_kwargs(config, a.workdir).items() if k != "skip_invalid"}
+    options = {k: v for k, v in load_kwargs(config, workdir).items() if k != "skip_invalid"}
     ok, train_kind = True, kind
     for spec, field in specs:
         # data.eval is read with data.train's kind; several SOURCE_SPECs are each their own.
@@ -68,8 +84,7 @@ def _check_data(argv):
         if mixture := format_mixture(checked):
             print(mixture)
         ok &= checked.ok
-    if not ok:
-        raise SystemExit(1)
+    return ok
 
 
 def _read_template(path: str) -> str:
