@@ -142,7 +142,7 @@ def test_a_hub_dataset_is_tokenised_without_a_cache():
 
 
 def test_cached_examples_hash_as_the_tokenised_ones_so_resume_does_not_care(tmp_path, tok, source):
-    from jaxft.data.pipeline import _data_hash
+    from jaxft.data.iterator_state import data_hash as _data_hash
 
     plain = load_examples(str(source), tok, kind="sft", max_length=64)
     load_examples(str(source), tok, kind="sft", max_length=64, cache_dir=tmp_path / "c")

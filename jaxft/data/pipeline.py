@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from jaxft.data.batch import DPOBatch, PreferenceExample, SFTBatch, SFTExample
+from jaxft.data.iterator_state import STATE_VERSION, check_state, data_changes, data_hash, examples_change, source_hash
 from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
 from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, check_lengths, group_by_length, pack_lengths,
@@ -49,7 +50,6 @@ from jaxft.errors import ConfigError, DataError
 
 Example = SFTExample | PreferenceExample
 Batch = SFTBatch | DPOBatch
-STATE_VERSION = 1
 _TAG_ROWS = 0x726F7773
 
 
@@ -113,57 +113,6 @@ def _keys(datasets) -> tuple[list[np.ndarray], list[int]]:
     return keys, offsets
 
 
-def _data_hash(datasets) -> str:
-    """A digest of every example's fields. Examples read from a tokenised cache carry their
-    fields' flat arrays (`cache.CachedExamples.flat`): the same bytes, hashed without
-    gathering them example by example."""
-    h = hashlib.blake2b(digest_size=12)
-    for examples in datasets:
-        _hash_examples(h, examples)
-    return h.hexdigest()
-
-
-def _hash_examples(h, examples) -> None:
-    """Feeds one source's examples (every field, lengths and tokens) into hash `h`."""
-    flat = getattr(examples, "flat", None)
-    for field in dataclasses.fields(examples[0]):
-        if field.name == "index":
-            h.update(np.array([e.index for e in examples], np.int64).tobytes())
-        elif flat is not None:
-            tokens, offsets = flat[field.name]
-            h.update(np.diff(offsets).astype(np.int64).tobytes())
-            h.update(np.ascontiguousarray(tokens, np.int32).tobytes())
-        else:
-            arrays = [np.asarray(getattr(e, field.name), np.int32) for e in examples]
-            h.update(np.array([len(a) for a in arrays], np.int64).tobytes())
-            h.update(np.concatenate(arrays).tobytes())
-
-
-def _source_hash(examples) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    _hash_examples(h, examples)
-    return h.hexdigest()
-
-
-def data_changes(saved: list[dict], now: list[dict], describe) -> list[str]:
-    """What changed between two lists of per-source records ({"source", ...}), one phrase a
-    changed source: sources added or removed, else `describe(old, new)` for each source whose
-    record differs (None when it does not)."""
-    names = lambda records: [r["source"] for r in records]  # noqa: E731
-    if names(saved) != names(now):
-        return [f"sources {names(saved)} -> {names(now)}"]
-    return [f"source {new['source']!r}: {describe(old, new)}" for old, new in zip(saved, now)
-            if describe(old, new)]
-
-
-def _examples_change(old: dict, new: dict) -> str | None:
-    if old["num_examples"] != new["num_examples"]:
-        return f"{old['num_examples']} -> {new['num_examples']} examples"
-    if old["hash"] != new["hash"]:
-        return f"the same {new['num_examples']} examples, other tokens (an edited record, or another tokenizer or chat template)"
-    return None
-
-
 class BatchIterator(BatchProgress):
     """Infinite, deterministic, resumable stream of one host's fixed-shape batches.
 
@@ -210,7 +159,7 @@ class BatchIterator(BatchProgress):
             "max_segments_per_row": max_segments_per_row, "window_batches": window_batches,
             "pack_chunk": pack_chunk}))
         self._given = list(datasets)  # as given: a cache's flat arrays hash without a copy
-        self._data = {"sources": [{"source": name, "num_examples": len(d), "hash": _source_hash(d)}
+        self._data = {"sources": [{"source": name, "num_examples": len(d), "hash": source_hash(d)}
                                   for name, d in zip(self.names, self._given)]}
         self._fingerprint = hashlib.blake2b(
             json.dumps([self._settings, self._data], sort_keys=True).encode(),
@@ -318,13 +267,13 @@ class BatchIterator(BatchProgress):
         check_state(state, streaming=False, settings=self._settings)
         saved = state["data"]
         if "sources" in saved:
-            changed = data_changes(saved["sources"], self._data["sources"], _examples_change)
+            changed = data_changes(saved["sources"], self._data["sources"], examples_change)
         else:  # a checkpoint of jaxft before per-source hashes: one hash of every source
             counts = [s["num_examples"] for s in self._data["sources"]]
             changed = ([f"examples per source {saved['num_examples']} -> {counts}"]
                        if saved["num_examples"] != counts else
                        ["the same examples per source, other tokens"]
-                       if saved["hash"] != _data_hash(self._given) else [])
+                       if saved["hash"] != data_hash(self._given) else [])
         if changed:
             raise DataError(
                 "cannot resume the data iterator: the training data changed since the checkpoint ("
@@ -332,27 +281,6 @@ class BatchIterator(BatchProgress):
         self._position, self._counts = int(state["position"]), [int(c) for c in state["counts"]]
         self._row = int(state["row"])
         self._set_progress_state(state)
-
-
-def check_state(state: dict[str, Any], *, streaming: bool, settings: dict) -> None:
-    """Raises ValueError, saying what to do, unless `state` (a `get_state()` of an in-memory or,
-    `streaming`, a `stream.StreamBatchIterator`) was written by this kind of iterator, by this
-    state version and with these batch `settings`. The data's own check is the caller's."""
-    saved_streaming = bool(state.get("streaming"))
-    if saved_streaming != streaming:
-        raise ConfigError("cannot resume the data iterator: the checkpoint was written with "
-                         f"data.streaming={saved_streaming}; resume with data.streaming={saved_streaming} "
-                         "or start a new workdir")
-    if state.get("version") != STATE_VERSION:
-        raise DataError(f"data iterator state version {state.get('version')} is not "
-                         f"{STATE_VERSION}; it was written by another jaxft version")
-    saved = state["settings"]
-    changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in settings.items() if saved.get(k) != v]
-    if changed:
-        raise ConfigError(
-            "cannot resume the data iterator: the batch settings changed since the "
-            f"checkpoint ({'; '.join(changed)}). Resume with the original settings or "
-            "start a new workdir.")
 
 
 class EvalBatches:
