@@ -19,10 +19,11 @@ import itertools
 import numpy as np
 
 from jaxft.data.batch import PreferenceExample
-from jaxft.data.formats import DPO_FORMATS, DataError, detect_format
+from jaxft.data.data_error import DataError
+from jaxft.data.encode import fit
+from jaxft.data.formats import DPO_FORMATS, detect_format
 from jaxft.data.mixture import parse_mixture
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, read_records
-from jaxft.data.encode import fit
 from jaxft.data.tokenize import MAX_ERRORS, DataReport, tokenize_cached, tokenize_source
 
 PERCENTILES = (50, 90, 99)

@@ -38,7 +38,8 @@ from __future__ import annotations
 import numpy as np
 
 from jaxft.data.batch import PreferenceExample, SFTExample
-from jaxft.data.formats import DataError, Record, check_kind, parse_record
+from jaxft.data.data_error import DataError
+from jaxft.data.formats import Record, check_kind, parse_record
 from jaxft.errors import ConfigError
 
 

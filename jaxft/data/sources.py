@@ -53,7 +53,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePath
 from typing import Any
 
-from jaxft.data.formats import DataError
+from jaxft.data.data_error import DataError
 from jaxft.data.text_files import (
     BOM, COMPRESSIONS, JSON_LINES, UnreadableFileError, damaged_error, json_document, open_data_file, split_name,
 )

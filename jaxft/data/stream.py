@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from jaxft.data.iterator_state import STATE_VERSION, check_state, data_changes
 from jaxft.data.mixture import DrawStream, parse_mixture, seeded_rng
 from jaxft.data.packing import (
     DEFAULT_MAX_SEGMENTS, BatchLayout, group_by_length, pack_lengths, row_lengths, unit_lengths)
-from jaxft.data.iterator_state import STATE_VERSION, check_state, data_changes
 from jaxft.data.pipeline import check_max_segments
 from jaxft.data.progress import BatchProgress
 from jaxft.data.stream_source import ExampleStream

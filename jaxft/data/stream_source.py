@@ -22,8 +22,8 @@ import itertools
 import logging
 from collections.abc import Iterator
 
+from jaxft.data.data_error import DataError
 from jaxft.data.encode import Encoder, NoChatTemplateError, process_record
-from jaxft.data.formats import DataError
 from jaxft.data.mixture import seeded_rng
 from jaxft.data.report import DataReport
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, looks_local, read_records

@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path, PurePath
 from typing import Any
 
-from jaxft.data.formats import DataError
+from jaxft.data.data_error import DataError
 from jaxft.errors import PathError
 
 # Compression, by the last suffix (`train.jsonl.gz`), and the bytes such a file starts with.

@@ -17,9 +17,10 @@ import itertools
 import logging
 
 from jaxft.data.batch import PreferenceExample
+from jaxft.data.data_error import DataError
 from jaxft.data.encode import Encoder, NoChatTemplateError, process_record
 from jaxft.data.encode import ToolTemplateError, encode_record  # noqa: F401 (public here too, as before)
-from jaxft.data.formats import DataError, formats_for_kind
+from jaxft.data.formats import formats_for_kind
 from jaxft.data.report import DataReport, ExampleSet  # noqa: F401 - re-exported
 from jaxft.data.workers import ordered_map
 from jaxft.data.sources import DEFAULT_MAX_RECORD_BYTES, RecordTooLargeError, read_records

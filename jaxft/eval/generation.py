@@ -104,7 +104,7 @@ def check_local_source(path: str | Path, flag: str = "") -> str:
 
 
 def _read_records(path, limit, *, need_answer: bool) -> list[tuple[dict, str | list]]:
-    from jaxft.data.formats import DataError
+    from jaxft.data.data_error import DataError
     from jaxft.data.sources import read_records
 
     out = []
