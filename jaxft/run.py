@@ -78,6 +78,19 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True, 
         return _run_locked(config, workdir, kind, task_type, mesh, export, hooks)
 
 
+def _resume(ckpt, abstract_state, train, config, saved) -> dict:
+    """The newest checkpoint that restores (a damaged one falls back to the one before: logged,
+    moved aside, kept), with the data iterator at its position."""
+    state, meta, _ = ckpt.restore_newest_good(abstract_state)
+    try:
+        train.set_state(meta["data"])
+    except ValueError as err:  # data changed: name the keys that may explain it
+        hint = checkpoint.data_change_hint(meta.get("config") or saved or {}, config.to_dict())
+        raise DataError(f"{err}{hint}") from None
+    log.info("resumed %s at step %d", ckpt.directory.parent, int(state["step"]))
+    return state
+
+
 def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool, hooks=()) -> RunResult:
     ckpt = checkpoint.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     resuming = ckpt.latest_step() is not None
@@ -108,14 +121,7 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool,
                              tokenizer=tokenizer, train_data=train, eval_data=held_out)
         task = task_type.create(context, state["params"])
         if resuming:
-            # A damaged newest step falls back to the one before (logged, moved aside, kept).
-            state, meta, _ = ckpt.restore_newest_good(checkpoint.abstract_like(state, state_shardings))
-            try:
-                train.set_state(meta["data"])
-            except ValueError as err:  # data changed: name the keys that may explain it
-                hint = checkpoint.data_change_hint(meta.get("config") or saved or {}, config.to_dict())
-                raise DataError(f"{err}{hint}") from None
-            log.info("resumed %s at step %d", workdir, int(state["step"]))
+            state = _resume(ckpt, checkpoint.abstract_like(state, state_shardings), train, config, saved)
 
         writer = MetricsWriter(workdir, report_to=config.train.report_to, start_step=int(state["step"]),
                                config=config.to_dict())
