@@ -126,7 +126,12 @@ _CHILD = textwrap.dedent("""
     config = base_config()
     config.data.train, config.train.batch_size, config.data.max_length = path, 2, 64
     report = train_data(config, load_tokenizer(config), kind="dpo").reports[path]
-    print(json.dumps({"maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    # This process's own peak: VmHWM is its memory's high-water mark since exec. ru_maxrss is not:
+    # Linux carries the forking process's peak across exec, and an xdist worker that ran JAX
+    # tests before this one is already past 2 GB.
+    status = open("/proc/self/status").read().split("VmHWM:")
+    peak = int(status[1].split()[0]) if len(status) > 1 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"maxrss_kib": peak,
                       "too_large": report.num_too_large, "first": report.first_too_large,
                       "examples": report.num_examples}))
 """)
