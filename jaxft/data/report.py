@@ -37,6 +37,18 @@ class DataReport:
     seconds: float = 0.0  # time to read and tokenise (0 when read from a cache)
     cache: str = ""  # the tokenised cache folder it was read from or written to, if any
 
+    def count_outcome(self, fmt: str, example, status: str) -> bool:
+        """Counts one tokenised record (`process_record`'s format, example and status): its
+        format, and why it was dropped or whether it was truncated. True when it is kept."""
+        self.format_counts[fmt] = self.format_counts.get(fmt, 0) + 1
+        if example is None:
+            self.num_no_trained_tokens += status == "no_trained_tokens"
+            self.num_dropped_too_long += status != "no_trained_tokens"
+            self.num_prompt_too_long += status == "prompt_too_long"
+            return False
+        self.num_truncated += status == "truncated"
+        return True
+
     def summary(self) -> str:
         """One line: what training gets from this source (the run logs it; check-data prints it)."""
         return (f"{self.num_examples} examples of {self.num_records} records, {self.num_tokens} tokens "

@@ -144,13 +144,8 @@ class ExampleStream:
             if report.num_skipped <= MAX_LOGGED_SKIPS:
                 log.warning("skipping invalid record: %s", err)
             return None
-        report.format_counts[fmt] = report.format_counts.get(fmt, 0) + 1
-        if example is None:
-            report.num_no_trained_tokens += status == "no_trained_tokens"
-            report.num_dropped_too_long += status != "no_trained_tokens"
-            report.num_prompt_too_long += status == "prompt_too_long"
+        if not report.count_outcome(fmt, example, status):
             return None
-        report.num_truncated += status == "truncated"
         report.num_examples += 1
         report.num_tokens += len(example)
         return example

@@ -149,14 +149,9 @@ def _check_settings(kind: str, fmt: str, truncation: str, max_length: int) -> No
 def _count(report: DataReport, fmt_found: str, example, status: str, raw_len: int):
     """Adds one tokenised record (`process_record`'s result) to `report`; returns the example to
     keep, or None when it was dropped."""
-    report.format_counts[fmt_found] = report.format_counts.get(fmt_found, 0) + 1
     report.raw_lengths.append(raw_len)
-    if example is None:
-        report.num_no_trained_tokens += status == "no_trained_tokens"
-        report.num_dropped_too_long += status != "no_trained_tokens"
-        report.num_prompt_too_long += status == "prompt_too_long"
+    if not report.count_outcome(fmt_found, example, status):
         return None
-    report.num_truncated += status == "truncated"
     is_pair = isinstance(example, PreferenceExample)
     report.lengths.append(max(len(example.chosen_ids), len(example.rejected_ids)) if is_pair
                           else len(example))
