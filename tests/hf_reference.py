@@ -23,6 +23,21 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(rope_theta=1e6, rms_norm_eps=1e-6, head_dim=32,
                                              tie_word_embeddings=False)),
+    # Gemma 3: the 5:1 pattern over 8 layers (one full group and 2 more), QK-norm, local layers
+    # on their own RoPE theta, the global ones linearly scaled.
+    "gemma3_text": (transformers.Gemma3TextConfig, dict(
+        num_hidden_layers=8, head_dim=16, sliding_window=5, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})),
+    # Phi-3: fused qkv_proj / gate_up_proj, a window on every layer.
+    "phi3": (transformers.Phi3Config, dict(sliding_window=7, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Phi-3.5 / Phi-4-mini style: partial rotary (3/4 of each head) and LongRoPE.
+    "phi3_longrope": (transformers.Phi3Config, dict(
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256,
+        original_max_position_embeddings=12,  # the 16-token rows take the long factors
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                         "long_factor": [2.0 + 0.5 * i for i in range(6)]})),
 }
 
 
@@ -36,7 +51,7 @@ def make_hf_model(family: str, seed: int = 0):
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # Gemma's norms store an offset from 1: random too
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))

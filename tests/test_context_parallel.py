@@ -98,7 +98,7 @@ def test_dense_layers_take_token_rows_unless_the_mesh_splits_the_tokens():
     """[B, L, E] -> [B * L, E] rows (one contracted token axis: XLA:CPU's fast weight gradients)
     with no mesh and on batch-split meshes, where the merged axis splits as the batch does and
     needs no collective; a mesh that splits the tokens keeps [B, L, E]."""
-    from jaxft.models.llama import _token_rows
+    from jaxft.models.decoder import _token_rows
 
     x = jnp.zeros((8, 64, 8))
     assert _token_rows(x).shape == (512, 8)

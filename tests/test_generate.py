@@ -66,13 +66,29 @@ def _reference_greedy(model, prompt, n, length):
     return seq[len(prompt):]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
 def test_greedy_with_cache_equals_no_cache_argmax(models, family):
     model = models(family)
     got = gen.generate(model, PROMPTS, max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
     length = max(map(len, PROMPTS)) + NEW
     want = [_reference_greedy(model, p, NEW, length) for p in PROMPTS]
     assert got == want
+
+
+def test_sliding_window_generation_equals_transformers_greedy(models):
+    """Gemma 3 (window 5, 5:1 local / global layers, both soft-caps off) decodes 6 tokens past a
+    17-token prompt exactly as transformers' greedy generate with its own cache."""
+    model = models("gemma3_text")
+    hf = make_hf_model("gemma3_text")
+    with torch.no_grad():  # the same sharpening as `_model`
+        for name, p in hf.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    prompt = PROMPTS[1]
+    want = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)[0, len(prompt):].tolist()
+    got = gen.generate(model, [prompt], max_new_tokens=NEW, eos_token_id=[], pad_token_id=0)
+    assert got == [want]
 
 
 def test_stops_at_eos_and_pads_finished_rows(models):

@@ -1,6 +1,6 @@
 """Batched KV-cache sampling for every jaxft model family: greedy, temperature, top-k, top-p.
 
-Axis letters as in `jaxft.models.llama`: B batch, P padded prompt length, N max new tokens,
+Axis letters as in `jaxft.models.decoder`: B batch, P padded prompt length, N max new tokens,
 T cache length (P + N), V vocab.
 
 Prompts are left-padded to a common bucket length P (a multiple of `prompt_bucket`), so every
@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from jaxft.errors import ConfigError, DataError
-from jaxft.models.llama import init_cache
+from jaxft.models.decoder import init_cache
+from jaxft.models.parts import soft_cap
 from jaxft.parallel.sharding import constrain
 
 PROMPT_BUCKET = 32  # prompt lengths round up to this, so few prompt shapes ever compile
@@ -76,7 +77,7 @@ def _generate_jit(graphdef, state, tokens_BP, lengths_B, eos_ids, pad_id, temper
     def logits_last(hidden_BLE):
         # Only the last position is needed: never materialise [B, P, V] during prefill.
         h_BE = hidden_BLE[:, -1, :]
-        return (h_BE @ kernel_EV.astype(h_BE.dtype)).astype(jnp.float32)
+        return soft_cap((h_BE @ kernel_EV.astype(h_BE.dtype)).astype(jnp.float32), model.cfg.final_logit_softcap)
 
     def is_eos(tok_B):
         return jnp.any(tok_B[:, None] == eos_ids[None, :], axis=-1)

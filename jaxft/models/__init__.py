@@ -2,7 +2,7 @@
 
 from jaxft.models.config import ModelConfig, config_from_hf, config_to_hf, read_hf_config
 from jaxft.models.hf import abstract_model, create_model, hf_state_dict, load_hf, load_weights, save_hf
-from jaxft.models.llama import Decoder, init_cache
+from jaxft.models.decoder import Decoder, init_cache
 from jaxft.models.presets import PRESETS, get_preset
 
 __all__ = [

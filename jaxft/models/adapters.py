@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import abstract_model
-from jaxft.models.llama import Decoder
+from jaxft.models.decoder import Decoder
 from jaxft.models.lora import LoRAParam, projection_dims
 from jaxft.models.paths import get_path
 from jaxft.parallel.sharding import param_shardings

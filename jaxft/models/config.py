@@ -1,9 +1,12 @@
-"""ModelConfig: the architecture of one decoder, read from and written to HF `config.json`.
+"""ModelConfig: the architecture of one decoder as a set of parts, read from and written to HF
+`config.json`.
 
-One dataclass covers the Llama 2/3, Mistral, Qwen2/2.5 and Qwen3 families; the differences
-between them are flags (biases, q/k norm, tied embeddings, sliding window, RoPE scaling).
-Both `config.json` dialects are read: transformers 4.x (`rope_theta`, `rope_scaling`,
-`torch_dtype` at top level) and 5.x (`rope_parameters`, `dtype`).
+One dataclass covers every family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3,
+Phi-3 / Phi-4); a family is a choice of parts: norm kind and placement, MLP activation,
+embedding scale, soft-caps, attention scale, QK-norm, biases, per-layer attention kinds (window
+and RoPE). `jaxft.models.families` maps each family's `config.json` to these parts and back;
+both dialects are read: transformers 4.x (`rope_theta`, `rope_scaling`, `torch_dtype` at top
+level) and 5.x (`rope_parameters`, `dtype`).
 """
 
 from __future__ import annotations
@@ -16,11 +19,22 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxft.errors import ConfigError, DataError, PathError
+from jaxft.models import families
 from jaxft.models.lora import LoRASpec
 from jaxft.models.remat import normalize_remat
+from jaxft.models.rope import Rope
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+NORMS = ("rms", "rms_plus_one")  # x * w (Llama), x * (1 + w) in float32 (Gemma)
+ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU with tanh-GELU (Gemma)
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What differs between a model's layers: the sliding window (None: full) and the RoPE."""
+
+    window: int | None
+    rope: Rope
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -75,7 +89,21 @@ class ModelConfig:
     o_bias: bool = False  # Llama `attention_bias=True` also biases o_proj
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
-    sliding_window: int | None = None  # Mistral v0.1: attend to the last W keys only
+    sliding_window: int | None = None  # the last W keys only: every layer, or those layer_types say
+    # Parts (Gemma 2 / 3, Phi-3): each default is the Llama choice.
+    norm: str = "rms"  # NORMS: "rms_plus_one" is Gemma's x * (1 + w), computed in float32
+    sandwich_norms: bool = False  # Gemma: norms after attention and MLP too (pre- and post-)
+    activation: str = "silu"  # ACTIVATIONS: the MLP's gate activation
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size), in the compute dtype
+    attn_logit_softcap: float | None = None  # Gemma 2: cap * tanh(scores / cap) in attention
+    final_logit_softcap: float | None = None  # Gemma 2: cap * tanh(logits / cap) on the output
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by this ** -0.5, not D ** -0.5
+    partial_rotary_factor: float = 1.0  # Phi-3.5 / Phi-4-mini: RoPE on this fraction of a head
+    # Per-layer attention kinds (Gemma 2's alternation, Gemma 3's 5:1): one of LAYER_TYPES per
+    # layer; None = every layer alike. Sliding layers may have their own RoPE (Gemma 3: 10k).
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None  # sliding layers' theta (None: rope_theta)
+    local_rope_scaling: dict | None = None  # sliding layers' scaling (used when local_rope_theta is set)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -90,26 +118,43 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "remat", normalize_remat(self.remat))
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
-                f"model_type {self.model_type!r} is not supported; jaxft supports "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
+        families.family(self.model_type)  # a clear error naming the supported ones
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
-        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"rope_scaling type {rope_type!r} is not supported; jaxft supports "
-                f"{', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
+        for key, value, allowed in (("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS)):
+            if value not in allowed:
+                raise ConfigError(f"model {key}={value!r} is not supported; use one of {', '.join(allowed)}")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad or len(self.layer_types) != self.num_layers:
+                raise ConfigError(
+                    f"layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
+                    f"{self.num_layers} layers; got {len(self.layer_types)} entries{', unknown ' + str(bad) if bad else ''}")
+        self.layer_kinds()  # RoPE kinds checked here (a clear error for an unsupported scaling)
+
+    def __hash__(self):  # a static argument of jit (inside GraphDefs): RoPE dicts hashed by items
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare))
 
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    def layer_kinds(self) -> tuple[tuple[LayerKind, ...], tuple[int, ...]]:
+        """(the distinct LayerKinds, each layer's index into them). One kind for Llama-style
+        models (a sliding window, if set, on every layer); Gemma's full and sliding layers two."""
+        rope = Rope(self.rope_theta, self.rope_scaling, self.partial_rotary_factor, self.max_position_embeddings)
+        if self.layer_types is None:
+            return (LayerKind(self.sliding_window or None, rope),), (0,) * self.num_layers
+        local_rope = rope if self.local_rope_theta is None else Rope(
+            self.local_rope_theta, self.local_rope_scaling, self.partial_rotary_factor, self.max_position_embeddings)
+        by_type = {"full_attention": LayerKind(None, rope),
+                   "sliding_attention": LayerKind(self.sliding_window or None, local_rope)}
+        kinds = tuple(dict.fromkeys(by_type[t] for t in self.layer_types))
+        return kinds, tuple(kinds.index(by_type[t]) for t in self.layer_types)
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -120,126 +165,35 @@ class ModelConfig:
         attn = E * D * (2 * self.num_heads + 2 * self.num_kv_heads)
         if self.qkv_bias:
             attn += D * (self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * E * F + 2 * E + (2 * D if self.qk_norm else 0)
+        layer = attn + 3 * E * F + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
         heads = self.vocab_size * E * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + heads + E
 
 
-# --- HF config.json <-> ModelConfig -------------------------------------------------------
-
-_MODELLED_KEYS = {
-    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-    "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
-    "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "bos_token_id",
-    "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "hidden_act", "architectures",
-    "transformers_version",
-}
-
-_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
+def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    return value
 
 
-def _rope_from_hf(hf: dict) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either config dialect."""
-    params = hf.get("rope_parameters")
-    if params:  # transformers 5.x: theta and scaling live together
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    else:
-        theta = hf.get("rope_theta", 10000.0)
-        scaling = dict(hf.get("rope_scaling") or {})
-    if "type" in scaling and "rope_type" not in scaling:  # very old spelling
-        scaling["rope_type"] = scaling.pop("type")
-    if scaling.get("rope_type", "default") == "default":
-        scaling = None
-    return float(theta), scaling
+# --- HF config.json <-> ModelConfig (each family's rules: jaxft.models.families) ----------------
 
 
 def config_from_hf(hf: dict, *, source: str = "config.json", dtype=None) -> ModelConfig:
     """Builds a ModelConfig from a parsed HF `config.json` (4.x or 5.x dialect)."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(
-            f"{source}: model_type {model_type!r} is not supported; jaxft supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
-    theta, scaling = _rope_from_hf(hf)
-    heads = hf["num_attention_heads"]
-    sliding = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
-        sliding = None  # Qwen configs carry a window size but switch it off with this flag
-    # Only Llama and Qwen3 read `attention_bias` (q/k/v/o); Qwen2 always biases q/k/v.
-    attention_bias = model_type in ("llama", "qwen3") and bool(hf.get("attention_bias", False))
+    parts, extra = families.parts_from_hf(hf, source=source)
     checkpoint_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     param_dtype = parse_dtype(dtype or checkpoint_dtype, key=f"{source} dtype")
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf["vocab_size"],
-        hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"],
-        num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim"),
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        max_position_embeddings=hf.get("max_position_embeddings", 2048),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2")),
-        qkv_bias=model_type == "qwen2" or attention_bias,
-        o_bias=model_type != "qwen2" and attention_bias,
-        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
-        sliding_window=sliding,
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-        param_dtype=param_dtype,
-        compute_dtype=param_dtype,
-        extra_hf_config={k: v for k, v in hf.items() if k not in _MODELLED_KEYS},
-    )
+    return ModelConfig(**parts, param_dtype=param_dtype, compute_dtype=param_dtype, extra_hf_config=extra)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The `config.json` dict for `cfg`, readable by transformers 4.x and 5.x."""
     hf = dict(cfg.extra_hf_config)
-    hf.update(
-        architectures=[_ARCHITECTURES[cfg.model_type]],
-        model_type=cfg.model_type,
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.dim_per_head,
-        hidden_act="silu",
-        rms_norm_eps=cfg.rms_norm_eps,
-        # 4.x keys: transformers 5 still reads them, 4.x reads nothing else.
-        rope_theta=cfg.rope_theta,
-        rope_scaling=dict(cfg.rope_scaling) if cfg.rope_scaling else None,
-        max_position_embeddings=cfg.max_position_embeddings,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        torch_dtype=dtype_name(cfg.param_dtype),
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-    )
-    if cfg.model_type in ("llama", "qwen3"):
-        hf["attention_bias"] = cfg.o_bias
-    if cfg.model_type == "llama":
-        hf["mlp_bias"] = cfg.mlp_bias
-    if cfg.model_type == "mistral" or cfg.sliding_window:
-        hf["sliding_window"] = cfg.sliding_window
-    if cfg.model_type in ("qwen2", "qwen3"):
-        hf["use_sliding_window"] = cfg.sliding_window is not None
+    hf.update(families.parts_to_hf({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}))
+    hf["torch_dtype"] = dtype_name(cfg.param_dtype)
     return hf
 
 

@@ -7,6 +7,7 @@ Linear weights are [out, in]; jaxft keeps kernels as [in, ...out] with heads spl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -20,8 +21,9 @@ from safetensors.numpy import save_file
 
 from jaxft.errors import DataError, PathError
 from jaxft.io.folders import check_model_folder
+from jaxft.models import families
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
-from jaxft.models.llama import Decoder
+from jaxft.models.decoder import Decoder
 from jaxft.models.paths import set_path
 from jaxft.parallel.sharding import param_shardings
 
@@ -79,7 +81,10 @@ def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
             rules.append((f"{hf}mlp.{name}_proj.weight", mlp + (f"{name}_proj",), shape, _transpose, _transpose))
             if cfg.mlp_bias:
                 rules.append((f"{hf}mlp.{name}_proj.bias", mlp + (f"{name}_bias",), shape[:1], _same, _same))
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        norms = ("input_layernorm", "post_attention_layernorm")
+        if cfg.sandwich_norms:
+            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        for name in norms:
             rules.append((f"{hf}{name}.weight", jx + (name, "weight"), (E,), _same, _same))
     rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same))
     if not cfg.tie_word_embeddings:
@@ -113,12 +118,31 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> Decoder:
     return nnx.merge(graphdef, state)
 
 
-class _TensorReader:
-    """Looks tensors up by name across a single file or an index of shards (memory-mapped)."""
+def _fused(cfg: ModelConfig) -> dict:
+    """The family's fused tensors (Phi-3's qkv_proj / gate_up_proj): {suffix: ((part, rows), ...)}."""
+    return families.fused_tensors(cfg.model_type, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
 
-    def __init__(self, folder: Path):
+
+def _fuse(tensors: dict[str, np.ndarray], fused: dict) -> dict[str, np.ndarray]:
+    """HF tensors with each fused group's parts concatenated (along the output rows) under the
+    fused name, in the checkpoint's order."""
+    out = dict(tensors)
+    for suffix, parts in fused.items():
+        first = parts[0][0]
+        for name in [n for n in tensors if n.endswith("." + first)]:
+            prefix = name[: -len(first)]
+            out[prefix + suffix] = np.concatenate([out.pop(prefix + part) for part, _ in parts], axis=0)
+    return out
+
+
+class _TensorReader:
+    """Looks tensors up by name across a single file or an index of shards (memory-mapped).
+    A fused tensor (`fused`: Phi-3's qkv_proj) reads as its parts: row slices under their names."""
+
+    def __init__(self, folder: Path, fused: dict | None = None):
         index = folder / INDEX_FILE
         self._open: dict[Path, object] = {}
+        self._views: dict[str, tuple[str, int, int]] = {}  # part name -> (fused name, rows from, to)
         if index.is_file():
             self.files = {name: folder / f for name, f in _weight_map(index).items()}
             for path in sorted(set(self.files.values())):
@@ -132,14 +156,26 @@ class _TensorReader:
                 f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; jaxft reads safetensors checkpoints "
                 "(convert .bin files with transformers' save_pretrained(safe_serialization=True))"
             )
+        for suffix, parts in (fused or {}).items():
+            for name in [n for n in self.files if n.endswith("." + suffix)]:
+                start = 0
+                for part, rows in parts:
+                    self._views[name[: -len(suffix)] + part] = (name, start, start + rows)
+                    start += rows
 
     def names(self) -> set[str]:
-        return set(self.files)
+        return set(self.files) - {real for real, _, _ in self._views.values()} | set(self._views)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._views:
+            real, start, stop = self._views[name]
+            return (stop - start,) + self.shape(real)[1:]
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
+        if name in self._views:
+            real, start, stop = self._views[name]
+            return self._handle(real).get_slice(real)[start:stop]
         try:
             return self._handle(name).get_tensor(name)
         except SafetensorError as err:
@@ -192,7 +228,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     transform: `fn(state path, device array) -> value`, applied to each weight as it lands on
     the devices (QLoRA quantizes there, so the full-precision model never exists whole)."""
     folder = Path(folder)
-    reader = _TensorReader(folder)
+    reader = _TensorReader(folder, _fused(cfg))
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(abstract_state, mesh) if mesh is not None else None
     rules = _tensor_rules(cfg)
@@ -262,7 +298,7 @@ def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
             gathered[jpath] = host_array(flat[jpath][...])
         value = gathered[jpath] if layer is None else gathered[jpath][layer]
         out[name] = np.ascontiguousarray(to_hf(value).astype(dtype or cfg.param_dtype))
-    return out
+    return _fuse(out, _fused(cfg))
 
 
 def save_hf(model: Decoder, path: str | Path, *, tokenizer=None, dtype=None,

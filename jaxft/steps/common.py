@@ -79,6 +79,7 @@ def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, 
         logps, correct, mean_logits = losses.chunked_token_logps(
             hidden, model.lm_head_kernel().astype(hidden.dtype), targets, target_mask,
             chunk_size=loss_chunk_size, groups=token_groups(*targets.shape),
+            logit_softcap=model.cfg.final_logit_softcap,
         )
     else:
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)

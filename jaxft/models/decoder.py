@@ -1,4 +1,5 @@
-"""One Flax NNX decoder for the Llama, Mistral, Qwen2 and Qwen3 families.
+"""One Flax NNX decoder assembled from parts: every family jaxft loads (Llama, Mistral, Qwen2,
+Qwen3, Gemma 2, Gemma 3, Phi-3 / Phi-4) is a `ModelConfig`, not a file of code.
 
 Axis letters used in names and einsums throughout jaxft:
   B batch, L query length, S key length (cache), E embed, H query heads, K key/value heads,
@@ -6,42 +7,33 @@ Axis letters used in names and einsums throughout jaxft:
 
 Every parameter carries `logical_axes` metadata (e.g. ("embed", "mlp")); `jaxft.parallel.sharding`
 maps those names to mesh axes in one table, so no mesh axis name appears here.
-Numerics follow transformers' PyTorch implementation: RMSNorm and softmax in float32,
-rotate-half RoPE, SwiGLU.
+Numerics follow transformers' PyTorch implementation: norms and softmax in float32,
+rotate-half RoPE, gated MLPs (SwiGLU / GeGLU).
+
+Layers that differ by position (Gemma's sliding and global layers, each with its window and
+RoPE: `ModelConfig.layer_kinds`) share one parameter layout, so the stack stays one `lax.scan`
+over all layers (compile time independent of depth, any pattern, no remainder layers): each
+layer's kind is an int carried with its parameters, and attention switches (`lax.switch`) to
+that kind's window and RoPE. An unrolled model passes the kind statically.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxft.models import lora
 from jaxft.models.attention import attend
-from jaxft.models.config import ModelConfig
+from jaxft.models.config import LayerKind, ModelConfig
+from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, soft_cap
 from jaxft.models.quantize import kernel_value
 from jaxft.models.remat import REMAT_POLICIES, remat
+from jaxft.models.rope import apply_rope
 from jaxft.parallel.sharding import constrain, splits
-
-_INIT_STD = 0.02  # transformers' default initializer_range
-
-
-def _param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal") -> nnx.Param:
-    if init == "normal":
-        value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
-    elif init == "ones":
-        value = jnp.ones(shape, jnp.float32)
-    else:
-        value = jnp.zeros(shape, jnp.float32)
-    return nnx.Param(value.astype(dtype), logical_axes=axes)
-
-
-def _bcast(w: jax.Array, x: jax.Array) -> jax.Array:
-    """Leading unit axes so `w` (trailing dims of x) broadcasts without rank promotion."""
-    return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
 
 
 def _act(x: jax.Array, last: str) -> tuple[str, ...]:
@@ -57,48 +49,6 @@ def _token_rows(x_BLE: jax.Array) -> jax.Array:
     if splits("act_length"):
         return x_BLE
     return x_BLE.reshape(-1, x_BLE.shape[-1])
-
-
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """[D/2] float32 inverse frequencies, with llama3 / linear scaling applied."""
-    dim = cfg.dim_per_head
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", "default")
-    if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
-        # Llama 3.1: leave high frequencies, divide low ones by `factor`, blend in between.
-        factor = scaling["factor"]
-        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        inv_freq = np.where(medium, blended, scaled)
-    return inv_freq.astype(np.float32)
-
-
-def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half rotary embedding at explicit positions (restarting per packed example)."""
-    angles = positions_BL[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, L, D/2]
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(angles).astype(x_BLHD.dtype), jnp.sin(angles).astype(x_BLHD.dtype)
-    x1, x2 = jnp.split(x_BLHD, 2, axis=-1)
-    return x_BLHD * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, param_dtype, axis: str = "norm"):
-        self.weight = _param(None, (dim,), (axis,), param_dtype, init="ones")
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return _bcast(self.weight[...].astype(x.dtype), x) * normed.astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -118,8 +68,8 @@ class Attention(nnx.Module):
         if cfg.o_bias:
             self.o_bias = _param(None, (E,), ("norm",), pd, init="zeros")
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim")
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
         lora.add_adapters(self, cfg, lora.ATTENTION_PROJECTIONS, rngs)
 
     def _project(self, x_BLE, name, rng=None):
@@ -129,38 +79,26 @@ class Attention(nnx.Module):
             y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
         return y
 
-    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None):
-        """x_BLE: [B, L, E], or [B * L, E] token rows (`_token_rows`); the result is shaped as x."""
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None, kind=0):
+        """x_BLE: [B, L, E], or [B * L, E] token rows (`_token_rows`); the result is shaped as x.
+        kind: this layer's index into `cfg.layer_kinds()` (a traced int in a scanned stack)."""
         cfg = self.cfg
         B, L = positions_BL.shape
         q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n, rng).reshape(B, L, -1, cfg.dim_per_head)
                                   for n in ("q", "k", "v"))
         if cfg.qk_norm:
             q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
-        inv_freq = rope_inv_freq(cfg)
-        q_BLHD = apply_rope(q_BLHD, positions_BL, inv_freq)
-        k_BLKD = apply_rope(k_BLKD, positions_BL, inv_freq)
-        q_BLHD = constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
-
-        if cache is None:
-            k_BSKD, v_BSKD, kv_segments_BS, q_offset = k_BLKD, v_BLKD, segment_ids_BL, 0
-            new_cache = None
-        else:
-            # Decode / prefill: write this chunk's keys at `cache_index`, attend over the cache.
-            start = (0, cache_index, 0, 0)
-            k_BSKD = jax.lax.dynamic_update_slice(cache["k"], k_BLKD.astype(cache["k"].dtype), start)
-            v_BSKD = jax.lax.dynamic_update_slice(cache["v"], v_BLKD.astype(cache["v"].dtype), start)
-            kv_segments_BS = jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids_BL.astype(jnp.int32), (0, cache_index)
-            )
-            new_cache = {"k": k_BSKD, "v": v_BSKD, "segment_ids": kv_segments_BS}
-            q_offset = cache_index
-
-        # Causal within a row, never across packed segments or onto padding (models/attention.py).
-        out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
-                          kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset,
-                          sliding_window=cfg.sliding_window, implementation=cfg.attention).astype(x_BLE.dtype)
-        out_BLHD = out_BLHD.reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
+        if cfg.query_pre_attn_scalar:  # Gemma: scores scaled by qpas ** -0.5; attend scales by D ** -0.5
+            q_BLHD = q_BLHD * jnp.asarray(math.sqrt(cfg.dim_per_head / cfg.query_pre_attn_scalar), q_BLHD.dtype)
+        kinds = cfg.layer_kinds()[0]
+        core = functools.partial(_attention_core, cfg, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
+                                 cache=cache, cache_index=cache_index)
+        if isinstance(kind, int) or len(kinds) == 1:
+            out_BLHD, new_cache = core(kinds[kind if isinstance(kind, int) else 0], q_BLHD, k_BLKD, v_BLKD)
+        else:  # a scanned stack of mixed layers: this layer's window and RoPE
+            branches = [functools.partial(core, k) for k in kinds]
+            out_BLHD, new_cache = jax.lax.switch(kind, branches, q_BLHD, k_BLKD, v_BLKD)
+        out_BLHD = out_BLHD.astype(x_BLE.dtype).reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
         y_BLE = jnp.einsum("...HD,HDE->...E", out_BLHD, kernel_value(self.o_proj, x_BLE.dtype))
         y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora, rng)
         if cfg.o_bias:
@@ -168,8 +106,35 @@ class Attention(nnx.Module):
         return y_BLE, new_cache
 
 
+def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *, positions_BL,
+                    segment_ids_BL, cache, cache_index):
+    """RoPE, the KV-cache write and the attention of one layer kind: (out [B, L, H, D], cache)."""
+    q_BLHD = apply_rope(q_BLHD, positions_BL, kind.rope)
+    k_BLKD = apply_rope(k_BLKD, positions_BL, kind.rope)
+    q_BLHD = constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
+    if cache is None:
+        k_BSKD, v_BSKD, kv_segments_BS, q_offset = k_BLKD, v_BLKD, segment_ids_BL, 0
+        new_cache = None
+    else:
+        # Decode / prefill: write this chunk's keys at `cache_index`, attend over the cache.
+        start = (0, cache_index, 0, 0)
+        k_BSKD = jax.lax.dynamic_update_slice(cache["k"], k_BLKD.astype(cache["k"].dtype), start)
+        v_BSKD = jax.lax.dynamic_update_slice(cache["v"], v_BLKD.astype(cache["v"].dtype), start)
+        kv_segments_BS = jax.lax.dynamic_update_slice(
+            cache["segment_ids"], segment_ids_BL.astype(jnp.int32), (0, cache_index)
+        )
+        new_cache = {"k": k_BSKD, "v": v_BSKD, "segment_ids": kv_segments_BS}
+        q_offset = cache_index
+    # Causal within a row, never across packed segments or onto padding (models/attention.py).
+    softcap = {"logit_softcap": cfg.attn_logit_softcap} if cfg.attn_logit_softcap else {}
+    out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
+                      kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset, sliding_window=kind.window,
+                      implementation=cfg.attention, **softcap)
+    return out_BLHD, new_cache
+
+
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """A gated MLP: down(act(gate(x)) * up(x)); act silu (SwiGLU) or tanh-GELU (GeGLU)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         E, F, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
@@ -181,6 +146,7 @@ class MLP(nnx.Module):
             self.up_bias = _param(None, (F,), ("mlp",), pd, init="zeros")
             self.down_bias = _param(None, (E,), ("norm",), pd, init="zeros")
         self.has_bias = cfg.mlp_bias
+        self.activation = cfg.activation
         self.lora = cfg.lora
         lora.add_adapters(self, cfg, lora.MLP_PROJECTIONS, rngs)
 
@@ -192,31 +158,49 @@ class MLP(nnx.Module):
         return y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
 
     def __call__(self, x_BLE, rng=None):
-        h_BLF = jax.nn.silu(self._dense(x_BLE, "gate", rng)) * self._dense(x_BLE, "up", rng)
+        h_BLF = ACTIVATIONS[self.activation](self._dense(x_BLE, "gate", rng)) * self._dense(x_BLE, "up", rng)
         h_BLF = constrain(h_BLF, _act(h_BLF, "act_mlp"))
         return self._dense(h_BLF, "down", rng)
 
 
 class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks with residuals; with `cfg.sandwich_norms` (Gemma) each
+    block's output is normed too before the residual add. Norm names are the checkpoints': in
+    a sandwich, post_attention_layernorm norms the attention's output, otherwise the MLP's input."""
+
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        def norm():
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, kind=cfg.norm)
+
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype
-        )
+        self.post_attention_layernorm = norm()
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.sandwich = cfg.sandwich_norms
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None):
-        """rng: this layer's LoRA dropout key (training with lora.dropout > 0), else None."""
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None, kind=0):
+        """rng: this layer's LoRA dropout key (training with lora.dropout > 0), else None.
+        kind: this layer's index into `cfg.layer_kinds()`."""
         x = _token_rows(x_BLE)
-        attn, new_cache = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache, cache_index, rng)
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x), rng)
+        attn, new_cache = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache,
+                                         cache_index, rng, kind)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), rng))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x), rng)
         return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache
 
 
-def _run_layer(layer, x, positions, segment_ids, rng=None):
-    return layer(x, positions, segment_ids, rng=rng)[0]
+def _layer_runner(kind: int):
+    """A layer call with its kind fixed (a closure: nnx.remat takes positional arguments only)."""
+    def run(layer, x, positions, segment_ids, rng=None):
+        return layer(x, positions, segment_ids, rng=rng, kind=kind)[0]
+    return run
 
 
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs):
@@ -249,43 +233,52 @@ class Decoder(nnx.Module):
             self.layers = _stacked_layers(cfg, rngs)
         else:
             self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, kind=cfg.norm)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
 
+    def _kinds_N(self):
+        """Each layer's kind as scan input, or None when every layer is alike (no switch)."""
+        kinds, index = self.cfg.layer_kinds()
+        return None if len(kinds) == 1 else jnp.asarray(index, jnp.int32)
+
     def _run_scanned(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None):
         graphdef, stacked = nnx.split(self.layers)
+        kinds_N = self._kinds_N()
         if cache is None:
             def body(x, xs):
-                layer_state, key = xs
-                return nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, rng=key)[0], None
+                layer_state, key, kind = xs
+                layer = nnx.merge(graphdef, layer_state)
+                return layer(x, positions_BL, segment_ids_BL, rng=key, kind=0 if kind is None else kind)[0], None
 
             keys = None if rng is None else jax.random.split(rng, self.cfg.num_layers)
-            x_BLE, _ = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, (stacked, keys))
+            x_BLE, _ = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, (stacked, keys, kinds_N))
             return x_BLE, None
 
         def step(x, xs):
-            layer_state, k, v = xs
+            layer_state, k, v, kind = xs
             layer_cache = {"k": k, "v": v, "segment_ids": cache["segment_ids"]}
-            x, c = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache, cache_index)
+            x, c = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache, cache_index,
+                                                    kind=0 if kind is None else kind)
             return x, (c["k"], c["v"], c["segment_ids"])
 
-        x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"]))
+        x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"], kinds_N))
         return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}
 
     def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None):
+        kind_of = self.cfg.layer_kinds()[1]  # static per layer: no switch
         if cache is None:
-            run = _run_layer
-            if self.cfg.remat != "none":
-                run = nnx.remat(_run_layer, policy=REMAT_POLICIES[self.cfg.remat])
             keys = [None] * self.cfg.num_layers if rng is None else list(jax.random.split(rng, self.cfg.num_layers))
-            for layer, key in zip(self.layers, keys):
+            for layer, key, kind in zip(self.layers, keys, kind_of):
+                run = _layer_runner(kind)
+                if self.cfg.remat != "none":
+                    run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
                 x_BLE = run(layer, x_BLE, positions_BL, segment_ids_BL, key)
             return x_BLE, None
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
-            x_BLE, c = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index)
+            x_BLE, c = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index, kind=kind_of[i])
             new_layers.append(c)
         return x_BLE, {"k": [c["k"] for c in new_layers], "v": [c["v"] for c in new_layers],
                        "segment_ids": new_layers[0]["segment_ids"]}
@@ -313,8 +306,9 @@ class Decoder(nnx.Module):
         packed example). segment_ids: [B, L] (default all 1; 0 = padding; tokens attend only
         within their segment). cache / cache_index: a KV cache from `init_cache` and the slot
         where this chunk starts; then the result is `(out, new_cache)`.
-        Returns logits [B, L, V] in float32, or the final normed hidden states [B, L, E]
-        when `return_hidden` (for chunked cross-entropy against `lm_head_kernel()`).
+        Returns logits [B, L, V] in float32 (soft-capped where the family caps them), or the
+        final normed hidden states [B, L, E] when `return_hidden` (for chunked cross-entropy
+        against `lm_head_kernel()`, with `cfg.final_logit_softcap`).
         dropout_rng: a key for LoRA dropout (cfg.lora.dropout > 0; training only), else None.
         """
         cfg = self.cfg
@@ -324,6 +318,8 @@ class Decoder(nnx.Module):
                         else positions)
         segment_ids_BL = jnp.ones((B, L), jnp.int32) if segment_ids is None else segment_ids
         x_BLE = jnp.take(self.embed_tokens[...], tokens_BL, axis=0).astype(cfg.compute_dtype)
+        if cfg.embed_scale:  # Gemma: sqrt(hidden), rounded to the compute dtype as transformers does
+            x_BLE = x_BLE * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.compute_dtype)
         x_BLE = constrain(x_BLE, ("act_batch", "act_length", "act_embed"))
         run = self._run_scanned if cfg.scan_layers else self._run_unrolled
         use_dropout = dropout_rng is not None and cache is None and cfg.lora is not None and cfg.lora.dropout > 0
@@ -334,6 +330,7 @@ class Decoder(nnx.Module):
             # f32 accumulation and output: bf16 logits would round the softmax's inputs.
             out = jnp.einsum("...E,EV->...V", _token_rows(out), self.lm_head_kernel().astype(out.dtype),
                              preferred_element_type=jnp.float32).reshape(B, L, -1)
+            out = soft_cap(out, cfg.final_logit_softcap)
             out = constrain(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
             return out

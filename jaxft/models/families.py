@@ -1,0 +1,248 @@
+"""The model families jaxft loads: each a row mapping an HF `config.json` to decoder parts
+(`jaxft.models.config.ModelConfig` fields) and back, plus how its tensors are named.
+
+A row is a `Family`: the transformers architecture it saves as, the config keys it reads
+beyond the common ones (`parts(hf) -> ModelConfig kwargs`, `hf_keys(parts) -> config.json
+keys`), and its fused tensors (Phi-3's `qkv_proj` and `gate_up_proj`, split on load, fused on
+save). Adding a family is a row here when its layers are made of existing parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jaxft.errors import ConfigError
+
+# Keys every family reads (the rest of a config.json is kept and written back unchanged).
+_COMMON_KEYS = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
+    "rope_scaling", "rope_parameters", "max_position_embeddings", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "hidden_act",
+    "architectures", "transformers_version", "partial_rotary_factor",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    architecture: str  # what `save_hf` writes as `architectures`
+    parts: Callable[[dict, str], dict]  # family-specific ModelConfig kwargs from config.json
+    hf_keys: Callable[[dict], dict]  # family-specific config.json keys from ModelConfig fields
+    keys: frozenset = frozenset()  # config.json keys `parts` consumes
+    tie_default: bool = False  # tie_word_embeddings when config.json does not say
+    # Fused HF tensors: {fused suffix: ((part suffix, rows), ...)} in order along axis 0, rows
+    # as a function of the parts (e.g. H * D).
+    fused: Callable[[dict], dict] | None = None
+
+
+def _activation(hf: dict, source: str, allowed: dict) -> str:
+    name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+    if name not in allowed:
+        raise ConfigError(f"{source}: hidden activation {name!r} is not supported for "
+                          f"{hf.get('model_type')} (supported: {', '.join(allowed)})")
+    return allowed[name]
+
+
+def _llama(hf, source):
+    _activation(hf, source, {"silu": "silu"})
+    bias = bool(hf.get("attention_bias", False))
+    return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+def _mistral(hf, source):
+    _activation(hf, source, {"silu": "silu"})
+    return dict(sliding_window=hf.get("sliding_window"))
+
+
+def _qwen(qk_norm: bool):
+    def parts(hf, source):
+        _activation(hf, source, {"silu": "silu"})
+        # Qwen configs carry a window size but switch it off with use_sliding_window.
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
+        if not qk_norm:  # Qwen2 always biases q / k / v, never o
+            return dict(qkv_bias=True, sliding_window=sliding)
+        bias = bool(hf.get("attention_bias", False))
+        return dict(qk_norm=True, qkv_bias=bias, o_bias=bias, sliding_window=sliding)
+    return parts
+
+
+def _default_layer_types(hf: dict, every: int) -> list[str]:
+    """transformers' default when a Gemma config.json has no layer_types: every `every`-th
+    layer full, the others sliding."""
+    return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(hf["num_hidden_layers"])]
+
+
+def _gemma(version: int):
+    def parts(hf, source):
+        every = 2 if version == 2 else int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+        out = dict(
+            norm="rms_plus_one", sandwich_norms=True, embed_scale=True,
+            activation=_activation(hf, source, {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}),
+            attn_logit_softcap=hf.get("attn_logit_softcapping"),
+            final_logit_softcap=hf.get("final_logit_softcapping"),
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
+            sliding_window=hf.get("sliding_window"),
+            layer_types=tuple(hf.get("layer_types") or _default_layer_types(hf, every)),
+            qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
+        )
+        if version == 3:
+            out["qk_norm"] = True
+            local = _rope_of(hf, "sliding_attention")
+            if local is not None:
+                out["local_rope_theta"], out["local_rope_scaling"] = local
+            elif hf.get("rope_local_base_freq") is not None:  # the 4.x spelling
+                out["local_rope_theta"] = float(hf["rope_local_base_freq"])
+        return out
+    return parts
+
+
+def _gemma_keys(version: int):
+    def keys(p):
+        hf = dict(
+            hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=p["query_pre_attn_scalar"],
+            attn_logit_softcapping=p["attn_logit_softcap"], final_logit_softcapping=p["final_logit_softcap"],
+            sliding_window=p["sliding_window"], layer_types=list(p["layer_types"]),
+            attention_bias=p["qkv_bias"],
+        )
+        if version == 3:
+            hf["rope_local_base_freq"] = p["local_rope_theta"] if p["local_rope_theta"] is not None else p["rope_theta"]
+        return hf
+    return keys
+
+
+def _phi3(hf, source):
+    _activation(hf, source, {"silu": "silu"})
+    return dict(sliding_window=hf.get("sliding_window"))
+
+
+def _phi3_keys(p):
+    hf = dict(sliding_window=p["sliding_window"])
+    scaling = p["rope_scaling"]
+    if scaling and scaling.get("rope_type") == "longrope":  # its original length stays top-level
+        hf["rope_scaling"] = {k: v for k, v in scaling.items() if k != "original_max_position_embeddings"}
+    return hf
+
+
+def _phi3_fused(p):
+    H, K, F = p["num_heads"], p["num_kv_heads"], p["intermediate_size"]
+    D = p["head_dim"] or p["hidden_size"] // H
+    return {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", H * D), ("self_attn.k_proj.weight", K * D),
+                                          ("self_attn.v_proj.weight", K * D)),
+            "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", F), ("mlp.up_proj.weight", F))}
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaForCausalLM", _llama,
+                    lambda p: dict(attention_bias=p["o_bias"], mlp_bias=p["mlp_bias"]),
+                    frozenset({"attention_bias", "mlp_bias"})),
+    "mistral": Family("MistralForCausalLM", _mistral, lambda p: dict(sliding_window=p["sliding_window"]),
+                      frozenset({"sliding_window"})),
+    "qwen2": Family("Qwen2ForCausalLM", _qwen(qk_norm=False),
+                    lambda p: dict(use_sliding_window=p["sliding_window"] is not None,
+                                   **({"sliding_window": p["sliding_window"]} if p["sliding_window"] else {})),
+                    frozenset({"sliding_window", "use_sliding_window", "attention_bias"}), tie_default=True),
+    "qwen3": Family("Qwen3ForCausalLM", _qwen(qk_norm=True),
+                    lambda p: dict(attention_bias=p["o_bias"], use_sliding_window=p["sliding_window"] is not None,
+                                   **({"sliding_window": p["sliding_window"]} if p["sliding_window"] else {})),
+                    frozenset({"sliding_window", "use_sliding_window", "attention_bias"})),
+    "gemma2": Family("Gemma2ForCausalLM", _gemma(2), _gemma_keys(2), frozenset({
+        "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+        "sliding_window", "layer_types", "attention_bias"}), tie_default=True),
+    "gemma3_text": Family("Gemma3ForCausalLM", _gemma(3), _gemma_keys(3), frozenset({
+        "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
+        "sliding_window", "layer_types", "attention_bias", "rope_local_base_freq", "sliding_window_pattern",
+        "_sliding_window_pattern"}), tie_default=True),
+    "phi3": Family("Phi3ForCausalLM", _phi3, _phi3_keys, frozenset({"sliding_window"}), fused=_phi3_fused),
+}
+
+
+def family(model_type: str) -> Family:
+    if model_type not in FAMILIES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; jaxft supports "
+                          f"{', '.join(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _rope_of(hf: dict, layer_type: str | None) -> tuple[float, dict | None] | None:
+    """(theta, scaling) from either dialect; for a layer type of a 5.x per-type rope_parameters
+    (Gemma 3), that type's, or None when the config has no per-type entry for it."""
+    params = hf.get("rope_parameters")
+    if params and layer_type is not None:
+        if not isinstance(params.get(layer_type), dict):
+            return None
+        params = params[layer_type]
+    elif params and isinstance(params.get("full_attention"), dict):
+        params = params["full_attention"]
+    if params:  # transformers 5.x: theta and scaling live together
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    elif layer_type is not None:
+        return None
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = dict(hf.get("rope_scaling") or {})
+    if "type" in scaling and "rope_type" not in scaling:  # very old spelling
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type") == "longrope" and "original_max_position_embeddings" not in scaling:
+        scaling["original_max_position_embeddings"] = hf.get("original_max_position_embeddings")
+    if scaling.get("rope_type", "default") == "default":
+        scaling = None
+    return float(theta), scaling
+
+
+def _partial_rotary(hf: dict) -> float:
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor") or hf.get("partial_rotary_factor") or 1.0)
+
+
+def parts_from_hf(hf: dict, *, source: str = "config.json") -> tuple[dict, dict]:
+    """(ModelConfig kwargs, the config.json keys jaxft does not model) of a parsed config.json."""
+    model_type = hf.get("model_type")
+    fam = family(model_type) if model_type in FAMILIES else None
+    if fam is None:
+        raise ConfigError(f"{source}: model_type {model_type!r} is not supported; jaxft supports "
+                          f"{', '.join(FAMILIES)}")
+    theta, scaling = _rope_of(hf, None)
+    heads = hf["num_attention_heads"]
+    parts = dict(
+        model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
+        partial_rotary_factor=_partial_rotary(hf),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", fam.tie_default)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+    parts.update(fam.parts(hf, source))
+    extra = {k: v for k, v in hf.items() if k not in _COMMON_KEYS | fam.keys}
+    return parts, extra
+
+
+def parts_to_hf(p: dict) -> dict:
+    """The config.json keys of ModelConfig fields `p` (4.x spelling, which 5.x still reads)."""
+    fam = family(p["model_type"])
+    hf = dict(
+        architectures=[fam.architecture], model_type=p["model_type"], vocab_size=p["vocab_size"],
+        hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+        num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+        num_key_value_heads=p["num_kv_heads"], head_dim=p["head_dim"] or p["hidden_size"] // p["num_heads"],
+        rms_norm_eps=p["rms_norm_eps"], rope_theta=p["rope_theta"],
+        rope_scaling=dict(p["rope_scaling"]) if p["rope_scaling"] else None,
+        max_position_embeddings=p["max_position_embeddings"], tie_word_embeddings=p["tie_word_embeddings"],
+        bos_token_id=p["bos_token_id"], eos_token_id=p["eos_token_id"], pad_token_id=p["pad_token_id"],
+    )
+    if p["activation"] == "silu":
+        hf["hidden_act"] = "silu"
+    if p["partial_rotary_factor"] != 1.0:
+        hf["partial_rotary_factor"] = p["partial_rotary_factor"]
+    hf.update(fam.hf_keys(p))
+    return hf
+
+
+def fused_tensors(model_type: str, p: dict) -> dict:
+    """{fused suffix: ((part suffix, rows), ...)} of a family (empty when nothing is fused)."""
+    fam = family(model_type)
+    return fam.fused(p) if fam.fused else {}

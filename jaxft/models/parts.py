@@ -1,0 +1,58 @@
+"""Small parts the decoder is assembled from: parameters with logical axes, the norms, the MLP
+activations and soft-capping. Numerics follow transformers' PyTorch modules.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_INIT_STD = 0.02  # transformers' default initializer_range
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, dtype, init="normal") -> nnx.Param:
+    if init == "normal":
+        value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    else:
+        value = jnp.zeros(shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+def bcast(w: jax.Array, x: jax.Array) -> jax.Array:
+    """Leading unit axes so `w` (trailing dims of x) broadcasts without rank promotion."""
+    return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
+
+
+class RMSNorm(nnx.Module):
+    """kind "rms" (Llama): w * normed, in x's dtype; "rms_plus_one" (Gemma): normed * (1 + w)
+    in float32, then cast (its checkpoints store w as an offset from 1, initialised at 0)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, axis: str = "norm", kind: str = "rms"):
+        self.weight = param(None, (dim,), (axis,), param_dtype, init="ones" if kind == "rms" else "zeros")
+        self.eps = eps
+        self.kind = kind
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.kind == "rms_plus_one":
+            return (normed * (1.0 + bcast(self.weight[...].astype(jnp.float32), x))).astype(x.dtype)
+        return bcast(self.weight[...].astype(x.dtype), x) * normed.astype(x.dtype)
+
+
+# The MLP's gate activation by `ModelConfig.activation`: SwiGLU (silu) and GeGLU (tanh-GELU,
+# transformers' gelu_pytorch_tanh).
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+}
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x unchanged when cap is None."""
+    return x if not cap else cap * jnp.tanh(x / cap)
