@@ -269,11 +269,11 @@ class Decoder(nnx.Module):
         kind_of = self.cfg.layer_kinds()[1]  # static per layer: no switch
         if cache is None:
             keys = [None] * self.cfg.num_layers if rng is None else list(jax.random.split(rng, self.cfg.num_layers))
+            runners = {kind: _layer_runner(kind) for kind in set(kind_of)}
+            if self.cfg.remat != "none":
+                runners = {k: nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat]) for k, run in runners.items()}
             for layer, key, kind in zip(self.layers, keys, kind_of):
-                run = _layer_runner(kind)
-                if self.cfg.remat != "none":
-                    run = nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat])
-                x_BLE = run(layer, x_BLE, positions_BL, segment_ids_BL, key)
+                x_BLE = runners[kind](layer, x_BLE, positions_BL, segment_ids_BL, key)
             return x_BLE, None
         new_layers = []
         for i, layer in enumerate(self.layers):

@@ -103,8 +103,10 @@ def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, rope: Rope) -> jax.Ar
         use_long = jnp.max(positions_BL) + 1 > original
         angles = jnp.where(use_long, pos * long[None, None, :], angles)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    cos = (jnp.cos(angles) * factor).astype(x_BLHD.dtype)
-    sin = (jnp.sin(angles) * factor).astype(x_BLHD.dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if factor != 1.0:
+        cos, sin = cos * factor, sin * factor
+    cos, sin = cos.astype(x_BLHD.dtype), sin.astype(x_BLHD.dtype)
     R = angles.shape[-1]
     x_rot, x_pass = (x_BLHD, None) if R == D else (x_BLHD[..., :R], x_BLHD[..., R:])
     x1, x2 = jnp.split(x_rot, 2, axis=-1)
