@@ -12,7 +12,7 @@ import transformers
 
 from jaxft.parallel import sharding
 from jaxft.models import init_cache, load_hf, save_hf
-from tests.hf_reference import FAMILIES, hf_logits, make_hf_model
+from tests.hf_reference import COMMON, FAMILIES, hf_logits, make_hf_model
 
 TOL = 1e-4
 RNG = np.random.default_rng(0)
@@ -81,6 +81,34 @@ def test_mixed_layers_scanned_equal_unrolled(family, tmp_path):
         want = np.asarray(gb["layers"][i]["self_attn"]["k_proj"][...])
         np.testing.assert_allclose(ga["layers"]["self_attn"]["k_proj"][...][i], want,
                                    rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_multimodal_gemma3_loads_its_text_model_and_exports_it(tmp_path):
+    """A Gemma3ForConditionalGeneration folder (Gemma 3 4B / 12B / 27B on the hub): jaxft loads
+    its text decoder (vision tower and projector unread) with the logits transformers gives for
+    text input, and exports a Gemma3ForCausalLM that transformers loads with the same logits."""
+    _, extra = FAMILIES["gemma3_text"]
+    text = {**extra, **COMMON, "num_hidden_layers": 8}
+    config = transformers.Gemma3Config(
+        text_config=text, mm_tokens_per_image=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    config.text_config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.2 * torch.randn_like(p))
+    hf_model.save_pretrained(tmp_path / "mm")
+    model = load_hf(tmp_path / "mm")
+    assert model.cfg.model_type == "gemma3_text" and model.cfg.layer_types == tuple(config.text_config.layer_types)
+    want = hf_logits(hf_model, TOKENS)
+    assert np.abs(np.asarray(model(jnp.asarray(TOKENS))) - want).max() < TOL
+    save_hf(model, tmp_path / "text")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_allclose(hf_logits(reloaded, TOKENS), want, atol=1e-5)
 
 
 def test_tied_qwen2_round_trips_without_lm_head(tmp_path):

@@ -184,7 +184,9 @@ def _hashable(value):
 def config_from_hf(hf: dict, *, source: str = "config.json", dtype=None) -> ModelConfig:
     """Builds a ModelConfig from a parsed HF `config.json` (4.x or 5.x dialect)."""
     parts, extra = families.parts_from_hf(hf, source=source)
-    checkpoint_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    text = hf.get("text_config") if hf.get("model_type") in families.MULTIMODAL else None
+    checkpoint_dtype = ((text or {}).get("dtype") or hf.get("dtype") or (text or {}).get("torch_dtype")
+                        or hf.get("torch_dtype") or "float32")
     param_dtype = parse_dtype(dtype or checkpoint_dtype, key=f"{source} dtype")
     return ModelConfig(**parts, param_dtype=param_dtype, compute_dtype=param_dtype, extra_hf_config=extra)
 

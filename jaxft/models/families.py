@@ -157,6 +157,45 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# Multimodal checkpoints whose text decoder jaxft trains: {model_type: the text config's type}.
+# Their text tensors sit under a prefix (`wrapped_name`); the vision tower and projector are
+# not loaded, and an export is the text model (e.g. Gemma3ForCausalLM), which transformers loads.
+MULTIMODAL = {"gemma3": "gemma3_text"}
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+_TEXT_HEADS = ("language_model.lm_head.weight",)
+_NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def text_tensor_names(names) -> tuple[dict[str, str], set[str]]:
+    """({checkpoint-style text name: stored name}, stored names that are not the text model)
+    for the tensors of a multimodal checkpoint; ({}, set()) for a text-only one."""
+    if not any(n.startswith(_TEXT_PREFIXES) for n in names):
+        return {}, set()
+    renamed, other = {}, set()
+    for name in names:
+        prefix = next((p for p in _TEXT_PREFIXES if name.startswith(p)), None)
+        if prefix is not None:
+            renamed["model." + name[len(prefix):]] = name
+        elif name in _TEXT_HEADS:
+            renamed["lm_head.weight"] = name
+        elif name.startswith(_NOT_TEXT):
+            other.add(name)
+        else:  # kept under its own name: the loader names it as unexpected
+            renamed[name] = name
+    return renamed, other
+
+
+def _text_config(hf: dict) -> dict:
+    """A multimodal config.json's text part as a config.json of its own (dtype and tying
+    inherited from the outer config where the text part does not say)."""
+    text = dict(hf.get("text_config") or {})
+    text["model_type"] = MULTIMODAL[hf["model_type"]]
+    for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+        if key not in text and key in hf:
+            text[key] = hf[key]
+    return text
+
+
 def family(model_type: str) -> Family:
     if model_type not in FAMILIES:
         raise ConfigError(f"model_type {model_type!r} is not supported; jaxft supports "
@@ -198,11 +237,13 @@ def _partial_rotary(hf: dict) -> float:
 
 def parts_from_hf(hf: dict, *, source: str = "config.json") -> tuple[dict, dict]:
     """(ModelConfig kwargs, the config.json keys jaxft does not model) of a parsed config.json."""
+    if hf.get("model_type") in MULTIMODAL:
+        hf = _text_config(hf)
     model_type = hf.get("model_type")
     fam = family(model_type) if model_type in FAMILIES else None
     if fam is None:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported; jaxft supports "
-                          f"{', '.join(FAMILIES)}")
+                          f"{', '.join(FAMILIES)} (and the text model of {', '.join(MULTIMODAL)})")
     theta, scaling = _rope_of(hf, None)
     heads = hf["num_attention_heads"]
     parts = dict(

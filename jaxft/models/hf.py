@@ -143,6 +143,7 @@ class _TensorReader:
         index = folder / INDEX_FILE
         self._open: dict[Path, object] = {}
         self._views: dict[str, tuple[str, int, int]] = {}  # part name -> (fused name, rows from, to)
+        self._stored: dict[str, str] = {}  # name -> the name it is stored under, where they differ
         if index.is_file():
             self.files = {name: folder / f for name, f in _weight_map(index).items()}
             for path in sorted(set(self.files.values())):
@@ -156,6 +157,12 @@ class _TensorReader:
                 f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}; jaxft reads safetensors checkpoints "
                 "(convert .bin files with transformers' save_pretrained(safe_serialization=True))"
             )
+        # A multimodal checkpoint (Gemma 3 4B+): its text tensors under their text-model names;
+        # the vision tower and projector are left unread.
+        text, self.not_text = families.text_tensor_names(self.files)
+        if text:
+            self.files = {name: self.files[stored] for name, stored in text.items()}
+            self._stored = text
         for suffix, parts in (fused or {}).items():
             for name in [n for n in self.files if n.endswith("." + suffix)]:
                 start = 0
@@ -170,14 +177,14 @@ class _TensorReader:
         if name in self._views:
             real, start, stop = self._views[name]
             return (stop - start,) + self.shape(real)[1:]
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return tuple(self._handle(name).get_slice(self._stored.get(name, name)).get_shape())
 
     def get(self, name: str) -> np.ndarray:
         if name in self._views:
             real, start, stop = self._views[name]
-            return self._handle(real).get_slice(real)[start:stop]
+            return self._handle(real).get_slice(self._stored.get(real, real))[start:stop]
         try:
-            return self._handle(name).get_tensor(name)
+            return self._handle(name).get_tensor(self._stored.get(name, name))
         except SafetensorError as err:
             raise DataError(f"{self.files[name]}: cannot read tensor {name} ({err}); the file is damaged: "
                              "re-export or re-download it") from None
