@@ -16,6 +16,25 @@ _LLAMA31_ROPE = {
     "original_max_position_embeddings": 8192,
 }
 
+
+def _every_nth_full(num_layers: int, n: int) -> tuple[str, ...]:
+    """Gemma's layer_types: layer i is full attention when (i + 1) % n == 0, else sliding
+    (transformers' rule: Gemma 2 alternates, n=2, from a sliding first layer; Gemma 3 is 5:1)."""
+    return tuple("full_attention" if (i + 1) % n == 0 else "sliding_attention" for i in range(num_layers))
+
+
+# Gemma 2 / 3's parts (jaxft.models.families reads the same from their config.json): (1 + w)
+# RMSNorms before and after attention and the MLP, GeGLU, embeddings times sqrt(hidden_size),
+# the tied LM head. bos 2, eos 1, pad 0 as their config.json.
+_GEMMA = dict(norm="rms_plus_one", sandwich_norms=True, activation="gelu_tanh", embed_scale=True,
+              rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=2, eos_token_id=1, pad_token_id=0)
+# Gemma 3's global layers: theta 1M with linear scaling x8 (the 128k context); its sliding
+# layers theta 10k, unscaled (config.json's rope_local_base_freq).
+_GEMMA3 = dict(_GEMMA, model_type="gemma3_text", qk_norm=True, sliding_window=1024, rope_theta=1_000_000.0,
+               rope_scaling={"rope_type": "linear", "factor": 8.0}, local_rope_theta=10_000.0,
+               max_position_embeddings=131072, vocab_size=262208,
+               eos_token_id=[1, 106])  # the -it models' config.json: <eos> and <end_of_turn>
+
 PRESETS: dict[str, ModelConfig] = {
     # ~1M params: trains on 2 CPU cores in about a minute.
     "tiny": ModelConfig(
@@ -80,6 +99,32 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="llama", vocab_size=102400, hidden_size=8192, intermediate_size=22016, num_layers=95,
         num_heads=64, num_kv_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=4096,
         bos_token_id=100000, eos_token_id=100001,
+    ),
+    # google/gemma-2-9b (9,241,705,984 params): sliding (4,096) and full layers alternate from a
+    # sliding first one; attention scores and output logits soft-capped at 50 and 30.
+    "gemma2_9b": ModelConfig(
+        model_type="gemma2", vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_layers=42,
+        num_heads=16, num_kv_heads=8, head_dim=256, rope_theta=10000.0, max_position_embeddings=8192,
+        sliding_window=4096, layer_types=_every_nth_full(42, 2), attn_logit_softcap=50.0,
+        final_logit_softcap=30.0, query_pre_attn_scalar=256, **_GEMMA,
+    ),
+    # The text model of google/gemma-3-4b-it (its config.json's text_config; 3,880,263,168
+    # params without the vision tower): 5 sliding (1,024) layers to 1 full, QK-norm, no soft-caps.
+    "gemma3_4b": ModelConfig(
+        hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
+        layer_types=_every_nth_full(34, 6), query_pre_attn_scalar=256, **_GEMMA3,
+    ),
+    # The text model of google/gemma-3-27b-it (27,009,346,304 params without the vision tower).
+    "gemma3_27b": ModelConfig(
+        hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128,
+        layer_types=_every_nth_full(62, 6), query_pre_attn_scalar=168, **_GEMMA3,
+    ),
+    # microsoft/phi-4 (14,659,507,200 params): a Phi-3 architecture (fused qkv / gate_up
+    # tensors in its checkpoint), full attention on every layer, untied, 16k context.
+    "phi4_14b": ModelConfig(
+        model_type="phi3", vocab_size=100352, hidden_size=5120, intermediate_size=17920, num_layers=40,
+        num_heads=40, num_kv_heads=10, rms_norm_eps=1e-5, rope_theta=250000.0, max_position_embeddings=16384,
+        bos_token_id=100257, eos_token_id=100265, pad_token_id=100349,
     ),
 }
 

@@ -1,0 +1,79 @@
+"""The Gemma 2 / Gemma 3 / Phi-4 presets describe the published checkpoints: the parameter count
+each model card gives, in jaxft (ModelConfig.num_params and the built model's shapes) and in
+transformers (the same config.json, its model built on the meta device), and the parts their
+config.json sets (attention pattern, window, soft-caps, per-layer RoPE)."""
+
+import dataclasses
+import importlib.util
+
+import jax
+import pytest
+from flax import nnx
+
+from jaxft.models import abstract_model, config_to_hf, get_preset
+from jaxft.models.config import config_from_hf
+
+HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
+
+# Parameters of each published checkpoint (Gemma 3: the text model of the -it checkpoint, its
+# vision tower left out), and (sliding layers, full layers).
+PUBLISHED = {
+    "gemma2_9b": (9_241_705_984, (21, 21)),
+    "gemma3_4b": (3_880_263_168, (29, 5)),
+    "gemma3_27b": (27_009_346_304, (52, 10)),
+    "phi4_14b": (14_659_507_200, None),
+}
+
+
+def _hf_model(cfg):
+    """transformers' model of `cfg`'s config.json, on the meta device (nothing allocated)."""
+    import torch
+    import transformers
+
+    hf = config_to_hf(cfg)
+    hf.pop("architectures")
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device("meta"):
+        return config, transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_family_presets_have_the_published_parameter_counts(name):
+    cfg = get_preset(name)
+    count, pattern = PUBLISHED[name]
+    built = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(cfg), nnx.Param)))
+    assert built == cfg.num_params() == count
+    if pattern is None:
+        assert cfg.layer_types is None and cfg.sliding_window is None
+    else:
+        assert (cfg.layer_types.count("sliding_attention"), cfg.layer_types.count("full_attention")) == pattern
+        assert cfg.layer_types[0] == "sliding_attention"  # both Gemmas start with a sliding layer
+    # What we write as config.json reads back as the same model.
+    back = config_from_hf(config_to_hf(cfg), dtype="float32")
+    changed = [f.name for f in dataclasses.fields(cfg)
+               if f.compare and f.name != "head_dim" and getattr(back, f.name) != getattr(cfg, f.name)]
+    assert not changed and back.dim_per_head == cfg.dim_per_head
+    if not HAS_TORCH:
+        return
+    config, model = _hf_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == cfg.tie_word_embeddings
+    assert list(getattr(config, "layer_types", None) or []) == list(cfg.layer_types or [])
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="needs torch and transformers")
+def test_transformers_reads_the_family_parts_of_the_presets():
+    gemma2, _ = _hf_model(get_preset("gemma2_9b"))
+    assert (gemma2.sliding_window, gemma2.attn_logit_softcapping, gemma2.final_logit_softcapping,
+            gemma2.query_pre_attn_scalar, gemma2.hidden_activation) == (4096, 50.0, 30.0, 256, "gelu_pytorch_tanh")
+    for name, scalar in (("gemma3_4b", 256), ("gemma3_27b", 168)):
+        gemma3, _ = _hf_model(get_preset(name))
+        assert (gemma3.sliding_window, gemma3.query_pre_attn_scalar, gemma3.max_position_embeddings) == (
+            1024, scalar, 131072)
+        assert gemma3.attn_logit_softcapping is None and gemma3.final_logit_softcapping is None
+        rope = gemma3.rope_parameters  # transformers 5: one RoPE per layer type
+        assert rope["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}
+        assert rope["sliding_attention"] == {"rope_type": "default", "rope_theta": 10_000.0}
+    phi4, _ = _hf_model(get_preset("phi4_14b"))
+    assert (phi4.rope_parameters["rope_theta"], phi4.max_position_embeddings, phi4.sliding_window,
+            phi4.tie_word_embeddings) == (250_000.0, 16384, None, False)
