@@ -47,3 +47,66 @@ def test_lora_on_phi3_fused_projections_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"lora\.targets: phi3 checkpoints fuse gate_proj, k_proj, q_proj, up_proj, v_proj into gate_up_proj, qkv_proj"):
         cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
     cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("o_proj", "down_proj")))  # unfused: fine
+
+
+# --- a tiny Gemma 3 trained as users train it: SFT and DPO runs from its HF folder -------------
+
+
+@pytest.fixture(scope="module")
+def gemma_folder(tmp_path_factory):
+    """A tiny random Gemma 3 (5:1 local / global over 6 layers, window 16 < the 64-token rows)
+    with the bundled tokenizer, as a Hugging Face folder."""
+    from jaxft.data.from_config import load_bundled_tokenizer
+    from jaxft.models import create_model, save_hf
+    from jaxft.models.config import ModelConfig
+
+    tok = load_bundled_tokenizer()
+    cfg = ModelConfig(
+        model_type="gemma3_text", vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_layers=6,
+        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6, local_rope_theta=1e4,
+        norm="rms_plus_one", sandwich_norms=True, activation="gelu_tanh", embed_scale=True, qk_norm=True,
+        query_pre_attn_scalar=16, sliding_window=16, layer_types=("sliding_attention",) * 5 + ("full_attention",),
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id)
+    return save_hf(create_model(cfg, seed=7), tmp_path_factory.mktemp("gemma") / "hf", tokenizer=tok)
+
+
+RUN = {"train.steps": 6, "train.batch_size": 8, "data.max_length": 64, "train.progress": False,
+       "train.log_every": 1, "train.save_every": 6, "train.eval_every": 0, "optim.warmup_steps": 0,
+       "optim.schedule": "constant", "mesh.data": -1, "model.preset": ""}
+
+
+def test_gemma3_sft_learns_and_its_export_loads_in_transformers_with_equal_logits(gemma_folder, tmp_path):
+    import transformers
+
+    from jaxft import config as config_lib
+    from jaxft.io.metrics import read_metrics
+    from jaxft.run import run
+    from tests.quickstart_subset import sft_data
+
+    config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
+                                                     "model.path": str(gemma_folder), "optim.lr": 3e-3})
+    result = run(config, tmp_path / "run")
+    losses = [r["loss"] for r in read_metrics(result.workdir) if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    ours = np.asarray(load_hf(result.export_dir)(jnp.asarray(TOKENS)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
+    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
+
+
+def test_gemma3_dpo_starts_at_ln2_and_learns(gemma_folder, tmp_path):
+    import math
+
+    from jaxft import config as config_lib
+    from jaxft.io.metrics import read_metrics
+    from jaxft.run import run
+    from tests.quickstart_subset import quickstart_head
+
+    config = config_lib.load("configs/dpo.py:tiny", {
+        **RUN, "data.train": str(quickstart_head(tmp_path, "pref_train.jsonl", 48)), "data.eval": "",
+        "model.path": str(gemma_folder), "optim.lr": 1e-3, "dpo.loss_type": "sigmoid", "dpo.loss_weights": ""})
+    run(config, tmp_path / "run", kind="dpo", export=False)
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rows[-1]["loss"] < rows[0]["loss"]
