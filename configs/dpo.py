@@ -17,6 +17,9 @@ Presets:
   llama3_8b_lora / llama3_8b_qlora
               DPO with LoRA rank 16 (alpha 32, all-linear, lr 5e-6) on a frozen bf16 / NF4 base: the
               reference is the base with the adapters off, so no second copy of the weights
+  gemma3_4b / gemma3_4b_qlora
+              Gemma-3-4B(-it), its text model: full DPO as the real models above, or LoRA rank 16
+              (alpha 16, all-linear) on an NF4 base at lr 5e-6 with gradient clip 0.3
 Common switches: --config.dpo.loss_type=ipo|hinge|... (TRL's names), --config.dpo.beta,
 --config.dpo.reference=policy|PATH|none, --config.dpo.precompute_reference=False.
 """
@@ -84,9 +87,20 @@ def lora(c, quantization="none"):
     c.lora.base_quantization = quantization
 
 
+def gemma3_qlora(c):
+    """Gemma 3's adapters as configs/sft.py's gemma3_4b_qlora (Google's Gemma QLoRA guide: r=16,
+    alpha=16, all-linear, NF4 base, max_grad_norm 0.3) at the DPO adapter lr above (5e-6): the
+    Gemma guides give SFT learning rates only, so DPO's are those of the other presets (full:
+    Zephyr's 5e-7)."""
+    lora(c, quantization="nf4")
+    c.lora.alpha = 16.0
+    c.optim.clip_norm = 0.3
+
+
 PRESETS = {"tiny": tiny, "llama3_8b": real_model, "qwen2_5_7b": real_model, "mistral_7b": real_model,
            "deepseek_llm_7b": real_model, "llama3_8b_lora": lora,
-           "llama3_8b_qlora": lambda c: lora(c, quantization="nf4")}
+           "llama3_8b_qlora": lambda c: lora(c, quantization="nf4"),
+           "gemma3_4b": real_model, "gemma3_4b_qlora": gemma3_qlora}
 
 
 def get_config(arg: str = ""):

@@ -18,6 +18,9 @@ Presets (the part after the colon):
   deepseek_llm_67b the same at 67B: only 2 epochs (the larger model overfits sooner), lr 5e-6
   llama3_8b_lora   Llama-3-8B with LoRA rank 16 (alpha 32, all-linear, lr 2e-4) on a frozen bf16 base
   llama3_8b_qlora  the same on an NF4 base (QLoRA): fits one 16 GiB chip (jaxft plan --target v5e-1)
+  gemma3_4b        Gemma-3-4B(-it), its text model: full fine-tuning on packed 4k rows at lr 2e-5
+  gemma3_4b_qlora  Gemma-3-4B on an NF4 base, LoRA rank 16 (alpha 16, all-linear) at lr 2e-4 and
+                   gradient clip 0.3, as Google's Gemma QLoRA guide
 Any preset or your own model takes adapters with --config.lora.rank=16 (see docs/lora.md).
 """
 
@@ -95,6 +98,23 @@ def lora(c, quantization="none"):
     c.lora.base_quantization = quantization
 
 
+def gemma3(c, quantization=None):
+    """Gemma 3 (its text model; set model.path to the HF folder), on packed 4k rows.
+
+    Full fine-tuning: lr 2e-5, TRL's SFTConfig default, which TRL's own Gemma 3 recipe keeps
+    (examples/scripts/sft_gemma3.py full-fine-tunes gemma-3-12b-it with it). Adapters: Google's
+    "Fine-Tune Gemma using Hugging Face Transformers and QLoRA" guide
+    (ai.google.dev/gemma/docs/core/huggingface_text_finetune_qlora): an NF4 base, LoRA r=16,
+    alpha=16 on all linear layers, lr 2e-4 (the QLoRA paper's), max_grad_norm 0.3.
+    """
+    if quantization is None:
+        packed_4k(c, lr=2e-5)
+        return
+    lora(c, quantization=quantization)  # lr 2e-4, rank 16, all-linear, bf16 compute
+    c.lora.alpha = 16.0
+    c.optim.clip_norm = 0.3
+
+
 PRESETS = {
     "tiny": tiny,
     "llama3_8b": packed_4k,
@@ -104,6 +124,8 @@ PRESETS = {
     "deepseek_llm_67b": lambda c: deepseek_llm(c, big=True),
     "llama3_8b_lora": lora,
     "llama3_8b_qlora": lambda c: lora(c, quantization="nf4"),
+    "gemma3_4b": gemma3,
+    "gemma3_4b_qlora": lambda c: gemma3(c, quantization="nf4"),
 }
 
 

@@ -5,13 +5,19 @@ config.json sets (attention pattern, window, soft-caps, per-layer RoPE)."""
 
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
+from jaxft import config as config_lib
 from jaxft.models import abstract_model, config_to_hf, get_preset
 from jaxft.models.config import config_from_hf
+from jaxft.perf import plan as plan_lib
+
+REPO = Path(__file__).resolve().parents[1]
 
 HAS_TORCH = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 
@@ -77,3 +83,35 @@ def test_transformers_reads_the_family_parts_of_the_presets():
     phi4, _ = _hf_model(get_preset("phi4_14b"))
     assert (phi4.rope_parameters["rope_theta"], phi4.max_position_embeddings, phi4.sliding_window,
             phi4.tie_word_embeddings) == (250_000.0, 16384, None, False)
+
+
+def _config_presets(kind):
+    spec = importlib.util.spec_from_file_location(f"{kind}_presets", REPO / f"configs/{kind}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PRESETS
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_every_config_preset_loads_and_validates(kind):
+    presets = _config_presets(kind)
+    assert {"gemma3_4b", "gemma3_4b_qlora"} <= set(presets)
+    for name in presets:
+        overrides = {} if name == "tiny" else {"model.path": "/models/m", "data.train": "train.jsonl"}
+        config_lib.validate(config_lib.load(f"{REPO}/configs/{kind}.py:{name}", overrides))
+
+
+@pytest.mark.parametrize("kind,full_lr,adapter_lr", [("sft", 2e-5, 2e-4), ("dpo", 5e-7, 5e-6)])
+def test_the_gemma3_4b_presets_follow_the_gemma_guides(kind, full_lr, adapter_lr):
+    # On the gemma3_4b architecture (what `jaxft plan --config.model.preset=gemma3_4b` builds):
+    # full fine-tuning at the full lr; QLoRA as Google's guide (NF4, r=16, alpha=16, all-linear,
+    # gradient clip 0.3) at the adapter lr.
+    full, qlora = (config_lib.load(f"{REPO}/configs/{kind}.py:{name}", {"model.preset": "gemma3_4b"})
+                   for name in ("gemma3_4b", "gemma3_4b_qlora"))
+    assert full.optim.lr == full_lr and full.lora.rank == 0 and full.optim.clip_norm == 1.0
+    assert qlora.optim.lr == adapter_lr and qlora.optim.clip_norm == 0.3 and qlora.model.dtype == "bfloat16"
+    assert (qlora.lora.rank, qlora.lora.alpha, qlora.lora.targets, qlora.lora.base_quantization) == (
+        16, 16.0, "all-linear", "nf4")
+    cfg = plan_lib.plan_model_config(qlora)
+    assert cfg.model_type == "gemma3_text" and cfg.num_layers == 34 and cfg.vocab_size == 262208
+    assert cfg.lora is not None and cfg.lora.rank == 16 and cfg.compute_dtype == jnp.bfloat16
