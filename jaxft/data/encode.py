@@ -13,9 +13,13 @@ Token convention (docs/data.md, "Data formats"):
   `render(messages[:i], add_generation_prompt=True)` and `render(messages[:i+1])`, both of which
   must be token prefixes of the full rendering (else DataError). A span holds everything the
   template writes after the generation prompt up to the next turn: the content, the
-  end-of-turn token (`</s>`, `<|im_end|>`) and what follows it (ChatML's "\\n"). If the last
-  assistant span holds no EOS (ChatML ends turns with `<|im_end|>`), one EOS is appended and
-  trained, so every example teaches the stop the generator uses; an EOS is never doubled.
+  end-of-turn token (`</s>`, `<|im_end|>`, Gemma's `<end_of_turn>`) and what follows it
+  (ChatML's "\\n"). Some templates close a whole conversation with special tokens they never
+  write between turns (Phi-3 writes its EOS after the last turn): an earlier turn's rendering
+  may end in such a run of special tokens when the whole conversation ends in the same run;
+  the turn's span stops before it. If the last assistant span holds no EOS (ChatML ends turns
+  with `<|im_end|>`), one EOS is appended and trained, so every example teaches the stop the
+  generator uses; an EOS is never doubled.
   All assistant turns are trained (for prompt/completion records, those in the completion).
 * `completion_only_loss=False` trains every token but the first (SFT only; DPO always sums
   the completion).
@@ -82,6 +86,9 @@ class Encoder:
         start = next((i for i in range(len(full) - len(plain) + 1)
                       if full[i:i + len(plain)] == plain), 0)
         self.prefix = list(full[:start])
+        # Special tokens, named (bos, eos, ...) or added as special (chat markers).
+        self.special_ids = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` without special tokens added."""
@@ -144,7 +151,8 @@ class Encoder:
             if messages[i]["role"] != "assistant":  # user, system and tool turns are not trained
                 continue
             before = self._render(messages[:i], True, location, tools)
-            upto = full if i == len(messages) - 1 else self._render(messages[:i + 1], False, location, tools)
+            upto = full if i == len(messages) - 1 else self._without_conversation_end(
+                self._render(messages[:i + 1], False, location, tools), full)
             for n, part in ((i, before), (i + 1, upto)):
                 if full[:len(part)] != part:
                     raise DataError(location, f"the chat template renders the first {n} messages "
@@ -165,6 +173,17 @@ class Encoder:
         if self.eos not in last_span:
             full, mask = full + [self.eos], mask + [1]
         return full, mask, prompt_len
+
+    def _without_conversation_end(self, part: list[int], full: list[int]) -> list[int]:
+        """`part` (the rendering of the first turns) less a trailing run of special tokens that
+        stands where `full` goes on with the next turn and that `full` ends with too: what the
+        template writes only at the end of a conversation (Phi-3's EOS). Else `part` as it is
+        (a rendering that differs otherwise is refused by the prefix check)."""
+        k = next((j for j, (a, b) in enumerate(zip(part, full)) if a != b), min(len(part), len(full)))
+        tail = part[k:]
+        if tail and full[-len(tail):] == tail and all(t in self.special_ids for t in tail):
+            return part[:k]
+        return part
 
     def _check_tool_calls(self, message: dict, i: int, span: list[int], location: str) -> None:
         """ToolTemplateError unless the tokens of assistant turn i name each function it calls
