@@ -1,6 +1,7 @@
 """Every attention backend that runs on CPU equals llama.py's einsum attention (the "reference"
 backend) under the model's mask: packed rows with padding, GQA and MHA, sliding windows, a KV
-cache offset; outputs and gradients; padding queries stay finite; `resolve` picks per platform."""
+cache offset, a logit soft-cap; outputs and gradients; padding queries stay finite; `resolve`
+picks per platform."""
 
 import contextlib
 import functools
@@ -27,21 +28,24 @@ def _rows(*runs_per_row) -> np.ndarray:
 PACKED = _rows([(1, 3), (2, 2), (3, 3), (4, 7), (0, 5)], [(1, 9), (2, 1), (3, 6), (0, 4)])
 
 
-def _qkv(B, L, S, H, K, D=8, seed=0):
-    """q [B, L, H, D], k / v [B, S, K, D] and output weights [B, L, H, D], fixed by the seed."""
+def _qkv(B, L, S, H, K, D=8, seed=0, q_scale=1.0):
+    """q [B, L, H, D], k / v [B, S, K, D] and output weights [B, L, H, D], fixed by the seed.
+    q_scale widens the scores (about N(0, q_scale^2) after the 1 / sqrt(D)), so a cap bites."""
     kq, kk, kv, kw = jax.random.split(jax.random.key(seed), 4)
-    return (jax.random.normal(kq, (B, L, H, D)), jax.random.normal(kk, (B, S, K, D)),
+    return (q_scale * jax.random.normal(kq, (B, L, H, D)), jax.random.normal(kk, (B, S, K, D)),
             jax.random.normal(kv, (B, S, K, D)), jax.random.normal(kw, (B, L, H, D)))
 
 
 def _outputs_and_grads(name, q, k, v, w, q_seg, kv_seg, q_offset, window, **opts):
     """Output [B, L, H, D]; grads of sum(w * out) w.r.t. q, k, v with w zero on padding queries
     (what a loss sees); and grads with w on every query (only checked for being finite).
-    A Python-int q_offset stays static (splash and cuDNN's causal flag need a known 0)."""
+    A Python-int q_offset stays static (splash and cuDNN's causal flag need a known 0).
+    name: a key of BACKENDS, or a function with a backend's signature."""
+    backend = BACKENDS[name] if isinstance(name, str) else name
 
     def run(q, k, v, w, q_offset):
         mask = AttentionMask(jnp.asarray(q_seg), jnp.asarray(kv_seg), q_offset, window)
-        out, vjp = jax.vjp(lambda q, k, v: BACKENDS[name](q, k, v, mask, **opts), q, k, v)
+        out, vjp = jax.vjp(lambda q, k, v: backend(q, k, v, mask, **opts), q, k, v)
         valid = jnp.asarray(q_seg != 0)[:, :, None, None]
         return out, vjp(jnp.where(valid, w, 0.0)), vjp(w)
 
@@ -49,19 +53,24 @@ def _outputs_and_grads(name, q, k, v, w, q_seg, kv_seg, q_offset, window, **opts
 
 
 @functools.cache
-def _reference(shapes, q_seg_rows, kv_seg_rows, q_offset, window):
+def _reference(shapes, q_seg_rows, kv_seg_rows, q_offset, window, logit_softcap=None):
     # Cached (segment ids as tuples): several backends are checked against each reference case,
     # and compiles are this file's cost on 2 cores.
     q_seg, kv_seg = np.array(q_seg_rows, np.int32), np.array(kv_seg_rows, np.int32)
-    out, grads, _ = _outputs_and_grads("reference", *_qkv(*shapes), q_seg, kv_seg, q_offset, window)
+    out, grads, _ = _outputs_and_grads("reference", *_qkv(*shapes), q_seg, kv_seg, q_offset, window,
+                                       logit_softcap=logit_softcap)
     return out, grads
 
 
-def _assert_matches_reference(name, shapes, q_seg, kv_seg, q_offset=0, window=None, **opts):
-    """`shapes`: _qkv's arguments (B, L, S, H, K, D, seed); segment ids: numpy [B, L] / [B, S]."""
-    out, grads, grads_all = _outputs_and_grads(name, *_qkv(*shapes), q_seg, kv_seg, q_offset, window, **opts)
+def _assert_matches_reference(name, shapes, q_seg, kv_seg, q_offset=0, window=None, logit_softcap=None,
+                              **opts):
+    """`shapes`: _qkv's arguments (B, L, S, H, K, D, seed[, q_scale]); segment ids: numpy
+    [B, L] / [B, S]. logit_softcap goes to the backend and to the reference alike."""
+    out, grads, grads_all = _outputs_and_grads(name, *_qkv(*shapes), q_seg, kv_seg, q_offset, window,
+                                               logit_softcap=logit_softcap, **opts)
     as_key = lambda seg: tuple(map(tuple, seg.tolist()))  # noqa: E731
-    ref_out, ref_grads = _reference(shapes, as_key(q_seg), as_key(kv_seg), int(q_offset), window)
+    ref_out, ref_grads = _reference(shapes, as_key(q_seg), as_key(kv_seg), int(q_offset), window,
+                                    logit_softcap)
     valid = (q_seg != 0)[:, :, None, None]
     # Padding queries have no key to attend to: their value is the backend's own, but finite.
     np.testing.assert_allclose(np.where(valid, out, 0), np.where(valid, ref_out, 0), atol=ATOL)
@@ -103,21 +112,97 @@ def test_decode_with_a_query_offset_matches_the_reference(name, L, window):
                               q_offset=jnp.int32(offset), window=window, block_q=4, block_k=8)
 
 
-@pytest.mark.parametrize("L,window,mesh", [(256, None, None), (384, 160, (2, 2, 2))],
-                         ids=["256", "384-window160-mesh"])
-def test_splash_kernel_matches_the_reference_in_interpret_mode(L, window, mesh, monkeypatch):
+@pytest.mark.parametrize("L,window,mesh,softcap", [
+    (256, None, None, None),
+    (384, 160, dict(data=2, fsdp=2, tensor=2), 5.0),
+    (256, 100, dict(data=2, sequence=2, tensor=2), 5.0),
+], ids=["256", "384-window160-softcap-mesh", "256-window100-softcap-sequence-mesh"])
+def test_splash_kernel_matches_the_reference_in_interpret_mode(L, window, mesh, softcap, monkeypatch):
     # Pallas interpret mode runs the TPU kernel's own code on CPU, forward and backward.
     # L = 384 tiles by 128: three blocks, with a window reaching across block boundaries; and
     # under a data x fsdp x tensor mesh, so it runs per shard (rows and kv heads split), as a
-    # Mosaic kernel must on TPU.
+    # Mosaic kernel must on TPU, with a logit soft-cap. The last case runs the context-parallel
+    # split (tokens over "sequence": one 128-query block per shard), its kernel capped too.
     pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
     monkeypatch.setattr(attention, "blockwise", None)  # the kernel itself must run, no fallback
     seg = _rows([(1, 100), (2, 60), (3, 76), (0, L - 236)], [(1, 30), (2, 200), (0, L - 230)])
-    shapes = (2, L, L, 4, 2, 32, 2)
+    shapes = (2, L, L, 4, 2, 32, 2) + ((4.0,) if softcap else ())
     with contextlib.ExitStack() as stack:
         if mesh:
-            stack.enter_context(jax.set_mesh(make_mesh(*mesh)))
-        _assert_matches_reference("splash", shapes, seg, seg, window=window, interpret=True)
+            stack.enter_context(jax.set_mesh(make_mesh(**mesh)))
+        _assert_matches_reference("splash", shapes, seg, seg, window=window, logit_softcap=softcap,
+                                  interpret=True)
+
+
+# --- logit soft-cap (Gemma 2): c * tanh(scores / c) before the mask --------------------------------
+
+SOFTCAP = 5.0
+# q scaled by 4: scaled scores about N(0, 16), so many pass the cap of 5 and tanh bends them all.
+CAPPED = (2, 20, 20, 4, 2, 8, 3, 4.0)
+
+
+def _numpy_attention(q, k, v, q_seg, kv_seg, window, cap):
+    """An independent float64 formula, one (row, head, query) at a time: [B, L, H, D]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    B, L, H, D = q.shape
+    G = H // k.shape[2]
+    out = np.zeros_like(q)
+    for b, h, i in np.ndindex(B, H, L):
+        keys = [j for j in range(k.shape[1]) if j <= i and (not window or i - j < window)
+                and q_seg[b, i] == kv_seg[b, j] != 0]
+        if not keys:
+            continue
+        scores = k[b, keys, h // G] @ q[b, i, h] / np.sqrt(D)
+        if cap:
+            scores = cap * np.tanh(scores / cap)
+        p = np.exp(scores - scores.max())
+        out[b, i, h] = (p / p.sum()) @ v[b, keys, h // G]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_softcapped_reference_equals_the_formula(window):
+    q, k, v, _ = _qkv(*CAPPED)
+    valid = (PACKED != 0)[:, :, None, None]
+    mask = AttentionMask(jnp.asarray(PACKED), jnp.asarray(PACKED), 0, window)
+    out = attention.reference(q, k, v, mask, logit_softcap=SOFTCAP)
+    want = _numpy_attention(q, k, v, PACKED, PACKED, window, SOFTCAP)
+    np.testing.assert_allclose(np.where(valid, out, 0), want, atol=1e-5)
+    # The cap bites on these scores: without it the output is far off.
+    uncapped = _numpy_attention(q, k, v, PACKED, PACKED, window, None)
+    assert np.abs(uncapped - want).max() > 0.1
+
+
+# cudnn has no soft-cap, so with one it runs blockwise: on CPU too.
+@pytest.mark.parametrize("name,opts", CPU_BACKENDS + [("cudnn", {"block_q": 8, "block_k": 4})],
+                         ids=["blockwise-4x8", "blockwise-8x4", "xla", "cudnn"])
+@pytest.mark.parametrize("window", [None, 3], ids=["full", "window3"])
+def test_softcapped_backends_match_the_reference(name, opts, window):
+    _assert_matches_reference(name, CAPPED, PACKED, PACKED, window=window, logit_softcap=SOFTCAP, **opts)
+
+
+@pytest.mark.parametrize("name", ["blockwise", "splash"])
+def test_softcapped_decode_matches_the_reference(name):
+    # A traced cache offset (splash runs blockwise), key blocks skipped before and after the queries.
+    _assert_matches_reference(name, (2, 4, 32, 4, 2, 8, 1, 4.0), CACHE[:, 20:24], CACHE,
+                              q_offset=jnp.int32(20), window=5, logit_softcap=SOFTCAP, block_q=4, block_k=8)
+
+
+def _via_attend(implementation):
+    """`attend` with a backend's signature: under a "sequence" mesh it splits per shard."""
+    def run(q, k, v, mask, **opts):
+        return attend(q, k, v, q_segment_ids_BL=mask.q_segment_ids_BL, kv_segment_ids_BS=mask.kv_segment_ids_BS,
+                      q_offset=mask.q_offset, sliding_window=mask.sliding_window, implementation=implementation,
+                      **opts)
+    return run
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "xla"])
+def test_softcap_reaches_every_context_parallel_shard(implementation):
+    # 20 tokens over 4 sequence shards of 5 queries: each shard's call must carry the cap.
+    with jax.set_mesh(make_mesh(data=2, sequence=4)):
+        _assert_matches_reference(_via_attend(implementation), CAPPED, PACKED, PACKED, window=3,
+                                  logit_softcap=SOFTCAP, block_q=4, block_k=8)
 
 
 def test_blockwise_never_holds_the_score_matrix():
@@ -169,3 +254,14 @@ def test_resolve_picks_per_platform_and_rejects_unknown_names():
     seg = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="model.attention"):
         attend(q, k, v, q_segment_ids_BL=seg, kv_segment_ids_BS=seg, implementation="flash")
+
+
+def test_attend_rejects_a_negative_or_traced_softcap():
+    q, k, v, _ = _qkv(1, 4, 4, 2, 1)
+    seg = jnp.ones((1, 4), jnp.int32)
+    run = functools.partial(attend, q, k, v, q_segment_ids_BL=seg, kv_segment_ids_BS=seg)
+    with pytest.raises(ValueError, match="logit_softcap"):
+        run(logit_softcap=-5.0)
+    with pytest.raises(ValueError, match="logit_softcap"):  # the kernels take it as a constant
+        jax.jit(lambda cap: run(logit_softcap=cap))(5.0)
+    np.testing.assert_array_equal(run(logit_softcap=0), run())  # 0: no cap, like sliding_window

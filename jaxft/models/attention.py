@@ -8,6 +8,8 @@ The mask, the same for every backend: query l (at index q_offset + l) may attend
   s <= q_offset + l                          causal by index within a row (segments are contiguous)
   q_offset + l - s < sliding_window          only when a window is set
   q_segment_ids[l] == kv_segment_ids[s] != 0 same packed segment, and never a padding key.
+Scores are q.k / sqrt(D); with a logit soft-cap c (Gemma 2) they become c * tanh(scores / c)
+before the mask and the softmax, in every backend (forward and gradient).
 Softmax runs in float32. A query row with no allowed key (a padding query) gives finite output in
 forward and gradient, but its value is the backend's own (reference / xla: the mean of v over all
 keys; blockwise: 0; splash: attention over the padding keys): losses must mask those rows.
@@ -18,15 +20,19 @@ blockwise):
   blockwise  pure-JAX flash attention: online softmax over key blocks, custom VJP recomputing per
              block, key blocks outside causality / the window skipped. Any platform, any length.
   xla/cudnn  `jax.nn.dot_product_attention` with a [B, 1, L, S] boolean mask (cudnn: GPU only,
-             and cuDNN's own limits: bf16 / fp16 inputs, supported head dims).
+             and cuDNN's own limits: bf16 / fp16 inputs, supported head dims). It has no soft-cap:
+             with one, xla runs the reference math (it materialises the scores either way) and
+             cudnn runs blockwise (keeping the O(L) memory a fused kernel promises).
   splash     the Pallas TPU splash kernel (q_offset == 0, L == S, L % 128 == 0; else blockwise),
              run per shard under the ambient mesh (`jax.set_mesh`): Mosaic cannot be auto-sharded.
+             The soft-cap is the kernel's own `attn_logits_soft_cap`.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +48,10 @@ from jaxft.parallel.sharding import logical_to_spec
 # --- reference -------------------------------------------------------------------------------
 
 
-def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None):
-    """llama.py's einsum attention, kept verbatim as the oracle: [B, L, H, D] in q's dtype."""
+def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
+              logit_softcap=None):
+    """llama.py's einsum attention, kept as the oracle: [B, L, H, D] in q's dtype. With
+    logit_softcap c, the scaled scores become c * tanh(scores / c) before the mask (Gemma 2)."""
     del block_q, block_k  # one signature for every backend
     B, L, H, D = q_BLHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -53,6 +61,8 @@ def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     q_BLKGD = q_BLHD.reshape(B, L, K, H // K, D)
     scores = jnp.einsum("BLKGD,BSKD->BKGLS", q_BLKGD, k_BSKD.astype(q_BLKGD.dtype))
     scores = scores.astype(jnp.float32) / math.sqrt(D)
+    if logit_softcap:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
     scores = jnp.where(allowed_BLS[:, None, None], scores, MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
     out_BLKGD = jnp.einsum("BKGLS,BSKD->BLKGD", probs, v_BSKD).astype(q_BLHD.dtype)
@@ -63,12 +73,19 @@ def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
 
 
 def _dot_product(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, implementation, block_q=None,
-                 block_k=None):
+                 block_k=None, logit_softcap=None):
     """`jax.nn.dot_product_attention` with the whole rule as a [B, 1, L, S] boolean mask.
 
     cudnn turns that mask into a [B, 1, L, S] bias (O(B L S) memory, but not per head) and runs
     its fused kernel; xla is the same call on any platform (it materialises the scores).
+    That call has no logit soft-cap: with one, xla runs `reference` (the same materialised
+    scores) and cudnn `blockwise` (with block_q / block_k), never dropping the cap.
     """
+    if logit_softcap:
+        if implementation == "xla":
+            return reference(q_BLHD, k_BSKD, v_BSKD, mask, logit_softcap=logit_softcap)
+        return blockwise(q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k,
+                         logit_softcap=logit_softcap)
     del block_q, block_k
     L, S = q_BLHD.shape[1], k_BSKD.shape[1]
     allowed_BLS = allowed(mask.q_segment_ids_BL, mask.kv_segment_ids_BS, mask.q_offset + jnp.arange(L),
@@ -87,9 +104,11 @@ def _dot_product(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, implementation,
 # --- splash (Pallas TPU kernel) ------------------------------------------------------------------
 
 
-def _splash_kernel(L: int, G: int, window: int | None, interpret: bool, q_seq_shards: int = 1):
+def _splash_kernel(L: int, G: int, window: int | None, interpret: bool, q_seq_shards: int = 1,
+                   softcap: float | None = None):
     """A GQA splash kernel for one (row, kv head): q [G, L, D], k / v [L, D] -> [G, L, D]
-    (q_seq_shards > 1: its mask tables split by query block, for context parallelism).
+    (q_seq_shards > 1: its mask tables split by query block, for context parallelism; softcap:
+    the kernel caps its (pre-scaled) logits as c * tanh(logits / c)).
 
     Built per trace, not cached here: the factory stages its mask tables as arrays of the
     current trace. The costly part (numpy mask processing) is cached inside splash, by mask."""
@@ -105,11 +124,12 @@ def _splash_kernel(L: int, G: int, window: int | None, interpret: bool, q_seq_sh
                           block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                           block_kv_dq=block)
     return sk.make_splash_mqa(sm.MultiHeadMask([one] * G), block_sizes=sizes, head_shards=1,
-                              q_seq_shards=q_seq_shards, interpret=interpret)
+                              q_seq_shards=q_seq_shards, attn_logits_soft_cap=softcap,
+                              interpret=interpret)
 
 
-def _splash_kernel_for(L, G, window, q_seq_shards, *, interpret):
-    return _splash_kernel(L, G, window or None, interpret, q_seq_shards)
+def _splash_kernel_for(L, G, window, q_seq_shards, *, interpret, softcap):
+    return _splash_kernel(L, G, window or None, interpret, q_seq_shards, softcap)
 
 
 def _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, q_seg_BL, kv_seg_BS):
@@ -126,7 +146,8 @@ def _per_shard(fn, q_BLHD, k_BSKD, v_BSKD, q_seg_BL, kv_seg_BS):
                          check_vma=False)(q_BLHD, k_BSKD, v_BSKD, q_seg_BL, kv_seg_BS)
 
 
-def splash(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None, interpret=False):
+def splash(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
+           logit_softcap=None, interpret=False):
     """The Pallas TPU splash-attention kernel, vmapped over rows and kv heads: [B, L, H, D].
 
     Training / prefill only: with a non-zero (or traced) q_offset, L != S, or L not a multiple of
@@ -140,12 +161,14 @@ def splash(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     cp = context_parallel.sequence_shards()
     if not (static_zero(mask.q_offset) and L == S and L % (128 * cp) == 0):
-        return _maybe_split(blockwise, q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+        return _maybe_split(blockwise, q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k,
+                            logit_softcap=logit_softcap)
+    softcap = logit_softcap or None
     if context_parallel.applies(q_BLHD, k_BSKD, True):
-        make = functools.partial(_splash_kernel_for, interpret=interpret)
+        make = functools.partial(_splash_kernel_for, interpret=interpret, softcap=softcap)
         return context_parallel.splash_split(make, q_BLHD, k_BSKD, v_BSKD, mask.q_segment_ids_BL,
                                              mask.kv_segment_ids_BS, sliding_window=mask.sliding_window)
-    kernel = _splash_kernel(L, H // K, mask.sliding_window or None, interpret)
+    kernel = _splash_kernel(L, H // K, mask.sliding_window or None, interpret, softcap=softcap)
 
     def run(q, k, v, q_seg, kv_seg):  # one shard: b rows, k kv heads
         b, _, h, _ = q.shape
@@ -186,13 +209,16 @@ def resolve(implementation: str, platform: str | None = None) -> str:
 
 
 def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_offset=0,
-           sliding_window=None, implementation="auto", block_q=None, block_k=None) -> jax.Array:
+           sliding_window=None, logit_softcap=None, implementation="auto", block_q=None,
+           block_k=None) -> jax.Array:
     """Grouped-query attention under the module's mask rule: out [B, L, H, D] in q's dtype.
 
     q_BLHD [B, L, H, D]; k_BSKD / v_BSKD [B, S, K, D] with H a multiple of K (cast to q's dtype
     for the scores). q_segment_ids_BL [B, L] / kv_segment_ids_BS [B, S]: int, 0 = padding.
     q_offset: index of the first query among the keys (decode against a KV cache: the cache
-    index; may be traced). sliding_window: None / 0 for none. implementation: "auto" or a key
+    index; may be traced). sliding_window: None / 0 for none. logit_softcap: None / 0 for none,
+    or a positive Python float c (a model constant, e.g. Gemma 2's 50.0): the scaled scores
+    become c * tanh(scores / c) before the mask, in every backend. implementation: "auto" or a key
     of BACKENDS (see `resolve`). block_q / block_k: blockwise tile sizes (also used when splash
     falls back to blockwise: for q_offset != 0, L != S or L % 128 != 0); None:
     `blockwise_attention.default_blocks()`.
@@ -203,21 +229,26 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_off
     if H % K or k_BSKD.shape != v_BSKD.shape or q_BLHD.shape[3] != k_BSKD.shape[3]:
         raise ValueError(f"attend: q {q_BLHD.shape} needs k == v [B, S, K, D] with H % K == 0; "
                          f"got k {k_BSKD.shape}, v {v_BSKD.shape}")
+    if logit_softcap is not None and not (isinstance(logit_softcap, numbers.Real) and logit_softcap >= 0):
+        raise ValueError(f"attend: logit_softcap must be None or a Python number >= 0 (0: none); "
+                         f"got {logit_softcap!r}")
     name = resolve(implementation)
     mask = AttentionMask(q_segment_ids_BL, kv_segment_ids_BS, q_offset, sliding_window or None)
+    opts = dict(block_q=block_q, block_k=block_k, logit_softcap=float(logit_softcap) if logit_softcap else None)
     if name == "splash":  # splits itself (its kernel's mask tables are split too)
-        return splash(q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
-    return _maybe_split(BACKENDS[name], q_BLHD, k_BSKD, v_BSKD, mask, block_q=block_q, block_k=block_k)
+        return splash(q_BLHD, k_BSKD, v_BSKD, mask, **opts)
+    return _maybe_split(BACKENDS[name], q_BLHD, k_BSKD, v_BSKD, mask, **opts)
 
 
-def _maybe_split(backend, q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, **blocks):
+def _maybe_split(backend, q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, **opts):
     """backend(...), or, with tokens split over the mesh's sequence axis (context parallelism),
-    backend per shard: its queries against every key of the row."""
+    backend per shard: its queries against every key of the row. opts: block_q, block_k,
+    logit_softcap, passed to every shard's call."""
     if not context_parallel.applies(q_BLHD, k_BSKD, static_zero(mask.q_offset)):
-        return backend(q_BLHD, k_BSKD, v_BSKD, mask, **blocks)
+        return backend(q_BLHD, k_BSKD, v_BSKD, mask, **opts)
 
     def attend_shard(q, k, v, q_seg, kv_seg, q_offset):
-        return backend(q, k, v, AttentionMask(q_seg, kv_seg, q_offset, mask.sliding_window), **blocks)
+        return backend(q, k, v, AttentionMask(q_seg, kv_seg, q_offset, mask.sliding_window), **opts)
 
     return context_parallel.attend_split(attend_shard, q_BLHD, k_BSKD, v_BSKD, mask.q_segment_ids_BL,
                                          mask.kv_segment_ids_BS)

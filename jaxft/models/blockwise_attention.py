@@ -2,7 +2,7 @@
 
 Online softmax over key blocks, with a custom VJP (FlashAttention-2's backward) that recomputes
 scores block by block; key blocks outside causality or the sliding window are skipped. The mask
-rule is `jaxft.models.attention`'s. Axis letters as there: B batch, L / S query / key length,
+rule and the optional logit soft-cap are `jaxft.models.attention`'s. Axis letters as there: B batch, L / S query / key length,
 H query heads, K kv heads, G query heads per kv head, D head dim; N / M query / key blocks of
 T / C positions each (L padded to N * T, S to M * C).
 """
@@ -28,18 +28,24 @@ def _kv_range(n, T, C, M, q_offset, window):
     return lo, hi
 
 
-def _block(q_BKGTD, k_MBKCD, qseg_BT, kvseg_MBC, n, m, q_offset, window):
-    """f32 scores [B, K, G, T, C] of query block n against key block m, and their mask."""
+def _block(q_BKGTD, k_MBKCD, qseg_BT, kvseg_MBC, n, m, q_offset, window, softcap):
+    """f32 scores [B, K, G, T, C] of query block n against key block m (soft-capped when softcap
+    is set), their mask, and d(capped)/d(scaled) = 1 - tanh^2 for the backward (None: no cap)."""
     T, C, D = q_BKGTD.shape[3], k_MBKCD.shape[3], q_BKGTD.shape[4]
     k_BKCD = lax.dynamic_index_in_dim(k_MBKCD, m, 0, keepdims=False)
     kvseg_BC = lax.dynamic_index_in_dim(kvseg_MBC, m, 0, keepdims=False)
     s = jnp.einsum("BKGTD,BKCD->BKGTC", q_BKGTD, k_BKCD, preferred_element_type=jnp.float32)
+    s = s / math.sqrt(D)
+    dcap = None
+    if softcap:
+        t = jnp.tanh(s / softcap)
+        s, dcap = softcap * t, 1.0 - t * t
     q_idx_T = q_offset + n * T + jnp.arange(T)
     ok_BTC = allowed(qseg_BT, kvseg_BC, q_idx_T, m * C + jnp.arange(C), window)
-    return s / math.sqrt(D), ok_BTC[:, None, None]
+    return s, ok_BTC[:, None, None], dcap
 
 
-def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window):
+def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
     """q [N, B, K, G, T, D], k/v [M, B, K, C, D], segments [N, B, T] / [M, B, C].
     Returns out (q's layout and dtype) and the f32 log-sum-exp [N, B, K, G, T] per query."""
     N, B, K, G, T, D = q.shape
@@ -50,7 +56,7 @@ def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window):
 
         def kv_step(m, carry):
             mx, l, acc = carry  # running max, softmax denominator, unnormalised output (all f32)
-            s, ok = _block(q_i, k, qseg_i, kvseg, n, m, q_offset, window)
+            s, ok, _ = _block(q_i, k, qseg_i, kvseg, n, m, q_offset, window, softcap)
             s = jnp.where(ok, s, MASKED)
             mx_new = jnp.maximum(mx, jnp.max(s, axis=-1))
             # where(), not the finite fill alone: a row masked so far has mx == MASKED, and
@@ -74,18 +80,18 @@ def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window):
     return out, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _flash(q, k, v, qseg, kvseg, q_offset, window):
-    return _flash_fwd(q, k, v, qseg, kvseg, q_offset, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash(q, k, v, qseg, kvseg, q_offset, window, softcap):
+    return _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap)[0]
 
 
-def _flash_vjp_fwd(q, k, v, qseg, kvseg, q_offset, window):
-    out, lse = _flash_fwd(q, k, v, qseg, kvseg, q_offset, window)
+def _flash_vjp_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
+    out, lse = _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap)
     # Residuals are O(L * D): inputs, output and one f32 per query; no scores are kept.
     return out, (q, k, v, qseg, kvseg, q_offset, out, lse)
 
 
-def _flash_vjp_bwd(window, res, do):
+def _flash_vjp_bwd(window, softcap, res, do):
     """FlashAttention-2 backward in one sweep: per query block, recompute p block by block,
     accumulate dq for the block and add into full-size f32 dk / dv carried across blocks."""
     q, k, v, qseg, kvseg, q_offset, out, lse = res
@@ -99,12 +105,15 @@ def _flash_vjp_bwd(window, res, do):
 
         def kv_step(m, c):
             dq_i, dk, dv = c
-            s, ok = _block(q_i, k, qseg_i, kvseg, n, m, q_offset, window)
+            s, ok, dcap = _block(q_i, k, qseg_i, kvseg, n, m, q_offset, window, softcap)
             p = jnp.exp(jnp.where(ok, s - lse_i[..., None], -jnp.inf))
             k_BKCD = lax.dynamic_index_in_dim(k, m, 0, keepdims=False)
             v_BKCD = lax.dynamic_index_in_dim(v, m, 0, keepdims=False)
             dp = jnp.einsum("BKGTD,BKCD->BKGTC", do_i, v_BKCD, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta_i[..., None]) / math.sqrt(D)
+            ds = p * (dp - delta_i[..., None])  # w.r.t. the (capped) scores
+            if dcap is not None:  # through cap * tanh(s / cap)
+                ds = ds * dcap
+            ds = ds / math.sqrt(D)
             dq_i = dq_i + jnp.einsum("BKGTC,BKCD->BKGTD", ds.astype(k.dtype), k_BKCD,
                                      preferred_element_type=jnp.float32)
             # GQA: a kv head's gradient sums over its G query heads.
@@ -139,7 +148,8 @@ def default_blocks(platform: str | None = None) -> tuple[int, int]:
     return CPU_BLOCKS if (platform or jax.default_backend()) == "cpu" else WIDE_BLOCKS
 
 
-def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None):
+def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
+              logit_softcap=None):
     """Memory-lean flash attention in plain JAX: [B, L, H, D] in q's dtype.
 
     Forward and backward each hold one [B, K, G, block_q, block_k] f32 score block at a time
@@ -147,6 +157,8 @@ def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     query blocks, a fori_loop over the key blocks each one can see). L and S are padded up to
     block multiples here (padding keys get segment 0, padding queries are dropped); blocks
     shrink to L / S when those are shorter (decode: block_q = L). None: `default_blocks()`.
+    logit_softcap: None, or a Python float c (static): scores become c * tanh(scores / c) before
+    the mask, and the backward goes through the tanh.
     """
     B, L, H, D = q_BLHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -165,6 +177,7 @@ def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     qseg_NBT = pad(mask.q_segment_ids_BL.astype(jnp.int32), N * T).reshape(B, N, T).transpose(1, 0, 2)
     kvseg_MBC = pad(mask.kv_segment_ids_BS.astype(jnp.int32), M * C).reshape(B, M, C).transpose(1, 0, 2)
     out_NBKGTD = _flash(q_NBKGTD, k_MBKCD, v_MBKCD, qseg_NBT, kvseg_MBC,
-                        jnp.asarray(mask.q_offset, jnp.int32), mask.sliding_window or None)
+                        jnp.asarray(mask.q_offset, jnp.int32), mask.sliding_window or None,
+                        logit_softcap or None)
     out_BLHD = out_NBKGTD.transpose(1, 0, 4, 2, 3, 5).reshape(B, N * T, H, D)[:, :L]
     return out_BLHD.astype(q_BLHD.dtype)

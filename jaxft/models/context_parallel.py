@@ -77,7 +77,8 @@ def attend_split(attend_shard, q_BLHD, k_BSKD, v_BSKD, q_seg_BL, kv_seg_BS):
 
 def splash_split(make_kernel, q_BLHD, k_BSKD, v_BSKD, q_seg_BL, kv_seg_BS, *, sliding_window):
     """The splash kernel per sequence shard. `make_kernel(L, G, window, q_seq_shards)` builds
-    the GQA kernel for the whole row; its mask tables are split by query block like q."""
+    the GQA kernel for the whole row (with the caller's logit soft-cap, if any); its mask tables
+    are split by query block like q."""
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     mesh = jax.sharding.get_abstract_mesh()
