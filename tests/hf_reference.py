@@ -23,6 +23,11 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, dict(rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)),
     "qwen3": (transformers.Qwen3Config, dict(rope_theta=1e6, rms_norm_eps=1e-6, head_dim=32,
                                              tie_word_embeddings=False)),
+    # Gemma 2: sandwich norms, GeGLU, scaled embeddings, both soft-caps, query_pre_attn_scalar,
+    # sliding (window 5 < the 16-token rows) and global layers alternating; 3 layers (odd).
+    "gemma2": (transformers.Gemma2Config, dict(
+        num_hidden_layers=3, head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, rms_norm_eps=1e-6)),
     # Gemma 3: the 5:1 pattern over 8 layers (one full group and 2 more), QK-norm, local layers
     # on their own RoPE theta, the global ones linearly scaled.
     "gemma3_text": (transformers.Gemma3TextConfig, dict(

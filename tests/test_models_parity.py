@@ -57,7 +57,7 @@ def test_save_hf_round_trips_through_transformers(family_folder, tmp_path):
     np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(hf_model, TOKENS), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
 def test_mixed_layers_scanned_equal_unrolled(family, tmp_path):
     """A scanned stack of sliding and global layers (each layer's kind switched in the scan)
     gives the logits and gradients of the unrolled layers (each kind static)."""
