@@ -126,10 +126,9 @@ def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *
         new_cache = {"k": k_BSKD, "v": v_BSKD, "segment_ids": kv_segments_BS}
         q_offset = cache_index
     # Causal within a row, never across packed segments or onto padding (models/attention.py).
-    softcap = {"logit_softcap": cfg.attn_logit_softcap} if cfg.attn_logit_softcap else {}
     out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
                       kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset, sliding_window=kind.window,
-                      implementation=cfg.attention, **softcap)
+                      implementation=cfg.attention, logit_softcap=cfg.attn_logit_softcap)
     return out_BLHD, new_cache
 
 
