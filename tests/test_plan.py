@@ -185,3 +185,28 @@ def test_suggestions_come_in_order_and_only_when_they_apply():
     config = tiny(**{"model.remat": "full", "mesh.data": 1, "mesh.fsdp": -1, "train.batch_size": 4,
                      "train.loss_chunk_size": 64})
     assert plan_lib.suggestions(config, cfg, {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}, 4) == []
+
+
+@needs_libtpu
+@pytest.mark.parametrize("preset", ["gemma2_9b", "gemma3_4b", "phi4_14b"])
+def test_each_family_compiles_for_a_tpu_slice(preset, tmp_path):
+    # The family presets' parts (Gemma: sandwich (1 + w) norms, GeGLU, soft-caps, QK-norm, sliding
+    # and full layers with their own RoPE as scan input; Phi-4) on a tiny body: the step of each
+    # family compiles for v5p with its state sharded as a Llama's is.
+    real = get_preset(preset)
+    small = real.replace(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=6, num_heads=4,
+                         num_kv_heads=2, head_dim=16, max_position_embeddings=1024,
+                         layer_types=real.layer_types and real.layer_types[:6],
+                         sliding_window=real.sliding_window and 32,
+                         query_pre_attn_scalar=real.query_pre_attn_scalar and 16)
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(small)))
+    config = tiny(**{"mesh.data": 1, "mesh.fsdp": -1, "model.path": str(tmp_path),
+                     "model.tokenizer": str(BUNDLED_TOKENIZER_DIR)})
+    built = plan_lib.plan_model_config(config)
+    assert (built.model_type, built.layer_types, built.sandwich_norms) == (
+        small.model_type, small.layer_types, small.sandwich_norms)
+    r = plan_lib.plan(config, target="v5p-8")
+    assert r.compiled and r.fits and r.compile_error is None
+    assert r.num_params == small.num_params()
+    assert r.param_bytes == pytest.approx(r.num_params * 4 / 4, rel=0.05)  # fp32, over fsdp 4
+    assert r.temp_bytes > 0 and r.total_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
