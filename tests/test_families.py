@@ -110,3 +110,29 @@ def test_gemma3_dpo_starts_at_ln2_and_learns(gemma_folder, tmp_path):
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+@pytest.mark.parametrize("axes", [dict(data=2, fsdp=2, tensor=2), dict(data=2, sequence=4)],
+                         ids=["fsdp-tensor", "context-parallel"])
+def test_gemma2_on_a_mesh_equals_one_device(axes, tmp_path):
+    """Soft-capped, mixed local / global layers sharded over FSDP and tensor axes, and with each
+    row's tokens split over a sequence axis (context parallelism): the loss and gradients of one
+    device, blockwise attention (the CPU default) on packed rows."""
+    make_hf_model("gemma2").save_pretrained(tmp_path)
+    tokens = np.random.default_rng(1).integers(0, 97, size=(4, 32))
+    segments = np.repeat([[1] * 20 + [2] * 12], 4, axis=0).astype(np.int32)
+    positions = np.concatenate([np.arange(20), np.arange(12)])[None].repeat(4, axis=0).astype(np.int32)
+
+    def loss_and_grads(mesh):
+        model = load_hf(tmp_path, mesh=mesh)
+        graphdef, params = nnx.split(model)
+        with jax.set_mesh(mesh):
+            batch = [jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh)) for x in (tokens, positions, segments)]
+            loss = lambda p, t, pos, seg: jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(t, pos, seg)))
+            value, grads = jax.jit(jax.value_and_grad(loss))(params, *batch)
+        return float(value), np.asarray(grads["layers"]["self_attn"]["q_proj"][...])
+
+    one = loss_and_grads(sharding.make_mesh(data=1, devices=jax.devices()[:1]))
+    many = loss_and_grads(sharding.make_mesh(**axes))
+    assert many[0] == pytest.approx(one[0], rel=1e-5)
+    np.testing.assert_allclose(many[1], one[1], rtol=1e-4, atol=1e-5 * np.abs(one[1]).max())
