@@ -136,3 +136,30 @@ def test_gemma2_on_a_mesh_equals_one_device(axes, tmp_path):
     many = loss_and_grads(sharding.make_mesh(**axes))
     assert many[0] == pytest.approx(one[0], rel=1e-5)
     np.testing.assert_allclose(many[1], one[1], rtol=1e-4, atol=1e-5 * np.abs(one[1]).max())
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+def test_gemma3_qlora_base_stays_within_tolerance(gemma_folder, kind):
+    """QLoRA on Gemma: the base's kernels as int8 / NF4 codes (Gemma's (1 + w) norms stay full
+    precision), fresh adapters: the logits near the full base's. int8 within docs/lora.md's
+    tolerance (3%); NF4's ~9% weight noise through 6 sandwich-normed layers of width 64 measured
+    0.35 of the logits' RMS (the documented 0.30 is the 4-layer width-128 Llama's)."""
+    from jaxft.models.from_config import split_params
+    from jaxft.models.quantize import QuantizedKernel, quantize_base, quantized_shardings
+
+    base_model = load_hf(gemma_folder)
+    cfg = base_model.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(3, cfg.vocab_size, (2, 24)), jnp.int32)
+    with jax.set_mesh(mesh):
+        base_graphdef, base = split_params(load_hf(gemma_folder, mesh=mesh))
+        graphdef, adapters = init_adapters(cfg, seed=1, mesh=mesh)
+        quantized = quantize_base(cfg, base, kind, quantized_shardings(
+            cfg, base, jax.tree.map(lambda x: x.sharding, base), kind, mesh))
+        assert isinstance(quantized["layers"]["self_attn"]["q_proj"], QuantizedKernel)
+        assert not isinstance(quantized["layers"]["post_feedforward_layernorm"]["weight"], QuantizedKernel)
+        full = nnx.merge(base_graphdef, base)(tokens)
+        ours = jax.jit(lambda a, b: nnx.merge(graphdef, a, b)(tokens))(adapters, quantized)
+    rel = float(jnp.sqrt(jnp.mean((ours - full) ** 2)) / jnp.sqrt(jnp.mean(full ** 2)))
+    print(f"{kind}: logits RMS error {rel:.4f} of their RMS")
+    assert 0 < rel <= {"int8": 0.03, "nf4": 0.40}[kind]
