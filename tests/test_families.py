@@ -1,5 +1,6 @@
-"""The families beyond Llama: LoRA on Gemma exports a PEFT adapter that `peft` loads with equal
-logits; LoRA on Phi-3's fused projections is refused up front, naming the key."""
+"""The families beyond Llama: LoRA exports PEFT adapters that `peft` loads with equal logits
+(Phi-3's fused projections as block modules), Gemma 3 trains by SFT / DPO / QLoRA from its HF
+folder, Gemma 2 shards over every mesh."""
 
 from __future__ import annotations
 
@@ -22,12 +23,17 @@ from tests.hf_reference import hf_logits, make_hf_model
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 
 
-def test_gemma3_lora_exports_a_peft_adapter_that_peft_loads_with_equal_logits(tmp_path):
+@pytest.mark.parametrize("family, targets, rslora", [
+    ("gemma3_text", PROJECTIONS, False),
+    ("phi3", PROJECTIONS, False),  # q/k/v in one qkv_proj, gate/up in one gate_up_proj
+    ("phi3", ("q_proj", "v_proj", "up_proj", "o_proj"), True),  # part of each fused tensor
+])
+def test_lora_exports_a_peft_adapter_that_peft_loads_with_equal_logits(family, targets, rslora, tmp_path):
     peft = pytest.importorskip("peft")
-    hf_model = make_hf_model("gemma3_text")
+    hf_model = make_hf_model(family)
     hf_model.save_pretrained(tmp_path / "base")
     base = load_hf(tmp_path / "base")
-    cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
+    cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=tuple(targets), rslora=rslora))
     mesh = sharding.make_mesh(data=-1)
     graphdef, adapters = init_adapters(cfg, seed=3, mesh=mesh)
     leaves, tree = jax.tree.flatten(adapters)  # trained adapters: B off zero
@@ -41,12 +47,13 @@ def test_gemma3_lora_exports_a_peft_adapter_that_peft_loads_with_equal_logits(tm
     assert np.abs(ours - hf_logits(model, TOKENS)).max() < 1e-4
 
 
-def test_lora_on_phi3_fused_projections_is_refused_naming_the_key(tmp_path):
+def test_starting_phi3_fused_adapters_from_a_peft_folder_is_refused_naming_the_key(tmp_path):
+    from jaxft.models.peft import load_peft
+
     make_hf_model("phi3").save_pretrained(tmp_path)
-    cfg = load_hf(tmp_path).cfg
-    with pytest.raises(ConfigError, match=r"lora\.targets: phi3 checkpoints fuse gate_proj, k_proj, q_proj, up_proj, v_proj into gate_up_proj, qkv_proj"):
-        cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
-    cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("o_proj", "down_proj")))  # unfused: fine
+    cfg = load_hf(tmp_path).cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
+    with pytest.raises(ConfigError, match=r"lora\.init_from: starting phi3 adapters on fused projections"):
+        load_peft(tmp_path, cfg, sharding.make_mesh(data=-1))
 
 
 # --- a tiny Gemma 3 trained as users train it: SFT and DPO runs from its HF folder -------------

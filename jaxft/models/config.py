@@ -135,19 +135,6 @@ class ModelConfig:
                     f"layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
                     f"{self.num_layers} layers; got {len(self.layer_types)} entries{', unknown ' + str(bad) if bad else ''}")
         self.layer_kinds()  # RoPE kinds checked here (a clear error for an unsupported scaling)
-        self._check_lora_targets()
-
-    def _check_lora_targets(self):
-        """Adapters on a fused checkpoint tensor (Phi-3's qkv_proj, gate_up_proj) have no PEFT
-        form jaxft writes yet: refused at the start, not at the export after training."""
-        fused = families.fused_tensors(self.model_type, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
-        parts = {part.split(".")[-2]: suffix.split(".")[-2] for suffix, group in fused.items() for part, _ in group}
-        on_fused = sorted(t for t in (self.lora.targets if self.lora else ()) if t in parts)
-        if on_fused:
-            raise ConfigError(
-                f"lora.targets: {self.model_type} checkpoints fuse {', '.join(on_fused)} into "
-                f"{', '.join(sorted({parts[t] for t in on_fused}))}; LoRA on those is not supported yet "
-                f"(no PEFT export). Use lora.targets=o_proj,down_proj or full fine-tuning (lora.rank=0)")
 
     def __hash__(self):  # a static argument of jit (inside GraphDefs): RoPE dicts hashed by items
         return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare))
@@ -171,6 +158,13 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def with_layers(self, n: int) -> "ModelConfig":
+        """The first `n` layers of this architecture (their layer_types with them, repeated
+        cyclically past the end): a shallower body of the same family for benches and tests."""
+        types = self.layer_types
+        return self.replace(num_layers=n, layer_types=None if types is None else
+                            tuple(types[i % len(types)] for i in range(n)))
 
     def num_params(self) -> int:
         """Parameter count (embeddings included), for FLOP and memory estimates."""

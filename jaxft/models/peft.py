@@ -5,11 +5,18 @@ adapted Linear, `base_model.model.model.layers.{i}.{self_attn|mlp}.{name}.lora_A
 [r, in_features] and `...lora_B.weight` [out_features, r]; the delta is
 (lora_alpha / r) * B A (alpha / sqrt(r) with `use_rslora`). jaxft's A is [in dims..., r] and
 B [r, out dims...] with heads split out, as its kernels (`jaxft.models.lora`).
+
+A family whose checkpoint fuses projections (Phi-3: q/k/v in `qkv_proj`, gate/up in
+`gate_up_proj`) gets one PEFT module per fused tensor: the targeted parts' A matrices stacked
+([n r, in]) and their B matrices block-diagonal ([out, n r], zero rows for untargeted parts),
+with `rank_pattern` n r and `alpha_pattern` n alpha (sqrt(n) alpha with rsLoRA), so PEFT's
+scale alpha' / r' and its delta B' A' are exactly the parts' deltas.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jax
@@ -19,6 +26,7 @@ from safetensors.numpy import save_file
 
 from jaxft.data.text_files import read_json
 from jaxft.errors import ConfigError, DataError, PathError
+from jaxft.models import families
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
@@ -58,17 +66,54 @@ def peft_state_dict(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
                 r = spec.rank
                 matrix = value.reshape(-1, r).T if which == "A" else value.reshape(r, -1).T
                 out[_tensor_name(layer, name, which)] = np.ascontiguousarray(matrix)
+    return _fuse_adapters(cfg, out)
+
+
+def _fused_groups(cfg: ModelConfig) -> list[tuple[str, str, list[tuple[str, int]]]]:
+    """(module, fused projection, [(part projection, rows), ...]) of each fused tensor of the
+    family, e.g. ("self_attn", "qkv_proj", [("q_proj", H * D), ...]); [] when nothing is fused."""
+    fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    return [(suffix.split(".")[0], suffix.split(".")[1], [(part.split(".")[1], rows) for part, rows in parts])
+            for suffix, parts in families.fused_tensors(cfg.model_type, fields).items()]
+
+
+def _fuse_adapters(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The per-projection PEFT tensors with each fused group's parts in one block module."""
+    out = dict(tensors)
+    for module, fused, parts in _fused_groups(cfg):
+        targeted = [(i, part) for i, (part, _) in enumerate(parts) if part in cfg.lora.targets]
+        if not targeted:
+            continue
+        r, starts = cfg.lora.rank, np.cumsum([0] + [rows for _, rows in parts])
+        for layer in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{layer}.{module}."
+            a = np.concatenate([out.pop(f"{prefix}{part}.lora_A.weight") for _, part in targeted], axis=0)
+            b = np.zeros((int(starts[-1]), r * len(targeted)), np.float32)
+            for k, (i, part) in enumerate(targeted):
+                b[starts[i]:starts[i + 1], k * r:(k + 1) * r] = out.pop(f"{prefix}{part}.lora_B.weight")
+            out[f"{prefix}{fused}.lora_A.weight"], out[f"{prefix}{fused}.lora_B.weight"] = a, b
     return out
 
 
-def adapter_config(spec: LoRASpec, base_model: str) -> dict:
-    """PEFT's adapter_config.json for `spec` (LoraConfig fields; the rest take PEFT defaults)."""
-    return {
+def adapter_config(spec: LoRASpec, base_model: str, cfg: ModelConfig | None = None) -> dict:
+    """PEFT's adapter_config.json for `spec` (LoraConfig fields; the rest take PEFT defaults);
+    with `cfg`, fused projections as their block modules (`_fuse_adapters`)."""
+    targets, ranks, alphas = list(spec.targets), {}, {}
+    for _, fused, parts in _fused_groups(cfg) if cfg is not None else ():
+        n = sum(part in targets for part, _ in parts)
+        if n:
+            targets = [t for t in targets if t not in {part for part, _ in parts}] + [fused]
+            ranks[fused] = n * spec.rank
+            alphas[fused] = spec.alpha * (math.sqrt(n) if spec.rslora else n)
+    config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout, "use_rslora": spec.rslora,
-        "target_modules": list(spec.targets), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
     }
+    if ranks:
+        config.update(rank_pattern=ranks, alpha_pattern=alphas)
+    return config
 
 
 def save_peft(cfg: ModelConfig, adapters: dict, folder: str | Path, *, base_model: str = "") -> Path:
@@ -80,7 +125,7 @@ def save_peft(cfg: ModelConfig, adapters: dict, folder: str | Path, *, base_mode
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(cfg.lora, base_model), indent=2) + "\n")
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter_config(cfg.lora, base_model, cfg), indent=2) + "\n")
     return folder
 
 
@@ -116,6 +161,9 @@ def _flag(field, value):
 def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
     """Adapters read from a PEFT LoRA folder, sharded over `mesh` like fresh ones."""
     folder = Path(folder)
+    if any(part in cfg.lora.targets for _, _, parts in _fused_groups(cfg) for part, _ in parts):
+        raise ConfigError(f"lora.init_from: starting {cfg.model_type} adapters on fused projections from a PEFT "
+                          "folder is not supported yet; merge it into the base (jaxft export) and set model.path")
     check_matches(read_adapter_config(folder), cfg.lora, str(folder / CONFIG_FILE))
     weights = folder / WEIGHTS_FILE
     if not weights.is_file():
