@@ -329,11 +329,13 @@ def _lora_notes(cfg, adapters, mesh_shape: dict) -> list[str]:
     num_params = cfg.num_params()
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
     shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
-    full = 3 * num_params * jnp.dtype(cfg.param_dtype).itemsize / shards  # params, mu, nu
+    # Params, mu and nu in float32, as the full fine-tuning recipes keep them (not the LoRA
+    # base's dtype: a bf16 base would halve the figure).
+    full = 3 * num_params * 4 / shards
     return [f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trainable:,} trainable "
             f"params ({100 * trainable / num_params:.2f}% of the model); the base is frozen",
             f"full fine-tuning of this model would hold {full / GIB:.2f} GiB per device of params "
-            f"and AdamW moments alone ({jnp.dtype(cfg.param_dtype).name}, over {shards} shards), "
+            f"and AdamW moments alone (float32, as the full recipes keep them, over {shards} shards), "
             "gradients and activations on top; plan it without lora.rank to compile it"]
 
 
