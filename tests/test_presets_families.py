@@ -115,3 +115,16 @@ def test_the_gemma3_4b_presets_follow_the_gemma_guides(kind, full_lr, adapter_lr
     cfg = plan_lib.plan_model_config(qlora)
     assert cfg.model_type == "gemma3_text" and cfg.num_layers == 34 and cfg.vocab_size == 262208
     assert cfg.lora is not None and cfg.lora.rank == 16 and cfg.compute_dtype == jnp.bfloat16
+
+
+def test_a_shallower_body_keeps_its_layer_kinds():
+    """`jaxft bench --layers N` on a Gemma preset: the first N layers with their kinds (the
+    gemma3_270m bench runs 6 = five sliding and one global), cyclic past the end."""
+    from jaxft.perf.bench_setup import bench_config
+
+    cfg, _ = bench_config("gemma3_270m", overrides={"num_layers": 6})
+    assert cfg.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert get_preset("gemma2_9b").with_layers(3).layer_types == (
+        "sliding_attention", "full_attention", "sliding_attention")
+    assert get_preset("gemma3_270m").num_params() == 268_098_176  # google/gemma-3-270m
+    assert get_preset("llama3_8b").with_layers(2).layer_types is None

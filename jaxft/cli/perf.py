@@ -20,8 +20,8 @@ def _bench(argv):
         "without a preset (compute dtype, remat, attention, loss chunk) on right-padded rows; "
         "--compare torch / tunix times transformers + PyTorch / Tunix too"))
     p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), metavar="PRESET",
-                   help=f"model architecture: {', '.join(PRESETS)} (real shapes: smollm2_135m, and "
-                        "llama3_vocab_2x64 for a 128k vocabulary)")
+                   help=f"model architecture: {', '.join(PRESETS)} (real shapes: smollm2_135m, "
+                        "llama3_vocab_2x64 for a 128k vocabulary, gemma3_270m for Gemma 3's 262k)")
     p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
     p.add_argument("--lengths", "--length", default="256",
                    help="comma-separated sequence lengths, e.g. 256,1024,2048 (cost growth)")

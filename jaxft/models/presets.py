@@ -114,6 +114,14 @@ PRESETS: dict[str, ModelConfig] = {
         hidden_size=2560, intermediate_size=10240, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
         layer_types=_every_nth_full(34, 6), query_pre_attn_scalar=256, **_GEMMA3,
     ),
+    # google/gemma-3-270m (268M params, 168M of them the 262k-token embedding): the smallest
+    # Gemma 3, the Gemma-shaped CPU bench (`jaxft bench --preset gemma3_270m --layers 6`).
+    "gemma3_270m": ModelConfig(
+        **{**_GEMMA3, "rope_scaling": None, "max_position_embeddings": 32768, "vocab_size": 262144,
+           "sliding_window": 512},
+        hidden_size=640, intermediate_size=2048, num_layers=18, num_heads=4, num_kv_heads=1, head_dim=256,
+        layer_types=_every_nth_full(18, 6), query_pre_attn_scalar=256,
+    ),
     # The text model of google/gemma-3-27b-it (27,009,346,304 params without the vision tower).
     "gemma3_27b": ModelConfig(
         hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128,

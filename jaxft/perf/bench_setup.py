@@ -75,7 +75,11 @@ def bench_config(preset: str, *, overrides: dict | None = None, compute_dtype=No
         raise ConfigError(f"jaxft bench: --chunk-size {chunk_size}: use -1 (auto), 0 (whole logits) or tokens > 0")
     user = user_settings()
     model = user["model"]
-    cfg = get_preset(preset).replace(**(overrides or {})).replace(
+    overrides = dict(overrides or {})
+    cfg = get_preset(preset)
+    if "num_layers" in overrides:  # the first layers, with their layer kinds
+        cfg = cfg.with_layers(overrides.pop("num_layers"))
+    cfg = cfg.replace(**overrides).replace(
         param_dtype=parse_dtype(model["dtype"], key="model.dtype"),
         compute_dtype=(compute_dtype if compute_dtype is not None
                        else parse_dtype(model["compute_dtype"], key="model.compute_dtype")),
