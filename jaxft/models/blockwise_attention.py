@@ -17,30 +17,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxft.models.attention_mask import MASKED, AttentionMask, allowed
-from jaxft.parallel.sharding import logical_to_spec
 
 
-def _live_blocks(qseg_NBT, kvseg_MBC):
-    """Which blocks hold any real token: [N] bools per query block, and the key blocks [first,
-    last + 1) holding a non-padding key (0, 0 when none). Padding queries see no key and padding
-    keys are never seen, so blocks outside these do no work."""
-    live_q_N = jnp.any(qseg_NBT != 0, axis=(1, 2))
-    live_kv_M = jnp.any(kvseg_MBC != 0, axis=(1, 2))
-    M = live_kv_M.shape[0]
-    first = jnp.argmax(live_kv_M)
-    end = jnp.where(jnp.any(live_kv_M), M - jnp.argmax(live_kv_M[::-1]), 0)
-    return live_q_N, first, end
-
-
-def _kv_range(n, T, C, M, q_offset, window, live):
+def _kv_range(n, T, C, M, q_offset, window):
     """Key blocks [lo, hi) that query block n can see: later ones are causally out, earlier ones
-    out of the window, and none outside the real tokens (`_live_blocks`). Traced bounds: the
-    fori_loop is a while loop, whose trip count skips those blocks at run time."""
-    live_q_N, first, end = live
+    out of the window. Traced bounds (q_offset may be a cache index): fori_loop becomes a while."""
     first_q = q_offset + n * T
-    hi = jnp.minimum(jnp.minimum(M, (first_q + T - 1) // C + 1), end)
-    lo = first if not window else jnp.maximum(first, (first_q - window + 1) // C)
-    return lo, jnp.where(live_q_N[n], hi, lo)  # lo >= hi: no iteration
+    hi = jnp.minimum(M, (first_q + T - 1) // C + 1)
+    lo = 0 if not window else jnp.clip((first_q - window + 1) // C, 0, hi)
+    return lo, hi
 
 
 def _block(q_BKGTD, k_MBKCD, qseg_BT, kvseg_MBC, n, m, q_offset, window, softcap):
@@ -65,7 +50,6 @@ def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
     Returns out (q's layout and dtype) and the f32 log-sum-exp [N, B, K, G, T] per query."""
     N, B, K, G, T, D = q.shape
     M, C = k.shape[0], k.shape[3]
-    live = _live_blocks(qseg, kvseg)
 
     def q_block(_, xs):
         q_i, qseg_i, n = xs
@@ -86,7 +70,7 @@ def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
 
         init = (jnp.full((B, K, G, T), MASKED, jnp.float32), jnp.zeros((B, K, G, T), jnp.float32),
                 jnp.zeros((B, K, G, T, D), jnp.float32))
-        lo, hi = _kv_range(n, T, C, M, q_offset, window, live)
+        lo, hi = _kv_range(n, T, C, M, q_offset, window)
         mx, l, acc = lax.fori_loop(lo, hi, kv_step, init)
         safe_l = jnp.where(l > 0, l, 1.0)  # l == 0: no allowed key (padding query) -> output 0
         out = (acc / safe_l[..., None]).astype(q.dtype)
@@ -113,7 +97,6 @@ def _flash_vjp_bwd(window, softcap, res, do):
     q, k, v, qseg, kvseg, q_offset, out, lse = res
     N, B, K, G, T, D = q.shape
     M, C = k.shape[0], k.shape[3]
-    live = _live_blocks(qseg, kvseg)
     # delta = rowsum(dO * O) = rowsum(P * dP), which the softmax gradient subtracts.
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
@@ -140,7 +123,7 @@ def _flash_vjp_bwd(window, softcap, res, do):
             dv = lax.dynamic_update_index_in_dim(dv, lax.dynamic_index_in_dim(dv, m, 0) + dv_m[None], m, 0)
             return dq_i, dk, dv
 
-        lo, hi = _kv_range(n, T, C, M, q_offset, window, live)
+        lo, hi = _kv_range(n, T, C, M, q_offset, window)
         dq_i, dk, dv = lax.fori_loop(lo, hi, kv_step, (jnp.zeros(q_i.shape, jnp.float32), *carry))
         return (dk, dv), dq_i
 
@@ -165,16 +148,6 @@ def default_blocks(platform: str | None = None) -> tuple[int, int]:
     return CPU_BLOCKS if (platform or jax.default_backend()) == "cpu" else WIDE_BLOCKS
 
 
-def _one_row_at_a_time(B: int) -> bool:
-    """On CPU, unless the ambient mesh splits the rows (a loop over them would gather them):
-    each row's loops then stop at its own last real token, so a right-padded row costs its
-    real length, not the longest row's; batching rows makes no faster matmuls on a CPU."""
-    if jax.default_backend() != "cpu":
-        return False
-    mesh = jax.sharding.get_abstract_mesh()
-    return mesh is None or mesh.empty or logical_to_spec(("act_batch",), (B,), mesh)[0] is None
-
-
 def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
               logit_softcap=None):
     """Memory-lean flash attention in plain JAX: [B, L, H, D] in q's dtype.
@@ -188,13 +161,6 @@ def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     the mask, and the backward goes through the tanh.
     """
     B, L, H, D = q_BLHD.shape
-    if B > 1 and _one_row_at_a_time(B):
-        def row(args):
-            q, k, v, q_seg, kv_seg = (x[None] for x in args)
-            one = AttentionMask(q_seg, kv_seg, mask.q_offset, mask.sliding_window)
-            return blockwise(q, k, v, one, block_q=block_q, block_k=block_k, logit_softcap=logit_softcap)[0]
-
-        return lax.map(row, (q_BLHD, k_BSKD, v_BSKD, mask.q_segment_ids_BL, mask.kv_segment_ids_BS))
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
     G = H // K
     default_q, default_k = default_blocks()
