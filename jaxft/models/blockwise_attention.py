@@ -35,13 +35,15 @@ def _block(q_BKGTD, k_MBKCD, qseg_BT, kvseg_MBC, n, m, q_offset, window, softcap
     k_BKCD = lax.dynamic_index_in_dim(k_MBKCD, m, 0, keepdims=False)
     kvseg_BC = lax.dynamic_index_in_dim(kvseg_MBC, m, 0, keepdims=False)
     s = jnp.einsum("BKGTD,BKCD->BKGTC", q_BKGTD, k_BKCD, preferred_element_type=jnp.float32)
+    q_idx_T = q_offset + n * T + jnp.arange(T)
+    ok_BTC = allowed(qseg_BT, kvseg_BC, q_idx_T, m * C + jnp.arange(C), window)
+    # The mask before the scaling: without a cap, the program is the one before soft-capping
+    # existed (its compiled form stays cached).
     s = s / math.sqrt(D)
     dcap = None
     if softcap:
         t = jnp.tanh(s / softcap)
         s, dcap = softcap * t, 1.0 - t * t
-    q_idx_T = q_offset + n * T + jnp.arange(T)
-    ok_BTC = allowed(qseg_BT, kvseg_BC, q_idx_T, m * C + jnp.arange(C), window)
     return s, ok_BTC[:, None, None], dcap
 
 
