@@ -1,4 +1,4 @@
-"""Every attention backend that runs on CPU equals llama.py's einsum attention (the "reference"
+"""Every attention backend that runs on CPU equals the original einsum attention (the "reference"
 backend) under the model's mask: packed rows with padding, GQA and MHA, sliding windows, a KV
 cache offset, a logit soft-cap; outputs and gradients; padding queries stay finite; `resolve`
 picks per platform."""

@@ -1,6 +1,6 @@
 """Attention backends behind one function, `attend`, all with the mask of `llama.Attention`.
 
-Axis letters as in llama.py: B batch, L query length, S key length, H query heads, K key/value
+Axis letters as in decoder.py: B batch, L query length, S key length, H query heads, K key/value
 heads, G query heads per kv head (H = K * G), D head dim. The blockwise kernel adds N / M query /
 key blocks of T / C positions each (L padded to N * T, S to M * C).
 
@@ -16,7 +16,7 @@ keys; blockwise: 0; splash: attention over the padding keys): losses must mask t
 
 Backends (`BACKENDS[name]`, picked by `resolve`; "auto" = splash on TPU, cudnn on GPU, else
 blockwise):
-  reference  the einsum math llama.py has today; materialises [B, K, G, L, S] scores. The oracle.
+  reference  the einsum math the decoder had before the kernels; materialises [B, K, G, L, S] scores. The oracle.
   blockwise  pure-JAX flash attention: online softmax over key blocks, custom VJP recomputing per
              block, key blocks outside causality / the window skipped. Any platform, any length.
   xla/cudnn  `jax.nn.dot_product_attention` with a [B, 1, L, S] boolean mask (cudnn: GPU only,
@@ -50,7 +50,7 @@ from jaxft.parallel.sharding import logical_to_spec
 
 def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
               logit_softcap=None):
-    """llama.py's einsum attention, kept as the oracle: [B, L, H, D] in q's dtype. With
+    """The original einsum attention, kept as the oracle: [B, L, H, D] in q's dtype. With
     logit_softcap c, the scaled scores become c * tanh(scores / c) before the mask (Gemma 2)."""
     del block_q, block_k  # one signature for every backend
     B, L, H, D = q_BLHD.shape

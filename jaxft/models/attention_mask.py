@@ -1,7 +1,7 @@
 """The one mask every attention backend applies (`jaxft.models.attention`'s docstring has the rule):
 `AttentionMask`, the rule as booleans (`allowed`), and the finite fill for masked scores.
 
-Axis letters as in llama.py: B batch, L query length, S key length.
+Axis letters as in decoder.py: B batch, L query length, S key length.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-MASKED = float(np.finfo(np.float32).min)  # finite, so fully-masked rows stay NaN-free (as llama.py)
+MASKED = float(np.finfo(np.float32).min)  # finite, so fully-masked rows stay NaN-free (as the decoder always did)
 
 
 class AttentionMask(NamedTuple):
