@@ -33,6 +33,7 @@ from transformers import AutoTokenizer
 
 from jaxft.data.formats import DataError, parse_record
 from jaxft.data.tokenize import Encoder, encode_record, load_examples
+from tests.test_tool_calls import runs  # the decoded runs of consecutive trained tokens
 
 ASSETS = Path(__file__).parent / "assets"
 TEMPLATES = ASSETS / "chat_templates"
@@ -160,18 +161,6 @@ def expected(tok, name, messages, first_trained=0):
     if tok.eos_token_id not in last:
         ids, mask = ids + [tok.eos_token_id], mask + [1]
     return ids, mask
-
-
-def runs(tok, ids, mask):
-    """The decoded runs of consecutive trained tokens."""
-    out, start = [], None
-    for i, m in enumerate(list(mask) + [0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append(tok.decode(ids[start:i]))
-            start = None
-    return out
 
 
 @pytest.mark.parametrize("name,conv", CASES)

@@ -156,6 +156,10 @@ class ModelConfig:
         kinds = tuple(dict.fromkeys(by_type[t] for t in self.layer_types))
         return kinds, tuple(kinds.index(by_type[t]) for t in self.layer_types)
 
+    def parts(self) -> dict:
+        """{field name: value}: what `jaxft.models.families` reads a family's keys and tensors from."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -201,7 +205,7 @@ def config_from_hf(hf: dict, *, source: str = "config.json", dtype=None) -> Mode
 def config_to_hf(cfg: ModelConfig) -> dict:
     """The `config.json` dict for `cfg`, readable by transformers 4.x and 5.x."""
     hf = dict(cfg.extra_hf_config)
-    hf.update(families.parts_to_hf({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}))
+    hf.update(families.parts_to_hf(cfg.parts()))
     hf["torch_dtype"] = dtype_name(cfg.param_dtype)
     return hf
 

@@ -7,7 +7,6 @@ Linear weights are [out, in]; jaxft keeps kernels as [in, ...out] with heads spl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -120,7 +119,7 @@ def create_model(cfg: ModelConfig, *, seed: int = 0, mesh=None) -> Decoder:
 
 def _fused(cfg: ModelConfig) -> dict:
     """The family's fused tensors (Phi-3's qkv_proj / gate_up_proj): {suffix: ((part, rows), ...)}."""
-    return families.fused_tensors(cfg.model_type, {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)})
+    return families.fused_tensors(cfg.model_type, cfg.parts())
 
 
 def _fuse(tensors: dict[str, np.ndarray], fused: dict) -> dict[str, np.ndarray]:

@@ -72,9 +72,8 @@ def peft_state_dict(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
 def _fused_groups(cfg: ModelConfig) -> list[tuple[str, str, list[tuple[str, int]]]]:
     """(module, fused projection, [(part projection, rows), ...]) of each fused tensor of the
     family, e.g. ("self_attn", "qkv_proj", [("q_proj", H * D), ...]); [] when nothing is fused."""
-    fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
     return [(suffix.split(".")[0], suffix.split(".")[1], [(part.split(".")[1], rows) for part, rows in parts])
-            for suffix, parts in families.fused_tensors(cfg.model_type, fields).items()]
+            for suffix, parts in families.fused_tensors(cfg.model_type, cfg.parts()).items()]
 
 
 def _fuse_adapters(cfg: ModelConfig, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
