@@ -24,7 +24,7 @@ from jaxft.models.lora import LoRASpec
 from jaxft.models.remat import normalize_remat
 from jaxft.models.rope import Rope
 
-NORMS = ("rms", "rms_plus_one")  # x * w (Llama), x * (1 + w) in float32 (Gemma)
+NORMS = ("rms", "rms_plus_one", "rms_f32")  # x * w (Llama), x * (1 + w) in float32 (Gemma 2 / 3), x * w in float32 (Gemma 4)
 ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU with tanh-GELU (Gemma)
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -35,6 +35,36 @@ class LayerKind:
 
     window: int | None
     rope: Rope
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a model whose layers differ in shape (Gemma 4): its kind (index into
+    `layer_kinds()`), attention shape, where its keys and values come from, and MLP width.
+
+    kv_from: None (own k / v projections) or the earlier layer whose keys and values it reads
+    (Gemma 4's KV sharing); keeps_kv: later layers read this layer's keys and values."""
+
+    kind: int
+    head_dim: int
+    kv_heads: int
+    values_from_keys: bool  # Gemma 4's attention_k_eq_v on full layers: no v_proj
+    kv_from: int | None
+    keeps_kv: bool
+    mlp_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """Layers start .. start + period * repeats - 1, a pattern of `period` layers repeated: one
+    `lax.scan` over the repeats, each pattern position a stack of `repeats` layers."""
+
+    start: int
+    period: int
+    repeats: int
+
+    def layer(self, rep: int, pos: int) -> int:
+        return self.start + rep * self.period + pos
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -104,6 +134,19 @@ class ModelConfig:
     layer_types: tuple[str, ...] | None = None
     local_rope_theta: float | None = None  # sliding layers' theta (None: rope_theta)
     local_rope_scaling: dict | None = None  # sliding layers' scaling (used when local_rope_theta is set)
+    # Gemma 4: layers of different shapes (full layers' own head dim and kv heads, values equal
+    # to keys), values RMS-normed, a stored scalar on each layer's output, per-layer input
+    # embeddings (PLE), the last layers reading earlier layers' keys and values, and those
+    # layers' MLPs twice as wide.
+    global_head_dim: int | None = None  # full-attention layers' head dim (None: head_dim)
+    global_kv_heads: int | None = None  # full-attention layers' kv heads (None: num_kv_heads)
+    attention_k_eq_v: bool = False  # full layers: values are the key projection (no v_proj)
+    v_norm: bool = False  # values RMS-normed over head_dim (no scale)
+    layer_scalar: bool = False  # each layer's output times its stored (frozen) scalar
+    per_layer_input_size: int = 0  # PLE width per layer (hidden_size_per_layer_input); 0: none
+    per_layer_vocab_size: int | None = None  # PLE table rows (None: vocab_size)
+    num_kv_shared_layers: int = 0  # the last this many layers read earlier layers' k / v
+    double_wide_mlp: bool = False  # KV-shared layers' MLPs twice intermediate_size
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -135,6 +178,8 @@ class ModelConfig:
                     f"layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
                     f"{self.num_layers} layers; got {len(self.layer_types)} entries{', unknown ' + str(bad) if bad else ''}")
         self.layer_kinds()  # RoPE kinds checked here (a clear error for an unsupported scaling)
+        if self.num_kv_shared_layers:
+            self.layer_specs()  # a clear error when a shared layer has no earlier layer of its type
 
     def __hash__(self):  # a static argument of jit (inside GraphDefs): RoPE dicts hashed by items
         return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare))
@@ -156,6 +201,62 @@ class ModelConfig:
         kinds = tuple(dict.fromkeys(by_type[t] for t in self.layer_types))
         return kinds, tuple(kinds.index(by_type[t]) for t in self.layer_types)
 
+    def layer_specs(self) -> tuple[LayerSpec, ...] | None:
+        """Each layer's LayerSpec when layers differ in shape or share keys and values (Gemma 4),
+        else None: every layer has the model's shape and the stack is one scan."""
+        if not self.grouped_layers:
+            return None
+        index = self.layer_kinds()[1]
+        types = self.layer_types or ("full_attention",) * self.num_layers
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        producer = {t: max((i for i in range(first_shared) if types[i] == t), default=None) for t in set(types)}
+        specs = []
+        for i, t in enumerate(types):
+            full = t == "full_attention"
+            shared = i >= first_shared
+            if shared and producer[t] is None:
+                raise ConfigError(f"num_kv_shared_layers={self.num_kv_shared_layers}: layer {i} ({t}) reads the "
+                                  f"keys and values of an earlier {t} layer, and there is none before layer {first_shared}")
+            specs.append(LayerSpec(
+                kind=index[i], head_dim=(self.global_head_dim or self.dim_per_head) if full else self.dim_per_head,
+                kv_heads=(self.global_kv_heads or self.num_kv_heads) if full else self.num_kv_heads,
+                values_from_keys=self.attention_k_eq_v and full, kv_from=producer[t] if shared else None,
+                keeps_kv=self.num_kv_shared_layers > 0 and i == producer[t],
+                mlp_size=self.intermediate_size * (2 if self.double_wide_mlp and shared else 1)))
+        return tuple(specs)
+
+    @property
+    def grouped_layers(self) -> bool:
+        """Whether the layers are built per LayerSpec (`layer_specs`, `layer_groups`)."""
+        return bool(self.global_head_dim not in (None, self.dim_per_head)
+                    or self.global_kv_heads not in (None, self.num_kv_heads) or self.attention_k_eq_v
+                    or self.num_kv_shared_layers or self.per_layer_input_size)
+
+    def layer_groups(self) -> tuple[LayerGroup, ...]:
+        """The layers as repeating patterns of equal LayerSpecs (Gemma 4's five sliding and one
+        full layer), greedily from the first layer: at each start the pattern (period <= 16)
+        covering the most layers with at least two repeats, else a single layer. Compile time
+        then grows with the number of distinct groups, not with depth."""
+        specs = self.layer_specs()
+        groups, start, n = [], 0, self.num_layers
+        while start < n:
+            best = LayerGroup(start, 1, 1)
+            for period in range(1, min(16, (n - start) // 2) + 1):
+                pattern = specs[start:start + period]
+                repeats = 1
+                while (start + (repeats + 1) * period <= n
+                       and specs[start + repeats * period:start + (repeats + 1) * period] == pattern):
+                    repeats += 1
+                if repeats >= 2 and period * repeats > best.period * best.repeats:
+                    best = LayerGroup(start, period, repeats)
+            groups.append(best)
+            start += best.period * best.repeats
+        return tuple(groups)
+
+    def layer_config(self, spec: LayerSpec) -> "ModelConfig":
+        """This config with one layer's shape (what its modules and adapters are built from)."""
+        return self.replace(head_dim=spec.head_dim, num_kv_heads=spec.kv_heads, intermediate_size=spec.mlp_size)
+
     def parts(self) -> dict:
         """{field name: value}: what `jaxft.models.families` reads a family's keys and tensors from."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -172,13 +273,27 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count (embeddings included), for FLOP and memory estimates."""
-        E, F, D = self.hidden_size, self.intermediate_size, self.dim_per_head
-        attn = E * D * (2 * self.num_heads + 2 * self.num_kv_heads)
-        if self.qkv_bias:
-            attn += D * (self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * E * F + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
+        E = self.hidden_size
         heads = self.vocab_size * E * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + heads + E
+        specs = self.layer_specs()
+        if specs is None:
+            return self.num_layers * self._layer_params(self.dim_per_head, self.num_kv_heads, 2,
+                                                        self.intermediate_size) + heads + E
+        total = heads + E
+        for spec in specs:
+            kv_projections = 0 if spec.kv_from is not None else (1 if spec.values_from_keys else 2)
+            total += self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, spec.mlp_size)
+        if self.per_layer_input_size:
+            P, N = self.per_layer_input_size, self.num_layers
+            total += (self.per_layer_vocab_size or self.vocab_size) * N * P + E * N * P + P + N * (2 * E * P + E)
+        return total
+
+    def _layer_params(self, D: int, K: int, kv_projections: int, F: int) -> int:
+        E, H = self.hidden_size, self.num_heads
+        attn = E * D * (2 * H + kv_projections * K)
+        if self.qkv_bias:
+            attn += D * (H + kv_projections * K)
+        return attn + 3 * E * F + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
 
 
 def _hashable(value):

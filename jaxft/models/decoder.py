@@ -24,12 +24,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxft.models import lora
 from jaxft.models.attention import attend
-from jaxft.models.config import LayerKind, ModelConfig
-from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, soft_cap
+from jaxft.models.config import LayerGroup, LayerKind, LayerSpec, ModelConfig
+from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, rms_normalize, soft_cap
 from jaxft.models.quantize import kernel_value
 from jaxft.models.remat import REMAT_POLICIES, remat
 from jaxft.models.rope import apply_rope
@@ -52,25 +53,37 @@ def _token_rows(x_BLE: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Grouped-query causal self-attention that never crosses packed-segment boundaries."""
+    """Grouped-query causal self-attention that never crosses packed-segment boundaries.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    spec (Gemma 4; `cfg` is then the layer's own `ModelConfig.layer_config`): a layer whose
+    values are its keys' projection has no v_proj; a layer reading an earlier layer's keys and
+    values (`spec.kv_from`) has neither k_proj nor v_proj."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, spec: LayerSpec | None = None):
         E, H, K, D, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.param_dtype
         self.cfg = cfg
+        self.spec = spec
+        own_kv = spec is None or spec.kv_from is None
+        self.projections = ("q",) + (("k",) if own_kv else ()) + (
+            ("v",) if own_kv and not (spec is not None and spec.values_from_keys) else ())
         self.q_proj = _param(rngs, (E, H, D), ("embed", "q_heads", "head_dim"), pd)
-        self.k_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
-        self.v_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
+        if "k" in self.projections:
+            self.k_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
+        if "v" in self.projections:
+            self.v_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
         self.o_proj = _param(rngs, (H, D, E), ("q_heads", "head_dim", "embed"), pd)
         if cfg.qkv_bias:
-            self.q_bias = _param(None, (H, D), ("q_heads", "head_dim"), pd, init="zeros")
-            self.k_bias = _param(None, (K, D), ("kv_heads", "head_dim"), pd, init="zeros")
-            self.v_bias = _param(None, (K, D), ("kv_heads", "head_dim"), pd, init="zeros")
+            for name in self.projections:
+                heads = ("q_heads", H) if name == "q" else ("kv_heads", K)
+                setattr(self, f"{name}_bias", _param(None, (heads[1], D), (heads[0], "head_dim"), pd, init="zeros"))
         if cfg.o_bias:
             self.o_bias = _param(None, (E,), ("norm",), pd, init="zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
-        lora.add_adapters(self, cfg, lora.ATTENTION_PROJECTIONS, rngs)
+            if own_kv:
+                self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
+        names = tuple(n for n in lora.ATTENTION_PROJECTIONS if n[0] in self.projections or n == "o_proj")
+        lora.add_adapters(self, cfg, names, rngs)
 
     def _project(self, x_BLE, name, rng=None):
         kernel = kernel_value(getattr(self, f"{name}_proj"), x_BLE.dtype)
@@ -79,40 +92,57 @@ class Attention(nnx.Module):
             y = y + _bcast(getattr(self, f"{name}_bias")[...].astype(y.dtype), y)
         return y
 
-    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None, kind=0):
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None, kind=0,
+                 shared_kv=None):
         """x_BLE: [B, L, E], or [B * L, E] token rows (`_token_rows`); the result is shaped as x.
-        kind: this layer's index into `cfg.layer_kinds()` (a traced int in a scanned stack)."""
+        kind: this layer's index into `cfg.layer_kinds()` (a traced int in a scanned stack).
+        shared_kv: (keys, values, key segment ids) of the layer this one reads (`spec.kv_from`).
+        Returns (out, new cache, this layer's (keys, values, key segment ids) after RoPE)."""
         cfg = self.cfg
         B, L = positions_BL.shape
-        q_BLHD, k_BLKD, v_BLKD = (self._project(x_BLE, n, rng).reshape(B, L, -1, cfg.dim_per_head)
-                                  for n in ("q", "k", "v"))
+        D = cfg.dim_per_head
+        q_BLHD = self._project(x_BLE, "q", rng).reshape(B, L, -1, D)
+        k_BLKD = v_BLKD = None
+        if "k" in self.projections:
+            k_BLKD = self._project(x_BLE, "k", rng).reshape(B, L, -1, D)
+            v_BLKD = self._project(x_BLE, "v", rng).reshape(B, L, -1, D) if "v" in self.projections else k_BLKD
+            if cfg.v_norm:  # Gemma 4: values RMS-normed without a scale
+                v_BLKD = rms_normalize(v_BLKD, cfg.rms_norm_eps).astype(v_BLKD.dtype)
         if cfg.qk_norm:
-            q_BLHD, k_BLKD = self.q_norm(q_BLHD), self.k_norm(k_BLKD)
+            q_BLHD = self.q_norm(q_BLHD)
+            k_BLKD = None if k_BLKD is None else self.k_norm(k_BLKD)
         if cfg.query_pre_attn_scalar:  # Gemma: scores scaled by qpas ** -0.5; attend scales by D ** -0.5
-            q_BLHD = q_BLHD * jnp.asarray(math.sqrt(cfg.dim_per_head / cfg.query_pre_attn_scalar), q_BLHD.dtype)
+            q_BLHD = q_BLHD * jnp.asarray(math.sqrt(D / cfg.query_pre_attn_scalar), q_BLHD.dtype)
         kinds = cfg.layer_kinds()[0]
         core = functools.partial(_attention_core, cfg, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
                                  cache=cache, cache_index=cache_index)
         if isinstance(kind, int) or len(kinds) == 1:
-            out_BLHD, new_cache = core(kinds[kind if isinstance(kind, int) else 0], q_BLHD, k_BLKD, v_BLKD)
+            out_BLHD, new_cache, kv = core(kinds[kind if isinstance(kind, int) else 0], q_BLHD, k_BLKD, v_BLKD,
+                                           shared_kv=shared_kv)
         else:  # a scanned stack of mixed layers: this layer's window and RoPE
-            branches = [functools.partial(core, k) for k in kinds]
-            out_BLHD, new_cache = jax.lax.switch(kind, branches, q_BLHD, k_BLKD, v_BLKD)
+            branches = [lambda q, k, v, kind=k: core(kind, q, k, v)[:2] for k in kinds]
+            (out_BLHD, new_cache), kv = jax.lax.switch(kind, branches, q_BLHD, k_BLKD, v_BLKD), None
         out_BLHD = out_BLHD.astype(x_BLE.dtype).reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
         y_BLE = jnp.einsum("...HD,HDE->...E", out_BLHD, kernel_value(self.o_proj, x_BLE.dtype))
         y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora, rng)
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
-        return y_BLE, new_cache
+        return y_BLE, new_cache, kv
 
 
 def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *, positions_BL,
-                    segment_ids_BL, cache, cache_index):
-    """RoPE, the KV-cache write and the attention of one layer kind: (out [B, L, H, D], cache)."""
+                    segment_ids_BL, cache, cache_index, shared_kv=None):
+    """RoPE, the KV-cache write and the attention of one layer kind: (out [B, L, H, D], cache,
+    (keys, values, key segment ids) attended). With `shared_kv` those are an earlier layer's
+    (Gemma 4's KV sharing) and k / v / cache are unused."""
     q_BLHD = apply_rope(q_BLHD, positions_BL, kind.rope)
-    k_BLKD = apply_rope(k_BLKD, positions_BL, kind.rope)
+    if shared_kv is None:
+        k_BLKD = apply_rope(k_BLKD, positions_BL, kind.rope)
     q_BLHD = constrain(q_BLHD, ("act_batch", "act_length", "act_heads", None))
-    if cache is None:
+    if shared_kv is not None:
+        (k_BSKD, v_BSKD, kv_segments_BS), new_cache = shared_kv, None
+        q_offset = 0 if cache_index is None else cache_index
+    elif cache is None:
         k_BSKD, v_BSKD, kv_segments_BS, q_offset = k_BLKD, v_BLKD, segment_ids_BL, 0
         new_cache = None
     else:
@@ -129,7 +159,7 @@ def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *
     out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
                       kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset, sliding_window=kind.window,
                       implementation=cfg.attention, logit_softcap=cfg.attn_logit_softcap)
-    return out_BLHD, new_cache
+    return out_BLHD, new_cache, (k_BSKD, v_BSKD, kv_segments_BS)
 
 
 class MLP(nnx.Module):
@@ -165,34 +195,57 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm attention and MLP blocks with residuals; with `cfg.sandwich_norms` (Gemma) each
     block's output is normed too before the residual add. Norm names are the checkpoints': in
-    a sandwich, post_attention_layernorm norms the attention's output, otherwise the MLP's input."""
+    a sandwich, post_attention_layernorm norms the attention's output, otherwise the MLP's input.
+    Gemma 4 adds a per-layer input block (`cfg.per_layer_input_size`: gate, times this layer's
+    per-layer input, projected back and normed, added) and a stored scalar on the output; a
+    `spec` gives this layer its own shape (`ModelConfig.layer_specs`)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, spec: LayerSpec | None = None):
         def norm():
             return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, kind=cfg.norm)
 
+        layer_cfg = cfg if spec is None else cfg.layer_config(spec)
         self.input_layernorm = norm()
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.self_attn = Attention(layer_cfg, rngs=rngs, spec=spec)
         self.post_attention_layernorm = norm()
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.sandwich = cfg.sandwich_norms
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(layer_cfg, rngs=rngs)
+        self.per_layer_input_size = cfg.per_layer_input_size
+        if cfg.per_layer_input_size:
+            E, P, pd = cfg.hidden_size, cfg.per_layer_input_size, cfg.param_dtype
+            self.per_layer_input_gate = _param(rngs, (E, P), ("embed", "per_layer"), pd)
+            self.per_layer_projection = _param(rngs, (P, E), ("per_layer", "embed"), pd)
+            self.post_per_layer_input_norm = norm()
+            self.activation = cfg.activation
+        if cfg.layer_scalar:  # a checkpoint constant (a buffer in transformers): never trained
+            self.layer_scalar = _param(None, (1,), ("norm",), cfg.param_dtype, init="ones")
+        self.scaled = cfg.layer_scalar
 
-    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None, kind=0):
+    def __call__(self, x_BLE, positions_BL, segment_ids_BL, cache=None, cache_index=None, rng=None, kind=0,
+                 shared_kv=None, per_layer_input=None):
         """rng: this layer's LoRA dropout key (training with lora.dropout > 0), else None.
-        kind: this layer's index into `cfg.layer_kinds()`."""
+        kind: this layer's index into `cfg.layer_kinds()`. shared_kv: the keys and values this
+        layer reads (`LayerSpec.kv_from`); per_layer_input: [B, L, P] (Gemma 4's PLE).
+        Returns (out, new cache, this layer's (keys, values, key segment ids))."""
         x = _token_rows(x_BLE)
-        attn, new_cache = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache,
-                                         cache_index, rng, kind)
+        attn, new_cache, kv = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache,
+                                             cache_index, rng, kind, shared_kv=shared_kv)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), rng))
         else:
             x = x + attn
             x = x + self.mlp(self.post_attention_layernorm(x), rng)
-        return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache
+        if self.per_layer_input_size:
+            gate = ACTIVATIONS[self.activation](x @ kernel_value(self.per_layer_input_gate, x.dtype))
+            gate = gate * per_layer_input.reshape(gate.shape).astype(gate.dtype)
+            x = x + self.post_per_layer_input_norm(gate @ kernel_value(self.per_layer_projection, x.dtype))
+        if self.scaled:
+            x = x * jax.lax.stop_gradient(self.layer_scalar[...]).astype(x.dtype)
+        return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache, kv
 
 
 def _layer_runner(kind: int):
@@ -202,13 +255,24 @@ def _layer_runner(kind: int):
     return run
 
 
-def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs):
-    """`cfg.num_layers` DecoderLayers as one module whose params have a leading "layers" axis."""
+def _spec_layer_call(spec: LayerSpec, graphdef, state, x, key, per_layer_input, shared_kv, cache, *, positions,
+                     segment_ids, cache_index):
+    """One layer of a model with `layer_specs`, from its graphdef and state: with those two
+    bound, a pure function of arrays that can be rematerialised and scanned. Returns (x, new
+    cache, (keys, values, key segment ids))."""
+    layer = nnx.merge(graphdef, state)
+    return layer(x, positions, segment_ids, cache, cache_index, rng=key, kind=spec.kind, shared_kv=shared_kv,
+                 per_layer_input=per_layer_input)
 
-    @nnx.split_rngs(splits=cfg.num_layers)
+
+def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs, spec: LayerSpec | None = None, count: int | None = None):
+    """`count` (default `cfg.num_layers`) DecoderLayers as one module whose params have a
+    leading "layers" axis; `spec`: their shape (`ModelConfig.layer_specs`)."""
+
+    @nnx.split_rngs(splits=count or cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def make(rngs):
-        return DecoderLayer(cfg, rngs=rngs)
+        return DecoderLayer(cfg, rngs=rngs, spec=spec)
 
     layers = make(rngs)
     for _, node in nnx.iter_graph(layers):
@@ -228,10 +292,21 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        if cfg.scan_layers:
+        specs = cfg.layer_specs()
+        if specs is not None and cfg.scan_layers:  # Gemma 4: a stack per position of each LayerGroup
+            self.groups = nnx.List([nnx.List([_stacked_layers(cfg, rngs, specs[g.layer(0, j)], g.repeats)
+                                              for j in range(g.period)]) for g in cfg.layer_groups()])
+        elif cfg.scan_layers:
             self.layers = _stacked_layers(cfg, rngs)
         else:
-            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, spec=None if specs is None else specs[i])
+                                    for i in range(cfg.num_layers)])
+        if cfg.per_layer_input_size:  # Gemma 4's per-layer inputs: a token table and a projection
+            N, P, pd = cfg.num_layers, cfg.per_layer_input_size, cfg.param_dtype
+            self.embed_tokens_per_layer = _param(rngs, (cfg.per_layer_vocab_size or cfg.vocab_size, N * P),
+                                                 ("vocab", "per_layer"), pd)
+            self.per_layer_model_projection = _param(rngs, (cfg.hidden_size, N * P), ("embed", "per_layer"), pd)
+            self.per_layer_projection_norm = RMSNorm(P, cfg.rms_norm_eps, param_dtype=pd, kind=cfg.norm)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=cfg.param_dtype, kind=cfg.norm)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype)
@@ -257,16 +332,17 @@ class Decoder(nnx.Module):
         def step(x, xs):
             layer_state, k, v, kind = xs
             layer_cache = {"k": k, "v": v, "segment_ids": cache["segment_ids"]}
-            x, c = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache, cache_index,
-                                                    kind=0 if kind is None else kind)
+            x, c, _ = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache, cache_index,
+                                                       kind=0 if kind is None else kind)
             return x, (c["k"], c["v"], c["segment_ids"])
 
         x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"], kinds_N))
         return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}
 
-    def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None):
+    def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None, per_layer_BLNP=None):
         kind_of = self.cfg.layer_kinds()[1]  # static per layer: no switch
-        if cache is None:
+        specs = self.cfg.layer_specs()
+        if cache is None and specs is None:
             keys = [None] * self.cfg.num_layers if rng is None else list(jax.random.split(rng, self.cfg.num_layers))
             runners = {kind: _layer_runner(kind) for kind in set(kind_of)}
             if self.cfg.remat != "none":
@@ -274,13 +350,93 @@ class Decoder(nnx.Module):
             for layer, key, kind in zip(self.layers, keys, kind_of):
                 x_BLE = runners[kind](layer, x_BLE, positions_BL, segment_ids_BL, key)
             return x_BLE, None
+        if specs is not None:  # Gemma 4: per-layer shapes, shared keys and values, per-layer inputs
+            return self._run_layers_of_specs(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng,
+                                             per_layer_BLNP)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
-            x_BLE, c = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index, kind=kind_of[i])
+            x_BLE, c, _ = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index, kind=kind_of[i])
             new_layers.append(c)
         return x_BLE, {"k": [c["k"] for c in new_layers], "v": [c["v"] for c in new_layers],
                        "segment_ids": new_layers[0]["segment_ids"]}
+
+    def _run_layers_of_specs(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP):
+        """Unrolled layers of a model with `layer_specs` (Gemma 4), one after another."""
+        cfg, specs = self.cfg, self.cfg.layer_specs()
+        keys = [None] * cfg.num_layers if rng is None else list(jax.random.split(rng, cfg.num_layers))
+        kept, caches, segments = {}, [], None
+        for i, (layer, spec) in enumerate(zip(self.layers, specs)):
+            graphdef, state = nnx.split(layer)
+            run = functools.partial(_spec_layer_call, spec, graphdef, positions=positions_BL,
+                                    segment_ids=segment_ids_BL, cache_index=cache_index)
+            if cache is None:
+                run = remat(run, cfg.remat)
+            layer_cache = None if cache is None or cache["layers"][i] is None else {
+                **cache["layers"][i], "segment_ids": cache["segment_ids"]}
+            ple = None if per_layer_BLNP is None else per_layer_BLNP[:, :, i]
+            shared = None if spec.kv_from is None else kept[spec.kv_from]
+            x_BLE, c, kv = run(state, x_BLE, keys[i], ple, shared, layer_cache)
+            if spec.keeps_kv:
+                kept[i] = kv
+            caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
+            segments = segments if c is None else c["segment_ids"]
+        return x_BLE, None if cache is None else {"layers": caches, "segment_ids": segments}
+
+    def _run_groups(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP):
+        """Scanned layers of a model with `layer_specs` (Gemma 4): each `LayerGroup` one
+        `lax.scan` over its repeats, the pattern's layers one after another in the body. A layer
+        whose keys and values later layers read is a group of its own (its spec is unique), so
+        they come out of its scan whole."""
+        cfg, specs = self.cfg, self.cfg.layer_specs()
+        keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
+        kept, new_groups, segments = {}, [], None
+        for g, stacks, group_cache in zip(cfg.layer_groups(), self.groups,
+                                          [None] * len(self.groups) if cache is None else cache["groups"]):
+            index_RP = np.array([[g.layer(r, j) for j in range(g.period)] for r in range(g.repeats)])
+            pattern = [specs[g.layer(0, j)] for j in range(g.period)]
+            split = [nnx.split(stack) for stack in stacks]
+            xs = ([state for _, state in split], None if keys is None else keys[index_RP],
+                  None if per_layer_BLNP is None else jnp.moveaxis(per_layer_BLNP[:, :, index_RP], (2, 3), (0, 1)),
+                  group_cache)
+
+            def body(x, xs, pattern=pattern, split=split):
+                states, keys_P, ple_P, caches_P = xs
+                outs = []
+                for j, spec in enumerate(pattern):
+                    run = functools.partial(_spec_layer_call, spec, split[j][0], positions=positions_BL,
+                                            segment_ids=segment_ids_BL, cache_index=cache_index)
+                    if cache is None:
+                        run = remat(run, cfg.remat)
+                    layer_cache = None if caches_P is None or caches_P[j] is None else {
+                        **caches_P[j], "segment_ids": cache["segment_ids"]}
+                    x, c, kv = run(states[j], x, None if keys_P is None else keys_P[j],
+                                   None if ple_P is None else ple_P[j],
+                                   None if spec.kv_from is None else kept[spec.kv_from], layer_cache)
+                    outs.append((kv if spec.keeps_kv else None, c))
+                return x, outs
+
+            x_BLE, outs = jax.lax.scan(body, x_BLE, xs)
+            group_caches = []
+            for j, (kv, c) in enumerate(outs):
+                if kv is not None:
+                    kept[g.layer(0, j)] = jax.tree.map(lambda a: a[0], kv)
+                group_caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
+                segments = segments if c is None else c["segment_ids"][0]
+            new_groups.append(group_caches)
+        return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}
+
+    def _per_layer_inputs(self, tokens_BL, x_BLE):
+        """Gemma 4's per-layer inputs [B, L, N, P]: each token's row of the per-layer table
+        (times sqrt(P)) plus the normed projection of its embedding (times 1 / sqrt(E)), over sqrt(2)."""
+        cfg = self.cfg
+        (B, L), N, P, dtype = tokens_BL.shape, cfg.num_layers, cfg.per_layer_input_size, x_BLE.dtype
+        table_BLNP = jnp.take(self.embed_tokens_per_layer[...], tokens_BL, axis=0).astype(dtype).reshape(B, L, N, P)
+        table_BLNP = table_BLNP * jnp.asarray(math.sqrt(P), dtype)
+        proj_BLNP = jnp.einsum("BLE,EM->BLM", x_BLE, kernel_value(self.per_layer_model_projection, dtype))
+        proj_BLNP = self.per_layer_projection_norm(
+            (proj_BLNP * jnp.asarray(cfg.hidden_size ** -0.5, dtype)).reshape(B, L, N, P))
+        return (proj_BLNP + table_BLNP) * jnp.asarray(2 ** -0.5, dtype)
 
     def lm_head_kernel(self) -> jax.Array:
         """[E, V] output projection (the transposed embedding when tied)."""
@@ -320,10 +476,15 @@ class Decoder(nnx.Module):
         if cfg.embed_scale:  # Gemma: sqrt(hidden), rounded to the compute dtype as transformers does
             x_BLE = x_BLE * jnp.asarray(math.sqrt(cfg.hidden_size), cfg.compute_dtype)
         x_BLE = constrain(x_BLE, ("act_batch", "act_length", "act_embed"))
-        run = self._run_scanned if cfg.scan_layers else self._run_unrolled
         use_dropout = dropout_rng is not None and cache is None and cfg.lora is not None and cfg.lora.dropout > 0
-        x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index,
-                               dropout_rng if use_dropout else None)
+        rng = dropout_rng if use_dropout else None
+        if cfg.grouped_layers:
+            per_layer_BLNP = self._per_layer_inputs(tokens_BL, x_BLE) if cfg.per_layer_input_size else None
+            run = self._run_groups if cfg.scan_layers else self._run_unrolled
+            x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP)
+        else:
+            run = self._run_scanned if cfg.scan_layers else self._run_unrolled
+            x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng)
         out = self.norm(x_BLE)
         if not return_hidden:
             # f32 accumulation and output: bf16 logits would round the softmax's inputs.
@@ -336,10 +497,38 @@ class Decoder(nnx.Module):
         return out, new_cache
 
 
+def layer_path(cfg: ModelConfig, i: int) -> tuple[tuple, int | None]:
+    """Where layer i's params live in a model's state: (path prefix, index along its stacked
+    axis, or None for an unrolled model's own module)."""
+    if not cfg.scan_layers:
+        return ("layers", i), None
+    if not cfg.grouped_layers:
+        return ("layers",), i
+    for gi, g in enumerate(cfg.layer_groups()):
+        if g.start <= i < g.start + g.period * g.repeats:
+            rep, pos = divmod(i - g.start, g.period)
+            return ("groups", gi, pos), rep
+    raise IndexError(f"layer {i} of a {cfg.num_layers}-layer model")
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
     """An empty KV cache: k / v [B, S, K, D] per layer (stacked [N, B, S, K, D] for a scanned
-    model, a list of N otherwise), and key segment ids [B, S] (0 = empty)."""
+    model, a list of N otherwise), and key segment ids [B, S] (0 = empty). A model with
+    `layer_specs` (Gemma 4) holds each layer's own shape, per LayerGroup stack when scanned, and
+    nothing for layers that read another layer's keys and values."""
     dtype = dtype or cfg.compute_dtype
+    specs = cfg.layer_specs()
+    if specs is not None:
+        segments = jnp.zeros((batch_size, max_length), jnp.int32)
+        def kv(spec, lead=()):
+            if spec.kv_from is not None:
+                return None
+            shape = lead + (batch_size, max_length, spec.kv_heads, spec.head_dim)
+            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        if not cfg.scan_layers:
+            return {"layers": [kv(spec) for spec in specs], "segment_ids": segments}
+        return {"groups": [[kv(specs[g.layer(0, j)], (g.repeats,)) for j in range(g.period)]
+                           for g in cfg.layer_groups()], "segment_ids": segments}
     shape = (batch_size, max_length, cfg.num_kv_heads, cfg.dim_per_head)
     if cfg.scan_layers:
         kv = {"k": jnp.zeros((cfg.num_layers,) + shape, dtype), "v": jnp.zeros((cfg.num_layers,) + shape, dtype)}

@@ -111,6 +111,75 @@ def _gemma_keys(version: int):
     return keys
 
 
+_DROP = object()  # a family's hf_keys value: leave the common key out of its config.json
+
+
+def _gemma4(hf, source):
+    """Gemma 4's text decoder: Gemma 3's parts, with full layers of their own head dim (and, when
+    values equal keys, kv heads), proportional RoPE on the full layers, values RMS-normed, a
+    scalar per layer, per-layer input embeddings and KV sharing where the config sets them."""
+    if hf.get("enable_moe_block"):
+        raise ConfigError(f"{source}: Gemma 4 with enable_moe_block=true (a mixture-of-experts model) is not "
+                          "supported yet; the dense Gemma 4 models load")
+    if hf.get("use_bidirectional_attention") not in (None, "vision"):
+        raise ConfigError(f"{source}: use_bidirectional_attention={hf['use_bidirectional_attention']!r}: jaxft "
+                          "trains causal decoders only")
+    types = list(hf.get("layer_types") or _default_layer_types(hf, 6))
+    types[-1] = "full_attention"  # transformers forces the last layer full
+    k_eq_v = bool(hf.get("attention_k_eq_v", False))
+    global_dim, global_kv = hf.get("global_head_dim", 512), hf.get("num_global_key_value_heads") if k_eq_v else None
+    if hf.get("per_layer_config") is not None:  # as transformers 5.x saves it: per full layer ({}: none)
+        overrides = {int(k): v for k, v in hf["per_layer_config"].items()}
+        full = {i for i, t in enumerate(types) if t == "full_attention"}
+        distinct = {tuple(sorted(v.items())) for v in overrides.values()}
+        first = overrides.get(min(full), {}) if full else {}
+        if (overrides and set(overrides) != full) or len(distinct) > 1 or set(first) - {"head_dim", "num_key_value_heads"}:
+            raise ConfigError(f"{source}: per_layer_config must give the full-attention layers {sorted(full)} one "
+                              f"head_dim (and num_key_value_heads); got {hf['per_layer_config']}")
+        global_dim, global_kv = first.get("head_dim"), first.get("num_key_value_heads")
+    rope = (hf.get("rope_parameters") or {}).get("full_attention") or {"rope_type": "proportional",
+                                                                       "partial_rotary_factor": 0.25, "rope_theta": 1e6}
+    local = _rope_of(hf, "sliding_attention")
+    out = dict(
+        norm="rms_f32", sandwich_norms=True, embed_scale=True, qk_norm=True, v_norm=True, layer_scalar=True,
+        activation=_activation(hf, source, {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}),
+        final_logit_softcap=hf.get("final_logit_softcapping"), query_pre_attn_scalar=1.0,
+        sliding_window=hf.get("sliding_window"), layer_types=tuple(types),
+        qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
+        rope_theta=float(rope.get("rope_theta", 1e6)),
+        rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} or None,
+        global_head_dim=global_dim, global_kv_heads=global_kv, attention_k_eq_v=k_eq_v,
+        per_layer_input_size=int(hf.get("hidden_size_per_layer_input") or 0),
+        per_layer_vocab_size=hf.get("vocab_size_per_layer_input"),
+        num_kv_shared_layers=int(hf.get("num_kv_shared_layers") or 0),
+        double_wide_mlp=bool(hf.get("use_double_wide_mlp", False)),
+    )
+    if out["rope_scaling"] and out["rope_scaling"].get("rope_type", "default") == "default":
+        out["rope_scaling"] = None
+    if local is not None:
+        out["local_rope_theta"], out["local_rope_scaling"] = local
+    return out
+
+
+def _gemma4_keys(p):
+    rope = {"rope_type": "default", "rope_theta": p["rope_theta"], **(p["rope_scaling"] or {})}
+    local = {"rope_type": "default", "rope_theta": p["local_rope_theta"] or p["rope_theta"],
+             **(p["local_rope_scaling"] or {})}
+    hf = dict(
+        hidden_activation="gelu_pytorch_tanh", final_logit_softcapping=p["final_logit_softcap"],
+        sliding_window=p["sliding_window"], layer_types=list(p["layer_types"]), attention_bias=p["qkv_bias"],
+        rope_parameters={"sliding_attention": local, "full_attention": rope}, rope_theta=_DROP, rope_scaling=_DROP,
+        global_head_dim=p["global_head_dim"] or p["head_dim"], attention_k_eq_v=p["attention_k_eq_v"],
+        hidden_size_per_layer_input=p["per_layer_input_size"],
+        vocab_size_per_layer_input=p["per_layer_vocab_size"] or p["vocab_size"],
+        num_kv_shared_layers=p["num_kv_shared_layers"], use_double_wide_mlp=p["double_wide_mlp"],
+        enable_moe_block=False,
+    )
+    if p["global_kv_heads"] is not None:
+        hf["num_global_key_value_heads"] = p["global_kv_heads"]
+    return hf
+
+
 def _phi3(hf, source):
     _activation(hf, source, {"silu": "silu"})
     return dict(sliding_window=hf.get("sliding_window"))
@@ -153,6 +222,12 @@ FAMILIES: dict[str, Family] = {
         "hidden_activation", "query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping",
         "sliding_window", "layer_types", "attention_bias", "rope_local_base_freq", "sliding_window_pattern",
         "_sliding_window_pattern"}), tie_default=True),
+    "gemma4_text": Family("Gemma4ForCausalLM", _gemma4, _gemma4_keys, frozenset({
+        "hidden_activation", "final_logit_softcapping", "sliding_window", "layer_types", "attention_bias",
+        "global_head_dim", "num_global_key_value_heads", "attention_k_eq_v", "hidden_size_per_layer_input",
+        "vocab_size_per_layer_input", "num_kv_shared_layers", "use_double_wide_mlp", "enable_moe_block",
+        "per_layer_config", "use_bidirectional_attention", "num_experts", "top_k_experts",
+        "moe_intermediate_size"}), tie_default=True),
     "phi3": Family("Phi3ForCausalLM", _phi3, _phi3_keys, frozenset({"sliding_window"}), fused=_phi3_fused),
 }
 
@@ -160,10 +235,11 @@ FAMILIES: dict[str, Family] = {
 # Multimodal checkpoints whose text decoder jaxft trains: {model_type: the text config's type}.
 # Their text tensors sit under a prefix (`wrapped_name`); the vision tower and projector are
 # not loaded, and an export is the text model (e.g. Gemma3ForCausalLM), which transformers loads.
-MULTIMODAL = {"gemma3": "gemma3_text"}
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 _TEXT_HEADS = ("language_model.lm_head.weight",)
-_NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
+             "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 
 
 def text_tensor_names(names) -> tuple[dict[str, str], set[str]]:
@@ -280,7 +356,7 @@ def parts_to_hf(p: dict) -> dict:
     if p["partial_rotary_factor"] != 1.0:
         hf["partial_rotary_factor"] = p["partial_rotary_factor"]
     hf.update(fam.hf_keys(p))
-    return hf
+    return {k: v for k, v in hf.items() if v is not _DROP}
 
 
 def fused_tensors(model_type: str, p: dict) -> dict:

@@ -22,7 +22,7 @@ from jaxft.errors import DataError, PathError
 from jaxft.io.folders import check_model_folder
 from jaxft.models import families
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
-from jaxft.models.decoder import Decoder
+from jaxft.models.decoder import Decoder, layer_path
 from jaxft.models.paths import set_path
 from jaxft.parallel.sharding import param_shardings
 
@@ -47,7 +47,34 @@ def _transpose(x):
 
 
 def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
-    E, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    E, V = cfg.hidden_size, cfg.vocab_size
+    rules: list[Rule] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same, None)]
+    specs = cfg.layer_specs()
+    for i in range(cfg.num_layers):
+        prefix, index = layer_path(cfg, i)
+        spec = None if specs is None else specs[i]
+        rules += [(name, prefix + path, *rest, index)
+                  for name, path, *rest in _layer_rules(cfg if spec is None else cfg.layer_config(spec), spec,
+                                                        f"model.layers.{i}.")]
+    rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same, None))
+    if cfg.per_layer_input_size:  # Gemma 4's per-layer input table and projection
+        NP, P = cfg.num_layers * cfg.per_layer_input_size, cfg.per_layer_input_size
+        rules += [
+            ("model.embed_tokens_per_layer.weight", ("embed_tokens_per_layer",),
+             (cfg.per_layer_vocab_size or V, NP), _same, _same, None),
+            ("model.per_layer_model_projection.weight", ("per_layer_model_projection",), (NP, E),
+             _transpose, _transpose, None),
+            ("model.per_layer_projection_norm.weight", ("per_layer_projection_norm", "weight"), (P,),
+             _same, _same, None)]
+    if not cfg.tie_word_embeddings:
+        rules.append(("lm_head.weight", ("lm_head",), (V, E), _transpose, _transpose, None))
+    return rules
+
+
+def _layer_rules(cfg: ModelConfig, spec, hf: str) -> list[tuple]:
+    """One layer's (hf name, path in the layer, hf shape, to jaxft, to hf); `cfg` has the
+    layer's own shape (`ModelConfig.layer_config`) where `spec` gives one (Gemma 4)."""
+    E, F = cfg.hidden_size, cfg.intermediate_size
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
 
     def split_out(heads):  # Linear [heads*D, E] <-> kernel [E, heads, D]
@@ -58,41 +85,42 @@ def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
     def split_bias(heads):
         return (heads * D,), lambda b: b.reshape(heads, D), lambda b: b.reshape(heads * D)
 
-    rules: list[tuple] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same)]
-    for i in range(cfg.num_layers):
-        hf, jx = f"model.layers.{i}.", ("layers", i)
-        attn, mlp = jx + ("self_attn",), jx + ("mlp",)
-        for name, heads in (("q", H), ("k", K), ("v", K)):
-            rules.append((f"{hf}self_attn.{name}_proj.weight", attn + (f"{name}_proj",), *split_out(heads)))
-            if cfg.qkv_bias:
-                rules.append((f"{hf}self_attn.{name}_proj.bias", attn + (f"{name}_bias",), *split_bias(heads)))
-        rules.append((
-            f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * D),
-            lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
-            lambda k: np.ascontiguousarray(k.reshape(H * D, E).T),
-        ))
-        if cfg.o_bias:
-            rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))
-        if cfg.qk_norm:
-            for name in ("q_norm", "k_norm"):
-                rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
-        for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
-            rules.append((f"{hf}mlp.{name}_proj.weight", mlp + (f"{name}_proj",), shape, _transpose, _transpose))
-            if cfg.mlp_bias:
-                rules.append((f"{hf}mlp.{name}_proj.bias", mlp + (f"{name}_bias",), shape[:1], _same, _same))
-        norms = ("input_layernorm", "post_attention_layernorm")
-        if cfg.sandwich_norms:
-            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
-        for name in norms:
-            rules.append((f"{hf}{name}.weight", jx + (name, "weight"), (E,), _same, _same))
-    rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same))
-    if not cfg.tie_word_embeddings:
-        rules.append(("lm_head.weight", ("lm_head",), (V, E), _transpose, _transpose))
-    if not cfg.scan_layers:
-        return [(*rule, None) for rule in rules]
-    # Stacked: ("layers", i, ...) becomes ("layers", ...) at index i.
-    return [(name, ("layers",) + path[2:], *rest, path[1]) if path[0] == "layers" else (name, path, *rest, None)
-            for name, path, *rest in rules]
+    own_kv = spec is None or spec.kv_from is None
+    projections = (("q", H),) + ((("k", K),) if own_kv else ()) + (
+        (("v", K),) if own_kv and not (spec is not None and spec.values_from_keys) else ())
+    rules: list[tuple] = []
+    attn, mlp = ("self_attn",), ("mlp",)
+    for name, heads in projections:
+        rules.append((f"{hf}self_attn.{name}_proj.weight", attn + (f"{name}_proj",), *split_out(heads)))
+        if cfg.qkv_bias:
+            rules.append((f"{hf}self_attn.{name}_proj.bias", attn + (f"{name}_bias",), *split_bias(heads)))
+    rules.append((
+        f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * D),
+        lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
+        lambda k: np.ascontiguousarray(k.reshape(H * D, E).T),
+    ))
+    if cfg.o_bias:
+        rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))
+    if cfg.qk_norm:
+        for name in ("q_norm", "k_norm") if own_kv else ("q_norm",):
+            rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
+    for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+        rules.append((f"{hf}mlp.{name}_proj.weight", mlp + (f"{name}_proj",), shape, _transpose, _transpose))
+        if cfg.mlp_bias:
+            rules.append((f"{hf}mlp.{name}_proj.bias", mlp + (f"{name}_bias",), shape[:1], _same, _same))
+    norms = ("input_layernorm", "post_attention_layernorm")
+    if cfg.sandwich_norms:
+        norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+    if cfg.per_layer_input_size:
+        P = cfg.per_layer_input_size
+        norms += ("post_per_layer_input_norm",)
+        rules.append((f"{hf}per_layer_input_gate.weight", ("per_layer_input_gate",), (P, E), _transpose, _transpose))
+        rules.append((f"{hf}per_layer_projection.weight", ("per_layer_projection",), (E, P), _transpose, _transpose))
+    for name in norms:
+        rules.append((f"{hf}{name}.weight", (name, "weight"), (E,), _same, _same))
+    if cfg.layer_scalar:
+        rules.append((f"{hf}layer_scalar", ("layer_scalar",), (1,), _same, _same))
+    return rules
 
 
 def abstract_model(cfg: ModelConfig) -> Decoder:
@@ -266,11 +294,11 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
         if layer is None:
             host[jpath] = value
         else:
-            host.setdefault(jpath, [None] * cfg.num_layers)[layer] = value
+            host.setdefault(jpath, {})[layer] = value
     state: dict = {}
     shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     for jpath, value in host.items():
-        value = np.stack(value) if isinstance(value, list) else value
+        value = np.stack([value[k] for k in sorted(value)]) if isinstance(value, dict) else value
         if mesh is not None:
             value = jax.make_array_from_callback(value.shape, shard_flat[jpath], lambda idx, v=value: v[idx])
         else:

@@ -28,20 +28,28 @@ def bcast(w: jax.Array, x: jax.Array) -> jax.Array:
     return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
 
 
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    """x / rms(x) over the last axis, in float32 (returned as float32)."""
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+
+
 class RMSNorm(nnx.Module):
-    """kind "rms" (Llama): w * normed, in x's dtype; "rms_plus_one" (Gemma): normed * (1 + w)
-    in float32, then cast (its checkpoints store w as an offset from 1, initialised at 0)."""
+    """kind "rms" (Llama): w * normed, in x's dtype; "rms_plus_one" (Gemma 2 / 3): normed *
+    (1 + w) in float32, then cast (its checkpoints store w as an offset from 1, initialised at
+    0); "rms_f32" (Gemma 4): normed * w in float32, then cast."""
 
     def __init__(self, dim: int, eps: float, *, param_dtype, axis: str = "norm", kind: str = "rms"):
-        self.weight = param(None, (dim,), (axis,), param_dtype, init="ones" if kind == "rms" else "zeros")
+        self.weight = param(None, (dim,), (axis,), param_dtype, init="zeros" if kind == "rms_plus_one" else "ones")
         self.eps = eps
         self.kind = kind
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        normed = rms_normalize(x, self.eps)
         if self.kind == "rms_plus_one":
             return (normed * (1.0 + bcast(self.weight[...].astype(jnp.float32), x))).astype(x.dtype)
+        if self.kind == "rms_f32":
+            return (normed * bcast(self.weight[...].astype(jnp.float32), x)).astype(x.dtype)
         return bcast(self.weight[...].astype(x.dtype), x) * normed.astype(x.dtype)
 
 

@@ -1,7 +1,9 @@
 """Rotary position embeddings: the inverse frequencies of each RoPE kind and their application.
 
 A `Rope` holds what one attention layer needs: theta, the scaling of the checkpoint's
-`rope_scaling` / `rope_parameters` (none, linear, llama3, longrope), and the rotated fraction
+`rope_scaling` / `rope_parameters` (none, linear, llama3, longrope, and Gemma 4's proportional:
+rotate-half over the whole head with only the first `partial_rotary_factor` of its angles
+turning), and the rotated fraction
 of each head (`partial_rotary_factor`: Phi-3.5 / Phi-4-mini rotate part of a head). Layers of
 different kinds may carry different ropes (Gemma 3: local layers theta 10k, global 1M scaled).
 Numerics follow transformers: f32 frequencies, rotate-half, cos / sin cast to the activations'
@@ -19,7 +21,7 @@ import numpy as np
 
 from jaxft.errors import ConfigError
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "proportional")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,11 @@ def inv_freqs(rope: Rope, head_dim: int) -> tuple[np.ndarray, np.ndarray | None,
         return (base / scaling["factor"]).astype(np.float32), None, 1.0
     if kind == "llama3":
         return _llama3(base, scaling).astype(np.float32), None, 1.0
+    if kind == "proportional":  # Gemma 4: the first angles of the full head's frequencies, the rest 0
+        angles = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        freqs = np.zeros(head_dim // 2, np.float32)
+        freqs[:angles] = _base_inv_freq(rope.theta, head_dim)[:angles]
+        return (freqs / scaling.get("factor", 1.0)).astype(np.float32), None, 1.0
     if kind == "longrope":
         short = base / np.asarray(scaling["short_factor"], np.float32)
         long = base / np.asarray(scaling["long_factor"], np.float32)
