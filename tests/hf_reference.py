@@ -34,6 +34,17 @@ FAMILIES = {
         num_hidden_layers=8, head_dim=16, sliding_window=5, query_pre_attn_scalar=16, rms_norm_eps=1e-6,
         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
                          "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})),
+    # Gemma 4 (dense, E2B-like parts): full layers with their own head dim (32 vs 16) and one kv
+    # head whose values are its keys, per-layer input embeddings, the last 3 layers reading the
+    # keys and values of the last sliding / full layer before them with double-wide MLPs,
+    # proportional RoPE on full layers, random layer scalars. 12 layers: a (sliding, sliding,
+    # full) pattern scanned twice, then layers of their own.
+    "gemma4_text": (transformers.Gemma4TextConfig, dict(
+        num_hidden_layers=12, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+        attention_k_eq_v=True, num_kv_shared_layers=3, hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=97, use_double_wide_mlp=True, sliding_window=5,
+        final_logit_softcapping=30.0, rms_norm_eps=1e-6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 4)),
     # Phi-3: fused qkv_proj / gate_up_proj, a window on every layer.
     "phi3": (transformers.Phi3Config, dict(sliding_window=7, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Phi-3.5 / Phi-4-mini style: partial rotary (3/4 of each head) and LongRoPE.
@@ -60,6 +71,9 @@ def make_hf_model(family: str, seed: int = 0):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+        for name, buffer in model.named_buffers():
+            if name.endswith("layer_scalar"):  # Gemma 4: a stored constant per layer
+                buffer.copy_(1.0 + 0.1 * torch.randn_like(buffer))
     return model
 
 

@@ -244,7 +244,7 @@ class DecoderLayer(nnx.Module):
             gate = gate * per_layer_input.reshape(gate.shape).astype(gate.dtype)
             x = x + self.post_per_layer_input_norm(gate @ kernel_value(self.per_layer_projection, x.dtype))
         if self.scaled:
-            x = x * jax.lax.stop_gradient(self.layer_scalar[...]).astype(x.dtype)
+            x = x * _bcast(jax.lax.stop_gradient(self.layer_scalar[...]).astype(x.dtype), x)
         return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache, kv
 
 
