@@ -61,13 +61,16 @@ def _adapted(tree: dict, prefix=()):
 
 
 def projection_delta(cfg: ModelConfig, name: str, a: jax.Array, b: jax.Array, *, stacked: bool) -> jax.Array:
-    """scale * A B in the kernel's layout ([in dims..., out dims...], stacked layers first)."""
+    """scale * A B in the kernel's layout ([in dims..., out dims...], stacked layers first).
+    A is [lead..., in dims..., r], B [lead..., r, out dims...]: the layer's own shape (Gemma 4's
+    layers differ) is read from them; `projection_dims` gives how many dims are in and out."""
     in_shape, _, out_shape, _ = projection_dims(cfg, name)
     lead = a.shape[:1] if stacked else ()
     r = cfg.lora.rank
+    in_dims, out_dims = a.shape[len(lead):len(lead) + len(in_shape)], b.shape[len(lead) + 1:]
     a2 = a.astype(jnp.float32).reshape(lead + (-1, r))
     b2 = b.astype(jnp.float32).reshape(lead + (r, -1))
-    return (cfg.lora.scale * (a2 @ b2)).reshape(lead + in_shape + out_shape)
+    return (cfg.lora.scale * (a2 @ b2)).reshape(lead + in_dims + out_dims)
 
 
 def merge_adapters(cfg: ModelConfig, base: dict, adapters: dict) -> dict:
@@ -77,7 +80,8 @@ def merge_adapters(cfg: ModelConfig, base: dict, adapters: dict) -> dict:
     for path, name, a, b in _adapted(adapters):
         node = get_path(merged, path)
         kernel = node[name]
-        delta = projection_delta(cfg, name, a, b, stacked=cfg.scan_layers and path[:1] == ("layers",))
+        stacked = cfg.scan_layers and path[:1] in (("layers",), ("groups",))
+        delta = projection_delta(cfg, name, a, b, stacked=stacked)
         node[name] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
     return merged
 

@@ -93,13 +93,28 @@ def projection_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
     }[name]
 
 
+def layer_projections(cfg, layer: int) -> tuple:
+    """(layer `layer`'s config, the projections it has): every projection with the model's
+    shape, except in a model with `layer_specs` (Gemma 4), where a layer has its own shape and
+    no v_proj when its values are its keys, no k_proj / v_proj when it reads another layer's."""
+    specs = cfg.layer_specs()
+    if specs is None:
+        return cfg, PROJECTIONS
+    spec = specs[layer]
+    missing = {"k_proj", "v_proj"} if spec.kv_from is not None else {"v_proj"} if spec.values_from_keys else set()
+    return cfg.layer_config(spec), tuple(n for n in PROJECTIONS if n not in missing)
+
+
 def num_adapter_params(cfg) -> int:
     """Trainable params of cfg.lora's adapters over all layers (0 without LoRA)."""
     if cfg.lora is None:
         return 0
-    per_layer = sum(cfg.lora.rank * (math.prod(i) + math.prod(o))
-                    for i, _, o, _ in (projection_dims(cfg, n) for n in cfg.lora.targets))
-    return cfg.num_layers * per_layer
+    total = 0
+    for layer in range(cfg.num_layers):
+        layer_cfg, names = layer_projections(cfg, layer)
+        total += sum(cfg.lora.rank * (math.prod(i) + math.prod(o)) for i, _, o, _ in
+                     (projection_dims(layer_cfg, n) for n in cfg.lora.targets if n in names))
+    return total
 
 
 def add_adapters(module: nnx.Module, cfg, names, rngs: nnx.Rngs | None) -> None:

@@ -30,7 +30,8 @@ from jaxft.models import families
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
-from jaxft.models.lora import ATTENTION_PROJECTIONS, LoRASpec, projection_dims
+from jaxft.models.decoder import layer_path
+from jaxft.models.lora import ATTENTION_PROJECTIONS, LoRASpec, layer_projections, projection_dims
 from jaxft.models.paths import get_path, set_path
 
 CONFIG_FILE = "adapter_config.json"
@@ -47,17 +48,21 @@ def _tensor_name(layer: int, name: str, which: str) -> str:
 
 def _jaxft_path(cfg: ModelConfig, layer: int, name: str, which: str) -> tuple[tuple, int | None]:
     """(state path, index along the stacked layer axis or None) of one adapter matrix."""
-    leaf = f"{name}_lora_{which.lower()}"
-    if cfg.scan_layers:
-        return ("layers", _module(name), leaf), layer
-    return ("layers", layer, _module(name), leaf), None
+    prefix, index = layer_path(cfg, layer)
+    return prefix + (_module(name), f"{name}_lora_{which.lower()}"), index
+
+
+def _targets(cfg: ModelConfig, layer: int) -> tuple[ModelConfig, list[str]]:
+    """(the layer's config, the targeted projections it has): Gemma 4's layers differ."""
+    layer_cfg, names = layer_projections(cfg, layer)
+    return layer_cfg, [n for n in cfg.lora.targets if n in names]
 
 
 def peft_state_dict(cfg: ModelConfig, adapters: dict) -> dict[str, np.ndarray]:
     """{PEFT tensor name: float32 array} for every adapted projection of every layer."""
     spec, out, gathered = cfg.lora, {}, {}
     for layer in range(cfg.num_layers):
-        for name in spec.targets:
+        for name in _targets(cfg, layer)[1]:
             for which in ("A", "B"):
                 path, index = _jaxft_path(cfg, layer, name, which)
                 if path not in gathered:
@@ -171,8 +176,9 @@ def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
     with safe_open(weights, framework="np") as f:
         names = set(f.keys())
         for layer in range(cfg.num_layers):
-            for name in spec.targets:
-                in_shape, _, out_shape, _ = projection_dims(cfg, name)
+            layer_cfg, names = _targets(cfg, layer)
+            for name in names:
+                in_shape, _, out_shape, _ = projection_dims(layer_cfg, name)
                 for which, shape in (("A", in_shape + (spec.rank,)), ("B", (spec.rank,) + out_shape)):
                     tensor = _tensor_name(layer, name, which)
                     if tensor not in names:
@@ -186,11 +192,11 @@ def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
                     if index is None:
                         host[path] = value
                     else:
-                        host.setdefault(path, [None] * cfg.num_layers)[index] = value
+                        host.setdefault(path, {})[index] = value
     shardings = adapter_shardings(cfg, mesh)
     adapters: dict = {}
     for path, value in host.items():
-        value = np.stack(value) if isinstance(value, list) else value
+        value = np.stack([value[k] for k in sorted(value)]) if isinstance(value, dict) else value
         array = jax.make_array_from_callback(value.shape, get_path(shardings, path), lambda idx, v=value: v[idx])
         set_path(adapters, path, array)
     return adapters

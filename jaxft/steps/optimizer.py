@@ -39,11 +39,12 @@ def make_schedule(*, lr: float, schedule: str, warmup_steps: int, total_steps: i
 
 
 def decay_mask(params) -> dict:
-    """True for leaves that get weight decay: not norms, not biases (as HF Trainer / TRL)."""
+    """True for leaves that get weight decay: not norms, not biases (as HF Trainer / TRL), not
+    Gemma 4's layer scalars (checkpoint constants the model never trains)."""
 
     def decays(path, _):
         names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        return not any("norm" in n or "bias" in n for n in names)
+        return not any("norm" in n or "bias" in n or n == "layer_scalar" for n in names)
 
     return jax.tree_util.tree_map_with_path(decays, params)
 
