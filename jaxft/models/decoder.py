@@ -29,7 +29,7 @@ from flax import nnx
 
 from jaxft.models import lora
 from jaxft.models.attention import attend
-from jaxft.models.config import LayerGroup, LayerKind, LayerSpec, ModelConfig
+from jaxft.models.config import LayerKind, LayerSpec, ModelConfig
 from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, rms_normalize, soft_cap
 from jaxft.models.quantize import kernel_value
 from jaxft.models.remat import REMAT_POLICIES, remat
