@@ -176,8 +176,8 @@ def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
     with safe_open(weights, framework="np") as f:
         names = set(f.keys())
         for layer in range(cfg.num_layers):
-            layer_cfg, names = _targets(cfg, layer)
-            for name in names:
+            layer_cfg, targets = _targets(cfg, layer)
+            for name in targets:
                 in_shape, _, out_shape, _ = projection_dims(layer_cfg, name)
                 for which, shape in (("A", in_shape + (spec.rank,)), ("B", (spec.rank,) + out_shape)):
                     tensor = _tensor_name(layer, name, which)
