@@ -102,7 +102,9 @@ def test_gemma3_sft_learns_and_its_export_loads_in_transformers_with_equal_logit
     assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
 
 
-def test_gemma3_dpo_starts_at_ln2_and_learns(gemma_folder, tmp_path):
+def dpo_starts_at_ln2_and_learns(folder, tmp_path, **overrides):
+    """A DPO run from an HF folder (the tiny preset's settings, `overrides` on top): its first
+    loss is ln 2 (policy = reference) and its last below it."""
     import math
 
     from jaxft import config as config_lib
@@ -112,11 +114,16 @@ def test_gemma3_dpo_starts_at_ln2_and_learns(gemma_folder, tmp_path):
 
     config = config_lib.load("configs/dpo.py:tiny", {
         **RUN, "data.train": str(quickstart_head(tmp_path, "pref_train.jsonl", 48)), "data.eval": "",
-        "model.path": str(gemma_folder), "optim.lr": 1e-3, "dpo.loss_type": "sigmoid", "dpo.loss_weights": ""})
+        "model.path": str(folder), "optim.lr": 1e-3, "dpo.loss_type": "sigmoid", "dpo.loss_weights": "",
+        **overrides})
     run(config, tmp_path / "run", kind="dpo", export=False)
     rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_gemma3_dpo_starts_at_ln2_and_learns(gemma_folder, tmp_path):
+    dpo_starts_at_ln2_and_learns(gemma_folder, tmp_path)
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, fsdp=2, tensor=2), dict(data=2, sequence=4)],

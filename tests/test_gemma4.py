@@ -165,18 +165,7 @@ def test_gemma4_sft_learns_keeps_its_layer_scalars_and_exports_to_transformers(g
 
 
 def test_gemma4_lora_dpo_starts_at_ln2_and_learns(gemma4_folder, tmp_path):
-    import math
+    from tests.test_families import dpo_starts_at_ln2_and_learns
 
-    from jaxft import config as config_lib
-    from jaxft.io.metrics import read_metrics
-    from jaxft.run import run
-    from tests.quickstart_subset import quickstart_head
-
-    config = config_lib.load("configs/dpo.py:tiny", {
-        **RUN, "data.train": str(quickstart_head(tmp_path, "pref_train.jsonl", 48)), "data.eval": "",
-        "model.path": str(gemma4_folder), "optim.lr": 1e-2, "dpo.loss_type": "sigmoid", "dpo.loss_weights": "",
-        "lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "all-linear"})
-    run(config, tmp_path / "run", kind="dpo", export=False)
-    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    dpo_starts_at_ln2_and_learns(gemma4_folder, tmp_path, **{
+        "optim.lr": 1e-2, "lora.rank": 4, "lora.alpha": 8.0, "lora.targets": "all-linear"})

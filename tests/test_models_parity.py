@@ -87,31 +87,43 @@ def test_mixed_layers_scanned_equal_unrolled(family, tmp_path):
         np.testing.assert_allclose(got, want, rtol=5e-4, atol=1e-5 * np.abs(want).max())
 
 
-def test_multimodal_gemma3_loads_its_text_model_and_exports_it(tmp_path):
-    """A Gemma3ForConditionalGeneration folder (Gemma 3 4B / 12B / 27B on the hub): jaxft loads
-    its text decoder (vision tower and projector unread) with the logits transformers gives for
-    text input, and exports a Gemma3ForCausalLM that transformers loads with the same logits."""
-    _, extra = FAMILIES["gemma3_text"]
-    text = {**extra, **COMMON, "num_hidden_layers": 8}
-    config = transformers.Gemma3Config(
-        text_config=text, mm_tokens_per_image=4,
+# (multimodal class, config class, text family, exported class, extra config, vision config)
+MULTIMODAL_CASES = {
+    "gemma3": (transformers.Gemma3ForConditionalGeneration, transformers.Gemma3Config, "gemma3_text",
+               "Gemma3ForCausalLM", dict(mm_tokens_per_image=4), dict(image_size=28, patch_size=14)),
+    "gemma4": (transformers.Gemma4ForConditionalGeneration, transformers.Gemma4Config, "gemma4_text",
+               "Gemma4ForCausalLM", dict(audio_config=None), dict(num_key_value_heads=2, head_dim=16)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(MULTIMODAL_CASES))
+def test_multimodal_gemma_loads_its_text_model_and_exports_it(family, tmp_path):
+    """A Gemma 3 / Gemma 4 ForConditionalGeneration folder (text under a language_model prefix,
+    a vision tower beside it) loads as its text decoder (vision tower and projector unread) with
+    the logits transformers gives for text input, and exports a text CausalLM that transformers
+    loads with the same logits."""
+    mm_class, config_class, text_family, exported, extra_config, vision = MULTIMODAL_CASES[family]
+    _, extra = FAMILIES[text_family]
+    text = {**COMMON, **extra, "num_hidden_layers": 8} if family == "gemma3" else {**COMMON, **extra}
+    config = config_class(
+        text_config=text, **extra_config,
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=28, patch_size=14))
+                           **vision))
     config.text_config._attn_implementation = "eager"
     torch.manual_seed(0)
-    hf_model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    hf_model = mm_class(config).eval()
     with torch.no_grad():
         for name, p in hf_model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(0.2 * torch.randn_like(p))
+                p.copy_((1.0 if family == "gemma4" else 0.0) + 0.2 * torch.randn_like(p))
     hf_model.save_pretrained(tmp_path / "mm")
     model = load_hf(tmp_path / "mm")
-    assert model.cfg.model_type == "gemma3_text" and model.cfg.layer_types == tuple(config.text_config.layer_types)
+    assert model.cfg.model_type == text_family and model.cfg.layer_types == tuple(config.text_config.layer_types)
     want = hf_logits(hf_model, TOKENS)
     assert np.abs(np.asarray(model(jnp.asarray(TOKENS))) - want).max() < TOL
     save_hf(model, tmp_path / "text")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "text", attn_implementation="eager")
-    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    assert type(reloaded).__name__ == exported
     np.testing.assert_allclose(hf_logits(reloaded, TOKENS), want, atol=1e-5)
 
 
