@@ -45,6 +45,16 @@ FAMILIES = {
         vocab_size_per_layer_input=97, use_double_wide_mlp=True, sliding_window=5,
         final_logit_softcapping=30.0, rms_norm_eps=1e-6,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 4)),
+    # Mixture of experts: 4 experts, top 2, 16-token rows (32 token-expert pairs over 4 experts).
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6)),
+    # Qwen2-MoE: a shared expert behind a sigmoid gate, top-k not renormalised, q/k/v biases, and
+    # layer 1 dense (mlp_only_layers) over 3 layers.
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(
+        num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+        shared_expert_intermediate_size=80, norm_topk_prob=False, mlp_only_layers=[1])),
+    # Qwen3-MoE: QK-norm, renormalised top-k, every layer sparse.
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
+        num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40, norm_topk_prob=True, head_dim=32)),
     # Phi-3: fused qkv_proj / gate_up_proj, a window on every layer.
     "phi3": (transformers.Phi3Config, dict(sliding_window=7, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Phi-3.5 / Phi-4-mini style: partial rotary (3/4 of each head) and LongRoPE.

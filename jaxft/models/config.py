@@ -52,6 +52,7 @@ class LayerSpec:
     kv_from: int | None
     keeps_kv: bool
     mlp_size: int
+    moe: bool = False  # a mixture-of-experts MLP (jaxft.models.moe) instead of a dense one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +148,14 @@ class ModelConfig:
     per_layer_vocab_size: int | None = None  # PLE table rows (None: vocab_size)
     num_kv_shared_layers: int = 0  # the last this many layers read earlier layers' k / v
     double_wide_mlp: bool = False  # KV-shared layers' MLPs twice intermediate_size
+    # Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): routed experts instead of the MLP.
+    num_experts: int = 0  # routed experts per MoE layer; 0 = dense MLPs
+    experts_per_token: int = 2  # k: experts each token is routed to
+    moe_intermediate_size: int | None = None  # each expert's hidden width (None: intermediate_size)
+    norm_topk_prob: bool = True  # the k routing weights renormalised to sum to 1
+    shared_expert_size: int = 0  # Qwen2-MoE's shared expert (a dense gated MLP); 0: none
+    shared_expert_gate: bool = False  # the shared expert's output times sigmoid(gate(x))
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP (Qwen's mlp_only_layers)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -178,6 +187,14 @@ class ModelConfig:
                     f"layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
                     f"{self.num_layers} layers; got {len(self.layer_types)} entries{', unknown ' + str(bad) if bad else ''}")
         self.layer_kinds()  # RoPE kinds checked here (a clear error for an unsupported scaling)
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
+        moe_only = self.num_experts and not any(0 <= i < self.num_layers for i in self.dense_layers)
+        if self.lora is not None and moe_only and set(self.lora.targets) <= {"gate_proj", "up_proj", "down_proj"}:
+            raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: this mixture-of-experts model has no dense "
+                              "MLP projections and adapters on routed experts are not supported yet; target the "
+                              "attention projections (q_proj,k_proj,v_proj,o_proj) or all-linear")
         if self.num_kv_shared_layers:
             self.layer_specs()  # a clear error when a shared layer has no earlier layer of its type
 
@@ -222,15 +239,24 @@ class ModelConfig:
                 kv_heads=(self.global_kv_heads or self.num_kv_heads) if full else self.num_kv_heads,
                 values_from_keys=self.attention_k_eq_v and full, kv_from=producer[t] if shared else None,
                 keeps_kv=self.num_kv_shared_layers > 0 and i == producer[t],
-                mlp_size=self.intermediate_size * (2 if self.double_wide_mlp and shared else 1)))
+                mlp_size=self.intermediate_size * (2 if self.double_wide_mlp and shared else 1),
+                moe=self.is_moe_layer(i)))
         return tuple(specs)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.num_experts > 0 and i not in self.dense_layers
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def grouped_layers(self) -> bool:
         """Whether the layers are built per LayerSpec (`layer_specs`, `layer_groups`)."""
         return bool(self.global_head_dim not in (None, self.dim_per_head)
                     or self.global_kv_heads not in (None, self.num_kv_heads) or self.attention_k_eq_v
-                    or self.num_kv_shared_layers or self.per_layer_input_size)
+                    or self.num_kv_shared_layers or self.per_layer_input_size
+                    or (self.num_experts and any(0 <= i < self.num_layers for i in self.dense_layers)))
 
     def layer_groups(self) -> tuple[LayerGroup, ...]:
         """The layers as repeating patterns of equal LayerSpecs (Gemma 4's five sliding and one
@@ -278,22 +304,26 @@ class ModelConfig:
         specs = self.layer_specs()
         if specs is None:
             return self.num_layers * self._layer_params(self.dim_per_head, self.num_kv_heads, 2,
-                                                        self.intermediate_size) + heads + E
+                                                        self.intermediate_size, self.num_experts > 0) + heads + E
         total = heads + E
         for spec in specs:
             kv_projections = 0 if spec.kv_from is not None else (1 if spec.values_from_keys else 2)
-            total += self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, spec.mlp_size)
+            total += self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, spec.mlp_size, spec.moe)
         if self.per_layer_input_size:
             P, N = self.per_layer_input_size, self.num_layers
             total += (self.per_layer_vocab_size or self.vocab_size) * N * P + E * N * P + P + N * (2 * E * P + E)
         return total
 
-    def _layer_params(self, D: int, K: int, kv_projections: int, F: int) -> int:
+    def _layer_params(self, D: int, K: int, kv_projections: int, F: int, moe: bool = False) -> int:
         E, H = self.hidden_size, self.num_heads
         attn = E * D * (2 * H + kv_projections * K)
         if self.qkv_bias:
             attn += D * (H + kv_projections * K)
-        return attn + 3 * E * F + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
+        mlp = 3 * E * F
+        if moe:  # router, routed experts, the shared expert and its gate
+            S = self.shared_expert_size
+            mlp = E * self.num_experts + 3 * E * self.expert_size * self.num_experts + 3 * E * S + (E if S else 0)
+        return attn + mlp + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
 
 
 def _hashable(value):

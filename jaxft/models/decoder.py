@@ -30,6 +30,7 @@ from flax import nnx
 from jaxft.models import lora
 from jaxft.models.attention import attend
 from jaxft.models.config import LayerKind, LayerSpec, ModelConfig
+from jaxft.models.moe import MoE
 from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, rms_normalize, soft_cap
 from jaxft.models.quantize import kernel_value
 from jaxft.models.remat import REMAT_POLICIES, remat
@@ -212,7 +213,8 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.sandwich = cfg.sandwich_norms
-        self.mlp = MLP(layer_cfg, rngs=rngs)
+        moe = spec.moe if spec is not None else cfg.num_experts > 0
+        self.mlp = MoE(layer_cfg, rngs=rngs) if moe else MLP(layer_cfg, rngs=rngs)
         self.per_layer_input_size = cfg.per_layer_input_size
         if cfg.per_layer_input_size:
             E, P, pd = cfg.hidden_size, cfg.per_layer_input_size, cfg.param_dtype

@@ -34,6 +34,9 @@ class Family:
     # Fused HF tensors: {fused suffix: ((part suffix, rows), ...)} in order along axis 0, rows
     # as a function of the parts (e.g. H * D).
     fused: Callable[[dict], dict] | None = None
+    # MoE tensor names: (module, router, experts, gate, up, down) as in
+    # `{module}.{router}.weight` and `{module}.{experts}.{x}.{gate}.weight`.
+    experts: tuple[str, str, str, str, str, str] | None = None
 
 
 def _activation(hf: dict, source: str, allowed: dict) -> str:
@@ -180,6 +183,50 @@ def _gemma4_keys(p):
     return hf
 
 
+def _moe_layers(hf: dict) -> tuple[int, ...]:
+    """Qwen-MoE's dense layers: those in mlp_only_layers, and all but every decoder_sparse_step-th."""
+    step, only = int(hf.get("decoder_sparse_step") or 1), set(hf.get("mlp_only_layers") or ())
+    return tuple(i for i in range(hf["num_hidden_layers"]) if i in only or (i + 1) % step)
+
+
+def _mixtral(hf, source):
+    _activation(hf, source, {"silu": "silu"})
+    return dict(sliding_window=hf.get("sliding_window"), num_experts=int(hf.get("num_local_experts", 8)),
+                experts_per_token=int(hf.get("num_experts_per_tok", 2)), norm_topk_prob=True)
+
+
+def _qwen_moe(qk_norm: bool):
+    dense = _qwen(qk_norm)
+
+    def parts(hf, source):
+        out = dense(hf, source)
+        # transformers 5.x saves Qwen3-MoE's count as num_local_experts, the hub's configs as num_experts
+        out.update(num_experts=int(hf.get("num_experts") or hf.get("num_local_experts") or (60 if not qk_norm else 128)),
+                   experts_per_token=int(hf.get("num_experts_per_tok", 4 if not qk_norm else 8)),
+                   moe_intermediate_size=hf.get("moe_intermediate_size"),
+                   norm_topk_prob=bool(hf.get("norm_topk_prob", False)), dense_layers=_moe_layers(hf))
+        if not qk_norm:  # Qwen2-MoE: a shared expert behind a sigmoid gate
+            out.update(shared_expert_size=int(hf.get("shared_expert_intermediate_size") or 0),
+                       shared_expert_gate=bool(hf.get("shared_expert_intermediate_size")))
+        return out
+    return parts
+
+
+def _qwen_moe_keys(qk_norm: bool, dense_keys):
+    def keys(p):
+        hf = dict(dense_keys(p), num_experts=p["num_experts"], num_experts_per_tok=p["experts_per_token"],
+                  moe_intermediate_size=p["moe_intermediate_size"] or p["intermediate_size"],
+                  norm_topk_prob=p["norm_topk_prob"], decoder_sparse_step=1, mlp_only_layers=list(p["dense_layers"]))
+        if not qk_norm:
+            hf["shared_expert_intermediate_size"] = p["shared_expert_size"]
+        return hf
+    return keys
+
+
+_MOE_KEYS = frozenset({"num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                       "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size"})
+
+
 def _phi3(hf, source):
     _activation(hf, source, {"silu": "silu"})
     return dict(sliding_window=hf.get("sliding_window"))
@@ -228,6 +275,23 @@ FAMILIES: dict[str, Family] = {
         "vocab_size_per_layer_input", "num_kv_shared_layers", "use_double_wide_mlp", "enable_moe_block",
         "per_layer_config", "use_bidirectional_attention", "num_experts", "top_k_experts",
         "moe_intermediate_size"}), tie_default=True),
+    "mixtral": Family("MixtralForCausalLM", _mixtral,
+                      lambda p: dict(sliding_window=p["sliding_window"], num_local_experts=p["num_experts"],
+                                     num_experts_per_tok=p["experts_per_token"]),
+                      frozenset({"sliding_window", "num_local_experts", "num_experts_per_tok"}),
+                      experts=("block_sparse_moe", "gate", "experts", "w1", "w3", "w2")),
+    "qwen2_moe": Family("Qwen2MoeForCausalLM", _qwen_moe(qk_norm=False),
+                        _qwen_moe_keys(False, lambda p: dict(
+                            use_sliding_window=p["sliding_window"] is not None,
+                            **({"sliding_window": p["sliding_window"]} if p["sliding_window"] else {}))),
+                        frozenset({"sliding_window", "use_sliding_window", "attention_bias"}) | _MOE_KEYS,
+                        experts=("mlp", "gate", "experts", "gate_proj", "up_proj", "down_proj")),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", _qwen_moe(qk_norm=True),
+                        _qwen_moe_keys(True, lambda p: dict(
+                            attention_bias=p["o_bias"], use_sliding_window=p["sliding_window"] is not None,
+                            **({"sliding_window": p["sliding_window"]} if p["sliding_window"] else {}))),
+                        frozenset({"sliding_window", "use_sliding_window", "attention_bias"}) | _MOE_KEYS,
+                        experts=("mlp", "gate", "experts", "gate_proj", "up_proj", "down_proj")),
     "phi3": Family("Phi3ForCausalLM", _phi3, _phi3_keys, frozenset({"sliding_window"}), fused=_phi3_fused),
 }
 

@@ -31,11 +31,11 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' default max_shard_size
 
 
-# A rule: (hf name, jaxft state path, hf shape, hf -> jaxft, jaxft -> hf, layer). A scanned
-# model stacks every layer's tensor at one path: `layer` is its index along the leading axis
-# there (None for tensors outside the layers, and for every tensor of an unrolled model).
+# A rule: (hf name, jaxft state path, hf shape, hf -> jaxft, jaxft -> hf, index). Several HF
+# tensors may stack at one path: `index` is the tensor's place along the leading axes there
+# (the layer of a scanned model, then the expert of an MoE layer); () for a whole array.
 Rule = tuple[str, tuple, tuple, Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray],
-             int | None]
+             tuple[int, ...]]
 
 
 def _same(x):
@@ -48,32 +48,54 @@ def _transpose(x):
 
 def _tensor_rules(cfg: ModelConfig) -> list[Rule]:
     E, V = cfg.hidden_size, cfg.vocab_size
-    rules: list[Rule] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same, None)]
+    rules: list[Rule] = [("model.embed_tokens.weight", ("embed_tokens",), (V, E), _same, _same, ())]
     specs = cfg.layer_specs()
     for i in range(cfg.num_layers):
         prefix, index = layer_path(cfg, i)
         spec = None if specs is None else specs[i]
-        rules += [(name, prefix + path, *rest, index)
-                  for name, path, *rest in _layer_rules(cfg if spec is None else cfg.layer_config(spec), spec,
-                                                        f"model.layers.{i}.")]
-    rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same, None))
+        lead = () if index is None else (index,)
+        layer_cfg = cfg if spec is None else cfg.layer_config(spec)
+        rules += [(name, prefix + path, shape, to_jax, to_hf, lead + tuple(sub))
+                  for name, path, shape, to_jax, to_hf, *sub in _layer_rules(layer_cfg, spec, f"model.layers.{i}.",
+                                                                            cfg.is_moe_layer(i))]
+    rules.append(("model.norm.weight", ("norm", "weight"), (E,), _same, _same, ()))
     if cfg.per_layer_input_size:  # Gemma 4's per-layer input table and projection
         NP, P = cfg.num_layers * cfg.per_layer_input_size, cfg.per_layer_input_size
         rules += [
             ("model.embed_tokens_per_layer.weight", ("embed_tokens_per_layer",),
-             (cfg.per_layer_vocab_size or V, NP), _same, _same, None),
+             (cfg.per_layer_vocab_size or V, NP), _same, _same, ()),
             ("model.per_layer_model_projection.weight", ("per_layer_model_projection",), (NP, E),
-             _transpose, _transpose, None),
+             _transpose, _transpose, ()),
             ("model.per_layer_projection_norm.weight", ("per_layer_projection_norm", "weight"), (P,),
-             _same, _same, None)]
+             _same, _same, ())]
     if not cfg.tie_word_embeddings:
-        rules.append(("lm_head.weight", ("lm_head",), (V, E), _transpose, _transpose, None))
+        rules.append(("lm_head.weight", ("lm_head",), (V, E), _transpose, _transpose, ()))
     return rules
 
 
-def _layer_rules(cfg: ModelConfig, spec, hf: str) -> list[tuple]:
-    """One layer's (hf name, path in the layer, hf shape, to jaxft, to hf); `cfg` has the
-    layer's own shape (`ModelConfig.layer_config`) where `spec` gives one (Gemma 4)."""
+def _moe_rules(cfg: ModelConfig, hf: str) -> list[tuple]:
+    """An MoE layer's tensors (`Family.experts` names them): the router, each expert's gate /
+    up / down (stacked along the experts axis: a sixth element, the expert), the shared expert."""
+    E, X, F, S = cfg.hidden_size, cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
+    module, router, experts, gate, up, down = families.family(cfg.model_type).experts
+    mlp = ("mlp",)
+    rules = [(f"{hf}{module}.{router}.weight", mlp + ("router",), (X, E), _transpose, _transpose)]
+    for x in range(X):
+        for name, ours, shape in ((gate, "gate_proj", (F, E)), (up, "up_proj", (F, E)), (down, "down_proj", (E, F))):
+            rules.append((f"{hf}{module}.{experts}.{x}.{name}.weight", mlp + (ours,), shape, _transpose, _transpose, x))
+    if S:
+        for name, shape in (("gate_proj", (S, E)), ("up_proj", (S, E)), ("down_proj", (E, S))):
+            rules.append((f"{hf}{module}.shared_expert.{name}.weight", mlp + (f"shared_{name}",), shape,
+                          _transpose, _transpose))
+        if cfg.shared_expert_gate:
+            rules.append((f"{hf}{module}.shared_expert_gate.weight", mlp + ("shared_expert_gate",), (1, E),
+                          _transpose, _transpose))
+    return rules
+
+
+def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tuple]:
+    """One layer's (hf name, path in the layer, hf shape, to jaxft, to hf[, expert]); `cfg` has
+    the layer's own shape (`ModelConfig.layer_config`) where `spec` gives one (Gemma 4)."""
     E, F = cfg.hidden_size, cfg.intermediate_size
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
 
@@ -104,7 +126,9 @@ def _layer_rules(cfg: ModelConfig, spec, hf: str) -> list[tuple]:
     if cfg.qk_norm:
         for name in ("q_norm", "k_norm") if own_kv else ("q_norm",):
             rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
-    for name, shape in (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
+    if moe:
+        rules += _moe_rules(cfg, hf)
+    for name, shape in () if moe else (("gate", (F, E)), ("up", (F, E)), ("down", (E, F))):
         rules.append((f"{hf}mlp.{name}_proj.weight", mlp + (f"{name}_proj",), shape, _transpose, _transpose))
         if cfg.mlp_bias:
             rules.append((f"{hf}mlp.{name}_proj.bias", mlp + (f"{name}_bias",), shape[:1], _same, _same))
@@ -287,18 +311,18 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     if problems:
         raise DataError(f"{folder} does not match its config.json ({cfg.model_type}): " + ". ".join(problems))
 
-    # Host values per state path; a scanned model's layers stack along a leading axis.
+    # Host values per state path; a scanned model's layers (and experts) stack along leading axes.
     host: dict[tuple, object] = {}
-    for name, jpath, _, to_jax, _, layer in rules:
+    for name, jpath, _, to_jax, _, index in rules:
         value = to_jax(reader.get(name)).astype(cfg.param_dtype)
-        if layer is None:
+        if not index:
             host[jpath] = value
         else:
-            host.setdefault(jpath, {})[layer] = value
+            host.setdefault(jpath, {})[index] = value
     state: dict = {}
     shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     for jpath, value in host.items():
-        value = np.stack([value[k] for k in sorted(value)]) if isinstance(value, dict) else value
+        value = _stack(value) if isinstance(value, dict) else value
         if mesh is not None:
             value = jax.make_array_from_callback(value.shape, shard_flat[jpath], lambda idx, v=value: v[idx])
         else:
@@ -307,6 +331,13 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     model = nnx.merge(graphdef, abstract_state)
     nnx.update(model, nnx.State(state))
     return model
+
+
+def _stack(parts: dict[tuple[int, ...], np.ndarray]) -> np.ndarray:
+    """{(i, j, ...): array} -> one array with leading axes (I, J, ...)."""
+    keys = sorted(parts)
+    grid = tuple(max(k[d] for k in keys) + 1 for d in range(len(keys[0])))
+    return np.stack([parts[k] for k in keys]).reshape(grid + parts[keys[0]].shape)
 
 
 def _ROTARY_BUFFERS(names):
@@ -327,10 +358,10 @@ def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     gathered: dict[tuple, np.ndarray] = {}  # each (stacked) array gathered once
     out = {}
-    for name, jpath, _, _, to_hf, layer in _tensor_rules(cfg):
+    for name, jpath, _, _, to_hf, index in _tensor_rules(cfg):
         if jpath not in gathered:
             gathered[jpath] = host_array(flat[jpath][...])
-        value = gathered[jpath] if layer is None else gathered[jpath][layer]
+        value = gathered[jpath][index] if index else gathered[jpath]
         out[name] = np.ascontiguousarray(to_hf(value).astype(dtype or cfg.param_dtype))
     return _fuse(out, _fused(cfg))
 

@@ -96,13 +96,15 @@ def projection_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
 def layer_projections(cfg, layer: int) -> tuple:
     """(layer `layer`'s config, the projections it has): every projection with the model's
     shape, except in a model with `layer_specs` (Gemma 4), where a layer has its own shape and
-    no v_proj when its values are its keys, no k_proj / v_proj when it reads another layer's."""
+    no v_proj when its values are its keys, no k_proj / v_proj when it reads another layer's,
+    and in an MoE layer, whose MLP is routed experts (no dense gate / up / down projection)."""
     specs = cfg.layer_specs()
+    moe = set(MLP_PROJECTIONS) if cfg.is_moe_layer(layer) else set()  # adapters on experts: not yet
     if specs is None:
-        return cfg, PROJECTIONS
+        return cfg, tuple(n for n in PROJECTIONS if n not in moe)
     spec = specs[layer]
     missing = {"k_proj", "v_proj"} if spec.kv_from is not None else {"v_proj"} if spec.values_from_keys else set()
-    return cfg.layer_config(spec), tuple(n for n in PROJECTIONS if n not in missing)
+    return cfg.layer_config(spec), tuple(n for n in PROJECTIONS if n not in missing | moe)
 
 
 def num_adapter_params(cfg) -> int:

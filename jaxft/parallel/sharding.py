@@ -32,7 +32,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    "per_layer": None,  # Gemma 4's per-layer input width (small): replicated
+    "per_layer": None,
+    "experts": None,  # MoE experts' stacked axis (sharded within each expert by its other axes)  # Gemma 4's per-layer input width (small): replicated
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
     # activations
     "act_batch": ("data", "fsdp"),

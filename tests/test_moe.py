@@ -1,0 +1,143 @@
+"""Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) beyond parity
+(tests/test_models_parity.py): dropless routing whatever the imbalance, meshes equal one device,
+LoRA on an MoE model exports a PEFT adapter `peft` loads, and an SFT run from an HF folder learns
+and exports a folder transformers loads with equal logits."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # the reference implementation (test extra)
+from flax import nnx
+
+from jaxft.errors import ConfigError
+from jaxft.models import load_hf
+from jaxft.models.adapters import init_adapters
+from jaxft.models.lora import PROJECTIONS, LoRASpec
+from jaxft.models.moe import dropless_experts, route
+from jaxft.models.peft import save_peft
+from jaxft.parallel import sharding
+from tests.hf_reference import hf_logits, make_hf_model
+
+TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
+
+
+def _naive_experts(x, weights, experts, gate, up, down):
+    """Each token's k experts one by one (transformers' loop), in float64."""
+    x, gate, up, down = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+    out = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(experts.shape[1]):
+            e = int(experts[t, k])
+            h = np.asarray(jax.nn.silu(x[t] @ gate[e])) * (x[t] @ up[e])
+            out[t] += float(weights[t, k]) * (h @ down[e])
+    return out
+
+
+@pytest.mark.parametrize("routing", ["balanced", "all_to_one", "one_empty"])
+def test_dropless_experts_compute_every_token_and_expert(routing):
+    """Every (token, expert) pair runs whatever the imbalance (no capacity, no dropped token):
+    all 24 tokens routed to expert 2 (with k=2, to experts 2 and 0), or expert 3 getting none."""
+    T, E, F, X, K = 24, 8, 12, 4, 2
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (T, E))
+    gate, up = (jax.random.normal(k, (X, E, F)) / 3 for k in keys[1:3])
+    down = jax.random.normal(keys[3], (X, F, E)) / 3
+    logits = jax.random.normal(keys[4], (T, X))
+    if routing == "all_to_one":
+        logits = logits.at[:, 2].add(50.0).at[:, 0].add(25.0)
+    elif routing == "one_empty":
+        logits = logits.at[:, 3].add(-50.0)
+    weights, experts, _ = route(logits, K, normalize=True)
+    if routing == "all_to_one":
+        assert (np.asarray(experts[:, 0]) == 2).all()
+    got = dropless_experts(x, weights, experts, gate, up, down, "silu")
+    np.testing.assert_allclose(np.asarray(got), _naive_experts(x, weights, experts, gate, up, down), atol=1e-5)
+    grads = jax.grad(lambda g: jnp.sum(dropless_experts(x, weights, experts, g, up, down, "silu") ** 2))(gate)
+    used = set(np.asarray(experts).ravel().tolist())
+    for e in range(X):  # an expert gets a gradient exactly when tokens reach it
+        assert (np.abs(np.asarray(grads[e])).max() > 0) == (e in used)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_moe_on_a_mesh_equals_one_device(family, tmp_path):
+    """Experts (stacked kernels sharded over fsdp and tensor), the router and Qwen2-MoE's shared
+    expert on an (data 2, fsdp 2, tensor 2) mesh: one device's loss and gradients, packed rows."""
+    make_hf_model(family).save_pretrained(tmp_path)
+    tokens = np.random.default_rng(1).integers(0, 97, size=(4, 32))
+    segments = np.repeat([[1] * 20 + [2] * 12], 4, axis=0).astype(np.int32)
+    positions = np.concatenate([np.arange(20), np.arange(12)])[None].repeat(4, axis=0).astype(np.int32)
+
+    def loss_and_grads(mesh):
+        model = load_hf(tmp_path, mesh=mesh)
+        graphdef, params = nnx.split(model)
+        with jax.set_mesh(mesh):
+            batch = [jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh)) for x in (tokens, positions, segments)]
+            loss = lambda p, t, pos, seg: jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(t, pos, seg)))
+            value, grads = jax.jit(jax.value_and_grad(loss))(params, *batch)
+        mlp = grads["layers"]["mlp"] if "layers" in grads else grads["groups"][0][0]["mlp"]
+        return float(value), np.asarray(mlp["gate_proj"][...]), np.asarray(mlp["router"][...])
+
+    one = loss_and_grads(sharding.make_mesh(data=1, devices=jax.devices()[:1]))
+    many = loss_and_grads(sharding.make_mesh(data=2, fsdp=2, tensor=2))
+    assert many[0] == pytest.approx(one[0], rel=1e-5, abs=1e-7)
+    for got, want in zip(many[1:], one[1:]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_lora_on_moe_exports_a_peft_adapter_that_peft_loads(tmp_path):
+    """all-linear LoRA on Qwen2-MoE: attention everywhere, the dense MLP of layer 1; the routed
+    experts take none (yet), and PEFT's model agrees."""
+    peft = pytest.importorskip("peft")
+    hf_model = make_hf_model("qwen2_moe")
+    hf_model.save_pretrained(tmp_path / "base")
+    base = load_hf(tmp_path / "base")
+    cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
+    graphdef, adapters = init_adapters(cfg, seed=3, mesh=sharding.make_mesh(data=-1))
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    adapters = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    _, base_params = nnx.split(base, nnx.Param)
+    ours = np.asarray(nnx.merge(graphdef, adapters, base_params)(jnp.asarray(TOKENS)))
+    assert np.abs(ours - hf_logits(hf_model, TOKENS)).max() > 1e-2
+    save_peft(cfg, adapters, tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter")).eval()
+    assert np.abs(ours - hf_logits(model, TOKENS)).max() < 1e-4
+
+
+def test_lora_only_on_expert_projections_is_refused_naming_the_key(tmp_path):
+    make_hf_model("mixtral").save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"lora\.targets=gate_proj,up_proj"):
+        load_hf(tmp_path).cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("gate_proj", "up_proj")))
+
+
+def test_moe_sft_learns_and_exports_to_transformers(tmp_path):
+    """A tiny Mixtral with the bundled tokenizer trained by `configs/sft.py:tiny` from its folder."""
+    import transformers
+
+    from jaxft import config as config_lib
+    from jaxft.data.from_config import load_bundled_tokenizer
+    from jaxft.io.metrics import read_metrics
+    from jaxft.models import create_model, save_hf
+    from jaxft.models.config import ModelConfig
+    from jaxft.run import run
+    from tests.quickstart_subset import sft_data
+    from tests.test_families import RUN
+
+    tok = load_bundled_tokenizer()
+    cfg = ModelConfig(model_type="mixtral", vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, rope_theta=1e6,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    folder = save_hf(create_model(cfg, seed=7), tmp_path / "hf", tokenizer=tok)
+    config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
+                                                     "model.path": str(folder), "optim.lr": 3e-3})
+    result = run(config, tmp_path / "run")
+    losses = [r["loss"] for r in read_metrics(result.workdir) if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    ours = np.asarray(load_hf(result.export_dir)(jnp.asarray(TOKENS)))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
