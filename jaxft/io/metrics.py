@@ -46,8 +46,9 @@ def device_peak_flops(device=None) -> float | None:
 
 def train_flops_per_token(cfg, seq_len: int) -> float:
     """Forward + backward FLOPs per token: 6 x matmul params + causal attention scores. With
-    LoRA the frozen base needs no weight gradients: 4 x its matmul params, 6 x the adapters'."""
-    matmul_params = cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
+    LoRA the frozen base needs no weight gradients: 4 x its matmul params, 6 x the adapters'.
+    A mixture of experts counts the params a token uses (its k experts, not all)."""
+    matmul_params = cfg.num_params(active=True) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
     attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len  # QK^T and PV, causal ~ 1/2
     if cfg.lora is not None:
         return 4.0 * matmul_params + 6.0 * num_adapter_params(cfg) + attention

@@ -297,24 +297,26 @@ class ModelConfig:
         return self.replace(num_layers=n, layer_types=None if types is None else
                             tuple(types[i % len(types)] for i in range(n)))
 
-    def num_params(self) -> int:
-        """Parameter count (embeddings included), for FLOP and memory estimates."""
+    def num_params(self, *, active: bool = False) -> int:
+        """Parameter count (embeddings included), for memory estimates; `active`: those one
+        token uses (an MoE layer's router, its k routed experts and the shared one), for FLOPs."""
         E = self.hidden_size
         heads = self.vocab_size * E * (1 if self.tie_word_embeddings else 2)
         specs = self.layer_specs()
         if specs is None:
             return self.num_layers * self._layer_params(self.dim_per_head, self.num_kv_heads, 2,
-                                                        self.intermediate_size, self.num_experts > 0) + heads + E
+                                                        self.intermediate_size, self.num_experts > 0, active) + heads + E
         total = heads + E
         for spec in specs:
             kv_projections = 0 if spec.kv_from is not None else (1 if spec.values_from_keys else 2)
-            total += self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, spec.mlp_size, spec.moe)
+            total += self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, spec.mlp_size, spec.moe, active)
         if self.per_layer_input_size:
             P, N = self.per_layer_input_size, self.num_layers
             total += (self.per_layer_vocab_size or self.vocab_size) * N * P + E * N * P + P + N * (2 * E * P + E)
         return total
 
-    def _layer_params(self, D: int, K: int, kv_projections: int, F: int, moe: bool = False) -> int:
+    def _layer_params(self, D: int, K: int, kv_projections: int, F: int, moe: bool = False,
+                      active: bool = False) -> int:
         E, H = self.hidden_size, self.num_heads
         attn = E * D * (2 * H + kv_projections * K)
         if self.qkv_bias:
@@ -322,7 +324,8 @@ class ModelConfig:
         mlp = 3 * E * F
         if moe:  # router, routed experts, the shared expert and its gate
             S = self.shared_expert_size
-            mlp = E * self.num_experts + 3 * E * self.expert_size * self.num_experts + 3 * E * S + (E if S else 0)
+            experts = self.experts_per_token if active else self.num_experts
+            mlp = E * self.num_experts + 3 * E * self.expert_size * experts + 3 * E * S + (E if S else 0)
         return attn + mlp + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
 
 

@@ -127,6 +127,20 @@ PRESETS: dict[str, ModelConfig] = {
         hidden_size=5376, intermediate_size=21504, num_layers=62, num_heads=32, num_kv_heads=16, head_dim=128,
         layer_types=_every_nth_full(62, 6), query_pre_attn_scalar=168, **_GEMMA3,
     ),
+    # Qwen/Qwen3-30B-A3B: 128 routed experts of width 768 per layer, 8 per token, every layer
+    # sparse, QK-norm.
+    "qwen3_30b_a3b": ModelConfig(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0, qk_norm=True,
+        max_position_embeddings=40960, num_experts=128, experts_per_token=8, moe_intermediate_size=768,
+        norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645,
+    ),
+    # mistralai/Mixtral-8x7B-v0.1: 8 experts of width 14,336, 2 per token.
+    "mixtral_8x7b": ModelConfig(
+        model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
+        num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768,
+        num_experts=8, experts_per_token=2, bos_token_id=1, eos_token_id=2,
+    ),
     # microsoft/phi-4 (14,659,507,200 params): a Phi-3 architecture (fused qkv / gate_up
     # tensors in its checkpoint), full attention on every layer, untied, 16k context.
     "phi4_14b": ModelConfig(
