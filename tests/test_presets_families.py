@@ -1,4 +1,4 @@
-"""The Gemma 2 / Gemma 3 / Phi-4 presets describe the published checkpoints: the parameter count
+"""The Gemma 2 / Gemma 3 / Phi-4 / MoE presets describe the published checkpoints: the parameter count
 each model card gives, in jaxft (ModelConfig.num_params and the built model's shapes) and in
 transformers (the same config.json, its model built on the meta device), and the parts their
 config.json sets (attention pattern, window, soft-caps, per-layer RoPE)."""
@@ -28,7 +28,20 @@ PUBLISHED = {
     "gemma3_4b": (3_880_263_168, (29, 5)),
     "gemma3_27b": (27_009_346_304, (52, 10)),
     "phi4_14b": (14_659_507_200, None),
+    "qwen3_30b_a3b": (30_532_122_624, None),
+    "mixtral_8x7b": (46_702_792_704, None),
 }
+
+
+@pytest.mark.parametrize("name, active", [("qwen3_30b_a3b", 3_353_032_704), ("mixtral_8x7b", 12_879_925_248)])
+def test_moe_presets_count_the_params_a_token_uses(name, active):
+    """Qwen3-30B-A3B "3B active", Mixtral-8x7B 12.9B active: the FLOPs model's parameter count."""
+    from jaxft.io.metrics import train_flops_per_token
+
+    cfg = get_preset(name)
+    assert cfg.num_params(active=True) == active
+    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * 4096
+    assert train_flops_per_token(cfg, 4096) == 6.0 * (active - cfg.vocab_size * cfg.hidden_size) + attention
 
 
 def _hf_model(cfg):
