@@ -62,6 +62,33 @@ def test_dropless_experts_compute_every_token_and_expert(routing):
         assert (np.abs(np.asarray(grads[e])).max() > 0) == (e in used)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_load_balancing_loss_equals_transformers_aux_loss(family, tmp_path):
+    """The routing stats of every MoE layer over the real tokens (right-padded rows) give
+    transformers' aux_loss (`load_balancing_loss_func` with the attention mask), and the
+    expert-load metrics read the same picks."""
+    from jaxft.losses import expert_load_metrics, load_balancing_loss
+
+    hf_model = make_hf_model(family)
+    hf_model.save_pretrained(tmp_path)
+    mask = np.ones_like(TOKENS)
+    mask[1, 11:] = 0
+    with torch.no_grad():
+        want = float(hf_model(input_ids=torch.from_numpy(TOKENS), attention_mask=torch.from_numpy(mask),
+                              output_router_logits=True).aux_loss)
+    model = load_hf(tmp_path)
+    positions = np.broadcast_to(np.arange(16), (2, 16))
+    _, (picks, probs) = model(jnp.asarray(TOKENS), jnp.asarray(positions), jnp.asarray(mask), return_router_stats=True)
+    moe_layers = sum(model.cfg.is_moe_layer(i) for i in range(model.cfg.num_layers))
+    assert picks.shape == probs.shape == (moe_layers, model.cfg.num_experts)
+    assert np.asarray(picks.sum(-1)).tolist() == [27 * model.cfg.experts_per_token] * moe_layers
+    assert float(load_balancing_loss(picks, probs, mask.sum())) == pytest.approx(want, rel=1e-5)
+    load = expert_load_metrics(picks)
+    share = float(load["moe/busiest_share"])
+    assert 1 / model.cfg.num_experts <= share <= 1
+    assert float(load["moe/load_max_over_mean"]) == pytest.approx(share * model.cfg.num_experts, rel=1e-6)
+
+
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_moe_on_a_mesh_equals_one_device(family, tmp_path):
     """Experts (stacked kernels sharded over fsdp and tensor), the router and Qwen2-MoE's shared

@@ -213,8 +213,8 @@ class DecoderLayer(nnx.Module):
             self.pre_feedforward_layernorm = norm()
             self.post_feedforward_layernorm = norm()
         self.sandwich = cfg.sandwich_norms
-        moe = spec.moe if spec is not None else cfg.num_experts > 0
-        self.mlp = MoE(layer_cfg, rngs=rngs) if moe else MLP(layer_cfg, rngs=rngs)
+        self.moe = spec.moe if spec is not None else cfg.num_experts > 0
+        self.mlp = MoE(layer_cfg, rngs=rngs) if self.moe else MLP(layer_cfg, rngs=rngs)
         self.per_layer_input_size = cfg.per_layer_input_size
         if cfg.per_layer_input_size:
             E, P, pd = cfg.hidden_size, cfg.per_layer_input_size, cfg.param_dtype
@@ -231,37 +231,52 @@ class DecoderLayer(nnx.Module):
         """rng: this layer's LoRA dropout key (training with lora.dropout > 0), else None.
         kind: this layer's index into `cfg.layer_kinds()`. shared_kv: the keys and values this
         layer reads (`LayerSpec.kv_from`); per_layer_input: [B, L, P] (Gemma 4's PLE).
-        Returns (out, new cache, this layer's (keys, values, key segment ids))."""
+        Returns (out, new cache, this layer's (keys, values, key segment ids), its router stats
+        (`jaxft.models.moe.router_stats`; None without experts))."""
         x = _token_rows(x_BLE)
         attn, new_cache, kv = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache,
                                              cache_index, rng, kind, shared_kv=shared_kv)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
-            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), rng))
+            h = self.pre_feedforward_layernorm(x)
         else:
             x = x + attn
-            x = x + self.mlp(self.post_attention_layernorm(x), rng)
+            h = self.post_attention_layernorm(x)
+        router = None
+        if self.moe:  # a mixture of experts also reports its routing over the real tokens
+            h, router = self.mlp(h, rng, segment_ids_BL > 0)
+        else:
+            h = self.mlp(h, rng)
+        x = x + (self.post_feedforward_layernorm(h) if self.sandwich else h)
         if self.per_layer_input_size:
             gate = ACTIVATIONS[self.activation](x @ kernel_value(self.per_layer_input_gate, x.dtype))
             gate = gate * per_layer_input.reshape(gate.shape).astype(gate.dtype)
             x = x + self.post_per_layer_input_norm(gate @ kernel_value(self.per_layer_projection, x.dtype))
         if self.scaled:
             x = x * _bcast(jax.lax.stop_gradient(self.layer_scalar[...]).astype(x.dtype), x)
-        return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache, kv
+        return constrain(x.reshape(x_BLE.shape), ("act_batch", "act_length", "act_embed")), new_cache, kv, router
 
 
 def _layer_runner(kind: int):
-    """A layer call with its kind fixed (a closure: nnx.remat takes positional arguments only)."""
+    """A layer call with its kind fixed (a closure: nnx.remat takes positional arguments only):
+    (x, router stats or None)."""
     def run(layer, x, positions, segment_ids, rng=None):
-        return layer(x, positions, segment_ids, rng=rng, kind=kind)[0]
+        out = layer(x, positions, segment_ids, rng=rng, kind=kind)
+        return out[0], out[3]
     return run
+
+
+def _stack_router(routers: list):
+    """Per-layer router stats (None for dense layers) as ([M, X] picks, [M, X] probs), or None."""
+    routers = [r for r in routers if r is not None]
+    return None if not routers else tuple(jnp.stack(parts) for parts in zip(*routers))
 
 
 def _spec_layer_call(spec: LayerSpec, graphdef, state, x, key, per_layer_input, shared_kv, cache, *, positions,
                      segment_ids, cache_index):
     """One layer of a model with `layer_specs`, from its graphdef and state: with those two
     bound, a pure function of arrays that can be rematerialised and scanned. Returns (x, new
-    cache, (keys, values, key segment ids))."""
+    cache, (keys, values, key segment ids), router stats or None)."""
     layer = nnx.merge(graphdef, state)
     return layer(x, positions, segment_ids, cache, cache_index, rng=key, kind=spec.kind, shared_kv=shared_kv,
                  per_layer_input=per_layer_input)
@@ -325,21 +340,22 @@ class Decoder(nnx.Module):
             def body(x, xs):
                 layer_state, key, kind = xs
                 layer = nnx.merge(graphdef, layer_state)
-                return layer(x, positions_BL, segment_ids_BL, rng=key, kind=0 if kind is None else kind)[0], None
+                out = layer(x, positions_BL, segment_ids_BL, rng=key, kind=0 if kind is None else kind)
+                return out[0], out[3]  # router stats: None without experts
 
             keys = None if rng is None else jax.random.split(rng, self.cfg.num_layers)
-            x_BLE, _ = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, (stacked, keys, kinds_N))
-            return x_BLE, None
+            x_BLE, router_N = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, (stacked, keys, kinds_N))
+            return x_BLE, None, router_N
 
         def step(x, xs):
             layer_state, k, v, kind = xs
             layer_cache = {"k": k, "v": v, "segment_ids": cache["segment_ids"]}
-            x, c, _ = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache, cache_index,
-                                                       kind=0 if kind is None else kind)
+            x, c, _, _ = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache,
+                                                          cache_index, kind=0 if kind is None else kind)
             return x, (c["k"], c["v"], c["segment_ids"])
 
         x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"], kinds_N))
-        return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}
+        return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}, None
 
     def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None, per_layer_BLNP=None):
         kind_of = self.cfg.layer_kinds()[1]  # static per layer: no switch
@@ -349,25 +365,27 @@ class Decoder(nnx.Module):
             runners = {kind: _layer_runner(kind) for kind in set(kind_of)}
             if self.cfg.remat != "none":
                 runners = {k: nnx.remat(run, policy=REMAT_POLICIES[self.cfg.remat]) for k, run in runners.items()}
+            routers = []
             for layer, key, kind in zip(self.layers, keys, kind_of):
-                x_BLE = runners[kind](layer, x_BLE, positions_BL, segment_ids_BL, key)
-            return x_BLE, None
+                x_BLE, router = runners[kind](layer, x_BLE, positions_BL, segment_ids_BL, key)
+                routers.append(router)
+            return x_BLE, None, _stack_router(routers)
         if specs is not None:  # Gemma 4: per-layer shapes, shared keys and values, per-layer inputs
             return self._run_layers_of_specs(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng,
                                              per_layer_BLNP)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
-            x_BLE, c, _ = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index, kind=kind_of[i])
+            x_BLE, c, _, _ = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index, kind=kind_of[i])
             new_layers.append(c)
         return x_BLE, {"k": [c["k"] for c in new_layers], "v": [c["v"] for c in new_layers],
-                       "segment_ids": new_layers[0]["segment_ids"]}
+                       "segment_ids": new_layers[0]["segment_ids"]}, None
 
     def _run_layers_of_specs(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP):
         """Unrolled layers of a model with `layer_specs` (Gemma 4), one after another."""
         cfg, specs = self.cfg, self.cfg.layer_specs()
         keys = [None] * cfg.num_layers if rng is None else list(jax.random.split(rng, cfg.num_layers))
-        kept, caches, segments = {}, [], None
+        kept, caches, segments, routers = {}, [], None, []
         for i, (layer, spec) in enumerate(zip(self.layers, specs)):
             graphdef, state = nnx.split(layer)
             run = functools.partial(_spec_layer_call, spec, graphdef, positions=positions_BL,
@@ -378,12 +396,14 @@ class Decoder(nnx.Module):
                 **cache["layers"][i], "segment_ids": cache["segment_ids"]}
             ple = None if per_layer_BLNP is None else per_layer_BLNP[:, :, i]
             shared = None if spec.kv_from is None else kept[spec.kv_from]
-            x_BLE, c, kv = run(state, x_BLE, keys[i], ple, shared, layer_cache)
+            x_BLE, c, kv, router = run(state, x_BLE, keys[i], ple, shared, layer_cache)
+            routers.append(router)
             if spec.keeps_kv:
                 kept[i] = kv
             caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
             segments = segments if c is None else c["segment_ids"]
-        return x_BLE, None if cache is None else {"layers": caches, "segment_ids": segments}
+        return (x_BLE, None if cache is None else {"layers": caches, "segment_ids": segments},
+                _stack_router(routers))
 
     def _run_groups(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP):
         """Scanned layers of a model with `layer_specs` (Gemma 4): each `LayerGroup` one
@@ -392,7 +412,7 @@ class Decoder(nnx.Module):
         they come out of its scan whole."""
         cfg, specs = self.cfg, self.cfg.layer_specs()
         keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
-        kept, new_groups, segments = {}, [], None
+        kept, new_groups, segments, routers = {}, [], None, []
         for g, stacks, group_cache in zip(cfg.layer_groups(), self.groups,
                                           [None] * len(self.groups) if cache is None else cache["groups"]):
             index_RP = np.array([[g.layer(r, j) for j in range(g.period)] for r in range(g.repeats)])
@@ -412,21 +432,23 @@ class Decoder(nnx.Module):
                         run = remat(run, cfg.remat)
                     layer_cache = None if caches_P is None or caches_P[j] is None else {
                         **caches_P[j], "segment_ids": cache["segment_ids"]}
-                    x, c, kv = run(states[j], x, None if keys_P is None else keys_P[j],
-                                   None if ple_P is None else ple_P[j],
-                                   None if spec.kv_from is None else kept[spec.kv_from], layer_cache)
-                    outs.append((kv if spec.keeps_kv else None, c))
+                    x, c, kv, router = run(states[j], x, None if keys_P is None else keys_P[j],
+                                           None if ple_P is None else ple_P[j],
+                                           None if spec.kv_from is None else kept[spec.kv_from], layer_cache)
+                    outs.append((kv if spec.keeps_kv else None, c, router))
                 return x, outs
 
             x_BLE, outs = jax.lax.scan(body, x_BLE, xs)
             group_caches = []
-            for j, (kv, c) in enumerate(outs):
+            for j, (kv, c, router) in enumerate(outs):
+                routers += [] if router is None else [router]  # [repeats, X] each
                 if kv is not None:
                     kept[g.layer(0, j)] = jax.tree.map(lambda a: a[0], kv)
                 group_caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
                 segments = segments if c is None else c["segment_ids"][0]
             new_groups.append(group_caches)
-        return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}
+        routers = None if not routers else tuple(jnp.concatenate(parts) for parts in zip(*routers))
+        return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}, routers
 
     def _per_layer_inputs(self, tokens_BL, x_BLE):
         """Gemma 4's per-layer inputs [B, L, N, P]: each token's row of the per-layer table
@@ -456,6 +478,7 @@ class Decoder(nnx.Module):
         cache_index: jax.Array | int | None = None,
         return_hidden: bool = False,
         dropout_rng: jax.Array | None = None,
+        return_router_stats: bool = False,
     ):
         """Runs the decoder: `model(tokens, positions=None, segment_ids=None) -> logits`.
 
@@ -467,6 +490,9 @@ class Decoder(nnx.Module):
         final normed hidden states [B, L, E] when `return_hidden` (for chunked cross-entropy
         against `lm_head_kernel()`, with `cfg.final_logit_softcap`).
         dropout_rng: a key for LoRA dropout (cfg.lora.dropout > 0; training only), else None.
+        return_router_stats: also return the MoE layers' routing over the real tokens, ([M, X]
+        picks, [M, X] router probabilities) per MoE layer (`jaxft.models.moe.router_stats`; None
+        for a dense model): `(out, stats)` (training forward only).
         """
         cfg = self.cfg
         tokens_BL = tokens
@@ -483,10 +509,11 @@ class Decoder(nnx.Module):
         if cfg.grouped_layers:
             per_layer_BLNP = self._per_layer_inputs(tokens_BL, x_BLE) if cfg.per_layer_input_size else None
             run = self._run_groups if cfg.scan_layers else self._run_unrolled
-            x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP)
+            x_BLE, new_cache, router = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng,
+                                           per_layer_BLNP)
         else:
             run = self._run_scanned if cfg.scan_layers else self._run_unrolled
-            x_BLE, new_cache = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng)
+            x_BLE, new_cache, router = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng)
         out = self.norm(x_BLE)
         if not return_hidden:
             # f32 accumulation and output: bf16 logits would round the softmax's inputs.
@@ -495,7 +522,7 @@ class Decoder(nnx.Module):
             out = soft_cap(out, cfg.final_logit_softcap)
             out = constrain(out, ("act_batch", "act_length", "act_vocab"))
         if cache is None:
-            return out
+            return (out, router) if return_router_stats else out
         return out, new_cache
 
 

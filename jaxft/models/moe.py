@@ -45,9 +45,20 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     return jnp.zeros_like(x_TE).at[token_of].add(y)
 
 
+def router_stats(probs_TX, experts_TK, mask_T):
+    """(picks [X], probs [X]): over the tokens where mask_T is set, how many of their k picks
+    went to each expert and the sum of each expert's router probability. Summed over a model's
+    MoE layers they give `jaxft.losses.load_balancing_loss` and the expert-load metrics."""
+    X = probs_TX.shape[-1]
+    mask = mask_T.astype(jnp.float32)[:, None]
+    picks = jnp.sum(jnp.sum(jax.nn.one_hot(experts_TK, X, dtype=jnp.float32), axis=1) * mask, axis=0)
+    return picks, jnp.sum(probs_TX * mask, axis=0)
+
+
 class MoE(nnx.Module):
     """Router, `cfg.num_experts` gated-MLP experts (stacked kernels), optional shared expert.
-    Called on [..., E] activations; returns the same shape."""
+    Called on [..., E] activations and a token mask (1 for real tokens, in the same order);
+    returns (output of x's shape, `router_stats` over the masked tokens)."""
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         E, X, F, pd = cfg.hidden_size, cfg.num_experts, cfg.expert_size, cfg.param_dtype
@@ -65,11 +76,12 @@ class MoE(nnx.Module):
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
         self.shared, self.shared_gated = bool(cfg.shared_expert_size), cfg.shared_expert_gate
 
-    def __call__(self, x, rng=None):
+    def __call__(self, x, rng=None, token_mask=None):
         x_TE = x.reshape(-1, x.shape[-1])
         dtype = x_TE.dtype
         logits_TX = x_TE @ kernel_value(self.router, dtype)
-        weights_TK, experts_TK, _ = route(logits_TX, self.k, normalize=self.normalize)
+        weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize)
+        mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
         y_TE = dropless_experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
                                 kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
                                 self.activation)
@@ -80,4 +92,4 @@ class MoE(nnx.Module):
             if self.shared_gated:
                 shared_TE = shared_TE * jax.nn.sigmoid(x_TE @ kernel_value(self.shared_expert_gate, dtype))
             y_TE = y_TE + shared_TE
-        return y_TE.reshape(x.shape)
+        return y_TE.reshape(x.shape), router_stats(probs_TX, experts_TK, mask_T)
