@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxft.models import load_hf
 from jaxft.models.adapters import init_adapters
-from jaxft.models.decoder import layer_path
+from jaxft.models.layer_groups import layer_path
 from jaxft.models.lora import PROJECTIONS, LoRASpec
 from jaxft.models.paths import get_path
 from jaxft.models.peft import save_peft

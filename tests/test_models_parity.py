@@ -65,7 +65,7 @@ def test_mixed_layers_scanned_equal_unrolled(family, tmp_path):
     from flax import nnx
 
     from jaxft.models.config import read_hf_config
-    from jaxft.models.decoder import layer_path
+    from jaxft.models.layer_groups import layer_path
     from jaxft.models.hf import load_weights
     from jaxft.models.paths import get_path
 

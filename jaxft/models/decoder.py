@@ -24,10 +24,9 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from jaxft.models import lora
+from jaxft.models import layer_groups, lora
 from jaxft.models.attention import attend
 from jaxft.models.config import LayerKind, LayerSpec, ModelConfig
 from jaxft.models.moe import MoE
@@ -266,22 +265,6 @@ def _layer_runner(kind: int):
     return run
 
 
-def _stack_router(routers: list):
-    """Per-layer router stats (None for dense layers) as ([M, X] picks, [M, X] probs), or None."""
-    routers = [r for r in routers if r is not None]
-    return None if not routers else tuple(jnp.stack(parts) for parts in zip(*routers))
-
-
-def _spec_layer_call(spec: LayerSpec, graphdef, state, x, key, per_layer_input, shared_kv, cache, *, positions,
-                     segment_ids, cache_index):
-    """One layer of a model with `layer_specs`, from its graphdef and state: with those two
-    bound, a pure function of arrays that can be rematerialised and scanned. Returns (x, new
-    cache, (keys, values, key segment ids), router stats or None)."""
-    layer = nnx.merge(graphdef, state)
-    return layer(x, positions, segment_ids, cache, cache_index, rng=key, kind=spec.kind, shared_kv=shared_kv,
-                 per_layer_input=per_layer_input)
-
-
 def _stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs, spec: LayerSpec | None = None, count: int | None = None):
     """`count` (default `cfg.num_layers`) DecoderLayers as one module whose params have a
     leading "layers" axis; `spec`: their shape (`ModelConfig.layer_specs`)."""
@@ -369,10 +352,10 @@ class Decoder(nnx.Module):
             for layer, key, kind in zip(self.layers, keys, kind_of):
                 x_BLE, router = runners[kind](layer, x_BLE, positions_BL, segment_ids_BL, key)
                 routers.append(router)
-            return x_BLE, None, _stack_router(routers)
+            return x_BLE, None, layer_groups.stack_router(routers)
         if specs is not None:  # Gemma 4: per-layer shapes, shared keys and values, per-layer inputs
-            return self._run_layers_of_specs(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng,
-                                             per_layer_BLNP)
+            return layer_groups.run_unrolled(self.cfg, self.layers, x_BLE, positions_BL, segment_ids_BL, cache,
+                                             cache_index, rng, per_layer_BLNP)
         new_layers = []
         for i, layer in enumerate(self.layers):
             layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
@@ -380,75 +363,6 @@ class Decoder(nnx.Module):
             new_layers.append(c)
         return x_BLE, {"k": [c["k"] for c in new_layers], "v": [c["v"] for c in new_layers],
                        "segment_ids": new_layers[0]["segment_ids"]}, None
-
-    def _run_layers_of_specs(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP):
-        """Unrolled layers of a model with `layer_specs` (Gemma 4), one after another."""
-        cfg, specs = self.cfg, self.cfg.layer_specs()
-        keys = [None] * cfg.num_layers if rng is None else list(jax.random.split(rng, cfg.num_layers))
-        kept, caches, segments, routers = {}, [], None, []
-        for i, (layer, spec) in enumerate(zip(self.layers, specs)):
-            graphdef, state = nnx.split(layer)
-            run = functools.partial(_spec_layer_call, spec, graphdef, positions=positions_BL,
-                                    segment_ids=segment_ids_BL, cache_index=cache_index)
-            if cache is None:
-                run = remat(run, cfg.remat)
-            layer_cache = None if cache is None or cache["layers"][i] is None else {
-                **cache["layers"][i], "segment_ids": cache["segment_ids"]}
-            ple = None if per_layer_BLNP is None else per_layer_BLNP[:, :, i]
-            shared = None if spec.kv_from is None else kept[spec.kv_from]
-            x_BLE, c, kv, router = run(state, x_BLE, keys[i], ple, shared, layer_cache)
-            routers.append(router)
-            if spec.keeps_kv:
-                kept[i] = kv
-            caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
-            segments = segments if c is None else c["segment_ids"]
-        return (x_BLE, None if cache is None else {"layers": caches, "segment_ids": segments},
-                _stack_router(routers))
-
-    def _run_groups(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP):
-        """Scanned layers of a model with `layer_specs` (Gemma 4): each `LayerGroup` one
-        `lax.scan` over its repeats, the pattern's layers one after another in the body. A layer
-        whose keys and values later layers read is a group of its own (its spec is unique), so
-        they come out of its scan whole."""
-        cfg, specs = self.cfg, self.cfg.layer_specs()
-        keys = None if rng is None else jax.random.split(rng, cfg.num_layers)
-        kept, new_groups, segments, routers = {}, [], None, []
-        for g, stacks, group_cache in zip(cfg.layer_groups(), self.groups,
-                                          [None] * len(self.groups) if cache is None else cache["groups"]):
-            index_RP = np.array([[g.layer(r, j) for j in range(g.period)] for r in range(g.repeats)])
-            pattern = [specs[g.layer(0, j)] for j in range(g.period)]
-            split = [nnx.split(stack) for stack in stacks]
-            xs = ([state for _, state in split], None if keys is None else keys[index_RP],
-                  None if per_layer_BLNP is None else jnp.moveaxis(per_layer_BLNP[:, :, index_RP], (2, 3), (0, 1)),
-                  group_cache)
-
-            def body(x, xs, pattern=pattern, split=split):
-                states, keys_P, ple_P, caches_P = xs
-                outs = []
-                for j, spec in enumerate(pattern):
-                    run = functools.partial(_spec_layer_call, spec, split[j][0], positions=positions_BL,
-                                            segment_ids=segment_ids_BL, cache_index=cache_index)
-                    if cache is None:
-                        run = remat(run, cfg.remat)
-                    layer_cache = None if caches_P is None or caches_P[j] is None else {
-                        **caches_P[j], "segment_ids": cache["segment_ids"]}
-                    x, c, kv, router = run(states[j], x, None if keys_P is None else keys_P[j],
-                                           None if ple_P is None else ple_P[j],
-                                           None if spec.kv_from is None else kept[spec.kv_from], layer_cache)
-                    outs.append((kv if spec.keeps_kv else None, c, router))
-                return x, outs
-
-            x_BLE, outs = jax.lax.scan(body, x_BLE, xs)
-            group_caches = []
-            for j, (kv, c, router) in enumerate(outs):
-                routers += [] if router is None else [router]  # [repeats, X] each
-                if kv is not None:
-                    kept[g.layer(0, j)] = jax.tree.map(lambda a: a[0], kv)
-                group_caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
-                segments = segments if c is None else c["segment_ids"][0]
-            new_groups.append(group_caches)
-        routers = None if not routers else tuple(jnp.concatenate(parts) for parts in zip(*routers))
-        return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}, routers
 
     def _per_layer_inputs(self, tokens_BL, x_BLE):
         """Gemma 4's per-layer inputs [B, L, N, P]: each token's row of the per-layer table
@@ -508,9 +422,12 @@ class Decoder(nnx.Module):
         rng = dropout_rng if use_dropout else None
         if cfg.grouped_layers:
             per_layer_BLNP = self._per_layer_inputs(tokens_BL, x_BLE) if cfg.per_layer_input_size else None
-            run = self._run_groups if cfg.scan_layers else self._run_unrolled
-            x_BLE, new_cache, router = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng,
-                                           per_layer_BLNP)
+            if cfg.scan_layers:
+                x_BLE, new_cache, router = layer_groups.run_scanned(
+                    cfg, self.groups, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng, per_layer_BLNP)
+            else:
+                x_BLE, new_cache, router = self._run_unrolled(x_BLE, positions_BL, segment_ids_BL, cache,
+                                                              cache_index, rng, per_layer_BLNP)
         else:
             run = self._run_scanned if cfg.scan_layers else self._run_unrolled
             x_BLE, new_cache, router = run(x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng)
@@ -526,38 +443,14 @@ class Decoder(nnx.Module):
         return out, new_cache
 
 
-def layer_path(cfg: ModelConfig, i: int) -> tuple[tuple, int | None]:
-    """Where layer i's params live in a model's state: (path prefix, index along its stacked
-    axis, or None for an unrolled model's own module)."""
-    if not cfg.scan_layers:
-        return ("layers", i), None
-    if not cfg.grouped_layers:
-        return ("layers",), i
-    for gi, g in enumerate(cfg.layer_groups()):
-        if g.start <= i < g.start + g.period * g.repeats:
-            rep, pos = divmod(i - g.start, g.period)
-            return ("groups", gi, pos), rep
-    raise IndexError(f"layer {i} of a {cfg.num_layers}-layer model")
-
-
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
     """An empty KV cache: k / v [B, S, K, D] per layer (stacked [N, B, S, K, D] for a scanned
     model, a list of N otherwise), and key segment ids [B, S] (0 = empty). A model with
     `layer_specs` (Gemma 4) holds each layer's own shape, per LayerGroup stack when scanned, and
     nothing for layers that read another layer's keys and values."""
     dtype = dtype or cfg.compute_dtype
-    specs = cfg.layer_specs()
-    if specs is not None:
-        segments = jnp.zeros((batch_size, max_length), jnp.int32)
-        def kv(spec, lead=()):
-            if spec.kv_from is not None:
-                return None
-            shape = lead + (batch_size, max_length, spec.kv_heads, spec.head_dim)
-            return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-        if not cfg.scan_layers:
-            return {"layers": [kv(spec) for spec in specs], "segment_ids": segments}
-        return {"groups": [[kv(specs[g.layer(0, j)], (g.repeats,)) for j in range(g.period)]
-                           for g in cfg.layer_groups()], "segment_ids": segments}
+    if cfg.layer_specs() is not None:
+        return layer_groups.init_cache(cfg, batch_size, max_length, dtype)
     shape = (batch_size, max_length, cfg.num_kv_heads, cfg.dim_per_head)
     if cfg.scan_layers:
         kv = {"k": jnp.zeros((cfg.num_layers,) + shape, dtype), "v": jnp.zeros((cfg.num_layers,) + shape, dtype)}

@@ -22,7 +22,8 @@ from jaxft.errors import DataError, PathError
 from jaxft.io.folders import check_model_folder
 from jaxft.models import families
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
-from jaxft.models.decoder import Decoder, layer_path
+from jaxft.models.decoder import Decoder
+from jaxft.models.layer_groups import layer_path
 from jaxft.models.paths import set_path
 from jaxft.parallel.sharding import param_shardings
 

@@ -30,7 +30,7 @@ from jaxft.models import families
 from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
-from jaxft.models.decoder import layer_path
+from jaxft.models.layer_groups import layer_path
 from jaxft.models.lora import ATTENTION_PROJECTIONS, LoRASpec, layer_projections, projection_dims
 from jaxft.models.paths import get_path, set_path
 
