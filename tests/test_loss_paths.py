@@ -49,7 +49,8 @@ def packed_batch(rows=8, length=16, seed=0):
 
 def _sft_loss(graphdef, chunk):
     def loss(params, batch):
-        logps, mask, _, _ = token_logps_for(graphdef, params, batch, loss_chunk_size=chunk)
+        out = token_logps_for(graphdef, params, batch, loss_chunk_size=chunk)
+        logps, mask = out.logps, out.target_mask
         return losses.sft_loss(logps, mask)[0]
     return loss
 

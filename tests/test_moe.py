@@ -141,8 +141,49 @@ def test_lora_only_on_expert_projections_is_refused_naming_the_key(tmp_path):
         load_hf(tmp_path).cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("gate_proj", "up_proj")))
 
 
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_the_load_balancing_loss_joins_the_step_loss_times_its_coefficient(kind, tmp_path):
+    """A step's loss with train.router_aux_loss_coef = c is the loss at c = 0 plus c x the
+    logged moe/aux_loss (SFT: the batch's routing; DPO: the policy's), and the expert load is
+    logged; a dense model's step reports none of it."""
+    import optax
+
+    from jaxft.steps.dpo import make_dpo_step
+    from jaxft.steps.sft import make_sft_step
+    from jaxft.steps.state import init_train_state
+
+    make_hf_model("qwen2_moe").save_pretrained(tmp_path)
+    model = load_hf(tmp_path)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = optax.sgd(0.0)
+    rows = 4
+    batch = {"tokens": jnp.asarray(np.random.default_rng(3).integers(1, 97, (rows, 16)), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (rows, 16)),
+             "segment_ids": jnp.asarray(np.repeat([[1] * 12 + [0] * 4], rows, axis=0), jnp.int32),
+             "loss_mask": jnp.asarray(np.repeat([[0] * 4 + [1] * 8 + [0] * 4], rows, axis=0), jnp.int32)}
+    if kind == "dpo":
+        batch.update(chosen_row=jnp.array([0, 2]), chosen_segment=jnp.array([1, 1]), rejected_row=jnp.array([1, 3]),
+                     rejected_segment=jnp.array([1, 1]), pair_mask=jnp.array([1, 1]), pair_index=jnp.array([0, 1]))
+
+    def step_metrics(coef):
+        if kind == "sft":
+            step = make_sft_step(graphdef, tx, optax.constant_schedule(0.0), accumulate=2, router_aux_loss_coef=coef)
+            return jax.jit(step)(init_train_state(params, tx), batch)[1]
+        step = make_dpo_step(graphdef, tx, optax.constant_schedule(0.0), loss_kwargs={}, reference_mode="none",
+                             num_segments=1, rows_per_pair=2, accumulate=2, router_aux_loss_coef=coef)
+        return jax.jit(step)(init_train_state(params, tx), None, batch)[1]
+
+    off, on = step_metrics(0.0), step_metrics(0.5)
+    aux = float(on["moe/aux_loss"])
+    assert aux > 1.0  # top-2 of 4 random experts: 2 when perfectly even
+    assert float(on["loss"]) == pytest.approx(float(off["loss"]) + 0.5 * aux, rel=1e-5)
+    assert 0.25 <= float(on["moe/busiest_share"]) <= 1 and float(on["moe/load_max_over_mean"]) >= 1
+    assert "moe/aux_loss" not in step_metrics(None)
+
+
 def test_moe_sft_learns_and_exports_to_transformers(tmp_path):
-    """A tiny Mixtral with the bundled tokenizer trained by `configs/sft.py:tiny` from its folder."""
+    """A tiny Mixtral with the bundled tokenizer trained by `configs/sft.py:tiny` from its folder,
+    its routing balanced by the load-balancing loss and reported in metrics.jsonl."""
     import transformers
 
     from jaxft import config as config_lib
@@ -160,10 +201,13 @@ def test_moe_sft_learns_and_exports_to_transformers(tmp_path):
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     folder = save_hf(create_model(cfg, seed=7), tmp_path / "hf", tokenizer=tok)
     config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
-                                                     "model.path": str(folder), "optim.lr": 3e-3})
+                                                     "model.path": str(folder), "optim.lr": 3e-3,
+                                                     "train.router_aux_loss_coef": 0.02})
     result = run(config, tmp_path / "run")
-    losses = [r["loss"] for r in read_metrics(result.workdir) if "loss" in r]
+    rows = [r for r in read_metrics(result.workdir) if "loss" in r]
+    losses = [r["loss"] for r in rows]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    assert all(1.0 < r["moe/aux_loss"] < 4.0 and r["moe/load_max_over_mean"] >= 1.0 for r in rows)  # ~k = 2 when even
     ours = np.asarray(load_hf(result.export_dir)(jnp.asarray(TOKENS)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
     assert type(hf).__name__ == "MixtralForCausalLM"

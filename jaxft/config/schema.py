@@ -85,6 +85,10 @@ class TrainSection:
     max_bad_steps: int = key(5, "stop after this many non-finite steps in a row; >= 1 (1: at the first)")
     loss_chunk_size: int = key(-1, "> 0: cross-entropy over sequence chunks of this size; 0: whole; -1: "
                                "chunks of 512 for vocabularies of 32k tokens and more")
+    router_aux_loss_coef: float = key(0.0, "mixture-of-experts models: transformers' load-balancing loss "
+                                      "(aux_loss) times this joins the training loss (Mixtral's configs use "
+                                      "0.02); 0 = off, as transformers' default; expert load is logged either "
+                                      "way; >= 0")
     progress: bool = key(True, "a progress bar on the terminal")
     prefetch: int = key(2, "batches made ahead in a background thread (0: on demand); >= 0")
     preemption_check_every: int = key(10, "multi-host: steps between SIGTERM checks (a gather); >= 1")

@@ -8,7 +8,7 @@ whose rows split over (data, fsdp).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,29 +63,55 @@ def dropout_key(seed: int | None, step, micro_index):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
 
 
-def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, dropout_rng=None):
-    """Per-token target log-probs [B, L] f32, target mask [B, L], argmax-correct [B, L] and
-    the per-token mean logit [B, L] (for TRL's logits/* metrics). `params`: a params tree,
-    or (adapters, frozen base) for a LoRA model. dropout_rng: LoRA dropout (training only).
+class TokenLogps(NamedTuple):
+    """What a forward pass gives the losses, each [B, L]: target log-probs (f32), the target
+    mask, argmax == target, the mean logit (TRL's logits/* metrics); `router`: the MoE layers'
+    routing stats ([M, X] picks, [M, X] probs; `with_router` only, else None)."""
+    logps: jax.Array
+    target_mask: jax.Array
+    correct: jax.Array
+    mean_logits: jax.Array
+    router: tuple | None = None
+
+
+def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, dropout_rng=None,
+                    with_router: bool = False) -> TokenLogps:
+    """Per-token target log-probs of a batch (`TokenLogps`). `params`: a params tree, or
+    (adapters, frozen base) for a LoRA model. dropout_rng: LoRA dropout (training only).
+    with_router: also the routing of a mixture of experts (for `router_loss_terms`).
 
     loss_chunk_size > 0: logits only at trained positions, that many tokens a chunk on each
     device (`losses.chunked_token_logps`; the other positions read 0); 0: the model's whole
     [B, L, V] logits."""
     model = merge_model(graphdef, params)
     targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
+    extra = {"return_router_stats": True} if with_router else {}
+    router = None
     if loss_chunk_size:
         hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_hidden=True,
-                       dropout_rng=dropout_rng)
+                       dropout_rng=dropout_rng, **extra)
+        if with_router:
+            hidden, router = hidden
         logps, correct, mean_logits = losses.chunked_token_logps(
             hidden, model.lm_head_kernel().astype(hidden.dtype), targets, target_mask,
             chunk_size=loss_chunk_size, groups=token_groups(*targets.shape),
             logit_softcap=model.cfg.final_logit_softcap,
         )
     else:
-        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng)
+        logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng, **extra)
+        if with_router:
+            logits, router = logits
         logps, correct = losses.full_token_logps(logits, targets)
         mean_logits = logits.astype(jnp.float32).mean(axis=-1)
-    return logps, target_mask, correct, mean_logits
+    return TokenLogps(logps, target_mask, correct, mean_logits, router)
+
+
+def router_loss_terms(router, segment_ids, coef: float) -> tuple[jax.Array, dict]:
+    """(coef x the load-balancing loss, {"moe/aux_loss", expert-load metrics}) of one forward's
+    routing over its real tokens (`segment_ids` > 0)."""
+    picks, probs = router
+    aux = losses.load_balancing_loss(picks, probs, jnp.sum(segment_ids > 0))
+    return coef * aux, {"moe/aux_loss": aux, **losses.expert_load_metrics(picks)}
 
 
 def accumulate_gradients(loss_fn: Callable, params, micro_batches, *, accumulate: int):

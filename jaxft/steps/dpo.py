@@ -19,8 +19,8 @@ from jaxft import losses
 from jaxft.models.adapters import adapters_off
 from jaxft.parallel.sharding import batch_sharding, replicated
 from jaxft.steps.common import (
-    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, micro_batch_row, split_micro_batches,
-    token_logps_for, with_frozen,
+    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, micro_batch_row, router_loss_terms,
+    split_micro_batches, token_logps_for, with_frozen,
 )
 
 PAIR_KEYS = ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment", "pair_mask", "pair_index")
@@ -35,18 +35,19 @@ class PairLogps:
     rejected_lengths: jax.Array
     chosen_logits: jax.Array  # mean logit over chosen completion tokens (TRL's logits/chosen)
     rejected_logits: jax.Array
+    router: tuple | None = None  # the micro-batch's MoE routing (`with_router` only)
 
 
 def pair_logps(graphdef, params, rows: dict, pairs: dict, *, num_segments: int, micro_index=0,
                accumulate: int = 1, rows_per_unit: int = 1, loss_chunk_size: int = 0, dropout_rng=None,
-               ) -> tuple[PairLogps, jax.Array]:
+               with_router: bool = False) -> tuple[PairLogps, jax.Array]:
     """Log-probs of every pair whose rows are in this micro-batch, and that membership mask.
 
     rows: [R/A, L] arrays of micro-batch `micro_index` (see `split_micro_batches`).
     pairs: [P] arrays addressing rows of the whole batch.
     """
-    logps, target_mask, _, mean_logits = token_logps_for(graphdef, params, rows, loss_chunk_size=loss_chunk_size,
-                                                         dropout_rng=dropout_rng)
+    logps, target_mask, _, mean_logits, router = token_logps_for(
+        graphdef, params, rows, loss_chunk_size=loss_chunk_size, dropout_rng=dropout_rng, with_router=with_router)
     seg = rows["segment_ids"]
     seq = losses.sequence_logps(logps, target_mask, seg, num_segments)  # [R/A, S]
     lengths = losses.sequence_lengths(target_mask, seg, num_segments)
@@ -62,7 +63,7 @@ def pair_logps(graphdef, params, rows: dict, pairs: dict, *, num_segments: int, 
     out = PairLogps(
         chosen=seq[c_row, c_seg], rejected=seq[r_row, r_seg],
         chosen_lengths=lengths[c_row, c_seg], rejected_lengths=lengths[r_row, r_seg],
-        chosen_logits=logit_means[c_row, c_seg], rejected_logits=logit_means[r_row, r_seg],
+        chosen_logits=logit_means[c_row, c_seg], rejected_logits=logit_means[r_row, r_seg], router=router,
     )
     return out, in_micro
 
@@ -81,12 +82,14 @@ def reference_pair_logps(graphdef, reference, mode: str, rows, pairs, **kw):
 
 def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: str,
                   num_segments: int, rows_per_pair: int, accumulate: int = 1, loss_chunk_size: int = 0,
-                  dropout_seed: int | None = None):
+                  dropout_seed: int | None = None, router_aux_loss_coef: float | None = None):
     """The pure DPO step `(state, reference, batch, frozen=None) -> (state, metrics)`.
 
     With LoRA, `frozen` is the base and the state's params the adapters; a "params"
     reference is then a base run with the adapters off: `reference` None means the frozen
-    base itself (no second copy, no second argument)."""
+    base itself (no second copy, no second argument). router_aux_loss_coef: the policy's
+    load-balancing loss times this joins the loss (a mixture of experts; None: dense)."""
+    moe = router_aux_loss_coef is not None
 
     def step(state, reference, batch, frozen=None):
         if reference_mode == "params" and frozen is not None:
@@ -103,7 +106,7 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
             rows, k = micro
             # LoRA dropout in the policy's forward only: the reference runs without it.
             pol, in_micro = pair_logps(graphdef, with_frozen(params, frozen), rows, pairs, micro_index=k,
-                                       dropout_rng=dropout_key(dropout_seed, state["step"], k), **kw)
+                                       dropout_rng=dropout_key(dropout_seed, state["step"], k), with_router=moe, **kw)
             ref_c, ref_r = reference_pair_logps(graphdef, reference, reference_mode, rows, pairs,
                                                 micro_index=k, **kw)
             mask = in_micro.astype(jnp.float32)
@@ -118,7 +121,13 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
             # dpo_loss averages over this micro-batch's pairs; weight by its share of the batch
             # so summing micro-batches gives the full batch's mean.
             share = n / total_pairs
-            return loss * share, {k: v * share for k, v in metrics.items() if k != "loss"}
+            loss = loss * share
+            metrics = {k: v * share for k, v in metrics.items() if k != "loss"}
+            if moe:  # the policy's routing in this micro-batch, averaged over micro-batches
+                aux, router_metrics = router_loss_terms(pol.router, rows["segment_ids"], router_aux_loss_coef)
+                metrics.update({name: value / accumulate for name, value in router_metrics.items()})
+                loss = loss + aux / accumulate
+            return loss, metrics
 
         loss, metrics, grads = accumulate_gradients(loss_fn, state["params"], (micro_rows, micro_ids),
                                                     accumulate=accumulate)

@@ -6,24 +6,32 @@ import jax.numpy as jnp
 
 from jaxft import losses
 from jaxft.steps.common import (
-    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, split_micro_batches, token_logps_for, with_frozen,
+    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, router_loss_terms, split_micro_batches,
+    token_logps_for, with_frozen,
 )
 
 
 def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0,
-                  dropout_seed: int | None = None):
+                  dropout_seed: int | None = None, router_aux_loss_coef: float | None = None):
     """The pure SFT step `(state, batch, frozen=None) -> (state, metrics)` (not yet jitted:
     `jit_step` adds shardings and donation). `frozen`: the LoRA base (state params are then
-    the adapters), never differentiated. dropout_seed: LoRA dropout keys (`dropout_key`)."""
+    the adapters), never differentiated. dropout_seed: LoRA dropout keys (`dropout_key`).
+    router_aux_loss_coef: a mixture of experts' load-balancing loss times this joins the loss,
+    and the expert load is reported (None: a dense model)."""
+    moe = router_aux_loss_coef is not None
 
     def loss_fn(params, micro, normalizer, frozen, step):
         rows, k = micro
-        logps, target_mask, correct, _ = token_logps_for(graphdef, with_frozen(params, frozen), rows,
-                                                         loss_chunk_size=loss_chunk_size,
-                                                         dropout_rng=dropout_key(dropout_seed, step, k))
-        loss, _ = losses.sft_loss(logps, target_mask, normalizer=normalizer)
-        mask = target_mask.astype(jnp.float32)
-        return loss, {"num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
+        out = token_logps_for(graphdef, with_frozen(params, frozen), rows, loss_chunk_size=loss_chunk_size,
+                              dropout_rng=dropout_key(dropout_seed, step, k), with_router=moe)
+        loss, _ = losses.sft_loss(out.logps, out.target_mask, normalizer=normalizer)
+        mask = out.target_mask.astype(jnp.float32)
+        counts = {"num_tokens": mask.sum(), "num_correct": (out.correct * mask).sum()}
+        if moe:  # each micro-batch's routing; averaged over them below
+            aux, router_metrics = router_loss_terms(out.router, rows["segment_ids"], router_aux_loss_coef)
+            loss = loss + aux / accumulate
+            counts.update({name: value / accumulate for name, value in router_metrics.items()})
+        return loss, counts
 
     def step(state, batch, frozen=None):
         micro = split_micro_batches({k: batch[k] for k in ROW_KEYS}, accumulate)
@@ -40,6 +48,7 @@ def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_siz
             "learning_rate": schedule(state["step"]),
             "num_tokens": counts["num_tokens"],
             "mean_token_accuracy": counts["num_correct"] / jnp.maximum(counts["num_tokens"], 1.0),
+            **{name: value for name, value in counts.items() if name.startswith("moe/")},
             **update_metrics,
         }
         return new_state, metrics
@@ -52,8 +61,9 @@ def make_sft_eval_step(graphdef, *, loss_chunk_size: int = 0):
     params: a params tree, or `with_frozen(adapters, base)`."""
 
     def step(params, batch):
-        logps, target_mask, correct, _ = token_logps_for(graphdef, params, batch, loss_chunk_size=loss_chunk_size)
-        mask = target_mask.astype(jnp.float32)
-        return {"nll_sum": -(logps * mask).sum(), "num_tokens": mask.sum(), "num_correct": (correct * mask).sum()}
+        out = token_logps_for(graphdef, params, batch, loss_chunk_size=loss_chunk_size)
+        mask = out.target_mask.astype(jnp.float32)
+        return {"nll_sum": -(out.logps * mask).sum(), "num_tokens": mask.sum(),
+                "num_correct": (out.correct * mask).sum()}
 
     return step

@@ -55,6 +55,12 @@ class StepSetup:
         return self.config.train.seed if spec is not None and spec.dropout > 0 else None
 
     @property
+    def router_aux_loss_coef(self) -> float | None:
+        """train.router_aux_loss_coef for a mixture-of-experts model (its routing is then read
+        and reported), None for a dense one."""
+        return self.config.train.router_aux_loss_coef if self.model_config.num_experts else None
+
+    @property
     def num_segments(self) -> int:
         """S, the segment axis of the batches: data.max_segments_per_row when packing, else 1."""
         data = self.config.data

@@ -74,7 +74,8 @@ class DPO(Task):
         step = make_dpo_step(setup.graphdef, setup.tx, setup.schedule, loss_kwargs=loss_kwargs(config),
                              reference_mode=reference.mode, num_segments=setup.num_segments,
                              rows_per_pair=cls.rows_per_example(config), accumulate=config.optim.accumulate,
-                             loss_chunk_size=setup.loss_chunk_size, dropout_seed=setup.dropout_seed)
+                             loss_chunk_size=setup.loss_chunk_size, dropout_seed=setup.dropout_seed,
+                             router_aux_loss_coef=setup.router_aux_loss_coef)
         jitted = jit_step(step, state_shardings=setup.state_shardings, batch_sharding=batch_shardings(setup.mesh),
                           leading_shardings=(reference.shardings,), frozen_shardings=setup.weights.frozen_shardings)
         return TrainStep(jitted, leading=(reference.value,), trailing=setup.weights.step_args())
