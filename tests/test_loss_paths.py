@@ -70,8 +70,9 @@ def _dpo_loss(graphdef, chunk):
 @pytest.mark.parametrize("method,mesh_shape,lora", [
     ("sft", {"data": 2, "fsdp": 2, "tensor": 2}, False),  # rows split 4 ways: 4 token groups
     ("sft", {"data": -1}, True),  # LoRA: gradients reach the adapters through the chunked head
+    ("sft", {"data": 2, "fsdp": 4}, True),  # LoRA, the frozen head split over fsdp (vocab-parallel loss)
     ("dpo", {"data": 2, "sequence": 4}, False),  # context parallelism: each device its own positions
-], ids=["sft-dp-fsdp-tp", "sft-lora", "dpo-context-parallel"])
+], ids=["sft-dp-fsdp-tp", "sft-lora", "sft-lora-fsdp", "dpo-context-parallel"])
 def test_chunked_loss_equals_whole_logits_in_the_steps(method, mesh_shape, lora):
     """(Rows shorter than a chunk, packed rows and the loss alone: tests/test_losses.py; a whole
     context-parallel run: tests/test_context_parallel.py.)"""

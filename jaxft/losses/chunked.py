@@ -20,6 +20,10 @@ in value and gradients, without ever holding more than one chunk of logits:
   rows and positions are split over (data x fsdp, and sequence under context parallelism) and
   each device sorts, gathers and computes only its own tokens. Any grouping gives the same
   numbers; it only decides where the work happens.
+- **The vocabulary split over devices** (`vocab_parallel=`, under a mesh that splits lm_head):
+  each device computes its own columns of every chunk's logits and keeps its own columns of
+  d(lm_head); `vocab_parallel.py`. Without it, XLA partitions this file's loop by itself, which
+  under FSDP all-gathers the whole lm_head and all-reduces a whole d(lm_head) every chunk.
 
 Axis legend: B rows, L sequence, E embedding, V vocabulary, G groups, M tokens per group,
 C tokens per chunk and group, P padded compact length (a multiple of C).
@@ -192,6 +196,8 @@ def chunked_token_logps(
     chunk_size: int,
     groups: tuple[int, int] = (1, 1),
     logit_softcap: float | None = None,
+    vocab_parallel: tuple[tuple[str, ...], ...] | None = None,
+    lm_head_vocab_major: bool = False,
 ):
     """Target log-probs of the trained positions, from final hidden states, in token chunks.
 
@@ -205,6 +211,13 @@ def chunked_token_logps(
         [C, V] per device when the groups are the devices.
       groups: (row groups, position groups) dividing B and L: see the module docstring.
       logit_softcap: optional soft cap, cap * tanh(logits / cap), before the softmax.
+      vocab_parallel: None, or (row axes, position axes, embed axes, vocab axes): the mesh
+        axis names that split hidden's B and L and lm_head's E and V
+        (`jaxft.parallel.sharding.vocab_parallel_axes`); then each device computes only its
+        columns of the logits and of d(lm_head) (`vocab_parallel.py`) under the ambient mesh,
+        and `groups` is not used. Same numbers either way.
+      lm_head_vocab_major: with vocab_parallel, whether lm_head is stored vocabulary-major (the
+        transpose of a [V, E] array: tied embeddings), so its gradient is laid out the same.
 
     Returns:
       logps float32 [B, L], correct bool [B, L] (argmax == target) and mean_logits float32
@@ -215,6 +228,13 @@ def chunked_token_logps(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
     b, l, _ = hidden.shape
+    if vocab_parallel is not None:
+        from jaxft.losses.vocab_parallel import tokens_per_device, vocab_parallel_logps
+
+        axes = tuple(tuple(a) for a in vocab_parallel) + (bool(lm_head_vocab_major),)
+        chunk = min(chunk_size, tokens_per_device((b, l), lm_head.shape[1], axes))
+        return vocab_parallel_logps(hidden, lm_head, targets.astype(jnp.int32), target_mask, chunk, logit_softcap,
+                                    axes)
     row_groups, seq_groups = groups
     if b % row_groups or l % seq_groups:
         raise ValueError(f"groups {groups} must divide the batch's rows and positions {(b, l)}")

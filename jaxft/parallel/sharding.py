@@ -160,6 +160,24 @@ def token_groups(rows: int, length: int) -> tuple[int, int]:
     return blocks("act_batch", rows), blocks("act_length", length)
 
 
+def vocab_parallel_axes(rows: int, length: int, lm_head_shape: Sequence[int]):
+    """(row axes, position axes, embed axes, vocab axes) for `jaxft.losses.chunked_token_logps(
+    vocab_parallel=)` under the ambient mesh, each a tuple of mesh axis names: how a [rows,
+    length] activation and the [E, V] lm_head (as `param_shardings` lays it out) are split.
+    None, for the loss's plain path, without a mesh, when lm_head is not split (data
+    parallelism alone), or when its mesh axes together do not divide the vocabulary."""
+    mesh = _current_mesh()
+    if mesh is None:
+        return None
+    specs = (logical_to_spec(("act_batch", "act_length"), (rows, length), mesh)
+             + logical_to_spec(("embed", "vocab"), tuple(lm_head_shape), mesh))
+    names = tuple(() if s is None else (s,) if isinstance(s, str) else tuple(s) for s in specs)
+    split = names[2] + names[3]
+    if not split or lm_head_shape[1] % math.prod(mesh.shape[m] for m in split):
+        return None
+    return names
+
+
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
     """with_sharding_constraint by logical names under the ambient mesh; no-op without one."""
     mesh = _current_mesh()

@@ -16,7 +16,7 @@ import optax
 from flax import nnx
 
 from jaxft import losses
-from jaxft.parallel.sharding import token_groups
+from jaxft.parallel.sharding import token_groups, vocab_parallel_axes
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -81,8 +81,9 @@ def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, 
     with_router: also the routing of a mixture of experts (for `router_loss_terms`).
 
     loss_chunk_size > 0: logits only at trained positions, that many tokens a chunk on each
-    device (`losses.chunked_token_logps`; the other positions read 0); 0: the model's whole
-    [B, L, V] logits."""
+    device (`losses.chunked_token_logps`; the other positions read 0), with each device's own
+    columns of the vocabulary when the mesh splits lm_head (`vocab_parallel_axes`); 0: the
+    model's whole [B, L, V] logits."""
     model = merge_model(graphdef, params)
     targets, target_mask = losses.shift_targets(batch["tokens"], batch["loss_mask"], batch["segment_ids"])
     extra = {"return_router_stats": True} if with_router else {}
@@ -92,10 +93,13 @@ def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, 
                        dropout_rng=dropout_rng, **extra)
         if with_router:
             hidden, router = hidden
+        lm_head = model.lm_head_kernel().astype(hidden.dtype)
         logps, correct, mean_logits = losses.chunked_token_logps(
-            hidden, model.lm_head_kernel().astype(hidden.dtype), targets, target_mask,
+            hidden, lm_head, targets, target_mask,
             chunk_size=loss_chunk_size, groups=token_groups(*targets.shape),
             logit_softcap=model.cfg.final_logit_softcap,
+            vocab_parallel=vocab_parallel_axes(*targets.shape, lm_head.shape),
+            lm_head_vocab_major=model.cfg.tie_word_embeddings,
         )
     else:
         logits = model(batch["tokens"], batch["positions"], batch["segment_ids"], dropout_rng=dropout_rng, **extra)
