@@ -93,26 +93,14 @@ def test_load_balancing_loss_equals_transformers_aux_loss(family, tmp_path):
 def test_moe_on_a_mesh_equals_one_device(family, tmp_path):
     """Experts (stacked kernels sharded over fsdp and tensor), the router and Qwen2-MoE's shared
     expert on an (data 2, fsdp 2, tensor 2) mesh: one device's loss and gradients, packed rows."""
-    make_hf_model(family).save_pretrained(tmp_path)
-    tokens = np.random.default_rng(1).integers(0, 97, size=(4, 32))
-    segments = np.repeat([[1] * 20 + [2] * 12], 4, axis=0).astype(np.int32)
-    positions = np.concatenate([np.arange(20), np.arange(12)])[None].repeat(4, axis=0).astype(np.int32)
+    from tests.test_families import assert_mesh_equals_one_device
 
-    def loss_and_grads(mesh):
-        model = load_hf(tmp_path, mesh=mesh)
-        graphdef, params = nnx.split(model)
-        with jax.set_mesh(mesh):
-            batch = [jax.device_put(jnp.asarray(x), sharding.batch_sharding(mesh)) for x in (tokens, positions, segments)]
-            loss = lambda p, t, pos, seg: jnp.mean(jnp.tanh(nnx.merge(graphdef, p)(t, pos, seg)))
-            value, grads = jax.jit(jax.value_and_grad(loss))(params, *batch)
+    def picks(grads, cfg):
         mlp = grads["layers"]["mlp"] if "layers" in grads else grads["groups"][0][0]["mlp"]
-        return float(value), np.asarray(mlp["gate_proj"][...]), np.asarray(mlp["router"][...])
+        return [mlp["gate_proj"][...], mlp["router"][...]]
 
-    one = loss_and_grads(sharding.make_mesh(data=1, devices=jax.devices()[:1]))
-    many = loss_and_grads(sharding.make_mesh(data=2, fsdp=2, tensor=2))
-    assert many[0] == pytest.approx(one[0], rel=1e-5, abs=1e-7)
-    for got, want in zip(many[1:], one[1:]):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    make_hf_model(family).save_pretrained(tmp_path)
+    assert_mesh_equals_one_device(tmp_path, dict(data=2, fsdp=2, tensor=2), picks, atol_scale=1e-4)
 
 
 def test_lora_on_moe_exports_a_peft_adapter_that_peft_loads(tmp_path):

@@ -16,21 +16,9 @@ from jax.sharding import NamedSharding
 
 from jaxft import losses
 from jaxft.parallel import sharding
+from tests.test_losses import _packed_mask
 
 EMBED, VOCAB = 16, 48
-
-
-def _packed_mask(batch, length, seed=0):
-    """A prompt, then a trained completion, per packed segment, then right padding."""
-    rng = np.random.default_rng(seed)
-    mask = np.zeros((batch, length), np.int32)
-    for row in mask:
-        start = 0
-        while start < length - 2:
-            prompt, completion = rng.integers(1, 4), rng.integers(1, 5)
-            row[start + prompt:start + prompt + completion] = 1
-            start += prompt + completion + rng.integers(0, 2)
-    return mask
 
 
 def _put(x, mesh, axes):
@@ -47,7 +35,7 @@ def _case(batch, length, mesh, vocab_major, seed=0):
     head = _put(head.T.copy(), mesh, ("vocab", "embed")) if vocab_major else _put(head, mesh, ("embed", "vocab"))
     targets = rng.integers(0, VOCAB, (batch, length)).astype(np.int32)
     weights = rng.normal(0, 1, (2, batch, length)).astype(np.float32)
-    return hidden, head, targets, _packed_mask(batch, length, seed), weights
+    return hidden, head, targets, np.asarray(_packed_mask(batch, length, seed)), weights
 
 
 # (mesh, rows, positions, soft-cap, vocabulary-major head)
