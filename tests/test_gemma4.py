@@ -21,6 +21,7 @@ from jaxft.models.paths import get_path
 from jaxft.models.peft import save_peft
 from jaxft.parallel import sharding
 from tests.hf_reference import hf_logits, make_hf_model
+from tests.test_families import RUN
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 
@@ -119,11 +120,6 @@ def gemma4_folder(tmp_path_factory):
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id)
     return save_hf(create_model(cfg, seed=7), tmp_path_factory.mktemp("gemma4") / "hf", tokenizer=tok)
-
-
-RUN = {"train.steps": 6, "train.batch_size": 8, "data.max_length": 64, "train.progress": False,
-       "train.log_every": 1, "train.save_every": 6, "train.eval_every": 0, "optim.warmup_steps": 0,
-       "optim.schedule": "constant", "mesh.data": -1, "model.preset": ""}
 
 
 def test_gemma4_sft_learns_keeps_its_layer_scalars_and_exports_to_transformers(gemma4_folder, tmp_path):
