@@ -1,5 +1,6 @@
 """The families beyond Llama: LoRA exports PEFT adapters that `peft` loads with equal logits
-(Phi-3's fused projections as block modules), Gemma 3 trains by SFT / DPO / QLoRA from its HF
+and merges to the same model (Phi-3's fused projections as block modules, Gemma 4's layers of
+two shapes, an MoE model's attention and dense MLPs), Gemma 3 trains by SFT / DPO / QLoRA from its HF
 folder, Gemma 2 shards over every mesh."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from flax import nnx
 
 from jaxft.errors import ConfigError
 from jaxft.models import load_hf
-from jaxft.models.adapters import init_adapters
+from jaxft.models.adapters import init_adapters, merge_adapters
 from jaxft.models.lora import PROJECTIONS, LoRASpec
 from jaxft.models.peft import save_peft
 from jaxft.parallel import sharding
@@ -25,6 +26,8 @@ TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 
 @pytest.mark.parametrize("family, targets, rslora", [
     ("gemma3_text", PROJECTIONS, False),
+    ("gemma4_text", PROJECTIONS, False),  # layers of two shapes; shared-KV layers have no k / v_proj
+    ("qwen2_moe", PROJECTIONS, False),  # attention everywhere, layer 1's dense MLP; no routed experts
     ("phi3", PROJECTIONS, False),  # q/k/v in one qkv_proj, gate/up in one gate_up_proj
     ("phi3", ("q_proj", "v_proj", "up_proj", "o_proj"), True),  # part of each fused tensor
 ])
@@ -45,6 +48,9 @@ def test_lora_exports_a_peft_adapter_that_peft_loads_with_equal_logits(family, t
     save_peft(cfg, adapters, tmp_path / "adapter")
     model = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter")).eval()
     assert np.abs(ours - hf_logits(model, TOKENS)).max() < 1e-4
+    merged = merge_adapters(cfg, nnx.to_pure_dict(base_params), adapters)  # the merged export's weights
+    plain_graphdef, _ = nnx.split(base, nnx.Param)
+    np.testing.assert_allclose(np.asarray(nnx.merge(plain_graphdef, merged)(jnp.asarray(TOKENS))), ours, atol=1e-4)
 
 
 def test_starting_phi3_fused_adapters_from_a_peft_folder_is_refused_naming_the_key(tmp_path):

@@ -1,25 +1,19 @@
-"""Gemma 4 (dense text) beyond parity (tests/test_models_parity.py): LoRA exports a PEFT
-adapter that `peft` loads with equal logits (layers without k_proj / v_proj skipped), SFT and DPO
+"""Gemma 4 (dense text) beyond parity (tests/test_models_parity.py; its PEFT export is in
+tests/test_families.py): layer groups and specs, SFT and DPO
 runs from an HF folder (the layer scalars stay the checkpoint's), every mesh equals one device,
 and the greedy sampler equals transformers'."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")  # the reference implementation (test extra)
-from flax import nnx
 
 from jaxft.models import load_hf
-from jaxft.models.adapters import init_adapters
 from jaxft.models.layer_groups import layer_path
-from jaxft.models.lora import PROJECTIONS, LoRASpec
 from jaxft.models.paths import get_path
-from jaxft.models.peft import save_peft
-from jaxft.parallel import sharding
 from tests.hf_reference import hf_logits, make_hf_model
 from tests.test_families import RUN
 
@@ -44,28 +38,6 @@ def test_layer_groups_scan_the_pattern_and_keep_shared_kv_producers_alone(gemma4
     assert all(g.repeats == 1 for g in groups if g.start in producers)
     assert specs[2].head_dim == 32 and specs[2].kv_heads == 1 and specs[2].values_from_keys
     assert specs[9].mlp_size == 2 * cfg.intermediate_size
-
-
-def test_lora_exports_a_peft_adapter_that_peft_loads_with_equal_logits(gemma4, tmp_path):
-    peft = pytest.importorskip("peft")
-    folder, _ = gemma4
-    hf_model = make_hf_model("gemma4_text")  # its own copy: peft adds its layers in place
-    base = load_hf(folder)
-    cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
-    graphdef, adapters = init_adapters(cfg, seed=3, mesh=sharding.make_mesh(data=-1))
-    leaves, tree = jax.tree.flatten(adapters)  # trained adapters: B off zero
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    adapters = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
-    _, base_params = nnx.split(base, nnx.Param)
-    ours = np.asarray(nnx.merge(graphdef, adapters, base_params)(jnp.asarray(TOKENS)))
-    assert np.abs(ours - hf_logits(hf_model, TOKENS)).max() > 1e-2  # the adapters do something
-    save_peft(cfg, adapters, tmp_path / "adapter")
-    model = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter")).eval()
-    assert np.abs(ours - hf_logits(model, TOKENS)).max() < 1e-4
-    from jaxft.models.adapters import merge_adapters  # the merged export: the same function
-    merged = merge_adapters(cfg, nnx.to_pure_dict(base_params), adapters)
-    plain_graphdef, _ = nnx.split(base, nnx.Param)
-    np.testing.assert_allclose(np.asarray(nnx.merge(plain_graphdef, merged)(jnp.asarray(TOKENS))), ours, atol=1e-4)
 
 
 @pytest.mark.parametrize("axes", [dict(data=2, fsdp=2, tensor=2), dict(data=2, sequence=4)],
