@@ -36,6 +36,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxft.losses.chunk_plan import Plan, chunk_logits, gather_rows
+
 # train.loss_chunk_size = -1: chunks sized so that one chunk's f32 logits (per device) take about
 # this many bytes: ~64 MiB, 128 tokens at a 128k vocabulary, 512 at 32k (jaxft bench measures).
 AUTO_LOGITS_BYTES = 64 * 2**20
@@ -55,10 +57,6 @@ def resolve_chunk_size(setting: int, vocab_size: int) -> int:
     return auto_chunk_size(vocab_size) if setting < 0 else setting
 
 
-def _softcap(logits, cap):
-    return logits if cap is None else cap * jnp.tanh(logits / cap)
-
-
 def _to_groups(x, row_groups: int, seq_groups: int):
     """[B, L, ...] -> [G, M, ...]: group (i, j) holds row block i, position block j, row-major."""
     b, l, rest = x.shape[0], x.shape[1], x.shape[2:]
@@ -74,63 +72,16 @@ def _from_groups(x, row_groups: int, seq_groups: int, b: int, l: int):
     return jnp.swapaxes(x, 1, 2).reshape((b, l) + rest)
 
 
-def _gather_rows(x_GxM, index_GxC):
-    """x[g, index[g, c]] for [G, M] or [G, M, E] x."""
-    if x_GxM.ndim == 3:
-        return jnp.take_along_axis(x_GxM, index_GxC[..., None], axis=1)
-    return jnp.take_along_axis(x_GxM, index_GxC, axis=1)
-
-
-class _Plan:
-    """Where the trained tokens are: `order` [G, P] positions, trained ones first (padded with
-    position 0), `valid` [G, P] the trained prefix, `inverse` [G, M] each position's compact
-    slot, and `num_chunks` the chunks the fullest group needs (a traced scalar)."""
-
-    def __init__(self, order, valid, inverse, num_chunks, chunk: int):
-        self.order, self.valid, self.inverse, self.num_chunks = order, valid, inverse, num_chunks
-        self.chunk, self.padded = chunk, order.shape[1]
-
-    @classmethod
-    def of(cls, mask_GxM, chunk: int) -> "_Plan":
-        """The plan of a [G, M] target mask."""
-        tokens = mask_GxM.shape[1]
-        trained = mask_GxM > 0
-        order = jnp.argsort(jnp.logical_not(trained), axis=1, stable=True).astype(jnp.int32)
-        count = jnp.sum(trained, axis=1, dtype=jnp.int32)  # [G]
-        padded = -(-tokens // chunk) * chunk
-        return cls(order=jnp.pad(order, ((0, 0), (0, padded - tokens))),
-                   valid=jnp.arange(padded, dtype=jnp.int32)[None, :] < count[:, None],
-                   inverse=jnp.argsort(order, axis=1).astype(jnp.int32),
-                   num_chunks=(jnp.max(count) + chunk - 1) // chunk, chunk=chunk)
-
-    def arrays(self) -> tuple:
-        """What the backward pass rebuilds the plan from (saved, not recomputed)."""
-        return self.order, self.valid, self.inverse, self.num_chunks
-
-    def slot(self, array_GxP, j):
-        return jax.lax.dynamic_slice_in_dim(array_GxP, j * self.chunk, self.chunk, axis=1)
-
-    def scatter_back(self, compact_GxP):
-        """[G, P, ...] in compact order -> [G, M, ...] in position order."""
-        tokens = self.inverse.shape[1]
-        return _gather_rows(compact_GxP[:, :tokens], self.inverse)
-
-
-def _chunk_logits(h_GxCxE, w_ExV, softcap):
-    # f32 accumulation so bf16 activations still give f32 logits, as the full path does.
-    return _softcap(jnp.einsum("gce,ev->gcv", h_GxCxE, w_ExV, preferred_element_type=jnp.float32), softcap)
-
-
 def _forward(h_GxMxE, w_ExV, t_GxM, mask_GxM, chunk, softcap):
-    plan = _Plan.of(mask_GxM, chunk)
+    plan = Plan.of(mask_GxM, chunk)
     groups = mask_GxM.shape[0]
     zeros = jnp.zeros((groups, plan.padded), jnp.float32)
 
     def body(carry):
         j, logps, lse, correct, means = carry
         index, valid = plan.slot(plan.order, j), plan.slot(plan.valid, j)
-        logits = _chunk_logits(_gather_rows(h_GxMxE, index), w_ExV, softcap)
-        t = _gather_rows(t_GxM, index)
+        logits = chunk_logits(gather_rows(h_GxMxE, index), w_ExV, softcap)
+        t = gather_rows(t_GxM, index)
         chunk_lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
         hit = (jnp.argmax(logits, axis=-1) == t) & valid
@@ -147,19 +98,19 @@ def _forward(h_GxMxE, w_ExV, t_GxM, mask_GxM, chunk, softcap):
 def _backward(chunk, softcap, residuals, cotangents):
     h_GxMxE, w_ExV, t_GxM, plan_arrays, lse_GxP = residuals
     g_logps, _, g_means = cotangents  # `correct` is boolean: no cotangent
-    plan = _Plan(*plan_arrays, chunk=chunk)
+    plan = Plan(*plan_arrays, chunk=chunk)
     vocab = w_ExV.shape[1]
     # Compact cotangents; positions without a target contribute nothing (their outputs are 0).
-    g_logps = jnp.where(plan.valid, _gather_rows(g_logps, plan.order), 0.0)
-    g_means = jnp.where(plan.valid, _gather_rows(g_means, plan.order), 0.0)
+    g_logps = jnp.where(plan.valid, gather_rows(g_logps, plan.order), 0.0)
+    g_means = jnp.where(plan.valid, gather_rows(g_means, plan.order), 0.0)
     groups, _, embed = h_GxMxE.shape
 
     def body(carry):
         j, dh, dw = carry
         index = plan.slot(plan.order, j)
-        h = _gather_rows(h_GxMxE, index)
-        logits = _chunk_logits(h, w_ExV, softcap)
-        t = _gather_rows(t_GxM, index)
+        h = gather_rows(h_GxMxE, index)
+        logits = chunk_logits(h, w_ExV, softcap)
+        t = gather_rows(t_GxM, index)
         gl, gm = plan.slot(g_logps, j)[..., None], plan.slot(g_means, j)[..., None]
         # d logp / d logits = onehot(t) - softmax; d mean / d logits = 1 / V.
         probs = jnp.exp(logits - plan.slot(lse_GxP, j)[..., None])

@@ -37,7 +37,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental.layout import Layout, with_layout_constraint
 from jax.sharding import PartitionSpec as P
 
-from jaxft.losses.chunked import _Plan, _chunk_logits, _gather_rows
+from jaxft.losses.chunk_plan import Plan, chunk_logits, gather_rows
 
 
 class _Axes:
@@ -96,7 +96,7 @@ def _local_setup(h_BxLxE, t_BxL, mask_BxL, w_ExVs, chunk, axes: _Axes):
     every device of a collective), the vocabulary size and this device's first column."""
     b, l, embed = h_BxLxE.shape
     h, t, mask = h_BxLxE.reshape(1, b * l, embed), t_BxL.reshape(1, b * l), mask_BxL.reshape(1, b * l)
-    plan = _Plan.of(mask, chunk)
+    plan = Plan.of(mask, chunk)
     shard = w_ExVs.shape[1]
     offset = lax.axis_index(axes.head).astype(jnp.int32) * shard
     return h, t, plan, lax.pmax(plan.num_chunks, axes.head), shard * lax.axis_size(axes.head), offset
@@ -113,10 +113,10 @@ def _local_forward(h_BxLxE, w_block, t_BxL, mask_BxL, *, chunk, softcap, axes: _
     def body(carry):
         j, logps, lse, correct, means = carry
         index, valid = plan.slot(plan.order, j), plan.slot(plan.valid, j)
-        h_TxCxE, t_TxC = _gather_rows(h, index), _gather_rows(t, index)
+        h_TxCxE, t_TxC = gather_rows(h, index), gather_rows(t, index)
         if axes.gather:
             h_TxCxE, t_TxC = lax.all_gather((h_TxCxE, t_TxC), axes.gather, axis=0, tiled=True)
-        stats = _statistics(_chunk_logits(h_TxCxE, w_ExVs, softcap), t_TxC, offset, vocab, axes.head)
+        stats = _statistics(chunk_logits(h_TxCxE, w_ExVs, softcap), t_TxC, offset, vocab, axes.head)
         chunk_lse, picked, argmax, mean = (lax.dynamic_index_in_dim(x, me, axis=0) for x in stats)
         hit = (argmax == lax.dynamic_index_in_dim(t_TxC, me, axis=0)) & valid
         put = functools.partial(lax.dynamic_update_slice_in_dim, start_index=j * chunk, axis=1)
@@ -134,19 +134,19 @@ def _local_backward(h_BxLxE, w_ExVs, t_BxL, mask_BxL, lse_1xP, g_logps_BxL, g_me
     block when `head_grad` (not for a frozen head: LoRA)."""
     h, t, plan, num_chunks, vocab, offset = _local_setup(h_BxLxE, t_BxL, mask_BxL, w_ExVs, chunk, axes)
     # Compact cotangents; positions without a target contribute nothing (their outputs are 0).
-    g_logps, g_means = (jnp.where(plan.valid, _gather_rows(g.reshape(t.shape), plan.order), 0.0)
+    g_logps, g_means = (jnp.where(plan.valid, gather_rows(g.reshape(t.shape), plan.order), 0.0)
                         for g in (g_logps_BxL, g_means_BxL))
     columns = (jnp.arange(w_ExVs.shape[1], dtype=jnp.int32) + offset)[None, None, :]
 
     def body(carry):
         j, dh, dw = carry
         index = plan.slot(plan.order, j)
-        h_TxCxE, t_TxC = _gather_rows(h, index), _gather_rows(t, index)
+        h_TxCxE, t_TxC = gather_rows(h, index), gather_rows(t, index)
         per_row = tuple(plan.slot(x, j) for x in (lse_1xP, g_logps, g_means))
         if axes.gather:
             h_TxCxE, t_TxC, per_row = lax.all_gather((h_TxCxE, t_TxC, per_row), axes.gather, axis=0, tiled=True)
         lse, gl, gm = (x[..., None] for x in per_row)
-        logits = _chunk_logits(h_TxCxE, w_ExVs, softcap)
+        logits = chunk_logits(h_TxCxE, w_ExVs, softcap)
         # d logp / d logits = onehot(t) - softmax; d mean / d logits = 1 / V.
         d_logits = jnp.where(columns == t_TxC[..., None], gl, 0.0) - gl * jnp.exp(logits - lse) + gm / vocab
         if softcap is not None:  # logits = cap * tanh(y / cap): dy = d_logits * (1 - (logits / cap)^2)
