@@ -47,6 +47,13 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="llama", vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4,
         num_heads=8, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
     ),
+    # The bench's mixture of experts: the `bench` shape with Mixtral's MLPs, 8 experts of width
+    # 512, 2 per token (`jaxft bench --preset moe_bench --compare torch`).
+    "moe_bench": ModelConfig(
+        model_type="mixtral", vocab_size=8192, hidden_size=256, intermediate_size=512, num_layers=4,
+        num_heads=8, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
+        num_experts=8, experts_per_token=2,
+    ),
     # HuggingFaceTB/SmolLM2-135M (134,515,008 params, tied embeddings): a real small model with a
     # real tokenizer's vocabulary (49,152), the shape a laptop or one small GPU fine-tunes.
     # bos = eos = 0 (<|endoftext|>) as its config.json; the -Instruct model's says 1 / 2.
