@@ -54,6 +54,14 @@ class LayerSpec:
     mlp_size: int
     moe: bool = False  # a mixture-of-experts MLP (jaxft.models.moe) instead of a dense one
 
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The attention input projections this layer has (q always; k and v unless it reads
+        another layer's keys and values; no v when its values are its keys)."""
+        if self.kv_from is not None:
+            return ("q",)
+        return ("q", "k") if self.values_from_keys else ("q", "k", "v")
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerGroup:

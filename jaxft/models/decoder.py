@@ -64,9 +64,7 @@ class Attention(nnx.Module):
         E, H, K, D, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.param_dtype
         self.cfg = cfg
         self.spec = spec
-        own_kv = spec is None or spec.kv_from is None
-        self.projections = ("q",) + (("k",) if own_kv else ()) + (
-            ("v",) if own_kv and not (spec is not None and spec.values_from_keys) else ())
+        self.projections = ("q", "k", "v") if spec is None else spec.projections
         self.q_proj = _param(rngs, (E, H, D), ("embed", "q_heads", "head_dim"), pd)
         if "k" in self.projections:
             self.k_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
@@ -81,7 +79,7 @@ class Attention(nnx.Module):
             self.o_bias = _param(None, (E,), ("norm",), pd, init="zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
-            if own_kv:
+            if "k" in self.projections:
                 self.k_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
         names = tuple(n for n in lora.ATTENTION_PROJECTIONS if n[0] in self.projections or n == "o_proj")
         lora.add_adapters(self, cfg, names, rngs)

@@ -108,9 +108,8 @@ def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tup
     def split_bias(heads):
         return (heads * D,), lambda b: b.reshape(heads, D), lambda b: b.reshape(heads * D)
 
-    own_kv = spec is None or spec.kv_from is None
-    projections = (("q", H),) + ((("k", K),) if own_kv else ()) + (
-        (("v", K),) if own_kv and not (spec is not None and spec.values_from_keys) else ())
+    names = ("q", "k", "v") if spec is None else spec.projections
+    projections = [(name, H if name == "q" else K) for name in names]
     rules: list[tuple] = []
     attn, mlp = ("self_attn",), ("mlp",)
     for name, heads in projections:
@@ -125,7 +124,7 @@ def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tup
     if cfg.o_bias:
         rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))
     if cfg.qk_norm:
-        for name in ("q_norm", "k_norm") if own_kv else ("q_norm",):
+        for name in ("q_norm", "k_norm") if "k" in names else ("q_norm",):
             rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
     if moe:
         rules += _moe_rules(cfg, hf)

@@ -103,7 +103,7 @@ def layer_projections(cfg, layer: int) -> tuple:
     if specs is None:
         return cfg, tuple(n for n in PROJECTIONS if n not in moe)
     spec = specs[layer]
-    missing = {"k_proj", "v_proj"} if spec.kv_from is not None else {"v_proj"} if spec.values_from_keys else set()
+    missing = {f"{n}_proj" for n in ("k", "v") if n not in spec.projections}
     return cfg.layer_config(spec), tuple(n for n in PROJECTIONS if n not in missing | moe)
 
 
