@@ -16,6 +16,7 @@ from flax import nnx
 from jaxft.errors import ConfigError
 from jaxft.models import load_hf
 from jaxft.models.lora import LoRASpec
+from jaxft.models.grouped_matmul import block_rows, block_size
 from jaxft.models.moe import dropless_experts, route
 from tests.hf_reference import hf_logits, make_hf_model
 
@@ -34,10 +35,13 @@ def _naive_experts(x, weights, experts, gate, up, down):
     return out
 
 
+@pytest.mark.parametrize("matmul", ["ragged", "blocks"])
 @pytest.mark.parametrize("routing", ["balanced", "all_to_one", "one_empty"])
-def test_dropless_experts_compute_every_token_and_expert(routing):
+def test_dropless_experts_compute_every_token_and_expert(routing, matmul):
     """Every (token, expert) pair runs whatever the imbalance (no capacity, no dropped token):
-    all 24 tokens routed to expert 2 (with k=2, to experts 2 and 0), or expert 3 getting none."""
+    all 24 tokens routed to expert 2 (with k=2, to experts 2 and 0), or expert 3 getting none;
+    in both grouped-matmul layouts (blocks: 8-row blocks, groups of 0 to 24 rows padded), whose
+    gradients equal the per-token loop's."""
     T, E, F, X, K = 24, 8, 12, 4, 2
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], (T, E))
@@ -51,12 +55,38 @@ def test_dropless_experts_compute_every_token_and_expert(routing):
     weights, experts, _ = route(logits, K, normalize=True)
     if routing == "all_to_one":
         assert (np.asarray(experts[:, 0]) == 2).all()
-    got = dropless_experts(x, weights, experts, gate, up, down, "silu")
+    got = dropless_experts(x, weights, experts, gate, up, down, "silu", matmul)
     np.testing.assert_allclose(np.asarray(got), _naive_experts(x, weights, experts, gate, up, down), atol=1e-5)
-    grads = jax.grad(lambda g: jnp.sum(dropless_experts(x, weights, experts, g, up, down, "silu") ** 2))(gate)
+
+    def loss(args, experts_fn):
+        return jnp.sum(experts_fn(*args) ** 2)
+
+    args = (x, gate, up, down)
+    grads = jax.grad(loss)(args, lambda *a: dropless_experts(a[0], weights, experts, *a[1:], "silu", matmul))
+    naive = jax.grad(loss)(args, lambda *a: _loop_experts(a[0], weights, experts, *a[1:]))
+    for got_grad, want in zip(grads, naive):
+        np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want), atol=2e-5, rtol=2e-5)
     used = set(np.asarray(experts).ravel().tolist())
     for e in range(X):  # an expert gets a gradient exactly when tokens reach it
-        assert (np.abs(np.asarray(grads[e])).max() > 0) == (e in used)
+        assert (np.abs(np.asarray(grads[1][e])).max() > 0) == (e in used)
+
+
+def _loop_experts(x, weights, experts, gate, up, down):
+    """The per-token loop in JAX (differentiable): each token's k experts gathered and applied."""
+    h = jax.nn.silu(jnp.einsum("TE,TKEF->TKF", x, gate[experts])) * jnp.einsum("TE,TKEF->TKF", x, up[experts])
+    return jnp.einsum("TK,TKF,TKFE->TE", weights, h, down[experts])
+
+
+def test_block_layout_pads_each_expert_to_whole_blocks():
+    """block_rows: each expert's pairs in token order from a block boundary, padding rows empty
+    (T * K), each block's expert; enough blocks for any routing (all pairs on one expert)."""
+    experts = jnp.asarray([[1, 0], [1, 2], [0, 1]], jnp.int32)  # pairs 0..5: experts 1 0 1 2 0 1
+    rows = block_rows(experts, 4, block=2)
+    M = 6
+    assert rows.pair_at.shape == (2 * (3 + 4),)
+    assert np.asarray(rows.pair_at).tolist() == [1, 4, 0, 2, 5, M, 3, M] + [M] * 6
+    assert np.asarray(rows.groups).tolist() == [0, 1, 1, 2, 3, 3, 3]
+    assert block_size(8192, 8) == 256 and block_size(32, 4) == 8 and block_size(3000, 8) == 256
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])

@@ -1,6 +1,6 @@
 """Mixture-of-experts MLP: a router picks `k` experts per token; every (token, expert) pair runs,
-sorted by expert, through grouped matmuls (`jax.lax.ragged_dot`), so routing is dropless: no
-capacity factor, no dropped token, whatever the imbalance.
+grouped by expert, through grouped matmuls (`jaxft.models.grouped_matmul`), so routing is
+dropless: no capacity factor, no dropped token, whatever the imbalance.
 
 Routing follows transformers: softmax over the router's logits in float32, the top k, optionally
 renormalised to sum to 1 (Mixtral always; Qwen's `norm_topk_prob`). Qwen2-MoE adds a shared
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models import grouped_matmul
 from jaxft.models.parts import ACTIVATIONS, param as _param
 from jaxft.models.quantize import kernel_value
 
@@ -28,21 +29,21 @@ def route(logits_TX: jax.Array, k: int, *, normalize: bool):
     return weights_TK, experts_TK.astype(jnp.int32), probs_TX
 
 
-def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str):
+def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str,
+                     matmul: str | None = None):
     """sum over k of weights[t, k] * expert[experts[t, k]](x[t]) for gated-MLP experts, every
-    pair computed: the T * K pairs sorted by expert, one ragged matmul per projection."""
+    pair computed: the T * K pairs grouped by expert, one grouped matmul per projection.
+    matmul: the rows' layout and matmul (`jaxft.models.grouped_matmul.LAYOUTS`; None: the
+    backend's default, "blocks" on CPU, "ragged" (`jax.lax.ragged_dot`) elsewhere)."""
     T, K = experts_TK.shape
-    X = gate_XEF.shape[0]
-    flat = experts_TK.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # pairs grouped by expert, in token order within one
-    token_of = order // K
-    group_sizes = jnp.bincount(flat, length=X).astype(jnp.int32)
-    xs = jnp.take(x_TE, token_of, axis=0)
-    h = ACTIVATIONS[activation](jax.lax.ragged_dot(xs, gate_XEF, group_sizes))
-    h = h * jax.lax.ragged_dot(xs, up_XEF, group_sizes)
-    y = jax.lax.ragged_dot(h, down_XFE, group_sizes)
-    y = y * jnp.take(weights_TK.reshape(-1), order).astype(y.dtype)[:, None]
-    return jnp.zeros_like(x_TE).at[token_of].add(y)
+    rows_of, grouped = grouped_matmul.layout(matmul)
+    rows = rows_of(experts_TK, gate_XEF.shape[0])
+    token_P = rows.pair_at // K  # T on a padding row: reads zeros, dropped when combined
+    xs = jnp.take(x_TE, token_P, axis=0, mode="fill", fill_value=0)
+    h = ACTIVATIONS[activation](grouped(xs, gate_XEF, rows.groups)) * grouped(xs, up_XEF, rows.groups)
+    y = grouped(h, down_XFE, rows.groups)
+    y = y * jnp.take(weights_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0).astype(y.dtype)[:, None]
+    return jnp.zeros_like(x_TE).at[token_P].add(y, mode="drop")
 
 
 def router_stats(probs_TX, experts_TK, mask_T):
