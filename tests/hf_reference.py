@@ -55,6 +55,23 @@ FAMILIES = {
     # Qwen3-MoE: QK-norm, renormalised top-k, every layer sparse.
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(
         num_experts=6, num_experts_per_tok=3, moe_intermediate_size=40, norm_topk_prob=True, head_dim=32)),
+    # DeepSeek-V2-Lite's parts: multi-head latent attention with direct queries (q_lora_rank None),
+    # interleaved RoPE dims under YaRN (mscale_all_dim: the softmax scale too), softmax routing
+    # limited to the best 2 of 4 expert groups, 2 shared experts, layer 0 dense.
+    "deepseek_v2": (transformers.DeepseekV2Config, dict(
+        num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3,
+        moe_intermediate_size=24, first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
+                                       "mscale": 0.707, "mscale_all_dim": 0.707})),
+    # DeepSeek-V3's parts: low-rank queries, sigmoid routing with a (randomised) selection bias
+    # within the best 2 of 4 groups, renormalised weights times 2.5, layer 0 dense.
+    "deepseek_v3": (transformers.DeepseekV3Config, dict(
+        num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+        moe_intermediate_size=24, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True)),
     # Phi-3: fused qkv_proj / gate_up_proj, a window on every layer.
     "phi3": (transformers.Phi3Config, dict(sliding_window=7, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Phi-3.5 / Phi-4-mini style: partial rotary (3/4 of each head) and LongRoPE.
@@ -84,6 +101,8 @@ def make_hf_model(family: str, seed: int = 0):
         for name, buffer in model.named_buffers():
             if name.endswith("layer_scalar"):  # Gemma 4: a stored constant per layer
                 buffer.copy_(1.0 + 0.1 * torch.randn_like(buffer))
+            elif name.endswith("e_score_correction_bias"):  # DeepSeek-V3: it changes which experts win
+                buffer.copy_(0.1 * torch.randn_like(buffer))
     return model
 
 

@@ -26,6 +26,7 @@ from jaxft.models.rope import Rope
 
 NORMS = ("rms", "rms_plus_one", "rms_f32")  # x * w (Llama), x * (1 + w) in float32 (Gemma 2 / 3), x * w in float32 (Gemma 4)
 ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU with tanh-GELU (Gemma)
+ROUTER_SCORINGS = ("softmax", "sigmoid")  # expert scores: Mixtral / Qwen / DeepSeek-V2, DeepSeek-V3
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -164,6 +165,22 @@ class ModelConfig:
     shared_expert_size: int = 0  # Qwen2-MoE's shared expert (a dense gated MLP); 0: none
     shared_expert_gate: bool = False  # the shared expert's output times sigmoid(gate(x))
     dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP (Qwen's mlp_only_layers)
+    # DeepSeek routing (jaxft.models.moe.route): softmax or sigmoid scores, top k within the best
+    # router_topk_groups of router_groups expert groups, a frozen per-expert selection bias
+    # (V3's e_score_correction_bias), the weights times routed_scaling_factor.
+    router_scoring: str = "softmax"  # ROUTER_SCORINGS
+    router_groups: int = 1  # n_group (1: no group limit)
+    router_topk_groups: int = 1  # topk_group
+    router_bias: bool = False  # e_score_correction_bias: selects, never weights, never trained
+    routed_scaling_factor: float = 1.0
+    router_f32: bool = False  # router logits in float32 whatever the compute dtype (DeepSeek)
+    # Multi-head latent attention (DeepSeek-V2 / V3, jaxft.models.mla) when kv_lora_rank is set.
+    kv_lora_rank: int | None = None  # R: the latent keys and values come from (and the cache holds)
+    q_lora_rank: int | None = None  # queries through a rank-Q bottleneck (None: one q_proj)
+    qk_nope_head_dim: int = 0  # per-head key / query dims without RoPE
+    qk_rope_head_dim: int = 0  # per-head query dims with RoPE; the one shared RoPE key's width
+    v_head_dim: int = 0  # per-head value dims
+    rope_interleave: bool = False  # the RoPE dims stored as interleaved pairs (DeepSeek)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -184,7 +201,8 @@ class ModelConfig:
                 f"num_attention_heads={self.num_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_kv_heads}"
             )
-        for key, value, allowed in (("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS)):
+        for key, value, allowed in (("norm", self.norm, NORMS), ("activation", self.activation, ACTIVATIONS),
+                                    ("router_scoring", self.router_scoring, ROUTER_SCORINGS)):
             if value not in allowed:
                 raise ConfigError(f"model {key}={value!r} is not supported; use one of {', '.join(allowed)}")
         if self.layer_types is not None:
@@ -203,6 +221,13 @@ class ModelConfig:
             raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: this mixture-of-experts model has no dense "
                               "MLP projections and adapters on routed experts are not supported yet; target the "
                               "attention projections (q_proj,k_proj,v_proj,o_proj) or all-linear")
+        if self.num_experts and (self.router_groups < 1 or self.num_experts % self.router_groups
+                                 or not 1 <= self.router_topk_groups <= self.router_groups):
+            raise ConfigError(f"n_group={self.router_groups} must divide n_routed_experts={self.num_experts} and "
+                              f"topk_group={self.router_topk_groups} must be in 1..n_group")
+        if self.kv_lora_rank is not None and self.lora is not None:
+            raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: LoRA on a multi-head latent attention model "
+                              f"({self.model_type}) is not supported yet; fine-tune it fully (model.lora.rank=0)")
         if self.num_kv_shared_layers:
             self.layer_specs()  # a clear error when a shared layer has no earlier layer of its type
 
@@ -329,12 +354,23 @@ class ModelConfig:
         attn = E * D * (2 * H + kv_projections * K)
         if self.qkv_bias:
             attn += D * (H + kv_projections * K)
+        if self.kv_lora_rank is not None:
+            attn = self._mla_params()
         mlp = 3 * E * F
-        if moe:  # router, routed experts, the shared expert and its gate
+        if moe:  # router (and its selection bias), routed experts, the shared expert and its gate
             S = self.shared_expert_size
             experts = self.experts_per_token if active else self.num_experts
-            mlp = E * self.num_experts + 3 * E * self.expert_size * experts + 3 * E * S + (E if S else 0)
+            mlp = (E * self.num_experts + 3 * E * self.expert_size * experts + 3 * E * S
+                   + (E if self.shared_expert_gate else 0) + (self.num_experts if self.router_bias else 0))
         return attn + mlp + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
+
+    def _mla_params(self) -> int:
+        """One multi-head latent attention's params: queries (direct or low-rank with its norm),
+        the latent projection and norm, the latent's expansion, the output projection."""
+        E, H, R, Q = self.hidden_size, self.num_heads, self.kv_lora_rank, self.q_lora_rank
+        Dqk, Dv = self.qk_nope_head_dim + self.qk_rope_head_dim, self.v_head_dim
+        q = E * Q + Q + Q * H * Dqk if Q else E * H * Dqk
+        return q + E * (R + self.qk_rope_head_dim) + R + R * H * (self.qk_nope_head_dim + Dv) + H * Dv * E
 
 
 def _hashable(value):

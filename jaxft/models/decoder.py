@@ -30,6 +30,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from jaxft.models import layer_groups, lora
 from jaxft.models.attention import attend
 from jaxft.models.config import LayerKind, LayerSpec, ModelConfig
+from jaxft.models.mla import MLA
 from jaxft.models.moe import MoE
 from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, rms_normalize, soft_cap
 from jaxft.models.quantize import kernel_value
@@ -215,7 +216,9 @@ class DecoderLayer(nnx.Module):
 
         layer_cfg = cfg if spec is None else cfg.layer_config(spec)
         self.input_layernorm = norm()
-        self.self_attn = Attention(layer_cfg, rngs=rngs, spec=spec)
+        # Multi-head latent attention (DeepSeek) where the config has a latent rank
+        self.self_attn = (MLA(layer_cfg, rngs=rngs) if cfg.kv_lora_rank is not None
+                          else Attention(layer_cfg, rngs=rngs, spec=spec))
         self.post_attention_layernorm = norm()
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
@@ -339,15 +342,17 @@ class Decoder(nnx.Module):
             x_BLE, router_N = jax.lax.scan(remat(body, self.cfg.remat), x_BLE, (stacked, keys, kinds_N))
             return x_BLE, None, router_N
 
+        names = layer_groups.cache_names(self.cfg)  # each layer's cached arrays (k, v; MLA: latent, k_rope)
+
         def step(x, xs):
-            layer_state, k, v, kind = xs
-            layer_cache = {"k": k, "v": v, "segment_ids": cache["segment_ids"]}
+            layer_state, arrays, kind = xs
+            layer_cache = {**dict(zip(names, arrays)), "segment_ids": cache["segment_ids"]}
             x, c, _, _ = nnx.merge(graphdef, layer_state)(x, positions_BL, segment_ids_BL, layer_cache,
                                                           cache_index, kind=0 if kind is None else kind)
-            return x, (c["k"], c["v"], c["segment_ids"])
+            return x, (tuple(c[n] for n in names), c["segment_ids"])
 
-        x_BLE, (k, v, segments) = jax.lax.scan(step, x_BLE, (stacked, cache["k"], cache["v"], kinds_N))
-        return x_BLE, {"k": k, "v": v, "segment_ids": segments[0]}, None
+        x_BLE, (arrays, segments) = jax.lax.scan(step, x_BLE, (stacked, tuple(cache[n] for n in names), kinds_N))
+        return x_BLE, {**dict(zip(names, arrays)), "segment_ids": segments[0]}, None
 
     def _run_unrolled(self, x_BLE, positions_BL, segment_ids_BL, cache, cache_index, rng=None, per_layer_BLNP=None):
         kind_of = self.cfg.layer_kinds()[1]  # static per layer: no switch
@@ -365,12 +370,12 @@ class Decoder(nnx.Module):
         if specs is not None:  # Gemma 4: per-layer shapes, shared keys and values, per-layer inputs
             return layer_groups.run_unrolled(self.cfg, self.layers, x_BLE, positions_BL, segment_ids_BL, cache,
                                              cache_index, rng, per_layer_BLNP)
-        new_layers = []
+        new_layers, names = [], layer_groups.cache_names(self.cfg)
         for i, layer in enumerate(self.layers):
-            layer_cache = {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": cache["segment_ids"]}
+            layer_cache = {**{n: cache[n][i] for n in names}, "segment_ids": cache["segment_ids"]}
             x_BLE, c, _, _ = layer(x_BLE, positions_BL, segment_ids_BL, layer_cache, cache_index, kind=kind_of[i])
             new_layers.append(c)
-        return x_BLE, {"k": [c["k"] for c in new_layers], "v": [c["v"] for c in new_layers],
+        return x_BLE, {**{n: [c[n] for c in new_layers] for n in names},
                        "segment_ids": new_layers[0]["segment_ids"]}, None
 
     def _per_layer_inputs(self, tokens_BL, x_BLE):
@@ -456,14 +461,14 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -
     """An empty KV cache: k / v [B, S, K, D] per layer (stacked [N, B, S, K, D] for a scanned
     model, a list of N otherwise), and key segment ids [B, S] (0 = empty). A model with
     `layer_specs` (Gemma 4) holds each layer's own shape, per LayerGroup stack when scanned, and
-    nothing for layers that read another layer's keys and values."""
+    nothing for layers that read another layer's keys and values. Multi-head latent attention
+    (DeepSeek) caches the latent [B, S, R] and the shared RoPE key [B, S, D_r] instead of k / v."""
     dtype = dtype or cfg.compute_dtype
     if cfg.layer_specs() is not None:
         return layer_groups.init_cache(cfg, batch_size, max_length, dtype)
-    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.dim_per_head)
+    shapes = layer_groups.layer_cache_shapes(cfg, batch_size, max_length, cfg.num_kv_heads, cfg.dim_per_head)
     if cfg.scan_layers:
-        kv = {"k": jnp.zeros((cfg.num_layers,) + shape, dtype), "v": jnp.zeros((cfg.num_layers,) + shape, dtype)}
+        kv = {n: jnp.zeros((cfg.num_layers,) + shape, dtype) for n, shape in shapes.items()}
     else:
-        kv = {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-              "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)]}
+        kv = {n: [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)] for n, shape in shapes.items()}
     return {**kv, "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32)}

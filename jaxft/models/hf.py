@@ -78,20 +78,46 @@ def _moe_rules(cfg: ModelConfig, hf: str) -> list[tuple]:
     """An MoE layer's tensors (`Family.experts` names them): the router, each expert's gate /
     up / down (stacked along the experts axis: a sixth element, the expert), the shared expert."""
     E, X, F, S = cfg.hidden_size, cfg.num_experts, cfg.expert_size, cfg.shared_expert_size
-    module, router, experts, gate, up, down = families.family(cfg.model_type).experts
+    family = families.family(cfg.model_type)
+    module, router, experts, gate, up, down = family.experts
     mlp = ("mlp",)
     rules = [(f"{hf}{module}.{router}.weight", mlp + ("router",), (X, E), _transpose, _transpose)]
+    if cfg.router_bias:  # DeepSeek-V3's selection bias
+        rules.append((f"{hf}{module}.{router}.e_score_correction_bias", mlp + ("e_score_correction_bias",), (X,),
+                      _same, _same))
     for x in range(X):
         for name, ours, shape in ((gate, "gate_proj", (F, E)), (up, "up_proj", (F, E)), (down, "down_proj", (E, F))):
             rules.append((f"{hf}{module}.{experts}.{x}.{name}.weight", mlp + (ours,), shape, _transpose, _transpose, x))
     if S:
         for name, shape in (("gate_proj", (S, E)), ("up_proj", (S, E)), ("down_proj", (E, S))):
-            rules.append((f"{hf}{module}.shared_expert.{name}.weight", mlp + (f"shared_{name}",), shape,
+            rules.append((f"{hf}{module}.{family.shared_experts}.{name}.weight", mlp + (f"shared_{name}",), shape,
                           _transpose, _transpose))
         if cfg.shared_expert_gate:
             rules.append((f"{hf}{module}.shared_expert_gate.weight", mlp + ("shared_expert_gate",), (1, E),
                           _transpose, _transpose))
     return rules
+
+
+def _mla_rules(cfg: ModelConfig, hf: str) -> list[tuple]:
+    """Multi-head latent attention's input projections and norms (o_proj: `_layer_rules`)."""
+    E, H, R, Q = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    Dqk, Dr, Dkv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim
+    attn = ("self_attn",)
+
+    def heads_out(rows_in, D):  # Linear [H * D, in] <-> kernel [in, H, D]
+        return ((H * D, rows_in), lambda w: np.ascontiguousarray(w.T.reshape(rows_in, H, D)),
+                lambda k: np.ascontiguousarray(k.reshape(rows_in, H * D).T))
+
+    if Q:
+        rules = [(f"{hf}self_attn.q_a_proj.weight", attn + ("q_a_proj",), (Q, E), _transpose, _transpose),
+                 (f"{hf}self_attn.q_a_layernorm.weight", attn + ("q_a_layernorm", "weight"), (Q,), _same, _same),
+                 (f"{hf}self_attn.q_b_proj.weight", attn + ("q_b_proj",), *heads_out(Q, Dqk))]
+    else:
+        rules = [(f"{hf}self_attn.q_proj.weight", attn + ("q_proj",), *heads_out(E, Dqk))]
+    return rules + [
+        (f"{hf}self_attn.kv_a_proj_with_mqa.weight", attn + ("kv_a_proj_with_mqa",), (R + Dr, E), _transpose, _transpose),
+        (f"{hf}self_attn.kv_a_layernorm.weight", attn + ("kv_a_layernorm", "weight"), (R,), _same, _same),
+        (f"{hf}self_attn.kv_b_proj.weight", attn + ("kv_b_proj",), *heads_out(R, Dkv))]
 
 
 def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tuple]:
@@ -112,14 +138,18 @@ def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tup
     projections = [(name, H if name == "q" else K) for name in names]
     rules: list[tuple] = []
     attn, mlp = ("self_attn",), ("mlp",)
+    if cfg.kv_lora_rank is not None:  # multi-head latent attention: its own projections
+        rules += _mla_rules(cfg, hf)
+        projections, names = [], ()
     for name, heads in projections:
         rules.append((f"{hf}self_attn.{name}_proj.weight", attn + (f"{name}_proj",), *split_out(heads)))
         if cfg.qkv_bias:
             rules.append((f"{hf}self_attn.{name}_proj.bias", attn + (f"{name}_bias",), *split_bias(heads)))
+    Do = cfg.v_head_dim if cfg.kv_lora_rank is not None else D  # MLA: o_proj reads the values' dims
     rules.append((
-        f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * D),
-        lambda w: np.ascontiguousarray(w.T.reshape(H, D, E)),
-        lambda k: np.ascontiguousarray(k.reshape(H * D, E).T),
+        f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * Do),
+        lambda w: np.ascontiguousarray(w.T.reshape(H, Do, E)),
+        lambda k: np.ascontiguousarray(k.reshape(H * Do, E).T),
     ))
     if cfg.o_bias:
         rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))

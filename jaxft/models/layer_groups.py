@@ -70,7 +70,7 @@ def run_unrolled(cfg: ModelConfig, layers, x_BLE, positions_BL, segment_ids_BL, 
         routers.append(router)
         if spec.keeps_kv:
             kept[i] = kv
-        caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
+        caches.append(None if c is None else {n: a for n, a in c.items() if n != "segment_ids"})
         segments = segments if c is None else c["segment_ids"]
     return (x_BLE, None if cache is None else {"layers": caches, "segment_ids": segments},
             stack_router(routers))
@@ -115,11 +115,27 @@ def run_scanned(cfg: ModelConfig, groups, x_BLE, positions_BL, segment_ids_BL, c
             routers += [] if router is None else [router]  # [repeats, X] each
             if kv is not None:
                 kept[g.layer(0, j)] = jax.tree.map(lambda a: a[0], kv)
-            group_caches.append(None if c is None else {"k": c["k"], "v": c["v"]})
+            group_caches.append(None if c is None else {n: a for n, a in c.items() if n != "segment_ids"})
             segments = segments if c is None else c["segment_ids"][0]
         new_groups.append(group_caches)
     routers = None if not routers else tuple(jnp.concatenate(parts) for parts in zip(*routers))
     return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}, routers
+
+
+def cache_names(cfg: ModelConfig) -> tuple[str, ...]:
+    """The arrays each layer caches: keys and values, or (multi-head latent attention) the
+    normed latent and the roped shared key."""
+    return ("latent", "k_rope") if cfg.kv_lora_rank is not None else ("k", "v")
+
+
+def layer_cache_shapes(cfg: ModelConfig, batch_size: int, max_length: int, kv_heads: int, head_dim: int) -> dict:
+    """{name: shape} of one layer's cache: k / v [B, S, K, D], or MLA's latent [B, S, R] and
+    shared RoPE key [B, S, D_r]."""
+    if cfg.kv_lora_rank is not None:
+        return {"latent": (batch_size, max_length, cfg.kv_lora_rank),
+                "k_rope": (batch_size, max_length, cfg.qk_rope_head_dim)}
+    shape = (batch_size, max_length, kv_heads, head_dim)
+    return {"k": shape, "v": shape}
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
@@ -132,8 +148,8 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -
     def kv(spec, lead=()):
         if spec.kv_from is not None:
             return None
-        shape = lead + (batch_size, max_length, spec.kv_heads, spec.head_dim)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        shapes = layer_cache_shapes(cfg, batch_size, max_length, spec.kv_heads, spec.head_dim)
+        return {n: jnp.zeros(lead + shape, dtype) for n, shape in shapes.items()}
 
     if not cfg.scan_layers:
         return {"layers": [kv(spec) for spec in specs], "segment_ids": segments}

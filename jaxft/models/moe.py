@@ -4,7 +4,9 @@ dropless: no capacity factor, no dropped token, whatever the imbalance.
 
 Routing follows transformers: softmax over the router's logits in float32, the top k, optionally
 renormalised to sum to 1 (Mixtral always; Qwen's `norm_topk_prob`). Qwen2-MoE adds a shared
-expert (a dense gated MLP) whose output is scaled by sigmoid(shared_expert_gate(x)).
+expert (a dense gated MLP) whose output is scaled by sigmoid(shared_expert_gate(x)); DeepSeek's
+shared experts are one such MLP without the gate. DeepSeek-V2 / V3 route by groups of experts,
+V3 by sigmoid scores plus a frozen selection bias (`route`).
 
 Axis letters: T tokens, E embed, X experts, K experts per token, F expert hidden.
 """
@@ -20,13 +22,51 @@ from jaxft.models.parts import ACTIVATIONS, param as _param
 from jaxft.models.quantize import kernel_value
 
 
-def route(logits_TX: jax.Array, k: int, *, normalize: bool):
-    """(weights [T, K] f32, experts [T, K] int32, probs [T, X] f32): softmax routing, top k."""
+def route(logits_TX: jax.Array, k: int, *, normalize: bool, scoring: str = "softmax", groups: int = 1,
+          topk_groups: int = 1, bias_X: jax.Array | None = None, scale: float = 1.0):
+    """(weights [T, K] f32, experts [T, K] int32, probs [T, X] f32): softmax routing, top k.
+
+    DeepSeek's options (any one set takes `_grouped_route`): scoring "sigmoid" (V3), experts in
+    `groups` groups of which the best `topk_groups` are eligible, a selection bias, the weights
+    times `scale` (routed_scaling_factor)."""
+    if scoring != "softmax" or groups > 1 or bias_X is not None or scale != 1.0:
+        return _grouped_route(logits_TX, k, normalize=normalize, scoring=scoring, groups=groups,
+                              topk_groups=topk_groups, bias_X=bias_X, scale=scale)
     probs_TX = jax.nn.softmax(logits_TX.astype(jnp.float32), axis=-1)
     weights_TK, experts_TK = jax.lax.top_k(probs_TX, k)
     if normalize:
         weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
     return weights_TK, experts_TK.astype(jnp.int32), probs_TX
+
+
+def _grouped_route(logits_TX, k, *, normalize, scoring, groups, topk_groups, bias_X, scale):
+    """DeepSeek routing, as transformers' DeepseekV2TopkRouter / DeepseekV3TopkRouter.
+
+    V2 (softmax): with groups, each group scores its best expert's probability; experts
+    outside the best topk_groups groups get 0 and the top k of the rest are taken.
+    V3 (sigmoid): choice = sigmoid scores + bias_X (selection only); each group scores the sum
+    of its two best choices; experts outside the best groups are excluded; the weights are the
+    unbiased scores of the k chosen. normalize: weights / (their sum + 1e-20). Then * scale.
+    probs (for `router_stats` and the load-balancing loss): the softmax, or the sigmoid scores
+    normalised to sum to 1 per token."""
+    logits_TX = logits_TX.astype(jnp.float32)
+    T, X = logits_TX.shape
+    sigmoid = scoring == "sigmoid"
+    scores_TX = jax.nn.sigmoid(logits_TX) if sigmoid else jax.nn.softmax(logits_TX, axis=-1)
+    choice_TX = scores_TX if bias_X is None else scores_TX + bias_X.astype(jnp.float32)[None, :]
+    if groups > 1:
+        grouped = choice_TX.reshape(T, groups, X // groups)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1) if sigmoid else grouped.max(-1)  # [T, groups]
+        _, best = jax.lax.top_k(group_score, topk_groups)
+        keep = jnp.sum(jax.nn.one_hot(best, groups, dtype=jnp.int32), axis=1) > 0  # [T, groups]
+        keep_TX = jnp.repeat(keep, X // groups, axis=1)
+        choice_TX = jnp.where(keep_TX, choice_TX, -jnp.inf if sigmoid else 0.0)
+    _, experts_TK = jax.lax.top_k(choice_TX, k)
+    weights_TK = jnp.take_along_axis(scores_TX if sigmoid or bias_X is not None else choice_TX, experts_TK, axis=1)
+    if normalize:
+        weights_TK = weights_TK / (jnp.sum(weights_TK, axis=-1, keepdims=True) + 1e-20)
+    probs_TX = scores_TX / jnp.sum(scores_TX, axis=-1, keepdims=True) if sigmoid else scores_TX
+    return weights_TK * scale, experts_TK.astype(jnp.int32), probs_TX
 
 
 def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str,
@@ -74,14 +114,24 @@ class MoE(nnx.Module):
             self.shared_down_proj = _param(rngs, (S, E), ("mlp", "embed"), pd)
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = _param(rngs, (E, 1), ("embed", None), pd)
+        if cfg.router_bias:  # DeepSeek-V3's e_score_correction_bias: a checkpoint constant, never trained
+            self.e_score_correction_bias = _param(None, (X,), ("experts",), pd, init="zeros")
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
+        self.routing = (("scoring", cfg.router_scoring), ("groups", cfg.router_groups),
+                        ("topk_groups", cfg.router_topk_groups), ("scale", cfg.routed_scaling_factor))
+        self.router_f32, self.router_bias = cfg.router_f32, cfg.router_bias
         self.shared, self.shared_gated = bool(cfg.shared_expert_size), cfg.shared_expert_gate
 
     def __call__(self, x, rng=None, token_mask=None):
         x_TE = x.reshape(-1, x.shape[-1])
         dtype = x_TE.dtype
-        logits_TX = x_TE @ kernel_value(self.router, dtype)
-        weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize)
+        if self.router_f32:  # DeepSeek: routing decided in float32 whatever the compute dtype
+            logits_TX = x_TE.astype(jnp.float32) @ kernel_value(self.router, jnp.float32)
+        else:
+            logits_TX = x_TE @ kernel_value(self.router, dtype)
+        bias_X = jax.lax.stop_gradient(self.e_score_correction_bias[...]) if self.router_bias else None
+        weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize, bias_X=bias_X,
+                                                 **dict(self.routing))
         mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
         y_TE = dropless_experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
                                 kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),

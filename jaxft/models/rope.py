@@ -1,7 +1,7 @@
 """Rotary position embeddings: the inverse frequencies of each RoPE kind and their application.
 
 A `Rope` holds what one attention layer needs: theta, the scaling of the checkpoint's
-`rope_scaling` / `rope_parameters` (none, linear, llama3, longrope, and Gemma 4's proportional:
+`rope_scaling` / `rope_parameters` (none, linear, llama3, longrope, yarn, and Gemma 4's proportional:
 rotate-half over the whole head with only the first `partial_rotary_factor` of its angles
 turning), and the rotated fraction
 of each head (`partial_rotary_factor`: Phi-3.5 / Phi-4-mini rotate part of a head). Layers of
@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxft.errors import ConfigError
 
-ROPE_TYPES = ("default", "linear", "llama3", "longrope", "proportional")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope", "proportional", "yarn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +81,61 @@ def inv_freqs(rope: Rope, head_dim: int) -> tuple[np.ndarray, np.ndarray | None,
         freqs = np.zeros(head_dim // 2, np.float32)
         freqs[:angles] = _base_inv_freq(rope.theta, head_dim)[:angles]
         return (freqs / scaling.get("factor", 1.0)).astype(np.float32), None, 1.0
+    if kind == "yarn":
+        return _yarn(rope, dim)
     if kind == "longrope":
         short = base / np.asarray(scaling["short_factor"], np.float32)
         long = base / np.asarray(scaling["long_factor"], np.float32)
         return short.astype(np.float32), long.astype(np.float32), _longrope_factor(scaling, rope.max_positions)
     return base.astype(np.float32), None, 1.0
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction (its Eq. 21): 0.1 * mscale * ln(scale) + 1, 1 for scale <= 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(rope: Rope, dim: int) -> tuple[np.ndarray, None, float]:
+    """YaRN (transformers' `_compute_yarn_parameters`): each frequency blends its interpolated
+    (divided by `factor`) and original value by a linear ramp over the dims between the
+    correction range of beta_fast and beta_slow rotations at the original length; the
+    attention factor (on cos and sin) is given, or mscale(factor, mscale) / mscale(factor,
+    mscale_all_dim) when both are set (DeepSeek), else mscale(factor)."""
+    s = rope.scaling
+    original = s["original_max_position_embeddings"]
+    factor = s.get("factor") or rope.max_positions / original
+    attention = s.get("attention_factor")
+    if attention is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention = yarn_mscale(factor, s["mscale"]) / yarn_mscale(factor, s["mscale_all_dim"])
+        else:
+            attention = yarn_mscale(factor)
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    pos_freqs = (rope.theta ** (np.arange(0, dim, 2).astype(np.float32) / dim)).astype(np.float32)
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv.astype(np.float32), None, float(attention)
+
+
+def softmax_mscale(scaling: dict | None) -> float:
+    """The factor on the attention softmax scale that MLA models (DeepSeek) take from a scaled
+    RoPE with `mscale_all_dim`: mscale(factor, mscale_all_dim) ** 2 (transformers'
+    `yarn_apply_mscale`); 1 otherwise."""
+    scaling = scaling or {}
+    if scaling.get("rope_type", "default") == "default" or not scaling.get("mscale_all_dim"):
+        return 1.0
+    return yarn_mscale(scaling["factor"], scaling["mscale_all_dim"]) ** 2
 
 
 def _longrope_factor(scaling: dict, max_positions: int) -> float:

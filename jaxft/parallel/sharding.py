@@ -35,6 +35,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "per_layer": None,
     "experts": None,  # MoE experts' stacked axis (sharded within each expert by its other axes)  # Gemma 4's per-layer input width (small): replicated
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
+    "q_lora": None,  # multi-head latent attention's query / latent ranks (DeepSeek): small, replicated
+    "kv_lora": None,
     # activations
     "act_batch": ("data", "fsdp"),
     "act_length": "sequence",
