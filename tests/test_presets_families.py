@@ -30,17 +30,21 @@ PUBLISHED = {
     "phi4_14b": (14_659_507_200, None),
     "qwen3_30b_a3b": (30_532_122_624, None),
     "mixtral_8x7b": (46_702_792_704, None),
+    "deepseek_v2_lite": (15_706_484_224, None),  # "15.7B" (transformers' meta-device model: the same)
 }
 
 
-@pytest.mark.parametrize("name, active", [("qwen3_30b_a3b", 3_353_032_704), ("mixtral_8x7b", 12_879_925_248)])
+@pytest.mark.parametrize("name, active", [("qwen3_30b_a3b", 3_353_032_704), ("mixtral_8x7b", 12_879_925_248),
+                                          ("deepseek_v2_lite", 2_661_150_208)])
 def test_moe_presets_count_the_params_a_token_uses(name, active):
-    """Qwen3-30B-A3B "3B active", Mixtral-8x7B 12.9B active: the FLOPs model's parameter count."""
+    """Qwen3-30B-A3B "3B active", Mixtral-8x7B 12.9B active, DeepSeek-V2-Lite "2.4B active"
+    (2.45B without the input embeddings): the FLOPs model's parameter count."""
     from jaxft.io.metrics import train_flops_per_token
 
     cfg = get_preset(name)
     assert cfg.num_params(active=True) == active
-    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * 4096
+    dims = cfg.dim_per_head if cfg.kv_lora_rank is None else (128 + 64 + 128) / 2  # MLA: q.k 192 dims, values 128
+    attention = 6 * cfg.num_layers * cfg.num_heads * dims * 4096
     assert train_flops_per_token(cfg, 4096) == 6.0 * (active - cfg.vocab_size * cfg.hidden_size) + attention
 
 

@@ -49,7 +49,11 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     LoRA the frozen base needs no weight gradients: 4 x its matmul params, 6 x the adapters'.
     A mixture of experts counts the params a token uses (its k experts, not all)."""
     matmul_params = cfg.num_params(active=True) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
-    attention = 6 * cfg.num_layers * cfg.num_heads * cfg.dim_per_head * seq_len  # QK^T and PV, causal ~ 1/2
+    # QK^T and PV (causal ~ 1/2) over the head dims; multi-head latent attention's keys are
+    # D_n + D_r wide, its values D_v.
+    dims = (cfg.dim_per_head if cfg.kv_lora_rank is None
+            else (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2)
+    attention = 6 * cfg.num_layers * cfg.num_heads * dims * seq_len
     if cfg.lora is not None:
         return 4.0 * matmul_params + 6.0 * num_adapter_params(cfg) + attention
     return 6.0 * matmul_params + attention

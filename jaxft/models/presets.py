@@ -142,6 +142,19 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=40960, num_experts=128, experts_per_token=8, moe_intermediate_size=768,
         norm_topk_prob=True, bos_token_id=151643, eos_token_id=151645,
     ),
+    # deepseek-ai/DeepSeek-V2-Lite: multi-head latent attention (latent rank 512, direct
+    # queries, 64 RoPE dims under YaRN x40 of a 4k original context), 64 routed experts of width
+    # 1,408 (6 per token, softmax, greedy) plus 2 shared, layer 0 dense.
+    "deepseek_v2_lite": ModelConfig(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944, num_layers=27,
+        num_heads=16, num_kv_heads=16, head_dim=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        max_position_embeddings=163840, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+        qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True, num_experts=64, experts_per_token=6,
+        moe_intermediate_size=1408, norm_topk_prob=False, shared_expert_size=2816, dense_layers=(0,),
+        router_f32=True, bos_token_id=100000, eos_token_id=100001,
+    ),
     # mistralai/Mixtral-8x7B-v0.1: 8 experts of width 14,336, 2 per token.
     "mixtral_8x7b": ModelConfig(
         model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_layers=32,
