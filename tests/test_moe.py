@@ -93,23 +93,28 @@ def test_block_layout_pads_each_expert_to_whole_blocks():
 def test_load_balancing_loss_equals_transformers_aux_loss(family, tmp_path):
     """The routing stats of every MoE layer over the real tokens (right-padded rows) give
     transformers' aux_loss (`load_balancing_loss_func` with the attention mask), and the
-    expert-load metrics read the same picks."""
-    from jaxft.losses import expert_load_metrics, load_balancing_loss
+    expert-load metrics read the same picks; the z-loss is the mean over real tokens and layers
+    of logsumexp(transformers' router logits) ** 2."""
+    from jaxft.losses import expert_load_metrics, load_balancing_loss, router_z_loss
 
     hf_model = make_hf_model(family)
     hf_model.save_pretrained(tmp_path)
     mask = np.ones_like(TOKENS)
     mask[1, 11:] = 0
     with torch.no_grad():
-        want = float(hf_model(input_ids=torch.from_numpy(TOKENS), attention_mask=torch.from_numpy(mask),
-                              output_router_logits=True).aux_loss)
+        out = hf_model(input_ids=torch.from_numpy(TOKENS), attention_mask=torch.from_numpy(mask),
+                       output_router_logits=True)
+    want = float(out.aux_loss)
+    lse = [torch.logsumexp(logits.double(), -1).numpy().reshape(mask.shape) for logits in out.router_logits]
+    want_z = np.mean([np.sum(z ** 2 * mask) / mask.sum() for z in lse])
     model = load_hf(tmp_path)
     positions = np.broadcast_to(np.arange(16), (2, 16))
-    _, (picks, probs) = model(jnp.asarray(TOKENS), jnp.asarray(positions), jnp.asarray(mask), return_router_stats=True)
+    _, (picks, probs, z) = model(jnp.asarray(TOKENS), jnp.asarray(positions), jnp.asarray(mask), return_router_stats=True)
     moe_layers = sum(model.cfg.is_moe_layer(i) for i in range(model.cfg.num_layers))
     assert picks.shape == probs.shape == (moe_layers, model.cfg.num_experts)
     assert np.asarray(picks.sum(-1)).tolist() == [27 * model.cfg.experts_per_token] * moe_layers
     assert float(load_balancing_loss(picks, probs, mask.sum())) == pytest.approx(want, rel=1e-5)
+    assert float(router_z_loss(z, mask.sum())) == pytest.approx(want_z, rel=1e-5)
     load = expert_load_metrics(picks)
     share = float(load["moe/busiest_share"])
     assert 1 / model.cfg.num_experts <= share <= 1
@@ -137,12 +142,13 @@ def test_lora_only_on_expert_projections_is_refused_naming_the_key(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])
-def test_the_load_balancing_loss_joins_the_step_loss_times_its_coefficient(kind, tmp_path):
-    """A step's loss with train.router_aux_loss_coef = c is the loss at c = 0 plus c x the
-    logged moe/aux_loss (SFT: the batch's routing; DPO: the policy's), and the expert load is
-    logged; a dense model's step reports none of it."""
+def test_the_router_losses_join_the_step_loss_times_their_coefficients(kind, tmp_path):
+    """A step's loss with train.router_aux_loss_coef = a and train.router_z_loss_coef = b is the
+    loss at 0 plus a x the logged moe/aux_loss plus b x moe/z_loss (SFT: the batch's routing;
+    DPO: the policy's), and the expert load is logged; a dense model's step reports none of it."""
     import optax
 
+    from jaxft.steps.common import RouterLoss
     from jaxft.steps.dpo import make_dpo_step
     from jaxft.steps.sft import make_sft_step
     from jaxft.steps.state import init_train_state
@@ -160,18 +166,18 @@ def test_the_load_balancing_loss_joins_the_step_loss_times_its_coefficient(kind,
         batch.update(chosen_row=jnp.array([0, 2]), chosen_segment=jnp.array([1, 1]), rejected_row=jnp.array([1, 3]),
                      rejected_segment=jnp.array([1, 1]), pair_mask=jnp.array([1, 1]), pair_index=jnp.array([0, 1]))
 
-    def step_metrics(coef):
+    def step_metrics(router_loss):
         if kind == "sft":
-            step = make_sft_step(graphdef, tx, optax.constant_schedule(0.0), accumulate=2, router_aux_loss_coef=coef)
+            step = make_sft_step(graphdef, tx, optax.constant_schedule(0.0), accumulate=2, router_loss=router_loss)
             return jax.jit(step)(init_train_state(params, tx), batch)[1]
         step = make_dpo_step(graphdef, tx, optax.constant_schedule(0.0), loss_kwargs={}, reference_mode="none",
-                             num_segments=1, rows_per_pair=2, accumulate=2, router_aux_loss_coef=coef)
+                             num_segments=1, rows_per_pair=2, accumulate=2, router_loss=router_loss)
         return jax.jit(step)(init_train_state(params, tx), None, batch)[1]
 
-    off, on = step_metrics(0.0), step_metrics(0.5)
-    aux = float(on["moe/aux_loss"])
-    assert aux > 1.0  # top-2 of 4 random experts: 2 when perfectly even
-    assert float(on["loss"]) == pytest.approx(float(off["loss"]) + 0.5 * aux, rel=1e-5)
+    off, on = step_metrics(RouterLoss()), step_metrics(RouterLoss(aux_coef=0.5, z_coef=0.3))
+    aux, z = float(on["moe/aux_loss"]), float(on["moe/z_loss"])
+    assert aux > 1.0 and z > 0.5 and aux != z  # top-2 of 4 random experts: aux 2 when perfectly even
+    assert float(on["loss"]) == pytest.approx(float(off["loss"]) + 0.5 * aux + 0.3 * z, rel=1e-5)
     assert 0.25 <= float(on["moe/busiest_share"]) <= 1 and float(on["moe/load_max_over_mean"]) >= 1
     assert "moe/aux_loss" not in step_metrics(None)
 

@@ -89,6 +89,9 @@ class TrainSection:
                                       "(aux_loss) times this joins the training loss (Mixtral's configs use "
                                       "0.02); 0 = off, as transformers' default; expert load is logged either "
                                       "way; >= 0")
+    router_z_loss_coef: float = key(0.0, "mixture-of-experts models: ST-MoE's router z-loss (the mean of "
+                                    "logsumexp(router logits) ** 2, which keeps router logits small; 0.001 in "
+                                    "ST-MoE) times this joins the training loss; 0 = off; >= 0")
     progress: bool = key(True, "a progress bar on the terminal")
     prefetch: int = key(2, "batches made ahead in a background thread (0: on demand); >= 0")
     preemption_check_every: int = key(10, "multi-host: steps between SIGTERM checks (a gather); >= 1")

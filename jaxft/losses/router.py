@@ -1,6 +1,6 @@
 """Mixture-of-experts training signals from the routing of each MoE layer: the load-balancing
-auxiliary loss (transformers' `load_balancing_loss_func`, so numbers compare) and expert-load
-metrics. Arrays in, arrays out: the per-layer sums come from the model
+auxiliary loss (transformers' `load_balancing_loss_func`, so numbers compare), the router
+z-loss (ST-MoE's) and expert-load metrics. Arrays in, arrays out: the per-layer sums come from the model
 (`Decoder(..., return_router_stats=True)`, `jaxft.models.moe.router_stats`).
 
 Axis letters: M MoE layers, X experts.
@@ -25,6 +25,19 @@ def load_balancing_loss(picks_MX, probs_MX, num_tokens):
     f_X = jnp.sum(picks_MX.astype(jnp.float32), axis=0) / denom
     p_X = jnp.sum(probs_MX.astype(jnp.float32), axis=0) / denom
     return experts * jnp.sum(f_X * p_X)
+
+
+def router_z_loss(z_M, num_tokens):
+    """ST-MoE's router z-loss: the mean over every MoE layer's real tokens of
+    logsumexp(router logits) ** 2, which keeps the logits small (transformers' SwitchTransformers
+    `router_z_loss_func` over the layers' concatenated logits).
+
+    Args:
+      z_M: per layer, the sum of logsumexp(logits) ** 2 over the tokens.
+      num_tokens: the real tokens each layer routed (scalar).
+    """
+    denom = jnp.maximum(jnp.asarray(num_tokens, jnp.float32), 1.0) * z_M.shape[0]
+    return jnp.sum(z_M.astype(jnp.float32)) / denom
 
 
 def expert_load_metrics(picks_MX) -> dict:

@@ -86,14 +86,16 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     return jnp.zeros_like(x_TE).at[token_P].add(y, mode="drop")
 
 
-def router_stats(probs_TX, experts_TK, mask_T):
-    """(picks [X], probs [X]): over the tokens where mask_T is set, how many of their k picks
-    went to each expert and the sum of each expert's router probability. Summed over a model's
-    MoE layers they give `jaxft.losses.load_balancing_loss` and the expert-load metrics."""
+def router_stats(probs_TX, experts_TK, mask_T, logits_TX):
+    """(picks [X], probs [X], z []): over the tokens where mask_T is set, how many of their k
+    picks went to each expert, the sum of each expert's router probability, and the sum of
+    logsumexp(router logits) ** 2. Per MoE layer they give `jaxft.losses.load_balancing_loss`,
+    `jaxft.losses.router_z_loss` and the expert-load metrics."""
     X = probs_TX.shape[-1]
     mask = mask_T.astype(jnp.float32)[:, None]
     picks = jnp.sum(jnp.sum(jax.nn.one_hot(experts_TK, X, dtype=jnp.float32), axis=1) * mask, axis=0)
-    return picks, jnp.sum(probs_TX * mask, axis=0)
+    z = jnp.sum(jax.nn.logsumexp(logits_TX.astype(jnp.float32), axis=-1) ** 2 * mask[:, 0])
+    return picks, jnp.sum(probs_TX * mask, axis=0), z
 
 
 class MoE(nnx.Module):
@@ -143,4 +145,4 @@ class MoE(nnx.Module):
             if self.shared_gated:
                 shared_TE = shared_TE * jax.nn.sigmoid(x_TE @ kernel_value(self.shared_expert_gate, dtype))
             y_TE = y_TE + shared_TE
-        return y_TE.reshape(x.shape), router_stats(probs_TX, experts_TK, mask_T)
+        return y_TE.reshape(x.shape), router_stats(probs_TX, experts_TK, mask_T, logits_TX)

@@ -63,10 +63,17 @@ def dropout_key(seed: int | None, step, micro_index):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
 
 
+class RouterLoss(NamedTuple):
+    """What a mixture of experts' routing adds to the loss: transformers' load-balancing loss
+    times `aux_coef` and ST-MoE's router z-loss times `z_coef` (`train.router_*_coef`)."""
+    aux_coef: float = 0.0
+    z_coef: float = 0.0
+
+
 class TokenLogps(NamedTuple):
     """What a forward pass gives the losses, each [B, L]: target log-probs (f32), the target
     mask, argmax == target, the mean logit (TRL's logits/* metrics); `router`: the MoE layers'
-    routing stats ([M, X] picks, [M, X] probs; `with_router` only, else None)."""
+    routing stats (`jaxft.models.moe.router_stats` per MoE layer; `with_router` only, else None)."""
     logps: jax.Array
     target_mask: jax.Array
     correct: jax.Array
@@ -110,12 +117,15 @@ def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, 
     return TokenLogps(logps, target_mask, correct, mean_logits, router)
 
 
-def router_loss_terms(router, segment_ids, coef: float) -> tuple[jax.Array, dict]:
-    """(coef x the load-balancing loss, {"moe/aux_loss", expert-load metrics}) of one forward's
-    routing over its real tokens (`segment_ids` > 0)."""
-    picks, probs = router
-    aux = losses.load_balancing_loss(picks, probs, jnp.sum(segment_ids > 0))
-    return coef * aux, {"moe/aux_loss": aux, **losses.expert_load_metrics(picks)}
+def router_loss_terms(router, segment_ids, loss: RouterLoss) -> tuple[jax.Array, dict]:
+    """(the routing's share of the loss, {"moe/aux_loss", "moe/z_loss", expert-load metrics}) of
+    one forward's routing over its real tokens (`segment_ids` > 0)."""
+    picks, probs, z = router
+    num_tokens = jnp.sum(segment_ids > 0)
+    aux = losses.load_balancing_loss(picks, probs, num_tokens)
+    z_loss = losses.router_z_loss(z, num_tokens)
+    metrics = {"moe/aux_loss": aux, "moe/z_loss": z_loss, **losses.expert_load_metrics(picks)}
+    return loss.aux_coef * aux + loss.z_coef * z_loss, metrics
 
 
 def accumulate_gradients(loss_fn: Callable, params, micro_batches, *, accumulate: int):

@@ -6,19 +6,19 @@ import jax.numpy as jnp
 
 from jaxft import losses
 from jaxft.steps.common import (
-    ROW_KEYS, accumulate_gradients, apply_update, dropout_key, router_loss_terms, split_micro_batches,
+    ROW_KEYS, RouterLoss, accumulate_gradients, apply_update, dropout_key, router_loss_terms, split_micro_batches,
     token_logps_for, with_frozen,
 )
 
 
 def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0,
-                  dropout_seed: int | None = None, router_aux_loss_coef: float | None = None):
+                  dropout_seed: int | None = None, router_loss: RouterLoss | None = None):
     """The pure SFT step `(state, batch, frozen=None) -> (state, metrics)` (not yet jitted:
     `jit_step` adds shardings and donation). `frozen`: the LoRA base (state params are then
     the adapters), never differentiated. dropout_seed: LoRA dropout keys (`dropout_key`).
-    router_aux_loss_coef: a mixture of experts' load-balancing loss times this joins the loss,
-    and the expert load is reported (None: a dense model)."""
-    moe = router_aux_loss_coef is not None
+    router_loss: a mixture of experts' routing losses join the loss with these coefficients, and
+    the expert load is reported (None: a dense model)."""
+    moe = router_loss is not None
 
     def loss_fn(params, micro, normalizer, frozen, step):
         rows, k = micro
@@ -28,7 +28,7 @@ def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_siz
         mask = out.target_mask.astype(jnp.float32)
         counts = {"num_tokens": mask.sum(), "num_correct": (out.correct * mask).sum()}
         if moe:  # each micro-batch's routing; averaged over them below
-            aux, router_metrics = router_loss_terms(out.router, rows["segment_ids"], router_aux_loss_coef)
+            aux, router_metrics = router_loss_terms(out.router, rows["segment_ids"], router_loss)
             loss = loss + aux / accumulate
             counts.update({name: value / accumulate for name, value in router_metrics.items()})
         return loss, counts

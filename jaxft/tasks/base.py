@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxft.eval.samples import Sampler
 from jaxft.losses import resolve_chunk_size
 from jaxft.parallel.sharding import batch_sharding
-from jaxft.steps.common import ROW_KEYS
+from jaxft.steps.common import ROW_KEYS, RouterLoss
 from jaxft.steps.weights import Weights
 
 
@@ -55,10 +55,11 @@ class StepSetup:
         return self.config.train.seed if spec is not None and spec.dropout > 0 else None
 
     @property
-    def router_aux_loss_coef(self) -> float | None:
-        """train.router_aux_loss_coef for a mixture-of-experts model (its routing is then read
-        and reported), None for a dense one."""
-        return self.config.train.router_aux_loss_coef if self.model_config.num_experts else None
+    def router_loss(self) -> RouterLoss | None:
+        """train.router_aux_loss_coef and train.router_z_loss_coef for a mixture-of-experts model
+        (its routing is then read and reported), None for a dense one."""
+        train = self.config.train
+        return RouterLoss(train.router_aux_loss_coef, train.router_z_loss_coef) if self.model_config.num_experts else None
 
     @property
     def num_segments(self) -> int:
