@@ -148,7 +148,7 @@ def test_the_router_losses_join_the_step_loss_times_their_coefficients(kind, tmp
     DPO: the policy's), and the expert load is logged; a dense model's step reports none of it."""
     import optax
 
-    from jaxft.steps.common import RouterLoss
+    from jaxft.steps.common import RouterTraining
     from jaxft.steps.dpo import make_dpo_step
     from jaxft.steps.sft import make_sft_step
     from jaxft.steps.state import init_train_state
@@ -168,13 +168,13 @@ def test_the_router_losses_join_the_step_loss_times_their_coefficients(kind, tmp
 
     def step_metrics(router_loss):
         if kind == "sft":
-            step = make_sft_step(graphdef, tx, optax.constant_schedule(0.0), accumulate=2, router_loss=router_loss)
+            step = make_sft_step(graphdef, tx, optax.constant_schedule(0.0), accumulate=2, router=router_loss)
             return jax.jit(step)(init_train_state(params, tx), batch)[1]
         step = make_dpo_step(graphdef, tx, optax.constant_schedule(0.0), loss_kwargs={}, reference_mode="none",
-                             num_segments=1, rows_per_pair=2, accumulate=2, router_loss=router_loss)
+                             num_segments=1, rows_per_pair=2, accumulate=2, router=router_loss)
         return jax.jit(step)(init_train_state(params, tx), None, batch)[1]
 
-    off, on = step_metrics(RouterLoss()), step_metrics(RouterLoss(aux_coef=0.5, z_coef=0.3))
+    off, on = step_metrics(RouterTraining()), step_metrics(RouterTraining(aux_coef=0.5, z_coef=0.3))
     aux, z = float(on["moe/aux_loss"]), float(on["moe/z_loss"])
     assert aux > 1.0 and z > 0.5 and aux != z  # top-2 of 4 random experts: aux 2 when perfectly even
     assert float(on["loss"]) == pytest.approx(float(off["loss"]) + 0.5 * aux + 0.3 * z, rel=1e-5)
@@ -213,3 +213,101 @@ def test_moe_sft_learns_and_exports_to_transformers(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
     assert type(hf).__name__ == "MixtralForCausalLM"
     assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
+
+
+def test_scanned_layer_groups_report_routing_in_layer_order(tmp_path):
+    """A pattern of two MoE layers (sliding, full) scanned twice, then a dense layer: the scan
+    yields each pattern position's layers together; the stats come back in layer order, equal
+    to the unrolled model's with the same weights."""
+    from jaxft.models import create_model, save_hf
+    from jaxft.models.config import ModelConfig
+    from jaxft.models.hf import load_weights
+
+    cfg = ModelConfig(model_type="qwen2_moe", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=5,
+                      num_heads=2, num_kv_heads=1, num_experts=4, experts_per_token=2, moe_intermediate_size=16,
+                      sliding_window=4, dense_layers=(4,), layer_types=("sliding_attention", "full_attention") * 2
+                      + ("full_attention",))
+    assert cfg.layer_groups()[0].period == 2 and cfg.layer_groups()[0].repeats == 2
+    scanned = create_model(cfg, seed=1)
+    unrolled = load_weights(save_hf(scanned, tmp_path / "hf"), cfg.replace(scan_layers=False))
+    tokens = jnp.asarray(TOKENS)
+    _, want = unrolled(tokens, return_router_stats=True)
+    _, got = scanned(tokens, return_router_stats=True)
+    assert got[0].shape == (4, 4)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(got[1][1]), np.asarray(got[1][2]))  # layers differ: the order is seen
+
+
+@pytest.mark.parametrize("kind,scan", [("sft", True), ("dpo", False)])
+def test_the_selection_bias_moves_towards_even_load_after_each_step(kind, scan):
+    """train.router_bias_update_rate = r (DeepSeek-V3's aux-loss-free balancing): after a step
+    each MoE layer's e_score_correction_bias is its old value + r * sign(mean load - load) over
+    the step's real tokens (experts picked more than the layer's mean expert move down), in
+    scanned layer groups and unrolled layers; the dense layer has none; other params follow
+    the optimizer (here lr 0: unchanged)."""
+    import optax
+
+    from jaxft.models import create_model
+    from jaxft.models.config import ModelConfig
+    from jaxft.steps.common import RouterTraining
+    from jaxft.steps.dpo import make_dpo_step
+    from jaxft.steps.router_bias import bias_rows
+    from jaxft.steps.sft import make_sft_step
+    from jaxft.steps.state import init_train_state
+
+    cfg = ModelConfig(model_type="deepseek_v3", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3,
+                      num_heads=2, num_kv_heads=2, head_dim=8, kv_lora_rank=8, q_lora_rank=12, qk_nope_head_dim=8,
+                      qk_rope_head_dim=8, v_head_dim=8, num_experts=8, experts_per_token=2, moe_intermediate_size=16,
+                      dense_layers=(0,), router_scoring="sigmoid", router_groups=4, router_topk_groups=2,
+                      router_bias=True, scan_layers=scan)
+    model = create_model(cfg, seed=2)
+    graphdef, params = nnx.split(model, nnx.Param)
+    rows = 4
+    batch = {"tokens": jnp.asarray(np.random.default_rng(3).integers(1, 97, (rows, 16)), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (rows, 16)),
+             "segment_ids": jnp.asarray(np.repeat([[1] * 12 + [0] * 4], rows, axis=0), jnp.int32),
+             "loss_mask": jnp.asarray(np.repeat([[0] * 4 + [1] * 8 + [0] * 4], rows, axis=0), jnp.int32)}
+    _, (picks, _, _) = model(batch["tokens"], batch["positions"], batch["segment_ids"], return_router_stats=True)
+    want_delta = 0.01 * np.sign(np.asarray(picks).mean(-1, keepdims=True) - np.asarray(picks))
+    assert (want_delta != 0).any()
+    tx, router = optax.sgd(0.0), RouterTraining(bias_update_rate=0.01)
+    if kind == "sft":
+        step = make_sft_step(graphdef, tx, optax.constant_schedule(0.0), router=router)
+        new, metrics = jax.jit(step)(init_train_state(params, tx), batch)
+    else:
+        batch.update(chosen_row=jnp.array([0, 2]), chosen_segment=jnp.array([1, 1]), rejected_row=jnp.array([1, 3]),
+                     rejected_segment=jnp.array([1, 1]), pair_mask=jnp.array([1, 1]), pair_index=jnp.array([0, 1]))
+        step = make_dpo_step(graphdef, tx, optax.constant_schedule(0.0), loss_kwargs={}, reference_mode="none",
+                             num_segments=1, rows_per_pair=2, router=router)
+        new, metrics = jax.jit(step)(init_train_state(params, tx), None, batch)
+    assert "router_picks" not in metrics
+    old_flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    moved = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(new["params"])[0]:
+        key = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        old = np.asarray(old_flat[path])
+        if key in bias_rows(cfg):
+            index, moe_index = bias_rows(cfg)[key]
+            want = old + (want_delta[moe_index][0] if index is None else np.zeros_like(old))
+            if index is not None:
+                want[index] += want_delta[moe_index]
+            np.testing.assert_allclose(np.asarray(leaf), want, atol=1e-7)
+            moved += len(moe_index)
+        else:
+            np.testing.assert_array_equal(np.asarray(leaf), old)
+    assert moved == 2  # layers 1 and 2
+
+
+def test_a_bias_update_rate_on_a_model_without_selection_biases_is_refused_naming_the_key():
+    from types import SimpleNamespace
+
+    from jaxft import config as config_lib
+    from jaxft.models.config import ModelConfig
+    from jaxft.tasks.base import StepSetup
+
+    config = config_lib.load("configs/sft.py:tiny", {"train.router_bias_update_rate": 0.001})
+    setup = SimpleNamespace(config=config, model_config=ModelConfig(model_type="mixtral", num_experts=4))
+    with pytest.raises(ConfigError, match=r"train\.router_bias_update_rate=0\.001: this model \(mixtral\) has no "
+                                          r"expert-selection bias.*set it to 0"):
+        StepSetup.router_training.fget(setup)

@@ -92,6 +92,11 @@ class TrainSection:
     router_z_loss_coef: float = key(0.0, "mixture-of-experts models: ST-MoE's router z-loss (the mean of "
                                     "logsumexp(router logits) ** 2, which keeps router logits small; 0.001 in "
                                     "ST-MoE) times this joins the training loss; 0 = off; >= 0")
+    router_bias_update_rate: float = key(0.0, "DeepSeek-V3 models: auxiliary-loss-free balancing, each MoE layer's "
+                                         "expert-selection bias (e_score_correction_bias) moved by this after every "
+                                         "update, down for experts busier than the mean, up for idler ones "
+                                         "(DeepSeek-V3 pre-trained with 0.001); 0 = off (the checkpoint's biases "
+                                         "kept); >= 0")
     progress: bool = key(True, "a progress bar on the terminal")
     prefetch: int = key(2, "batches made ahead in a background thread (0: on demand); >= 0")
     preemption_check_every: int = key(10, "multi-host: steps between SIGTERM checks (a gather); >= 1")

@@ -60,7 +60,7 @@ def _length_and_optimizer(config: Config, need, finite) -> None:
     need(0.0 <= finite("optim.warmup_ratio") < 1.0, "optim.warmup_ratio", "must be in [0, 1)")
     need(0.0 <= finite("optim.min_lr_ratio") <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
     need(finite("optim.weight_decay") >= 0, "optim.weight_decay", "must be >= 0")
-    for key in ("train.router_aux_loss_coef", "train.router_z_loss_coef"):
+    for key in ("train.router_aux_loss_coef", "train.router_z_loss_coef", "train.router_bias_update_rate"):
         need(finite(key) >= 0, key, "must be >= 0 (0 = off)")
     need(finite("optim.clip_norm") >= 0, "optim.clip_norm", "must be >= 0 (0 = no clipping)")
     for key in ("optim.b1", "optim.b2"):

@@ -50,7 +50,7 @@ SCHEDULE_KEYS = (
     "optim.weight_decay", "optim.clip_norm", "optim.b1", "optim.b2", "optim.eps",
     "train.steps", "train.epochs", "dpo.beta", "dpo.label_smoothing", "dpo.loss_weights",
     "dpo.f_divergence_type", "model.compute_dtype", "lora.dropout", "train.router_aux_loss_coef",
-    "train.router_z_loss_coef",
+    "train.router_z_loss_coef", "train.router_bias_update_rate",
 )
 
 # Keys that may change on resume and do not count as a change (logged at info level): what is

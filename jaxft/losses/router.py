@@ -40,6 +40,14 @@ def router_z_loss(z_M, num_tokens):
     return jnp.sum(z_M.astype(jnp.float32)) / denom
 
 
+def bias_balancing_update(picks_MX, rate: float):
+    """DeepSeek-V3's auxiliary-loss-free balancing: each MoE layer's selection bias moves by
+    `rate` towards even load, down for experts picked more often than the layer's mean expert,
+    up for those picked less, unchanged at the mean: [M, X] float32 to add to the biases."""
+    picks = picks_MX.astype(jnp.float32)
+    return rate * jnp.sign(jnp.mean(picks, axis=-1, keepdims=True) - picks)
+
+
 def expert_load_metrics(picks_MX) -> dict:
     """How evenly tokens spread over experts, averaged over MoE layers: "moe/load_max_over_mean"
     (the busiest expert's picks over the mean expert's: 1 when even, X when one expert takes

@@ -419,7 +419,8 @@ class Decoder(nnx.Module):
         against `lm_head_kernel()`, with `cfg.final_logit_softcap`).
         dropout_rng: a key for LoRA dropout (cfg.lora.dropout > 0; training only), else None.
         return_router_stats: also return the MoE layers' routing over the real tokens, ([M, X]
-        picks, [M, X] router probabilities) per MoE layer (`jaxft.models.moe.router_stats`; None
+        picks, [M, X] router probabilities, [M] z-loss sums) per MoE layer in layer order
+        (`jaxft.models.moe.router_stats`; None
         for a dense model): `(out, stats)` (training forward only).
         """
         cfg = self.cfg

@@ -36,7 +36,8 @@ def layer_path(cfg: ModelConfig, i: int) -> tuple[tuple, int | None]:
 
 
 def stack_router(routers: list):
-    """Per-layer router stats (None for dense layers) as ([M, X] picks, [M, X] probs), or None."""
+    """Per-layer router stats (None for dense layers) stacked per MoE layer, in layer order
+    (`jaxft.models.moe.router_stats`: [M, X] picks, [M, X] probs, [M] z), or None."""
     routers = [r for r in routers if r is not None]
     return None if not routers else tuple(jnp.stack(parts) for parts in zip(*routers))
 
@@ -112,14 +113,16 @@ def run_scanned(cfg: ModelConfig, groups, x_BLE, positions_BL, segment_ids_BL, c
         x_BLE, outs = jax.lax.scan(body, x_BLE, xs)
         group_caches = []
         for j, (kv, c, router) in enumerate(outs):
-            routers += [] if router is None else [router]  # [repeats, X] each
+            routers += [] if router is None else [(router, [g.layer(r, j) for r in range(g.repeats)])]
             if kv is not None:
                 kept[g.layer(0, j)] = jax.tree.map(lambda a: a[0], kv)
             group_caches.append(None if c is None else {n: a for n, a in c.items() if n != "segment_ids"})
             segments = segments if c is None else c["segment_ids"][0]
         new_groups.append(group_caches)
-    routers = None if not routers else tuple(jnp.concatenate(parts) for parts in zip(*routers))
-    return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}, routers
+    if routers:  # [repeats, ...] per pattern position, put back in layer order
+        order = np.argsort(np.concatenate([layers for _, layers in routers]))
+        routers = tuple(jnp.concatenate(parts)[order] for parts in zip(*(stats for stats, _ in routers)))
+    return x_BLE, None if cache is None else {"groups": new_groups, "segment_ids": segments}, routers or None
 
 
 def cache_names(cfg: ModelConfig) -> tuple[str, ...]:

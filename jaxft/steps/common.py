@@ -63,11 +63,14 @@ def dropout_key(seed: int | None, step, micro_index):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), micro_index)
 
 
-class RouterLoss(NamedTuple):
-    """What a mixture of experts' routing adds to the loss: transformers' load-balancing loss
-    times `aux_coef` and ST-MoE's router z-loss times `z_coef` (`train.router_*_coef`)."""
+class RouterTraining(NamedTuple):
+    """How a mixture of experts' routing is trained: transformers' load-balancing loss times
+    `aux_coef` and ST-MoE's router z-loss times `z_coef` join the loss (`train.router_*_coef`);
+    `bias_update_rate` > 0 moves DeepSeek-V3's selection biases after each update
+    (`jaxft.steps.router_bias`, `train.router_bias_update_rate`)."""
     aux_coef: float = 0.0
     z_coef: float = 0.0
+    bias_update_rate: float = 0.0
 
 
 class TokenLogps(NamedTuple):
@@ -117,14 +120,15 @@ def token_logps_for(graphdef, params, batch: dict, *, loss_chunk_size: int = 0, 
     return TokenLogps(logps, target_mask, correct, mean_logits, router)
 
 
-def router_loss_terms(router, segment_ids, loss: RouterLoss) -> tuple[jax.Array, dict]:
-    """(the routing's share of the loss, {"moe/aux_loss", "moe/z_loss", expert-load metrics}) of
-    one forward's routing over its real tokens (`segment_ids` > 0)."""
+def router_loss_terms(router, segment_ids, loss: RouterTraining) -> tuple[jax.Array, dict]:
+    """(the routing's share of the loss, {"moe/aux_loss", "moe/z_loss", expert-load metrics,
+    "router_picks": [M, X] picks per MoE layer, for the bias update}) of one forward's routing
+    over its real tokens (`segment_ids` > 0)."""
     picks, probs, z = router
     num_tokens = jnp.sum(segment_ids > 0)
     aux = losses.load_balancing_loss(picks, probs, num_tokens)
     z_loss = losses.router_z_loss(z, num_tokens)
-    metrics = {"moe/aux_loss": aux, "moe/z_loss": z_loss, **losses.expert_load_metrics(picks)}
+    metrics = {"moe/aux_loss": aux, "moe/z_loss": z_loss, **losses.expert_load_metrics(picks), "router_picks": picks}
     return loss.aux_coef * aux + loss.z_coef * z_loss, metrics
 
 

@@ -19,9 +19,10 @@ from jaxft import losses
 from jaxft.models.adapters import adapters_off
 from jaxft.parallel.sharding import batch_sharding, replicated
 from jaxft.steps.common import (
-    ROW_KEYS, RouterLoss, accumulate_gradients, apply_update, dropout_key, micro_batch_row, router_loss_terms,
+    ROW_KEYS, RouterTraining, accumulate_gradients, apply_update, dropout_key, micro_batch_row, router_loss_terms,
     split_micro_batches, token_logps_for, with_frozen,
 )
+from jaxft.steps.router_bias import balance_router_bias
 
 PAIR_KEYS = ("chosen_row", "chosen_segment", "rejected_row", "rejected_segment", "pair_mask", "pair_index")
 
@@ -82,14 +83,14 @@ def reference_pair_logps(graphdef, reference, mode: str, rows, pairs, **kw):
 
 def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: str,
                   num_segments: int, rows_per_pair: int, accumulate: int = 1, loss_chunk_size: int = 0,
-                  dropout_seed: int | None = None, router_loss: RouterLoss | None = None):
+                  dropout_seed: int | None = None, router: RouterTraining | None = None):
     """The pure DPO step `(state, reference, batch, frozen=None) -> (state, metrics)`.
 
     With LoRA, `frozen` is the base and the state's params the adapters; a "params"
     reference is then a base run with the adapters off: `reference` None means the frozen
-    base itself (no second copy, no second argument). router_loss: the policy's routing losses
-    join the loss with these coefficients (a mixture of experts; None: dense)."""
-    moe = router_loss is not None
+    base itself (no second copy, no second argument). router: how the policy's routing trains
+    (`RouterTraining`; a mixture of experts; None: dense)."""
+    moe = router is not None
 
     def step(state, reference, batch, frozen=None):
         if reference_mode == "params" and frozen is not None:
@@ -124,14 +125,19 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
             loss = loss * share
             metrics = {k: v * share for k, v in metrics.items() if k != "loss"}
             if moe:  # the policy's routing in this micro-batch, averaged over micro-batches
-                aux, router_metrics = router_loss_terms(pol.router, rows["segment_ids"], router_loss)
-                metrics.update({name: value / accumulate for name, value in router_metrics.items()})
+                aux, router_metrics = router_loss_terms(pol.router, rows["segment_ids"], router)
+                metrics.update({name: value / accumulate for name, value in router_metrics.items()
+                                if name != "router_picks"}, router_picks=router_metrics["router_picks"])
                 loss = loss + aux / accumulate
             return loss, metrics
 
         loss, metrics, grads = accumulate_gradients(loss_fn, state["params"], (micro_rows, micro_ids),
                                                     accumulate=accumulate)
         new_state, update_metrics = apply_update(state, grads, loss, tx)
+        picks = metrics.pop("router_picks", None)
+        if moe and router.bias_update_rate:
+            new_state = balance_router_bias(graphdef, new_state, picks, router.bias_update_rate,
+                                            update_metrics["skipped"])
         return new_state, {"loss": loss, "learning_rate": schedule(state["step"]), **metrics, **update_metrics}
 
     return step

@@ -6,19 +6,20 @@ import jax.numpy as jnp
 
 from jaxft import losses
 from jaxft.steps.common import (
-    ROW_KEYS, RouterLoss, accumulate_gradients, apply_update, dropout_key, router_loss_terms, split_micro_batches,
+    ROW_KEYS, RouterTraining, accumulate_gradients, apply_update, dropout_key, router_loss_terms, split_micro_batches,
     token_logps_for, with_frozen,
 )
+from jaxft.steps.router_bias import balance_router_bias
 
 
 def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_size: int = 0,
-                  dropout_seed: int | None = None, router_loss: RouterLoss | None = None):
+                  dropout_seed: int | None = None, router: RouterTraining | None = None):
     """The pure SFT step `(state, batch, frozen=None) -> (state, metrics)` (not yet jitted:
     `jit_step` adds shardings and donation). `frozen`: the LoRA base (state params are then
     the adapters), never differentiated. dropout_seed: LoRA dropout keys (`dropout_key`).
-    router_loss: a mixture of experts' routing losses join the loss with these coefficients, and
-    the expert load is reported (None: a dense model)."""
-    moe = router_loss is not None
+    router: how a mixture of experts' routing trains (`RouterTraining`: its losses join the loss,
+    its selection biases move), and the expert load is reported (None: a dense model)."""
+    moe = router is not None
 
     def loss_fn(params, micro, normalizer, frozen, step):
         rows, k = micro
@@ -28,9 +29,10 @@ def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_siz
         mask = out.target_mask.astype(jnp.float32)
         counts = {"num_tokens": mask.sum(), "num_correct": (out.correct * mask).sum()}
         if moe:  # each micro-batch's routing; averaged over them below
-            aux, router_metrics = router_loss_terms(out.router, rows["segment_ids"], router_loss)
+            aux, router_metrics = router_loss_terms(out.router, rows["segment_ids"], router)
             loss = loss + aux / accumulate
-            counts.update({name: value / accumulate for name, value in router_metrics.items()})
+            counts.update({name: value / accumulate for name, value in router_metrics.items()
+                           if name != "router_picks"}, router_picks=router_metrics["router_picks"])
         return loss, counts
 
     def step(state, batch, frozen=None):
@@ -43,6 +45,9 @@ def make_sft_step(graphdef, tx, schedule, *, accumulate: int = 1, loss_chunk_siz
             (micro, jnp.arange(accumulate)), accumulate=accumulate,
         )
         new_state, update_metrics = apply_update(state, grads, loss, tx)
+        if moe and router.bias_update_rate:
+            new_state = balance_router_bias(graphdef, new_state, counts["router_picks"], router.bias_update_rate,
+                                            update_metrics["skipped"])
         metrics = {
             "loss": loss,
             "learning_rate": schedule(state["step"]),

@@ -20,10 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxft.errors import ConfigError
 from jaxft.eval.samples import Sampler
 from jaxft.losses import resolve_chunk_size
 from jaxft.parallel.sharding import batch_sharding
-from jaxft.steps.common import ROW_KEYS, RouterLoss
+from jaxft.steps.common import ROW_KEYS, RouterTraining
 from jaxft.steps.weights import Weights
 
 
@@ -55,11 +56,18 @@ class StepSetup:
         return self.config.train.seed if spec is not None and spec.dropout > 0 else None
 
     @property
-    def router_loss(self) -> RouterLoss | None:
-        """train.router_aux_loss_coef and train.router_z_loss_coef for a mixture-of-experts model
-        (its routing is then read and reported), None for a dense one."""
-        train = self.config.train
-        return RouterLoss(train.router_aux_loss_coef, train.router_z_loss_coef) if self.model_config.num_experts else None
+    def router_training(self) -> RouterTraining | None:
+        """train.router_* for a mixture-of-experts model (its routing is then read and reported),
+        None for a dense one."""
+        train, cfg = self.config.train, self.model_config
+        if train.router_bias_update_rate and not (cfg.router_bias and cfg.lora is None):
+            why = "trains adapters only (the biases are part of the frozen base)" if cfg.router_bias else \
+                "has no expert-selection bias (DeepSeek-V3's e_score_correction_bias)"
+            raise ConfigError(f"train.router_bias_update_rate={train.router_bias_update_rate}: this model ({cfg.model_type}) "
+                              f"{why}; set it to 0")
+        if not cfg.num_experts:
+            return None
+        return RouterTraining(train.router_aux_loss_coef, train.router_z_loss_coef, train.router_bias_update_rate)
 
     @property
     def num_segments(self) -> int:

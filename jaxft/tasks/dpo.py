@@ -75,7 +75,7 @@ class DPO(Task):
                              reference_mode=reference.mode, num_segments=setup.num_segments,
                              rows_per_pair=cls.rows_per_example(config), accumulate=config.optim.accumulate,
                              loss_chunk_size=setup.loss_chunk_size, dropout_seed=setup.dropout_seed,
-                             router_loss=setup.router_loss)
+                             router=setup.router_training)
         jitted = jit_step(step, state_shardings=setup.state_shardings, batch_sharding=batch_shardings(setup.mesh),
                           leading_shardings=(reference.shardings,), frozen_shardings=setup.weights.frozen_shardings)
         return TrainStep(jitted, leading=(reference.value,), trailing=setup.weights.step_args())

@@ -16,7 +16,7 @@ class SFT(Task):
     def build_train_step(cls, setup: StepSetup, reference=None) -> TrainStep:
         step = make_sft_step(setup.graphdef, setup.tx, setup.schedule, accumulate=setup.config.optim.accumulate,
                              loss_chunk_size=setup.loss_chunk_size, dropout_seed=setup.dropout_seed,
-                             router_loss=setup.router_loss)
+                             router=setup.router_training)
         jitted = jit_step(step, state_shardings=setup.state_shardings, batch_sharding=batch_sharding(setup.mesh),
                           frozen_shardings=setup.weights.frozen_shardings)
         return TrainStep(jitted, trailing=setup.weights.step_args())
