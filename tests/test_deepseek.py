@@ -183,3 +183,34 @@ def test_deepseek_dpo_starts_at_ln2_and_learns(tiny_deepseek, tmp_path):
     from tests.test_families import dpo_starts_at_ln2_and_learns
 
     dpo_starts_at_ln2_and_learns(tiny_deepseek, tmp_path)
+
+
+def test_bfloat16_keeps_the_router_in_float32_and_skips_next_token_layers(folders, tmp_path):
+    """In a bfloat16 model DeepSeek's router and selection bias stay float32 (transformers keeps
+    them so), load and save so; a V3 folder's multi-token-prediction layer (a layer past
+    num_hidden_layers, `num_nextn_predict_layers`) is left unread as transformers leaves it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from jaxft.models import save_hf
+
+    folder, hf_model = folders["deepseek_v3"]
+    src = tmp_path / "src"
+    hf_model.save_pretrained(src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.3.eh_proj.weight"] = np.zeros((4, 8), np.float32)  # an MTP layer's tensor
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    model = load_hf(src, dtype=jnp.bfloat16)
+    mlp = model.groups[1][0].mlp
+    assert mlp.router[...].dtype == mlp.e_score_correction_bias[...].dtype == jnp.float32
+    assert mlp.gate_proj[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(mlp.e_score_correction_bias[...])[0],
+                                  tensors["model.layers.1.mlp.gate.e_score_correction_bias"])
+    save_hf(model, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="np") as f:
+        assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == np.float32
+        assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == np.float32
+        assert f.get_slice("model.layers.1.mlp.experts.0.up_proj.weight").get_dtype() == "BF16"

@@ -325,7 +325,8 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     missing = sorted(expected - reader.names())
     # A tied model may still carry an lm_head copy (some exporters write it): ignore it.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(reader.names() - expected - ignorable - _ROTARY_BUFFERS(reader.names()))
+    unexpected = sorted(reader.names() - expected - ignorable - _ROTARY_BUFFERS(reader.names())
+                        - _next_token_layers(reader.names(), cfg))
     bad_shapes = [
         f"{name}: checkpoint {reader.shape(name)}, config.json implies {shape}"
         for name, _, shape, _, _, _ in rules
@@ -342,9 +343,12 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
         raise DataError(f"{folder} does not match its config.json ({cfg.model_type}): " + ". ".join(problems))
 
     # Host values per state path; a scanned model's layers (and experts) stack along leading axes.
+    # Each in its param's dtype: the param dtype, but float32 for DeepSeek's router and selection
+    # bias (transformers keeps them float32 too).
+    dtypes = {path: v.get_value().dtype for path, v in nnx.to_flat_state(abstract_state)}
     host: dict[tuple, object] = {}
     for name, jpath, _, to_jax, _, index in rules:
-        value = to_jax(reader.get(name)).astype(cfg.param_dtype)
+        value = to_jax(reader.get(name)).astype(dtypes[jpath])
         if not index:
             host[jpath] = value
         else:
@@ -370,6 +374,14 @@ def _stack(parts: dict[tuple[int, ...], np.ndarray]) -> np.ndarray:
     return np.stack([parts[k] for k in keys]).reshape(grid + parts[keys[0]].shape)
 
 
+def _next_token_layers(names, cfg: ModelConfig) -> set[str]:
+    """DeepSeek-V3's multi-token-prediction layers (`num_nextn_predict_layers`, stored as layers
+    past num_hidden_layers): not part of the causal LM, unread as transformers leaves them."""
+    extra = int(cfg.extra_hf_config.get("num_nextn_predict_layers") or 0)
+    prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(extra))
+    return {n for n in names if prefixes and n.startswith(prefixes)}
+
+
 def _ROTARY_BUFFERS(names):
     # Old Llama checkpoints saved rotary inv_freq buffers; they are derived, not weights.
     return {n for n in names if n.endswith("rotary_emb.inv_freq")}
@@ -392,7 +404,9 @@ def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
         if jpath not in gathered:
             gathered[jpath] = host_array(flat[jpath][...])
         value = gathered[jpath][index] if index else gathered[jpath]
-        out[name] = np.ascontiguousarray(to_hf(value).astype(dtype or cfg.param_dtype))
+        # a param kept in its own dtype (DeepSeek's float32 router and bias) is saved in it
+        keep = value.dtype != np.dtype(cfg.param_dtype)
+        out[name] = np.ascontiguousarray(to_hf(value).astype(value.dtype if keep else dtype or cfg.param_dtype))
     return _fuse(out, _fused(cfg))
 
 

@@ -105,7 +105,8 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg, *, rngs: nnx.Rngs):
         E, X, F, pd = cfg.hidden_size, cfg.num_experts, cfg.expert_size, cfg.param_dtype
-        self.router = _param(rngs, (E, X), ("embed", None), pd)
+        # DeepSeek's router (and selection bias) stay float32 whatever the param dtype, as transformers keeps them
+        self.router = _param(rngs, (E, X), ("embed", None), jnp.float32 if cfg.router_f32 else pd)
         self.gate_proj = _param(rngs, (X, E, F), ("experts", "embed", "mlp"), pd)
         self.up_proj = _param(rngs, (X, E, F), ("experts", "embed", "mlp"), pd)
         self.down_proj = _param(rngs, (X, F, E), ("experts", "mlp", "embed"), pd)
@@ -117,7 +118,7 @@ class MoE(nnx.Module):
             if cfg.shared_expert_gate:
                 self.shared_expert_gate = _param(rngs, (E, 1), ("embed", None), pd)
         if cfg.router_bias:  # DeepSeek-V3's e_score_correction_bias: a checkpoint constant, never trained
-            self.e_score_correction_bias = _param(None, (X,), ("experts",), pd, init="zeros")
+            self.e_score_correction_bias = _param(None, (X,), ("experts",), jnp.float32, init="zeros")
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
         self.routing = (("scoring", cfg.router_scoring), ("groups", cfg.router_groups),
                         ("topk_groups", cfg.router_topk_groups), ("scale", cfg.routed_scaling_factor))
