@@ -214,3 +214,20 @@ def test_bfloat16_keeps_the_router_in_float32_and_skips_next_token_layers(folder
         assert f.get_tensor("model.layers.1.mlp.gate.e_score_correction_bias").dtype == np.float32
         assert f.get_tensor("model.layers.1.mlp.gate.weight").dtype == np.float32
         assert f.get_slice("model.layers.1.mlp.experts.0.up_proj.weight").get_dtype() == "BF16"
+
+
+def test_deepseek_v3_counts_671b_params_37b_active_as_transformers():
+    """transformers' default DeepseekV3Config is DeepSeek-V3's: jaxft reads it to 671.0B params,
+    the count of transformers' meta-device model (its selection-bias buffers included), and
+    37.6B used per token ("37B activated")."""
+    from jaxft.models.config import config_from_hf
+
+    config = transformers.DeepseekV3Config()
+    cfg = config_from_hf({**config.to_dict(), "model_type": "deepseek_v3"})
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    want = sum(p.numel() for p in hf.parameters()) + sum(
+        b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == want == 671_026_419_200
+    assert cfg.num_params(active=True) == 37_552_297_472
+    assert (cfg.router_groups, cfg.router_topk_groups, cfg.dense_layers) == (8, 4, (0, 1, 2))
