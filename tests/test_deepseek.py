@@ -231,3 +231,15 @@ def test_deepseek_v3_counts_671b_params_37b_active_as_transformers():
     assert cfg.num_params() == want == 671_026_419_200
     assert cfg.num_params(active=True) == 37_552_297_472
     assert (cfg.router_groups, cfg.router_topk_groups, cfg.dense_layers) == (8, 4, (0, 1, 2))
+
+
+def test_deepseek_on_a_mesh_equals_one_device(folders):
+    """MLA (heads over the tensor axis, latents replicated) and group-limited routing with shared
+    experts on a (data 2, fsdp 2, tensor 2) mesh: one device's loss and gradients, packed rows."""
+    from tests.test_families import assert_mesh_equals_one_device
+
+    def picks(grads, cfg):
+        attn, mlp = grads["groups"][1][0]["self_attn"], grads["groups"][1][0]["mlp"]
+        return [attn["kv_b_proj"][...], attn["q_proj"][...], mlp["router"][...], mlp["shared_gate_proj"][...]]
+
+    assert_mesh_equals_one_device(folders["deepseek_v2"][0], dict(data=2, fsdp=2, tensor=2), picks, atol_scale=1e-4)
