@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxft.models.expert_parallel import over_mesh
 from jaxft.models.parts import ACTIVATIONS, param as _param
 from jaxft.models.quantize import kernel_value
 
@@ -82,7 +83,7 @@ class MoE(nnx.Module):
         logits_TX = x_TE @ kernel_value(self.router, dtype)
         weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize)
         mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
-        y_TE = dropless_experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
+        y_TE = over_mesh(dropless_experts)(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
                                 kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
                                 self.activation)
         if self.shared:
