@@ -151,3 +151,19 @@ def test_plan_compiles_expert_parallelism_for_a_tpu_with_all_to_alls(tmp_path):
     assert r.collectives["all-to-all"] > 0
     assert "mesh data 1 x fsdp 1 x expert 4 x sequence 1 x tensor 1" in plan_lib.format_plan(r)
     assert "all-to-all" in plan_lib.format_plan(r)
+
+
+def test_an_sft_run_with_an_expert_axis_equals_one_without(tmp_path):
+    """Outside MoE layers the expert axis is a batch axis: a tiny dense model's SFT run on
+    (data 2, expert 4) (rows, the chunked vocabulary-parallel loss, weights' embed axis split
+    over expert) logs the losses, gradient norms and eval loss of a data-parallel run."""
+    from tests.test_context_parallel import _train
+
+    overrides = {"data.packing": True, "train.loss_chunk_size": 16}
+    expert = _train("sft", tmp_path / "expert", **{**overrides, "mesh.data": 2, "mesh.expert": 4})
+    plain = _train("sft", tmp_path / "plain", **{**overrides, "mesh.data": -1})
+    assert [len(x) for x in expert] == [len(x) for x in plain] == [3, 1]
+    for a, b in zip(expert[0] + expert[1], plain[0] + plain[1]):
+        for key in ("loss", "grad_norm", "mean_token_accuracy", "eval_loss"):
+            if key in a or key in b:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -348,7 +348,7 @@ def _lora_notes(cfg, adapters, mesh_shape: dict) -> list[str]:
     """What a LoRA plan trains, and what full fine-tuning the same model would hold."""
     num_params = cfg.num_params()
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
-    shards = mesh_shape["fsdp"] * mesh_shape["expert"] * mesh_shape["tensor"]
+    shards = mesh_shape["fsdp"] * mesh_shape.get("expert", 1) * mesh_shape["tensor"]
     # Params, mu and nu in float32, as the full fine-tuning recipes keep them (not the LoRA
     # base's dtype: a bf16 base would halve the figure).
     full = 3 * num_params * 4 / shards
