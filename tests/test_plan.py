@@ -22,7 +22,7 @@ JSON_KEYS = {"target", "kind", "model", "compiled", "devices", "mesh", "settings
              "seq_len", "tokens_per_step", "param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
              "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops_per_step",
              "step_seconds_estimate", "mfu_assumed", "peak_flops_per_chip", "compile_seconds", "compile_error",
-             "suggestions", "notes", "frozen_bytes"}
+             "suggestions", "notes", "frozen_bytes", "collectives"}
 
 
 def tiny(kind="sft", **overrides):
@@ -144,6 +144,8 @@ def test_the_cli_writes_every_number_as_json(tmp_path, capsys):
     assert data["total_bytes"] == (data["argument_bytes"] + data["output_bytes"] - data["alias_bytes"]
                                    + data["temp_bytes"])
     assert "v5p-8" in printed and "fits" in printed
+    # FSDP over 4 chips: the weights' all-gathers; no expert axis, so no all-to-all but the loss's
+    assert data["collectives"]["all-gather"] > 0 and "collectives in the compiled program" in printed
 
 
 def test_an_unknown_target_names_the_known_ones():
