@@ -220,6 +220,7 @@ REFUSED_VALUES = [
     ("optim.clip_norm", -1.0, ">= 0 (0 = no clipping)"),
     ("optim.accumulate", 0, ">= 1"), ("optim.b1", 1.0, "[0, 1)"), ("optim.b2", -0.1, "[0, 1)"),
     ("optim.eps", 0.0, "> 0"), ("mesh.fsdp", 0, "or -1 for the devices left"), ("mesh.tensor", 0, ">= 1"), ("mesh.data", -2, ">= 1"),
+    ("mesh.expert", 0, ">= 1"),
     ("mesh.sequence", -1, "only one mesh axis may be -1"), ("lora.rank", -1, ">= 0"),
     ("lora.alpha", 0.0, "> 0"), ("lora.dropout", 1.0, "[0, 1)"),
 ]
