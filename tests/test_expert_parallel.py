@@ -24,7 +24,7 @@ from jaxft.parallel import sharding
 T, E, F, X, K = 64, 8, 12, 8, 2
 
 
-def _experts_inputs(routing):
+def _experts_inputs(routing, T=T):
     rng = np.random.default_rng(0)
     x, gate, up, down = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in
                          ((T, E), (X, E, F), (X, E, F), (X, F, E)))
@@ -47,13 +47,14 @@ def _loss_and_grads(mesh, args):
         return step(x, w, gate, up, down), step.lower(x, w, gate, up, down).compile().as_text()
 
 
-@pytest.mark.parametrize("routing", ["random", "all_to_one"])
-def test_expert_parallel_experts_equal_one_device(routing):
-    """(data 2, expert 4): 16 tokens a device, 2 of the 8 experts a device; every pair computed
+@pytest.mark.parametrize("routing, tokens", [("random", T), ("all_to_one", T), ("random", 5)])
+def test_expert_parallel_experts_equal_one_device(routing, tokens):
+    """(data 2, expert 4): 8 tokens a device, 2 of the 8 experts a device; every pair computed
     (all 128 pairs to one device's two experts fill its worst-case buffer), the output and the
     gradients of x, the routing weights and every expert kernel those of one device, and the
-    compiled program moves the pairs with all-to-alls."""
-    args = _experts_inputs(routing)
+    compiled program moves the pairs with all-to-alls. 5 tokens (a decoding step's few) are
+    padded to one a device."""
+    args = _experts_inputs(routing, tokens)
     (value, grads), _ = _loss_and_grads(sharding.make_mesh(data=1, devices=jax.devices()[:1]), args)
     (ep_value, ep_grads), hlo = _loss_and_grads(sharding.make_mesh(data=2, expert=4), args)
     assert "all-to-all" in hlo

@@ -83,9 +83,9 @@ class MoE(nnx.Module):
         logits_TX = x_TE @ kernel_value(self.router, dtype)
         weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize)
         mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
-        y_TE = over_mesh(dropless_experts)(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
-                                kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
-                                self.activation)
+        experts = over_mesh(dropless_experts)  # split over the mesh's expert axis when it has one
+        y_TE = experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
+                       kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype), self.activation)
         if self.shared:
             act = ACTIVATIONS[self.activation]
             h = act(x_TE @ kernel_value(self.shared_gate_proj, dtype)) * (x_TE @ kernel_value(self.shared_up_proj, dtype))
