@@ -19,12 +19,12 @@ sequence; tensor stays automatic, so the expert kernels' mlp axis is split by XL
    the pairs of each token.
 
 Dropless with static shapes: a device may send all its pairs to one destination, and no token
-picks one expert twice, so C = T * min(K, X / n) holds the worst case; nothing is dropped and no
-capacity factor exists. The price is the padding: each all-to-all moves n * C rows a device, the
-received buffer (and the grouped matmul over it) is n times one device's pairs. `jax.lax.
-ragged_all_to_all` would move only the real pairs, but XLA:CPU does not implement it ("HLO opcode
-`ragged-all-to-all` is not supported by XLA:CPU"), so it could not be tested here: one path,
-the dense all-to-all, runs everywhere.
+picks one expert twice, so C = T * min(K, X / n) holds the worst case; nothing is dropped and
+no capacity factor exists. The price is the padding: each all-to-all moves n * C rows a
+device, and the received buffer (and the grouped matmul over it) holds n * C rows: n times one
+device's T * K pairs when K <= X / n. `jax.lax.ragged_all_to_all` would move only the real
+pairs, but XLA:CPU does not implement it ("HLO opcode `ragged-all-to-all` is not supported by
+XLA:CPU"), so it could not be tested here: one path, the dense all-to-all, runs everywhere.
 
 Gradients flow through the all-to-alls (their transpose is the reverse all-to-all), the
 gathers and the grouped matmuls; the expert kernels enter the region replicated over the
