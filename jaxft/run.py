@@ -24,7 +24,7 @@ from jaxft.io.metrics import MetricsWriter
 from jaxft.loop import StopFlag, train_loop
 from jaxft.models.from_config import load_trainable, model_config
 from jaxft.parallel.agreement import check_hosts_agree
-from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
+from jaxft.parallel.sharding import check_batch_divisibility, check_expert_divisibility, mesh_from_config
 from jaxft.steps.optimizer import optimizer_from_config
 from jaxft.steps.state import create_train_state
 from jaxft.steps.weights import Weights
@@ -104,6 +104,7 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool,
 
     tokenizer = load_tokenizer(config)
     model_cfg = model_config(config, tokenizer)
+    check_expert_divisibility(model_cfg.num_experts, mesh)
     train = train_data(config, tokenizer, kind=kind, workdir=workdir)
     held_out = eval_data(config, tokenizer, kind=kind, workdir=workdir)
     steps, length = run_length(config, train)

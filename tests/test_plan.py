@@ -22,7 +22,7 @@ JSON_KEYS = {"target", "kind", "model", "compiled", "devices", "mesh", "settings
              "seq_len", "tokens_per_step", "param_bytes", "opt_state_bytes", "argument_bytes", "output_bytes",
              "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits", "flops_per_step",
              "step_seconds_estimate", "mfu_assumed", "peak_flops_per_chip", "compile_seconds", "compile_error",
-             "suggestions", "notes", "frozen_bytes"}
+             "suggestions", "notes", "frozen_bytes", "collectives"}
 
 
 def tiny(kind="sft", **overrides):
@@ -77,7 +77,7 @@ def test_context_parallel_splash_compiles_for_tpu_and_splits_the_activations():
     long = {"data.max_length": 2048, "mesh.data": 1, "model.remat": "full", "train.loss_chunk_size": 256}
     split = planned("sft", "v5p-8", **long, **{"mesh.fsdp": 1, "mesh.sequence": 4, "train.batch_size": 1})
     rows = planned("sft", "v5p-8", **long, **{"mesh.fsdp": 4, "train.batch_size": 4})
-    assert split.compiled and split.mesh == {"data": 1, "fsdp": 1, "sequence": 4, "tensor": 1}
+    assert split.compiled and split.mesh == {"data": 1, "fsdp": 1, "expert": 1, "sequence": 4, "tensor": 1}
     assert split.settings["attention"] == "splash"
     assert split.param_bytes == pytest.approx(rows.param_bytes, rel=0.02)  # sharded over sequence too
     assert split.temp_bytes < 0.8 * rows.temp_bytes  # 0.65x here; 0.45x for Llama-3-8B at 32k (docs/planning.md)
@@ -139,11 +139,13 @@ def test_the_cli_writes_every_number_as_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     data = json.loads(out.read_text())
     assert set(data) == JSON_KEYS
-    assert data["target"] == "v5p-8" and data["mesh"] == {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}
+    assert data["target"] == "v5p-8" and data["mesh"] == {"data": 1, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1}
     assert data["settings"]["param_dtype"] == "float32" and data["settings"]["remat"] == "none"
     assert data["total_bytes"] == (data["argument_bytes"] + data["output_bytes"] - data["alias_bytes"]
                                    + data["temp_bytes"])
     assert "v5p-8" in printed and "fits" in printed
+    # FSDP over 4 chips: the weights' all-gathers; no expert axis, so no all-to-all but the loss's
+    assert data["collectives"]["all-gather"] > 0 and "collectives in the compiled program" in printed
 
 
 def test_an_unknown_target_names_the_known_ones():
@@ -178,13 +180,13 @@ def test_gpu_targets_are_an_analytic_estimate_labelled_as_such():
 def test_suggestions_come_in_order_and_only_when_they_apply():
     config = tiny()  # remat none, data parallel, 16 rows, whole-vocabulary loss
     cfg = plan_lib.plan_model_config(config)
-    got = plan_lib.suggestions(config, cfg, {"data": 4, "fsdp": 1, "sequence": 1, "tensor": 1}, 4)
+    got = plan_lib.suggestions(config, cfg, {"data": 4, "fsdp": 1, "expert": 1, "sequence": 1, "tensor": 1}, 4)
     assert [s.split("=")[0] for s in got] == ["--config.model.remat", "--config.mesh.fsdp",
                                               "a smaller --config.train.batch_size or --config.optim.accumulate",
                                               "--config.train.loss_chunk_size"]
     config = tiny(**{"model.remat": "full", "mesh.data": 1, "mesh.fsdp": -1, "train.batch_size": 4,
                      "train.loss_chunk_size": 64})
-    assert plan_lib.suggestions(config, cfg, {"data": 1, "fsdp": 4, "sequence": 1, "tensor": 1}, 4) == []
+    assert plan_lib.suggestions(config, cfg, {"data": 1, "fsdp": 4, "expert": 1, "sequence": 1, "tensor": 1}, 4) == []
 
 
 @needs_libtpu

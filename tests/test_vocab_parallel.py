@@ -179,8 +179,8 @@ def test_the_split_applies_only_where_the_mesh_splits_the_head():
     """None (the plain path, the very program as before) without a mesh, on one device, under
     data parallelism alone, and when the head's devices do not divide the vocabulary."""
     assert sharding.vocab_parallel_axes(8, 16, (EMBED, VOCAB)) is None
-    one = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), sharding.MESH_AXES,
-                            axis_types=(jax.sharding.AxisType.Auto,) * 4)
+    one = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1, 1), sharding.MESH_AXES,
+                            axis_types=(jax.sharding.AxisType.Auto,) * 5)
     for mesh in (one, sharding.make_mesh(data=-1)):
         with jax.set_mesh(mesh):
             assert sharding.vocab_parallel_axes(8, 16, (EMBED, VOCAB)) is None

@@ -202,7 +202,8 @@ MEANINGFUL = [("train.max_to_keep", 0), ("train.save_every", 0), ("train.eval_ev
               ("data.eval_batch_size", 0), ("data.num_proc", 0), ("optim.clip_norm", 0.0),
               ("train.prefetch", 0), ("train.sample_every", 0), ("optim.warmup_steps", 0),
               ("lora.rank", 0), ("mesh.data", -1), ("train.seed", -5), ("data.max_record_bytes", 0),
-              ("train.router_aux_loss_coef", 0.0), ("train.router_z_loss_coef", 0.0)]
+              ("train.router_aux_loss_coef", 0.0), ("train.router_z_loss_coef", 0.0),
+              ("train.router_bias_update_rate", 0.0)]
 # Nonsense, refused naming the key and the allowed range.
 REFUSED_VALUES = [
     ("train.max_to_keep", -1, ">= 0 (0 = keep every checkpoint)"), ("train.steps", -1, ">= 0"),
@@ -217,10 +218,11 @@ REFUSED_VALUES = [
     ("optim.lr", 0.0, "> 0"), ("optim.lr", math.nan, "finite"), ("optim.warmup_steps", -1, ">= 0"),
     ("optim.warmup_ratio", 1.0, "[0, 1)"), ("optim.min_lr_ratio", 1.5, "[0, 1]"),
     ("optim.weight_decay", -0.1, ">= 0"), ("train.router_aux_loss_coef", -0.1, ">= 0 (0 = off)"),
-    ("train.router_z_loss_coef", -0.1, ">= 0 (0 = off)"),
+    ("train.router_z_loss_coef", -0.1, ">= 0 (0 = off)"), ("train.router_bias_update_rate", -0.1, ">= 0 (0 = off)"),
     ("optim.clip_norm", -1.0, ">= 0 (0 = no clipping)"),
     ("optim.accumulate", 0, ">= 1"), ("optim.b1", 1.0, "[0, 1)"), ("optim.b2", -0.1, "[0, 1)"),
     ("optim.eps", 0.0, "> 0"), ("mesh.fsdp", 0, "or -1 for the devices left"), ("mesh.tensor", 0, ">= 1"), ("mesh.data", -2, ">= 1"),
+    ("mesh.expert", 0, ">= 1"),
     ("mesh.sequence", -1, "only one mesh axis may be -1"), ("lora.rank", -1, ">= 0"),
     ("lora.alpha", 0.0, "> 0"), ("lora.dropout", 1.0, "[0, 1)"),
 ]

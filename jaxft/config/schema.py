@@ -136,6 +136,8 @@ class MeshSection:
     fsdp: int = key(1, "fully sharded data parallelism: params and optimizer state split over these devices")
     tensor: int = key(1, "tensor parallelism: each matmul split over these devices")
     sequence: int = key(1, "context parallelism: every row's tokens split over this many devices")
+    expert: int = key(1, "expert parallelism: MoE experts split over these devices (divides the experts); "
+                         "a batch axis for everything else")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -98,7 +98,7 @@ def _data_and_train(config: Config, need) -> None:
 
 def _mesh(config: Config, need) -> None:
     sizes = {"data": config.mesh.data, "fsdp": config.mesh.fsdp, "tensor": config.mesh.tensor,
-             "sequence": config.mesh.sequence}
+             "sequence": config.mesh.sequence, "expert": config.mesh.expert}
     for axis, size in sizes.items():
         need(size == -1 or size >= 1, f"mesh.{axis}", "must be >= 1, or -1 for the devices left")
     need(list(sizes.values()).count(-1) <= 1, "mesh.data", f"only one mesh axis may be -1 (mesh {sizes})")

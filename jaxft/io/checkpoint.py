@@ -67,8 +67,8 @@ RESUME_FREE_KEYS = (
     "train.sample_every", "train.sample_prompts", "train.sample_max_new_tokens",
     "train.save_every", "train.max_to_keep", "train.max_bad_steps", "train.prefetch",
     "train.preemption_check_every", "train.loss_chunk_size", "model.remat", "model.scan_layers",
-    "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "optim.accumulate",
-    "data.cache_dir", "data.num_proc", "dpo.precompute_reference", "lora.init_from", "data.skip_invalid",
+    "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "mesh.expert",
+    "optim.accumulate", "data.cache_dir", "data.num_proc", "dpo.precompute_reference", "lora.init_from", "data.skip_invalid",
 )
 
 # Keys the data iterator's own state checks on resume (its settings, or the examples

@@ -57,7 +57,9 @@ def block_size(num_pairs: int, num_experts: int, *, largest: int = 256) -> int:
 def block_rows(experts_TK: jax.Array, num_experts: int, block: int | None = None) -> ExpertRows:
     """The pairs sorted by expert, each expert's rows padded to whole blocks. The number of
     blocks is static, ceil(T * K / block) + X, enough for any routing; blocks past the last
-    expert's are empty (they compute zeros with the last expert's kernel)."""
+    expert's are empty (they compute zeros with the last expert's kernel). Pairs whose expert is
+    >= num_experts (expert parallelism's padding rows) get no row, as `ragged_dot` leaves
+    rows past its groups."""
     flat, order, sizes_X = _sorted(experts_TK, num_experts)
     M = flat.shape[0]
     block = block or block_size(M, num_experts)
@@ -66,7 +68,8 @@ def block_rows(experts_TK: jax.Array, num_experts: int, block: int | None = None
     expert_M = flat[order]  # each sorted pair's expert
     slot_M = (ends_X - padded_X)[expert_M] + jnp.arange(M, dtype=jnp.int32) - (jnp.cumsum(sizes_X) - sizes_X)[expert_M]
     N = -(-M // block) + num_experts
-    pair_at = jnp.full((N * block,), M, jnp.int32).at[slot_M].set(order)
+    slot_M = jnp.where(expert_M < num_experts, slot_M, N * block)
+    pair_at = jnp.full((N * block,), M, jnp.int32).at[slot_M].set(order, mode="drop")
     expert_N = jnp.searchsorted(ends_X, jnp.arange(N, dtype=jnp.int32) * block, side="right")
     return ExpertRows(pair_at, jnp.minimum(expert_N, num_experts - 1).astype(jnp.int32))
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxft.models import grouped_matmul
+from jaxft.models.expert_parallel import over_mesh
 from jaxft.models.parts import ACTIVATIONS, param as _param
 from jaxft.models.quantize import kernel_value
 
@@ -136,9 +137,9 @@ class MoE(nnx.Module):
         weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize, bias_X=bias_X,
                                                  **dict(self.routing))
         mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
-        y_TE = dropless_experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
-                                kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
-                                self.activation)
+        experts = over_mesh(dropless_experts)  # split over the mesh's expert axis when it has one
+        y_TE = experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
+                       kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype), self.activation)
         if self.shared:
             act = ACTIVATIONS[self.activation]
             h = act(x_TE @ kernel_value(self.shared_gate_proj, dtype)) * (x_TE @ kernel_value(self.shared_up_proj, dtype))

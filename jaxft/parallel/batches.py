@@ -1,7 +1,7 @@
 """Host-local numpy batches -> global `jax.Array`s on the mesh.
 
 Every host builds only its own rows (`jaxft.data.pipeline`); `to_global` stitches the hosts'
-rows into one array split over the (data, fsdp) mesh axes (and its tokens over sequence: each
+rows into one array split over the (data, fsdp, expert) mesh axes (and its tokens over sequence: each
 host holds whole rows, and its devices take their token slices of them). Per-pair arrays of a DPO batch
 already describe the whole global batch on every host (global row numbers), so they are
 placed replicated as they are, with no cross-host communication.
@@ -21,7 +21,7 @@ HOST_ONLY_FIELDS = ("example_index",)  # bookkeeping for the host, never sent to
 
 def to_global(batch_np, mesh) -> dict[str, jax.Array]:
     """A host's `SFTBatch` / `DPOBatch` -> {field: global array}: [R, L] fields split by rows
-    over hosts and (data, fsdp) and by tokens over sequence; [P] fields replicated."""
+    over hosts and (data, fsdp, expert) and by tokens over sequence; [P] fields replicated."""
     rows, same_everywhere = batch_sharding(mesh), replicated(mesh)
     out = {}
     for field in dataclasses.fields(batch_np):

@@ -1,11 +1,16 @@
 """Device mesh, the logical-axis rules table, and the shardings derived from it.
 
 Model code names axes logically ("embed", "mlp", "act_batch", ...); this file alone maps those
-names to the mesh axes ("data", "fsdp", "sequence", "tensor"). Parameters are sharded over
-fsdp and sequence (their embed dimension: context-parallel devices hold parameter shards too,
-as fsdp ones do) and tensor (heads / mlp / vocab); activations over data+fsdp (batch), sequence
-(the token axis: context parallelism, see `jaxft.models.context_parallel`) and tensor. A
-dimension that a mesh axis does not divide is replicated along that axis instead.
+names to the mesh axes ("data", "fsdp", "expert", "sequence", "tensor"). Parameters are
+sharded over fsdp, sequence and expert (their embed dimension: context- and expert-parallel
+devices hold parameter shards too, as fsdp ones do) and tensor (heads / mlp / vocab); MoE
+experts' stacked axis over expert (`jaxft.models.expert_parallel`); activations over
+data+fsdp+expert (batch), sequence (the token axis: context parallelism, see
+`jaxft.models.context_parallel`) and tensor. A dimension that a mesh axis does not divide is
+replicated along that axis instead.
+
+A mesh holds the "expert" axis only when it is > 1: without it every program is the one it
+was before the axis existed (an axis of size 1 would still be named in the lowered program).
 """
 
 from __future__ import annotations
@@ -19,29 +24,31 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxft.errors import ConfigError
 
-MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
+# Axes that split a batch's rows (act_batch): the expert axis is one more data axis outside MoE experts.
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical axis -> mesh axis (or axes) it is split over; None = replicated.
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     # parameters
     "layers": None,  # the stacked-layer axis of scanned models
     "vocab": "tensor",
-    "embed": ("fsdp", "sequence"),
+    "embed": ("fsdp", "sequence", "expert"),
     "q_heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
     "norm": None,
-    "per_layer": None,
-    "experts": None,  # MoE experts' stacked axis (sharded within each expert by its other axes)  # Gemma 4's per-layer input width (small): replicated
+    "per_layer": None,  # Gemma 4's per-layer input width (small): replicated
+    "experts": "expert",  # MoE experts' stacked axis: each expert-parallel device its own experts
     "lora_rank": None,  # LoRA adapters' rank axis: small, replicated
     "q_lora": None,  # multi-head latent attention's query / latent ranks (DeepSeek): small, replicated
     "kv_lora": None,
     # activations
-    "act_batch": ("data", "fsdp"),
+    "act_batch": BATCH_AXES,
     "act_length": "sequence",
     # [B * L] token rows: dense layers contract them as one axis when "act_length" is not split
-    "act_tokens": ("data", "fsdp"),
+    "act_tokens": BATCH_AXES,
     "act_embed": None,
     "act_heads": "tensor",
     "act_kv_heads": "tensor",
@@ -50,12 +57,14 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, sequence: int = 1) -> Mesh:
-    """A ("data", "fsdp", "sequence", "tensor") mesh over all devices; one size may be -1 (= the
-    rest). Device order puts tensor, then sequence, innermost: neighbouring devices (one host's)
-    share the axes that talk every layer."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, sequence: int = 1,
+              expert: int = 1) -> Mesh:
+    """A ("data", "fsdp", "expert", "sequence", "tensor") mesh over all devices; one size may be
+    -1 (= the rest); "expert" only when > 1 (see the module docstring). Device order puts
+    tensor, then sequence, then expert innermost: neighbouring devices (one host's) share the
+    axes that talk every layer."""
     devices = list(devices if devices is not None else jax.devices())
-    sizes = {"data": data, "fsdp": fsdp, "sequence": sequence, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "sequence": sequence, "tensor": tensor}
     unknown = [k for k, v in sizes.items() if v == -1]
     if len(unknown) > 1:
         raise ConfigError(f"only one of mesh.{', mesh.'.join(unknown)} may be -1")
@@ -71,17 +80,23 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, *, s
         sizes[unknown[0]] = len(devices) // known
     if math.prod(sizes.values()) != len(devices):
         raise ConfigError(
-            f"mesh.data * mesh.fsdp * mesh.sequence * mesh.tensor = {math.prod(sizes.values())} but there are "
-            f"{len(devices)} devices; set one of them to -1 to use the rest"
+            f"mesh.data * mesh.fsdp * mesh.expert * mesh.sequence * mesh.tensor = {math.prod(sizes.values())} but "
+            f"there are {len(devices)} devices; set one of them to -1 to use the rest"
         )
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    names = tuple(a for a in MESH_AXES if a != "expert" or sizes[a] > 1)
+    grid = np.asarray(devices).reshape(tuple(sizes[a] for a in names))
+    return Mesh(grid, names, axis_types=(AxisType.Auto,) * len(names))
 
 
 def mesh_from_config(config) -> Mesh:
     """The mesh of the `mesh.*` config keys."""
-    return make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, sequence=config.mesh.sequence)
+    m = config.mesh
+    return make_mesh(m.data, m.fsdp, m.tensor, sequence=m.sequence, expert=m.expert)
+
+
+def axis_size(mesh, name: str) -> int:
+    """Devices along mesh axis `name` (1 when the mesh has no such axis: "expert" of size 1)."""
+    return dict(mesh.shape).get(name, 1)
 
 
 def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -> None:
@@ -89,7 +104,7 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
     (`rows_per_example`: device rows one example occupies, 2 for an unpacked DPO pair)."""
     batch = config.train.batch_size
     accumulate = config.optim.accumulate
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = math.prod(axis_size(mesh, a) for a in BATCH_AXES)
     micro_rows = batch // accumulate * rows_per_example
     if jax.process_count() > 1 and batch % jax.process_count():
         raise ConfigError(
@@ -98,7 +113,7 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
     if micro_rows % shards:
         raise ConfigError(
             f"train.batch_size / optim.accumulate = {batch // accumulate} is not divisible by "
-            f"mesh.data * mesh.fsdp = {shards}; choose a batch size that is a multiple of {shards}"
+            f"mesh.data * mesh.fsdp * mesh.expert = {shards}; choose a batch size that is a multiple of {shards}"
             f" per micro-batch"
         )
     sequence = mesh.shape["sequence"]
@@ -106,6 +121,16 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
         raise ConfigError(
             f"data.max_length={config.data.max_length} is not divisible by mesh.sequence={sequence}: "
             f"context parallelism splits every row into mesh.sequence equal parts"
+        )
+
+
+def check_expert_divisibility(num_experts: int, mesh: Mesh) -> None:
+    """An MoE model's experts must split evenly over mesh.expert (each device its own experts)."""
+    n = axis_size(mesh, "expert")
+    if n > 1 and num_experts and num_experts % n:
+        raise ConfigError(
+            f"mesh.expert={n} does not divide the model's {num_experts} experts: expert parallelism gives every "
+            f"device along mesh.expert the same number of whole experts; choose a divisor of {num_experts}"
         )
 
 
@@ -124,9 +149,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
         mesh_axes = _mesh_axes(name)
         kept = []
         for m in mesh_axes:
-            size = mesh.shape[m] if mesh is not None else 1
+            size = axis_size(mesh, m) if mesh is not None else 1
             dim = shape[i] if shape is not None else None
-            divides = dim is None or dim % (size * math.prod(mesh.shape[k] for k in kept)) == 0
+            divides = dim is None or dim % (size * math.prod(axis_size(mesh, k) for k in kept)) == 0
             if m not in used and size > 1 and divides:
                 kept.append(m)
         used.update(kept)
@@ -142,7 +167,7 @@ def _current_mesh():
 def splits(logical_axis: str) -> bool:
     """Whether the ambient mesh splits `logical_axis` over more than one device."""
     mesh = _current_mesh()
-    return mesh is not None and any(mesh.shape[m] > 1 for m in _mesh_axes(logical_axis))
+    return mesh is not None and any(axis_size(mesh, m) > 1 for m in _mesh_axes(logical_axis))
 
 
 def token_groups(rows: int, length: int) -> tuple[int, int]:
@@ -156,7 +181,7 @@ def token_groups(rows: int, length: int) -> tuple[int, int]:
     def blocks(logical_axis: str, size: int) -> int:
         n = 1
         for m in _mesh_axes(logical_axis):
-            n *= mesh.shape[m]
+            n *= axis_size(mesh, m)
         return n if size % n == 0 else 1
 
     return blocks("act_batch", rows), blocks("act_length", length)
@@ -202,8 +227,8 @@ def param_shardings(abstract_state, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """A [B, L] batch field: rows split over data and fsdp, tokens over sequence."""
-    return NamedSharding(mesh, P(("data", "fsdp"), "sequence"))
+    """A [B, L] batch field: rows split over data, fsdp and expert, tokens over sequence."""
+    return NamedSharding(mesh, P(tuple(a for a in BATCH_AXES if a in mesh.shape), "sequence"))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -62,6 +62,8 @@ class PlanResult:
     suggestions: list
     notes: list
     frozen_bytes: int = 0  # LoRA: the frozen base (among the arguments)
+    # compiled: {collective: instructions of it in the program} (a scanned layer loop's body once)
+    collectives: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -182,12 +184,22 @@ def build_step(config, kind, cfg, mesh, tx, schedule) -> _Step:
     return _Step(train_step, mesh, state, batch, state_sh, arg_bytes, note, frozen_bytes=frozen_bytes)
 
 
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def count_collectives(hlo_text: str) -> dict:
+    """{collective: how many instructions of it} in a compiled program's HLO text (async pairs
+    counted once, by their start)."""
+    return {c: len(re.findall(rf"= [^=]*? {c}(?:-start)?\(", hlo_text)) for c in COLLECTIVES}
+
+
 def compile_memory(step: _Step, mesh) -> tuple[dict, str | None]:
-    """XLA's per-device memory of the compiled step, and None; or, when the compiler refuses
-    because the step does not fit, its estimate (temporaries from its message, arguments from
-    the shapes) and that message."""
+    """XLA's per-device memory of the compiled step (and, under "collectives", the collectives
+    it holds), and None; or, when the compiler refuses because the step does not fit, its
+    estimate (temporaries from its message, arguments from the shapes) and that message."""
     try:
-        m = step.lower().compile().memory_analysis()
+        compiled = step.lower().compile()
+        m, collectives = compiled.memory_analysis(), count_collectives(compiled.as_text())
     except jax.errors.JaxRuntimeError as err:
         if "RESOURCE_EXHAUSTED" not in str(err):
             raise
@@ -197,7 +209,8 @@ def compile_memory(step: _Step, mesh) -> tuple[dict, str | None]:
         state = step.argument_bytes  # outputs are the new state, written into the donated one
         return dict(argument_bytes=state, output_bytes=0, alias_bytes=0, temp_bytes=int(temp)), str(err)
     return dict(argument_bytes=int(m.argument_size_in_bytes), output_bytes=int(m.output_size_in_bytes),
-                alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes)), None
+                alias_bytes=int(m.alias_size_in_bytes), temp_bytes=int(m.temp_size_in_bytes),
+                collectives=collectives), None
 
 
 def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
@@ -206,11 +219,11 @@ def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
     if str(config.model.remat).lower() in ("none", "false", ""):
         value = "True" if isinstance(config.model.remat, bool) else "full"
         out.append(f"--config.model.remat={value} (recompute layer activations in the backward pass)")
-    others = mesh_shape["tensor"] * mesh_shape["sequence"]
+    others = mesh_shape["tensor"] * mesh_shape["sequence"] * mesh_shape["expert"]
     if mesh_shape["fsdp"] < devices // others:
         out.append(f"--config.mesh.fsdp={devices // others} --config.mesh.data=1 "
                    "(shard params and optimizer state over more devices)")
-    rows_per_device = config.train.batch_size // config.optim.accumulate / (mesh_shape["data"] * mesh_shape["fsdp"])
+    rows_per_device = config.train.batch_size // config.optim.accumulate / _batch_shards(mesh_shape)
     if rows_per_device > 1:
         out.append(f"a smaller --config.train.batch_size or --config.optim.accumulate={config.optim.accumulate * 2} "
                    "(fewer rows per device at once)")
@@ -220,6 +233,11 @@ def suggestions(config, cfg, mesh_shape: dict, devices: int) -> list[str]:
     if loss_chunk_size(config, cfg) == 0:
         out.append("--config.train.loss_chunk_size=-1 (logits a chunk of trained tokens at a time, never [B, L, V])")
     return out
+
+
+def _batch_shards(mesh_shape: dict) -> int:
+    """Devices a batch's rows are split over (data, fsdp and expert)."""
+    return mesh_shape["data"] * mesh_shape["fsdp"] * mesh_shape["expert"]
 
 
 def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
@@ -235,7 +253,7 @@ def _analytic(config, kind, cfg, target, mesh_shape) -> dict:
         grads = params
     opt = 2 * params  # AdamW mu and nu, in the param dtype
     length = config.data.max_length
-    rows_dev = max(_task(kind).batch_rows(config) // config.optim.accumulate // (mesh_shape["data"] * mesh_shape["fsdp"]), 1)
+    rows_dev = max(_task(kind).batch_rows(config) // config.optim.accumulate // _batch_shards(mesh_shape), 1)
     tokens = rows_dev * length // mesh_shape["sequence"]  # context parallelism splits each row
     E, F, H, K, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
     # What one layer keeps for the backward pass per token: norms, q/k/v, attention out, the
@@ -261,7 +279,8 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     """
     from jaxft.io.metrics import train_flops_per_token
     from jaxft.models.attention import resolve as resolve_attention
-    from jaxft.parallel.sharding import check_batch_divisibility, make_mesh
+    from jaxft.parallel.sharding import MESH_AXES, axis_size, check_batch_divisibility, check_expert_divisibility
+    from jaxft.parallel.sharding import make_mesh
 
     task = _task(kind)  # an unknown kind fails here, naming the known ones
     spec = get_target(target)
@@ -270,8 +289,9 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     cfg = cfg.replace(attention=resolve_attention(cfg.attention, "tpu" if spec.topology else "gpu"))
     devices = topology_devices(spec) if spec.topology else list(range(spec.chips))
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
-                     sequence=config.mesh.sequence)
-    mesh_shape = dict(mesh.shape)
+                     sequence=config.mesh.sequence, expert=config.mesh.expert)
+    mesh_shape = {a: axis_size(mesh, a) for a in MESH_AXES}  # expert 1 included (the mesh omits it)
+    check_expert_divisibility(cfg.num_experts, mesh)
     rows = task.batch_rows(config)
     check_batch_divisibility(config, mesh, rows_per_example=task.rows_per_example(config))
     length = config.data.max_length
@@ -328,7 +348,7 @@ def _lora_notes(cfg, adapters, mesh_shape: dict) -> list[str]:
     """What a LoRA plan trains, and what full fine-tuning the same model would hold."""
     num_params = cfg.num_params()
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
-    shards = mesh_shape["fsdp"] * mesh_shape["tensor"]
+    shards = mesh_shape["fsdp"] * mesh_shape.get("expert", 1) * mesh_shape["tensor"]
     # Params, mu and nu in float32, as the full fine-tuning recipes keep them (not the LoRA
     # base's dtype: a bf16 base would halve the figure).
     full = 3 * num_params * 4 / shards
@@ -358,6 +378,9 @@ def format_plan(r: PlanResult) -> str:
             ("temporaries" if r.compiled else "grads + activations (estimate)", r.temp_bytes),
             ("total", r.total_bytes), ("HBM", r.hbm_bytes)]
     lines += [f"  {name:<30}{b / size:>9.2f}" for name, b in rows]
+    if r.collectives:
+        lines += ["collectives in the compiled program (a scanned layer loop's body counted once): "
+                  + ", ".join(f"{k} {v}" for k, v in r.collectives.items())]
     verdict = "fits" if r.fits else "DOES NOT FIT"
     t = r.step_seconds_estimate
     step_time = f"{t:.2f} s" if t >= 1 else f"{t * 1e3:.3g} ms"

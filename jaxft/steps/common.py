@@ -3,7 +3,7 @@ per-token log-probs of a batch, and jit with explicit shardings.
 
 Steps are `step(state, batch) -> (state, metrics)` on a TrainState (`jaxft.steps.state`);
 batches are dicts of [B, L] int32 global arrays (tokens, positions, segment_ids, loss_mask)
-whose rows split over (data, fsdp).
+whose rows split over (data, fsdp, expert).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ def apply_update(state: dict, grads, loss, tx: optax.GradientTransformation):
 def jit_step(step_fn, *, state_shardings, batch_sharding, frozen_shardings=None, leading_shardings=(),
              donate: bool = True):
     """jax.jit of `step(state, *leading, batch, frozen)` with explicit shardings: the state keeps
-    its param shardings, the batch is split by rows over (data, fsdp) (`batch_sharding`: one
+    its param shardings, the batch is split by rows over (data, fsdp, expert) (`batch_sharding`: one
     sharding, or a dict of them by key), `leading` arguments (DPO's frozen reference) and the
     frozen params (a LoRA base, or None: no argument) keep theirs, metrics come back
     replicated; the old state is donated so the update happens in place (never the

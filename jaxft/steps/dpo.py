@@ -144,7 +144,7 @@ def make_dpo_step(graphdef, tx, schedule, *, loss_kwargs: dict, reference_mode: 
 
 
 def batch_shardings(mesh) -> dict:
-    """Rows split over (data, fsdp); the per-pair arrays replicated."""
+    """Rows split over (data, fsdp, expert); the per-pair arrays replicated."""
     rows, everywhere = batch_sharding(mesh), replicated(mesh)
     return {**{k: rows for k in ROW_KEYS}, **{k: everywhere for k in PAIR_KEYS}}
 
