@@ -72,6 +72,15 @@ FAMILIES = {
         qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
         moe_intermediate_size=24, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
         norm_topk_prob=True)),
+    # gpt-oss: sliding (window 5 < the 16-token rows) and full layers alternating, attention
+    # biases and (randomised) sinks, YaRN untruncated, a router with a bias, experts with biases
+    # and the clamped SwiGLU (limit 1.0 here, so the clamps bind), weights large enough that a
+    # misplaced gate / up column shows.
+    "gpt_oss": (transformers.GptOssConfig, dict(
+        num_hidden_layers=3, head_dim=16, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=5, swiglu_limit=1.0, rms_norm_eps=1e-5, max_position_embeddings=32,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                         "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 8})),
     # Phi-3: fused qkv_proj / gate_up_proj, a window on every layer.
     "phi3": (transformers.Phi3Config, dict(sliding_window=7, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Phi-3.5 / Phi-4-mini style: partial rotary (3/4 of each head) and LongRoPE.
@@ -96,8 +105,12 @@ def make_hf_model(family: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):  # Gemma's norms store an offset from 1: random too
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.endswith("_proj_bias"):  # gpt-oss's experts: *_proj_bias
                 p.copy_(0.1 * torch.randn_like(p))
+            elif name.endswith(".sinks"):  # gpt-oss: large enough to change each softmax
+                p.copy_(torch.randn_like(p))
+            elif name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(0.2 * torch.randn_like(p))
         for name, buffer in model.named_buffers():
             if name.endswith("layer_scalar"):  # Gemma 4: a stored constant per layer
                 buffer.copy_(1.0 + 0.1 * torch.randn_like(buffer))

@@ -57,7 +57,7 @@ def test_save_hf_round_trips_through_transformers(family_folder, tmp_path):
     np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(hf_model, TOKENS), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma4_text", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma4_text", "qwen2_moe", "gpt_oss"])
 def test_mixed_layers_scanned_equal_unrolled(family, tmp_path):
     """A scanned stack of sliding and global layers (each layer's kind switched in the scan;
     Gemma 4: a scan per group of layers of one shape) gives the logits and gradients of the
@@ -212,7 +212,7 @@ def test_unsupported_model_type_is_named(tmp_path):
         load_hf(tmp_path)
 
 
-@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "gemma4_text", "mixtral"])
+@pytest.mark.parametrize("family", ["mistral", "gemma3_text", "gemma4_text", "mixtral", "gpt_oss"])
 def test_kv_cache_decode_equals_full_forward(family, tmp_path):
     make_hf_model(family).save_pretrained(tmp_path)  # sliding window 5 < 16 exercised too
     model = load_hf(tmp_path)

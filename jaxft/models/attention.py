@@ -9,7 +9,10 @@ The mask, the same for every backend: query l (at index q_offset + l) may attend
   q_offset + l - s < sliding_window          only when a window is set
   q_segment_ids[l] == kv_segment_ids[s] != 0 same packed segment, and never a padding key.
 Scores are q.k / sqrt(D); with a logit soft-cap c (Gemma 2) they become c * tanh(scores / c)
-before the mask and the softmax, in every backend (forward and gradient).
+before the mask and the softmax, in every backend (forward and gradient). Attention sinks
+(gpt-oss: one learned logit per query head) join each row's softmax denominator and attend to
+nothing: out = sum_s exp(x_s) v_s / (sum_s exp(x_s) + exp(sink)). reference and blockwise
+compute them; xla runs reference for them, cudnn and splash run blockwise (never dropping them).
 Softmax runs in float32. A query row with no allowed key (a padding query) gives finite output in
 forward and gradient, but its value is the backend's own (reference / xla: the mean of v over all
 keys; blockwise: 0; splash: attention over the padding keys): losses must mask those rows.
@@ -49,9 +52,11 @@ from jaxft.parallel.sharding import logical_to_spec
 
 
 def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
-              logit_softcap=None):
+              logit_softcap=None, sinks_H=None):
     """The original einsum attention, kept as the oracle: [B, L, H, D] in q's dtype. With
-    logit_softcap c, the scaled scores become c * tanh(scores / c) before the mask (Gemma 2)."""
+    logit_softcap c, the scaled scores become c * tanh(scores / c) before the mask (Gemma 2).
+    sinks_H [H]: each head's sink logit, a column in the softmax that is dropped after it
+    (gpt-oss, as transformers' eager attention)."""
     del block_q, block_k  # one signature for every backend
     B, L, H, D = q_BLHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -64,7 +69,11 @@ def reference(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     if logit_softcap:
         scores = logit_softcap * jnp.tanh(scores / logit_softcap)
     scores = jnp.where(allowed_BLS[:, None, None], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+    if sinks_H is None:
+        probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKD.dtype)
+    else:
+        sink = jnp.broadcast_to(sinks_H.astype(jnp.float32).reshape(1, K, H // K, 1, 1), scores.shape[:-1] + (1,))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1].astype(v_BSKD.dtype)
     out_BLKGD = jnp.einsum("BKGLS,BSKD->BLKGD", probs, v_BSKD).astype(q_BLHD.dtype)
     return out_BLKGD.reshape(B, L, H, D)
 
@@ -210,7 +219,7 @@ def resolve(implementation: str, platform: str | None = None) -> str:
 
 def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_offset=0,
            sliding_window=None, logit_softcap=None, implementation="auto", block_q=None,
-           block_k=None) -> jax.Array:
+           block_k=None, sinks_H=None) -> jax.Array:
     """Grouped-query attention under the module's mask rule: out [B, L, H, D] in q's dtype.
 
     q_BLHD [B, L, H, D]; k_BSKD / v_BSKD [B, S, K, D] with H a multiple of K (cast to q's dtype
@@ -221,7 +230,8 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_off
     become c * tanh(scores / c) before the mask, in every backend. implementation: "auto" or a key
     of BACKENDS (see `resolve`). block_q / block_k: blockwise tile sizes (also used when splash
     falls back to blockwise: for q_offset != 0, L != S or L % 128 != 0); None:
-    `blockwise_attention.default_blocks()`.
+    `blockwise_attention.default_blocks()`. sinks_H: None, or [H] sink logits (gpt-oss), which
+    reference and blockwise compute: xla then runs reference, cudnn and splash run blockwise.
     Under a mesh whose "sequence" axis is > 1 (context parallelism) a training call (no cache,
     L divisible by that axis) runs per sequence shard: `jaxft.models.context_parallel`.
     """
@@ -235,6 +245,11 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_off
     name = resolve(implementation)
     mask = AttentionMask(q_segment_ids_BL, kv_segment_ids_BS, q_offset, sliding_window or None)
     opts = dict(block_q=block_q, block_k=block_k, logit_softcap=float(logit_softcap) if logit_softcap else None)
+    if sinks_H is not None:  # only the reference math and blockwise have sinks
+        if sinks_H.shape != (H,):
+            raise ValueError(f"attend: sinks_H must be [H] = [{H}]; got {sinks_H.shape}")
+        name = "reference" if name in ("reference", "xla") else "blockwise"
+        return _maybe_split(BACKENDS[name], q_BLHD, k_BSKD, v_BSKD, mask, **opts, sinks_H=sinks_H)
     if name == "splash":  # splits itself (its kernel's mask tables are split too)
         return splash(q_BLHD, k_BSKD, v_BSKD, mask, **opts)
     return _maybe_split(BACKENDS[name], q_BLHD, k_BSKD, v_BSKD, mask, **opts)

@@ -93,14 +93,17 @@ def _flash_vjp_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
     return out, (q, k, v, qseg, kvseg, q_offset, out, lse)
 
 
-def _flash_vjp_bwd(window, softcap, res, do):
+def _flash_vjp_bwd(window, softcap, res, do, dlse=None):
     """FlashAttention-2 backward in one sweep: per query block, recompute p block by block,
-    accumulate dq for the block and add into full-size f32 dk / dv carried across blocks."""
+    accumulate dq for the block and add into full-size f32 dk / dv carried across blocks.
+    dlse: the cotangent of the log-sum-exp (`_flash_lse`), None when only `out` is used."""
     q, k, v, qseg, kvseg, q_offset, out, lse = res
     N, B, K, G, T, D = q.shape
     M, C = k.shape[0], k.shape[3]
     # delta = rowsum(dO * O) = rowsum(P * dP), which the softmax gradient subtracts.
     delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    if dlse is not None:  # d lse / d scores = P: the scores' gradient gains P * dlse
+        delta = delta - dlse
 
     def q_block(carry, xs):
         q_i, do_i, lse_i, delta_i, qseg_i, n = xs
@@ -138,6 +141,26 @@ def _flash_vjp_bwd(window, softcap, res, do):
 _flash.defvjp(_flash_vjp_fwd, _flash_vjp_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _flash_lse(q, k, v, qseg, kvseg, q_offset, window, softcap):
+    """`_flash` that also returns the log-sum-exp per query, differentiably (attention sinks
+    rescale the output by it); a function of its own so `_flash`'s program stays as it was."""
+    return _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap)
+
+
+def _flash_lse_vjp_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
+    out, lse = _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap)
+    return (out, lse), (q, k, v, qseg, kvseg, q_offset, out, lse)
+
+
+def _flash_lse_vjp_bwd(window, softcap, res, cotangents):
+    do, dlse = cotangents
+    return _flash_vjp_bwd(window, softcap, res, do, dlse)
+
+
+_flash_lse.defvjp(_flash_lse_vjp_fwd, _flash_lse_vjp_bwd)
+
+
 # blockwise tiles (block_q, block_k) when none are given. XLA:CPU runs small ones fastest: on the
 # bench shapes (B 8, H 8, K 4, D 32), forward + backward with 32 x 64 took 0.64 / 0.63 / 0.64x the
 # time of 128 x 128 at 256 / 1,024 / 2,048 tokens (64 x 64: 0.67 / 0.76 / 0.77x). Accelerators,
@@ -151,7 +174,7 @@ def default_blocks(platform: str | None = None) -> tuple[int, int]:
 
 
 def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k=None,
-              logit_softcap=None):
+              logit_softcap=None, sinks_H=None):
     """Memory-lean flash attention in plain JAX: [B, L, H, D] in q's dtype.
 
     Forward and backward each hold one [B, K, G, block_q, block_k] f32 score block at a time
@@ -161,6 +184,9 @@ def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     shrink to L / S when those are shorter (decode: block_q = L). None: `default_blocks()`.
     logit_softcap: None, or a Python float c (static): scores become c * tanh(scores / c) before
     the mask, and the backward goes through the tanh.
+    sinks_H: None, or [H] sink logits (gpt-oss): the output over the keys times
+    sigmoid(lse - sink), lse the log-sum-exp of the allowed scores, which is the softmax with the
+    sink in its denominator; gradients reach the sinks and, through lse, the scores.
     """
     B, L, H, D = q_BLHD.shape
     S, K = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -178,8 +204,15 @@ def blockwise(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, bloc
     v_MBKCD = pad(v_BSKD, M * C).reshape(B, M, C, K, D).transpose(1, 0, 3, 2, 4)
     qseg_NBT = pad(mask.q_segment_ids_BL.astype(jnp.int32), N * T).reshape(B, N, T).transpose(1, 0, 2)
     kvseg_MBC = pad(mask.kv_segment_ids_BS.astype(jnp.int32), M * C).reshape(B, M, C).transpose(1, 0, 2)
-    out_NBKGTD = _flash(q_NBKGTD, k_MBKCD, v_MBKCD, qseg_NBT, kvseg_MBC,
-                        jnp.asarray(mask.q_offset, jnp.int32), mask.sliding_window or None,
-                        logit_softcap or None)
+    args = (q_NBKGTD, k_MBKCD, v_MBKCD, qseg_NBT, kvseg_MBC, jnp.asarray(mask.q_offset, jnp.int32),
+            mask.sliding_window or None, logit_softcap or None)
+    if sinks_H is None:
+        out_NBKGTD = _flash(*args)
+    else:
+        out_NBKGTD, lse_NBKGT = _flash_lse(*args)
+        sinks_KG = sinks_H.astype(jnp.float32).reshape(K, G)
+        # a query with no allowed key has out 0 (and lse 0): it stays 0
+        keep_NBKGT = jax.nn.sigmoid(lse_NBKGT - sinks_KG[None, None, :, :, None])
+        out_NBKGTD = (out_NBKGTD.astype(jnp.float32) * keep_NBKGT[..., None]).astype(q_BLHD.dtype)
     out_BLHD = out_NBKGTD.transpose(1, 0, 4, 2, 3, 5).reshape(B, N * T, H, D)[:, :L]
     return out_BLHD.astype(q_BLHD.dtype)

@@ -25,7 +25,7 @@ from jaxft.models.remat import normalize_remat
 from jaxft.models.rope import Rope
 
 NORMS = ("rms", "rms_plus_one", "rms_f32")  # x * w (Llama), x * (1 + w) in float32 (Gemma 2 / 3), x * w in float32 (Gemma 4)
-ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU, GeGLU with tanh-GELU (Gemma)
+ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")  # SwiGLU, GeGLU with tanh-GELU (Gemma), gpt-oss's (parts.gated)
 ROUTER_SCORINGS = ("softmax", "sigmoid")  # expert scores: Mixtral / Qwen / DeepSeek-V2, DeepSeek-V3
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -174,6 +174,14 @@ class ModelConfig:
     router_bias: bool = False  # e_score_correction_bias: selects, never weights, never trained
     routed_scaling_factor: float = 1.0
     router_f32: bool = False  # router logits in float32 whatever the compute dtype (DeepSeek)
+    # gpt-oss: the router a Linear with a (trained) bias, experts with biases on gate / up / down,
+    # the clamped SwiGLU's limit and sigmoid gain (activation "clamped_swiglu"), and attention
+    # sinks (a learned logit per query head in each softmax's denominator).
+    router_logit_bias: bool = False
+    expert_bias: bool = False
+    swiglu_limit: float = 7.0
+    swiglu_alpha: float = 1.702
+    attention_sinks: bool = False
     # Multi-head latent attention (DeepSeek-V2 / V3, jaxft.models.mla) when kv_lora_rank is set.
     kv_lora_rank: int | None = None  # R: the latent keys and values come from (and the cache holds)
     q_lora_rank: int | None = None  # queries through a rank-Q bottleneck (None: one q_proj)
@@ -354,6 +362,8 @@ class ModelConfig:
         attn = E * D * (2 * H + kv_projections * K)
         if self.qkv_bias:
             attn += D * (H + kv_projections * K)
+        if self.attention_sinks:  # gpt-oss: its o_proj bias and sinks
+            attn += E * self.o_bias + H
         if self.kv_lora_rank is not None:
             attn = self._mla_params()
         mlp = 3 * E * F
@@ -361,7 +371,9 @@ class ModelConfig:
             S = self.shared_expert_size
             experts = self.experts_per_token if active else self.num_experts
             mlp = (E * self.num_experts + 3 * E * self.expert_size * experts + 3 * E * S
-                   + (E if self.shared_expert_gate else 0) + (self.num_experts if self.router_bias else 0))
+                   + (E if self.shared_expert_gate else 0) + (self.num_experts if self.router_bias else 0)
+                   + (self.num_experts if self.router_logit_bias else 0)
+                   + ((2 * self.expert_size + E) * experts if self.expert_bias else 0))
         return attn + mlp + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
 
     def _mla_params(self) -> int:

@@ -78,6 +78,8 @@ class Attention(nnx.Module):
                 setattr(self, f"{name}_bias", _param(None, (heads[1], D), (heads[0], "head_dim"), pd, init="zeros"))
         if cfg.o_bias:
             self.o_bias = _param(None, (E,), ("norm",), pd, init="zeros")
+        if cfg.attention_sinks:  # gpt-oss: each head's sink logit (`jaxft.models.attention`)
+            self.sinks = _param(None, (H,), ("q_heads",), pd, init="zeros")
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.rms_norm_eps, param_dtype=pd, axis="head_dim", kind=cfg.norm)
             if "k" in self.projections:
@@ -125,7 +127,8 @@ class Attention(nnx.Module):
             q_BLHD = q_BLHD * jnp.asarray(math.sqrt(D / cfg.query_pre_attn_scalar), q_BLHD.dtype)
         kinds = cfg.layer_kinds()[0]
         core = functools.partial(_attention_core, cfg, positions_BL=positions_BL, segment_ids_BL=segment_ids_BL,
-                                 cache=cache, cache_index=cache_index)
+                                 cache=cache, cache_index=cache_index,
+                                 sinks_H=self.sinks[...] if cfg.attention_sinks else None)
         if isinstance(kind, int) or len(kinds) == 1:
             out_BLHD, new_cache, kv = core(kinds[kind if isinstance(kind, int) else 0], q_BLHD, k_BLKD, v_BLKD,
                                            shared_kv=shared_kv)
@@ -141,7 +144,7 @@ class Attention(nnx.Module):
 
 
 def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *, positions_BL,
-                    segment_ids_BL, cache, cache_index, shared_kv=None):
+                    segment_ids_BL, cache, cache_index, shared_kv=None, sinks_H=None):
     """RoPE, the KV-cache write and the attention of one layer kind: (out [B, L, H, D], cache,
     (keys, values, key segment ids) attended). With `shared_kv` those are an earlier layer's
     (Gemma 4's KV sharing) and k / v / cache are unused."""
@@ -168,7 +171,7 @@ def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *
     # Causal within a row, never across packed segments or onto padding (models/attention.py).
     out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
                       kv_segment_ids_BS=kv_segments_BS, q_offset=q_offset, sliding_window=kind.window,
-                      implementation=cfg.attention, logit_softcap=cfg.attn_logit_softcap)
+                      implementation=cfg.attention, logit_softcap=cfg.attn_logit_softcap, sinks_H=sinks_H)
     return out_BLHD, new_cache, (k_BSKD, v_BSKD, kv_segments_BS)
 
 

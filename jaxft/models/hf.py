@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from jaxft.errors import DataError, PathError
 from jaxft.io.folders import check_model_folder
-from jaxft.models import families
+from jaxft.models import families, mxfp4
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
 from jaxft.models.decoder import Decoder
 from jaxft.models.layer_groups import layer_path
@@ -85,7 +85,14 @@ def _moe_rules(cfg: ModelConfig, hf: str) -> list[tuple]:
     if cfg.router_bias:  # DeepSeek-V3's selection bias
         rules.append((f"{hf}{module}.{router}.e_score_correction_bias", mlp + ("e_score_correction_bias",), (X,),
                       _same, _same))
-    for x in range(X):
+    if cfg.router_logit_bias:  # gpt-oss's router bias
+        rules.append((f"{hf}{module}.{router}.bias", mlp + ("router_logit_bias",), (X,), _same, _same))
+    stacked = ((gate, "gate", (X, E, F)), (up, "up", (X, E, F)), (down, "down", (X, F, E)))
+    for name, ours, shape in stacked if family.stacked_experts else ():  # gpt-oss: [X, in, out] as ours
+        rules.append((f"{hf}{module}.{experts}.{name}", mlp + (f"{ours}_proj",), shape, _same, _same))
+    for name, ours, shape in stacked if family.stacked_experts and cfg.expert_bias else ():
+        rules.append((f"{hf}{module}.{experts}.{name}_bias", mlp + (f"{ours}_bias",), (X, shape[2]), _same, _same))
+    for x in () if family.stacked_experts else range(X):
         for name, ours, shape in ((gate, "gate_proj", (F, E)), (up, "up_proj", (F, E)), (down, "down_proj", (E, F))):
             rules.append((f"{hf}{module}.{experts}.{x}.{name}.weight", mlp + (ours,), shape, _transpose, _transpose, x))
     if S:
@@ -153,6 +160,8 @@ def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tup
     ))
     if cfg.o_bias:
         rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))
+    if cfg.attention_sinks:
+        rules.append((f"{hf}self_attn.sinks", attn + ("sinks",), (H,), _same, _same))
     if cfg.qk_norm:
         for name in ("q_norm", "k_norm") if "k" in names else ("q_norm",):
             rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
@@ -204,26 +213,42 @@ def _fused(cfg: ModelConfig) -> dict:
     return families.fused_tensors(cfg.model_type, cfg.parts())
 
 
-def _fuse(tensors: dict[str, np.ndarray], fused: dict) -> dict[str, np.ndarray]:
+def _interleaved(cfg: ModelConfig) -> tuple:
+    """The family's tensors whose parts alternate along the last axis (gpt-oss's gate_up_proj)."""
+    return families.family(cfg.model_type).interleaved
+
+
+def _fuse(tensors: dict[str, np.ndarray], fused: dict, interleaved: tuple = ()) -> dict[str, np.ndarray]:
     """HF tensors with each fused group's parts concatenated (along the output rows) under the
-    fused name, in the checkpoint's order."""
+    fused name, in the checkpoint's order; each interleaved group's parts alternating along the
+    last axis."""
     out = dict(tensors)
     for suffix, parts in fused.items():
         first = parts[0][0]
         for name in [n for n in tensors if n.endswith("." + first)]:
             prefix = name[: -len(first)]
             out[prefix + suffix] = np.concatenate([out.pop(prefix + part) for part, _ in parts], axis=0)
+    for suffix, parts in interleaved:
+        for name in [n for n in tensors if n.endswith("." + parts[0])]:
+            prefix = name[: -len(parts[0])]
+            stacked = np.stack([out.pop(prefix + part) for part in parts], axis=-1)
+            out[prefix + suffix] = stacked.reshape(stacked.shape[:-2] + (-1,))
     return out
 
 
 class _TensorReader:
     """Looks tensors up by name across a single file or an index of shards (memory-mapped).
-    A fused tensor (`fused`: Phi-3's qkv_proj) reads as its parts: row slices under their names."""
+    A fused tensor (`fused`: Phi-3's qkv_proj) reads as its parts: row slices under their names.
+    An MXFP4 tensor (`W_blocks` and `W_scales`) reads dequantized as `W` (`jaxft.models.mxfp4`),
+    an interleaved one (`interleaved`: gpt-oss's gate_up_proj) as its parts."""
 
-    def __init__(self, folder: Path, fused: dict | None = None):
+    def __init__(self, folder: Path, fused: dict | None = None, interleaved: tuple = ()):
         index = folder / INDEX_FILE
         self._open: dict[Path, object] = {}
         self._views: dict[str, tuple[str, int, int]] = {}  # part name -> (fused name, rows from, to)
+        self._derived: dict[str, tuple[tuple, Callable]] = {}  # name -> (shape, read it), not stored as itself
+        self._hidden: set[str] = set()  # stored names read only through derived ones
+        self._last: tuple[str, np.ndarray] | None = None  # the last interleaved tensor read (its parts follow)
         self._stored: dict[str, str] = {}  # name -> the name it is stored under, where they differ
         if index.is_file():
             self.files = {name: folder / f for name, f in _weight_map(index).items()}
@@ -250,17 +275,38 @@ class _TensorReader:
                 for part, rows in parts:
                     self._views[name[: -len(suffix)] + part] = (name, start, start + rows)
                     start += rows
+        for name, (blocks, scales) in mxfp4.packed_names(self.files).items():
+            self._derived[name] = (mxfp4.dequantized_shape(self.shape(blocks)),
+                                   lambda b=blocks, s=scales: mxfp4.dequantize(self.get(b), self.get(s)))
+            self._hidden |= {blocks, scales}
+        for suffix, parts in interleaved:
+            for name in [n for n in self.names() if n.endswith("." + suffix)]:
+                *lead, width = self.shape(name)
+                for j, part in enumerate(parts):
+                    self._derived[name[: -len(suffix)] + part] = (
+                        (*lead, width // len(parts)), lambda n=name, j=j, k=len(parts): self._whole(n)[..., j::k])
+                self._hidden.add(name)
+
+    def _whole(self, name: str) -> np.ndarray:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self.get(name))
+        return self._last[1]
 
     def names(self) -> set[str]:
-        return set(self.files) - {real for real, _, _ in self._views.values()} | set(self._views)
+        return ((set(self.files) | set(self._views) | set(self._derived))
+                - {real for real, _, _ in self._views.values()} - self._hidden)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._derived:
+            return tuple(self._derived[name][0])
         if name in self._views:
             real, start, stop = self._views[name]
             return (stop - start,) + self.shape(real)[1:]
         return tuple(self._handle(name).get_slice(self._stored.get(name, name)).get_shape())
 
     def get(self, name: str) -> np.ndarray:
+        if name in self._derived:
+            return self._derived[name][1]()
         if name in self._views:
             real, start, stop = self._views[name]
             return self._handle(real).get_slice(self._stored.get(real, real))[start:stop]
@@ -316,7 +362,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     transform: `fn(state path, device array) -> value`, applied to each weight as it lands on
     the devices (QLoRA quantizes there, so the full-precision model never exists whole)."""
     folder = Path(folder)
-    reader = _TensorReader(folder, _fused(cfg))
+    reader = _TensorReader(folder, _fused(cfg), _interleaved(cfg))
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(abstract_state, mesh) if mesh is not None else None
     rules = _tensor_rules(cfg)
@@ -407,7 +453,7 @@ def hf_state_dict(model: Decoder, dtype=None) -> dict[str, np.ndarray]:
         # a param kept in its own dtype (DeepSeek's float32 router and bias) is saved in it
         keep = value.dtype != np.dtype(cfg.param_dtype)
         out[name] = np.ascontiguousarray(to_hf(value).astype(value.dtype if keep else dtype or cfg.param_dtype))
-    return _fuse(out, _fused(cfg))
+    return _fuse(out, _fused(cfg), _interleaved(cfg))
 
 
 def save_hf(model: Decoder, path: str | Path, *, tokenizer=None, dtype=None,

@@ -6,7 +6,9 @@ Routing follows transformers: softmax over the router's logits in float32, the t
 renormalised to sum to 1 (Mixtral always; Qwen's `norm_topk_prob`). Qwen2-MoE adds a shared
 expert (a dense gated MLP) whose output is scaled by sigmoid(shared_expert_gate(x)); DeepSeek's
 shared experts are one such MLP without the gate. DeepSeek-V2 / V3 route by groups of experts,
-V3 by sigmoid scores plus a frozen selection bias (`route`).
+V3 by sigmoid scores plus a frozen selection bias (`route`). gpt-oss's router has a bias on its
+logits and takes the softmax of the top k logits (the renormalised top k of the softmax, the
+same numbers); its experts have biases and the clamped SwiGLU (`jaxft.models.parts.gated`).
 
 Axis letters: T tokens, E embed, X experts, K experts per token, F expert hidden.
 """
@@ -19,7 +21,7 @@ from flax import nnx
 
 from jaxft.models import grouped_matmul
 from jaxft.models.expert_parallel import over_mesh
-from jaxft.models.parts import ACTIVATIONS, param as _param
+from jaxft.models.parts import ACTIVATIONS, gated, param as _param
 from jaxft.models.quantize import kernel_value
 
 
@@ -71,18 +73,27 @@ def _grouped_route(logits_TX, k, *, normalize, scoring, groups, topk_groups, bia
 
 
 def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str,
-                     matmul: str | None = None):
+                     matmul: str | None = None, *, biases=None, limit: float = 7.0, alpha: float = 1.702):
     """sum over k of weights[t, k] * expert[experts[t, k]](x[t]) for gated-MLP experts, every
     pair computed: the T * K pairs grouped by expert, one grouped matmul per projection.
     matmul: the rows' layout and matmul (`jaxft.models.grouped_matmul.LAYOUTS`; None: the
-    backend's default, "blocks" on CPU, "ragged" (`jax.lax.ragged_dot`) elsewhere)."""
+    backend's default, "blocks" on CPU, "ragged" (`jax.lax.ragged_dot`) elsewhere).
+    biases: None, or (gate [X, F], up [X, F], down [X, E]) added to each row by its expert
+    (gpt-oss). activation, limit, alpha: `jaxft.models.parts.gated`."""
     T, K = experts_TK.shape
     rows_of, grouped = grouped_matmul.layout(matmul)
     rows = rows_of(experts_TK, gate_XEF.shape[0])
     token_P = rows.pair_at // K  # T on a padding row: reads zeros, dropped when combined
     xs = jnp.take(x_TE, token_P, axis=0, mode="fill", fill_value=0)
-    h = ACTIVATIONS[activation](grouped(xs, gate_XEF, rows.groups)) * grouped(xs, up_XEF, rows.groups)
+    gate_h, up_h = grouped(xs, gate_XEF, rows.groups), grouped(xs, up_XEF, rows.groups)
+    if biases is not None:  # each row's expert's bias (0 for an expert past X: expert parallelism's padding)
+        expert_P = jnp.take(experts_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0)
+        gate_h = gate_h + jnp.take(biases[0], expert_P, axis=0, mode="fill", fill_value=0)
+        up_h = up_h + jnp.take(biases[1], expert_P, axis=0, mode="fill", fill_value=0)
+    h = gated(activation, gate_h, up_h, limit=limit, alpha=alpha)
     y = grouped(h, down_XFE, rows.groups)
+    if biases is not None:
+        y = y + jnp.take(biases[2], expert_P, axis=0, mode="fill", fill_value=0)
     y = y * jnp.take(weights_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0).astype(y.dtype)[:, None]
     return jnp.zeros_like(x_TE).at[token_P].add(y, mode="drop")
 
@@ -120,6 +131,14 @@ class MoE(nnx.Module):
                 self.shared_expert_gate = _param(rngs, (E, 1), ("embed", None), pd)
         if cfg.router_bias:  # DeepSeek-V3's e_score_correction_bias: a checkpoint constant, never trained
             self.e_score_correction_bias = _param(None, (X,), ("experts",), jnp.float32, init="zeros")
+        if cfg.router_logit_bias:  # gpt-oss: the router's Linear bias, trained like its weight
+            self.router_logit_bias = _param(None, (X,), ("experts",), pd, init="zeros")
+        if cfg.expert_bias:  # gpt-oss: each expert's gate / up / down biases
+            self.gate_bias = _param(None, (X, F), ("experts", "mlp"), pd, init="zeros")
+            self.up_bias = _param(None, (X, F), ("experts", "mlp"), pd, init="zeros")
+            self.down_bias = _param(None, (X, E), ("experts", "embed"), pd, init="zeros")
+        self.logit_bias, self.expert_bias = cfg.router_logit_bias, cfg.expert_bias
+        self.glu = (("limit", cfg.swiglu_limit), ("alpha", cfg.swiglu_alpha))
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
         self.routing = (("scoring", cfg.router_scoring), ("groups", cfg.router_groups),
                         ("topk_groups", cfg.router_topk_groups), ("scale", cfg.routed_scaling_factor))
@@ -133,13 +152,16 @@ class MoE(nnx.Module):
             logits_TX = x_TE.astype(jnp.float32) @ kernel_value(self.router, jnp.float32)
         else:
             logits_TX = x_TE @ kernel_value(self.router, dtype)
+        if self.logit_bias:
+            logits_TX = logits_TX + self.router_logit_bias[...].astype(logits_TX.dtype)[None, :]
         bias_X = jax.lax.stop_gradient(self.e_score_correction_bias[...]) if self.router_bias else None
         weights_TK, experts_TK, probs_TX = route(logits_TX, self.k, normalize=self.normalize, bias_X=bias_X,
                                                  **dict(self.routing))
         mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
         experts = over_mesh(dropless_experts)  # split over the mesh's expert axis when it has one
         y_TE = experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
-                       kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype), self.activation)
+                       kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype), self.activation,
+                       biases=self._expert_biases(dtype), **dict(self.glu))
         if self.shared:
             act = ACTIVATIONS[self.activation]
             h = act(x_TE @ kernel_value(self.shared_gate_proj, dtype)) * (x_TE @ kernel_value(self.shared_up_proj, dtype))
@@ -148,3 +170,8 @@ class MoE(nnx.Module):
                 shared_TE = shared_TE * jax.nn.sigmoid(x_TE @ kernel_value(self.shared_expert_gate, dtype))
             y_TE = y_TE + shared_TE
         return y_TE.reshape(x.shape), router_stats(probs_TX, experts_TK, mask_T, logits_TX)
+
+    def _expert_biases(self, dtype):
+        if not self.expert_bias:
+            return None
+        return tuple(getattr(self, f"{n}_bias")[...].astype(dtype) for n in ("gate", "up", "down"))

@@ -61,6 +61,17 @@ ACTIVATIONS = {
 }
 
 
+def gated(activation: str, gate: jax.Array, up: jax.Array, *, limit: float = 7.0, alpha: float = 1.702) -> jax.Array:
+    """A gated MLP's hidden units from its gate and up projections: act(gate) * up for the
+    `ACTIVATIONS`; "clamped_swiglu" (gpt-oss's experts): the gate clamped above at `limit`, up
+    clamped to [-limit, limit], then (up + 1) * gate * sigmoid(alpha * gate)."""
+    if activation != "clamped_swiglu":
+        return ACTIVATIONS[activation](gate) * up
+    gate = jnp.minimum(gate, jnp.asarray(limit, gate.dtype))
+    up = jnp.clip(up, jnp.asarray(-limit, up.dtype), jnp.asarray(limit, up.dtype))
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * jnp.asarray(alpha, gate.dtype)))
+
+
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
     """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x unchanged when cap is None."""
     return x if not cap else cap * jnp.tanh(x / cap)
