@@ -85,12 +85,16 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     rows = rows_of(experts_TK, gate_XEF.shape[0])
     token_P = rows.pair_at // K  # T on a padding row: reads zeros, dropped when combined
     xs = jnp.take(x_TE, token_P, axis=0, mode="fill", fill_value=0)
-    gate_h, up_h = grouped(xs, gate_XEF, rows.groups), grouped(xs, up_XEF, rows.groups)
-    if biases is not None:  # each row's expert's bias (0 for an expert past X: expert parallelism's padding)
-        expert_P = jnp.take(experts_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0)
-        gate_h = gate_h + jnp.take(biases[0], expert_P, axis=0, mode="fill", fill_value=0)
-        up_h = up_h + jnp.take(biases[1], expert_P, axis=0, mode="fill", fill_value=0)
-    h = gated(activation, gate_h, up_h, limit=limit, alpha=alpha)
+    gate_h = grouped(xs, gate_XEF, rows.groups)
+    if biases is None and activation in ACTIVATIONS:  # act(gate) before up's matmul: the program as it was
+        h = ACTIVATIONS[activation](gate_h) * grouped(xs, up_XEF, rows.groups)
+    else:
+        up_h = grouped(xs, up_XEF, rows.groups)
+        if biases is not None:  # each row's expert's bias (0 for an expert past X: expert parallelism's padding)
+            expert_P = jnp.take(experts_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0)
+            gate_h = gate_h + jnp.take(biases[0], expert_P, axis=0, mode="fill", fill_value=0)
+            up_h = up_h + jnp.take(biases[1], expert_P, axis=0, mode="fill", fill_value=0)
+        h = gated(activation, gate_h, up_h, limit=limit, alpha=alpha)
     y = grouped(h, down_XFE, rows.groups)
     if biases is not None:
         y = y + jnp.take(biases[2], expert_P, axis=0, mode="fill", fill_value=0)
