@@ -108,6 +108,43 @@ def test_each_token_goes_to_the_experts_transformers_picks(folder):
         np.testing.assert_allclose(np.asarray(weights), hf_weights.numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("matmul", ["ragged", "blocks"])
+def test_expert_biases_and_clamped_swiglu_in_the_grouped_matmuls_equal_a_per_token_loop(matmul):
+    """gpt-oss's experts in both row layouts (ragged: TPU / GPU, blocks: CPU): each row gets its
+    expert's gate / up / down bias and the clamped SwiGLU (a limit that binds), equal to summing
+    weights x expert(x) token by token; the bias gradients equal the loop's."""
+    from jaxft.models.moe import dropless_experts
+    from jaxft.models.parts import gated
+
+    rng = np.random.default_rng(3)
+    T, E, F, X, K = 12, 8, 6, 4, 2
+    x, gate, up, down, bg, bu, bd = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in
+                                     [(T, E), (X, E, F), (X, E, F), (X, F, E), (X, F), (X, F), (X, E)])
+    experts = jnp.asarray(np.stack([rng.permutation(X)[:K] for _ in range(T)]), jnp.int32)
+    weights = jnp.asarray(rng.uniform(size=(T, K)), jnp.float32)
+
+    def ours(bg, bu, bd):
+        return dropless_experts(x, weights, experts, gate, up, down, "clamped_swiglu", matmul,
+                                biases=(bg, bu, bd), limit=1.0, alpha=1.702)
+
+    def loop(bg, bu, bd):
+        rows = []
+        for t in range(T):
+            y = jnp.zeros(E)
+            for k in range(K):
+                e = int(experts[t, k])
+                h = gated("clamped_swiglu", x[t] @ gate[e] + bg[e], x[t] @ up[e] + bu[e], limit=1.0, alpha=1.702)
+                y = y + weights[t, k] * (h @ down[e] + bd[e])
+            rows.append(y)
+        return jnp.stack(rows)
+
+    np.testing.assert_allclose(np.asarray(ours(bg, bu, bd)), np.asarray(loop(bg, bu, bd)), atol=1e-5)
+    probe = jnp.asarray(rng.normal(size=(T, E)), jnp.float32)
+    for got, want in zip(jax.grad(lambda *b: jnp.sum(ours(*b) * probe), argnums=(0, 1, 2))(bg, bu, bd),
+                         jax.grad(lambda *b: jnp.sum(loop(*b) * probe), argnums=(0, 1, 2))(bg, bu, bd)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_mxfp4_dequantization_equals_transformers():
     """Random MXFP4 blocks and scales dequantize to exactly transformers'
     `convert_moe_packed_tensors` values (bfloat16), in its layout."""
