@@ -1,6 +1,6 @@
 """gpt-oss beyond logits parity (tests/test_models_parity.py): attention sinks in every backend,
 the experts each token is routed to, MXFP4 checkpoints dequantized as transformers does, the
-released config read (parameter count as transformers' model), sinks under context
+released config read (parameter count as transformers' model), context and expert
 parallelism, and an SFT run from an HF folder."""
 
 from __future__ import annotations
@@ -214,9 +214,12 @@ def test_released_config_reads_to_transformers_parameter_count():
     assert out["router_aux_loss_coef"] == 0.9 and out["experts_per_token"] == 4 and out["initial_context_length"] == 4096
 
 
-def test_sinks_and_expert_biases_under_context_parallelism_equal_one_device(folder):
+@pytest.mark.parametrize("axes", [dict(data=2, sequence=4), dict(fsdp=2, expert=2, tensor=2)],
+                         ids=["context-parallel", "expert-parallel"])
+def test_sinks_and_expert_biases_on_a_mesh_equal_one_device(folder, axes):
     """Each row's tokens split over a sequence axis (attention per shard, the sinks inside the
-    shard_map): the loss and the gradients of the sinks, expert and router biases equal one
+    shard_map), or the experts and their biases split over an expert axis (pairs sent to them by
+    all-to-all): the loss and the gradients of the sinks, expert and router biases equal one
     device's."""
     from tests.test_families import assert_mesh_equals_one_device
 
@@ -225,7 +228,7 @@ def test_sinks_and_expert_biases_under_context_parallelism_equal_one_device(fold
         return [grads["layers"]["self_attn"]["sinks"][...], mlp["gate_bias"][...], mlp["down_bias"][...],
                 mlp["router_logit_bias"][...]]
 
-    assert_mesh_equals_one_device(folder[0], dict(data=2, sequence=4), picks)
+    assert_mesh_equals_one_device(folder[0], axes, picks)
 
 
 def test_gpt_oss_sft_learns_and_its_export_loads_in_transformers_with_equal_logits(tmp_path):
