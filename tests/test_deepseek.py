@@ -114,18 +114,23 @@ def test_greedy_generation_through_the_latent_cache_equals_transformers(folders)
     assert sum(x.nbytes for x in arrays) == cfg.num_layers * 2 * 24 * per_token * 4
 
 
-def test_the_selection_bias_is_not_decayed_and_lora_is_refused_naming_the_key(folders):
+def test_the_selection_bias_is_not_decayed_and_a_lora_target_it_lacks_is_refused_naming_the_key(folders):
     """V3's e_score_correction_bias gets no weight decay (and no gradient: the SFT test below
-    trains with decay and exports it unchanged); LoRA on an MLA model is refused naming
-    lora.targets."""
+    trains with decay and exports it unchanged); LoRA targets only on projections the model
+    does not have (k_proj: latent attention has none) are refused naming lora.targets and
+    what it has."""
     from jaxft.models.lora import LoRASpec
     from jaxft.steps.optimizer import decay_mask
 
     model = load_hf(folders["deepseek_v3"][0])
     mask = decay_mask(nnx.to_pure_dict(nnx.state(model, nnx.Param)))["groups"][1][0]["mlp"]
     assert not mask["e_score_correction_bias"] and mask["router"]
-    with pytest.raises(ConfigError, match=r"lora\.targets=q_proj"):
+    with pytest.raises(ConfigError, match=r"lora\.targets=k_proj,v_proj: this deepseek_v3 model has none of these "
+                                          r"projections; it has down_proj,gate_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj"):
+        model.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("k_proj", "v_proj")))
+    with pytest.raises(ConfigError, match=r"lora\.targets=q_proj: this deepseek_v3 model"):  # V3: q_a / q_b
         model.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("q_proj",)))
+    model.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("k_proj", "kv_b_proj")))  # one it has: fine
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +184,45 @@ def test_deepseek_dpo_starts_at_ln2_and_learns(tiny_deepseek, tmp_path):
     from tests.test_families import dpo_starts_at_ln2_and_learns
 
     dpo_starts_at_ln2_and_learns(tiny_deepseek, tmp_path)
+
+
+def test_deepseek_qlora_quantizes_experts_and_latent_attention_and_trains_adapters_on_them(tiny_deepseek, tmp_path):
+    """An NF4 QLoRA base holds every matmul kernel of the layers as 4-bit codes: the stacked routed
+    experts (most of an MoE's bytes), the shared experts, layer 0's dense MLP, the latent
+    attention's projections; the router and its bias stay float32. A QLoRA run with adapters on
+    all of them (all-linear: per-expert ones included) learns."""
+    from jaxft import config as config_lib
+    from jaxft.io.metrics import read_metrics
+    from jaxft.models import load_weights
+    from jaxft.models.config import read_hf_config
+    from jaxft.models.from_config import split_params
+    from jaxft.models.lora import PROJECTIONS, LoRASpec
+    from jaxft.models.quantize import QuantizedKernel, quantized_bytes, quantizer
+    from jaxft.run import run
+    from tests.quickstart_subset import sft_data
+    from tests.test_families import RUN
+
+    cfg = read_hf_config(tiny_deepseek)
+    lcfg = cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
+    _, params = split_params(load_weights(tiny_deepseek, cfg, transform=quantizer(lcfg, "nf4")))
+    moe, attn = params["groups"][1][0]["mlp"], params["groups"][1][0]["self_attn"]
+    dense = params["groups"][0][0]["mlp"]
+    kernels = [moe[n] for n in ("gate_proj", "up_proj", "down_proj", "shared_gate_proj", "shared_up_proj",
+                                "shared_down_proj")] + [dense["gate_proj"], dense["down_proj"]]
+    kernels += [attn[n] for n in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+    assert all(isinstance(k, QuantizedKernel) and k.codes.dtype == jnp.uint4 for k in kernels)
+    experts = moe["gate_proj"]
+    assert experts.shape == (2, 8, 64, 32)  # [layers, experts, embed, expert hidden]
+    assert quantized_bytes(experts) <= 0.15 * experts.codes.size * 4  # vs float32: 4.5 bits a weight
+    assert not isinstance(moe["router"], QuantizedKernel) and moe["router"].dtype == jnp.float32
+
+    config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
+                                                     "model.path": str(tiny_deepseek), "optim.lr": 5e-3,
+                                                     "lora.rank": 4, "lora.alpha": 8.0,
+                                                     "lora.base_quantization": "nf4"})
+    result = run(config, tmp_path / "run")
+    losses = [r["loss"] for r in read_metrics(result.workdir) if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3, losses
 
 
 def test_bfloat16_keeps_the_router_in_float32_and_skips_next_token_layers(folders, tmp_path):

@@ -1,7 +1,8 @@
 """The families beyond Llama: LoRA exports PEFT adapters that `peft` loads with equal logits
 and merges to the same model (Phi-3's fused projections as block modules, Gemma 4's layers of
-two shapes, an MoE model's attention and dense MLPs), Gemma 3 trains by SFT / DPO / QLoRA from its HF
-folder, Gemma 2 shards over every mesh."""
+two shapes, MoE models' routed experts, shared experts and dense MLPs, DeepSeek's multi-head
+latent attention), reads PEFT's own expert adapters, Gemma 3 trains by SFT / DPO / QLoRA from
+its HF folder, Gemma 2 shards over every mesh."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from jaxft.errors import ConfigError
 from jaxft.models import load_hf
 from jaxft.models.adapters import init_adapters, merge_adapters
 from jaxft.models.lora import PROJECTIONS, LoRASpec
-from jaxft.models.peft import save_peft
+from jaxft.models.peft import load_peft, save_peft
 from jaxft.parallel import sharding
 from tests.hf_reference import hf_logits, make_hf_model
 
@@ -27,7 +28,16 @@ TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 @pytest.mark.parametrize("family, targets, rslora", [
     ("gemma3_text", PROJECTIONS, False),
     ("gemma4_text", PROJECTIONS, False),  # layers of two shapes; shared-KV layers have no k / v_proj
-    ("qwen2_moe", PROJECTIONS, False),  # attention everywhere, layer 1's dense MLP; no routed experts
+    # MoE: routed experts (PEFT's target_parameters on the fused expert tensors), Qwen2-MoE's gated
+    # shared expert, layer 1's dense MLP; Mixtral's experts alone; Qwen3-MoE's up half of gate_up_proj
+    ("qwen2_moe", PROJECTIONS, False),
+    ("mixtral", ("gate_proj", "up_proj", "down_proj"), False),
+    ("qwen3_moe", ("up_proj", "down_proj", "k_proj"), True),
+    # DeepSeek's multi-head latent attention: V2-Lite's direct queries, V3's low-rank ones; their
+    # shared experts, routed experts and dense layer 0
+    ("deepseek_v2", PROJECTIONS, False),
+    ("deepseek_v3", ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj"), False),
+    ("gpt_oss", PROJECTIONS, False),  # experts [X, in, out], gate and up interleaved in gate_up_proj
     ("phi3", PROJECTIONS, False),  # q/k/v in one qkv_proj, gate/up in one gate_up_proj
     ("phi3", ("q_proj", "v_proj", "up_proj", "o_proj"), True),  # part of each fused tensor
 ])
@@ -51,11 +61,43 @@ def test_lora_exports_a_peft_adapter_that_peft_loads_with_equal_logits(family, t
     merged = merge_adapters(cfg, nnx.to_pure_dict(base_params), adapters)  # the merged export's weights
     plain_graphdef, _ = nnx.split(base, nnx.Param)
     np.testing.assert_allclose(np.asarray(nnx.merge(plain_graphdef, merged)(jnp.asarray(TOKENS))), ours, atol=1e-4)
+    if cfg.num_experts or cfg.kv_lora_rank:  # PEFT's merge of the expert tensors; the folder reads back exactly
+        assert np.abs(ours - hf_logits(model.merge_and_unload(), TOKENS)).max() < 1e-4
+        if family != "phi3":
+            back = load_peft(tmp_path / "adapter", cfg, mesh)
+            assert all(np.array_equal(np.asarray(a), np.asarray(b))
+                       for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back)))
+
+
+def test_an_expert_adapter_trained_by_peft_reads_in_with_equal_logits(tmp_path):
+    """PEFT's own adapter on the fused experts.gate_up_proj (rank r: one A per expert shared by
+    gate and up) and experts.down_proj reads in as jaxft's per-projection expert adapters."""
+    peft = pytest.importorskip("peft")
+    hf_model = make_hf_model("qwen3_moe")
+    hf_model.save_pretrained(tmp_path / "base")
+    lora_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                                  target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    model = peft.get_peft_model(hf_model, lora_config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.05 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "adapter")
+    base = load_hf(tmp_path / "base")
+    cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("gate_proj", "up_proj", "down_proj")))
+    mesh = sharding.make_mesh(data=-1)
+    graphdef, _ = init_adapters(cfg, seed=0, mesh=mesh)
+    adapters = load_peft(tmp_path / "adapter", cfg, mesh)
+    _, base_params = nnx.split(base, nnx.Param)
+    ours = np.asarray(nnx.merge(graphdef, adapters, base_params)(jnp.asarray(TOKENS)))
+    theirs = hf_logits(model.eval(), TOKENS)
+    with model.disable_adapter():
+        assert np.abs(theirs - hf_logits(model, TOKENS)).max() > 1e-2  # the adapter does something
+    assert np.abs(ours - theirs).max() < 1e-4
 
 
 def test_starting_phi3_fused_adapters_from_a_peft_folder_is_refused_naming_the_key(tmp_path):
-    from jaxft.models.peft import load_peft
-
     make_hf_model("phi3").save_pretrained(tmp_path)
     cfg = load_hf(tmp_path).cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
     with pytest.raises(ConfigError, match=r"lora\.init_from: starting phi3 adapters on fused projections"):

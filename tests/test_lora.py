@@ -114,7 +114,9 @@ def test_adapters_shard_like_their_kernels():
 def test_targets_take_names_all_linear_and_regexes_and_reject_what_matches_nothing():
     assert resolve_targets("all-linear") == PROJECTIONS
     assert resolve_targets("v_proj, q_proj") == ("q_proj", "v_proj")
-    assert resolve_targets(r"self_attn\..*") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert resolve_targets(r"self_attn\..*") == ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj",
+                                                 "kv_a_proj_with_mqa", "kv_b_proj")  # DeepSeek's latent attention
+    assert resolve_targets(r"self_attn\.kv_") == ("kv_a_proj_with_mqa", "kv_b_proj")
     assert resolve_targets("mlp") == ("gate_proj", "up_proj", "down_proj")
     with pytest.raises(ValueError, match="lora.targets"):
         resolve_targets("qproj")

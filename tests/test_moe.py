@@ -1,6 +1,6 @@
 """Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) beyond parity
 (tests/test_models_parity.py): dropless routing whatever the imbalance, meshes equal one device,
-LoRA targets only on experts are refused (the PEFT export: tests/test_families.py), and an SFT run from an HF folder learns
+per-expert LoRA adapters run in the grouped matmuls (the PEFT export: tests/test_families.py), and an SFT run from an HF folder learns
 and exports a folder transformers loads with equal logits."""
 
 from __future__ import annotations
@@ -138,10 +138,47 @@ def test_moe_on_a_mesh_equals_one_device(family, tmp_path):
     assert_mesh_equals_one_device(tmp_path, dict(data=2, fsdp=2, tensor=2), picks, atol_scale=1e-4)
 
 
-def test_lora_only_on_expert_projections_is_refused_naming_the_key(tmp_path):
-    make_hf_model("mixtral").save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match=r"lora\.targets=gate_proj,up_proj"):
-        load_hf(tmp_path).cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("gate_proj", "up_proj")))
+@pytest.mark.parametrize("matmul", ["ragged", "blocks"])
+def test_expert_adapters_in_the_grouped_matmuls_equal_merged_expert_kernels(matmul):
+    """Each row through its expert's A then B (grouped matmuls, both layouts) equals the experts
+    with kernels W[e] + scale A[e] B[e], in value and in the adapters' gradients; the adapters
+    are stacked [X, in, r] / [X, r, out] on the experts axis and counted by num_adapter_params."""
+    from jaxft.models.config import ModelConfig
+    from jaxft.models.lora import LoRAParam, grouped_adapt, num_adapter_params
+    from jaxft.models.moe import MoE
+
+    spec = LoRASpec(rank=2, alpha=6.0, targets=("gate_proj", "up_proj", "down_proj"))
+    cfg = ModelConfig(model_type="mixtral", vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=1,
+                      num_heads=2, num_kv_heads=2, num_experts=4, experts_per_token=2, lora=spec)
+    moe = MoE(cfg, rngs=nnx.Rngs(0))
+    assert moe.gate_proj_lora_a.shape == (4, 16, 2) and moe.down_proj_lora_b.shape == (4, 2, 16)
+    assert moe.gate_proj_lora_a.logical_axes == ("experts", "embed", "lora_rank")
+    assert num_adapter_params(cfg) == 4 * 2 * (3 * 16 + 3 * 24)  # 4 experts, rank 2, (in + out) each
+    assert num_adapter_params(cfg, active=True) == 2 * 2 * (3 * 16 + 3 * 24)  # the 2 a token uses (FLOPs)
+    graphdef, adapters, rest = nnx.split(moe, LoRAParam, ...)
+    adapters = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(a.size), a.shape), adapters)
+    x = jax.random.normal(jax.random.key(1), (12, 16))
+    weights, experts, _ = route(x @ moe.router[...], 2, normalize=True)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape)
+    kernels = {n: getattr(moe, n)[...] for n in ("gate_proj", "up_proj", "down_proj")}
+
+    def ours(adapters):
+        module = nnx.merge(graphdef, adapters, rest)
+        adapt = lambda *args: grouped_adapt(module, *args, spec=spec)  # noqa: E731
+        y = dropless_experts(x, weights, experts, *kernels.values(), "silu", matmul, adapt=adapt)
+        return jnp.sum(y * cotangent)
+
+    def merged(adapters):
+        pure = nnx.to_pure_dict(adapters)
+        w = [kernels[n] + spec.scale * jnp.einsum("xir,xro->xio", pure[f"{n}_lora_a"], pure[f"{n}_lora_b"])
+             for n in kernels]
+        return jnp.sum(dropless_experts(x, weights, experts, *w, "silu", matmul) * cotangent)
+
+    (value, grads), (want, want_grads) = jax.value_and_grad(ours)(adapters), jax.value_and_grad(merged)(adapters)
+    assert abs(float(value - merged(jax.tree.map(jnp.zeros_like, adapters)))) > 1e-2  # the adapters do something
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["sft", "dpo"])

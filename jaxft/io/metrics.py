@@ -55,7 +55,7 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
             else (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2)
     attention = 6 * cfg.num_layers * cfg.num_heads * dims * seq_len
     if cfg.lora is not None:
-        return 4.0 * matmul_params + 6.0 * num_adapter_params(cfg) + attention
+        return 4.0 * matmul_params + 6.0 * num_adapter_params(cfg, active=True) + attention
     return 6.0 * matmul_params + attention
 
 

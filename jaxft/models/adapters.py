@@ -60,17 +60,18 @@ def _adapted(tree: dict, prefix=()):
             yield prefix, name, value, tree[f"{name}_lora_b"]
 
 
-def projection_delta(cfg: ModelConfig, name: str, a: jax.Array, b: jax.Array, *, stacked: bool) -> jax.Array:
-    """scale * A B in the kernel's layout ([in dims..., out dims...], stacked layers first).
-    A is [lead..., in dims..., r], B [lead..., r, out dims...]: the layer's own shape (Gemma 4's
-    layers differ) is read from them; `projection_dims` gives how many dims are in and out."""
-    in_shape, _, out_shape, _ = projection_dims(cfg, name)
-    lead = a.shape[:1] if stacked else ()
+def projection_delta(cfg: ModelConfig, name: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """scale * A B in the kernel's layout ([lead..., in dims..., out dims...]). A is [lead...,
+    in dims..., r], B [lead..., r, out dims...], lead the stacked layers and / or a routed
+    expert's axis: the layer's own shape (Gemma 4's layers differ) is read from them;
+    `projection_dims` gives how many dims are in."""
+    in_shape, _, _, _ = projection_dims(cfg, name)
+    lead = a.shape[:a.ndim - len(in_shape) - 1]
     r = cfg.lora.rank
     in_dims, out_dims = a.shape[len(lead):len(lead) + len(in_shape)], b.shape[len(lead) + 1:]
     a2 = a.astype(jnp.float32).reshape(lead + (-1, r))
     b2 = b.astype(jnp.float32).reshape(lead + (r, -1))
-    return (cfg.lora.scale * (a2 @ b2)).reshape(lead + in_dims + out_dims)
+    return (cfg.lora.scale * (a2 @ b2)).reshape(lead + in_dims + out_dims)  # a2 @ b2: batched over lead
 
 
 def merge_adapters(cfg: ModelConfig, base: dict, adapters: dict) -> dict:
@@ -80,8 +81,7 @@ def merge_adapters(cfg: ModelConfig, base: dict, adapters: dict) -> dict:
     for path, name, a, b in _adapted(adapters):
         node = get_path(merged, path)
         kernel = node[name]
-        stacked = cfg.scan_layers and path[:1] in (("layers",), ("groups",))
-        delta = projection_delta(cfg, name, a, b, stacked=stacked)
+        delta = projection_delta(cfg, name, a, b)
         node[name] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
     return merged
 

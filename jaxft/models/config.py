@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError, DataError, PathError
 from jaxft.models import families
-from jaxft.models.lora import LoRASpec
+from jaxft.models.lora import LoRASpec, attention_projections
 from jaxft.models.remat import normalize_remat
 from jaxft.models.rope import Rope
 
@@ -224,20 +224,17 @@ class ModelConfig:
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
-        moe_only = self.num_experts and not any(0 <= i < self.num_layers for i in self.dense_layers)
-        if self.lora is not None and moe_only and set(self.lora.targets) <= {"gate_proj", "up_proj", "down_proj"}:
-            raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: this mixture-of-experts model has no dense "
-                              "MLP projections and adapters on routed experts are not supported yet; target the "
-                              "attention projections (q_proj,k_proj,v_proj,o_proj) or all-linear")
         if self.num_experts and (self.router_groups < 1 or self.num_experts % self.router_groups
                                  or not 1 <= self.router_topk_groups <= self.router_groups):
             raise ConfigError(f"n_group={self.router_groups} must divide n_routed_experts={self.num_experts} and "
                               f"topk_group={self.router_topk_groups} must be in 1..n_group")
-        if self.kv_lora_rank is not None and self.lora is not None:
-            raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: LoRA on a multi-head latent attention model "
-                              f"({self.model_type}) is not supported yet; fine-tune it fully (model.lora.rank=0)")
         if self.num_kv_shared_layers:
             self.layer_specs()  # a clear error when a shared layer has no earlier layer of its type
+        if self.lora is not None:
+            have = set(attention_projections(self)) | {"gate_proj", "up_proj", "down_proj"}  # some layer has each
+            if not have & set(self.lora.targets):
+                raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: this {self.model_type} model has none "
+                                  f"of these projections; it has {','.join(sorted(have))}")
 
     def __hash__(self):  # a static argument of jit (inside GraphDefs): RoPE dicts hashed by items
         return hash(tuple(_hashable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.compare))

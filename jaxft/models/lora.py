@@ -10,6 +10,13 @@ A is drawn as PEFT draws it (kaiming-uniform, bound 1 / sqrt(fan_in)) and B star
 so an adapted model starts equal to its base. Adapters are float32 whatever the base dtype
 (as PEFT's `autocast_adapter_dtype`), carry the logical axes of the dims they share with
 the kernel (the rank axis is replicated) and so shard like it.
+
+A target names a projection wherever it is: `gate_proj` adapts a dense MLP's gate, a shared
+expert's (`shared_gate_proj`, its own A and B) and every routed expert's, as PEFT's
+`target_modules` name matching does. Routed experts get one pair per expert stacked along the
+experts axis, A [X, in, r] and B [X, r, out]; the MoE layer runs them in its grouped matmuls
+(each row through its expert's A, then B). DeepSeek's multi-head latent attention adds its own
+projections (`MLA_PROJECTIONS`; q_proj and o_proj as elsewhere).
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from jaxft.errors import ConfigError
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+MLA_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # DeepSeek (jaxft.models.mla)
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + MLA_PROJECTIONS  # order: dropout keys' indices
+SHARED = "shared_"  # an MoE layer's shared-expert kernels: shared_gate_proj, shared_up_proj, shared_down_proj
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
 
 
@@ -65,7 +74,7 @@ def resolve_targets(text: str, *, key: str = "lora.targets") -> tuple[str, ...]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if names and all(n in PROJECTIONS for n in names):
         return tuple(n for n in PROJECTIONS if n in names)
-    qualified = {n: ("self_attn." if n in ATTENTION_PROJECTIONS else "mlp.") + n for n in PROJECTIONS}
+    qualified = {n: ("mlp." if n in MLP_PROJECTIONS else "self_attn.") + n for n in PROJECTIONS}
     try:
         pattern = re.compile(text)
     except re.error as err:
@@ -79,9 +88,23 @@ def resolve_targets(text: str, *, key: str = "lora.targets") -> tuple[str, ...]:
     return found
 
 
-def projection_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
-    """(in shape, in logical axes, out shape, out logical axes) of projection `name`'s kernel."""
+def target_of(name: str) -> str:
+    """The projection a kernel is: "shared_gate_proj" is a gate_proj (`SHARED`)."""
+    return name.removeprefix(SHARED)
+
+
+def projection_dims(cfg, name: str, *, experts: bool = False) -> tuple[tuple, tuple, tuple, tuple]:
+    """(in shape, in logical axes, out shape, out logical axes) of projection `name`'s kernel:
+    a dense MLP's F is intermediate_size, a shared expert's (`SHARED` names) shared_expert_size,
+    a routed expert's (`experts`; one expert's kernel, without the experts axis) expert_size.
+    On a multi-head latent attention model q_proj and o_proj have its head dims."""
     E, F, H, K, D = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
+    if name.startswith(SHARED):
+        F, name = cfg.shared_expert_size, target_of(name)
+    elif experts:
+        F = cfg.expert_size
+    if cfg.kv_lora_rank is not None and name in ("q_proj", "o_proj") + MLA_PROJECTIONS:
+        return _mla_dims(cfg, name)
     return {
         "q_proj": ((E,), ("embed",), (H, D), ("q_heads", "head_dim")),
         "k_proj": ((E,), ("embed",), (K, D), ("kv_heads", "head_dim")),
@@ -93,46 +116,103 @@ def projection_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
     }[name]
 
 
-def layer_projections(cfg, layer: int) -> tuple:
-    """(layer `layer`'s config, the projections it has): every projection with the model's
-    shape, except in a model with `layer_specs` (Gemma 4), where a layer has its own shape and
-    no v_proj when its values are its keys, no k_proj / v_proj when it reads another layer's,
-    and in an MoE layer, whose MLP is routed experts (no dense gate / up / down projection)."""
+def _mla_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
+    E, H, R, Q = cfg.hidden_size, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
+    Dqk, Dr, Dv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    return {
+        "q_proj": ((E,), ("embed",), (H, Dqk), ("q_heads", "head_dim")),
+        "q_a_proj": ((E,), ("embed",), (Q,), ("q_lora",)),
+        "q_b_proj": ((Q,), ("q_lora",), (H, Dqk), ("q_heads", "head_dim")),
+        "kv_a_proj_with_mqa": ((E,), ("embed",), (R + Dr,), ("kv_lora",)),
+        "kv_b_proj": ((R,), ("kv_lora",), (H, cfg.qk_nope_head_dim + Dv), ("q_heads", "head_dim")),
+        "o_proj": ((H, Dv), ("q_heads", "head_dim"), (E,), ("embed",)),
+    }[name]
+
+
+def attention_projections(cfg) -> tuple[str, ...]:
+    """The attention projections of a layer: multi-head latent attention's when cfg has a
+    latent rank (q_proj, or q_a_proj and q_b_proj with a query rank), else q / k / v / o."""
+    if cfg.kv_lora_rank is None:
+        return ATTENTION_PROJECTIONS
+    queries = ("q_a_proj", "q_b_proj") if cfg.q_lora_rank else ("q_proj",)
+    return queries + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+
+
+def layer_kernels(cfg, layer: int) -> tuple[str, ...]:
+    """The kernels layer `layer` has, by name: the attention's (`attention_projections`) and the
+    MLP's gate / up / down, which in an MoE layer (`cfg.is_moe_layer`) are the routed experts',
+    followed by the shared expert's `SHARED` names when it has one. In a model with
+    `layer_specs` (Gemma 4) a layer has no v_proj when its values are its keys, no k_proj /
+    v_proj when it reads another layer's."""
+    moe = cfg.is_moe_layer(layer)
+    names = attention_projections(cfg) + MLP_PROJECTIONS
+    names += tuple(SHARED + n for n in MLP_PROJECTIONS) if moe and cfg.shared_expert_size else ()
     specs = cfg.layer_specs()
-    moe = set(MLP_PROJECTIONS) if cfg.is_moe_layer(layer) else set()  # adapters on experts: not yet
     if specs is None:
-        return cfg, tuple(n for n in PROJECTIONS if n not in moe)
-    spec = specs[layer]
-    missing = {f"{n}_proj" for n in ("k", "v") if n not in spec.projections}
-    return cfg.layer_config(spec), tuple(n for n in PROJECTIONS if n not in missing | moe)
+        return names
+    missing = {f"{n}_proj" for n in ("k", "v") if n not in specs[layer].projections}
+    return tuple(n for n in names if n not in missing)
 
 
-def num_adapter_params(cfg) -> int:
-    """Trainable params of cfg.lora's adapters over all layers (0 without LoRA)."""
+def layer_projections(cfg, layer: int) -> tuple:
+    """(layer `layer`'s config, `layer_kernels`): Gemma 4's layers have their own shapes."""
+    specs = cfg.layer_specs()
+    return (cfg if specs is None else cfg.layer_config(specs[layer])), layer_kernels(cfg, layer)
+
+
+def adapter_shapes(cfg, name: str, *, experts: bool = False) -> tuple[tuple, tuple, tuple, tuple]:
+    """(A's shape, A's logical axes, B's shape, B's logical axes) of kernel `name`'s adapter
+    under cfg.lora; a routed expert's (`experts`) are stacked on a leading experts axis."""
+    in_shape, in_axes, out_shape, out_axes = projection_dims(cfg, name, experts=experts)
+    lead, lead_axes = ((cfg.num_experts,), ("experts",)) if experts else ((), ())
+    r = cfg.lora.rank
+    return (lead + in_shape + (r,), lead_axes + in_axes + ("lora_rank",),
+            lead + (r,) + out_shape, lead_axes + ("lora_rank",) + out_axes)
+
+
+def num_adapter_params(cfg, *, active: bool = False) -> int:
+    """Trainable params of cfg.lora's adapters over all layers (0 without LoRA); `active`: the
+    routed experts' counted for the k experts a token uses (FLOPs), not all of them (memory)."""
     if cfg.lora is None:
         return 0
     total = 0
     for layer in range(cfg.num_layers):
         layer_cfg, names = layer_projections(cfg, layer)
-        total += sum(cfg.lora.rank * (math.prod(i) + math.prod(o)) for i, _, o, _ in
-                     (projection_dims(layer_cfg, n) for n in cfg.lora.targets if n in names))
+        moe = cfg.is_moe_layer(layer)
+        for name in names:
+            if target_of(name) in cfg.lora.targets:
+                experts = moe and name in MLP_PROJECTIONS
+                a, _, b, _ = adapter_shapes(layer_cfg, name, experts=experts)
+                n = math.prod(a) + math.prod(b)
+                total += n // cfg.num_experts * cfg.experts_per_token if experts and active else n
     return total
 
 
-def add_adapters(module: nnx.Module, cfg, names, rngs: nnx.Rngs | None) -> None:
-    """Gives `module` A and B for each of `names` that cfg.lora targets (none without LoRA)."""
+def add_adapters(module: nnx.Module, cfg, names, rngs: nnx.Rngs | None, *, experts: bool = False) -> None:
+    """Gives `module` A and B for each kernel of `names` that cfg.lora targets (none without
+    LoRA); `experts`: the kernels are routed experts' (one pair per expert, `adapter_shapes`)."""
     spec = cfg.lora
     if spec is None:
         return
     for name in names:
-        if name not in spec.targets:
+        if target_of(name) not in spec.targets:
             continue
-        in_shape, in_axes, out_shape, out_axes = projection_dims(cfg, name)
-        bound = 1.0 / math.sqrt(math.prod(in_shape))
-        a = jax.random.uniform(rngs.params(), in_shape + (spec.rank,), jnp.float32, -bound, bound)
-        setattr(module, f"{name}_lora_a", LoRAParam(a, logical_axes=in_axes + ("lora_rank",)))
-        b = jnp.zeros((spec.rank,) + out_shape, jnp.float32)
-        setattr(module, f"{name}_lora_b", LoRAParam(b, logical_axes=("lora_rank",) + out_axes))
+        a_shape, a_axes, b_shape, b_axes = adapter_shapes(cfg, name, experts=experts)
+        bound = 1.0 / math.sqrt(math.prod(projection_dims(cfg, name, experts=experts)[0]))
+        a = jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound)
+        setattr(module, f"{name}_lora_a", LoRAParam(a, logical_axes=a_axes))
+        setattr(module, f"{name}_lora_b", LoRAParam(jnp.zeros(b_shape, jnp.float32), logical_axes=b_axes))
+
+
+def _dropout(x: jax.Array, name: str, spec: LoRASpec, rng: jax.Array | None, kind: int) -> jax.Array:
+    """x with PEFT's lora_dropout in training (`rng`); one key per projection and kind (0 a
+    plain kernel, 1 a shared expert's, 2 the routed experts')."""
+    if rng is None or spec.dropout <= 0:
+        return x
+    keep = 1.0 - spec.dropout
+    index = PROJECTIONS.index(target_of(name)) + kind * len(PROJECTIONS)
+    mask = jax.random.bernoulli(jax.random.fold_in(rng, index), keep, x.shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, spec: LoRASpec | None,
@@ -140,13 +220,23 @@ def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, spec: LoRAS
     """y + scale * (dropout(x) A) B for an adapted projection `name` of `module`; y itself
     otherwise. x: [..., *in dims] (the projection's input); y: [..., *out dims] (its base
     output); rng: the layer's dropout key (None: no dropout, as in eval and generation)."""
-    if spec is None or name not in spec.targets:
+    if spec is None or target_of(name) not in spec.targets:
         return y
-    if rng is not None and spec.dropout > 0:
-        keep = 1.0 - spec.dropout
-        mask = jax.random.bernoulli(jax.random.fold_in(rng, PROJECTIONS.index(name)), keep, x.shape)
-        x = jnp.where(mask, x / keep, jnp.zeros_like(x))
+    x = _dropout(x, name, spec, rng, 1 if name.startswith(SHARED) else 0)
     a = getattr(module, f"{name}_lora_a")[...].astype(x.dtype)
     b = getattr(module, f"{name}_lora_b")[...].astype(x.dtype)
     h = jnp.tensordot(x, a, axes=a.ndim - 1)  # [..., r]
     return y + (jnp.tensordot(h, b, axes=1) * spec.scale).astype(y.dtype)
+
+
+def grouped_adapt(module: nnx.Module, name: str, x_P: jax.Array, y_P: jax.Array, matmul, groups,
+                  spec: LoRASpec | None, rng: jax.Array | None = None) -> jax.Array:
+    """`adapt` for the routed experts' projection `name` of an MoE `module`: x_P [P, in] rows
+    grouped by expert, y_P [P, out] their base outputs, `matmul(rows, w [X, ...], groups)` the
+    layer's grouped matmul (`jaxft.models.grouped_matmul`): y + scale * (x A[e]) B[e] per row."""
+    if spec is None or name not in spec.targets:
+        return y_P
+    x_P = _dropout(x_P, name, spec, rng, 2)
+    a = getattr(module, f"{name}_lora_a")[...].astype(x_P.dtype)
+    b = getattr(module, f"{name}_lora_b")[...].astype(x_P.dtype)
+    return y_P + (matmul(matmul(x_P, a, groups), b, groups) * spec.scale).astype(y_P.dtype)

@@ -15,11 +15,13 @@ Axis letters: T tokens, E embed, X experts, K experts per token, F expert hidden
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models import grouped_matmul
+from jaxft.models import grouped_matmul, lora
 from jaxft.models.expert_parallel import over_mesh
 from jaxft.models.parts import ACTIVATIONS, gated, param as _param
 from jaxft.models.quantize import kernel_value
@@ -73,29 +75,37 @@ def _grouped_route(logits_TX, k, *, normalize, scoring, groups, topk_groups, bia
 
 
 def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str,
-                     matmul: str | None = None, *, biases=None, limit: float = 7.0, alpha: float = 1.702):
+                     matmul: str | None = None, *, biases=None, limit: float = 7.0, alpha: float = 1.702,
+                     adapt=None):
     """sum over k of weights[t, k] * expert[experts[t, k]](x[t]) for gated-MLP experts, every
     pair computed: the T * K pairs grouped by expert, one grouped matmul per projection.
     matmul: the rows' layout and matmul (`jaxft.models.grouped_matmul.LAYOUTS`; None: the
     backend's default, "blocks" on CPU, "ragged" (`jax.lax.ragged_dot`) elsewhere).
     biases: None, or (gate [X, F], up [X, F], down [X, E]) added to each row by its expert
-    (gpt-oss). activation, limit, alpha: `jaxft.models.parts.gated`."""
+    (gpt-oss). activation, limit, alpha: `jaxft.models.parts.gated`. adapt: None, or
+    `fn(name, rows, their base outputs, matmul, groups)` adding each row's expert's LoRA
+    (`jaxft.models.lora.grouped_adapt`), run as grouped matmuls like the kernels."""
     T, K = experts_TK.shape
     rows_of, grouped = grouped_matmul.layout(matmul)
     rows = rows_of(experts_TK, gate_XEF.shape[0])
     token_P = rows.pair_at // K  # T on a padding row: reads zeros, dropped when combined
     xs = jnp.take(x_TE, token_P, axis=0, mode="fill", fill_value=0)
-    gate_h = grouped(xs, gate_XEF, rows.groups)
+
+    def project(name, x_P, w):  # one grouped matmul, plus the rows' expert adapters
+        y_P = grouped(x_P, w, rows.groups)
+        return y_P if adapt is None else adapt(name, x_P, y_P, grouped, rows.groups)
+
+    gate_h = project("gate_proj", xs, gate_XEF)
     if biases is None and activation in ACTIVATIONS:  # act(gate) before up's matmul: the program as it was
-        h = ACTIVATIONS[activation](gate_h) * grouped(xs, up_XEF, rows.groups)
+        h = ACTIVATIONS[activation](gate_h) * project("up_proj", xs, up_XEF)
     else:
-        up_h = grouped(xs, up_XEF, rows.groups)
+        up_h = project("up_proj", xs, up_XEF)
         if biases is not None:  # each row's expert's bias (0 for an expert past X: expert parallelism's padding)
             expert_P = jnp.take(experts_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0)
             gate_h = gate_h + jnp.take(biases[0], expert_P, axis=0, mode="fill", fill_value=0)
             up_h = up_h + jnp.take(biases[1], expert_P, axis=0, mode="fill", fill_value=0)
         h = gated(activation, gate_h, up_h, limit=limit, alpha=alpha)
-    y = grouped(h, down_XFE, rows.groups)
+    y = project("down_proj", h, down_XFE)
     if biases is not None:
         y = y + jnp.take(biases[2], expert_P, axis=0, mode="fill", fill_value=0)
     y = y * jnp.take(weights_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0).astype(y.dtype)[:, None]
@@ -148,6 +158,15 @@ class MoE(nnx.Module):
                         ("topk_groups", cfg.router_topk_groups), ("scale", cfg.routed_scaling_factor))
         self.router_f32, self.router_bias = cfg.router_f32, cfg.router_bias
         self.shared, self.shared_gated = bool(cfg.shared_expert_size), cfg.shared_expert_gate
+        self.lora = cfg.lora  # adapters: one pair per routed expert (stacked), the shared expert's as dense ones
+        lora.add_adapters(self, cfg, lora.MLP_PROJECTIONS, rngs, experts=True)
+        if cfg.shared_expert_size:
+            lora.add_adapters(self, cfg, tuple(lora.SHARED + n for n in lora.MLP_PROJECTIONS), rngs)
+
+    def _shared(self, name, x, rng=None):
+        """The shared expert's projection `name` ("gate", "up", "down") of x, with its adapter."""
+        name = f"{lora.SHARED}{name}_proj"
+        return lora.adapt(self, name, x, x @ kernel_value(getattr(self, name), x.dtype), self.lora, rng)
 
     def __call__(self, x, rng=None, token_mask=None):
         x_TE = x.reshape(-1, x.shape[-1])
@@ -164,12 +183,13 @@ class MoE(nnx.Module):
         mask_T = jnp.ones(x_TE.shape[:1], bool) if token_mask is None else token_mask.reshape(-1)
         experts = over_mesh(dropless_experts)  # split over the mesh's expert axis when it has one
         y_TE = experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
-                       kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype), self.activation,
-                       biases=self._expert_biases(dtype), **dict(self.glu))
+                       kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
+                       self.activation, biases=self._expert_biases(dtype), **dict(self.glu),
+                       adapt=functools.partial(lora.grouped_adapt, self, spec=self.lora, rng=rng)
+                       if self.lora is not None and set(self.lora.targets) & set(lora.MLP_PROJECTIONS) else None)
         if self.shared:
-            act = ACTIVATIONS[self.activation]
-            h = act(x_TE @ kernel_value(self.shared_gate_proj, dtype)) * (x_TE @ kernel_value(self.shared_up_proj, dtype))
-            shared_TE = h @ kernel_value(self.shared_down_proj, dtype)
+            act, dense = ACTIVATIONS[self.activation], functools.partial(self._shared, rng=rng)
+            shared_TE = dense("down", act(dense("gate", x_TE)) * dense("up", x_TE))
             if self.shared_gated:
                 shared_TE = shared_TE * jax.nn.sigmoid(x_TE @ kernel_value(self.shared_expert_gate, dtype))
             y_TE = y_TE + shared_TE

@@ -1,6 +1,7 @@
 """A frozen base stored quantized (QLoRA): `lora.base_quantization` = none | int8 | nf4.
 
-The projection kernels (q/k/v/o, gate/up/down: every matmul of the layers) become a
+The projection kernels (q/k/v/o or multi-head latent attention's, gate/up/down of dense MLPs,
+shared experts and the stacked routed experts: every matmul of the layers but the router) become a
 `QuantizedKernel` of integer codes and float32 scales; embeddings, the output head and the
 norms stay as they are (as bitsandbytes / PEFT's QLoRA leave them). Each layer de-quantizes
 its kernels to the compute dtype right before its matmuls, so only one layer's worth is ever
@@ -28,7 +29,7 @@ from flax import struct
 from jax.sharding import NamedSharding
 
 from jaxft.errors import ConfigError
-from jaxft.models.lora import PROJECTIONS, projection_dims
+from jaxft.models.lora import PROJECTIONS, projection_dims, target_of
 from jaxft.models.paths import get_path, set_path
 from jaxft.parallel.sharding import logical_to_spec
 
@@ -132,7 +133,7 @@ def _kernels(cfg, tree: dict, prefix=()):
     for key, value in tree.items():
         if isinstance(value, dict):
             yield from _kernels(cfg, value, prefix + (key,))
-        elif key in PROJECTIONS:
+        elif target_of(key) in PROJECTIONS:
             yield prefix + (key,), key
 
 
@@ -143,7 +144,7 @@ def quantizer(cfg, kind: str, shardings: dict | None = None):
 
     def fn(path: tuple, x):
         name = path[-1]
-        if kind == "none" or name not in PROJECTIONS:
+        if kind == "none" or target_of(name) not in PROJECTIONS:
             return x
         in_shape, _, out_shape, _ = projection_dims(cfg, name)
         jitted = jax.jit(quantize_kernel, static_argnums=(1, 2, 3),
