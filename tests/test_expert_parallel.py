@@ -67,6 +67,35 @@ def test_expert_parallel_experts_equal_one_device(routing, tokens):
         assert not np.any(np.asarray(ep_grads[2])[:6]) and np.all(np.any(np.asarray(ep_grads[2])[6:], axis=(1, 2)))
 
 
+def test_expert_adapters_split_with_their_experts_equal_one_device():
+    """Per-expert LoRA adapters (gate, up, down) on (data 2, expert 4): each device runs its
+    experts' A and B on the pairs it receives; the output and every adapter's gradient equal
+    one device's."""
+    from jaxft.models.lora import ExpertAdapters, LoRASpec
+
+    x, w, experts, gate, up, down = _experts_inputs("random")
+    spec = LoRASpec(rank=2, alpha=4.0, targets=("gate_proj", "up_proj", "down_proj"))
+    shapes = {"gate_proj": ((X, E, 2), (X, 2, F)), "up_proj": ((X, E, 2), (X, 2, F)),
+              "down_proj": ((X, F, 2), (X, 2, E))}
+    rng = np.random.default_rng(1)
+    pairs = {n: tuple(jnp.asarray(0.3 * rng.normal(size=s), jnp.float32) for s in ab) for n, ab in shapes.items()}
+
+    def run(mesh, pairs):
+        def loss(pairs):
+            adapt = ExpertAdapters(pairs, spec) if pairs else None
+            return jnp.sum(jnp.sin(over_mesh(dropless_experts)(x, w, experts, gate, up, down, "silu", adapt=adapt)))
+
+        with jax.set_mesh(mesh):
+            return jax.jit(jax.value_and_grad(loss))(pairs)
+
+    one = sharding.make_mesh(data=1, devices=jax.devices()[:1])
+    (value, grads), (ep_value, ep_grads) = run(one, pairs), run(sharding.make_mesh(data=2, expert=4), pairs)
+    assert abs(float(value - run(one, {})[0])) > 1e-2  # the adapters do something
+    np.testing.assert_allclose(ep_value, value, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(ep_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
 def _model_loss_and_grads(folder, mesh):
     """Loss (mean tanh of the logits plus the router statistics' sums), gradients of an expert
     kernel, the router and a query projection, and the router statistics, of the HF folder's model on

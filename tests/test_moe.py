@@ -144,7 +144,7 @@ def test_expert_adapters_in_the_grouped_matmuls_equal_merged_expert_kernels(matm
     with kernels W[e] + scale A[e] B[e], in value and in the adapters' gradients; the adapters
     are stacked [X, in, r] / [X, r, out] on the experts axis and counted by num_adapter_params."""
     from jaxft.models.config import ModelConfig
-    from jaxft.models.lora import LoRAParam, grouped_adapt, num_adapter_params
+    from jaxft.models.lora import LoRAParam, expert_adapters, num_adapter_params
     from jaxft.models.moe import MoE
 
     spec = LoRASpec(rank=2, alpha=6.0, targets=("gate_proj", "up_proj", "down_proj"))
@@ -164,7 +164,7 @@ def test_expert_adapters_in_the_grouped_matmuls_equal_merged_expert_kernels(matm
 
     def ours(adapters):
         module = nnx.merge(graphdef, adapters, rest)
-        adapt = lambda *args: grouped_adapt(module, *args, spec=spec)  # noqa: E731
+        adapt = expert_adapters(module, spec)
         y = dropless_experts(x, weights, experts, *kernels.values(), "silu", matmul, adapt=adapt)
         return jnp.sum(y * cotangent)
 

@@ -37,6 +37,7 @@ F expert hidden; R rows received (n * C).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -45,7 +46,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxft.errors import ConfigError
 from jaxft.parallel.sharding import axis_size
 
 AXIS = "expert"
@@ -77,30 +77,32 @@ def dispatch(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down
              biases=None, adapt=None, **glu):
     """sum over k of weights[t, k] * expert[experts[t, k]](x[t]) with the experts split over the
     ambient mesh's expert axis (the module docstring): [T, E] like x_TE. biases (gpt-oss's
-    per-expert gate / up / down biases) split with their experts; glu: the activation's
-    scalars; adapt (LoRA on routed experts) is refused: its adapters are not split yet."""
+    per-expert gate / up / down biases) and adapt (LoRA on the routed experts,
+    `jaxft.models.lora.ExpertAdapters`: per-expert A and B) split with their experts; glu: the
+    activation's scalars."""
     mesh = _mesh()
     n, X = axis_size(mesh, AXIS), gate_XEF.shape[0]
     if X % n:
         raise ValueError(f"the mesh's expert axis ({n}) does not divide the {X} experts (mesh.expert)")
-    if adapt is not None:
-        raise ConfigError(f"mesh.expert={n}: LoRA adapters on routed experts do not run expert-parallel yet; set "
-                          "mesh.expert=1 (experts then shard by FSDP) or leave gate_proj / up_proj / down_proj out "
-                          "of lora.targets")
     token_axes = tuple(a for a in TOKEN_AXES if axis_size(mesh, a) > 1)
     T = x_TE.shape[0]
     pad = -T % math.prod(axis_size(mesh, a) for a in token_axes)
     if pad:  # e.g. one decoding token: padded rows route to expert 0 with weight 0
         x_TE, weights_TK, experts_TK = (jnp.pad(a, ((0, pad), (0, 0))) for a in (x_TE, weights_TK, experts_TK))
     rows, experts = P(token_axes), P(AXIS)
-    local = functools.partial(_local, local_experts, activation=activation, glu=glu)
-    y_TE = jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, experts, experts, experts, experts),
+    adapters = None if adapt is None else (adapt.pairs, adapt.rng)  # A, B split by expert; the key whole
+    adapt = None if adapt is None else dataclasses.replace(adapt, pairs=None, rng=None)  # arrays: via `adapters`
+    local = functools.partial(_local, local_experts, activation=activation, glu=glu, adapt=adapt)
+    adapter_specs = P() if adapt is None else (experts, P())
+    in_specs = (rows, rows, rows, experts, experts, experts, experts, adapter_specs)
+    y_TE = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
                          out_specs=rows, axis_names=set(token_axes), check_vma=False)(
-        x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, biases)
+        x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, biases, adapters)
     return y_TE[:T] if pad else y_TE
 
 
-def _local(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, biases, *, activation, glu):
+def _local(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, biases, adapters, *,
+           activation, glu, adapt):
     """One device: its tokens' pairs out to the experts' devices, its experts on the pairs it
     receives, the outputs back and summed per token. X here is this device's experts (X / n)."""
     n = lax.axis_size(AXIS)
@@ -125,7 +127,9 @@ def _local(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_X
         return lax.all_to_all(a, AXIS, 0, 0, tiled=True)
 
     x_RE, e_R, w_R = exchange(send_x), exchange(send_e), exchange(send_w)
+    if adapt is not None:  # this device's experts' adapters
+        adapt = dataclasses.replace(adapt, pairs=adapters[0], rng=adapters[1])
     y_RE = local_experts(x_RE, w_R[:, None], e_R[:, None], gate_XEF, up_XEF, down_XFE, activation, biases=biases,
-                         **glu)
+                         adapt=adapt, **glu)
     back = exchange(y_RE)  # each pair's weighted output, in this device's send slots
     return jnp.zeros_like(x_TE).at[token].add(jnp.where(valid[:, None], back, 0))

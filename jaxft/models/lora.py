@@ -229,14 +229,31 @@ def adapt(module: nnx.Module, name: str, x: jax.Array, y: jax.Array, spec: LoRAS
     return y + (jnp.tensordot(h, b, axes=1) * spec.scale).astype(y.dtype)
 
 
-def grouped_adapt(module: nnx.Module, name: str, x_P: jax.Array, y_P: jax.Array, matmul, groups,
-                  spec: LoRASpec | None, rng: jax.Array | None = None) -> jax.Array:
-    """`adapt` for the routed experts' projection `name` of an MoE `module`: x_P [P, in] rows
-    grouped by expert, y_P [P, out] their base outputs, `matmul(rows, w [X, ...], groups)` the
-    layer's grouped matmul (`jaxft.models.grouped_matmul`): y + scale * (x A[e]) B[e] per row."""
-    if spec is None or name not in spec.targets:
-        return y_P
-    x_P = _dropout(x_P, name, spec, rng, 2)
-    a = getattr(module, f"{name}_lora_a")[...].astype(x_P.dtype)
-    b = getattr(module, f"{name}_lora_b")[...].astype(x_P.dtype)
-    return y_P + (matmul(matmul(x_P, a, groups), b, groups) * spec.scale).astype(y_P.dtype)
+@dataclasses.dataclass(frozen=True)
+class ExpertAdapters:
+    """One MoE layer's routed-expert adapters as arrays, {projection: (A [X, in, r], B [X, r,
+    out])}, with the spec and the layer's dropout key. `dropless_experts` calls it on each
+    projection's rows grouped by expert: y + scale * (x A[e]) B[e] per row, as two grouped
+    matmuls of its layout. Expert parallelism splits `pairs` over devices with the experts."""
+
+    pairs: dict
+    spec: LoRASpec
+    rng: jax.Array | None = None
+
+    def __call__(self, name: str, x_P: jax.Array, y_P: jax.Array, matmul, groups) -> jax.Array:
+        """x_P [P, in] rows, y_P [P, out] their base outputs, `matmul(rows, w [X, ...], groups)`
+        the layer's grouped matmul (`jaxft.models.grouped_matmul`)."""
+        if name not in self.pairs:
+            return y_P
+        x_P = _dropout(x_P, name, self.spec, self.rng, 2)
+        a, b = (w.astype(x_P.dtype) for w in self.pairs[name])
+        return y_P + (matmul(matmul(x_P, a, groups), b, groups) * self.spec.scale).astype(y_P.dtype)
+
+
+def expert_adapters(module: nnx.Module, spec: LoRASpec | None, rng: jax.Array | None = None):
+    """The `ExpertAdapters` of MoE `module`'s routed experts; None when spec adapts none."""
+    if spec is None:
+        return None
+    pairs = {n: (getattr(module, f"{n}_lora_a")[...], getattr(module, f"{n}_lora_b")[...])
+             for n in MLP_PROJECTIONS if n in spec.targets}
+    return ExpertAdapters(pairs, spec, rng) if pairs else None

@@ -82,9 +82,9 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     matmul: the rows' layout and matmul (`jaxft.models.grouped_matmul.LAYOUTS`; None: the
     backend's default, "blocks" on CPU, "ragged" (`jax.lax.ragged_dot`) elsewhere).
     biases: None, or (gate [X, F], up [X, F], down [X, E]) added to each row by its expert
-    (gpt-oss). activation, limit, alpha: `jaxft.models.parts.gated`. adapt: None, or
-    `fn(name, rows, their base outputs, matmul, groups)` adding each row's expert's LoRA
-    (`jaxft.models.lora.grouped_adapt`), run as grouped matmuls like the kernels."""
+    (gpt-oss). activation, limit, alpha: `jaxft.models.parts.gated`. adapt: None, or the
+    experts' LoRA (`jaxft.models.lora.ExpertAdapters`): `adapt(name, rows, their base outputs,
+    matmul, groups)` adds each row's expert's adapter, as grouped matmuls like the kernels'."""
     T, K = experts_TK.shape
     rows_of, grouped = grouped_matmul.layout(matmul)
     rows = rows_of(experts_TK, gate_XEF.shape[0])
@@ -185,8 +185,7 @@ class MoE(nnx.Module):
         y_TE = experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
                        kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
                        self.activation, biases=self._expert_biases(dtype), **dict(self.glu),
-                       adapt=functools.partial(lora.grouped_adapt, self, spec=self.lora, rng=rng)
-                       if self.lora is not None and set(self.lora.targets) & set(lora.MLP_PROJECTIONS) else None)
+                       adapt=lora.expert_adapters(self, self.lora, rng))
         if self.shared:
             act, dense = ACTIVATIONS[self.activation], functools.partial(self._shared, rng=rng)
             shared_TE = dense("down", act(dense("gate", x_TE)) * dense("up", x_TE))
