@@ -138,6 +138,12 @@ def attention_projections(cfg) -> tuple[str, ...]:
     return queries + ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
 
 
+def model_targets(cfg) -> tuple[str, ...]:
+    """cfg.lora's targets that the model has in some layer (a Llama has no kv_b_proj)."""
+    have = set(attention_projections(cfg)) | set(MLP_PROJECTIONS)
+    return tuple(t for t in cfg.lora.targets if t in have)
+
+
 def layer_kernels(cfg, layer: int) -> tuple[str, ...]:
     """The kernels layer `layer` has, by name: the attention's (`attention_projections`) and the
     MLP's gate / up / down, which in an MoE layer (`cfg.is_moe_layer`) are the routed experts',

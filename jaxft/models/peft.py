@@ -51,7 +51,8 @@ from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
 from jaxft.models.layer_groups import layer_path
-from jaxft.models.lora import MLP_PROJECTIONS, SHARED, LoRASpec, layer_projections, projection_dims, target_of
+from jaxft.models.lora import (MLP_PROJECTIONS, SHARED, LoRASpec, layer_kernels, layer_projections, projection_dims,
+                              target_of)
 from jaxft.models.paths import get_path, set_path
 
 CONFIG_FILE = "adapter_config.json"
@@ -185,7 +186,7 @@ def _exported_targets(spec: LoRASpec, cfg: ModelConfig | None) -> tuple[list[str
     if cfg is None:
         return list(spec.targets), [], 0
     kernels = {(target_of(n), not (cfg.is_moe_layer(i) and n in MLP_PROJECTIONS))  # (target, as a Linear)
-               for i in range(cfg.num_layers) for n in layer_projections(cfg, i)[1] if target_of(n) in spec.targets}
+               for i in range(cfg.num_layers) for n in layer_kernels(cfg, i) if target_of(n) in spec.targets}
     targets = [t for t in spec.targets if any(k == t for k, _ in kernels)]
     if not cfg.num_experts:
         return targets, [], 0

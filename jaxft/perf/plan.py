@@ -346,13 +346,15 @@ def _compiled(config, kind, cfg, mesh) -> tuple[dict, str | None, float, list[st
 
 def _lora_notes(cfg, adapters, mesh_shape: dict) -> list[str]:
     """What a LoRA plan trains, and what full fine-tuning the same model would hold."""
+    from jaxft.models.lora import model_targets
+
     num_params = cfg.num_params()
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
     shards = mesh_shape["fsdp"] * mesh_shape.get("expert", 1) * mesh_shape["tensor"]
     # Params, mu and nu in float32, as the full fine-tuning recipes keep them (not the LoRA
     # base's dtype: a bf16 base would halve the figure).
     full = 3 * num_params * 4 / shards
-    return [f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}: {trainable:,} trainable "
+    return [f"LoRA rank {cfg.lora.rank} on {', '.join(model_targets(cfg))}: {trainable:,} trainable "
             f"params ({100 * trainable / num_params:.2f}% of the model); the base is frozen",
             f"full fine-tuning of this model would hold {full / GIB:.2f} GiB per device of params "
             f"and AdamW moments alone (float32, as the full recipes keep them, over {shards} shards), "
