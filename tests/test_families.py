@@ -87,6 +87,8 @@ def test_an_expert_adapter_trained_by_peft_reads_in_with_equal_logits(tmp_path):
     base = load_hf(tmp_path / "base")
     cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("gate_proj", "up_proj", "down_proj")))
     mesh = sharding.make_mesh(data=-1)
+    with pytest.raises(ConfigError, match=r"set --config\.lora\.targets=gate_proj,up_proj,down_proj \(the run has"):
+        load_peft(tmp_path / "adapter", cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=("up_proj",))), mesh)
     graphdef, _ = init_adapters(cfg, seed=0, mesh=mesh)
     adapters = load_peft(tmp_path / "adapter", cfg, mesh)
     _, base_params = nnx.split(base, nnx.Param)

@@ -51,8 +51,8 @@ from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
 from jaxft.models.layer_groups import layer_path
-from jaxft.models.lora import (MLP_PROJECTIONS, SHARED, LoRASpec, layer_kernels, layer_projections, projection_dims,
-                              target_of)
+from jaxft.models.lora import (MLP_PROJECTIONS, PROJECTIONS, SHARED, LoRASpec, layer_kernels, layer_projections,
+                              projection_dims, target_of)
 from jaxft.models.paths import get_path, set_path
 
 CONFIG_FILE = "adapter_config.json"
@@ -258,7 +258,7 @@ def check_matches(found: dict, spec: LoRASpec, source: str, cfg: ModelConfig | N
               "target_modules": ("lora.targets", sorted(modules) + sorted(parameters))}
     have = {"r": found.get("r"), "lora_alpha": found.get("lora_alpha"),
             "use_rslora": bool(found.get("use_rslora", False)), "target_modules": targets}
-    bad = [f"--config.{key}={_flag(field, have[field])} (the run has {value})"
+    bad = [f"--config.{key}={_flag(field, have[field])} (the run has {_flag(field, value)})"
            for field, (key, value) in wanted.items() if have[field] != value
            and not (field == "lora_alpha" and have[field] is not None and float(have[field]) == float(value))]
     if bad:
@@ -266,7 +266,14 @@ def check_matches(found: dict, spec: LoRASpec, source: str, cfg: ModelConfig | N
 
 
 def _flag(field, value):
-    return ",".join(value) if field == "target_modules" and isinstance(value, list) else value
+    """A folder's value as the flag's: its targets as projection names (experts.gate_up_proj is
+    gate_proj and up_proj, "down_proj.weight" down_proj)."""
+    if field != "target_modules" or not isinstance(value, list):
+        return value
+    names = [n for v in value for n in ({"experts.gate_up_proj": GATE_UP, "experts.down_proj": ("down_proj",)}
+                                        .get(v, (v.removesuffix(".weight"),)))]
+    order = {n: i for i, n in enumerate(PROJECTIONS)}  # jaxft's order; other names (PEFT's) after
+    return ",".join(sorted(dict.fromkeys(names), key=lambda n: order.get(n, len(order))))
 
 
 def load_peft(folder: str | Path, cfg: ModelConfig, mesh) -> dict:
