@@ -1,7 +1,8 @@
 """DeepSeek-V2 / V3 beyond logits parity (tests/test_models_parity.py): YaRN against
 transformers' RoPE init, the experts each token is routed to, greedy generation through the
-compressed (latent) KV cache against transformers' `generate`, the frozen selection bias, and
-SFT / DPO runs from an HF folder."""
+compressed (latent) KV cache against transformers' `generate`, the frozen selection bias,
+SFT / DPO runs from an HF folder, and an NF4 QLoRA run with its experts and latent attention
+quantized (LoRA's PEFT export: tests/test_families.py)."""
 
 from __future__ import annotations
 

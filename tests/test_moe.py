@@ -1,7 +1,8 @@
 """Mixture-of-experts models (Mixtral, Qwen2-MoE, Qwen3-MoE) beyond parity
 (tests/test_models_parity.py): dropless routing whatever the imbalance, meshes equal one device,
-per-expert LoRA adapters run in the grouped matmuls (the PEFT export: tests/test_families.py), and an SFT run from an HF folder learns
-and exports a folder transformers loads with equal logits."""
+per-expert LoRA adapters run in the grouped matmuls (the PEFT export: tests/test_families.py),
+and an SFT run from an HF folder learns and exports a folder transformers loads with equal
+logits."""
 
 from __future__ import annotations
 
