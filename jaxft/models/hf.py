@@ -282,9 +282,10 @@ class _TensorReader:
         for suffix, parts in interleaved:
             for name in [n for n in self.names() if n.endswith("." + suffix)]:
                 *lead, width = self.shape(name)
+                k = len(parts)
                 for j, part in enumerate(parts):
                     self._derived[name[: -len(suffix)] + part] = (
-                        (*lead, width // len(parts)), lambda n=name, j=j, k=len(parts): self._whole(n)[..., j::k])
+                        (*lead, width // k), lambda n=name, j=j, k=k: self._whole(n)[..., j::k])
                 self._hidden.add(name)
 
     def _whole(self, name: str) -> np.ndarray:
