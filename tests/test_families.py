@@ -133,7 +133,10 @@ RUN = {"train.steps": 6, "train.batch_size": 8, "data.max_length": 64, "train.pr
        "optim.schedule": "constant", "mesh.data": -1, "model.preset": ""}
 
 
-def test_gemma3_sft_learns_and_its_export_loads_in_transformers_with_equal_logits(gemma_folder, tmp_path):
+def sft_learns_and_exports(folder, tmp_path, architecture: str, **overrides):
+    """A 6-step SFT run (`configs/sft.py:tiny`, RUN) from the HF `folder` learns (the last loss
+    0.5 below the first) and exports a folder transformers loads as `architecture` with the
+    logits of jaxft's load of it. Returns (the run's result, its metrics rows with a loss)."""
     import transformers
 
     from jaxft import config as config_lib
@@ -142,14 +145,20 @@ def test_gemma3_sft_learns_and_its_export_loads_in_transformers_with_equal_logit
     from tests.quickstart_subset import sft_data
 
     config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
-                                                     "model.path": str(gemma_folder), "optim.lr": 3e-3})
+                                                     "model.path": str(folder), "optim.lr": 3e-3, **overrides})
     result = run(config, tmp_path / "run")
-    losses = [r["loss"] for r in read_metrics(result.workdir) if "loss" in r]
+    rows = [r for r in read_metrics(result.workdir) if "loss" in r]
+    losses = [r["loss"] for r in rows]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
     ours = np.asarray(load_hf(result.export_dir)(jnp.asarray(TOKENS)))
     hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
-    assert type(hf).__name__ == "Gemma3ForCausalLM"
+    assert type(hf).__name__ == architecture
     assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
+    return result, rows
+
+
+def test_gemma3_sft_learns_and_its_export_loads_in_transformers_with_equal_logits(gemma_folder, tmp_path):
+    sft_learns_and_exports(gemma_folder, tmp_path, "Gemma3ForCausalLM")
 
 
 def dpo_starts_at_ln2_and_learns(folder, tmp_path, **overrides):

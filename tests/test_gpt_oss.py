@@ -235,13 +235,9 @@ def test_gpt_oss_sft_learns_and_its_export_loads_in_transformers_with_equal_logi
     """A tiny random gpt-oss (the released config's parts, window 16 < the 64-token rows) with the
     bundled tokenizer: SFT from its HF folder learns, and the export is a GptOssForCausalLM
     with jaxft's logits."""
-    from jaxft import config as config_lib
     from jaxft.data.from_config import load_bundled_tokenizer
-    from jaxft.io.metrics import read_metrics
     from jaxft.models import create_model
-    from jaxft.run import run
-    from tests.quickstart_subset import sft_data
-    from tests.test_families import RUN
+    from tests.test_families import sft_learns_and_exports
 
     tok = load_bundled_tokenizer()
     hf_config = {**GPT_OSS_20B, "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 64,
@@ -252,12 +248,4 @@ def test_gpt_oss_sft_learns_and_its_export_loads_in_transformers_with_equal_logi
                  "torch_dtype": "float32"}
     del hf_config["quantization_config"]
     folder = save_hf(create_model(config_from_hf(hf_config), seed=7), tmp_path / "hf", tokenizer=tok)
-    config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
-                                                     "model.path": str(folder), "optim.lr": 3e-3})
-    result = run(config, tmp_path / "run")
-    losses = [r["loss"] for r in read_metrics(result.workdir) if "loss" in r]
-    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
-    ours = np.asarray(load_hf(result.export_dir)(jnp.asarray(TOKENS)))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
-    assert type(hf).__name__ == "GptOssForCausalLM"
-    assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
+    sft_learns_and_exports(folder, tmp_path, "GptOssForCausalLM")

@@ -19,7 +19,7 @@ from jaxft.models import load_hf
 from jaxft.models.lora import LoRASpec
 from jaxft.models.grouped_matmul import block_rows, block_size
 from jaxft.models.moe import dropless_experts, route
-from tests.hf_reference import hf_logits, make_hf_model
+from tests.hf_reference import make_hf_model
 
 TOKENS = np.random.default_rng(0).integers(0, 97, size=(2, 16))
 
@@ -226,34 +226,18 @@ def test_the_router_losses_join_the_step_loss_times_their_coefficients(kind, tmp
 def test_moe_sft_learns_and_exports_to_transformers(tmp_path):
     """A tiny Mixtral with the bundled tokenizer trained by `configs/sft.py:tiny` from its folder,
     its routing balanced by the load-balancing loss and reported in metrics.jsonl."""
-    import transformers
-
-    from jaxft import config as config_lib
     from jaxft.data.from_config import load_bundled_tokenizer
-    from jaxft.io.metrics import read_metrics
     from jaxft.models import create_model, save_hf
     from jaxft.models.config import ModelConfig
-    from jaxft.run import run
-    from tests.quickstart_subset import sft_data
-    from tests.test_families import RUN
+    from tests.test_families import sft_learns_and_exports
 
     tok = load_bundled_tokenizer()
     cfg = ModelConfig(model_type="mixtral", vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_layers=2,
                       num_heads=4, num_kv_heads=2, num_experts=4, experts_per_token=2, rope_theta=1e6,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     folder = save_hf(create_model(cfg, seed=7), tmp_path / "hf", tokenizer=tok)
-    config = config_lib.load("configs/sft.py:tiny", {**RUN, **sft_data(tmp_path, 64), "data.eval": "",
-                                                     "model.path": str(folder), "optim.lr": 3e-3,
-                                                     "train.router_aux_loss_coef": 0.02})
-    result = run(config, tmp_path / "run")
-    rows = [r for r in read_metrics(result.workdir) if "loss" in r]
-    losses = [r["loss"] for r in rows]
-    assert len(losses) == 6 and losses[-1] < losses[0] - 0.5, losses
+    _, rows = sft_learns_and_exports(folder, tmp_path, "MixtralForCausalLM", **{"train.router_aux_loss_coef": 0.02})
     assert all(1.0 < r["moe/aux_loss"] < 4.0 and r["moe/load_max_over_mean"] >= 1.0 for r in rows)  # ~k = 2 when even
-    ours = np.asarray(load_hf(result.export_dir)(jnp.asarray(TOKENS)))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(result.export_dir, attn_implementation="eager")
-    assert type(hf).__name__ == "MixtralForCausalLM"
-    assert np.abs(ours - hf_logits(hf, TOKENS)).max() < 1e-4
 
 
 def test_scanned_layer_groups_report_routing_in_layer_order(tmp_path):
