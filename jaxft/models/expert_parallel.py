@@ -46,22 +46,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from jaxft.parallel.sharding import axis_size
+from jaxft.parallel.sharding import axis_size, current_mesh, mesh_axes
 
 AXIS = "expert"
 # The mesh axes that split an MoE layer's flattened [B * L] token rows, major to minor: the
 # batch axes (act_batch) then sequence (act_length), as x.reshape(-1, E) lays them out.
-TOKEN_AXES = ("data", "fsdp", "expert", "sequence")
-
-
-def _mesh():
-    mesh = jax.sharding.get_abstract_mesh()
-    return None if mesh is None or mesh.empty else mesh
+TOKEN_AXES = mesh_axes("act_batch") + mesh_axes("act_length")
 
 
 def expert_shards() -> int:
     """Size of the ambient mesh's expert axis (1 without a mesh or without the axis)."""
-    mesh = _mesh()
+    mesh = current_mesh()
     return 1 if mesh is None else axis_size(mesh, AXIS)
 
 
@@ -80,7 +75,7 @@ def dispatch(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down
     per-expert gate / up / down biases) and adapt (LoRA on the routed experts,
     `jaxft.models.lora.ExpertAdapters`: per-expert A and B) split with their experts; glu: the
     activation's scalars."""
-    mesh = _mesh()
+    mesh = current_mesh()
     n, X = axis_size(mesh, AXIS), gate_XEF.shape[0]
     if X % n:
         raise ValueError(f"the mesh's expert axis ({n}) does not divide the {X} experts (mesh.expert)")

@@ -134,7 +134,7 @@ def check_expert_divisibility(num_experts: int, mesh: Mesh) -> None:
         )
 
 
-def _mesh_axes(name: str | None) -> tuple[str, ...]:
+def mesh_axes(name: str | None) -> tuple[str, ...]:
     """The mesh axes LOGICAL_RULES splits logical axis `name` over (none for None)."""
     target = LOGICAL_RULES.get(name) if name else None
     return (target,) if isinstance(target, str) else tuple(target or ())
@@ -146,9 +146,9 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     for i, name in enumerate(axes):
         if name is not None and name not in LOGICAL_RULES:
             raise KeyError(f"logical axis {name!r} has no entry in jaxft.parallel.sharding.LOGICAL_RULES")
-        mesh_axes = _mesh_axes(name)
+        axes = mesh_axes(name)
         kept = []
-        for m in mesh_axes:
+        for m in axes:
             size = axis_size(mesh, m) if mesh is not None else 1
             dim = shape[i] if shape is not None else None
             divides = dim is None or dim % (size * math.prod(axis_size(mesh, k) for k in kept)) == 0
@@ -159,28 +159,29 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int] | None = No
     return P(*spec)
 
 
-def _current_mesh():
+def current_mesh():
+    """The ambient (abstract) mesh of `jax.set_mesh`, or None outside one."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh is None or mesh.empty else mesh
 
 
 def splits(logical_axis: str) -> bool:
     """Whether the ambient mesh splits `logical_axis` over more than one device."""
-    mesh = _current_mesh()
-    return mesh is not None and any(axis_size(mesh, m) > 1 for m in _mesh_axes(logical_axis))
+    mesh = current_mesh()
+    return mesh is not None and any(axis_size(mesh, m) > 1 for m in mesh_axes(logical_axis))
 
 
 def token_groups(rows: int, length: int) -> tuple[int, int]:
     """(row blocks, position blocks) a [rows, length] activation is split into over the ambient
     mesh's devices (act_batch, act_length), each 1 where the mesh does not split it evenly: the
     `groups` of `jaxft.losses.chunked_token_logps`, so each device works on its own tokens."""
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return 1, 1
 
     def blocks(logical_axis: str, size: int) -> int:
         n = 1
-        for m in _mesh_axes(logical_axis):
+        for m in mesh_axes(logical_axis):
             n *= axis_size(mesh, m)
         return n if size % n == 0 else 1
 
@@ -193,7 +194,7 @@ def vocab_parallel_axes(rows: int, length: int, lm_head_shape: Sequence[int]):
     length] activation and the [E, V] lm_head (as `param_shardings` lays it out) are split.
     None, for the loss's plain path, without a mesh, when lm_head is not split (data
     parallelism alone), or when its mesh axes together do not divide the vocabulary."""
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None:
         return None
     specs = (logical_to_spec(("act_batch", "act_length"), (rows, length), mesh)
@@ -207,7 +208,7 @@ def vocab_parallel_axes(rows: int, length: int, lm_head_shape: Sequence[int]):
 
 def constrain(x: jax.Array, axes: Sequence[str]) -> jax.Array:
     """with_sharding_constraint by logical names under the ambient mesh; no-op without one."""
-    mesh = _current_mesh()
+    mesh = current_mesh()
     if mesh is None or all(s == 1 for s in mesh.shape.values()):
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
