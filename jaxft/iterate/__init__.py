@@ -1,0 +1,1 @@
+"""Iterative DPO and rejection sampling from the model's own samples: pairs built from rewards."""

@@ -1,0 +1,72 @@
+"""Training records from scored samples: preference pairs (best vs worst) or the best sample alone
+(rejection-sampling SFT). Pure Python / numpy: records, completions and rewards in, records out."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from jaxft.errors import ConfigError
+
+PAIR_MODES = ("best_worst", "sft")
+
+
+def prompt_of(record: dict):
+    """A prompt record's prompt: "prompt" (a string or messages), else "messages" without
+    trailing assistant turns (an SFT or eval record's reference answer is not part of it)."""
+    if "prompt" in record:
+        return record["prompt"]
+    messages = list(record.get("messages") or [])
+    while messages and messages[-1].get("role") == "assistant":
+        messages.pop()
+    if not messages:
+        raise ValueError(f"a prompt record needs 'prompt' or 'messages'; this one has {sorted(record)}")
+    return messages
+
+
+def _answer(prompt, completion: str):
+    """The completion in the prompt's form: a string, or one assistant message."""
+    return completion if isinstance(prompt, str) else [{"role": "assistant", "content": completion}]
+
+
+def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], rewards, *,
+                mode: str = "best_worst", min_margin: float = 0.0) -> tuple[list[dict], dict]:
+    """Training records from K scored completions of each of P prompts.
+
+    rewards: [P, K]. mode "best_worst": for each prompt, its highest-reward completion as chosen
+      and its lowest as rejected (the first of equal rewards), in TRL's preference format, when
+      their margin is > 0 and >= `min_margin`; a prompt whose samples all score the same is
+      dropped as a tie. mode "sft": the best completion as a prompt-completion record when no
+      other sample beats it (always) and its reward is >= `min_margin` (the acceptance bar).
+    Each record also carries "prompt_index" and the rewards it was chosen by.
+    Returns (records, counts {"prompts", "pairs" or "accepted", "dropped_ties", "dropped_margin"}).
+    """
+    if mode not in PAIR_MODES:
+        raise ConfigError(f"pairs: unknown mode {mode!r}; one of {', '.join(PAIR_MODES)}")
+    rewards_PK = np.asarray(rewards, np.float64)
+    if rewards_PK.shape != (len(records), len(completions[0]) if len(completions) else 0):
+        raise ValueError(f"rewards {rewards_PK.shape} do not match {len(records)} prompts x K completions")
+    out, ties, small = [], 0, 0
+    for i, (record, row, r_K) in enumerate(zip(records, completions, rewards_PK)):
+        prompt = prompt_of(record)
+        best, worst = int(np.argmax(r_K)), int(np.argmin(r_K))
+        if mode == "sft":
+            if r_K[best] < min_margin:
+                small += 1
+                continue
+            out.append({"prompt": prompt, "completion": _answer(prompt, row[best]), "prompt_index": i,
+                        "reward": float(r_K[best])})
+            continue
+        margin = r_K[best] - r_K[worst]
+        if margin <= 0:
+            ties += 1
+        elif margin < min_margin:
+            small += 1
+        else:
+            out.append({"prompt": prompt, "chosen": _answer(prompt, row[best]),
+                        "rejected": _answer(prompt, row[worst]), "prompt_index": i,
+                        "chosen_reward": float(r_K[best]), "rejected_reward": float(r_K[worst])})
+    counts = {"prompts": len(records), "accepted" if mode == "sft" else "pairs": len(out),
+              "dropped_ties": ties, "dropped_margin": small}
+    return out, counts
