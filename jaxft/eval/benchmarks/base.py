@@ -105,6 +105,9 @@ class GenerationBenchmark:
       batched so that code benchmarks can run many programs at once.
     default_data: a `datasets` hub name ("openai/gsm8k:main:test") or a shipped file; --data
       overrides it. stop: strings that end a raw-text completion (HumanEval's "\\ndef", ...).
+    scored: whether verdicts mean right / wrong (pass@k reported); False for `repetition`.
+    metrics(problems, completions, sampled) -> {name: value}: the benchmark's own numbers
+      beside pass@k (`repetition_ratio`); `sampled` holds the sampler's Completions (token ids).
     """
 
     name: str
@@ -115,6 +118,8 @@ class GenerationBenchmark:
     stop: tuple[str, ...] = ()
     max_new_tokens: int = 512
     chat: bool = True  # the default of --chat / --no-chat
+    scored: bool = True
+    metrics: Callable[[Sequence[Problem], Sequence[Sequence[str]], Sequence[Sequence[Any]]], dict] | None = None
 
     def run(self, model, tokenizer, settings: EvalSettings) -> BenchmarkResult:
         from jaxft.eval.benchmarks.runner import run_generation_benchmark
