@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")  # the reference implementation (test extra
 from flax import nnx
 
 import jaxft.inference.generate as gen
+from jaxft.inference import sampler
 from jaxft.models import create_model, get_preset, load_hf
 from tests.hf_reference import make_hf_model
 
@@ -141,7 +142,7 @@ def test_sampling_filters_and_seeds(models):
 
 def test_filter_logits_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
-    kept = lambda **kw: np.isfinite(np.asarray(gen._filter_logits(logits, 1.0, **kw)))[0].tolist()
+    kept = lambda **kw: np.isfinite(np.asarray(sampler.filter_logits(logits, 1.0, **kw)))[0].tolist()
     assert kept(top_k=2, top_p=1.0) == [True, True, False, False]
     assert kept(top_k=0, top_p=0.75) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.75
     assert kept(top_k=0, top_p=0.85) == [True, True, True, False]
@@ -155,13 +156,13 @@ def test_generate_text_chat_has_one_bos(monkeypatch):
     tok = transformers.AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     model = create_model(get_preset("tiny").replace(num_layers=1))  # 1 layer: faster, same vocab
     seen = []
-    real_generate = gen.generate
+    real_sample_ids = sampler.sample_ids
 
     def spy(model, prompt_ids, **kw):
         seen.extend(prompt_ids)
-        return real_generate(model, prompt_ids, **kw)
+        return real_sample_ids(model, prompt_ids, **kw)
 
-    monkeypatch.setattr(gen, "generate", spy)
+    monkeypatch.setattr(sampler, "sample_ids", spy)
     prompts = [
         [{"role": "user", "content": "What is 2 + 3?"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -169,8 +170,7 @@ def test_generate_text_chat_has_one_bos(monkeypatch):
     ]
     texts = gen.generate_text(model, tok, prompts, chat=True, batch_size=2, max_new_tokens=5)
     assert len(texts) == 3 and all(isinstance(t, str) for t in texts)
-    # The last batch was filled up to batch_size=2 with a copy: 4 rows reached generate.
-    assert len(seen) == 4
+    assert len(seen) == 3
     for ids in seen:
         assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
         assert tok.decode(ids).endswith("<|assistant|>\n")
