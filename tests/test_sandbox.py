@@ -46,11 +46,16 @@ def test_hostile_programs_end_as_failed_samples_and_the_batch_goes_on(tmp_path):
     listener.listen(1)
     listener.settimeout(0.5)
     port = listener.getsockname()[1]
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "keep.txt").write_text("keep")
     programs = {
         "infinite loop": "while True:\n    pass\n",
         "10 GB allocation": "x = bytearray(10 * 1024**3)\nassert x\n",
         "write outside": f"open({str(outside)!r}, 'w').write('escaped')\n",
         "pathlib write outside": f"import pathlib\npathlib.Path({str(outside)!r}).write_text('escaped')\n",
+        "rmtree outside": f"import shutil\nshutil.rmtree({str(victim)!r})\n",
+        "rmtree inside": "import os, shutil\nos.makedirs('a/b')\nshutil.rmtree('a')\nassert not os.path.exists('a')\n",
         "os.system": f"import os\nos.system('touch {marker}')\n",
         "subprocess": f"import subprocess\nsubprocess.run(['touch', {str(marker)!r}])\n",
         "network": f"import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=2)\ns.sendall(b'x')\n",
@@ -61,13 +66,14 @@ def test_hostile_programs_end_as_failed_samples_and_the_batch_goes_on(tmp_path):
     elapsed = time.monotonic() - start
     for name, result in results.items():
         print(f"{name:22s} {result.status:8s} {result.seconds:5.2f} s  {result.error}")
-    assert results.pop("good").passed
+    assert results.pop("good").passed and results.pop("rmtree inside").passed
     assert not any(r.passed for r in results.values())
     assert all(r.seconds < FAST.timeout_s + 1.5 for r in results.values())
     assert elapsed < 2 * FAST.timeout_s + 5  # two workers, one loop: the rest never waits on it
     assert results["infinite loop"].status == "timeout"
     assert results["10 GB allocation"].error == "MemoryError"
     assert not outside.exists() and not marker.exists()
+    assert (victim / "sub" / "keep.txt").read_text() == "keep"
     with pytest.raises(socket.timeout):
         listener.accept()  # nothing ever connected
     listener.close()
@@ -122,3 +128,21 @@ def test_fork_bomb_ends_as_a_failed_sample():
     results = run_programs(bombs, FAST)
     print(results)
     assert [r.status for r in results] == ["failed", "timeout", "failed"]
+
+
+def test_the_network_namespace_alone_cannot_reach_a_local_listener():
+    """The second network layer, without seccomp: a fresh namespace has no way to the host's
+    loopback, so a listener there is never reached."""
+    prefix = sandbox._netns_prefix()
+    if not prefix:
+        pytest.skip("unshare --net does not work here")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    connect = f"import socket\nsocket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=2)"
+    out = subprocess.run([*prefix, sys.executable, "-I", "-c", connect], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "Error" in out.stderr.splitlines()[-1], out.stderr  # here: Network is unreachable
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    listener.close()
