@@ -99,7 +99,8 @@ def info(step, steps=10, **fields):
 
 def config(**train):
     train = {"log_every": 0, "eval_every": 0, "sample_every": 0, "save_every": 0, "keep_best": False,
-             "preemption_check_every": 1, "max_bad_steps": 3, "progress": False, "prefetch": 0, **train}
+             "eval_benchmarks": "", "preemption_check_every": 1, "max_bad_steps": 3, "progress": False,
+             "prefetch": 0, **train}
     return types.SimpleNamespace(train=types.SimpleNamespace(**train), to_dict=lambda: {"train": train})
 
 

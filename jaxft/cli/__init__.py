@@ -28,7 +28,9 @@ commands:
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
   export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] [--merge | --adapter] --out DIR
   generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT [--prompts FILE]
-  eval         exact match, repetition, eval loss, preference accuracy: jaxft eval --model DIR --data FILE
+  eval         benchmarks (pass@k): jaxft eval --model DIR --benchmark gsm8k|math|humaneval|mbpp|repetition|lm_eval:TASK
+               [--data FILE|HUB_NAME --samples K --json OUT]; exact match, repetition, eval loss, preference
+               accuracy: jaxft eval --model DIR --data FILE [--pairs FILE]
   check-data   validate data before training: jaxft check-data FILE --kind sft|dpo, or exactly what a
                run would see: jaxft check-data --config configs/sft.py[:preset] [--config.KEY=VALUE ...]
   plot         loss / learning-rate curves of a run: jaxft plot WORKDIR

@@ -61,21 +61,70 @@ def _generate(argv):
 
 def _eval(argv):
     p = argparse.ArgumentParser(prog="jaxft eval", description=(
-        "evaluate a Hugging Face folder: greedy answers (exact match, repetition ratio) and eval "
-        "loss on --data, preference accuracy on --pairs"))
+        "evaluate a Hugging Face folder: on a benchmark (--benchmark gsm8k | math | humaneval | mbpp | "
+        "repetition | arithmetic | lm_eval:TASK: pass@k and the benchmark's own numbers), or greedy answers "
+        "(exact match, repetition ratio) and eval loss on --data, preference accuracy on --pairs"))
     p.add_argument("--model", required=True)
-    p.add_argument("--data", default=None, help="records with an 'answer' field (any data file training reads: "
-                                                "JSONL, JSON, CSV, Parquet, .gz / .zst)")
+    p.add_argument("--benchmark", default=None, metavar="NAME",
+                   help="a registered benchmark (docs/evaluation.md); --data then overrides its data set")
+    p.add_argument("--data", default=None, help="without --benchmark: records with an 'answer' field (any data file "
+                   "training reads: JSONL, JSON, CSV, Parquet, .gz / .zst); with it: the benchmark's records in its "
+                   "public format, a file or a datasets hub name NAME[:CONFIG][:SPLIT]")
     p.add_argument("--pairs", default=None, help="preference pairs (prompt/chosen/rejected)")
     p.add_argument("--reference", default=None, help="reference model for implicit-reward accuracy")
     p.add_argument("--limit", type=_positive_int, default=None, help="score only the first N records")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=None,
+                   help="default: 128, or the benchmark's own (gsm8k 512, math 1024, ...)")
     p.add_argument("--max-length", type=int, default=512)
+    b = p.add_argument_group("benchmarks (--benchmark)")
+    b.add_argument("--samples", type=_positive_int, default=1, help="completions per problem (pass@k for k <= this)")
+    b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (needs --samples 1)")
+    b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt through the chat template, or raw text (default: the benchmark's choice, chat "
+                        "where the tokenizer has a template)")
+    b.add_argument("--few-shot", type=int, default=None, metavar="N", help="worked examples before each problem "
+                   "(gsm8k: default 8 raw, 0 chat; math: 4 raw, 0 chat)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--batch-size", type=_positive_int, default=16, help="rows sampled together")
+    b.add_argument("--json", default=None, metavar="OUT", help="write {benchmark, model, n, metrics, settings}")
+    b.add_argument("--samples-out", default=None, metavar="FILE", help="one JSON line per completion: prompt, "
+                   "completion, extracted answer, reference, correct, error")
+    b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="a progress bar")
     a = p.parse_args(argv)
     import json
 
-    from jaxft.eval.folder import evaluate_folder
+    if a.benchmark is None:
+        given = [f for f, v in (("--samples", a.samples != 1), ("--temperature", a.temperature != 0),
+                                ("--chat / --no-chat", a.chat is not None), ("--few-shot", a.few_shot is not None),
+                                ("--json", a.json), ("--samples-out", a.samples_out)) if v]
+        if given:
+            p.error(f"{given[0]} goes with --benchmark NAME")
+        from jaxft.eval.folder import evaluate_folder
 
-    result = evaluate_folder(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
-                             max_new_tokens=a.max_new_tokens, limit=a.limit, max_length=a.max_length)
-    print(json.dumps(result, indent=2))
+        result = evaluate_folder(a.model, a.data, pairs_file=a.pairs, reference_dir=a.reference,
+                                 max_new_tokens=a.max_new_tokens or 128, limit=a.limit, max_length=a.max_length)
+        print(json.dumps(result, indent=2))
+        return
+    if a.pairs or a.reference:
+        p.error("--pairs / --reference score preference pairs: run them without --benchmark")
+    from jaxft.eval.benchmarks.base import EvalSettings
+    from jaxft.eval.benchmarks.runner import write_samples
+    from jaxft.eval.folder import evaluate_benchmark
+    from jaxft.io.folders import check_output
+
+    for flag, path in (("--json", a.json), ("--samples-out", a.samples_out)):
+        if path:
+            check_output(path, flag, folder=False)
+    settings = EvalSettings(data=a.data, limit=a.limit, samples=a.samples, temperature=a.temperature, top_p=a.top_p,
+                            max_new_tokens=a.max_new_tokens, chat=a.chat, few_shot=a.few_shot, seed=a.seed,
+                            batch_size=a.batch_size)
+    result = evaluate_benchmark(a.model, a.benchmark, settings, progress=a.progress)
+    summary = json.dumps(result.summary(), indent=2, default=str)
+    if a.json:
+        from jaxft.io import atomic
+
+        atomic.write_text(a.json, summary + "\n")
+    if a.samples_out:
+        write_samples(result, a.samples_out)
+    print(summary)

@@ -109,6 +109,13 @@ class TrainSection:
                             "metrics.jsonl and the trackers; 0 = never")
     sample_prompts: int = key(4, "prompts sampled (data.eval's first); >= 1")
     sample_max_new_tokens: int = key(64, "tokens generated per sample; >= 1")
+    # jaxft.eval.train_benchmarks: the runner of `jaxft eval --benchmark`, greedy, pass@1 (docs/evaluation.md).
+    eval_benchmarks: str = key("", "benchmarks scored every train.eval_every steps and at the end, logged as "
+                               'eval/NAME/pass@1: a comma list of NAME or NAME=DATA ("gsm8k=data/gsm8k_test.jsonl,'
+                               'math"; lm_eval task lists join with +); empty = none')
+    eval_benchmark_limit: int = key(0, "problems per benchmark (its first N); 0 = all; >= 0")
+    eval_benchmark_max_new_tokens: int = key(0, "tokens generated per benchmark completion; 0 = the benchmark's "
+                                             "default; >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

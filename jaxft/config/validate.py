@@ -94,6 +94,13 @@ def _data_and_train(config: Config, need) -> None:
     need(train.sample_max_new_tokens >= 1, "train.sample_max_new_tokens", "must be >= 1")
     if train.sample_every:
         need(data.eval != "", "train.sample_every", "needs data.eval: the sample prompts are its first records")
+    need(train.eval_benchmark_limit >= 0, "train.eval_benchmark_limit", "must be >= 0 (0 = every problem)")
+    need(train.eval_benchmark_max_new_tokens >= 0, "train.eval_benchmark_max_new_tokens",
+         "must be >= 0 (0 = the benchmark's default)")
+    if train.eval_benchmarks:
+        from jaxft.eval.train_benchmarks import parse_eval_benchmarks
+
+        parse_eval_benchmarks(train.eval_benchmarks)  # unknown names, listing the known ones
 
 
 def _mesh(config: Config, need) -> None:

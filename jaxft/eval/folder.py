@@ -1,4 +1,5 @@
-"""`jaxft eval`: a Hugging Face folder scored on questions with answers and on preference pairs."""
+"""`jaxft eval`: a Hugging Face folder scored on questions with answers and on preference pairs
+(`evaluate_folder`), or on a named benchmark (`evaluate_benchmark`: gsm8k, math, humaneval, ...)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,34 @@ def evaluate_folder(model_dir: str, data_file: str | None = None, *, pairs_file:
         out.update(preference_eval(model, tokenizer, pairs_file, reference=reference, max_length=max_length,
                                    batch_size=batch_size))
     return out
+
+
+def evaluate_benchmark(model_dir: str, benchmark: str, settings=None, *, progress: bool = False):
+    """`jaxft eval --model DIR --benchmark NAME`: a `BenchmarkResult` (`.summary()` is what --json
+    writes, `.samples` what --samples-out writes). The benchmark's name, data and settings are
+    checked before the weights load (the tokenizer first: the prompts depend on its chat
+    template). settings: an `EvalSettings` (default: the benchmark's defaults)."""
+    import transformers
+
+    from jaxft.eval.benchmarks import GenerationBenchmark, get_benchmark
+    from jaxft.eval.benchmarks.base import EvalSettings
+    from jaxft.eval.benchmarks.runner import prepare, score
+    from jaxft.io.folders import model_folder
+    from jaxft.models import load_hf
+
+    settings = settings or EvalSettings()
+    bench = get_benchmark(benchmark)
+    if not isinstance(bench, GenerationBenchmark):  # lm_eval:TASK reads its own data
+        model, tokenizer = load_folder(model_dir, flag="--model")
+        result = bench.run(model, tokenizer, settings)
+    else:
+        folder = model_folder(model_dir, flag="--model")
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError, KeyError):
+            load_folder(model_dir, flag="--model")  # raises the error that names the folder and the file
+            raise
+        ready = prepare(bench, tokenizer, settings)
+        result = score(ready, load_hf(folder), tokenizer, progress=progress)
+    result.model = str(model_dir)
+    return result

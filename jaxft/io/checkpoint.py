@@ -64,7 +64,8 @@ SCHEDULE_KEYS = (
 RESUME_FREE_KEYS = (
     "train.log_every", "train.progress", "train.report_to", "train.wandb_project",
     "data.eval", "data.eval_batch_size", "train.eval_every", "train.keep_best",
-    "train.sample_every", "train.sample_prompts", "train.sample_max_new_tokens",
+    "train.sample_every", "train.sample_prompts", "train.sample_max_new_tokens", "train.eval_benchmarks",
+    "train.eval_benchmark_limit", "train.eval_benchmark_max_new_tokens",
     "train.save_every", "train.max_to_keep", "train.max_bad_steps", "train.prefetch",
     "train.preemption_check_every", "train.loss_chunk_size", "model.remat", "model.scan_layers",
     "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "mesh.expert",

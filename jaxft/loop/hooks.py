@@ -1,11 +1,13 @@
-"""The loop's periodic work as hooks: log, evaluate, sample, save, keep the best, stop on a signal.
+"""The loop's periodic work as hooks: log, evaluate, score benchmarks, sample, save, keep the best,
+stop on a signal.
 
 A hook is a function of the step (`StepInfo`) with a schedule: every N steps and/or at the
 run's last step (Levanter's `trainer.add_hook(fn, every=N)`). `Hooks` runs the due ones in
 the order added, in two phases:
 
 1. *row* hooks (`row=True`) return metrics; together they make the step's one row of
-   metrics.jsonl (train metrics from `LogMetrics`, eval metrics from `Evaluate`), written once;
+   metrics.jsonl (train metrics from `LogMetrics`, eval metrics from `Evaluate` and
+   `Benchmarks`), written once;
 2. the other hooks act (`Sample`, `Save`, `KeepBest`, `Preemption`), seeing the written row
    in `info.row`.
 
@@ -186,6 +188,25 @@ class Evaluate(Hook):
         return self.task.evaluate(info.state["params"])
 
 
+class Benchmarks(Hook):
+    """train.eval_benchmarks, on the schedule of `Evaluate` (train.eval_every and the last step):
+    each benchmark's greedy pass@1 and its other numbers as eval/NAME/METRIC in the step's row.
+    Its data is read when the hook is made (a bad record fails before training); its time is
+    left out of the step-time rates, as sampling's is."""
+
+    def __init__(self, every: int, task, window: Window | None = None):
+        super().__init__(every=every, at_end=True, row=True)
+        self.task, self.window = task, window
+        task.prepare_benchmarks()
+
+    def __call__(self, info):
+        began = time.perf_counter()
+        row = self.task.benchmarks(info.state["params"], info.step)
+        if self.window is not None:
+            self.window.exclude(time.perf_counter() - began)
+        return row
+
+
 class Sample(Hook):
     """train.sample_every: greedy completions of the eval prompts, one samples row. It reads the
     params only (training is unchanged), and its time is left out of the step-time rates."""
@@ -285,6 +306,8 @@ def default_hooks(task, data, *, config, model_config, checkpointer, record: Rec
     eval_every = data.batches_per_epoch() if train.eval_every == -1 else train.eval_every
     if task.can_evaluate:
         hooks.add(Evaluate(eval_every, task))
+    if train.eval_benchmarks:
+        hooks.add(Benchmarks(eval_every, task, window))
     if train.sample_every:
         hooks.add(Sample(train.sample_every, task, record, window))
     save = hooks.add(Save(train.save_every, checkpointer, config))

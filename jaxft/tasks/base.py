@@ -156,6 +156,7 @@ class Task(abc.ABC):
         self.ctx = ctx
         self.train_step = train_step
         self._sampler: Sampler | None = None
+        self._benchmarks = None
 
     def step(self, state: dict, batch: dict) -> tuple[dict, dict]:
         """One optimizer step on a global batch (dict of arrays from `to_global`)."""
@@ -179,3 +180,21 @@ class Task(abc.ABC):
             self._sampler = Sampler(self.ctx.graphdef, self.ctx.tokenizer, examples,
                                     max_new_tokens=train.sample_max_new_tokens)
         return self._sampler(self.ctx.weights.merge_args(params))
+
+    def prepare_benchmarks(self) -> None:
+        """Reads `train.eval_benchmarks`' data and builds their problems (before the first step,
+        so bad data fails at start-up)."""
+        from jaxft.eval.train_benchmarks import TrainBenchmarks
+
+        self._benchmarks = TrainBenchmarks(self.ctx.config.train, self.ctx.tokenizer,
+                                           samples_dir=Path(self.ctx.workdir) / "benchmarks")
+
+    def benchmarks(self, params, step: int | None = None) -> dict[str, float]:
+        """`train.eval_benchmarks` scored greedily on `params`: {"eval/NAME/pass@1": ..., ...};
+        each evaluation's completions go to WORKDIR/benchmarks/NAME/step_N.jsonl. Reads the
+        weights only, as `sample` does."""
+        from jaxft.steps.common import merge_model
+
+        if self._benchmarks is None:
+            self.prepare_benchmarks()
+        return self._benchmarks(merge_model(self.ctx.graphdef, self.ctx.weights.merge_args(params)), step)
