@@ -1,7 +1,7 @@
 """`jaxft <command>`: parses flags and config files, then calls library functions. No logic.
 
 Every command here is one Python call away in a notebook (see docs/python-api.md). A module per group of
-commands: train (sft, dpo, quickstart), data (check-data), model (export, generate, eval), perf
+commands: train (sft, dpo, iterate, quickstart), data (check-data), model (export, generate, eval), perf
 (bench, plan), runs (sweep, compare, plot); common holds the flag and error helpers they share.
 """
 
@@ -18,7 +18,7 @@ from jaxft.cli.data import _check_data
 from jaxft.cli.model import _eval, _export, _generate
 from jaxft.cli.perf import _bench, _plan
 from jaxft.cli.runs import _compare, _plot, _sweep
-from jaxft.cli.train import _quickstart, _train
+from jaxft.cli.train import _iterate, _quickstart, _train
 
 USAGE = """usage: jaxft <command> [options]
 
@@ -26,6 +26,7 @@ commands:
   quickstart   generate the bundled data, SFT then DPO the tiny model, evaluate all three
   sft          supervised fine-tuning:  jaxft sft --config configs/sft.py[:preset] --workdir DIR
   dpo          preference optimisation: jaxft dpo --config configs/dpo.py[:preset] --workdir DIR
+  iterate      rounds of sample, score, DPO on the model's own samples: jaxft iterate --config configs/iterate.py[:preset] --workdir DIR
   export       checkpoint -> Hugging Face folder: jaxft export WORKDIR [--step N] [--dtype bfloat16] [--merge | --adapter] --out DIR
   generate     sample from a Hugging Face folder: jaxft generate --model DIR --prompt TEXT [--prompts FILE]
   eval         benchmarks (pass@k): jaxft eval --model DIR --benchmark gsm8k|math|humaneval|mbpp|repetition|lm_eval:TASK
@@ -48,6 +49,7 @@ COMMANDS = {
     "quickstart": _quickstart,
     "sft": lambda argv: _train("sft", argv),
     "dpo": lambda argv: _train("dpo", argv),
+    "iterate": _iterate,
     "export": _export,
     "generate": _generate,
     "eval": _eval,

@@ -1,4 +1,4 @@
-"""`jaxft sft`, `jaxft dpo` and `jaxft quickstart`: the commands that train."""
+"""`jaxft sft`, `jaxft dpo`, `jaxft iterate` and `jaxft quickstart`: the commands that train."""
 
 from __future__ import annotations
 
@@ -49,3 +49,18 @@ def _quickstart(argv):
     from jaxft.quickstart.pipeline import run_quickstart
 
     run_quickstart(a.workdir, sft_steps=a.sft_steps, dpo_steps=a.dpo_steps, num_questions=a.questions)
+
+
+def _iterate(argv):
+    if any(a in ("-h", "--help") for a in argv):
+        from jaxft.iterate import rounds
+
+        print("usage: jaxft iterate --config configs/iterate.py[:preset] --workdir DIR [--config.KEY=VALUE ...]\n\n"
+              + (rounds.__doc__ or ""))
+        raise SystemExit(0)
+    fv = _config_flags(argv, "jaxft iterate", workdir=True)
+    from jaxft.iterate.rounds import iterate
+    from jaxft.parallel.distributed import initialize
+
+    initialize()
+    iterate(fv.config, fv.workdir)

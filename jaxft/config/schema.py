@@ -174,6 +174,28 @@ class DpoSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class IterateSection:
+    """Iterative DPO and rejection sampling (`jaxft iterate`): rounds of sample, score, pair, train."""
+
+    prompts: str = key("", "prompt records sampled each round: a 'prompt' or 'messages', plus the fields the "
+                       "rewards read ('answer', ...); a file, folder, glob or hub name")
+    eval_prompts: str = key("", "held-out prompt records: each round's greedy answers scored by the rewards; "
+                            "empty = none")
+    rounds: int = key(3, ">= 1")
+    samples: int = key(4, "completions sampled per prompt (>= 2 for pairs)")
+    prompts_per_round: int = key(0, "0 = every prompt each round; else the next N, cycling")
+    temperature: float = key(1.0, "> 0")
+    top_p: float = key(1.0, "(0, 1]")
+    max_new_tokens: int = key(128, ">= 1")
+    rewards: str = key("answer", '"KIND[:WEIGHT],..." (answer, regex, length, repetition, benchmark, python; '
+                       'jaxft.rewards) or a JSON list of {"kind", "weight", options}')
+    pairs: str = key("best_worst", '"best_worst": DPO on each prompt\'s best vs worst sample | "sft": '
+                     "rejection-sampling SFT on the best")
+    min_margin: float = key(0.0, "best_worst: the least reward margin of a pair; sft: the least reward kept")
+    reference: str = key("round", '"round": each round\'s starting policy | "start": the first model')
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A run's whole config, typed and read-only: `config.train.steps`. Built from a ConfigDict
     (`jaxft.config.typed`) or a dict (`from_dict`), which check every key's type."""
@@ -185,6 +207,7 @@ class Config:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     dpo: DpoSection = dataclasses.field(default_factory=DpoSection)
+    iterate: IterateSection = dataclasses.field(default_factory=IterateSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """{"model": {"path": ...}, ...}: what ConfigDict.to_dict() gives for the same config."""
@@ -265,6 +288,6 @@ def _did_you_mean(name: str, options) -> str:
     return f'. Did you mean "{close[0]}"?' if close else ""
 
 
-__all__ = ["Config", "DataSection", "DpoSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection",
+__all__ = ["Config", "DataSection", "DpoSection", "IterateSection", "LoraSection", "MeshSection", "ModelSection", "OptimSection",
            "SECTIONS", "TrainSection", "base_config", "check_type", "from_dict", "key", "key_table", "keys",
            "section_docs", "typed"]

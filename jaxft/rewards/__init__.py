@@ -86,4 +86,27 @@ def make_reward(specs, *, key: str = "rewards") -> Callable[[Sequence[dict], Seq
     return reward
 
 
+def parse_rewards(text: str, *, key: str = "iterate.rewards") -> list[dict]:
+    """Reward specs from a config string: "KIND[:WEIGHT],..." ("answer:1,repetition:0.5"), or a
+    JSON list of {"kind", "weight", options} for kinds with options (regex, length, benchmark,
+    python). Errors name `key`."""
+    import json
+
+    text = (text or "").strip()
+    if text.startswith(("[", "{")):
+        try:
+            specs = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{key}: not valid JSON ({err}): {text!r}") from err
+        return [specs] if isinstance(specs, dict) else list(specs)
+    specs = []
+    for term in filter(None, (t.strip() for t in text.split(","))):
+        kind, _, weight = term.partition(":")
+        try:
+            specs.append({"kind": kind.strip(), "weight": float(weight) if weight else 1.0})
+        except ValueError:
+            raise ConfigError(f"{key}: {term!r}: the weight after ':' must be a number") from None
+    return specs
+
+
 from jaxft.rewards import checks, python_callable  # noqa: E402,F401  (they register their kinds)
