@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from flax import nnx
 from lm_eval.api.instance import Instance
 
 from jaxft.data.from_config import load_bundled_tokenizer
@@ -33,15 +34,34 @@ def lm(tiny):
     return JaxftLM(model=tiny[0], tokenizer=tiny[1], batch_size=8)
 
 
-def direct(model, ids, n_scored):
-    """(sum of the last n_scored tokens' log-probs, all argmax) from one unpadded forward pass, in
-    float64 on the host."""
-    logits = np.asarray(model(np.asarray([ids[:-1]], np.int32)), np.float64)[0]
-    top = logits.max(-1, keepdims=True)
-    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-    targets = np.asarray(ids[1:])
-    picked = logp[np.arange(len(targets)), targets][-n_scored:]
-    return float(picked.sum()), bool((logits.argmax(-1)[-n_scored:] == targets[-n_scored:]).all())
+@nnx.jit
+def forward(model, tokens):
+    return model(tokens)
+
+
+def logits_of(model, rows):
+    """The model's full logits [8, 96, V] for up to 8 rows of up to 96 tokens, right-padded (causal
+    attention never reads the padding): one compiled shape for every reference in this file."""
+    assert len(rows) <= 8 and max(map(len, rows)) <= 96
+    inputs = np.zeros((8, 96), np.int32)
+    for b, ids in enumerate(rows):
+        inputs[b, :len(ids)] = ids
+    return np.asarray(forward(model, inputs), np.float64)
+
+
+def direct(model, rows):
+    """[(sum of the last n tokens' log-probs, all argmax)] of rows [(ids, n)], from the model's
+    full logits, in float64 on the host."""
+    all_logits = logits_of(model, [ids[:-1] for ids, _ in rows])
+    out = []
+    for (ids, n), logits in zip(rows, all_logits):
+        logits = logits[:len(ids) - 1]
+        top = logits.max(-1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        targets = np.asarray(ids[1:])
+        picked = logp[np.arange(len(targets)), targets][-n:]
+        out.append((float(picked.sum()), bool((logits.argmax(-1)[-n:] == targets[-n:]).all())))
+    return out
 
 
 def requests(kind, args):
@@ -51,7 +71,8 @@ def requests(kind, args):
 def test_loglikelihood_equals_a_direct_forward_pass(tiny, lm):
     model, tok = tiny
     got = lm.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
-    for (context, continuation), (logp, greedy) in zip(PAIRS, got):
+    rows = []
+    for context, continuation in PAIRS:
         if context:  # HFLM's split: encode the whole, the context's trailing space goes with the continuation
             stripped = context.rstrip()
             whole = tok.encode(stripped + context[len(stripped):] + continuation)
@@ -59,7 +80,8 @@ def test_loglikelihood_equals_a_direct_forward_pass(tiny, lm):
         else:  # empty context: BOS stands for it
             whole = [tok.bos_token_id] + tok.encode(continuation, add_special_tokens=False)
             n_cont = len(whole) - 1
-        want = direct(model, whole, n_cont)
+        rows.append((whole, n_cont))
+    for (logp, greedy), want in zip(got, direct(model, rows)):
         assert logp == pytest.approx(want[0], rel=1e-5, abs=1e-5)
         assert greedy == want[1]
 
@@ -71,8 +93,7 @@ def test_is_greedy_and_left_truncation(tiny):
     assert len(context) + 3 <= 13  # whole within the window
     ids = list(context)
     for _ in range(3):  # the model's own greedy continuation
-        logits = np.asarray(model(np.asarray([ids], np.int32)))[0, -1]
-        ids.append(int(logits.argmax()))
+        ids.append(int(logits_of(model, [ids])[0, len(ids) - 1].argmax()))
     greedy = ids[len(context):]
     wrong = greedy[:2] + [(greedy[2] + 1) % 512]
     (lp_greedy, is_greedy), (lp_wrong, is_wrong), (lp_long, _) = lm.score_tokens(
@@ -81,7 +102,8 @@ def test_is_greedy_and_left_truncation(tiny):
     assert lp_greedy > lp_wrong
     # Longer than max_length + 1 tokens: only the last 13 are read (the first is not an input)
     assert len(context * 3 + greedy) > 13
-    assert lp_long == pytest.approx(direct(model, (context * 3 + greedy)[-13:], 3)[0], rel=1e-5, abs=1e-5)
+    ((want_long, _),) = direct(model, [((context * 3 + greedy)[-13:], 3)])
+    assert lp_long == pytest.approx(want_long, rel=1e-5, abs=1e-5)
     assert lp_greedy != pytest.approx(lp_long, rel=1e-3)  # truncation changed the context, not a no-op
 
 
@@ -89,7 +111,8 @@ def test_rolling_loglikelihood_of_a_short_document_is_the_plain_sum(tiny, lm):
     model, tok = tiny
     (rolled,) = lm.loglikelihood_rolling(requests("loglikelihood_rolling", [(DOC,)]), disable_tqdm=True)
     ids = [lm.prefix_token_id] + tok.encode(DOC)  # as HFLM: the prefix token, then the encoded text
-    assert rolled == pytest.approx(direct(model, ids, len(ids) - 1)[0], rel=1e-5, abs=1e-5)
+    ((want, _),) = direct(model, [(ids, len(ids) - 1)])
+    assert rolled == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
 def test_length_buckets_are_powers_of_two_within_the_window():
@@ -176,7 +199,7 @@ def test_generate_until_task_runs_on_jaxfts_sampler(tiny, tmp_path):
     samples = sorted(result.samples, key=lambda s: s["doc_id"])
     # The same completions as the sampler's own greedy run: stop at "\n", at most 6 new tokens
     want = sample_completions(model, tok, [s["prompt"] for s in samples], max_new_tokens=6, stop=["\n"],
-                              chat=False)
+                              chat=False, batch_size=8)
     assert [s["completion"][0] for s in samples] == [w[0].text for w in want]
     assert all(len(w[0].token_ids) <= 6 for w in want)
 
@@ -190,7 +213,7 @@ def test_registered_as_jaxft_for_lm_evals_own_entry_point(tiny, tmp_path):
     (tmp_path / "tasks").mkdir()
     write_tasks(tmp_path / "tasks")
     out = lm_eval.simple_evaluate(model="jaxft", model_args=f"pretrained={tmp_path / 'model'},batch_size=8",
-                                  tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                  tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
                                   limit=2)
     assert out["n-samples"]["tiny_mc"]["effective"] == 2
     assert math.isfinite(out["results"]["tiny_mc"]["acc,none"])

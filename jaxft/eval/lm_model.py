@@ -18,7 +18,7 @@ Requests are scored the way lm-eval's `HFLM` scores them, so numbers compare acr
 
 Axis letters as in `jaxft.models.decoder`: B rows, L padded length. Rows of one call are sorted
 by length, padded to a power-of-two length bucket (>= 32) and to `batch_size` rows (a multiple of
-the device count), so a task compiles a handful of shapes; one jitted function per shape.
+the device count), so a task compiles a handful of shapes, once per model graph and shape.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ MIN_BUCKET = 32  # shortest padded row length
 LOGIT_CHUNK = 1024  # scored tokens per [chunk, V] logits block
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def score_rows(graphdef, params, inputs_BL, targets_BL, mask_BL, segment_ids_BL):
     """Summed log-prob of each row's scored targets and whether every one is the argmax.
 
@@ -111,7 +112,7 @@ class JaxftLM(TemplateLM):
         graphdef, params = split_params(model)
         with jax.set_mesh(self.mesh):
             self._params = jax.device_put(params, replicated(self.mesh))
-        self._score = jax.jit(functools.partial(score_rows, graphdef))
+        self._graphdef = graphdef
 
     # -- what lm-eval reads --------------------------------------------------------------------
     @property
@@ -195,7 +196,7 @@ class JaxftLM(TemplateLM):
                     arrays[3, b, :n] = 1
                 with jax.set_mesh(self.mesh):
                     sharded = [jax.device_put(a, batch_sharding(self.mesh)) for a in arrays]
-                    sums, greedy = jax.device_get(self._score(self._params, *sharded))
+                    sums, greedy = jax.device_get(score_rows(self._graphdef, self._params, *sharded))
                 for b, i in enumerate(chunk):
                     results[i] = (float(sums[b]), bool(greedy[b]))
                 bar.update(len(chunk))
