@@ -21,15 +21,17 @@ FAST = Limits(timeout_s=3.0)
 
 
 def test_passing_program_passes_and_failing_assert_fails_with_its_message():
-    ok, bad, exits = run_programs([
+    ok, bad, exits, crash = run_programs([
         "def add(a, b):\n    return a + b\nassert add(2, 3) == 5\n",
         "def add(a, b):\n    return a - b\nassert add(2, 3) == 5, 'add(2, 3) should be 5'\n",
         "import sys\nsys.exit(0)\nassert False\n",  # exiting before the tests ran is not passing
+        "import faulthandler\nfaulthandler._sigsegv()\n",
     ], FAST)
     assert ok.passed and ok.status == "passed" and ok.error is None
     assert not bad.passed and bad.status == "failed"
     assert bad.error == "AssertionError: add(2, 3) should be 5"
     assert exits.status == "failed" and "SystemExit" in exits.error
+    assert crash.status == "error" and crash.error.startswith("killed by SIGSEGV"), crash
 
 
 def test_each_program_gets_a_fresh_working_directory():
@@ -79,7 +81,7 @@ def test_hostile_programs_end_as_failed_samples_and_the_batch_goes_on(tmp_path):
     listener.close()
 
 
-def test_the_kernel_filter_alone_refuses_fork_exec_and_sockets():
+def test_the_kernel_filter_alone_refuses_fork_exec_sockets_and_signals():
     """Without the Python guards (which a program could undo), seccomp still refuses: the check
     that the sandbox holds as root, where RLIMIT_NPROC does not apply."""
     if not sandbox.enforcement()["seccomp"]:
@@ -105,13 +107,18 @@ def test_the_kernel_filter_alone_refuses_fork_exec_and_sockets():
             socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         except PermissionError:
             refused.append("inet socket")
+        try:
+            os.kill(os.getppid(), 0)  # signal 0: only asks whether the parent exists
+        except PermissionError:
+            refused.append("kill")
+        os.kill(os.getpid(), 0)  # signals to itself are allowed (abort(), raise())
         t = threading.Thread(target=lambda: None)
         t.start(); t.join()  # threads are allowed
         print(",".join(refused))
     """)
     out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "fork,exec,inet socket"
+    assert out.stdout.strip() == "fork,exec,inet socket,kill"
 
 
 def test_fork_bomb_ends_as_a_failed_sample():

@@ -3,8 +3,8 @@ each ran to its end: `run_programs(programs)` -> one `RunResult` each.
 
 Each program runs in its own process, `python -I` (no user site, no PYTHON* variables, the
 script's folder not on sys.path), in a new session (killed with its children on timeout), with
-a throw-away working directory, stdin / stdout closed, and these limits (`enforcement()` says
-which took effect on this machine):
+a throw-away working directory, stdin and stdout on /dev/null, and these limits
+(`enforcement()` says which took effect on this machine):
 
 - wall clock: `Limits.timeout_s`, then SIGKILL to the process group (status "timeout");
 - rlimits set in the child before the program runs: CPU seconds (timeout + 1), address space
@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -105,11 +106,10 @@ def run_program(program: str, limits: Limits = Limits()) -> RunResult:
             except OSError as e:
                 return RunResult(ERROR, f"the sandbox could not start: {e}", time.monotonic() - start)
             try:
-                code = proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                code = None
+                exited = _wait_unreaped(proc, limits.timeout_s)
             finally:
                 _kill_group(proc)
+            code = proc.returncode if exited else None
         seconds = time.monotonic() - start
         if code is None:
             return RunResult(TIMEOUT, f"timed out after {limits.timeout_s:g} s", seconds)
@@ -124,6 +124,23 @@ def run_program(program: str, limits: Limits = Limits()) -> RunResult:
         return RunResult(FAILED, last or f"exit status {code}", seconds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _wait_unreaped(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether the program ended within `timeout`, leaving it unreaped where Linux allows (a
+    pidfd), so that its process-group id cannot go to another process before `_kill_group`."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -172,18 +189,21 @@ def enforcement() -> dict[str, bool]:
 # ---------------------------------------------------------------------------------------------
 # The child: limits, seccomp, Python guards, then the program.
 
-# Syscalls the filter refuses (EPERM), per architecture; clone only without CLONE_THREAD, socket
-# only for families other than AF_UNIX, clone3 with ENOSYS (glibc then falls back to clone).
+# Syscalls the filter refuses (EPERM), per architecture: fork, vfork, execve, execveat, ptrace,
+# mount, umount2, reboot, unshare, setns, io_uring_setup. Signals (kill, tkill, tgkill) only to
+# the program itself (abort() and raise() still work), clone only with CLONE_THREAD, socket only
+# for AF_UNIX, clone3 with ENOSYS (glibc then falls back to clone, which is checked).
 _SECCOMP = {
-    "x86_64": dict(arch=0xC000003E, clone=56, clone3=435, socket=41,
-                   deny=(57, 58, 59, 322, 62, 200, 234, 101, 165, 166, 169, 272, 308, 425)),
-    "aarch64": dict(arch=0xC00000B7, clone=220, clone3=435, socket=198,
-                    deny=(221, 281, 129, 130, 131, 117, 40, 39, 142, 97, 268, 425)),
+    "x86_64": dict(arch=0xC000003E, clone=56, clone3=435, socket=41, signal=(62, 200, 234),
+                   deny=(57, 58, 59, 322, 101, 165, 166, 169, 272, 308, 425)),
+    "aarch64": dict(arch=0xC00000B7, clone=220, clone3=435, socket=198, signal=(129, 130, 131),
+                    deny=(221, 281, 117, 40, 39, 142, 97, 268, 425)),
 }
 
 
-def _seccomp_program(table: dict) -> bytes:
-    """The classic-BPF filter for `table` (struct sock_filter[]: u16 code, u8 jt, u8 jf, u32 k)."""
+def _seccomp_program(table: dict, pid: int) -> bytes:
+    """The classic-BPF filter for `table` and the process `pid` (struct sock_filter[]: u16 code,
+    u8 jt, u8 jf, u32 k)."""
     import errno
     import struct
 
@@ -196,6 +216,8 @@ def _seccomp_program(table: dict) -> bytes:
     for number in table["deny"]:
         code += [(jeq, 0, 1, number), (ret, 0, 0, eperm)]
     code += [(jeq, 0, 1, table["clone3"]), (ret, 0, 0, enosys)]
+    for number in table["signal"]:  # the first argument is the target: pid, or tgid / tid
+        code += [(jeq, 0, 4, number), (ld, 0, 0, arg0), (jeq, 0, 1, pid), (ret, 0, 0, allow), (ret, 0, 0, eperm)]
     code += [(jeq, 0, 4, table["clone"]), (ld, 0, 0, arg0), (jset, 0, 1, 0x00010000),  # CLONE_THREAD
              (ret, 0, 0, allow), (ret, 0, 0, eperm)]
     code += [(jeq, 0, 4, table["socket"]), (ld, 0, 0, arg0), (jeq, 0, 1, 1),  # AF_UNIX
@@ -211,7 +233,7 @@ def _install_seccomp() -> bool:
     table = _SECCOMP.get(platform.machine())
     if table is None or not sys.platform.startswith("linux"):
         return False
-    program = _seccomp_program(table)
+    program = _seccomp_program(table, os.getpid())
     buffer = ctypes.create_string_buffer(program, len(program))
 
     class SockFprog(ctypes.Structure):
