@@ -227,9 +227,14 @@ def _seccomp_program(table: dict, pid: int) -> bytes:
 
 
 def _install_seccomp() -> bool:
-    import ctypes
+    """Installs the filter on this process (for good); False where it cannot be (no ctypes, not
+    Linux, another architecture, prctl refused)."""
     import platform
 
+    try:
+        import ctypes
+    except ImportError:
+        return False
     table = _SECCOMP.get(platform.machine())
     if table is None or not sys.platform.startswith("linux"):
         return False
