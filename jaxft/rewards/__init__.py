@@ -16,6 +16,8 @@ several, each spec a dict {"kind": KIND, "weight": w, **options} (a bare string 
     regex       1 when option "pattern" matches (re.search), else 0; "full": True for fullmatch
     length      -(words - max_words) / max_words past option "max_words", else 0
     repetition  -(the completion's repeated word 3-gram share, DeepSeek's repetition ratio)
+    reward_model  option "path": a Hugging Face *ForSequenceClassification folder, run in JAX
+                (`jaxft.rewards.reward_model`): its score of the prompt + completion
     python      option "function": "module:function", called TRL-style as
                 function(prompts=[...], completions=[...], **{field: [...]}) on the P * K
                 completions flattened prompt-major; returns P * K floats
@@ -109,4 +111,4 @@ def parse_rewards(text: str, *, key: str = "iterate.rewards") -> list[dict]:
     return specs
 
 
-from jaxft.rewards import checks, python_callable  # noqa: E402,F401  (they register their kinds)
+from jaxft.rewards import checks, python_callable, reward_model  # noqa: E402,F401  (they register their kinds)
