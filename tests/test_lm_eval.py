@@ -200,7 +200,8 @@ def test_generate_until_task_runs_on_jaxfts_sampler(tiny, tmp_path):
     # The same completions as the sampler's own greedy run: stop at "\n", at most 6 new tokens
     want = sample_completions(model, tok, [s["prompt"] for s in samples], max_new_tokens=6, stop=["\n"],
                               chat=False, batch_size=8)
-    assert [s["completion"][0] for s in samples] == [w[0].text for w in want]
+    assert [s["completion"] for s in samples] == [w[0].text for w in want]
+    assert [s["extracted"] for s in samples] == [w[0].text for w in want]  # no filter: as generated
     assert all(len(w[0].token_ids) <= 6 for w in want)
 
 

@@ -73,18 +73,23 @@ def _plain(value):
 
 
 def flat_samples(results: dict) -> list[dict]:
-    """One dict per scored document: the task, doc_id, prompt (the first request's context),
-    completion (lm-eval's filtered responses), reference (target), correct (acc or exact_match
-    where the task has one), and every per-document metric."""
+    """One dict per scored document: task, doc_id, prompt (the first request's context),
+    completion (a generated text as sampled; for log-likelihood requests, one [log p, is_greedy]
+    per request, [log p] for a rolling one), extracted (a generated text after the task's filter,
+    e.g. its regex), reference (lm-eval's target), correct (acc or exact_match where the task has
+    one) and every per-document metric."""
     rows = []
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
             metrics = {m: s[m] for m in s.get("metrics", []) if m in s}
             correct = next((metrics[m] for m in ("acc", "exact_match") if m in metrics), None)
             args = (s.get("arguments") or [[None]])[0]
+            filtered = s.get("filtered_resps") or []
+            generated = bool(filtered) and isinstance(filtered[0], str)
             rows.append(_plain({
                 "task": task, "doc_id": s.get("doc_id"), "prompt": args[0] if args else None,
-                "completion": s.get("filtered_resps"), "extracted": None, "reference": s.get("target"),
+                "completion": s["resps"][0][0] if generated else filtered,
+                "extracted": filtered[0] if generated else None, "reference": s.get("target"),
                 "correct": None if correct is None else bool(correct), "error": None, "metrics": metrics,
             }))
     return rows
