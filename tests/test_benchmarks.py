@@ -267,3 +267,25 @@ def test_an_unknown_training_benchmark_fails_at_start_up(tmp_path):
     overrides = {**sft_data(tmp_path, 16, 4), "train.steps": 2, "train.eval_benchmarks": "gsm8k,nope"}
     with pytest.raises(ConfigError, match=r"train.eval_benchmarks: 'nope': no such benchmark"):
         run_lib.run(config_lib.load("configs/sft.py:tiny", overrides), tmp_path / "run")
+
+
+def test_compare_shows_logged_and_scored_benchmark_columns(model_dir, tmp_path, capsys):
+    """`jaxft compare`: benchmarks logged during training are columns as they are; --benchmark
+    scores each run's export now."""
+    import shutil
+
+    runs = []
+    for name, logged in (("a", 0.25), ("b", 0.5)):
+        run = tmp_path / name
+        shutil.copytree(model_dir, run / "hf")
+        rows = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval/gsm8k/pass@1": logged}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        runs.append(str(run))
+    cli.main(["compare", *runs, "--benchmark", f"gsm8k={GSM8K}", "--limit", "2", "--out", str(tmp_path / "cmp")])
+    table = capsys.readouterr().out
+    header = table.splitlines()[0]
+    assert "eval/gsm8k/pass@1" in header and "gsm8k/pass@1" in header.replace("eval/gsm8k/pass@1", "")
+    line_a = next(line for line in table.splitlines() if line.startswith("| a |"))
+    assert "0.25" in line_a
+    with pytest.raises(SystemExit, match="--benchmark: 'gsm9k': no such benchmark"):
+        cli.main(["compare", *runs, "--benchmark", "gsm9k"])

@@ -78,7 +78,11 @@ def _compare(argv):
     p.add_argument("--data", default=None, help="questions with answers: exact match and repetition of each export")
     p.add_argument("--pairs", default=None, help="preference pairs: preference accuracy of each export")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--limit", type=int, default=None, help="score only the first N questions")
+    p.add_argument("--benchmark", default=None, metavar="NAME[=DATA],...",
+                   help="score each export on benchmarks (greedy pass@1 and their own numbers; as "
+                        "train.eval_benchmarks takes them: gsm8k=data/gsm8k_test.jsonl,math); benchmarks scored "
+                        "during training are columns without it (eval/NAME/pass@1)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N questions / problems")
     a = p.parse_args(argv)
     from jaxft.io.folders import check_output
     from jaxft.sweep import compare
@@ -86,7 +90,7 @@ def _compare(argv):
     if a.out:
         check_output(a.out, "--out", folder=True)
     table = compare(a.dirs, metric=a.metric, out_dir=a.out, eval_data=a.data, eval_pairs=a.pairs,
-                    max_new_tokens=a.max_new_tokens, limit=a.limit)
+                    max_new_tokens=a.max_new_tokens, limit=a.limit, benchmarks=a.benchmark)
     print(table.markdown())
     print(f"table: {table.csv_path}\ncurves ({table.metric}): {table.png_path}")
 

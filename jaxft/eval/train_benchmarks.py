@@ -23,20 +23,20 @@ class Entry:
     data: str | None
 
 
-def parse_eval_benchmarks(text: str) -> list[Entry]:
+def parse_eval_benchmarks(text: str, *, key: str = f"config key {KEY}") -> list[Entry]:
     """The entries of `train.eval_benchmarks` ("gsm8k=FILE,math" -> [Entry("gsm8k", "FILE"),
     Entry("math", None)]); an unknown name or an empty entry is a ConfigError naming the key
-    and listing the known benchmarks."""
+    (or the flag `key` names) and listing the known benchmarks."""
     from jaxft.eval.benchmarks import get_benchmark
 
     entries = []
     for part in (p.strip() for p in text.split(",")):
         name, eq, data = (s.strip() for s in part.partition("="))
         if not name or (eq and not data):
-            raise ConfigError(f"config key {KEY}: {text!r}: expected a comma list of NAME or NAME=DATA "
+            raise ConfigError(f"{key}: {text!r}: expected a comma list of NAME or NAME=DATA "
                               '(e.g. "gsm8k=data/gsm8k_test.jsonl,math")')
         name = name.replace("+", ",")
-        get_benchmark(name, flag=f"config key {KEY}:")  # unknown names fail at start-up, listing the known
+        get_benchmark(name, flag=f"{key}:")  # unknown names fail at start-up, listing the known
         entries.append(Entry(name, data or None))
     return entries
 

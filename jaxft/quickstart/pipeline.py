@@ -4,7 +4,8 @@
 2. initialises the tiny model (random weights) and saves it as WORKDIR/base;
 3. SFT on the instruction data -> WORKDIR/sft (Hugging Face export in WORKDIR/sft/hf);
 4. DPO on preference pairs whose rejected answers are wrong or repetitive -> WORKDIR/dpo;
-5. evaluates base, SFT and DPO on held-out questions and pairs, prints a table and writes
+5. evaluates base, SFT and DPO on held-out questions (the `arithmetic` benchmark: GSM8K-style
+   scoring through the benchmark runner) and pairs, prints a table and writes
    WORKDIR/results.json. The final model is WORKDIR/dpo/hf.
 """
 
@@ -80,26 +81,34 @@ def write_base_model(folder: Path, *, seed: int = 0) -> Path:
 
 
 def evaluate_stage(model_dir: Path, data: Path, *, num_questions: int, max_length: int) -> dict:
-    """Exact match and repetition ratio of greedy answers, and preference accuracy."""
+    """Exact match and repetition ratio of greedy answers, and preference accuracy.
+
+    The answers are the `arithmetic` benchmark (`jaxft eval --benchmark arithmetic`): GSM8K's
+    scoring (the final number) on the held-out questions, through the runner every benchmark
+    uses; exact match is its pass@1."""
     from transformers import AutoTokenizer
 
-    from jaxft.eval.generation import evaluate_generation, read_jsonl
+    from jaxft.eval.benchmarks import get_benchmark
+    from jaxft.eval.benchmarks.base import EvalSettings
+    from jaxft.eval.benchmarks.runner import run_generation_benchmark
     from jaxft.eval.likelihood import preference_eval
     from jaxft.models import load_hf
 
     model = load_hf(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    records = read_jsonl(data / "sft_eval.jsonl", num_questions)
-    gen = evaluate_generation(model, tokenizer, records, max_new_tokens=64, batch_size=50)
+    settings = EvalSettings(data=str(data / "sft_eval.jsonl"), limit=num_questions, max_new_tokens=64, batch_size=50)
+    result = run_generation_benchmark(get_benchmark("arithmetic"), model, tokenizer, settings)
     # Per-token (length-normalised) log-probs: summed ones would favour the shorter answer
     # whatever the model, since the repetitive rejected answers are longer.
     pref = preference_eval(model, tokenizer, str(data / "pref_eval.jsonl"), max_length=max_length)
     return {
-        "exact_match": gen["exact_match"],
-        "repetition_ratio": gen["repetition_ratio"],
+        "exact_match": result.metrics["pass@1"],
+        "repetition_ratio": result.metrics["repetition_ratio"],
         # Share of held-out pairs where the model gives the chosen answer more probability.
         "preference_accuracy": pref["preference_accuracy"],
-        "samples": gen["samples"][:3],
+        "benchmark": {"name": result.benchmark, "n": result.n, "metrics": result.metrics},
+        "samples": [{"prompt": r["prompt"], "output": r["completion"], "answer": r["reference"],
+                     "extracted": r["extracted"]} for r in result.samples[:3]],
     }
 
 

@@ -3,9 +3,12 @@
 Each DIR is a run's workdir (it has metrics.jsonl) or a sweep folder (its runs, in
 sweep.json's order). A run's row holds what sets it apart (its sweep overrides, or the config
 keys whose values differ between the compared runs), its final train loss, final and best
-eval loss, its other final eval metrics, tokens/s and wall time; with an eval set (`eval_data`
-questions with answers, `eval_pairs` preference pairs) also what `jaxft eval` reports on its
-export: exact match, repetition ratio, preference accuracy.
+eval loss, its other final eval metrics (with the benchmarks it scored during training,
+`eval/NAME/pass@1`, their last logged values), tokens/s and wall time; with an eval set
+(`eval_data` questions with answers, `eval_pairs` preference pairs) also what `jaxft eval` reports
+on its export: exact match, repetition ratio, preference accuracy; with `benchmarks` ("gsm8k",
+"gsm8k=FILE,math", as train.eval_benchmarks takes them) each benchmark scored greedily on its
+export now, as `NAME/pass@1` columns.
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ def _summary(workdir: Path, rows: list[dict]) -> dict:
                     "best_eval_step": best["step"]})
         out.update({k: v for k, v in evals[-1].items() if k.startswith("eval_") and k != "eval_loss"
                     and isinstance(v, float) and k != "eval_num_tokens"})
+    for r in rows:  # benchmarks scored during training (train.eval_benchmarks): the last values
+        out.update({k: v for k, v in r.items() if k.startswith("eval/") and isinstance(v, float)})
     # The first logged window includes compilation: tokens/s over the ones after it.
     speeds = [r["tokens_per_sec"] for r in train[1:] if isinstance(r.get("tokens_per_sec"), float)]
     out["tokens_per_sec"] = sum(speeds) / len(speeds) if speeds else None
@@ -146,10 +151,14 @@ def plot_runs(runs_rows: Sequence[list[dict]], names: Sequence[str], metric: str
 
 def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: str | Path | None = None,
             eval_data: str | None = None, eval_pairs: str | None = None, max_new_tokens: int = 64,
-            limit: int | None = None) -> Comparison:
+            limit: int | None = None, benchmarks: str | None = None) -> Comparison:
     """Compares the runs under `dirs` (see the module docstring); writes OUT/compare.csv and
     OUT/compare.png (OUT: `out_dir`, default the first DIR when it is a sweep folder, else its
     parent). metric: the curve to plot (default eval_loss when any run has it, else loss)."""
+    if benchmarks:  # unknown names fail before any run is read
+        from jaxft.eval.train_benchmarks import parse_eval_benchmarks
+
+        entries = parse_eval_benchmarks(benchmarks, key="--benchmark")
     workdirs = run_dirs(dirs)
     if not workdirs:
         raise PathError(f"no runs with metrics.jsonl under {', '.join(map(str, dirs))}")
@@ -163,6 +172,8 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
         row = {"run": name, **setting, **_summary(workdir, metrics)}
         if eval_data or eval_pairs:
             row.update(_generation_metrics(workdir, eval_data, eval_pairs, max_new_tokens, limit))
+        if benchmarks:
+            row.update(_benchmark_metrics(workdir, entries, limit))
         rows.append(row)
     setting_keys = list(dict.fromkeys(k for s in settings for k in s))
     metric_keys = sorted(dict.fromkeys(k for r in rows for k in r if k not in setting_keys and k != "run"),
@@ -193,7 +204,28 @@ def _column_group(key: str) -> int:
         return _FIRST.index(key)
     if key in _LAST:
         return 20 + _LAST.index(key)
-    return 30 if key in _GENERATION_KEYS or key == "gen_eval_loss" else 10
+    if key in _GENERATION_KEYS or key == "gen_eval_loss" or ("/" in key and not key.startswith("eval/")):
+        return 30
+    return 10
+
+
+def _export_of(workdir: Path) -> Path:
+    export = workdir / "hf"
+    if not (export / "config.json").is_file():
+        raise PathError(f"{export} not found: scoring each run needs its export (jaxft export {workdir} --out {export})")
+    return export
+
+
+def _benchmark_metrics(workdir: Path, entries, limit) -> dict:
+    """Each benchmark scored greedily on the run's export: {"NAME/pass@1": ..., ...}."""
+    from jaxft.eval.benchmarks.base import EvalSettings
+    from jaxft.eval.folder import evaluate_benchmark
+
+    export, out = _export_of(workdir), {}
+    for entry in entries:
+        result = evaluate_benchmark(str(export), entry.name, EvalSettings(data=entry.data, limit=limit))
+        out.update({f"{result.benchmark}/{k}": float(v) for k, v in result.metrics.items()})
+    return out
 
 
 def _generation_metrics(workdir: Path, eval_data, eval_pairs, max_new_tokens, limit) -> dict:

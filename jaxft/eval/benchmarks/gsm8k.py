@@ -15,18 +15,20 @@ template) asks the question in one user turn with an instruction to end on "The 
 this project's own, written in GSM8K's style.
 
 `arithmetic` is the same scoring on jaxft's own eval records ({"messages" | "prompt", "answer"}:
-the quickstart's held-out questions), so the quickstart reports through this code.
+the quickstart's held-out questions), with the repetition ratio of the same completions, so the
+quickstart reports through this code; its default data is the shipped quickstart eval set.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Sequence
 
 from jaxft.errors import ConfigError
 from jaxft.eval.benchmarks import register
 from jaxft.eval.benchmarks.base import EvalSettings, GenerationBenchmark, Problem, Verdict
-from jaxft.eval.metrics import _ANSWER_IS_RE, _NUMBER_RE, normalize_answer
+from jaxft.eval.metrics import _ANSWER_IS_RE, _NUMBER_RE, normalize_answer, repetition_ratio
 
 INSTRUCTION = 'Solve the problem step by step, then end with "The answer is N." where N is the final number.'
 STOP = ("Question:", "\n\n\n")  # the next few-shot question; a run of blank lines
@@ -178,7 +180,14 @@ GSM8K = register(GenerationBenchmark(
     read=read_gsm8k, judge=judge_numbers, default_data="openai/gsm8k:main:test", stop=STOP,
     max_new_tokens=512, chat=True))
 
+_QUICKSTART_EVAL = str(Path(__file__).resolve().parents[2] / "assets" / "quickstart" / "sft_eval.jsonl")
+
+
+def _repetition(problems, completions, sampled) -> dict[str, float]:
+    return {"repetition_ratio": repetition_ratio([t for texts in completions for t in texts])}
+
+
 ARITHMETIC = register(GenerationBenchmark(
-    name="arithmetic", description="jaxft eval records ({'messages' | 'prompt', 'answer'}) scored like GSM8K: "
-    "the quickstart's held-out questions", read=read_arithmetic, judge=judge_numbers,
-    default_data=None, max_new_tokens=64, chat=True))
+    name="arithmetic", description="jaxft eval records ({'messages' | 'prompt', 'answer'}) scored like GSM8K, "
+    "with the repetition ratio: the quickstart's held-out questions", read=read_arithmetic, judge=judge_numbers,
+    default_data=_QUICKSTART_EVAL, max_new_tokens=64, chat=True, metrics=_repetition))
