@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from tqdm import tqdm
 
@@ -77,7 +77,6 @@ def length_bucket(n: int, cap: int) -> int:
     return max(n, min(cap, max(MIN_BUCKET, 1 << (n - 1).bit_length())))
 
 
-@register_model("jaxft")
 class JaxftLM(TemplateLM):
     """An lm-eval model on jaxft's forward pass and sampler.
 
@@ -260,6 +259,10 @@ class JaxftLM(TemplateLM):
                 self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
 
+
+# lm-eval's lazy registration (as its own models are): `get_model("jaxft")` imports this module by
+# name, so running it as __main__ registers the same entry, not a second class.
+model_registry.register("jaxft", target="jaxft.eval.lm_model:JaxftLM")
 
 if __name__ == "__main__":  # lm-eval's command line, with "jaxft" registered
     from lm_eval.__main__ import cli_evaluate
