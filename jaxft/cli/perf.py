@@ -19,10 +19,11 @@ def _bench(argv):
         "(interleaved rounds, best of each), with the settings of configs/sft.py and configs/dpo.py "
         "without a preset (compute dtype, remat, attention, loss chunk) on right-padded rows; "
         "--compare torch / tunix times transformers + PyTorch / Tunix too"))
-    p.add_argument("--preset", default="tiny", choices=tuple(PRESETS), metavar="PRESET",
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS), metavar="PRESET",
                    help=f"model architecture: {', '.join(PRESETS)} (real shapes: smollm2_135m, "
-                        "llama3_vocab_2x64 for a 128k vocabulary, gemma3_270m for Gemma 3's 262k)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows (= 2 x DPO pairs)")
+                        "llama3_vocab_2x64 for a 128k vocabulary, gemma3_270m for Gemma 3's 262k; default tiny, "
+                        "smollm2_135m with --generate)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows (= 2 x DPO pairs; default 8, 16 with --generate)")
     p.add_argument("--lengths", "--length", default="256",
                    help="comma-separated sequence lengths, e.g. 256,1024,2048 (cost growth)")
     p.add_argument("--steps", type=int, default=None,
@@ -42,7 +43,17 @@ def _bench(argv):
     p.add_argument("--lora", type=int, default=0, metavar="RANK",
                    help="also time LoRA steps of this rank (SFT, and DPO with the adapters-off reference)")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    g = p.add_argument_group("--generate: sampler throughput (jaxft.perf.bench_generate) instead of steps")
+    g.add_argument("--generate", action="store_true", help="time jaxft's sampler (and, with --compare torch, "
+                   "transformers' generate) on the same weights and prompts")
+    g.add_argument("--new-tokens", type=int, default=256, help="tokens sampled per row (no EOS)")
+    g.add_argument("--prompt-length", type=int, default=64, help="longest prompt (they range down to half)")
+    g.add_argument("--dtype", default="float32", help="weights and compute dtype of both models")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     a = p.parse_args(argv)
+    if a.generate:
+        return _bench_generate(a)
+    a.preset, a.batch_size = a.preset or "tiny", a.batch_size or 8
     try:
         lengths = [int(n) for n in a.lengths.split(",") if n.strip()]
     except ValueError:
@@ -58,6 +69,19 @@ def _bench(argv):
                        compare=a.compare,
                        compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"), lora_rank=a.lora)
     print(format_bench(report))
+    if a.json:
+        atomic.write_text(a.json, json.dumps(report, indent=2))
+
+
+def _bench_generate(a):
+    import json
+
+    from jaxft.perf.bench_generate import format_generate_bench, run_generate_bench
+
+    report = run_generate_bench(preset=a.preset or "smollm2_135m", batch_size=a.batch_size or 16,
+                                new_tokens=a.new_tokens, prompt_length=a.prompt_length, rounds=a.rounds, dtype=a.dtype,
+                                temperature=a.temperature, layers=a.layers, compare=a.compare)
+    print(format_generate_bench(report))
     if a.json:
         atomic.write_text(a.json, json.dumps(report, indent=2))
 
