@@ -36,6 +36,7 @@ def problems(name, path, **settings):
 def test_gsm8k_references_are_the_numbers_after_the_hashes():
     _, ps = problems("gsm8k", GSM8K)
     assert [p.reference for p in ps] == ["26", "1000", "16.5", "2", "-7"]  # "#### 1,000" loses its comma
+    assert reference_number("3 + 4 = 7 #### 7.0") == "7" and reference_number("7") is None
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -42,7 +42,7 @@ def _import_all() -> None:
     import pkgutil
 
     for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base", "runner"):
+        if info.name not in ("base", "results", "runner"):
             importlib.import_module(f"{__name__}.{info.name}")
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from jaxft.errors import ConfigError
-from jaxft.eval.benchmarks.base import BenchmarkResult, EvalSettings, GenerationBenchmark, Problem, pass_at_k
+from jaxft.eval.benchmarks.results import BenchmarkResult, pass_at_k
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ class Prepared:
     """A benchmark's problems, ready to score: `settings` with chat / max_new_tokens / limit
     resolved (what --json reports), `source` the data it read."""
 
-    benchmark: GenerationBenchmark
-    problems: list[Problem]
-    settings: EvalSettings
+    benchmark: Any  # a GenerationBenchmark (base imports this module: no import of it here)
+    problems: list  # Problems
+    settings: Any  # EvalSettings
     source: str
 
 
@@ -52,7 +52,7 @@ def pass_at_k_metrics(correct: Sequence[Sequence[bool]], samples: int) -> dict[s
     return out
 
 
-def resolve_chat(benchmark: GenerationBenchmark, tokenizer, chat: bool | None) -> bool:
+def resolve_chat(benchmark, tokenizer, chat: bool | None) -> bool:
     """--chat / --no-chat, else the benchmark's default (chat only where the tokenizer has a
     chat template: a base model's raw prompt otherwise)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
@@ -122,7 +122,7 @@ def _hub_records(name: str, config: str | None, split: str, limit: int | None) -
     return [dict(r) for r in ds]
 
 
-def prepare(benchmark: GenerationBenchmark, tokenizer, settings: EvalSettings) -> Prepared:
+def prepare(benchmark, tokenizer, settings) -> Prepared:
     """Reads the benchmark's records (settings.data, else its default_data) and builds its
     problems; resolves chat (--chat / --no-chat, else the benchmark's default where the tokenizer
     has a template) and max_new_tokens. Every bad record fails here, naming where it is."""
@@ -181,9 +181,10 @@ def score(prepared: Prepared, model, tokenizer, *, sample_fn: SampleFn | None = 
     return BenchmarkResult(benchmark.name, len(problems), metrics, settings, samples)
 
 
-def run_generation_benchmark(benchmark: GenerationBenchmark, model, tokenizer, settings: EvalSettings, *,
+def run_generation_benchmark(benchmark, model, tokenizer, settings, *,
                              sample_fn: SampleFn | None = None, progress: bool = False) -> BenchmarkResult:
-    """Scores `model` (a jaxft Decoder) with `tokenizer` on `benchmark`: `prepare` then `score`."""
+    """Scores `model` (a jaxft Decoder) with `tokenizer` on `benchmark` (a GenerationBenchmark) with
+    `settings` (an EvalSettings): `prepare` then `score`."""
     return score(prepare(benchmark, tokenizer, settings), model, tokenizer, sample_fn=sample_fn,
                  progress=progress)
 
