@@ -96,25 +96,26 @@ def flat_samples(results: dict) -> list[dict]:
 
 
 def task_manager(tasks: tuple[str, ...], paths: list[str] | None, *, flag: str):
-    """lm-eval's TaskManager for `tasks`: over the --data folders alone when they hold every
-    task by name (indexing lm-eval's ~15,000 built-in YAMLs takes seconds), else over lm-eval's
-    tasks and the folders. Unknown names are a ConfigError."""
+    """(lm-eval's TaskManager, the task names with globs expanded) for `tasks`: over the --data
+    folders alone when they hold every task by name (indexing lm-eval's ~15,000 built-in YAMLs
+    takes seconds), else over lm-eval's tasks and the folders. Unknown names are a ConfigError."""
     from lm_eval.tasks import TaskManager
-
-    def known(manager, name):
-        return bool(manager.match_tasks([name])) or Path(name).is_file()
 
     if paths:
         own = TaskManager(include_path=paths, include_defaults=False)
         # A group or tag of the folders may list built-in tasks: those need the whole index.
         if all(t in own.all_subtasks for t in tasks):
-            return own
+            return own, list(tasks)
     manager = TaskManager(include_path=paths)
-    unknown = [t for t in tasks if not known(manager, t)]
+    names, unknown = [], []
+    for t in tasks:
+        found = [t] if Path(t).is_file() else manager.match_tasks([t])
+        names += found
+        unknown += [] if found else [t]
     if unknown:
         where = f" or in {', '.join(paths)}" if paths else " (a folder of your own task YAMLs: --data DIR)"
         raise ConfigError(f"--benchmark {flag}: no lm-eval task {', '.join(unknown)} among lm-eval's{where}")
-    return manager
+    return manager, list(dict.fromkeys(names))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +136,10 @@ class LmEvalBenchmark:
 
         if settings.samples != 1:
             raise ConfigError(f"--samples {settings.samples}: lm_eval tasks set their own repeats; use --samples 1")
-        manager = task_manager(self.tasks, include_paths(settings.data), flag=self.name)
+        manager, names = task_manager(self.tasks, include_paths(settings.data), flag=self.name)
         lm = JaxftLM(model=model, tokenizer=tokenizer, batch_size=settings.batch_size, seed=settings.seed)
         out = lm_eval.simple_evaluate(
-            model=lm, tasks=list(self.tasks), task_manager=manager, limit=settings.limit,
+            model=lm, tasks=names, task_manager=manager, limit=settings.limit,
             num_fewshot=settings.few_shot, apply_chat_template=bool(settings.chat),
             gen_kwargs=gen_kwargs(settings), log_samples=True, bootstrap_iters=self.bootstrap_iters,
             random_seed=settings.seed, numpy_random_seed=settings.seed, torch_random_seed=settings.seed,
