@@ -115,6 +115,24 @@ def test_rolling_loglikelihood_of_a_short_document_is_the_plain_sum(tiny, lm):
     assert rolled == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
+def test_under_a_training_mesh_the_sharded_params_score_the_same(tiny, lm):
+    import jax
+
+    from jaxft.parallel.sharding import make_mesh
+
+    model, tok = tiny
+    mesh = make_mesh(data=2, fsdp=4)
+    sharded = create_model(model.cfg, seed=1, mesh=mesh)  # the fixture's weights, split over fsdp
+    want = lm.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
+    with jax.set_mesh(mesh):
+        ours = JaxftLM(model=sharded, tokenizer=tok, batch_size=4)
+        assert ours.mesh is None and ours.batch_size == 8  # the ambient mesh's 8 row blocks
+        assert not sharded.embed_tokens[...].sharding.is_fully_replicated
+        got = ours.loglikelihood(requests("loglikelihood", PAIRS), disable_tqdm=True)
+    for (a, ga), (b, gb) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-5) and ga == gb
+
+
 def test_length_buckets_are_powers_of_two_within_the_window():
     assert [length_bucket(n, 1024) for n in (1, 32, 33, 100, 1000)] == [32, 32, 64, 128, 1024]
     assert length_bucket(100, 80) == 100 and length_bucket(70, 80) == 80

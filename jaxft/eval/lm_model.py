@@ -23,13 +23,16 @@ the device count), so a task compiles a handful of shapes, once per model graph 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
@@ -38,11 +41,9 @@ from tqdm import tqdm
 
 from jaxft.errors import ConfigError
 from jaxft.losses.chunked import chunked_token_logps
-from jaxft.models.from_config import split_params
 from jaxft.parallel.sharding import (
-    axis_size, batch_sharding, make_mesh, replicated, token_groups, vocab_parallel_axes,
+    BATCH_AXES, axis_size, batch_sharding, current_mesh, make_mesh, replicated, token_groups, vocab_parallel_axes,
 )
-from jaxft.steps.common import merge_model
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ LOGIT_CHUNK = 1024  # scored tokens per [chunk, V] logits block
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def score_rows(graphdef, params, inputs_BL, targets_BL, mask_BL, segment_ids_BL):
+def score_rows(graphdef, state, inputs_BL, targets_BL, mask_BL, segment_ids_BL):
     """Summed log-prob of each row's scored targets and whether every one is the argmax.
 
     inputs_BL: int32 token ids, right-padded; targets_BL[b, t]: the token that input position t
@@ -59,7 +60,7 @@ def score_rows(graphdef, params, inputs_BL, targets_BL, mask_BL, segment_ids_BL)
     padding. Returns (float32 [B] sums, bool [B] greedy). Logits exist only at scored positions,
     LOGIT_CHUNK tokens at a time (`chunked_token_logps`), so a 150k vocabulary fits.
     """
-    model = merge_model(graphdef, params)
+    model = nnx.merge(graphdef, state)
     hidden_BLE = model(inputs_BL, None, segment_ids_BL, return_hidden=True)
     lm_head = model.lm_head_kernel().astype(hidden_BLE.dtype)
     logps_BL, correct_BL, _ = chunked_token_logps(
@@ -84,6 +85,9 @@ class JaxftLM(TemplateLM):
       jaxft Decoder) and `tokenizer` directly. batch_size: rows per forward pass (rounded up to
       a multiple of the device count). max_length: the longest input, default the model's
       max_position_embeddings. add_bos_token / prefix_token_id: as HFLM's. seed: the sampler's.
+    mesh: the devices rows split over, params replicated on them (default: every device); under an
+      ambient `jax.set_mesh` (a training run's evaluation) that mesh, with the params sharded as
+      they are, so a model sharded for training is never gathered whole.
     """
 
     def __init__(self, pretrained: str | None = None, *, model=None, tokenizer=None, batch_size: int | str = 16,
@@ -100,18 +104,24 @@ class JaxftLM(TemplateLM):
             if value is not None and key not in ("device", "max_batch_size"):
                 log.warning("JaxftLM ignores %s=%r", key, value)
         self.model, self.tokenizer = model, tokenizer
-        self.mesh = mesh or make_mesh(data=-1)
-        rows = axis_size(self.mesh, "data") * axis_size(self.mesh, "fsdp")
+        # Under an ambient mesh (`jax.set_mesh`: a training run's), that mesh and the params as
+        # they are sharded; otherwise `mesh`, or a ("data",) mesh over all devices, params replicated.
+        ambient = current_mesh() if mesh is None else None
+        self.mesh = None if ambient is not None else (mesh or make_mesh(data=-1))
+        rows = math.prod(axis_size(ambient or self.mesh, a) for a in BATCH_AXES)
         self._batch_size = -(-int(16 if batch_size in (None, "auto") else batch_size) // rows) * rows
         self._max_length = int(max_length or model.cfg.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
         self.seed = int(seed)
-        graphdef, params = split_params(model)
-        with jax.set_mesh(self.mesh):
-            self._params = jax.device_put(params, replicated(self.mesh))
-        self._graphdef = graphdef
+        self._graphdef, self._state = nnx.split(model)
+        if self.mesh is not None:
+            with jax.set_mesh(self.mesh):
+                self._state = jax.device_put(self._state, replicated(self.mesh))
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     # -- what lm-eval reads --------------------------------------------------------------------
     @property
@@ -142,7 +152,7 @@ class JaxftLM(TemplateLM):
         return str(getattr(self.tokenizer, "name_or_path", "jaxft")).replace("/", "__")
 
     def get_model_info(self) -> dict:
-        params = split_params(self.model)[1]
+        params = nnx.state(self.model, nnx.Param)
         return {"model_num_parameters": int(sum(np.size(x) for x in jax.tree.leaves(params))),
                 "model_dtype": str(self.model.cfg.compute_dtype)}
 
@@ -193,9 +203,10 @@ class JaxftLM(TemplateLM):
                     arrays[0, b, :n], arrays[1, b, :n] = whole[:-1], whole[1:]
                     arrays[2, b, n - n_scored:n] = 1
                     arrays[3, b, :n] = 1
-                with jax.set_mesh(self.mesh):
-                    sharded = [jax.device_put(a, batch_sharding(self.mesh)) for a in arrays]
-                    sums, greedy = jax.device_get(score_rows(self._graphdef, self._params, *sharded))
+                with self._on_mesh():
+                    if self.mesh is not None:
+                        arrays = [jax.device_put(a, batch_sharding(self.mesh)) for a in arrays]
+                    sums, greedy = jax.device_get(score_rows(self._graphdef, self._state, *arrays))
                 for b, i in enumerate(chunk):
                     results[i] = (float(sums[b]), bool(greedy[b]))
                 bar.update(len(chunk))
@@ -252,7 +263,7 @@ class JaxftLM(TemplateLM):
                 temperature=float(kwargs.get("temperature") or 0.0) if kwargs.get("do_sample") else 0.0,
                 top_p=float(kwargs.get("top_p") or 1.0), top_k=int(kwargs.get("top_k") or 0), eos_ids=eos_ids,
                 stop_check=(lambda ids: any(s in self.tok_decode(ids) for s in stop)) if stop else None,
-                seed=self.seed, batch_size=self.batch_size, progress=not disable_tqdm)
+                seed=self.seed, batch_size=self.batch_size, mesh=self.mesh, progress=not disable_tqdm)
             for i, (tokens,) in zip(indices, rows):
                 text = finish(tokens, eos_ids=eos_ids, stop=stop, decode=self.tok_decode).text
                 out[i] = postprocess_generated_text(text, until, None)
