@@ -194,7 +194,8 @@ def _mean_reward(lines: list[dict]) -> float:
 
 
 def format_rounds(rows: list[dict]) -> str:
-    keys = sorted({k for row in rows for k in row if k.startswith("eval_") and k != "eval_prompts"})
+    keys = sorted({k for row in rows for k in row
+                   if k.startswith("eval_") and k not in ("eval_prompts", "eval_seconds")})
     head = ["round", "pairs", "ties dropped", "sample reward"] + [k.removeprefix("eval_") for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
