@@ -206,6 +206,18 @@ def test_offline_tasks_run_end_to_end_with_jaxfts_numbers(tiny, tmp_path):
     json.dumps(result.samples)  # --samples-out writes them as JSON lines
 
 
+def test_task_folders_are_indexed_once_and_again_for_a_new_task(tmp_path):
+    from jaxft.eval.benchmarks.lm_harness import task_manager
+
+    write_tasks(tmp_path)
+    first, names = task_manager(("tiny_mc", "tiny_ppl"), [str(tmp_path)], flag="lm_eval:x")
+    assert names == ["tiny_mc", "tiny_ppl"] and "arc_easy" not in first.all_tasks  # the folder alone
+    assert task_manager(("tiny_mc",), [str(tmp_path)], flag="lm_eval:x")[0] is first  # kept
+    (tmp_path / "tiny_mc2.yaml").write_text((tmp_path / "tiny_mc.yaml").read_text().replace("tiny_mc", "tiny_mc2"))
+    again, names = task_manager(("tiny_mc2",), [str(tmp_path)], flag="lm_eval:x")
+    assert names == ["tiny_mc2"] and again is not first and "tiny_mc2" in again.all_subtasks
+
+
 def test_generate_until_task_runs_on_jaxfts_sampler(tiny, tmp_path):
     pytest.importorskip("jaxft.inference.sampler")
     from jaxft.inference.sampler import sample_completions

@@ -95,27 +95,40 @@ def flat_samples(results: dict) -> list[dict]:
     return rows
 
 
+_MANAGERS: dict[tuple, object] = {}  # (folders, with lm-eval's own tasks) -> TaskManager
+
+
+def _managers(paths: list[str] | None, defaults: bool):
+    """The kept TaskManager of these folders (training evaluates every eval_every steps), then,
+    if there was one, a fresh one (a task file may have been added since)."""
+    from lm_eval.tasks import TaskManager
+
+    key = (tuple(paths or ()), defaults)
+    if key in _MANAGERS:
+        yield _MANAGERS[key]
+    _MANAGERS[key] = TaskManager(include_path=paths, include_defaults=defaults)
+    yield _MANAGERS[key]
+
+
 def task_manager(tasks: tuple[str, ...], paths: list[str] | None, *, flag: str):
     """(lm-eval's TaskManager, the task names with globs expanded) for `tasks`: over the --data
     folders alone when they hold every task by name (indexing lm-eval's ~15,000 built-in YAMLs
     takes seconds), else over lm-eval's tasks and the folders. Unknown names are a ConfigError."""
-    from lm_eval.tasks import TaskManager
-
     if paths:
-        own = TaskManager(include_path=paths, include_defaults=False)
-        # A group or tag of the folders may list built-in tasks: those need the whole index.
-        if all(t in own.all_subtasks for t in tasks):
-            return own, list(tasks)
-    manager = TaskManager(include_path=paths)
-    names, unknown = [], []
-    for t in tasks:
-        found = [t] if Path(t).is_file() else manager.match_tasks([t])
-        names += found
-        unknown += [] if found else [t]
-    if unknown:
-        where = f" or in {', '.join(paths)}" if paths else " (a folder of your own task YAMLs: --data DIR)"
-        raise ConfigError(f"--benchmark {flag}: no lm-eval task {', '.join(unknown)} among lm-eval's{where}")
-    return manager, list(dict.fromkeys(names))
+        for own in _managers(paths, False):
+            # A group or tag of the folders may list built-in tasks: those need the whole index.
+            if all(t in own.all_subtasks for t in tasks):
+                return own, list(tasks)
+    for manager in _managers(paths, True):
+        names, unknown = [], []
+        for t in tasks:
+            found = [t] if Path(t).is_file() else manager.match_tasks([t])
+            names += found
+            unknown += [] if found else [t]
+        if not unknown:
+            return manager, list(dict.fromkeys(names))
+    where = f" or in {', '.join(paths)}" if paths else " (a folder of your own task YAMLs: --data DIR)"
+    raise ConfigError(f"--benchmark {flag}: no lm-eval task {', '.join(unknown)} among lm-eval's{where}")
 
 
 @dataclasses.dataclass(frozen=True)
