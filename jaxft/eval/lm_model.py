@@ -83,7 +83,7 @@ class JaxftLM(TemplateLM):
 
     pretrained: a Hugging Face model folder (or a run's workdir) to load; or pass `model` (a
       jaxft Decoder) and `tokenizer` directly. batch_size: rows per forward pass (rounded up to
-      a multiple of the device count). max_length: the longest input, default the model's
+      a multiple of the device count; lm-eval's "auto" means 16). max_length: the longest input, default the model's
       max_position_embeddings. add_bos_token / prefix_token_id: as HFLM's. seed: the sampler's.
     mesh: the devices rows split over, params replicated on them (default: every device); under an
       ambient `jax.set_mesh` (a training run's evaluation) that mesh, with the params sharded as
@@ -109,7 +109,8 @@ class JaxftLM(TemplateLM):
         ambient = current_mesh() if mesh is None else None
         self.mesh = None if ambient is not None else (mesh or make_mesh(data=-1))
         rows = math.prod(axis_size(ambient or self.mesh, a) for a in BATCH_AXES)
-        self._batch_size = -(-int(16 if batch_size in (None, "auto") else batch_size) // rows) * rows
+        asked = 16 if batch_size is None or str(batch_size).startswith("auto") else int(batch_size)
+        self._batch_size = -(-asked // rows) * rows
         self._max_length = int(max_length or model.cfg.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
