@@ -176,8 +176,9 @@ def compare(dirs: Sequence[str | Path], *, metric: str | None = None, out_dir: s
             row.update(_benchmark_metrics(workdir, entries, limit))
         rows.append(row)
     setting_keys = list(dict.fromkeys(k for s in settings for k in s))
+    scored = tuple(f"{e.name}/" for e in entries) if benchmarks else ()  # --benchmark's columns: with jaxft eval's
     metric_keys = sorted(dict.fromkeys(k for r in rows for k in r if k not in setting_keys and k != "run"),
-                         key=_column_group)
+                         key=lambda k: 30 if scored and k.startswith(scored) else _column_group(k))
     columns = ["run", *setting_keys, *metric_keys]
     if metric is None:
         metric = "eval_loss" if any(r.get("eval_loss") is not None for r in rows) else "loss"
@@ -204,9 +205,7 @@ def _column_group(key: str) -> int:
         return _FIRST.index(key)
     if key in _LAST:
         return 20 + _LAST.index(key)
-    if key in _GENERATION_KEYS or key == "gen_eval_loss" or ("/" in key and not key.startswith("eval/")):
-        return 30
-    return 10
+    return 30 if key in _GENERATION_KEYS or key == "gen_eval_loss" else 10
 
 
 def _export_of(workdir: Path) -> Path:
