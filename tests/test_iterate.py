@@ -78,7 +78,7 @@ def test_sampling_continues_a_partial_file_to_the_same_samples(setup, tmp_path, 
 
     it = typed(config).iterate
     prompts = rounds_lib.read_prompt_records(it.prompts, "iterate.prompts")
-    lines = rounds_lib.sample_and_score(tmp / "start", rounds_lib._round_prompts(prompts, it, 1), out, it,
+    lines = rounds_lib.sample_and_score(tmp / "start", rounds_lib.round_prompts(prompts, it, 1), out, it,
                                         make_reward(parse_rewards(it.rewards)), seed=typed(config).train.seed + 1000,
                                         batch_size=2, log=lambda *a: None)
     assert out.read_text().splitlines() == full and len(lines) == 6
@@ -97,3 +97,30 @@ def test_config_errors_name_the_key(override, message, tmp_path):
     config = load(f"{CONFIG}:tiny", {"model.path": str(tmp_path), "iterate.prompts": "p.jsonl", **override})
     with pytest.raises(ConfigError, match=message):
         rounds_lib.check_iterate_config(config)
+
+
+def test_rejection_sampling_rounds_train_on_the_best_samples_only(tmp_path):
+    """pairs=sft: the round's run is an SFT run on the pairs file, whose trained tokens are the
+    best sample of each prompt (and its EOS), nothing of the others."""
+    from jaxft.data.tokenize import load_examples
+    from jaxft.iterate.pairs import build_pairs
+
+    config = load(f"{CONFIG}:tiny", {"model.path": str(tmp_path), "iterate.prompts": "p.jsonl",
+                                     "iterate.pairs": "sft"})
+    from jaxft.config import typed
+
+    it = typed(config).iterate
+    records = [{"messages": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"},
+               {"prompt": "What is 1 + 1?", "answer": "2"}]
+    completions = [["2 + 3 = 6.", "2 + 3 = 5. The answer is 5.", "5 5 5 5"], ["1 + 1 = 2.", "3", "2 2"]]
+    rewards = [[0.0, 1.0, 0.2], [1.0, 0.0, 0.5]]
+    best, _ = build_pairs(records, completions, rewards, mode=it.pairs)
+    pairs_file = tmp_path / "pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(r) + "\n" for r in best))
+    round_run = rounds_lib.round_config(config, it, pairs_file=pairs_file, policy="/p", start="/s")
+    assert rounds_lib.round_kind(it) == "sft" and round_run.data.train == str(pairs_file)
+    assert round_run.model.path == "/p"
+    tok = load_bundled_tokenizer()
+    examples = load_examples(str(pairs_file), tok, kind="sft", max_length=64).examples
+    trained = [tok.decode([t for t, m in zip(e.input_ids[1:], e.loss_mask[1:]) if m]) for e in examples]
+    assert [t.replace(tok.eos_token, "").strip() for t in trained] == ["2 + 3 = 5. The answer is 5.", "1 + 1 = 2."]

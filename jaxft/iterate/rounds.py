@@ -68,9 +68,9 @@ def check_iterate_config(config) -> None:
     from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
     from jaxft.tasks import get_task
 
-    round_config = _round_config(config, model.path, model.path, Path(it.prompts), it)
-    task_type = get_task(_round_kind(it))
-    typed_round = validate(round_config)
+    round_config_ = round_config(config, it, pairs_file=Path(it.prompts))
+    task_type = get_task(round_kind(it))
+    typed_round = validate(round_config_)
     task_type.validate(typed_round)
     check_batch_divisibility(typed_round, mesh_from_config(typed_round),
                              rows_per_example=task_type.rows_per_example(typed_round))
@@ -80,7 +80,7 @@ def check_iterate_config(config) -> None:
         optimizer_from_config(typed_round.optim, typed_round.train.steps)
 
 
-def _round_kind(it) -> str:
+def round_kind(it) -> str:
     return "dpo" if it.pairs == "best_worst" else "sft"
 
 
@@ -103,7 +103,7 @@ def read_prompt_records(source: str, key: str) -> list[dict]:
     return records
 
 
-def _round_prompts(records: list[dict], it, round_index: int) -> list[tuple[int, dict]]:
+def round_prompts(records: list[dict], it, round_index: int) -> list[tuple[int, dict]]:
     """(index, record) of the prompts round `round_index` (1-based) samples."""
     n = it.prompts_per_round or len(records)
     start = (round_index - 1) * n
@@ -176,13 +176,15 @@ def evaluate_policy(policy_dir, records: list[dict], reward, *, max_new_tokens: 
     return out
 
 
-def _round_config(config, policy: str, start: str, pairs_file: Path, it):
+def round_config(config, it, *, pairs_file: Path, policy: str | None = None, start: str | None = None):
     """The round's run config: the user's DPO (or SFT) settings on this round's pairs, from the
-    round's starting policy; the reference is that policy or the first model."""
+    round's starting policy (default: model.path); the reference is that policy or the first
+    model (`start`, default model.path)."""
     import copy
 
     c = copy.deepcopy(config)
-    c.model.path = policy
+    start = start or c.model.path
+    c.model.path = policy or c.model.path
     c.data.train = str(pairs_file)
     if it.pairs == "best_worst":
         c.dpo.reference = "policy" if it.reference == "round" else start
@@ -241,7 +243,7 @@ def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
         times = {}
         t = time.perf_counter()
         log(f"[round {r}/{it.rounds}] sampling {it.samples} completions per prompt from {policy}")
-        lines = sample_and_score(policy, _round_prompts(prompts, it, r), rd / "samples.jsonl", it, reward,
+        lines = sample_and_score(policy, round_prompts(prompts, it, r), rd / "samples.jsonl", it, reward,
                                  seed=cfg.train.seed + 1000 * r, batch_size=batch_size, log=log)
         times["sample_seconds"] = time.perf_counter() - t
         pairs_file = rd / "pairs.jsonl"
@@ -263,8 +265,8 @@ def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
         t = time.perf_counter()
         export = rd / "train" / "hf"
         if not (export / "config.json").exists():
-            run(_round_config(config, policy, start, pairs_file, it), rd / "train",
-                kind=_round_kind(it))
+            run(round_config(config, it, pairs_file=pairs_file, policy=policy, start=start), rd / "train",
+                kind=round_kind(it))
         times["train_seconds"] = time.perf_counter() - t
         policy = str(export)
         t = time.perf_counter()
