@@ -154,7 +154,9 @@ def test_runner_judges_samples_and_writes_every_field(tmp_path):
     rows = result.samples
     assert len(rows) == 4 and rows[1]["completion"] == "25\n\n" and rows[1]["correct"] is False
     assert set(rows[0]) >= {"prompt", "completion", "extracted", "reference", "correct", "error", "problem", "sample"}
-    assert result.summary()["settings"]["chat"] is True
+    assert result.summary()["settings"]["chat"] is True and result.summary()["settings"]["few_shot"] == 0
+    raw = prepare(get_benchmark("gsm8k"), Tok(), EvalSettings(data=GSM8K, chat=False))
+    assert raw.settings.few_shot == 8 and raw.problems[0].prompt.count("Question: ") == 9  # as reported
 
 
 def test_samples_above_one_at_temperature_zero_is_refused():

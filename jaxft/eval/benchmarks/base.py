@@ -90,6 +90,7 @@ class GenerationBenchmark:
     max_new_tokens: int = 512
     chat: bool = True  # the default of --chat / --no-chat
     scored: bool = True
+    few_shot: tuple[int, int] | None = None  # the default of --few-shot with (chat, raw) prompts, for the report
     metrics: Callable[[Sequence[Problem], Sequence[Sequence[str]], Sequence[Sequence[Any]]], dict] | None = None
 
     def run(self, model, tokenizer, settings: EvalSettings) -> BenchmarkResult:

@@ -32,6 +32,7 @@ from jaxft.eval.metrics import _ANSWER_IS_RE, _NUMBER_RE, normalize_answer, repe
 
 INSTRUCTION = 'Solve the problem step by step, then end with "The answer is N." where N is the final number.'
 STOP = ("Question:", "\n\n\n")  # the next few-shot question; a run of blank lines
+FEW_SHOT = (0, 8)  # --few-shot's default with chat and with raw prompts
 
 # (question, worked answer, final number): eight examples in GSM8K's style, the project's own.
 EXAMPLES = (
@@ -131,7 +132,7 @@ def build_prompt(question: str, settings: EvalSettings, examples: Sequence[tuple
 def read_gsm8k(records: Sequence[dict], settings: EvalSettings) -> list[Problem]:
     from jaxft.data.data_error import DataError
 
-    shots = few_shot_count(settings, chat_default=0, raw_default=8, available=len(EXAMPLES))
+    shots = few_shot_count(settings, chat_default=FEW_SHOT[0], raw_default=FEW_SHOT[1], available=len(EXAMPLES))
     problems = []
     for i, record in enumerate(records):
         question, answer = _field(record, "question"), _field(record, "answer")
@@ -178,7 +179,7 @@ def read_arithmetic(records: Sequence[dict], settings: EvalSettings) -> list[Pro
 GSM8K = register(GenerationBenchmark(
     name="gsm8k", description="GSM8K grade-school math: the final number (#### N) of the answer",
     read=read_gsm8k, judge=judge_numbers, default_data="openai/gsm8k:main:test", stop=STOP,
-    max_new_tokens=512, chat=True))
+    max_new_tokens=512, chat=True, few_shot=FEW_SHOT))
 
 _QUICKSTART_EVAL = str(Path(__file__).resolve().parents[2] / "assets" / "quickstart" / "sft_eval.jsonl")
 

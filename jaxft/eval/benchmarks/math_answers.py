@@ -23,6 +23,7 @@ from jaxft.eval.benchmarks.gsm8k import build_prompt, few_shot_count, last_boxed
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 STOP = ("Problem:", "\n\n\n")
+FEW_SHOT = (0, 4)  # --few-shot's default with chat and with raw prompts
 
 EXAMPLES = (
     ("Find the value of $x$ if $3x - 7 = 11$.", "Adding 7 to both sides gives $3x = 18$, so $x = 6$.", "6"),
@@ -57,7 +58,7 @@ def reference_answer(record: dict, index: int) -> str:
 def read_math(records: Sequence[dict], settings: EvalSettings) -> list[Problem]:
     from jaxft.data.data_error import DataError
 
-    shots = few_shot_count(settings, chat_default=0, raw_default=4, available=len(EXAMPLES))
+    shots = few_shot_count(settings, chat_default=FEW_SHOT[0], raw_default=FEW_SHOT[1], available=len(EXAMPLES))
     problems = []
     for i, record in enumerate(records):
         text = record.get("problem")
@@ -97,4 +98,4 @@ def judge_math(problems: Sequence[Problem], completions: Sequence[Sequence[str]]
 MATH = register(GenerationBenchmark(
     name="math", description="MATH / MATH-500 competition problems: the \\boxed{} answer, equivalence by math-verify",
     read=read_math, judge=judge_math, default_data="HuggingFaceH4/MATH-500:test", stop=STOP,
-    max_new_tokens=1024, chat=True))
+    max_new_tokens=1024, chat=True, few_shot=FEW_SHOT))

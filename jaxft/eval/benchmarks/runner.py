@@ -125,7 +125,8 @@ def _hub_records(name: str, config: str | None, split: str, limit: int | None) -
 def prepare(benchmark, tokenizer, settings) -> Prepared:
     """Reads the benchmark's records (settings.data, else its default_data) and builds its
     problems; resolves chat (--chat / --no-chat, else the benchmark's default where the tokenizer
-    has a template) and max_new_tokens. Every bad record fails here, naming where it is."""
+    has a template), max_new_tokens and few_shot (where the benchmark declares its default). Every
+    bad record fails here, naming where it is."""
     source = settings.data or benchmark.default_data
     if not source:
         raise ConfigError(f"--data: the {benchmark.name} benchmark has no default data set; give --data FILE")
@@ -142,7 +143,10 @@ def prepare(benchmark, tokenizer, settings) -> Prepared:
     max_new = settings.max_new_tokens or benchmark.max_new_tokens
     if max_new < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new}")
-    resolved = dataclasses.replace(settings, data=source, chat=chat, max_new_tokens=max_new)
+    few_shot = settings.few_shot
+    if few_shot is None and getattr(benchmark, "few_shot", None):
+        few_shot = benchmark.few_shot[0 if chat else 1]
+    resolved = dataclasses.replace(settings, data=source, chat=chat, max_new_tokens=max_new, few_shot=few_shot)
     problems = benchmark.read(records, resolved)
     return Prepared(benchmark, problems, resolved, display)
 
