@@ -12,6 +12,8 @@ from jaxft.io import atomic
 
 
 def _bench(argv):
+    if "--iterate" in argv:
+        return _bench_iterate([arg for arg in argv if arg != "--iterate"])
     from jaxft.models.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="jaxft bench", description=(
@@ -50,6 +52,9 @@ def _bench(argv):
     g.add_argument("--prompt-length", type=int, default=64, help="longest prompt (they range down to half)")
     g.add_argument("--dtype", default="float32", help="weights and compute dtype of both models")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--iterate", action="store_true", help="a round of jaxft iterate against the offline run on its "
+                   "pairs + one generation pass: jaxft bench --iterate --config configs/iterate.py:tiny "
+                   "--config.model.path=SFT_DIR (jaxft.perf.bench_iterate)")
     a = p.parse_args(argv)
     if a.generate:
         return _bench_generate(a)
@@ -82,6 +87,25 @@ def _bench_generate(a):
                                 new_tokens=a.new_tokens, prompt_length=a.prompt_length, rounds=a.rounds, dtype=a.dtype,
                                 temperature=a.temperature, layers=a.layers, compare=a.compare)
     print(format_generate_bench(report))
+    if a.json:
+        atomic.write_text(a.json, json.dumps(report, indent=2))
+
+
+def _bench_iterate(argv):
+    config_args, argv = _split_config_args(argv)
+    p = argparse.ArgumentParser(prog="jaxft bench --iterate", description=(
+        "what a round of jaxft iterate costs: the round, the offline run on its pairs and one generation "
+        "pass, timed side by side in one process (jaxft.perf.bench_iterate)"))
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    a = p.parse_args(argv)
+    if not config_args:
+        raise SystemExit("jaxft bench --iterate: --config configs/iterate.py[:preset] --config.model.path=DIR is required")
+    import json
+
+    from jaxft.perf.bench_iterate import format_iterate_bench, run_iterate_bench
+
+    report = run_iterate_bench(_config_flags(config_args, "jaxft bench --iterate", workdir=False).config)
+    print(format_iterate_bench(report))
     if a.json:
         atomic.write_text(a.json, json.dumps(report, indent=2))
 
