@@ -112,6 +112,24 @@ def test_hub_names():
     assert parse_hub_name("openai/gsm8k:main") == ("openai/gsm8k", "main", "test")
 
 
+def test_a_hub_name_loads_its_config_and_split(monkeypatch):
+    """--data NAME:CONFIG:SPLIT reaches datasets.load_dataset as such (no download here: the
+    loader is replaced by an in-memory dataset), --limit taken before the records are read."""
+    import datasets
+
+    asked = []
+
+    def load_dataset(name, config=None, split=None):
+        asked.append((name, config, split))
+        return datasets.Dataset.from_list([{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    records, display = read_benchmark_records("openai/gsm8k:main:test", limit=3)
+    assert asked == [("openai/gsm8k", "main", "test")] and display == "openai/gsm8k[main:test]"
+    assert [r["question"] for r in records] == ["q0", "q1", "q2"]
+    assert records[2]["_location"] == "openai/gsm8k[main:test] index 2"
+
+
 # --- pass@k --------------------------------------------------------------------------------------
 
 
