@@ -9,14 +9,11 @@ every evaluation; the CLI does both at once.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Callable, Sequence
 
 from jaxft.errors import ConfigError
 from jaxft.eval.benchmarks.results import BenchmarkResult, pass_at_k
-
-log = logging.getLogger(__name__)
 
 SampleFn = Callable[..., list]  # jaxft.inference.sampler.sample_completions' signature
 
@@ -144,7 +141,7 @@ def prepare(benchmark, tokenizer, settings) -> Prepared:
     if max_new < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new}")
     few_shot = settings.few_shot
-    if few_shot is None and getattr(benchmark, "few_shot", None):
+    if few_shot is None and benchmark.few_shot:
         few_shot = benchmark.few_shot[0 if chat else 1]
     resolved = dataclasses.replace(settings, data=source, chat=chat, max_new_tokens=max_new, few_shot=few_shot)
     problems = benchmark.read(records, resolved)
