@@ -67,9 +67,10 @@ def lora_spec(config) -> LoRASpec | None:
                     dropout=float(section.dropout))
 
 
-def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None, transform=None):
+def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None, transform=None, keep_mxfp4=False):
     """Weights from `path` (default model.path) or a fresh init from train.seed, sharded.
-    Always the base model: LoRA adapters come from `load_trainable`."""
+    Always the base model: LoRA adapters come from `load_trainable`. keep_mxfp4: an MXFP4
+    checkpoint's experts reach `transform` packed (`load_weights`)."""
     path = path if path is not None else config.model.path
     cfg = cfg.replace(lora=None)
     if path:
@@ -79,7 +80,7 @@ def load_model(config, cfg: ModelConfig, mesh, *, path: str | None = None, trans
             cfg = read_hf_config(path, dtype=cfg.param_dtype).replace(
                 compute_dtype=cfg.compute_dtype, remat=cfg.remat, scan_layers=cfg.scan_layers,
                 attention=cfg.attention)
-        return load_weights(path, cfg, mesh=mesh, transform=transform)
+        return load_weights(path, cfg, mesh=mesh, transform=transform, keep_mxfp4=keep_mxfp4)
     log.info("initialising %s preset with random weights (seed %d)", config.model.preset, config.train.seed)
     return create_model(cfg, seed=config.train.seed, mesh=mesh)
 
@@ -99,7 +100,8 @@ def load_trainable(config, cfg: ModelConfig, mesh) -> tuple[object, dict, dict |
         kernel_shardings = nnx.to_pure_dict(param_shardings(abstract, mesh))
         shardings = quantized_shardings(cfg, nnx.to_pure_dict(abstract), kernel_shardings, quantization, mesh)
         transform = quantizer(cfg, quantization, shardings)
-    graphdef, base = split_params(load_model(config, cfg, mesh, transform=transform))
+    graphdef, base = split_params(load_model(config, cfg, mesh, transform=transform,
+                                             keep_mxfp4=quantization == "mxfp4"))  # gpt-oss's own codes
     if cfg.lora is None:
         return graphdef, base, None
     if quantization != "none" and not config.model.path:  # a preset's random init: quantize it now

@@ -240,7 +240,8 @@ class _TensorReader:
     """Looks tensors up by name across a single file or an index of shards (memory-mapped).
     A fused tensor (`fused`: Phi-3's qkv_proj) reads as its parts: row slices under their names.
     An MXFP4 tensor (`W_blocks` and `W_scales`) reads dequantized as `W` (`jaxft.models.mxfp4`),
-    an interleaved one (`interleaved`: gpt-oss's gate_up_proj) as its parts."""
+    or with `packed(W)` as its codes and exponents; an interleaved one (`interleaved`: gpt-oss's
+    gate_up_proj) as its parts."""
 
     def __init__(self, folder: Path, fused: dict | None = None, interleaved: tuple = ()):
         index = folder / INDEX_FILE
@@ -248,7 +249,8 @@ class _TensorReader:
         self._views: dict[str, tuple[str, int, int]] = {}  # part name -> (fused name, rows from, to)
         self._derived: dict[str, tuple[tuple, Callable]] = {}  # name -> (shape, read it), not stored as itself
         self._hidden: set[str] = set()  # stored names read only through derived ones
-        self._last: tuple[str, np.ndarray] | None = None  # the last interleaved tensor read (its parts follow)
+        self._packed: dict[str, Callable] = {}  # MXFP4 name -> read its mxfp4.Packed
+        self._last: tuple | None = None  # the last interleaved tensor read (its parts follow)
         self._stored: dict[str, str] = {}  # name -> the name it is stored under, where they differ
         if index.is_file():
             self.files = {name: folder / f for name, f in _weight_map(index).items()}
@@ -278,6 +280,7 @@ class _TensorReader:
         for name, (blocks, scales) in mxfp4.packed_names(self.files).items():
             self._derived[name] = (mxfp4.dequantized_shape(self.shape(blocks)),
                                    lambda b=blocks, s=scales: mxfp4.dequantize(self.get(b), self.get(s)))
+            self._packed[name] = lambda b=blocks, s=scales: mxfp4.unpack(self.get(b), self.get(s))
             self._hidden |= {blocks, scales}
         for suffix, parts in interleaved:
             for name in [n for n in self.names() if n.endswith("." + suffix)]:
@@ -286,12 +289,19 @@ class _TensorReader:
                 for j, part in enumerate(parts):
                     self._derived[name[: -len(suffix)] + part] = (
                         (*lead, width // k), lambda n=name, j=j, k=k: self._whole(n)[..., j::k])
+                    if name in self._packed:  # the parts' codes and exponents: the same columns
+                        self._packed[name[: -len(suffix)] + part] = lambda n=name, j=j, k=k: mxfp4.Packed(
+                            *(a[..., j::k] for a in self._whole(n, packed=True)))
                 self._hidden.add(name)
 
-    def _whole(self, name: str) -> np.ndarray:
-        if self._last is None or self._last[0] != name:
-            self._last = (name, self.get(name))
+    def _whole(self, name: str, packed: bool = False):
+        if self._last is None or self._last[0] != (name, packed):
+            self._last = ((name, packed), self.packed(name) if packed else self.get(name))
         return self._last[1]
+
+    def packed(self, name: str) -> mxfp4.Packed | None:
+        """An MXFP4 tensor's codes and exponents in a kernel's layout; None for another tensor."""
+        return self._packed[name]() if name in self._packed else None
 
     def names(self) -> set[str]:
         return ((set(self.files) | set(self._views) | set(self._derived))
@@ -358,11 +368,17 @@ def load_hf(path: str | Path, *, dtype=None, mesh=None) -> Decoder:
     return load_weights(folder, cfg, mesh=mesh)
 
 
-def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: Callable | None = None) -> Decoder:
+def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: Callable | None = None,
+                 keep_mxfp4: bool = False, ignore: frozenset[str] | set[str] = frozenset()) -> Decoder:
     """Reads the safetensors weights of `folder` into a model of architecture `cfg`.
     transform: `fn(state path, device array) -> value`, applied to each weight as it lands on
-    the devices (QLoRA quantizes there, so the full-precision model never exists whole)."""
+    the devices (QLoRA quantizes there, so the full-precision model never exists whole).
+    keep_mxfp4: the checkpoint's MXFP4 tensors (gpt-oss's experts) reach `transform` as host
+    `mxfp4.Packed` codes and exponents, never dequantized (`lora.base_quantization=mxfp4`).
+    ignore: tensor names the folder may hold besides the model's (a reward model's score.weight)."""
     folder = Path(folder)
+    if keep_mxfp4 and transform is None:
+        raise ValueError("keep_mxfp4 needs a transform to place the packed tensors (jaxft.models.quantize.quantizer)")
     reader = _TensorReader(folder, _fused(cfg), _interleaved(cfg))
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     shardings = param_shardings(abstract_state, mesh) if mesh is not None else None
@@ -372,7 +388,7 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     missing = sorted(expected - reader.names())
     # A tied model may still carry an lm_head copy (some exporters write it): ignore it.
     ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
-    unexpected = sorted(reader.names() - expected - ignorable - _ROTARY_BUFFERS(reader.names())
+    unexpected = sorted(reader.names() - expected - ignorable - set(ignore) - _ROTARY_BUFFERS(reader.names())
                         - _next_token_layers(reader.names(), cfg))
     bad_shapes = [
         f"{name}: checkpoint {reader.shape(name)}, config.json implies {shape}"
@@ -395,7 +411,8 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     dtypes = {path: v.get_value().dtype for path, v in nnx.to_flat_state(abstract_state)}
     host: dict[tuple, object] = {}
     for name, jpath, _, to_jax, _, index in rules:
-        value = to_jax(reader.get(name)).astype(dtypes[jpath])
+        packed = reader.packed(name) if keep_mxfp4 else None  # stacked experts: [X, in, out] as ours
+        value = packed if packed is not None else to_jax(reader.get(name)).astype(dtypes[jpath])
         if not index:
             host[jpath] = value
         else:
@@ -404,6 +421,9 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
     shard_flat = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}
     for jpath, value in host.items():
         value = _stack(value) if isinstance(value, dict) else value
+        if isinstance(value, mxfp4.Packed):  # `transform` places the codes and exponents
+            set_path(state, jpath, transform(jpath, value))
+            continue
         if mesh is not None:
             value = jax.make_array_from_callback(value.shape, shard_flat[jpath], lambda idx, v=value: v[idx])
         else:
@@ -415,8 +435,10 @@ def load_weights(folder: str | Path, cfg: ModelConfig, *, mesh=None, transform: 
 
 
 def _stack(parts: dict[tuple[int, ...], np.ndarray]) -> np.ndarray:
-    """{(i, j, ...): array} -> one array with leading axes (I, J, ...)."""
+    """{(i, j, ...): array} -> one array with leading axes (I, J, ...) (per field for mxfp4.Packed)."""
     keys = sorted(parts)
+    if isinstance(parts[keys[0]], mxfp4.Packed):
+        return mxfp4.Packed(*(_stack({k: v[f] for k, v in parts.items()}) for f in range(2)))
     grid = tuple(max(k[d] for k in keys) + 1 for d in range(len(keys[0])))
     return np.stack([parts[k] for k in keys]).reshape(grid + parts[keys[0]].shape)
 

@@ -161,6 +161,21 @@ PRESETS: dict[str, ModelConfig] = {
         num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=1000000.0, max_position_embeddings=32768,
         num_experts=8, experts_per_token=2, bos_token_id=1, eos_token_id=2,
     ),
+    # openai/gpt-oss-20b (20,914,757,184 params, 4,187,440,704 active counting the embeddings):
+    # 24 layers alternating sliding (128) and full attention with sinks and biases, YaRN x32 of
+    # a 4k original context, 32 experts of width 2,880 (4 per token) with biases and the clamped
+    # SwiGLU. Its config.json, not transformers' GptOssConfig defaults (gpt-oss-120b's 36 layers
+    # and 128 experts).
+    "gpt_oss_20b": ModelConfig(
+        model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_layers=24,
+        num_heads=64, num_kv_heads=8, head_dim=64, rms_norm_eps=1e-5, rope_theta=150000.0,
+        rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                      "original_max_position_embeddings": 4096},
+        max_position_embeddings=131072, norm="rms_f32", qkv_bias=True, o_bias=True, attention_sinks=True,
+        sliding_window=128, layer_types=("sliding_attention", "full_attention") * 12, activation="clamped_swiglu",
+        num_experts=32, experts_per_token=4, norm_topk_prob=True, router_logit_bias=True, expert_bias=True,
+        swiglu_limit=7.0, swiglu_alpha=1.702, eos_token_id=200002, pad_token_id=199999,
+    ),
     # microsoft/phi-4 (14,659,507,200 params): a Phi-3 architecture (fused qkv / gate_up
     # tensors in its checkpoint), full attention on every layer, untied, 16k context.
     "phi4_14b": ModelConfig(
