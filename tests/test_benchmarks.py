@@ -152,7 +152,7 @@ class Tok:
 
 def test_runner_judges_samples_and_writes_every_field(tmp_path):
     """The judge path with the model's output fixed (a stand-in sampler): pass@k from verdicts,
-    stop strings cut, one samples row per completion."""
+    stop strings cut raw completions only, one samples row per completion."""
     answers = {"Nina": ["The answer is 26.", "25\n\nQuestion: next"], "farm": ["1,000", "The answer is 1000"]}
     calls = {}
 
@@ -160,21 +160,23 @@ def test_runner_judges_samples_and_writes_every_field(tmp_path):
         calls.update(kw)
         out = []
         for p in prompts:
-            texts = next(v for k, v in answers.items() if k in p[-1]["content"])
+            question = p.rsplit("Question: ", 1)[-1] if isinstance(p, str) else p[-1]["content"]
+            texts = next(v for k, v in answers.items() if k in question)
             out.append([Completion(t, [1, 2], "stop" if "Question" in t else "eos") for t in texts])
         return out
 
-    result = run_generation_benchmark(get_benchmark("gsm8k"), None, Tok(),
-                                      EvalSettings(data=GSM8K, limit=2, samples=2, temperature=0.8),
-                                      sample_fn=sampler)
-    assert calls["samples"] == 2 and calls["stop"] == ("Question:", "\n\n\n") and calls["max_new_tokens"] == 512
+    settings = EvalSettings(data=GSM8K, limit=2, samples=2, temperature=0.8)
+    result = run_generation_benchmark(get_benchmark("gsm8k"), None, Tok(), settings, sample_fn=sampler)
+    assert calls["samples"] == 2 and calls["stop"] == () and calls["max_new_tokens"] == 512  # chat: EOS ends
     assert result.n == 2 and result.metrics == pytest.approx({"pass@1": 0.75, "pass@2": 1.0, "truncated": 0.0})
     rows = result.samples
-    assert len(rows) == 4 and rows[1]["completion"] == "25\n\n" and rows[1]["correct"] is False
+    assert len(rows) == 4 and rows[1]["completion"] == "25\n\nQuestion: next" and rows[1]["correct"] is False
     assert set(rows[0]) >= {"prompt", "completion", "extracted", "reference", "correct", "error", "problem", "sample"}
     assert result.summary()["settings"]["chat"] is True and result.summary()["settings"]["few_shot"] == 0
-    raw = prepare(get_benchmark("gsm8k"), Tok(), EvalSettings(data=GSM8K, chat=False))
-    assert raw.settings.few_shot == 8 and raw.problems[0].prompt.count("Question: ") == 9  # as reported
+    raw = run_generation_benchmark(get_benchmark("gsm8k"), None, Tok(), dataclasses.replace(settings, chat=False),
+                                   sample_fn=sampler)
+    assert calls["stop"] == ("Question:", "\n\n\n") and raw.samples[1]["completion"] == "25\n\n"
+    assert raw.settings["few_shot"] == 8 and raw.samples[0]["prompt"].count("Question: ") == 9  # as reported
 
 
 def test_samples_above_one_at_temperature_zero_is_refused():

@@ -153,8 +153,6 @@ def test_mbpp_through_the_runner_reports_unbiased_pass_at_k(mbpp):
     assert [s["correct"] for s in result.samples[:4]] == [True, False, False, False]
 
 
-@pytest.mark.xfail(strict=True, reason="the runner cuts chat answers at the raw-prompt stop strings "
-                   "('\\ndef' ends the answer right after its ```python line); stop strings belong to raw prompts")
 def test_humaneval_chat_answer_through_the_runner_passes(humaneval):
     _, records = humaneval
     record = records["HumanEval/0"]

@@ -150,14 +150,17 @@ def prepare(benchmark, tokenizer, settings) -> Prepared:
 
 def score(prepared: Prepared, model, tokenizer, *, sample_fn: SampleFn | None = None,
           progress: bool = False) -> BenchmarkResult:
-    """Samples `settings.samples` completions of every problem, judges them and reports
+    """Samples `settings.samples` completions of every problem (raw prompts end at the benchmark's
+    stop strings as well as EOS, chat prompts at EOS), judges them and reports
     pass@k for k in 1, 2, 4, ... up to samples (`pass_at_ks`), `truncated` (the share of
     completions that ran into max_new_tokens) and the benchmark's own metrics.
     sample_fn: the sampler (default `jaxft.inference.sampler.sample_completions`)."""
     benchmark, problems, s = prepared.benchmark, prepared.problems, prepared.settings
     if sample_fn is None:
         from jaxft.inference.sampler import sample_completions as sample_fn
-    stop = tuple(benchmark.stop)
+    # Stop strings end raw-text completions (the next few-shot "Question:", HumanEval's "\ndef"); a
+    # chat answer ends at its end-of-turn token, and may hold them (a whole function in a code block).
+    stop = () if s.chat else tuple(benchmark.stop)
     grouped = sample_fn(model, tokenizer, [p.prompt for p in problems], samples=s.samples,
                         max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=0,
                         stop=stop, chat=s.chat, seed=s.seed, batch_size=s.batch_size, progress=progress)
