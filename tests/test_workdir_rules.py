@@ -203,7 +203,8 @@ MEANINGFUL = [("train.max_to_keep", 0), ("train.save_every", 0), ("train.eval_ev
               ("train.prefetch", 0), ("train.sample_every", 0), ("optim.warmup_steps", 0),
               ("lora.rank", 0), ("mesh.data", -1), ("train.seed", -5), ("data.max_record_bytes", 0),
               ("train.router_aux_loss_coef", 0.0), ("train.router_z_loss_coef", 0.0),
-              ("train.router_bias_update_rate", 0.0)]
+              ("train.router_bias_update_rate", 0.0), ("train.eval_benchmark_limit", 0),
+              ("train.eval_benchmark_max_new_tokens", 0)]
 # Nonsense, refused naming the key and the allowed range.
 REFUSED_VALUES = [
     ("train.max_to_keep", -1, ">= 0 (0 = keep every checkpoint)"), ("train.steps", -1, ">= 0"),
@@ -227,7 +228,10 @@ REFUSED_VALUES = [
     ("lora.alpha", 0.0, "> 0"), ("lora.dropout", 1.0, "[0, 1)"),
 ]
 # Numeric keys the task checks (dpo.*) or that take any value.
-CHECKED_ELSEWHERE = {"dpo.beta", "dpo.label_smoothing", "train.seed"}
+# iterate.*: `jaxft iterate` checks them (jaxft.iterate.rounds.check_iterate_config; tests/test_iterate.py).
+CHECKED_ELSEWHERE = {"dpo.beta", "dpo.label_smoothing", "train.seed", "iterate.rounds", "iterate.samples",
+                     "iterate.prompts_per_round", "iterate.temperature", "iterate.top_p", "iterate.max_new_tokens",
+                     "iterate.min_margin"}
 
 
 def _numeric_keys(tree, prefix=""):

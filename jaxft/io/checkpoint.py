@@ -70,6 +70,10 @@ RESUME_FREE_KEYS = (
     "train.preemption_check_every", "train.loss_chunk_size", "model.remat", "model.scan_layers",
     "model.attention", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "mesh.expert",
     "optim.accumulate", "data.cache_dir", "data.num_proc", "dpo.precompute_reference", "lora.init_from", "data.skip_invalid",
+    # jaxft iterate's own keys: a round's run never reads them (its rounds resume from their files)
+    "iterate.prompts", "iterate.eval_prompts", "iterate.rounds", "iterate.samples", "iterate.prompts_per_round",
+    "iterate.temperature", "iterate.top_p", "iterate.max_new_tokens", "iterate.rewards", "iterate.pairs",
+    "iterate.min_margin", "iterate.reference",
 )
 
 # Keys the data iterator's own state checks on resume (its settings, or the examples
