@@ -4,15 +4,16 @@
 A row is a `Family`: the transformers architecture it saves as, the config keys it reads
 beyond the common ones (`parts(hf) -> ModelConfig kwargs`, `hf_keys(parts) -> config.json
 keys`), and its fused tensors (Phi-3's `qkv_proj` and `gate_up_proj`, split on load, fused on
-save). Adding a family is a row here when its layers are made of existing parts.
+save). Adding a family is a row here when its layers are made of existing parts; the larger
+rows live in modules of their own beside this one (`deepseek`, `gpt_oss`), and `FAMILIES` here
+stays the one registry.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable
-
 from jaxft.errors import ConfigError
+from jaxft.models.families import deepseek, gpt_oss
+from jaxft.models.families.base import Family, activation
 
 # Keys every family reads (the rest of a config.json is kept and written back unchanged).
 _COMMON_KEYS = {
@@ -24,50 +25,20 @@ _COMMON_KEYS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Family:
-    architecture: str  # what `save_hf` writes as `architectures`
-    parts: Callable[[dict, str], dict]  # family-specific ModelConfig kwargs from config.json
-    hf_keys: Callable[[dict], dict]  # family-specific config.json keys from ModelConfig fields
-    keys: frozenset = frozenset()  # config.json keys `parts` consumes
-    tie_default: bool = False  # tie_word_embeddings when config.json does not say
-    # Fused HF tensors: {fused suffix: ((part suffix, rows), ...)} in order along axis 0, rows
-    # as a function of the parts (e.g. H * D).
-    fused: Callable[[dict], dict] | None = None
-    # MoE tensor names: (module, router, experts, gate, up, down) as in
-    # `{module}.{router}.weight` and `{module}.{experts}.{x}.{gate}.weight`.
-    experts: tuple[str, str, str, str, str, str] | None = None
-    shared_experts: str = "shared_expert"  # `{module}.{shared_experts}.{gate,up,down}_proj.weight`
-    # gpt-oss: every expert of a layer in one tensor per projection, `{module}.{experts}.{gate}`
-    # [X, in, out] (and `..._bias` [X, out]), not one Linear per expert
-    stacked_experts: bool = False
-    # Tensors whose parts alternate along the last axis: ((fused suffix, part suffixes), ...), part j
-    # = fused[..., j::n] (gpt-oss's gate_up_proj: gate in the even columns, up in the odd)
-    interleaved: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-
-def _activation(hf: dict, source: str, allowed: dict) -> str:
-    name = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
-    if name not in allowed:
-        raise ConfigError(f"{source}: hidden activation {name!r} is not supported for "
-                          f"{hf.get('model_type')} (supported: {', '.join(allowed)})")
-    return allowed[name]
-
-
 def _llama(hf, source):
-    _activation(hf, source, {"silu": "silu"})
+    activation(hf, source, {"silu": "silu"})
     bias = bool(hf.get("attention_bias", False))
     return dict(qkv_bias=bias, o_bias=bias, mlp_bias=bool(hf.get("mlp_bias", False)))
 
 
 def _mistral(hf, source):
-    _activation(hf, source, {"silu": "silu"})
+    activation(hf, source, {"silu": "silu"})
     return dict(sliding_window=hf.get("sliding_window"))
 
 
 def _qwen(qk_norm: bool):
     def parts(hf, source):
-        _activation(hf, source, {"silu": "silu"})
+        activation(hf, source, {"silu": "silu"})
         # Qwen configs carry a window size but switch it off with use_sliding_window.
         sliding = hf.get("sliding_window") if hf.get("use_sliding_window", False) else None
         if not qk_norm:  # Qwen2 always biases q / k / v, never o
@@ -88,7 +59,7 @@ def _gemma(version: int):
         every = 2 if version == 2 else int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
         out = dict(
             norm="rms_plus_one", sandwich_norms=True, embed_scale=True,
-            activation=_activation(hf, source, {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}),
+            activation=activation(hf, source, {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}),
             attn_logit_softcap=hf.get("attn_logit_softcapping"),
             final_logit_softcap=hf.get("final_logit_softcapping"),
             query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
@@ -152,7 +123,7 @@ def _gemma4(hf, source):
     local = _rope_of(hf, "sliding_attention")
     out = dict(
         norm="rms_f32", sandwich_norms=True, embed_scale=True, qk_norm=True, v_norm=True, layer_scalar=True,
-        activation=_activation(hf, source, {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}),
+        activation=activation(hf, source, {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu_tanh"}),
         final_logit_softcap=hf.get("final_logit_softcapping"), query_pre_attn_scalar=1.0,
         sliding_window=hf.get("sliding_window"), layer_types=tuple(types),
         qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
@@ -197,7 +168,7 @@ def _moe_layers(hf: dict) -> tuple[int, ...]:
 
 
 def _mixtral(hf, source):
-    _activation(hf, source, {"silu": "silu"})
+    activation(hf, source, {"silu": "silu"})
     return dict(sliding_window=hf.get("sliding_window"), num_experts=int(hf.get("num_local_experts", 8)),
                 experts_per_token=int(hf.get("num_experts_per_tok", 2)), norm_topk_prob=True)
 
@@ -234,119 +205,8 @@ _MOE_KEYS = frozenset({"num_experts", "num_local_experts", "num_experts_per_tok"
                        "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size"})
 
 
-def _deepseek(version: int):
-    """DeepSeek-V2 / V3: multi-head latent attention, routed experts with shared ones, the first
-    `first_k_dense_replace` layers (and, V2, all but every `moe_layer_freq`-th) dense. V2 routes
-    by softmax, greedily or group-limited (`topk_method`); V3 by sigmoid scores plus a selection
-    bias within the best `topk_group` of `n_group` groups."""
-    def parts(hf, source):
-        _activation(hf, source, {"silu": "silu"})
-        if hf.get("attention_bias"):
-            raise ConfigError(f"{source}: attention_bias=true is not supported for {hf['model_type']}")
-        scoring = hf.get("scoring_func") or ("softmax" if version == 2 else "sigmoid")
-        if scoring != ("softmax" if version == 2 else "sigmoid"):
-            raise ConfigError(f"{source}: scoring_func={scoring!r}: DeepSeek-V{version} routes by "
-                              f"{'softmax' if version == 2 else 'sigmoid'} scores (as transformers does)")
-        method = hf.get("topk_method") or ("greedy" if version == 2 else "noaux_tc")
-        allowed = ("greedy", "group_limited_greedy") if version == 2 else ("noaux_tc",)
-        if method not in allowed:
-            raise ConfigError(f"{source}: topk_method={method!r} is not supported for DeepSeek-V{version} "
-                              f"(supported: {', '.join(allowed)})")
-        grouped = method != "greedy"
-        first, freq, n = int(hf.get("first_k_dense_replace") or 0), int(hf.get("moe_layer_freq") or 1), hf["num_hidden_layers"]
-        experts = int(hf.get("n_routed_experts") or hf.get("num_local_experts") or 0)
-        return dict(
-            kv_lora_rank=int(hf["kv_lora_rank"]), q_lora_rank=hf.get("q_lora_rank") or None,
-            qk_nope_head_dim=int(hf["qk_nope_head_dim"]), qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-            v_head_dim=int(hf["v_head_dim"]), head_dim=int(hf["qk_rope_head_dim"]),
-            num_kv_heads=hf["num_attention_heads"],  # MLA has no kv heads; every head reads the latent
-            rope_interleave=True if version == 2 else bool(hf.get("rope_interleave", True)),
-            num_experts=experts, experts_per_token=int(hf.get("num_experts_per_tok") or 1),
-            moe_intermediate_size=hf.get("moe_intermediate_size"),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", version == 3)),
-            shared_expert_size=int(hf.get("moe_intermediate_size") or 0) * int(hf.get("n_shared_experts") or 0),
-            dense_layers=tuple(i for i in range(n) if i < first or i % freq),
-            router_scoring=scoring, router_groups=int(hf.get("n_group") or 1) if grouped else 1,
-            router_topk_groups=int(hf.get("topk_group") or 1) if grouped else 1,
-            router_bias=version == 3, routed_scaling_factor=float(hf.get("routed_scaling_factor") or 1.0),
-            router_f32=True,
-        )
-    return parts
-
-
-def _deepseek_keys(version: int):
-    def keys(p):
-        dense = set(p["dense_layers"])
-        first = next((i for i in range(p["num_layers"]) if i not in dense), p["num_layers"])
-        if dense != set(range(first)):
-            raise ConfigError(f"dense_layers={sorted(dense)}: a DeepSeek config.json can only say the first k "
-                              "layers are dense (first_k_dense_replace)")
-        F = p["moe_intermediate_size"] or p["intermediate_size"]
-        hf = dict(
-            kv_lora_rank=p["kv_lora_rank"], q_lora_rank=p["q_lora_rank"], qk_nope_head_dim=p["qk_nope_head_dim"],
-            qk_rope_head_dim=p["qk_rope_head_dim"], v_head_dim=p["v_head_dim"], head_dim=p["qk_rope_head_dim"],
-            attention_bias=False, n_routed_experts=p["num_experts"], num_experts_per_tok=p["experts_per_token"],
-            moe_intermediate_size=F, n_shared_experts=p["shared_expert_size"] // F,
-            first_k_dense_replace=first, norm_topk_prob=p["norm_topk_prob"],
-            n_group=p["router_groups"], topk_group=p["router_topk_groups"],
-            routed_scaling_factor=p["routed_scaling_factor"], scoring_func=p["router_scoring"],
-        )
-        if version == 2:
-            hf.update(moe_layer_freq=1,
-                      topk_method="group_limited_greedy" if p["router_groups"] > 1 else "greedy")
-        else:
-            hf.update(topk_method="noaux_tc", rope_interleave=p["rope_interleave"])
-        return hf
-    return keys
-
-
-_DEEPSEEK_KEYS = frozenset({
-    "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias",
-    "n_routed_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts",
-    "first_k_dense_replace", "moe_layer_freq", "norm_topk_prob", "n_group", "topk_group", "topk_method",
-    "routed_scaling_factor", "scoring_func", "rope_interleave", "qk_head_dim"})
-
-
-def _gpt_oss(hf, source):
-    """gpt-oss: attention with biases and sinks on alternating sliding (128) / full layers, YaRN
-    RoPE (transformers' default when the config gives none), every layer's MLP routed experts
-    with biases and the clamped SwiGLU, the router a Linear with a bias. Checkpoints quantized
-    to MXFP4 (the released ones) are dequantized on load (`jaxft.models.mxfp4`), so the
-    quantization_config is read here and not written back."""
-    _activation(hf, source, {"silu": "silu"})
-    quant = hf.get("quantization_config")
-    if quant and quant.get("quant_method") != "mxfp4":
-        raise ConfigError(f"{source}: quantization_config quant_method={quant.get('quant_method')!r} is not "
-                          "supported for gpt_oss (jaxft reads MXFP4 checkpoints, dequantized on load, and unquantized ones)")
-    bias = bool(hf.get("attention_bias", True))
-    n = hf["num_hidden_layers"]
-    out = dict(
-        norm="rms_f32", qkv_bias=bias, o_bias=bias, attention_sinks=True, activation="clamped_swiglu",
-        sliding_window=hf.get("sliding_window", 128),
-        layer_types=tuple(hf.get("layer_types") or ("full_attention" if i % 2 else "sliding_attention" for i in range(n))),
-        num_experts=int(hf.get("num_local_experts") or hf.get("num_experts") or 128),
-        experts_per_token=int(hf.get("num_experts_per_tok") or hf.get("experts_per_token") or 4),
-        norm_topk_prob=True, router_logit_bias=True, expert_bias=True,
-        swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
-        head_dim=hf.get("head_dim", 64))
-    if not hf.get("rope_parameters") and not hf.get("rope_scaling"):  # transformers' default
-        out.update(rope_theta=float(hf.get("rope_theta", 150000.0)), rope_scaling=dict(_GPT_OSS_YARN))
-    return out
-
-
-_GPT_OSS_YARN = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                 "original_max_position_embeddings": 4096}
-
-
-def _gpt_oss_keys(p):
-    return dict(hidden_act="silu", attention_bias=p["qkv_bias"], sliding_window=p["sliding_window"],
-                layer_types=list(p["layer_types"]), num_local_experts=p["num_experts"],
-                num_experts_per_tok=p["experts_per_token"], swiglu_limit=p["swiglu_limit"],
-                swiglu_alpha=p["swiglu_alpha"])
-
-
 def _phi3(hf, source):
-    _activation(hf, source, {"silu": "silu"})
+    activation(hf, source, {"silu": "silu"})
     return dict(sliding_window=hf.get("sliding_window"))
 
 
@@ -410,19 +270,9 @@ FAMILIES: dict[str, Family] = {
                             **({"sliding_window": p["sliding_window"]} if p["sliding_window"] else {}))),
                         frozenset({"sliding_window", "use_sliding_window", "attention_bias"}) | _MOE_KEYS,
                         experts=("mlp", "gate", "experts", "gate_proj", "up_proj", "down_proj")),
-    "deepseek_v2": Family("DeepseekV2ForCausalLM", _deepseek(2), _deepseek_keys(2), _DEEPSEEK_KEYS,
-                          experts=("mlp", "gate", "experts", "gate_proj", "up_proj", "down_proj"),
-                          shared_experts="shared_experts"),
-    "deepseek_v3": Family("DeepseekV3ForCausalLM", _deepseek(3), _deepseek_keys(3), _DEEPSEEK_KEYS,
-                          experts=("mlp", "gate", "experts", "gate_proj", "up_proj", "down_proj"),
-                          shared_experts="shared_experts"),
+    **deepseek.FAMILIES,
     "phi3": Family("Phi3ForCausalLM", _phi3, _phi3_keys, frozenset({"sliding_window"}), fused=_phi3_fused),
-    "gpt_oss": Family("GptOssForCausalLM", _gpt_oss, _gpt_oss_keys, frozenset({
-        "attention_bias", "sliding_window", "layer_types", "num_local_experts", "num_experts", "num_experts_per_tok",
-        "swiglu_limit", "swiglu_alpha", "quantization_config"}),
-        experts=("mlp", "router", "experts", "gate_proj", "up_proj", "down_proj"), stacked_experts=True,
-        interleaved=(("mlp.experts.gate_up_proj", ("mlp.experts.gate_proj", "mlp.experts.up_proj")),
-                     ("mlp.experts.gate_up_proj_bias", ("mlp.experts.gate_proj_bias", "mlp.experts.up_proj_bias")))),
+    "gpt_oss": gpt_oss.FAMILY,
 }
 
 
