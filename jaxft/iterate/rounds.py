@@ -198,10 +198,10 @@ def _mean_reward(lines: list[dict]) -> float:
 def format_rounds(rows: list[dict]) -> str:
     keys = sorted({k for row in rows for k in row
                    if k.startswith("eval_") and k not in ("eval_prompts", "eval_seconds")})
-    head = ["round", "pairs", "ties dropped", "sample reward"] + [k.removeprefix("eval_") for k in keys]
+    head = ["round", "records", "ties dropped", "sample reward"] + [k.removeprefix("eval_") for k in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [str(row["round"]), str(row.get("pairs", "")), str(row.get("dropped_ties", "")),
+        cells = [str(row["round"]), str(row.get("pairs", row.get("accepted", ""))), str(row.get("dropped_ties", "")),
                  f"{row['sample_reward']:.3f}" if "sample_reward" in row else ""]
         cells += [f"{row[k]:.3f}" if k in row else "" for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
