@@ -76,6 +76,18 @@ def test_greedy_with_cache_equals_no_cache_argmax(models, family):
     assert got == want
 
 
+def test_samples_from_one_shared_prefill_equal_no_cache_argmax(models):
+    """Greedy samples through the sampler's shared prefill (each prompt's cache copied to its 3
+    rows; 2 prompts x 3 samples a batch, so prompts of different lengths share batches) equal
+    no-cache argmax decoding, every sample."""
+    model = models("llama")
+    rows = sampler.sample_ids(model, PROMPTS, samples=3, max_new_tokens=NEW, batch_size=6)
+    length = max(map(len, PROMPTS)) + NEW
+    for prompt, samples in zip(PROMPTS, rows):
+        want = _reference_greedy(model, prompt, NEW, length)
+        assert [s[:NEW] for s in samples] == [want] * 3
+
+
 def test_sliding_window_generation_equals_transformers_greedy(models):
     """Gemma 3 (window 5, 5:1 local / global layers, both soft-caps off) decodes 6 tokens past a
     17-token prompt exactly as transformers' greedy generate with its own cache."""

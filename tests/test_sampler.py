@@ -141,3 +141,23 @@ def test_progress_bar_counts_tokens(capsys):
     sample(PROMPTS[:2], max_new_tokens=5, progress=True)
     err = capsys.readouterr().err
     assert "tok/s" in err or "tok_s" in err
+
+
+def test_finished_rows_leave_the_batch_and_the_rest_decode_as_alone(monkeypatch):
+    """Three of four rows end early on EOS: the live row moves to a batch of 2, then 1 (between
+    2-step chunks), and every row's tokens equal its prompt sampled alone."""
+    model, tok = _model(), _tokenizer()
+    ids = encode_prompts(tok, PROMPTS)
+    kw = dict(max_new_tokens=16, temperature=1.0, seed=2, mesh=one_device(), chunk=2)
+    free = [r[0] for r in sample_ids(model, ids, **kw)]
+    eos = list(dict.fromkeys([free[0][2], free[1][3], free[2][1]]))
+    gathers = []
+    real_gather = sampler._gather_rows
+    monkeypatch.setattr(sampler, "_gather_rows", lambda *a, **k: gathers.append(len(a[3])) or real_gather(*a, **k))
+    together = [finish(r[0], eos_ids=eos) for r in sample_ids(model, ids, eos_ids=eos, **kw)]
+    assert gathers and gathers[0] < 4  # the batch shrank
+    for prompt, got, free_row in zip(ids, together, free):
+        alone = finish(sample_ids(model, [prompt], eos_ids=eos, **kw)[0][0], eos_ids=eos)
+        assert got == alone
+        assert got.token_ids == finish(free_row, eos_ids=eos).token_ids  # the same tokens as without EOS, cut
+    assert sum(c.finish_reason == "eos" for c in together) >= 3

@@ -15,27 +15,29 @@ How a call runs (`sample_ids`):
      on device when it samples an EOS; between chunks the host decodes each live row's text
      and stops the rows that contain a stop string (a stop string may span tokens, so it is
      matched on text, not token ids). A chunk ends early when every row is done, and a batch
-     ends when every row is done; when at most half the rows are live, the live ones are
-     gathered into a batch half the size (finished rows stop costing).
+     ends when every row is done; when at most half the rows are live (and a chunk or more is
+     left), the live ones are gathered into a batch half the size or smaller (finished rows
+     stop costing; one more compiled decode per size).
   4. With several devices the rows are split over the mesh's batch axes ("data"): under an
-     ambient mesh (`jax.set_mesh`) that mesh and the params as they are sharded; otherwise a
-     ("data",) mesh over all devices with the params replicated.
+     ambient mesh (`jax.set_mesh`) that mesh and the params as they are sharded; otherwise
+     `mesh=` or a ("data",) mesh over all devices, the params placed by the rules table
+     (`sharding.param_shardings`: replicated over "data", split over "fsdp" / "tensor").
 
 Seeds: token t (0-based among the new tokens) of sample j of a prompt with token ids `ids` is
 drawn with key `fold_in(fold_in(jax.random.key(seed + j), prompt_hash(ids)), t)` from that
 row's filtered logits alone (`jax.random.categorical` on the row); `prompt_hash` is the CRC-32
 of the ids, so different prompts do not share their noise. Nothing depends on the batch, the
-row's position or the other prompts, so sample j of prompt i equals `sample_completions([prompt_i], samples=1,
-seed=seed + j)[0][0]` whatever the batching (up to floating-point differences of the
-forward between batch shapes, which do not occur on CPU in the tests). Greedy decoding
-(temperature 0) ignores the keys: its k samples are identical.
+row's position or the other prompts, so sample j of prompt i equals
+`sample_completions([prompt_i], samples=1, seed=seed + j)[0][0]` whatever the batching (up to
+floating-point differences of the forward between batch shapes, which the tests do not see on
+CPU). Greedy decoding (temperature 0) ignores the keys: its k samples are identical.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-import time
 import zlib
 from typing import Callable, Sequence
 
@@ -43,7 +45,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxft.errors import ConfigError, DataError
 from jaxft.models.decoder import init_cache
@@ -210,6 +211,16 @@ def _decode(graphdef, state, carry, lengths_R, keys_R, eos_ids, prompt_len, stop
     return jax.lax.while_loop(cond, body, carry)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _gather_rows(carry, lengths_R, keys_R, rows_S, *, cfg):
+    """The carry, prompt lengths and keys of rows `rows_S` only ([S] indices): a smaller batch."""
+    cache = jax.tree.map(lambda x, a: _constrain_rows(jnp.take(x, rows_S, axis=a), a), carry["cache"],
+                         _cache_batch_axes(cfg))
+    carry = {"cache": cache, "step": carry["step"],
+             **{k: _constrain_rows(carry[k][rows_S], 0) for k in ("last", "out", "done")}}
+    return carry, lengths_R[rows_S], keys_R[rows_S]
+
+
 # --- on the host -------------------------------------------------------------------------------
 
 
@@ -226,7 +237,7 @@ class _Unit:
 
 
 def _batch_mesh(mesh):
-    """(the mesh to run under or None, whether the params must be replicated onto it)."""
+    """(the mesh to run under or None, whether the params must be placed on it)."""
     if mesh is not None:
         return mesh, True
     ambient = sharding.current_mesh()
@@ -298,7 +309,6 @@ def sample_ids(
     per_batch = max(1, batch_size // group)
     # Batch shape: every batch has the same U (the last filled up with copies), and U x G rows
     # a multiple of the devices, so one program serves every batch of a bucket.
-    per_batch = _round_up(per_batch * group, rows_multiple) // group if rows_multiple > 1 else per_batch
     while per_batch * group % rows_multiple:
         per_batch += 1
     if len(units) <= per_batch and rows_multiple == 1:
@@ -306,10 +316,9 @@ def sample_ids(
     graphdef, state = nnx.split(model)
     out: list[list[list[int] | None]] = [[None] * samples for _ in prompt_ids]
     bar = _progress_bar(len(prompt_ids) * samples * max_new_tokens) if progress else None
-    context = jax.set_mesh(run_mesh) if run_mesh is not None else _nullcontext()
-    with context:
-        if replicate:
-            state = jax.device_put(state, NamedSharding(run_mesh, PartitionSpec()))
+    with jax.set_mesh(run_mesh) if run_mesh is not None else contextlib.nullcontext():
+        if replicate:  # by the rules table: replicated over "data", split where the mesh has fsdp / tensor
+            state = jax.device_put(state, sharding.param_shardings(state, run_mesh))
         for start in range(0, len(units), per_batch):
             batch = units[start:start + per_batch]
             real = len(batch)
@@ -318,7 +327,8 @@ def sample_ids(
                               [(seed + j) for u in batch for j in _group_seeds(u, group)], group=group,
                               max_new_tokens=max_new_tokens, eos_arr=eos_arr, stop_check=stop_check, knobs=knobs,
                               mode=mode, cache_dtype=cache_dtype, prompt_bucket=prompt_bucket, chunk=chunk,
-                              run_mesh=run_mesh, bar=bar)
+                              bar=bar, cfg=model.cfg, rows_multiple=rows_multiple, counted=[k < real and g < len(u.samples) for k, u in enumerate(batch)
+                                                for g in range(group)])
             for u_index, unit in enumerate(batch[:real]):
                 for g, j in enumerate(unit.samples):
                     out[unit.prompt][j] = rows[u_index * group + g]
@@ -333,15 +343,8 @@ def _group_seeds(unit: _Unit, group: int) -> list[int]:
     return js + [js[-1]] * (group - len(js))
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress_bar(total: int):
+    """Tokens sampled (of at most `total`) and tqdm's rate, tokens/s."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, unit="tok", desc="sampling", dynamic_ncols=True)
@@ -360,8 +363,9 @@ def _row_keys(seeds: Sequence[int], hashes: Sequence[int]) -> jax.Array:
 
 
 def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_arr, stop_check, knobs, mode,
-               cache_dtype, prompt_bucket, chunk, run_mesh, bar) -> list[list[int]]:
-    """Samples one batch of U prompts x G rows; returns each row's tokens as far as it ran."""
+               cache_dtype, prompt_bucket, chunk, bar, counted, cfg, rows_multiple) -> list[list[int]]:
+    """Samples one batch of U prompts x G rows; returns each row's tokens as far as it ran.
+    counted: [R] bools, the rows the progress bar counts (not the filler copies)."""
     U, N = len(prompts), max_new_tokens
     lengths = [len(p) for p in prompts]
     P = _round_up(max(lengths), prompt_bucket)
@@ -375,35 +379,52 @@ def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_ar
                      group=group, max_new_tokens=N, mode=mode, cache_dtype=cache_dtype)
     lengths_dev, eos_dev, prompt_len = jnp.asarray(lengths_R), jnp.asarray(eos_arr), jnp.int32(P)
     R = U * group
-    host_checks = stop_check is not None or bar is not None
+    results: list[list[int] | None] = [None] * R
+    origin_R = np.arange(R)  # each current row's row in the batch; -1 = a filler copy
+    counted_R = np.asarray(counted, bool)
     stopped_R = np.zeros(R, bool)  # stopped by the host (a stop string)
     done_R = np.zeros(R, bool)
     step = 1
-    t0 = time.perf_counter()
     while True:
-        target = min(step + chunk, N) if host_checks else N
-        carry = _decode(graphdef, state, carry, lengths_dev, keys_R, eos_dev, prompt_len, jnp.int32(target), knobs,
-                        mode=mode)
+        carry = _decode(graphdef, state, carry, lengths_dev, keys_R, eos_dev, prompt_len,
+                        jnp.int32(min(step + chunk, N)), knobs, mode=mode)
         new_step = int(carry["step"])
-        if host_checks:
-            live_R = ~done_R  # rows that were still sampling during this chunk
+        live_R = ~done_R  # rows that were still sampling during this chunk
+        done_R = np.asarray(carry["done"]) | stopped_R
+        if stop_check is not None:
             out_RN = np.asarray(carry["out"])  # [R, N] int32: cheap, and no slice to compile
-            done_R = np.asarray(carry["done"]) | stopped_R
-            if stop_check is not None:
-                for r in np.flatnonzero(~done_R):
-                    stopped_R[r] = stop_check(out_RN[r, :new_step].tolist())
-                if stopped_R.any():
-                    carry = dict(carry, done=carry["done"] | jnp.asarray(stopped_R))
-                    done_R = done_R | stopped_R
-            if bar is not None:
-                bar.update(int(live_R.sum()) * (new_step - step + (step == 1)))
-                bar.set_postfix(tok_s=f"{bar.n / (time.perf_counter() - t0):.0f}", refresh=False)
-        else:
-            done_R = np.asarray(carry["done"])
+            for r in np.flatnonzero(~done_R):
+                stopped_R[r] = stop_check(out_RN[r, :new_step].tolist())
+            if stopped_R.any():
+                carry = dict(carry, done=carry["done"] | jnp.asarray(stopped_R))
+                done_R = done_R | stopped_R
+        if bar is not None:
+            bar.update(int((live_R & counted_R).sum()) * (new_step - step + (step == 1)))
         step = new_step
         if step >= N or done_R.all():
             break
-    return [row[:step].tolist() for row in np.asarray(carry["out"])]
+        # Finished rows stop costing: when at most half the rows are live (and a chunk or more
+        # is left), keep the live ones in a batch half the size (or a quarter, ...).
+        live = np.flatnonzero(~done_R)
+        size = len(done_R)
+        while size % 2 == 0 and size // 2 >= len(live) and (size // 2) % rows_multiple == 0:
+            size //= 2
+        if size < len(done_R) and N - step >= chunk:
+            out_RN = np.asarray(carry["out"])
+            for r in np.flatnonzero(done_R):
+                if origin_R[r] >= 0:
+                    results[origin_R[r]] = out_RN[r, :step].tolist()
+            keep = np.concatenate([live, np.flatnonzero(done_R)[:size - len(live)]])  # fillers: done rows
+            carry, lengths_dev, keys_R = _gather_rows(carry, lengths_dev, keys_R, jnp.asarray(keep, jnp.int32),
+                                                      cfg=cfg)
+            filler = np.arange(size) >= len(live)
+            origin_R = np.where(filler, -1, origin_R[keep])
+            counted_R, stopped_R, done_R = counted_R[keep] & ~filler, stopped_R[keep], done_R[keep]
+    out_RN = np.asarray(carry["out"])
+    for r, origin in enumerate(origin_R):
+        if origin >= 0:
+            results[origin] = out_RN[r, :step].tolist()
+    return results
 
 
 # --- completions -------------------------------------------------------------------------------
