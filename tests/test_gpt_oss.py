@@ -348,8 +348,8 @@ def test_an_mxfp4_qlora_base_keeps_the_checkpoints_codes_and_gives_the_dequantiz
 
     _, full_params = nnx.split(full, nnx.Param)
     leaves, tree = jax.tree.flatten(adapters)  # trained adapters: B off zero
-    trained = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(jax.random.key(i), x.shape)
-                                        for i, x in enumerate(leaves)])
+    trained = jax.tree.unflatten(tree, [jax.device_put(x + 0.05 * jax.random.normal(jax.random.key(i), x.shape),
+                                                       x.sharding) for i, x in enumerate(leaves)])  # one compile
     forward = jax.jit(lambda a, b: nnx.merge(graphdef, a, b)(jnp.asarray(TOKENS)))
     with jax.set_mesh(mesh):
         outs = [(np.asarray(forward(a, base)), np.asarray(forward(a, full_params))) for a in (adapters, trained)]
@@ -357,7 +357,7 @@ def test_an_mxfp4_qlora_base_keeps_the_checkpoints_codes_and_gives_the_dequantiz
         assert np.abs(ours - dequantized).max() < 1e-6
     assert np.abs(outs[1][0] - outs[0][0]).max() > 1e-2  # the trained adapters count
     gate = nnx.to_pure_dict(full_params)["layers"]["mlp"]["gate_proj"]
-    requantized = quantize_kernel(gate, "mxfp4", 1, 1).dequantize(jnp.float32)
+    requantized = jax.jit(lambda k: quantize_kernel(k, "mxfp4", 1, 1).dequantize(jnp.float32))(gate)
     np.testing.assert_array_equal(np.asarray(requantized), np.asarray(gate))
 
 
