@@ -86,7 +86,7 @@ def test_block_layout_pads_each_expert_to_whole_blocks():
     M = 6
     assert rows.pair_at.shape == (2 * (3 + 4),)
     assert np.asarray(rows.pair_at).tolist() == [1, 4, 0, 2, 5, M, 3, M] + [M] * 6
-    assert np.asarray(rows.groups).tolist() == [0, 1, 1, 2, 3, 3, 3]
+    assert np.asarray(rows.groups).tolist() == [0, 1, 1, 2, 4, 4, 4]  # 4: unused, skipped
     assert block_size(8192, 8) == 256 and block_size(32, 4) == 8 and block_size(3000, 8) == 256
     # pairs on expert 4 of 4 (expert parallelism's padding) get no row
     rows = block_rows(jnp.asarray([[4, 0], [1, 4], [0, 1]], jnp.int32), 4, block=2)

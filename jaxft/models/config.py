@@ -197,6 +197,7 @@ class ModelConfig:
     remat: str = "none"  # what layers recompute in the backward pass (jaxft.models.remat)
     scan_layers: bool = True  # layers stacked and scanned: compile time independent of depth
     attention: str = "auto"  # attention backend (jaxft.models.attention.BACKENDS, or "auto")
+    moe_matmul: str = "auto"  # experts' grouped-matmul layout (jaxft.models.grouped_matmul.LAYOUTS, or "auto")
     lora: LoRASpec | None = None  # adapters on the projections (jaxft.models.lora); None = none
     # Keys of the source config.json we do not model, written back unchanged on save.
     extra_hf_config: dict = dataclasses.field(default_factory=dict, compare=False)

@@ -68,13 +68,13 @@ def over_mesh(local_experts):
     return functools.partial(dispatch, local_experts)
 
 
-def dispatch(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str, *,
-             biases=None, adapt=None, **glu):
+def dispatch(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, activation: str,
+             matmul: str | None = None, *, biases=None, adapt=None, **glu):
     """sum over k of weights[t, k] * expert[experts[t, k]](x[t]) with the experts split over the
     ambient mesh's expert axis (the module docstring): [T, E] like x_TE. biases (gpt-oss's
     per-expert gate / up / down biases) and adapt (LoRA on the routed experts,
     `jaxft.models.lora.ExpertAdapters`: per-expert A and B) split with their experts; glu: the
-    activation's scalars."""
+    activation's scalars; matmul: the grouped matmuls' layout, as `dropless_experts`."""
     mesh = current_mesh()
     n, X = axis_size(mesh, AXIS), gate_XEF.shape[0]
     if X % n:
@@ -87,7 +87,7 @@ def dispatch(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down
     rows, experts = P(token_axes), P(AXIS)
     adapters = None if adapt is None else (adapt.pairs, adapt.rng)  # A, B split by expert; the key whole
     adapt = None if adapt is None else dataclasses.replace(adapt, pairs=None, rng=None)  # arrays: via `adapters`
-    local = functools.partial(_local, local_experts, activation=activation, glu=glu, adapt=adapt)
+    local = functools.partial(_local, local_experts, activation=activation, matmul=matmul, glu=glu, adapt=adapt)
     adapter_specs = P() if adapt is None else (experts, P())
     in_specs = (rows, rows, rows, experts, experts, experts, experts, adapter_specs)
     y_TE = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
@@ -97,7 +97,7 @@ def dispatch(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down
 
 
 def _local(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, biases, adapters, *,
-           activation, glu, adapt):
+           activation, matmul, glu, adapt):
     """One device: its tokens' pairs out to the experts' devices, its experts on the pairs it
     receives, the outputs back and summed per token. X here is this device's experts (X / n)."""
     n = lax.axis_size(AXIS)
@@ -124,7 +124,7 @@ def _local(local_experts, x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_X
     x_RE, e_R, w_R = exchange(send_x), exchange(send_e), exchange(send_w)
     if adapt is not None:  # this device's experts' adapters
         adapt = dataclasses.replace(adapt, pairs=adapters[0], rng=adapters[1])
-    y_RE = local_experts(x_RE, w_R[:, None], e_R[:, None], gate_XEF, up_XEF, down_XFE, activation, biases=biases,
+    y_RE = local_experts(x_RE, w_R[:, None], e_R[:, None], gate_XEF, up_XEF, down_XFE, activation, matmul, biases=biases,
                          adapt=adapt, **glu)
     back = exchange(y_RE)  # each pair's weighted output, in this device's send slots
     return jnp.zeros_like(x_TE).at[token].add(jnp.where(valid[:, None], back, 0))

@@ -18,10 +18,14 @@ E input width, F output width.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxft.errors import ConfigError
 
 
 class ExpertRows(NamedTuple):
@@ -57,7 +61,7 @@ def block_size(num_pairs: int, num_experts: int, *, largest: int = 256) -> int:
 def block_rows(experts_TK: jax.Array, num_experts: int, block: int | None = None) -> ExpertRows:
     """The pairs sorted by expert, each expert's rows padded to whole blocks. The number of
     blocks is static, ceil(T * K / block) + X, enough for any routing; blocks past the last
-    expert's are empty (they compute zeros with the last expert's kernel). Pairs whose expert is
+    expert's carry the expert id X and are skipped by `block_matmul`. Pairs whose expert is
     >= num_experts (expert parallelism's padding rows) get no row, as `ragged_dot` leaves
     rows past its groups."""
     flat, order, sizes_X = _sorted(experts_TK, num_experts)
@@ -70,60 +74,184 @@ def block_rows(experts_TK: jax.Array, num_experts: int, block: int | None = None
     N = -(-M // block) + num_experts
     slot_M = jnp.where(expert_M < num_experts, slot_M, N * block)
     pair_at = jnp.full((N * block,), M, jnp.int32).at[slot_M].set(order, mode="drop")
+    # past the last expert's blocks: num_experts, which `block_matmul` skips
     expert_N = jnp.searchsorted(ends_X, jnp.arange(N, dtype=jnp.int32) * block, side="right")
-    return ExpertRows(pair_at, jnp.minimum(expert_N, num_experts - 1).astype(jnp.int32))
+    return ExpertRows(pair_at, expert_N.astype(jnp.int32))
 
 
-def ragged_matmul(x_PE: jax.Array, w_XEF: jax.Array, sizes_X: jax.Array) -> jax.Array:
+def ragged_matmul(x_PE: jax.Array, w_XEF, sizes_X: jax.Array):
+    """x times each row's expert's kernel, by `jax.lax.ragged_dot`: [P, F]; a tuple of kernels
+    gives a tuple of outputs."""
+    if isinstance(w_XEF, tuple):
+        return tuple(jax.lax.ragged_dot(x_PE, w, sizes_X) for w in w_XEF)
     return jax.lax.ragged_dot(x_PE, w_XEF, sizes_X)
 
 
+def _used_blocks(expert_N: jax.Array, num_experts: int) -> jax.Array:
+    """How many leading blocks hold rows: the others carry the expert id `num_experts`."""
+    return jnp.sum(expert_N < num_experts)
+
+
+def block_matmul(x_PE: jax.Array, w_XEF, expert_N: jax.Array):
+    """Rows in blocks of P / N, block n times w[expert_N[n]]: [P, F] in x's dtype. Blocks whose
+    expert is X (past the last expert's, `block_rows`) are skipped and give zeros. A tuple of
+    kernels [X, E, F_i] (gate and up, which read the same rows) runs in one loop over the
+    blocks and gives a tuple of outputs."""
+    if isinstance(w_XEF, tuple):
+        return _blocks(x_PE, w_XEF, expert_N)
+    return _blocks(x_PE, (w_XEF,), expert_N)[0]
+
+
+def _blocks_f32(x_PE, expert_N):
+    """x as [N, B, E] float32 blocks. The loops run in float32 whatever the dtype: XLA:CPU
+    computes a bfloat16 dot in float32 anyway, and writing a bfloat16 block into a loop's
+    stacked output makes it convert the whole [N, B, F] output to float32 and back on every
+    block (N^2 traffic: 40% of the moe_bench step before this)."""
+    return x_PE.astype(jnp.float32).reshape(expert_N.shape[0], -1, x_PE.shape[-1])
+
+
 @jax.custom_vjp
-def block_matmul(x_PE: jax.Array, w_XEF: jax.Array, expert_N: jax.Array) -> jax.Array:
-    """Rows in blocks of P / N, block n times w[expert_N[n]]: [P, F]."""
-    N = expert_N.shape[0]
-    x_NBE = x_PE.reshape(N, -1, x_PE.shape[-1])
-    _, y_NBF = jax.lax.scan(lambda _, xs: (None, xs[0] @ w_XEF[xs[1]]), None, (x_NBE, expert_N))
-    return y_NBF.reshape(x_PE.shape[0], -1)
+def _blocks(x_PE: jax.Array, ws: tuple, expert_N: jax.Array) -> tuple:
+    X, N = ws[0].shape[0], expert_N.shape[0]
+    x_NBE = _blocks_f32(x_PE, expert_N)
+    ws32 = tuple(w.astype(jnp.float32) for w in ws)
+
+    def body(n, ys):
+        x_BE, e = x_NBE[n], expert_N[n]
+        return tuple(jax.lax.dynamic_update_index_in_dim(y, x_BE @ w[e], n, 0) for y, w in zip(ys, ws32))
+
+    ys = tuple(jnp.zeros((N, x_NBE.shape[1], w.shape[-1]), jnp.float32) for w in ws)
+    ys = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body, ys)
+    return tuple(y.reshape(x_PE.shape[0], -1).astype(x_PE.dtype) for y in ys)
 
 
-def _block_matmul_fwd(x_PE, w_XEF, expert_N):
-    return block_matmul(x_PE, w_XEF, expert_N), (x_PE, w_XEF, expert_N)
+def _blocks_fwd(x_PE, ws, expert_N):
+    return _blocks(x_PE, ws, expert_N), (x_PE, ws, expert_N)
 
 
-def _block_matmul_bwd(residuals, dy_PF):
-    """dx per block against its expert's kernel; dw accumulated per expert in float32 (a block's
-    x^T dy added to its expert's slice in place), cast to the kernel's dtype at the end."""
-    x_PE, w_XEF, expert_N = residuals
-    N = expert_N.shape[0]
+def _blocks_bwd(residuals, dys):
+    """dx per block against its expert's kernels; dw accumulated per expert in float32 (a
+    block's x^T dy added to its expert's slice in place), cast to the kernels' dtype at the end.
+    Only the used blocks run; the others' dx stay zeros."""
+    x_PE, ws, expert_N = residuals
+    X = ws[0].shape[0]
+    x_NBE = _blocks_f32(x_PE, expert_N)
+    dys = tuple(_blocks_f32(dy, expert_N) for dy in dys)
+    ws32 = tuple(w.astype(jnp.float32) for w in ws)
 
-    def body(dw_XEF, xs):
-        x_BE, dy_BF, e = xs
-        dx_BE = dy_BF @ w_XEF[e].T
-        update = dw_XEF[e] + jnp.einsum("BE,BF->EF", x_BE, dy_BF, preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_index_in_dim(dw_XEF, update, e, 0), dx_BE
+    def body(n, carry):
+        dx_NBE, dws = carry
+        e, x_BE = expert_N[n], x_NBE[n]
+        dx_BE = sum(dy[n] @ w[e].T for dy, w in zip(dys, ws32))
+        dws = tuple(jax.lax.dynamic_update_index_in_dim(dw, dw[e] + x_BE.T @ dy[n], e, 0) for dw, dy in zip(dws, dys))
+        return jax.lax.dynamic_update_index_in_dim(dx_NBE, dx_BE, n, 0), dws
 
-    dw_XEF, dx_NBE = jax.lax.scan(body, jnp.zeros(w_XEF.shape, jnp.float32),
-                                  (x_PE.reshape(N, -1, x_PE.shape[-1]), dy_PF.reshape(N, -1, dy_PF.shape[-1]),
-                                   expert_N))
-    return dx_NBE.reshape(x_PE.shape), dw_XEF.astype(w_XEF.dtype), None
+    dx_NBE, dws = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body,
+                                    (jnp.zeros_like(x_NBE), tuple(jnp.zeros(w.shape, jnp.float32) for w in ws)))
+    return dx_NBE.reshape(x_PE.shape).astype(x_PE.dtype), tuple(dw.astype(w.dtype) for dw, w in zip(dws, ws)), None
 
 
-block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+_blocks.defvjp(_blocks_fwd, _blocks_bwd)
+
+
+_GMM_TILE = 128  # rows a tile of the Pallas grouped matmul (megablox `gmm`)
+
+
+def _free_axes() -> tuple[str, ...]:
+    """The ambient mesh's axes not yet manual (a Mosaic kernel must run where all are)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return ()
+    return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes)
+
+
+def _row_shards() -> int:
+    mesh = jax.sharding.get_abstract_mesh()
+    return math.prod(mesh.shape[a] for a in _free_axes())
+
+
+def gmm_rows(experts_TK: jax.Array, num_experts: int) -> ExpertRows:
+    """The pairs sorted by expert, no padding between groups; P = T * K rounded up to whole
+    row tiles on each of the devices `gmm_matmul` splits the rows over; the rows past the
+    groups are empty (pair T * K)."""
+    _, order, sizes_X = _sorted(experts_TK, num_experts)
+    M = order.shape[0]
+    P = -(-M // (_GMM_TILE * _row_shards())) * _GMM_TILE * _row_shards()
+    # pairs of an expert >= num_experts (expert parallelism's padding) sort last, past the groups
+    pair_at = jnp.where(jnp.arange(M) < jnp.sum(sizes_X), order, M)
+    return ExpertRows(jnp.pad(pair_at, (0, P - M), constant_values=M), sizes_X)
+
+
+def _gmm_tiling(k: int, n: int) -> tuple[int, int, int]:
+    """(rows, contraction, output) tile sizes: 128-multiples up to 512 / 1024, as MaxText tiles
+    megablox (a width past the last whole tile is masked by the kernel)."""
+    def tile(d, largest):
+        return min(largest, d // 128 * 128)
+    return _GMM_TILE, tile(k, 512), tile(n, 1024)
+
+
+def _gmm_local(x_PE, w_XEF, sizes_X, interpret):
+    """One device's rows: megablox `gmm` (custom VJP: `gmm` for dx, `tgmm` for dw), the rows
+    past the groups (which it leaves unwritten) zeroed."""
+    from jax.experimental.pallas.ops.tpu.megablox import gmm  # Pallas TPU: imported when used
+
+    y_PF = gmm(x_PE, w_XEF.astype(x_PE.dtype), sizes_X, x_PE.dtype,
+               _gmm_tiling(x_PE.shape[-1], w_XEF.shape[-1]), interpret=interpret)
+    rows = jnp.arange(x_PE.shape[0])[:, None] < jnp.sum(sizes_X)
+    return jnp.where(rows, y_PF, jnp.zeros((), y_PF.dtype))
+
+
+def gmm_matmul(x_PE: jax.Array, w_XEF, sizes_X: jax.Array, *, interpret: bool = False):
+    """x times each row's expert's kernel by the TPU Pallas grouped matmul (megablox): [P, F]
+    in x's dtype; a tuple of kernels gives a tuple. Rows past the groups are zeros. Widths that
+    are not multiples of 128 (the kernel's lane tile) take `jax.lax.ragged_dot` instead.
+
+    A Mosaic kernel cannot be partitioned by XLA, so under a mesh it runs in a `shard_map`
+    over the axes not already manual: each device takes a contiguous slice of the sorted rows
+    (P / devices, whole tiles) and the groups' sizes within it, and the whole kernels (FSDP's
+    all-gather; their gradients summed back). interpret: Pallas interpret mode (CPU tests)."""
+    if isinstance(w_XEF, tuple):
+        return tuple(gmm_matmul(x_PE, w, sizes_X, interpret=interpret) for w in w_XEF)
+    if x_PE.shape[-1] % 128 or w_XEF.shape[-1] % 128:  # Mosaic tiles lanes by 128 (tiny test models)
+        return ragged_matmul(x_PE, w_XEF, sizes_X)
+    free = _free_axes()
+    if not free:
+        return _gmm_local(x_PE, w_XEF, sizes_X, interpret)
+
+    def local(x_PE, w_XEF, sizes_X):  # this device's rows [start, start + m)
+        m = x_PE.shape[0]
+        start = jax.lax.axis_index(free) * m
+        ends_X = jnp.cumsum(sizes_X)
+        inside_X = jnp.clip(ends_X - start, 0, m) - jnp.clip(ends_X - sizes_X - start, 0, m)
+        return _gmm_local(x_PE, w_XEF, inside_X.astype(jnp.int32), interpret)
+
+    rows = P(free)
+    return jax.shard_map(local, mesh=jax.sharding.get_abstract_mesh(), in_specs=(rows, P(), P()), out_specs=rows,
+                         axis_names=set(free), check_vma=False)(x_PE, w_XEF, sizes_X)
 
 
 # layout name -> (rows of the pairs, the grouped matmul over them)
 LAYOUTS = {
     "ragged": (ragged_rows, ragged_matmul),
     "blocks": (block_rows, block_matmul),
+    "gmm": (gmm_rows, gmm_matmul),
 }
+# "auto" by platform: the blocks on CPU (XLA:CPU lowers `ragged_dot` as a masked dense matmul
+# per group), the Pallas kernel on TPU, XLA's grouped matmul on GPU.
+_AUTO = {"cpu": "blocks", "tpu": "gmm"}
 
 
-def default_layout() -> str:
-    """"blocks" on CPU, "ragged" where XLA has a grouped-matmul emitter (TPU, GPU)."""
-    return "blocks" if jax.default_backend() == "cpu" else "ragged"
+def resolve(name: str = "auto", platform: str | None = None) -> str:
+    """The layout for `name` ("auto" or a key of LAYOUTS) on `platform` (default: the local
+    backend): "auto" is "blocks" on CPU, "gmm" on TPU, "ragged" elsewhere."""
+    if name == "auto":
+        return _AUTO.get(platform or jax.default_backend(), "ragged")
+    if name not in LAYOUTS:
+        raise ConfigError(f"model.moe_matmul={name!r} is not a grouped-matmul layout; use one of: auto, "
+                          f"{', '.join(LAYOUTS)}")
+    return name
 
 
 def layout(name: str | None = None):
-    """(rows, matmul) of a layout (`LAYOUTS`; None: `default_layout()`)."""
-    return LAYOUTS[name or default_layout()]
+    """(rows, matmul) of a layout (`LAYOUTS`; None or "auto": `resolve`'s pick here)."""
+    return LAYOUTS[resolve(name or "auto")]

@@ -79,8 +79,9 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
                      adapt=None):
     """sum over k of weights[t, k] * expert[experts[t, k]](x[t]) for gated-MLP experts, every
     pair computed: the T * K pairs grouped by expert, one grouped matmul per projection.
-    matmul: the rows' layout and matmul (`jaxft.models.grouped_matmul.LAYOUTS`; None: the
-    backend's default, "blocks" on CPU, "ragged" (`jax.lax.ragged_dot`) elsewhere).
+    matmul: the rows' layout and matmul (`jaxft.models.grouped_matmul.LAYOUTS`; None or "auto":
+    the backend's, "blocks" on CPU, "gmm" (the Pallas kernel) on TPU, "ragged" (`jax.lax.ragged_dot`)
+    elsewhere).
     biases: None, or (gate [X, F], up [X, F], down [X, E]) added to each row by its expert
     (gpt-oss). activation, limit, alpha: `jaxft.models.parts.gated`. adapt: None, or the
     experts' LoRA (`jaxft.models.lora.ExpertAdapters`): `adapt(name, rows, their base outputs,
@@ -91,21 +92,21 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     token_P = rows.pair_at // K  # T on a padding row: reads zeros, dropped when combined
     xs = jnp.take(x_TE, token_P, axis=0, mode="fill", fill_value=0)
 
-    def project(name, x_P, w):  # one grouped matmul, plus the rows' expert adapters
-        y_P = grouped(x_P, w, rows.groups)
+    def adapted(name, x_P, y_P):  # a projection's outputs plus the rows' expert adapters
         return y_P if adapt is None else adapt(name, x_P, y_P, grouped, rows.groups)
 
-    gate_h = project("gate_proj", xs, gate_XEF)
-    if biases is None and activation in ACTIVATIONS:  # act(gate) before up's matmul: the program as it was
-        h = ACTIVATIONS[activation](gate_h) * project("up_proj", xs, up_XEF)
+    # gate and up read the same rows: one grouped matmul of both kernels (one loop over blocks)
+    gate_h, up_h = grouped(xs, (gate_XEF, up_XEF), rows.groups)
+    gate_h, up_h = adapted("gate_proj", xs, gate_h), adapted("up_proj", xs, up_h)
+    if biases is None and activation in ACTIVATIONS:
+        h = ACTIVATIONS[activation](gate_h) * up_h
     else:
-        up_h = project("up_proj", xs, up_XEF)
         if biases is not None:  # each row's expert's bias (0 for an expert past X: expert parallelism's padding)
             expert_P = jnp.take(experts_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0)
             gate_h = gate_h + jnp.take(biases[0], expert_P, axis=0, mode="fill", fill_value=0)
             up_h = up_h + jnp.take(biases[1], expert_P, axis=0, mode="fill", fill_value=0)
         h = gated(activation, gate_h, up_h, limit=limit, alpha=alpha)
-    y = project("down_proj", h, down_XFE)
+    y = adapted("down_proj", h, grouped(h, down_XFE, rows.groups))
     if biases is not None:
         y = y + jnp.take(biases[2], expert_P, axis=0, mode="fill", fill_value=0)
     y = y * jnp.take(weights_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0).astype(y.dtype)[:, None]
@@ -154,6 +155,7 @@ class MoE(nnx.Module):
         self.logit_bias, self.expert_bias = cfg.router_logit_bias, cfg.expert_bias
         self.glu = (("limit", cfg.swiglu_limit), ("alpha", cfg.swiglu_alpha))
         self.k, self.normalize, self.activation = cfg.experts_per_token, cfg.norm_topk_prob, cfg.activation
+        self.matmul = cfg.moe_matmul  # the grouped matmuls' layout (grouped_matmul.resolve)
         self.routing = (("scoring", cfg.router_scoring), ("groups", cfg.router_groups),
                         ("topk_groups", cfg.router_topk_groups), ("scale", cfg.routed_scaling_factor))
         self.router_f32, self.router_bias = cfg.router_f32, cfg.router_bias
@@ -184,7 +186,7 @@ class MoE(nnx.Module):
         experts = over_mesh(dropless_experts)  # split over the mesh's expert axis when it has one
         y_TE = experts(x_TE, weights_TK.astype(dtype), experts_TK, kernel_value(self.gate_proj, dtype),
                        kernel_value(self.up_proj, dtype), kernel_value(self.down_proj, dtype),
-                       self.activation, biases=self._expert_biases(dtype), **dict(self.glu),
+                       self.activation, self.matmul, biases=self._expert_biases(dtype), **dict(self.glu),
                        adapt=lora.expert_adapters(self, self.lora, rng))
         if self.shared:
             act, dense = ACTIVATIONS[self.activation], functools.partial(self._shared, rng=rng)

@@ -278,6 +278,7 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     time through libtpu (RuntimeError if it is missing); GPU targets are analytic.
     """
     from jaxft.io.metrics import train_flops_per_token
+    from jaxft.models import grouped_matmul
     from jaxft.models.attention import resolve as resolve_attention
     from jaxft.parallel.sharding import MESH_AXES, axis_size, check_batch_divisibility, check_expert_divisibility
     from jaxft.parallel.sharding import make_mesh
@@ -286,7 +287,10 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     spec = get_target(target)
     cfg = plan_model_config(config)
     # model.attention "auto" picks by the local backend (this CPU): pick for the target instead.
-    cfg = cfg.replace(attention=resolve_attention(cfg.attention, "tpu" if spec.topology else "gpu"))
+    # So do the experts' grouped matmuls (model.moe_matmul "auto": the Pallas kernel on TPU).
+    platform = "tpu" if spec.topology else "gpu"
+    cfg = cfg.replace(attention=resolve_attention(cfg.attention, platform),
+                      moe_matmul=grouped_matmul.resolve(cfg.moe_matmul, platform))
     devices = topology_devices(spec) if spec.topology else list(range(spec.chips))
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
                      sequence=config.mesh.sequence, expert=config.mesh.expert)
@@ -300,6 +304,8 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     settings = dict(attention=cfg.attention, remat=cfg.remat, scan_layers=cfg.scan_layers,
                     param_dtype=jnp.dtype(cfg.param_dtype).name, compute_dtype=jnp.dtype(cfg.compute_dtype).name,
                     loss_chunk_size=loss_chunk_size(config, cfg), accumulate=config.optim.accumulate)
+    if cfg.num_experts:
+        settings.update(moe_matmul=cfg.moe_matmul)
     if cfg.lora is not None:
         from jaxft.models.from_config import base_quantization
 
