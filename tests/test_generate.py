@@ -190,3 +190,20 @@ def test_generate_text_chat_has_one_bos(monkeypatch):
     assert "<|user|>\nTom has 4 apples." in tok.decode(seen[2])
     # Plain strings without chat are tokenized as they are, with the tokenizer's one BOS.
     assert gen.encode_prompts(tok, ["Tom has"])[0] == tok("Tom has")["input_ids"]
+
+
+def test_bench_generate_compares_with_transformers_on_the_same_weights(capsys):
+    """`jaxft bench --generate --compare torch` on a 1-layer tiny model: both samplers decode the
+    left-padded batch of prompts of different lengths to the same greedy tokens, and the report
+    says tokens/s and their ratio."""
+    from jaxft import cli
+    from jaxft.perf.bench_generate import format_generate_bench, run_generate_bench
+
+    report = run_generate_bench(preset="tiny", layers=1, batch_size=3, new_tokens=5, prompt_length=12, rounds=1,
+                                compare=("torch",))
+    assert report["greedy_rows_equal"] == 3
+    assert report["config"]["prompt_lengths"] == [12, 9, 6]
+    assert report["ratio"] == pytest.approx(report["jaxft"]["tokens_per_sec"] / report["torch"]["tokens_per_sec"])
+    assert "jaxft / torch tokens/s" in format_generate_bench(report)
+    with pytest.raises(SystemExit, match="--compare 'tunix' with --generate: choose from torch"):
+        cli.main(["bench", "--generate", "--compare", "tunix"])

@@ -9,8 +9,8 @@ to N), greedily unless `temperature` > 0:
   jaxft   `jaxft.inference.sampler.sample_ids` (what `sample_completions`, `jaxft generate`
           and `jaxft eval` run): one batch of B rows, prefill + chunked `while_loop` decode.
   torch   `model.generate(input_ids, attention_mask, max_new_tokens=N, min_new_tokens=N)` on
-          the left-padded batch, under `torch.no_grad()`, with as many threads as this
-          process may use.
+          the left-padded batch, under `torch.no_grad()`, with 1 thread or as many as this
+          process may use, whichever is faster on a short probe (`_Torch.pick_threads`).
 Rounds alternate between the two and the best of each counts; tokens/s = B x N / seconds.
 The first jaxft call (compile + one run) and the first torch call are timed apart. With greedy
 decoding the report also says how many rows came out token for token alike.
@@ -66,8 +66,25 @@ class _Torch:
         torch.manual_seed(0)
         self.model = transformers.AutoModelForCausalLM.from_config(
             config, attn_implementation="sdpa", dtype=getattr(torch, dtype)).eval()
-        self.description = (f"transformers {transformers.__version__} / torch {torch.__version__}, "
-                            f"{type(self.model).__name__}, sdpa attention, {dtype}, {torch.get_num_threads()} threads")
+        self.describe = (f"transformers {transformers.__version__} / torch {torch.__version__}, "
+                         f"{type(self.model).__name__}, sdpa attention, {dtype}")
+        self.description, self.probe = f"{self.describe}, {torch.get_num_threads()} threads", {}
+
+    def pick_threads(self, prompts, *, temperature: float, new_tokens: int = 8) -> None:
+        """Runs with the faster of 1 thread and all cores, timed on `new_tokens`: on a busy CPU
+        PyTorch's OpenMP threads can wait on each other (2 threads measured 6-9x slower than 1
+        on this shared 2-core machine), and the comparison should be with its best."""
+        torch = self.torch
+        for threads in dict.fromkeys((1, _threads())):
+            torch.set_num_threads(threads)
+            start = time.perf_counter()
+            self.generate(prompts, new_tokens=new_tokens, temperature=temperature)
+            self.probe[threads] = time.perf_counter() - start
+        best = min(self.probe, key=self.probe.get)
+        torch.set_num_threads(best)
+        self.description = (f"{self.describe}, {best} thread{'s' * (best > 1)} (faster than "
+                            + ", ".join(f"{n}: {s:.1f} s" for n, s in self.probe.items() if n != best)
+                            + f" on {new_tokens} tokens)" if len(self.probe) > 1 else f"{self.describe}, {best} thread")
 
     def generate(self, prompts, *, new_tokens: int, temperature: float, seed: int = 0) -> np.ndarray:
         """[B, N] new tokens of the left-padded batch."""
@@ -136,7 +153,10 @@ def run_generate_bench(*, preset: str = "smollm2_135m", batch_size: int = 16, ne
     if torch_side is not None:
         start = time.perf_counter()
         torch_side.generate(prompts, new_tokens=2, temperature=temperature)  # warm-up
-        report["torch"] = {"first_call_s": time.perf_counter() - start, "library": torch_side.description}
+        first_call = time.perf_counter() - start
+        torch_side.pick_threads(prompts, temperature=temperature)
+        report["torch"] = {"first_call_s": first_call, "library": torch_side.description,
+                           "threads": torch_side.torch.get_num_threads(), "probe": torch_side.probe}
     best = {"jaxft": float("inf"), "torch": float("inf")}
     theirs = None
     for r in range(rounds):
