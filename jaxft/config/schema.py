@@ -157,7 +157,8 @@ class LoraSection:
     rslora: bool = key(False, "rank-stabilised scaling: alpha / sqrt(rank)")
     dropout: float = key(0.0, "on each adapter's input in training (PEFT's lora_dropout; TRL uses 0.05); [0, 1)")
     init_from: str = key("", "a PEFT adapter folder (adapter_config.json) to start from")
-    base_quantization: str = key("none", 'QLoRA: store the frozen base as "int8" or "nf4" (jaxft.models.quantize)')
+    base_quantization: str = key("none", 'QLoRA: store the frozen base as "int8" or "nf4", or an MoE\'s routed '
+                                 'experts as "mxfp4" (jaxft.models.quantize)')
 
 
 @dataclasses.dataclass(frozen=True)
