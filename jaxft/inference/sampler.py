@@ -54,6 +54,11 @@ from jaxft.parallel import sharding
 PROMPT_BUCKET = 32  # prompt lengths round up to this, so few prompt shapes ever compile
 CHUNK = 32  # decode steps between host checks (stop strings, progress, compaction)
 MAX_EOS_IDS = 8  # EOS ids travel in a fixed-size array (Llama 3 has 3, Qwen 2)
+# A scanned model is sampled with its layers unrolled (a copy of its params) up to this size: in
+# a scanned stack every decode step writes the whole stacked KV cache anew (scan's outputs are new
+# buffers); unrolled, each layer's cache is updated in place. smollm2_135m, 16 rows, 96 new
+# tokens on CPU: 136 against 87 tokens/s.
+UNROLL_MAX_BYTES = 2 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +229,42 @@ def _gather_rows(carry, lengths_R, keys_R, rows_S, *, cfg):
 # --- on the host -------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames="plan")
+def _unstack(values, plan):
+    return [values[k] if i < 0 else values[k][i] for k, i in plan]
+
+
+def sampling_split(model, *, unroll: bool | None = None):
+    """(graphdef, state, config) to sample with: the model's own, or for a scanned model (up to
+    UNROLL_MAX_BYTES of params, or whenever unroll=True) the same numbers as an unrolled model,
+    each layer's params sliced from the stack. Models with layer groups (Gemma 4), and layouts
+    this does not know (a leaf whose shape differs), stay as they are."""
+    from jaxft.models.hf import abstract_model
+
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    if not cfg.scan_layers or cfg.grouped_layers or cfg.layer_specs() is not None or unroll is False:
+        return graphdef, state, cfg
+    source = list(nnx.to_flat_state(state))
+    if unroll is None and sum(v.get_value().nbytes for _, v in source) > UNROLL_MAX_BYTES:
+        return graphdef, state, cfg
+    index = {path: k for k, (path, _) in enumerate(source)}
+    unrolled_cfg = cfg.replace(scan_layers=False)
+    unrolled_graphdef, abstract = nnx.split(abstract_model(unrolled_cfg))
+    target = list(nnx.to_flat_state(abstract))
+    plan = []  # per unrolled leaf: (its scanned leaf, the layer to take or -1)
+    for path, v in target:
+        layer = len(path) > 1 and path[0] == "layers" and isinstance(path[1], int)
+        k = index.get(("layers",) + path[2:] if layer else path)
+        shape = None if k is None else source[k][1].get_value().shape[1 if layer else 0:]
+        if shape != v.get_value().shape:
+            return graphdef, state, cfg
+        plan.append((k, path[1] if layer else -1))
+    values = _unstack([v.get_value() for _, v in source], tuple(plan))
+    state = nnx.from_flat_state([(path, v.replace(value=x)) for (path, v), x in zip(target, values)])
+    return unrolled_graphdef, state, unrolled_cfg
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -274,12 +315,14 @@ def sample_ids(
     chunk: int = CHUNK,
     mesh=None,
     progress: bool = False,
+    unroll: bool | None = None,
 ) -> list[list[list[int]]]:
     """Token-level sampler: out[i][j] = the new tokens of sample j of prompt i, every token
     sampled (through max_new_tokens, or as far as the row ran before it was stopped): rows are
     cut by the caller (`finish`). A row stops on device at its first token in `eos_ids`, and on
     the host between chunks when `stop_check(tokens so far)` is true. See the module docstring
-    for batching and seeds; `mesh` overrides the mesh the rows are split over."""
+    for batching and seeds; `mesh` overrides the mesh the rows are split over; `unroll`:
+    `sampling_split`'s (None = by size)."""
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if samples < 1 or batch_size < 1:
@@ -313,7 +356,7 @@ def sample_ids(
         per_batch += 1
     if len(units) <= per_batch and rows_multiple == 1:
         per_batch = len(units)  # a single small batch: no filler rows
-    graphdef, state = nnx.split(model)
+    graphdef, state, cfg = sampling_split(model, unroll=unroll)
     out: list[list[list[int] | None]] = [[None] * samples for _ in prompt_ids]
     bar = _progress_bar(len(prompt_ids) * samples * max_new_tokens) if progress else None
     with jax.set_mesh(run_mesh) if run_mesh is not None else contextlib.nullcontext():
@@ -327,7 +370,7 @@ def sample_ids(
                               [(seed + j) for u in batch for j in _group_seeds(u, group)], group=group,
                               max_new_tokens=max_new_tokens, eos_arr=eos_arr, stop_check=stop_check, knobs=knobs,
                               mode=mode, cache_dtype=cache_dtype, prompt_bucket=prompt_bucket, chunk=chunk,
-                              bar=bar, cfg=model.cfg, rows_multiple=rows_multiple, counted=[k < real and g < len(u.samples) for k, u in enumerate(batch)
+                              bar=bar, cfg=cfg, rows_multiple=rows_multiple, counted=[k < real and g < len(u.samples) for k, u in enumerate(batch)
                                                 for g in range(group)])
             for u_index, unit in enumerate(batch[:real]):
                 for g, j in enumerate(unit.samples):
@@ -482,7 +525,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | list[dict]], *,
       tokens); EOS: the tokenizer's and the model config's.
     batch_size: rows decoded together (prompts x samples; a prompt's samples share a prefill).
     progress: a tqdm bar with tokens/s. options: `sample_ids`'s cache_dtype, prompt_bucket,
-      chunk, mesh.
+      chunk, mesh, unroll.
     """
     from jaxft.inference.generate import encode_prompts
 
