@@ -118,6 +118,20 @@ def test_auto_picks_the_layout_of_the_platform_and_a_bad_name_names_the_key():
         gm.resolve("dense")
 
 
+def test_the_model_moe_matmul_key_reaches_the_model_and_a_bad_name_names_it():
+    import jaxft.config
+    from jaxft.data.from_config import load_bundled_tokenizer
+    from jaxft.models.from_config import model_config
+
+    def cfg(layout):
+        config = jaxft.config.load(str(ROOT / "configs/sft.py:tiny"), {"model.moe_matmul": layout})
+        return model_config(jaxft.config.typed(config), load_bundled_tokenizer())
+
+    assert cfg("ragged").moe_matmul == "ragged" and cfg("auto").moe_matmul == "auto"
+    with pytest.raises(ConfigError, match="model.moe_matmul='dense' is not a grouped-matmul layout"):
+        cfg("dense")
+
+
 @needs_libtpu
 def test_the_moe_sft_step_compiles_for_tpu_with_the_pallas_grouped_matmul(tmp_path, monkeypatch):
     """`jaxft plan` on a tiny Qwen3-MoE (8 experts, 2 per token) for v5p-8 (FSDP 4): "auto"

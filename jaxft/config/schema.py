@@ -35,6 +35,9 @@ class ModelSection:
     attention: str = key("auto", "attention kernel: auto (splash on TPU, cuDNN on GPU, blockwise elsewhere) | "
                          "reference | blockwise | xla | cudnn | splash")
     tokenizer: str = key("", "tokenizer folder; empty = model.path, or the bundled one for presets")
+    # jaxft.models.grouped_matmul
+    moe_matmul: str = key("auto", "mixture-of-experts grouped matmuls: auto (gmm on TPU, ragged on GPU, blocks on "
+                          "CPU) | ragged (jax.lax.ragged_dot) | gmm (the Pallas megablox kernel) | blocks")
 
 
 @dataclasses.dataclass(frozen=True)

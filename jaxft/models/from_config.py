@@ -11,6 +11,7 @@ from flax import nnx
 from jaxft.errors import ConfigError
 from jaxft.io.folders import check_model_folder
 from jaxft.models.adapters import init_adapters
+from jaxft.models import grouped_matmul
 from jaxft.models.attention import resolve
 from jaxft.models.config import ModelConfig, parse_dtype, read_hf_config
 from jaxft.models.hf import abstract_model, create_model, load_weights
@@ -46,10 +47,11 @@ def model_config(config, tokenizer) -> ModelConfig:
             "use the model's own tokenizer (model.tokenizer)"
         )
     resolve(config.model.attention)  # an unknown name fails here, naming model.attention
+    grouped_matmul.resolve(config.model.moe_matmul)  # and model.moe_matmul
     # A saved config older than a key reads the value its run had (jaxft.config.upgrade).
     return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=config.model.remat,
                        attention=config.model.attention, scan_layers=bool(config.model.scan_layers),
-                       lora=lora_spec(config))
+                       moe_matmul=config.model.moe_matmul, lora=lora_spec(config))
 
 
 def base_quantization(config) -> str:
