@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxft.errors import DataError
 from jaxft.inference import sampler
+from jaxft.inference.prompts import encode_prompts  # noqa: F401 (public name)
 from jaxft.inference.sampler import MAX_EOS_IDS, PROMPT_BUCKET, filter_logits  # noqa: F401 (public names)
 
 _filter_logits = filter_logits  # the name the tests and older callers use
@@ -89,31 +90,6 @@ def generate(
     rows = sampler.sample_ids(model, prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos,
                               batch_size=batch_size, **options)
     return [sampler.finish(row, eos_ids=eos).token_ids for (row,) in rows]
-
-
-def encode_prompts(
-    tokenizer, prompts: Sequence[str | list[dict]], *, chat: bool | None = None
-) -> list[list[int]]:
-    """Token ids for each prompt, ready for `generate`.
-
-    Message lists (and strings when `chat=True`, wrapped as one user message) go through the
-    tokenizer's chat template with the generation prompt. The template writes any BOS itself,
-    so the rendered text is tokenized with `add_special_tokens=False`: exactly one BOS.
-    Plain strings (`chat` None or False) are tokenized with the tokenizer's special tokens,
-    matching the data pipeline's `prompt_ids = tok(prompt)`.
-    """
-    ids = []
-    for i, prompt in enumerate(prompts):
-        is_messages = not isinstance(prompt, str)
-        if is_messages and chat is False:
-            raise DataError(f"prompt {i} is a message list but chat=False")
-        if is_messages or chat:
-            messages = prompt if is_messages else [{"role": "user", "content": prompt}]
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            ids.append(tokenizer(prompt)["input_ids"])
-    return ids
 
 
 def generate_text(

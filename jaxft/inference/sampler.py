@@ -514,7 +514,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | list[dict]], *,
                        batch_size: int = 16, progress: bool = False, **options) -> list[list[Completion]]:
     """completions[i][j]: sample j of prompt i, a `Completion`.
 
-    prompts: strings or message lists, encoded as `jaxft.inference.generate.encode_prompts`
+    prompts: strings or message lists, encoded as `jaxft.inference.prompts.encode_prompts`
       encodes them (`chat`: None = message lists through the chat template, strings raw).
     temperature 0 = greedy (the k samples are identical); else logits / temperature, filtered
       by top_k (0 = off) then top_p (1.0 = off), sampled with key fold_in(key(seed + j), t)
@@ -527,7 +527,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | list[dict]], *,
     progress: a tqdm bar with tokens/s. options: `sample_ids`'s cache_dtype, prompt_bucket,
       chunk, mesh, unroll.
     """
-    from jaxft.inference.generate import encode_prompts
+    from jaxft.inference.prompts import encode_prompts
 
     ids = encode_prompts(tokenizer, prompts, chat=chat)
     eos = _eos_ids(model, tokenizer)
