@@ -258,3 +258,13 @@ def test_unknown_task_and_samples_are_config_errors(tiny, tmp_path):
         get_benchmark("lm_eval:tiny_mc").run(model, tok, EvalSettings(samples=4))
     with pytest.raises(ConfigError, match="at least one task"):
         get_benchmark("lm_eval:")
+
+
+def test_jaxft_eval_checks_the_tasks_before_the_weights_load(tmp_path, monkeypatch):
+    """`jaxft eval --benchmark lm_eval:...` refuses what the run would refuse before loading the
+    model: here the folder holds no model at all, and the loader must never be reached."""
+    import jaxft.eval.folder as folder
+
+    monkeypatch.setattr(folder, "load_folder", lambda *a, **k: pytest.fail("loaded the weights first"))
+    with pytest.raises(ConfigError, match="--samples 4: lm_eval tasks set their own repeats"):
+        folder.evaluate_benchmark(str(tmp_path), "lm_eval:tiny_mc", EvalSettings(samples=4))

@@ -66,6 +66,8 @@ def evaluate_benchmark(model_dir: str, benchmark: str, settings=None, *, progres
     settings = settings or EvalSettings()
     bench = get_benchmark(benchmark)
     if not isinstance(bench, GenerationBenchmark):  # lm_eval:TASK reads its own data
+        if hasattr(bench, "check"):  # its task names and settings, before the weights load
+            bench.check(settings)
         model, tokenizer = load_folder(model_dir, flag="--model")
         result = bench.run(model, tokenizer, settings)
     else:

@@ -142,14 +142,19 @@ class LmEvalBenchmark:
     def name(self) -> str:
         return "lm_eval:" + ",".join(self.tasks)
 
+    def check(self, settings: EvalSettings):
+        """(TaskManager, task names) for `settings`, or the ConfigError a run would raise: `jaxft
+        eval` calls it before any weights load."""
+        if settings.samples != 1:
+            raise ConfigError(f"--samples {settings.samples}: lm_eval tasks set their own repeats; use --samples 1")
+        return task_manager(self.tasks, include_paths(settings.data), flag=self.name)
+
     def run(self, model, tokenizer, settings: EvalSettings) -> BenchmarkResult:
         import lm_eval
 
         from jaxft.eval.lm_model import JaxftLM
 
-        if settings.samples != 1:
-            raise ConfigError(f"--samples {settings.samples}: lm_eval tasks set their own repeats; use --samples 1")
-        manager, names = task_manager(self.tasks, include_paths(settings.data), flag=self.name)
+        manager, names = self.check(settings)
         lm = JaxftLM(model=model, tokenizer=tokenizer, batch_size=settings.batch_size, seed=settings.seed)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, limit=settings.limit,
