@@ -203,15 +203,9 @@ def test_repetition_reports_the_ratio_not_pass_at_k():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from jaxft.data.from_config import load_bundled_tokenizer
-    from jaxft.models import create_model, get_preset, save_hf
+    from tests.quickstart_subset import tiny_model_folder
 
-    tok = load_bundled_tokenizer()
-    cfg = get_preset("tiny").replace(num_layers=1, bos_token_id=tok.bos_token_id,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    folder = tmp_path_factory.mktemp("model")
-    save_hf(create_model(cfg, seed=1), folder, tokenizer=tok)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("model"))
 
 
 def test_eval_cli_writes_json_and_samples(model_dir, tmp_path, capsys):

@@ -9,17 +9,12 @@ from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.data.tokenize import load_examples
 from jaxft.eval.folder import evaluate_folder
 from jaxft.eval.likelihood import eval_loss, preference_eval
-from jaxft.models import create_model, get_preset, save_hf
+from tests.quickstart_subset import tiny_model_folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    tok = load_bundled_tokenizer()
-    cfg = get_preset("tiny").replace(num_layers=1, bos_token_id=tok.bos_token_id,
-                                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    folder = tmp_path_factory.mktemp("model")
-    save_hf(create_model(cfg, seed=1), folder, tokenizer=tok)
-    return folder
+    return tiny_model_folder(tmp_path_factory.mktemp("model"))
 
 
 def test_eval_loss_equals_hand_computation(model_dir, tmp_path):

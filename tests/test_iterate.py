@@ -9,8 +9,7 @@ from jaxft.config import load
 from jaxft.data.from_config import load_bundled_tokenizer
 from jaxft.errors import ConfigError
 from jaxft.iterate import rounds as rounds_lib
-from jaxft.models import create_model, get_preset, save_hf
-from tests.quickstart_subset import quickstart_head
+from tests.quickstart_subset import quickstart_head, tiny_model_folder
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "iterate.py")
 # A random model never answers right: the length term makes samples differ so pairs exist.
@@ -20,10 +19,7 @@ REWARDS = '[{"kind": "answer"}, {"kind": "length", "max_words": 2, "weight": 0.1
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("iterate")
-    tok = load_bundled_tokenizer()
-    cfg = get_preset("tiny").replace(num_layers=1, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                     pad_token_id=tok.pad_token_id)
-    save_hf(create_model(cfg, seed=1), tmp / "start", tokenizer=tok)
+    tiny_model_folder(tmp / "start")
     overrides = {"model.path": str(tmp / "start"), "iterate.prompts": str(quickstart_head(tmp, "sft_train.jsonl", 6)),
                  "iterate.eval_prompts": str(quickstart_head(tmp, "sft_eval.jsonl", 4)), "iterate.rounds": 2,
                  "iterate.samples": 3, "iterate.max_new_tokens": 6, "iterate.rewards": REWARDS,

@@ -63,7 +63,6 @@ def _bench(argv):
         lengths = [int(n) for n in a.lengths.split(",") if n.strip()]
     except ValueError:
         raise SystemExit(f"jaxft bench: --lengths {a.lengths!r} must be comma-separated integers") from None
-    import json
 
     from jaxft.perf.bench import format_bench, run_bench
     from jaxft.models.config import parse_dtype
@@ -73,22 +72,25 @@ def _bench(argv):
                        chunk_size=a.chunk_size, overrides=overrides, attention=a.attention, remat=a.remat,
                        compare=a.compare,
                        compute_dtype=parse_dtype(a.compute_dtype, key="--compute-dtype"), lora_rank=a.lora)
-    print(format_bench(report))
-    if a.json:
-        atomic.write_text(a.json, json.dumps(report, indent=2))
+    _report(format_bench(report), report, a.json)
+
+
+def _report(text: str, report: dict, json_path: str | None) -> None:
+    """Prints a bench's table; with --json also writes its numbers."""
+    import json
+
+    print(text)
+    if json_path:
+        atomic.write_text(json_path, json.dumps(report, indent=2))
 
 
 def _bench_generate(a):
-    import json
-
     from jaxft.perf.bench_generate import format_generate_bench, run_generate_bench
 
     report = run_generate_bench(preset=a.preset or "smollm2_135m", batch_size=a.batch_size or 16,
                                 new_tokens=a.new_tokens, prompt_length=a.prompt_length, rounds=a.rounds, dtype=a.dtype,
                                 temperature=a.temperature, layers=a.layers, compare=a.compare)
-    print(format_generate_bench(report))
-    if a.json:
-        atomic.write_text(a.json, json.dumps(report, indent=2))
+    _report(format_generate_bench(report), report, a.json)
 
 
 def _bench_iterate(argv):
@@ -100,14 +102,11 @@ def _bench_iterate(argv):
     a = p.parse_args(argv)
     if not config_args:
         raise SystemExit("jaxft bench --iterate: --config configs/iterate.py[:preset] --config.model.path=DIR is required")
-    import json
 
     from jaxft.perf.bench_iterate import format_iterate_bench, run_iterate_bench
 
     report = run_iterate_bench(_config_flags(config_args, "jaxft bench --iterate", workdir=False).config)
-    print(format_iterate_bench(report))
-    if a.json:
-        atomic.write_text(a.json, json.dumps(report, indent=2))
+    _report(format_iterate_bench(report), report, a.json)
 
 
 def _plan(argv):

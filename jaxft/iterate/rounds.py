@@ -36,8 +36,9 @@ from jaxft.rewards import make_reward, parse_rewards
 SAMPLE_CHUNK = 64  # prompts sampled (and saved) at a time
 
 
-def check_iterate_config(config) -> None:
-    """The iterate.* keys, named, before anything runs."""
+def check_iterate_config(config):
+    """The iterate.* keys, named, before anything runs; returns the reward they describe (built
+    once: a reward model loads its weights)."""
     it = typed(config).iterate
     model = typed(config).model
     problems = []
@@ -62,7 +63,7 @@ def check_iterate_config(config) -> None:
                         "from; iterate with lora.rank (LoRA, merged on export) or full fine-tuning")
     if problems:
         raise ConfigError("; ".join(problems))
-    make_reward(parse_rewards(it.rewards), key="iterate.rewards")  # unknown kinds, bad options
+    reward = make_reward(parse_rewards(it.rewards), key="iterate.rewards")  # unknown kinds, bad options
     # What each round's run would refuse, refused before the first sampling pass.
     from jaxft.config import validate
     from jaxft.parallel.sharding import check_batch_divisibility, mesh_from_config
@@ -78,6 +79,7 @@ def check_iterate_config(config) -> None:
         from jaxft.steps.optimizer import optimizer_from_config
 
         optimizer_from_config(typed_round.optim, typed_round.train.steps)
+    return reward
 
 
 def round_kind(it) -> str:
@@ -215,11 +217,10 @@ def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
     from jaxft.io.checkpoint import workdir_path
     from jaxft.run import run
 
-    check_iterate_config(config)
+    reward = check_iterate_config(config)
     it, cfg = typed(config).iterate, typed(config)
     workdir = workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    reward = make_reward(parse_rewards(it.rewards), key="iterate.rewards")
     prompts = read_prompt_records(it.prompts, "iterate.prompts")
     held_out = read_prompt_records(it.eval_prompts, "iterate.eval_prompts") if it.eval_prompts else None
     batch_size = max(1, cfg.data.eval_batch_size or cfg.train.batch_size)

@@ -37,7 +37,11 @@ def final_answer(completion: str) -> str | None:
 
 @register("answer")
 def answer():
-    return _per_completion(lambda r, c: float(final_answer(c) is not None and final_answer(c) == reference_answer(r)))
+    def score(record, completion):
+        got = final_answer(completion)
+        return float(got is not None and got == reference_answer(record))
+
+    return _per_completion(score)
 
 
 @register("regex")
