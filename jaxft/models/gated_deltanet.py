@@ -1,0 +1,205 @@
+"""Gated DeltaNet (Qwen3.5 / Qwen3-Next linear attention): its math as pure JAX functions.
+
+Legend: B batch, T time, C conv channels, W conv width, G query/key heads, H value heads
+(a multiple of G: each q/k head serves H // G consecutive value heads, as HF's
+repeat_interleave), K key head dim, V value head dim, N chunks, L chunk length.
+
+Per value head the state S [K, V] (HF's orientation) follows the gated delta rule (Yang et al.,
+"Gated Delta Networks", 2024):
+    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,      o_t = S_t^T q_t
+with q, k l2-normalized and q scaled by K**-0.5. `gated_delta_rule_reference` runs it a step at
+a time (decoding, and the tests' oracle); `gated_delta_rule` runs it a chunk at a time: within a
+chunk the L delta-rule updates are folded by the WY / UT transform into one unit-triangular
+solve and a few matmuls, and a `lax.scan` over chunks carries S, so cost and memory are linear
+in T.
+
+Packed rows (`segment_ids` [B, T], 0 = padding): the state starts from zero at each segment
+start (a nonzero id differing from the last nonzero id before it), so a packed row equals its
+segments run alone; padding neither reads nor writes the state (its output is 0) and the state
+carries across it unchanged. A row's first segment is no segment start: it continues
+`initial_state`, so a row split in two, the second half given the first's final state, equals
+the whole. `causal_conv1d` follows the same rule for its window of past inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS = {"silu": jax.nn.silu, None: lambda x: x}
+
+
+def run_ids(segment_ids, batch: int, length: int):
+    """[B, T] int32 run index: +1 at every segment start, a nonzero id differing from the last
+    nonzero id before it (the row's first segment continues the initial state; padding belongs to
+    the run before it). Two positions may share state iff their run ids are equal."""
+    if segment_ids is None:
+        return jnp.zeros((batch, length), jnp.int32)
+    if segment_ids.shape != (batch, length):
+        raise ValueError(f"segment_ids has shape {segment_ids.shape}; expected [B, T] = {(batch, length)}")
+    s = jnp.asarray(segment_ids, jnp.int32)
+    position = jnp.where(s != 0, jnp.arange(length, dtype=jnp.int32)[None], -1)
+    last = jax.lax.cummax(position, axis=1)  # the last nonzero position up to t (-1: none yet)
+    previous = jnp.take_along_axis(s, jnp.maximum(last[:, :-1], 0), axis=1)
+    starts = (s[:, 1:] != 0) & (last[:, :-1] >= 0) & (s[:, 1:] != previous)
+    return jnp.pad(jnp.cumsum(starts, axis=1, dtype=jnp.int32), ((0, 0), (1, 0)))
+
+
+def causal_conv1d(x, weight, *, segment_ids=None, window=None, activation="silu"):
+    """Depthwise causal convolution over time, y_t = act(sum_i weight[i] x_{t-W+1+i}).
+
+    x [B, T, C]; weight [W, C] (HF's conv1d.weight [C, 1, W] transposed); segment_ids [B, T] int
+    (0 = padding, read as zeros, as HF zeroes padding before its conv; a position never reads
+    inputs from before its segment's start); window
+    [B, W-1, C]: the W-1 inputs before x (the generation cache; None = zeros), read by the first
+    segment only. Accumulates in float32. Returns (y [B, T, C] in x's dtype, new_window
+    [B, W-1, C] = the last W-1 inputs of window ++ x).
+    """
+    B, T, C = x.shape
+    W = weight.shape[0]
+    if weight.shape != (W, C):
+        raise ValueError(f"conv weight has shape {weight.shape}; expected [W, C] with C = {C}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"conv activation {activation!r}: choose from {', '.join(map(str, ACTIVATIONS))}")
+    if window is None:
+        window = jnp.zeros((B, W - 1, C), x.dtype)
+    if segment_ids is not None:
+        x = jnp.where((jnp.asarray(segment_ids) != 0)[..., None], x, 0)
+    full = jnp.concatenate([window.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
+    runs = run_ids(segment_ids, B, T)
+    runs_full = jnp.pad(runs, ((0, 0), (W - 1, 0)))  # the window continues run 0
+    y = jnp.zeros((B, T, C), jnp.float32)
+    for i in range(W):  # tap i reads the input W-1-i steps back
+        same_run = (runs_full[:, i:i + T] == runs)[..., None]
+        y = y + jnp.where(same_run, full[:, i:i + T].astype(jnp.float32), 0.0) * weight[i].astype(jnp.float32)[None, None]
+    return ACTIVATIONS[activation](y).astype(x.dtype), full[:, T:]
+
+
+def _l2norm(x, eps: float = 1e-6):
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _prepare(q, k, v, g, beta, segment_ids, l2_normalize):
+    """float32 inputs with q, k repeated to H heads, normalized and scaled; g and beta zeroed on
+    padding (so it leaves the state as it is). Returns (q, k, v, g, beta, valid [B, T], runs [B, T])."""
+    B, T, G, K = q.shape
+    H = v.shape[2]
+    if k.shape != q.shape or v.shape[:2] != (B, T) or g.shape != (B, T, H) or beta.shape != (B, T, H):
+        raise ValueError(f"gated delta rule shapes: q {q.shape}, k {k.shape} [B, T, G, K]; v {v.shape} [B, T, H, V]; "
+                         f"g {g.shape}, beta {beta.shape} [B, T, H]")
+    if H % G:
+        raise ValueError(f"{H} value heads are not a multiple of {G} query/key heads")
+    q, k = (jnp.repeat(x.astype(jnp.float32), H // G, axis=2) for x in (q, k))
+    if l2_normalize:
+        q, k = _l2norm(q), _l2norm(k)
+    q = q * K ** -0.5
+    valid = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
+    g = jnp.where(valid[..., None], g.astype(jnp.float32), 0.0)
+    beta = jnp.where(valid[..., None], beta.astype(jnp.float32), 0.0)
+    return q, k, v.astype(jnp.float32), g, beta, valid, run_ids(segment_ids, B, T)
+
+
+def _initial_state(initial_state, B, H, K, V):
+    if initial_state is None:
+        return jnp.zeros((B, H, K, V), jnp.float32)
+    if initial_state.shape != (B, H, K, V):
+        raise ValueError(f"initial_state has shape {initial_state.shape}; expected [B, H, K, V] = {(B, H, K, V)}")
+    return initial_state.astype(jnp.float32)
+
+
+def gated_delta_rule_reference(q, k, v, g, beta, *, segment_ids=None, initial_state=None, l2_normalize=True):
+    """The gated delta rule a step at a time (`lax.scan` over T): decoding and the tests' oracle.
+
+    q, k [B, T, G, K]; v [B, T, H, V]; g [B, T, H] log decay (<= 0); beta [B, T, H];
+    segment_ids [B, T] (0 = padding); initial_state [B, H, K, V] or None. Returns
+    (out [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32).
+    """
+    B, T, _, K = q.shape
+    H, V = v.shape[2:]
+    out_dtype = q.dtype
+    q, k, v, g, beta, valid, runs = _prepare(q, k, v, g, beta, segment_ids, l2_normalize)
+    starts = jnp.pad(runs[:, 1:] != runs[:, :-1], ((0, 0), (1, 0)))
+
+    def step(S, x):  # S [B, H, K, V]
+        q_t, k_t, v_t, g_t, beta_t, start, ok = x
+        S = jnp.where(start[:, None, None, None], 0.0, S)
+        S = S * jnp.exp(g_t)[..., None, None]
+        delta = beta_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", S, k_t))
+        S = S + k_t[..., :, None] * delta[..., None, :]
+        o = jnp.where(ok[:, None, None], jnp.einsum("bhkv,bhk->bhv", S, q_t), 0.0)
+        return S, o
+
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, starts, valid))
+    S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)
+    return jnp.moveaxis(out, 0, 1).astype(out_dtype), S
+
+
+def _chunks(x, L):
+    """[B, T, H, ...] zero-padded to N*L and split: [B, H, N, L, ...]."""
+    B, T = x.shape[:2]
+    N = -(-T // L)
+    x = jnp.pad(x, [(0, 0), (0, N * L - T)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(B, N, L, *x.shape[2:])
+    return jnp.moveaxis(x, 3, 1) if x.ndim > 3 else x
+
+
+def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, chunk_size=64, l2_normalize=True):
+    """The gated delta rule a chunk at a time: the same numbers as `gated_delta_rule_reference`.
+
+    q, k [B, T, G, K]; v [B, T, H, V]; g [B, T, H] log decay (<= 0); beta [B, T, H];
+    segment_ids [B, T] (0 = padding); initial_state [B, H, K, V] or None; T any length (the last
+    chunk is padded with positions that leave the state as it is). Computes in float32; returns
+    (out [B, T, H, V] in q's dtype, final_state [B, H, K, V] float32).
+
+    Within a chunk, with gamma_i = sum of g over the chunk up to i and D_ij = exp(gamma_i - gamma_j)
+    for j <= i in the same run (0 otherwise), the corrections delta_i written to the state solve
+        (I + strictly_lower(beta_i k_i.k_j D_ij)) delta = beta v - beta exp(gamma) k S_0
+    so delta = U - W S_0, from one unit-lower-triangular solve per chunk done for all chunks at
+    once; the scan over chunks then needs only matmuls with S_0:
+        o = exp(gamma) q S_0 + (q k^T * D) delta,   S_L = exp(gamma_L) S_0 + (exp(gamma_L - gamma) k)^T delta.
+    Segment starts inside a chunk cut D and keep S_0 from the positions after them (masks, not a
+    large negative g, so the cumulative sums lose no precision).
+    """
+    B, T, _, K = q.shape
+    H, V = v.shape[2:]
+    out_dtype = q.dtype
+    q, k, v, g, beta, valid, runs = _prepare(q, k, v, g, beta, segment_ids, l2_normalize)
+    L = min(chunk_size, T)
+    q, k, v = (_chunks(x, L) for x in (q, k, v))  # [B, H, N, L, K|V]
+    g, beta = (_chunks(x, L) for x in (g, beta))  # [B, H, N, L]
+    N = q.shape[2]
+    # padded positions continue the last run: they are inert (g = beta = 0, out sliced off)
+    runs = jnp.pad(runs, ((0, 0), (0, N * L - T)), mode="edge").reshape(B, 1, N, L)
+    gamma = jnp.cumsum(g, axis=-1)  # [B, H, N, L]
+    # keeps[i]: position i still sees the state carried into its chunk (no segment start since)
+    before = jnp.pad(runs[..., :-1, -1:], ((0, 0), (0, 0), (1, 0), (0, 0)))  # run of the position before each chunk
+    keeps = runs == before
+    causal = jnp.tril(jnp.ones((1, 1, 1, L, L), bool))
+    eye = jnp.eye(L, dtype=bool)[None, None, None]
+    same = (runs[..., :, None] == runs[..., None, :]) & causal  # [B, 1, N, L, L]
+    diff = gamma[..., :, None] - gamma[..., None, :]
+    decay = jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)  # D [B, H, N, L, L]
+
+    kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
+    A = jnp.where(eye, 1.0, beta[..., None] * kk * decay)  # unit lower triangular
+    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gamma) * keeps)[..., None] * k], axis=-1)
+    UW = jax.lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)
+    U, W = UW[..., :V], UW[..., V:]
+    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * decay
+    q_state = q * (jnp.exp(gamma) * keeps)[..., None]
+    last_run = runs[..., :, -1:] == runs  # [B, 1, N, L]: positions in the run the chunk ends in
+    k_state = k * jnp.where(last_run, jnp.exp(jnp.where(last_run, gamma[..., -1:] - gamma, 0.0)), 0.0)[..., None]
+    carry = (jnp.exp(gamma[..., -1]) * keeps[..., -1])[..., None, None]  # [B, H, N, 1, 1]
+
+    def step(S, x):  # S [B, H, K, V]
+        U, W, attn, q_state, k_state, carry = x
+        delta = U - W @ S
+        o = q_state @ S + attn @ delta
+        return carry * S + jnp.swapaxes(k_state, -1, -2) @ delta, o
+
+    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (U, W, attn, q_state, k_state, carry))
+    S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)  # out [N, B, H, L, V]
+    out = jnp.moveaxis(out, 0, 2).reshape(B, H, N * L, V)[:, :, :T]
+    out = jnp.where(valid[:, None, :, None], out, 0.0)
+    return jnp.moveaxis(out, 1, 2).astype(out_dtype), S
+
