@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 
 from jaxft import config as config_lib
-from jaxft.data.from_config import eval_data, load_tokenizer, train_data
+from jaxft.data.from_config import load_tokenizer
 from jaxft.io import checkpoint, folders, lock
 from jaxft.io.export import export_run
 from jaxft.io.metrics import MetricsWriter
@@ -63,8 +63,9 @@ def run(config, workdir: str | Path, *, kind: str = "sft", export: bool = True, 
     """Trains (or resumes) a run in `workdir`; returns the logged metrics and export folder.
     hooks: extra `jaxft.loop.Hook`s (e.g. `Hook(fn, every=100)`), run after the built-in ones."""
     # Config errors first, before anything is written to the workdir.
-    task_type = get_task(kind)
+    get_task(kind)  # an unknown kind, named before the config is read
     config = config_lib.validate(config)  # the typed, frozen Config from here on (jaxft.config.schema)
+    task_type = get_task(kind, config)  # dpo.online: online DPO
     task_type.validate(config)
     # Nothing is written before this: a model, export, dataset or foreign folder is refused.
     folders.check_workdir(workdir, config)
@@ -105,8 +106,7 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool,
     tokenizer = load_tokenizer(config)
     model_cfg = model_config(config, tokenizer)
     check_expert_divisibility(model_cfg.num_experts, mesh)
-    train = train_data(config, tokenizer, kind=kind, workdir=workdir)
-    held_out = eval_data(config, tokenizer, kind=kind, workdir=workdir)
+    train, held_out = task_type.load_data(config, tokenizer, kind=kind, workdir=workdir)
     steps, length = run_length(config, train)
     log.info("run length: %s", length)
     tx, schedule = optimizer_from_config(config.optim, steps)

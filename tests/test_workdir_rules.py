@@ -229,9 +229,10 @@ REFUSED_VALUES = [
 ]
 # Numeric keys the task checks (dpo.*) or that take any value.
 # iterate.*: `jaxft iterate` checks them (jaxft.iterate.rounds.check_iterate_config; tests/test_iterate.py).
+# dpo.online_*: online DPO's task (jaxft.tasks.online_dpo.online_problem; tests/test_online_dpo.py): 0 refused.
 CHECKED_ELSEWHERE = {"dpo.beta", "dpo.label_smoothing", "train.seed", "iterate.rounds", "iterate.samples",
                      "iterate.prompts_per_round", "iterate.temperature", "iterate.top_p", "iterate.max_new_tokens",
-                     "iterate.min_margin"}
+                     "iterate.min_margin", "dpo.online_max_new_tokens", "dpo.online_temperature"}
 
 
 def _numeric_keys(tree, prefix=""):

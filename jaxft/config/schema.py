@@ -175,6 +175,15 @@ class DpoSection:
     f_divergence_type: str = key("reverse_kl", "the f-divergence of f-DPO")
     reference: str = key("policy", '"policy" (initial weights) | HF folder | "none"')
     precompute_reference: bool = key(False, "compute the reference's log-probs once before training")
+    # jaxft.tasks.online_dpo (docs/dpo.md, "Online DPO"), TRL's OnlineDPOTrainer.
+    online: bool = key(False, "online DPO: data.train holds prompt records; each step samples two completions of "
+                       "each prompt with the current weights, scores them with dpo.online_rewards and trains on "
+                       "the pair (higher reward chosen; tied pairs are skipped and counted)")
+    online_rewards: str = key("", 'with dpo.online: the rewards, as iterate.rewards ("KIND[:WEIGHT],..." or a JSON '
+                              'list of {"kind", "weight", options}); needed')
+    online_max_new_tokens: int = key(64, "with dpo.online: tokens sampled per completion at most; >= 1, and "
+                                     "below data.max_length (the prompt takes the rest)")
+    online_temperature: float = key(0.9, "with dpo.online: the sampling temperature; > 0 (TRL's default 0.9)")
 
 
 @dataclasses.dataclass(frozen=True)

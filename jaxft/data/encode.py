@@ -113,6 +113,18 @@ class Encoder:
             mask = [0] + [1] * (len(ids) - 1)
         return ids, mask, prompt_len
 
+    def prompt(self, prompt: str | list, location: str, tools: list[dict] | None = None) -> list[int]:
+        """The token ids `sequence` gives a prompt (the tokens before its completion): a string
+        with the tokenizer's leading special tokens, messages under the chat template with the
+        generation prompt. What a sampler continues (online DPO)."""
+        if isinstance(prompt, list):
+            if not self.has_template:
+                raise NoChatTemplateError(
+                    location, "this record is conversational but the tokenizer has no chat template; "
+                              "use a tokenizer that has one (model.tokenizer) or set data.chat_template")
+            return self._render(prompt, True, location, tools)
+        return self.prefix + self.encode(prompt)
+
     def text(self, text: str) -> tuple[list[int], list[int], int]:
         ids = self._with_eos(self.prefix + self.encode(text))
         return ids, [0] + [1] * (len(ids) - 1), 1

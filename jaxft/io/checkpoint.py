@@ -38,7 +38,7 @@ UNRESTORABLE_SUBDIR = "checkpoints_unrestorable"
 RESUME_KEYS = (
     "model.path", "model.preset", "model.dtype", "data.train", "data.format", "data.max_length",
     "data.packing", "data.truncation", "data.completion_only_loss", "train.batch_size",
-    "train.seed", "dpo.reference", "dpo.loss_type",
+    "train.seed", "dpo.reference", "dpo.loss_type", "dpo.online",
     "lora.rank", "lora.alpha", "lora.targets", "lora.rslora", "lora.base_quantization",
 )
 
@@ -51,6 +51,8 @@ SCHEDULE_KEYS = (
     "train.steps", "train.epochs", "dpo.beta", "dpo.label_smoothing", "dpo.loss_weights",
     "dpo.f_divergence_type", "model.compute_dtype", "lora.dropout", "train.router_aux_loss_coef",
     "train.router_z_loss_coef", "train.router_bias_update_rate",
+    # online DPO's sampling and rewards: the pairs from the resumed step on
+    "dpo.online_rewards", "dpo.online_max_new_tokens", "dpo.online_temperature",
 )
 
 # Keys that may change on resume and do not count as a change (logged at info level): what is

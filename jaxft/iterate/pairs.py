@@ -7,22 +7,10 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxft.data.prompts import prompt_of
 from jaxft.errors import ConfigError
 
 PAIR_MODES = ("best_worst", "sft")
-
-
-def prompt_of(record: dict):
-    """A prompt record's prompt: "prompt" (a string or messages), else "messages" without
-    trailing assistant turns (an SFT or eval record's reference answer is not part of it)."""
-    if "prompt" in record:
-        return record["prompt"]
-    messages = list(record.get("messages") or [])
-    while messages and messages[-1].get("role") == "assistant":
-        messages.pop()
-    if not messages:
-        raise ValueError(f"a prompt record needs 'prompt' or 'messages'; this one has {sorted(record)}")
-    return messages
 
 
 def _answer(prompt, completion: str):

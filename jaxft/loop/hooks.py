@@ -152,9 +152,12 @@ class Window:
         # Averages over the steps since the last log (as TRL does); the rate is the current one.
         row = {k: float(v) / self.steps for k, v in jax.device_get(self.sums).items() if k != "skipped"}
         row["learning_rate"] = float(metrics["learning_rate"])
-        row["tokens_per_sec"] = (last.real_tokens - self.tokens_at_start) / elapsed
+        # A step that builds its own batch (online DPO samples it) reports its real tokens and
+        # padding; the others' come from the data iterator.
+        tokens = row.pop("real_tokens") * self.steps if "real_tokens" in row else last.real_tokens - self.tokens_at_start
+        row["tokens_per_sec"] = tokens / elapsed
         row["step_time"] = elapsed / self.steps
-        row["padding_fraction"] = last.padding_fraction
+        row.setdefault("padding_fraction", last.padding_fraction)
         row["epoch"] = float(last.epoch)
         if self.peak:
             flops = train_flops_per_token(self.model_config, last.length) * row["tokens_per_sec"]

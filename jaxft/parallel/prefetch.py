@@ -34,10 +34,16 @@ class _Failed:
 
 
 def prepare(data, mesh) -> Prepared:
-    """The next batch of `data` (a `BatchIterator`), global on `mesh`."""
+    """The next batch of `data` (a `BatchIterator`), global on `mesh`. An iterator with its own
+    `device_batch(host, mesh) -> (batch, row length)` says what its step takes (online DPO's
+    prompts stay on the host: the step samples its pairs from them)."""
     host = next(data)
-    return Prepared(to_global(host, mesh), int(host.tokens.shape[1]), data.get_state(), data.real_tokens,
-                    float(data.padding_fraction), int(data.epoch))
+    if hasattr(data, "device_batch"):
+        batch, length = data.device_batch(host, mesh)
+    else:
+        batch, length = to_global(host, mesh), int(host.tokens.shape[1])
+    return Prepared(batch, length, data.get_state(), data.real_tokens, float(data.padding_fraction),
+                    int(data.epoch))
 
 
 class Prefetcher:

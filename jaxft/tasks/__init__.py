@@ -7,6 +7,7 @@ Adding a method: a file with a `Task` subclass (see `base.py`) and one line here
 from jaxft.errors import ConfigError
 from jaxft.tasks.base import RunContext, StepSetup, Task, TrainStep
 from jaxft.tasks.dpo import DPO
+from jaxft.tasks.online_dpo import OnlineDPO
 from jaxft.tasks.sft import SFT
 
 TASKS: dict[str, type[Task]] = {
@@ -15,9 +16,13 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def get_task(kind: str) -> type[Task]:
+def get_task(kind: str, config=None) -> type[Task]:
+    """TASKS[kind], or the variant `config` asks for (dpo.online: `OnlineDPO`, the DPO step on
+    pairs it samples itself)."""
     if kind not in TASKS:
         raise ConfigError(f"unknown training kind {kind!r}; choose one of {', '.join(TASKS)}")
+    if kind == "dpo" and config is not None and config.dpo.online:
+        return OnlineDPO
     return TASKS[kind]
 
 

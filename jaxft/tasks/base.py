@@ -118,6 +118,15 @@ class Task(abc.ABC):
         """Method-specific config checks, before anything is loaded (raise naming the key)."""
 
     @classmethod
+    def load_data(cls, config, tokenizer, *, kind: str, workdir) -> tuple[Any, Any]:
+        """(this host's train iterator, its eval batches or None) for `config`: data.train and
+        data.eval tokenised as `kind`'s records (`jaxft.data.from_config`)."""
+        from jaxft.data.from_config import eval_data, train_data
+
+        return (train_data(config, tokenizer, kind=kind, workdir=workdir),
+                eval_data(config, tokenizer, kind=kind, workdir=workdir))
+
+    @classmethod
     def rows_per_example(cls, config) -> int:
         """Device rows one training example occupies (for the batch divisibility check)."""
         return 1
