@@ -23,6 +23,8 @@ the whole. `causal_conv1d` follows the same rule for its window of past inputs.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -79,24 +81,33 @@ def _l2norm(x, eps: float = 1e-6):
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
 
 
-def _prepare(q, k, v, g, beta, segment_ids, l2_normalize):
-    """float32 inputs with q, k repeated to H heads, normalized and scaled; g and beta zeroed on
-    padding (so it leaves the state as it is). Returns (q, k, v, g, beta, valid [B, T], runs [B, T])."""
-    B, T, G, K = q.shape
+def _check_shapes(q, k, v, g, beta):
+    B, T, G, _ = q.shape
     H = v.shape[2]
     if k.shape != q.shape or v.shape[:2] != (B, T) or g.shape != (B, T, H) or beta.shape != (B, T, H):
         raise ValueError(f"gated delta rule shapes: q {q.shape}, k {k.shape} [B, T, G, K]; v {v.shape} [B, T, H, V]; "
                          f"g {g.shape}, beta {beta.shape} [B, T, H]")
     if H % G:
         raise ValueError(f"{H} value heads are not a multiple of {G} query/key heads")
-    q, k = (jnp.repeat(x.astype(jnp.float32), H // G, axis=2) for x in (q, k))
+
+
+def _heads(q, k, H, l2_normalize):
+    """q, k [..., G, K] -> float32 [..., H, K]: l2-normalized (if asked), q scaled by K**-0.5, each
+    head repeated for its H // G value heads."""
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if l2_normalize:
         q, k = _l2norm(q), _l2norm(k)
-    q = q * K ** -0.5
-    valid = jnp.ones((B, T), bool) if segment_ids is None else segment_ids != 0
+    q = q * q.shape[-1] ** -0.5
+    return tuple(jnp.repeat(x, H // x.shape[-2], axis=-2) for x in (q, k))
+
+
+def _gates(g, beta, segment_ids):
+    """float32 g, beta [B, T, H], zeroed on padding (so it leaves the state as it is); valid [B, T]; run ids [B, T]."""
+    B, T, _ = g.shape
+    valid = jnp.ones((B, T), bool) if segment_ids is None else jnp.asarray(segment_ids) != 0
     g = jnp.where(valid[..., None], g.astype(jnp.float32), 0.0)
     beta = jnp.where(valid[..., None], beta.astype(jnp.float32), 0.0)
-    return q, k, v.astype(jnp.float32), g, beta, valid, run_ids(segment_ids, B, T)
+    return g, beta, valid, run_ids(segment_ids, B, T)
 
 
 def _initial_state(initial_state, B, H, K, V):
@@ -117,7 +128,10 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, segment_ids=None, initial_st
     B, T, _, K = q.shape
     H, V = v.shape[2:]
     out_dtype = q.dtype
-    q, k, v, g, beta, valid, runs = _prepare(q, k, v, g, beta, segment_ids, l2_normalize)
+    _check_shapes(q, k, v, g, beta)
+    q, k = _heads(q, k, H, l2_normalize)
+    g, beta, valid, runs = _gates(g, beta, segment_ids)
+    v = v.astype(jnp.float32)
     starts = jnp.pad(runs[:, 1:] != runs[:, :-1], ((0, 0), (1, 0)))
 
     def step(S, x):  # S [B, H, K, V]
@@ -135,12 +149,62 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, segment_ids=None, initial_st
 
 
 def _chunks(x, L):
-    """[B, T, H, ...] zero-padded to N*L and split: [B, H, N, L, ...]."""
+    """[B, T, ...] zero-padded to N*L and split, chunks first: [N, B, L, ...] (for B = 1 no copy
+    but the padding)."""
     B, T = x.shape[:2]
     N = -(-T // L)
     x = jnp.pad(x, [(0, 0), (0, N * L - T)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(B, N, L, *x.shape[2:])
-    return jnp.moveaxis(x, 3, 1) if x.ndim > 3 else x
+    return jnp.moveaxis(x.reshape(B, N, L, *x.shape[2:]), 1, 0)
+
+
+def _unit_lower_inverse(N, leaf: int = 16):
+    """(I + N)^-1 for strictly lower triangular N [..., L, L], by halves,
+        [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]],
+    down to blocks of `leaf`, where N is nilpotent: (I + N)^-1 = (I - N)(I + N^2)(I + N^4)...
+    Matmuls only (XLA:CPU runs a batched triangular solve 4x slower); about L^2 (L/3 + 6 leaf) flops."""
+    L = N.shape[-1]
+    if L > leaf:
+        h = L // 2
+        top, bottom = _unit_lower_inverse(N[..., :h, :h], leaf), _unit_lower_inverse(N[..., h:, h:], leaf)
+        corner = -bottom @ (N[..., h:, :h] @ top)
+        zeros = jnp.zeros(N.shape[:-2] + (h, L - h), N.dtype)
+        return jnp.concatenate([jnp.concatenate([top, zeros], -1), jnp.concatenate([corner, bottom], -1)], -2)
+    M = -N
+    inverse = jnp.eye(L, dtype=N.dtype).reshape((1,) * (N.ndim - 2) + (L, L)) + M
+    for _ in range(max(L - 1, 1).bit_length() - 1):
+        M = M @ M
+        inverse = inverse + inverse @ M
+    return inverse
+
+
+def _chunk_step(S, chunk, *, l2_normalize, out_dtype):
+    """One chunk of the gated delta rule from the state S [B, H, K, V] carried into it.
+
+    chunk, as the caller gave it (normalized and laid out here, in cache): q, k [B, L, G, K];
+    v [B, L, H, V]; g, beta [B, L, H]; runs [B, L] (run ids); before [B] (the run of the position
+    before the chunk). Returns (S after it, out [B, L, H, V] in out_dtype).
+    """
+    q, k, v, g, beta, runs, before = chunk
+    H, L = v.shape[2], v.shape[1]
+    q, k = (jnp.swapaxes(x, 1, 2) for x in _heads(q, k, H, l2_normalize))  # [B, H, L, K]
+    v = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
+    g, beta = jnp.swapaxes(g, 1, 2), jnp.swapaxes(beta, 1, 2)  # [B, H, L]
+    runs, before = runs[:, None], before[:, None, None]
+    gamma = jnp.cumsum(g, axis=-1)  # log decay from the chunk's start, [B, H, L]
+    keeps = (runs == before).astype(jnp.float32)  # still in the run the carried state belongs to
+    causal = jnp.tril(jnp.ones((1, 1, L, L), bool))
+    same = (runs[..., :, None] == runs[..., None, :]) & causal  # [B, 1, L, L]
+    # D_ij = exp(gamma_i - gamma_j) within a run, j <= i; the inner where keeps exp finite (and its gradient)
+    decay = jnp.where(same, jnp.exp(jnp.where(same, gamma[..., :, None] - gamma[..., None, :], 0.0)), 0.0)
+    strictly_lower = jnp.tril(beta[..., :, None] * (k @ jnp.swapaxes(k, -1, -2)) * decay, -1)
+    k_read = k * (beta * jnp.exp(gamma) * keeps)[..., None]  # how each position reads S
+    delta = _unit_lower_inverse(strictly_lower) @ (beta[..., None] * v - k_read @ S)
+    attn = (q @ jnp.swapaxes(k, -1, -2)) * decay
+    out = (q * (jnp.exp(gamma) * keeps)[..., None]) @ S + attn @ delta
+    last = runs[..., -1:] == runs  # [B, 1, L]: positions in the run the chunk ends in
+    k_write = k * jnp.where(last, jnp.exp(jnp.where(last, gamma[..., -1:] - gamma, 0.0)), 0.0)[..., None]
+    carry = (jnp.exp(gamma[..., -1:]) * keeps[..., -1:])[..., None]  # [B, H, 1, 1]
+    return carry * S + jnp.swapaxes(k_write, -1, -2) @ delta, jnp.swapaxes(out, 1, 2).astype(out_dtype)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, chunk_size=64, l2_normalize=True):
@@ -154,52 +218,25 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, 
     Within a chunk, with gamma_i = sum of g over the chunk up to i and D_ij = exp(gamma_i - gamma_j)
     for j <= i in the same run (0 otherwise), the corrections delta_i written to the state solve
         (I + strictly_lower(beta_i k_i.k_j D_ij)) delta = beta v - beta exp(gamma) k S_0
-    so delta = U - W S_0, from one unit-lower-triangular solve per chunk done for all chunks at
-    once; the scan over chunks then needs only matmuls with S_0:
+    (the WY / UT form), so a chunk costs a few matmuls with S_0:
         o = exp(gamma) q S_0 + (q k^T * D) delta,   S_L = exp(gamma_L) S_0 + (exp(gamma_L - gamma) k)^T delta.
-    Segment starts inside a chunk cut D and keep S_0 from the positions after them (masks, not a
-    large negative g, so the cumulative sums lose no precision).
+    A `lax.scan` runs the chunks, each whole inside the scan's body so its [L, L] and [L, D]
+    intermediates stay in cache. Segment starts inside a chunk cut D and keep S_0 from the
+    positions after them (masks, not a large negative g, so the cumulative sums lose no precision).
     """
     B, T, _, K = q.shape
     H, V = v.shape[2:]
-    out_dtype = q.dtype
-    q, k, v, g, beta, valid, runs = _prepare(q, k, v, g, beta, segment_ids, l2_normalize)
+    _check_shapes(q, k, v, g, beta)
+    g, beta, valid, runs = _gates(g, beta, segment_ids)
     L = min(chunk_size, T)
-    q, k, v = (_chunks(x, L) for x in (q, k, v))  # [B, H, N, L, K|V]
-    g, beta = (_chunks(x, L) for x in (g, beta))  # [B, H, N, L]
-    N = q.shape[2]
+    N = -(-T // L)
     # padded positions continue the last run: they are inert (g = beta = 0, out sliced off)
-    runs = jnp.pad(runs, ((0, 0), (0, N * L - T)), mode="edge").reshape(B, 1, N, L)
-    gamma = jnp.cumsum(g, axis=-1)  # [B, H, N, L]
-    # keeps[i]: position i still sees the state carried into its chunk (no segment start since)
-    before = jnp.pad(runs[..., :-1, -1:], ((0, 0), (0, 0), (1, 0), (0, 0)))  # run of the position before each chunk
-    keeps = runs == before
-    causal = jnp.tril(jnp.ones((1, 1, 1, L, L), bool))
-    eye = jnp.eye(L, dtype=bool)[None, None, None]
-    same = (runs[..., :, None] == runs[..., None, :]) & causal  # [B, 1, N, L, L]
-    diff = gamma[..., :, None] - gamma[..., None, :]
-    decay = jnp.where(same, jnp.exp(jnp.where(same, diff, 0.0)), 0.0)  # D [B, H, N, L, L]
-
-    kk = jnp.einsum("bhnik,bhnjk->bhnij", k, k)
-    A = jnp.where(eye, 1.0, beta[..., None] * kk * decay)  # unit lower triangular
-    rhs = jnp.concatenate([beta[..., None] * v, (beta * jnp.exp(gamma) * keeps)[..., None] * k], axis=-1)
-    UW = jax.lax.linalg.triangular_solve(A, rhs, left_side=True, lower=True, unit_diagonal=True)
-    U, W = UW[..., :V], UW[..., V:]
-    attn = jnp.einsum("bhnik,bhnjk->bhnij", q, k) * decay
-    q_state = q * (jnp.exp(gamma) * keeps)[..., None]
-    last_run = runs[..., :, -1:] == runs  # [B, 1, N, L]: positions in the run the chunk ends in
-    k_state = k * jnp.where(last_run, jnp.exp(jnp.where(last_run, gamma[..., -1:] - gamma, 0.0)), 0.0)[..., None]
-    carry = (jnp.exp(gamma[..., -1]) * keeps[..., -1])[..., None, None]  # [B, H, N, 1, 1]
-
-    def step(S, x):  # S [B, H, K, V]
-        U, W, attn, q_state, k_state, carry = x
-        delta = U - W @ S
-        o = q_state @ S + attn @ delta
-        return carry * S + jnp.swapaxes(k_state, -1, -2) @ delta, o
-
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (U, W, attn, q_state, k_state, carry))
-    S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)  # out [N, B, H, L, V]
-    out = jnp.moveaxis(out, 0, 2).reshape(B, H, N * L, V)[:, :, :T]
-    out = jnp.where(valid[:, None, :, None], out, 0.0)
-    return jnp.moveaxis(out, 1, 2).astype(out_dtype), S
-
+    runs = jnp.pad(runs, ((0, 0), (0, N * L - T)), mode="edge")
+    chunks = tuple(_chunks(x, L) for x in (q, k, v, g, beta, runs))  # [N, B, L, ...]
+    before = jnp.pad(chunks[-1][:-1, :, -1], ((1, 0), (0, 0)))  # [N, B]
+    step = functools.partial(_chunk_step, l2_normalize=l2_normalize, out_dtype=q.dtype)
+    S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), chunks + (before,))
+    out = jnp.moveaxis(out, 0, 1).reshape(B, N * L, H, V)[:, :T]
+    if segment_ids is not None:
+        out = jnp.where(valid[..., None, None], out, 0)
+    return out, S
