@@ -235,6 +235,7 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, 
     chunks = tuple(_chunks(x, L) for x in (q, k, v, g, beta, runs))  # [N, B, L, ...]
     before = jnp.pad(chunks[-1][:-1, :, -1], ((1, 0), (0, 0)))  # [N, B]
     step = functools.partial(_chunk_step, l2_normalize=l2_normalize, out_dtype=q.dtype)
+    step = jax.checkpoint(step, prevent_cse=False)
     S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), chunks + (before,))
     out = jnp.moveaxis(out, 0, 1).reshape(B, N * L, H, V)[:, :T]
     if segment_ids is not None:
