@@ -14,6 +14,8 @@ from jaxft.io import atomic
 def _bench(argv):
     if "--iterate" in argv:
         return _bench_iterate([arg for arg in argv if arg != "--iterate"])
+    if "--gated-deltanet" in argv:
+        return _bench_gated_deltanet([arg for arg in argv if arg != "--gated-deltanet"])
     from jaxft.models.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="jaxft bench", description=(
@@ -55,6 +57,8 @@ def _bench(argv):
     p.add_argument("--iterate", action="store_true", help="a round of jaxft iterate against the offline run on its "
                    "pairs + one generation pass: jaxft bench --iterate --config configs/iterate.py:tiny "
                    "--config.model.path=SFT_DIR (jaxft.perf.bench_iterate)")
+    p.add_argument("--gated-deltanet", action="store_true", help="Gated DeltaNet's chunked rule against the "
+                   "step-by-step one (jaxft.perf.bench_gated_deltanet; jaxft bench --gated-deltanet --help)")
     a = p.parse_args(argv)
     if a.generate:
         return _bench_generate(a)
@@ -107,6 +111,36 @@ def _bench_iterate(argv):
 
     report = run_iterate_bench(_config_flags(config_args, "jaxft bench --iterate", workdir=False).config)
     _report(format_iterate_bench(report), report, a.json)
+
+
+def _bench_gated_deltanet(argv):
+    p = argparse.ArgumentParser(prog="jaxft bench --gated-deltanet", description=(
+        "Qwen3.5's linear attention: the chunked gated delta rule against the step-by-step one, forward and "
+        "forward + backward, side by side in one process (jaxft.perf.bench_gated_deltanet)"))
+    p.add_argument("--lengths", default="2048,4096,8192", help="comma-separated sequence lengths (batch 1)")
+    p.add_argument("--heads", default="16,32", help="query/key heads,value heads (Qwen3.5: 16,32)")
+    p.add_argument("--head-dim", type=int, default=128, help="key and value head dim (Qwen3.5: 128)")
+    p.add_argument("--chunk-sizes", default="64,32,128", help="chunk sizes to time; the first is the one compared")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
+    p.add_argument("--reference-backward-max", type=int, default=2048,
+                   help="longest T whose step-by-step backward runs (it keeps a state per token)")
+    p.add_argument("--json", default=None, help="also write every number to this JSON file")
+    a = p.parse_args(argv)
+    try:
+        lengths, heads, chunks = ([int(n) for n in text.split(",") if n.strip()]
+                                  for text in (a.lengths, a.heads, a.chunk_sizes))
+    except ValueError:
+        raise SystemExit("jaxft bench --gated-deltanet: --lengths, --heads and --chunk-sizes take "
+                         "comma-separated integers") from None
+    if len(heads) != 2:
+        raise SystemExit(f"jaxft bench --gated-deltanet: --heads {a.heads!r} must be two integers: KEY,VALUE")
+
+    from jaxft.perf.bench_gated_deltanet import format_gated_deltanet_bench, run_gated_deltanet_bench
+
+    report = run_gated_deltanet_bench(lengths=lengths, key_heads=heads[0], value_heads=heads[1],
+                                      head_dim=a.head_dim, chunk_sizes=chunks, rounds=a.rounds,
+                                      reference_backward_max=a.reference_backward_max)
+    _report(format_gated_deltanet_bench(report), report, a.json)
 
 
 def _plan(argv):

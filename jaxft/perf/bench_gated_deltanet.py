@@ -1,0 +1,135 @@
+"""`jaxft bench --gated-deltanet`: Gated DeltaNet's chunked rule against the step-by-step one,
+side by side in one process (jaxft.models.gated_deltanet).
+
+One layer's linear attention at batch 1 with Qwen3.5's head shape by default (16 query/key heads,
+32 value heads, head dims 128: a [32, 128, 128] state), random inputs with Qwen3.5-like gates
+(beta = sigmoid(normal), g = -exp(A_log) softplus(a + 1), A in [1, 16]). For each length T:
+  chunked    `gated_delta_rule` jitted, one run per chunk size asked (the first is the default)
+  reference  `gated_delta_rule_reference` jitted: a `lax.scan` over T
+forward, and forward + backward (the gradient of out.sum() + state.sum() w.r.t. q, k, v, g, beta)
+for the chunked rule at its default chunk and for the reference where its backward fits
+(`reference_backward_max`: its scan keeps a state per token, T x 2 MiB at this shape; XLA's
+planned temp bytes are reported instead beyond it). Rounds interleave every variant; the best of
+each counts; tokens/s = B x T / seconds. The report's lines: chunked / reference tokens/s at
+each T, and chunked tokens/s at the longest T over the shortest (1.0 = linear in T).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Sequence
+
+import numpy as np
+
+from jaxft.errors import ConfigError
+
+
+def bench_inputs(T: int, *, key_heads: int, value_heads: int, head_dim: int, seed: int = 0):
+    """q, k [1, T, G, D], v [1, T, H, D], g, beta [1, T, H] float32, gates shaped like Qwen3.5's."""
+    import jax.numpy as jnp
+
+    r = np.random.default_rng(seed)
+    q, k = (r.normal(size=(1, T, key_heads, head_dim)) for _ in range(2))
+    v = r.normal(size=(1, T, value_heads, head_dim))
+    A = np.linspace(1.0, 16.0, value_heads)
+    g = -A * np.log1p(np.exp(r.normal(size=(1, T, value_heads)) + 1.0))
+    beta = 1 / (1 + np.exp(-r.normal(size=(1, T, value_heads))))
+    return tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta))
+
+
+def _backward(rule):
+    import jax
+    import jax.numpy as jnp
+
+    def loss(*args):
+        out, state = rule(*args)
+        return jnp.sum(out) + jnp.sum(state)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
+
+
+def run_gated_deltanet_bench(*, lengths: Sequence[int] = (2048, 4096, 8192), key_heads: int = 16,
+                             value_heads: int = 32, head_dim: int = 128, chunk_sizes: Sequence[int] = (64, 32, 128),
+                             rounds: int = 3, reference_backward_max: int = 2048) -> dict:
+    """Times the chunked and step-by-step rules; returns the JSON-able report
+
+    {"lengths": {T: {"forward": {name: {"tokens_per_sec", "seconds", "compile_s"}},
+                     "backward": {...}, "backward_temp_mib": {name: MiB}}},
+     "ratio_forward": {T: chunked (default chunk) / reference tokens/s}, "ratio_backward": {...},
+     "linearity": chunked tokens/s at the longest T / at the shortest, "config": {...}, "device": {...}}.
+    """
+    import jax
+
+    from jaxft.models.gated_deltanet import gated_delta_rule, gated_delta_rule_reference
+
+    if not lengths or min(lengths) < 1 or rounds < 1 or not chunk_sizes or min(chunk_sizes) < 1:
+        raise ConfigError("jaxft bench --gated-deltanet: lengths, chunk sizes and rounds must be >= 1")
+    if value_heads % key_heads:
+        raise ConfigError(f"--heads: {value_heads} value heads are not a multiple of {key_heads} key heads")
+    default = f"chunked {chunk_sizes[0]}"
+    report = {"lengths": {}, "ratio_forward": {}, "ratio_backward": {}}
+    for T in lengths:
+        args = bench_inputs(T, key_heads=key_heads, value_heads=value_heads, head_dim=head_dim)
+        rules = {f"chunked {c}": functools.partial(gated_delta_rule, chunk_size=c) for c in chunk_sizes}
+        rules["reference"] = gated_delta_rule_reference
+        steps = {("forward", name): jax.jit(rule) for name, rule in rules.items()}
+        temp = {}
+        for name in (default, "reference"):
+            step = jax.jit(_backward(rules[name]))
+            temp[name] = step.lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+            if name != "reference" or T <= reference_backward_max:
+                steps[("backward", name)] = step
+        result = {"forward": {}, "backward": {}, "backward_temp_mib": temp}
+        for (kind, name), step in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(step(*args))
+            result[kind][name] = {"compile_s": time.perf_counter() - start, "seconds": float("inf")}
+        for _ in range(rounds):
+            for (kind, name), step in steps.items():
+                start = time.perf_counter()
+                jax.block_until_ready(step(*args))
+                entry = result[kind][name]
+                entry["seconds"] = min(entry["seconds"], time.perf_counter() - start)
+        for kind in ("forward", "backward"):
+            for entry in result[kind].values():
+                entry["tokens_per_sec"] = T / entry["seconds"]
+            if "reference" in result[kind]:
+                report[f"ratio_{kind}"][T] = (result[kind][default]["tokens_per_sec"]
+                                              / result[kind]["reference"]["tokens_per_sec"])
+        report["lengths"][T] = result
+    first, last = report["lengths"][min(lengths)], report["lengths"][max(lengths)]
+    report["linearity"] = last["forward"][default]["tokens_per_sec"] / first["forward"][default]["tokens_per_sec"]
+    device = jax.devices()[0]
+    report["device"] = {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()}
+    report["config"] = {"key_heads": key_heads, "value_heads": value_heads, "head_dim": head_dim, "batch_size": 1,
+                        "chunk_sizes": list(chunk_sizes), "default": default, "rounds": rounds,
+                        "reference_backward_max": reference_backward_max}
+    return report
+
+
+def format_gated_deltanet_bench(report: dict) -> str:
+    """The report as Markdown: the setting, a tokens/s table per length, the ratios."""
+    c, d = report["config"], report["device"]
+    qwen = " (Qwen3.5's)" if (c["key_heads"], c["value_heads"], c["head_dim"]) == (16, 32, 128) else ""
+    out = [f"Gated DeltaNet, one layer at batch 1: {c['key_heads']} q/k heads, {c['value_heads']} value heads, "
+           f"head dims {c['head_dim']}{qwen}, float32, {d['count']} x {d['kind']}, "
+           f"best of {c['rounds']} interleaved rounds; backward = forward + gradient w.r.t. q, k, v, g, beta",
+           "", "| T | rule | forward tokens/s | fwd+bwd tokens/s | fwd+bwd temp MiB (XLA) | first call s (fwd) |",
+           "|---|---|---|---|---|---|"]
+    for T, r in report["lengths"].items():
+        for name, fwd in r["forward"].items():
+            bwd, temp = r["backward"].get(name), r["backward_temp_mib"].get(name)
+            bwd_cell = f"{bwd['tokens_per_sec']:,.0f}" if bwd else ("not run" if temp is not None else "")
+            temp_cell = f"{temp:,.0f}" if temp is not None else ""
+            out.append(f"| {T} | {name} | {fwd['tokens_per_sec']:,.0f} | {bwd_cell} | {temp_cell} | "
+                       f"{fwd['compile_s']:.1f} |")
+    out.append("")
+    for kind in ("forward", "backward"):
+        ratios = ", ".join(f"T={T}: {x:.1f}x" for T, x in report[f"ratio_{kind}"].items())
+        if ratios:
+            out.append(f"{c['default']} / reference tokens/s, {kind}: {ratios}")
+    lengths = list(report["lengths"])
+    out.append(f"{c['default']} forward tokens/s at T={max(lengths)} / at T={min(lengths)}: "
+               f"{report['linearity']:.2f} (1.0 = cost linear in T)")
+    return "\n".join(out)
