@@ -54,11 +54,11 @@ def tiny(c):
     c.data.eval = ""
     c.train.eval_benchmarks = f"arithmetic={quickstart_file('sft_eval.jsonl')}"
     c.train.eval_benchmark_max_new_tokens = 64  # as the quickstart's table
-    c.train.eval_every = 0  # at the end
-    c.train.steps = 100
+    c.train.eval_every = 50
+    c.train.steps = 200
     c.train.batch_size = 16
     c.train.log_every = 10
-    c.train.save_every = 50
+    c.train.save_every = 100
     c.optim.lr = 2e-5  # iterate's tiny rounds' lr (docs/iterate.md: 1e-4 costs exact match)
     c.dpo.online_rewards = "answer:1,repetition:1"
     c.dpo.online_max_new_tokens = 48

@@ -159,12 +159,13 @@ class OnlineDPO(DPO):
     def sample_pairs(self, state: dict, prompts) -> tuple[dict, dict]:
         """(the global DPO batch of `prompts`' sampled pairs, the sampling metrics), sampled
         with `state["params"]` as they are."""
+        step = int(state["step"])  # waits for the previous update: the samples are of its weights
         began = time.perf_counter()
         ctx, cfg = self.ctx, self.ctx.config
         model = merge_model(ctx.graphdef, ctx.weights.merge_args(state["params"]))
         rows = sample_ids(model, prompts.prompt_ids, samples=2, max_new_tokens=cfg.dpo.online_max_new_tokens,
                           temperature=cfg.dpo.online_temperature, eos_ids=self.eos_ids,
-                          seed=sampling_seed(cfg.train.seed, int(state["step"])),
+                          seed=sampling_seed(cfg.train.seed, step),
                           batch_size=2 * len(prompts.prompt_ids), unroll=False)
         del model  # its arrays are the state's, which the train step donates
 
