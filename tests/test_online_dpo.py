@@ -106,6 +106,27 @@ def test_a_stopped_run_resumes_to_the_same_steps(trained, tmp_path):
             assert got[k] == pytest.approx(want[k], abs=1e-6), (got["step"], k)
 
 
+def test_pairs_take_the_higher_reward_as_chosen_and_leave_ties_empty():
+    from jaxft.data.prompts import PromptBatch
+    from jaxft.inference.sampler import Completion
+
+    prompts = PromptBatch([{}, {}, {}], [[1, 2], [3], [4, 5, 6]], [7, 8, 9])
+    completions = [[Completion("", [10, 11], "eos"), Completion("", [12], "eos")],
+                   [Completion("", [13], "eos"), Completion("", [14], "eos")],
+                   [Completion("", [15], "length"), Completion("", [16, 17, 18], "eos")]]
+    rewards = {"reward": np.array([[0.0, 1.0], [0.5, 0.5], [2.0, -1.0]]),
+               "reward/answer": np.array([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])}
+    pairs, metrics = online_dpo.pair_examples(prompts, completions, rewards)
+    assert pairs[1] is None  # a tie: no pair
+    assert pairs[0].chosen_ids.tolist() == [1, 2, 12] and pairs[0].chosen_mask.tolist() == [0, 0, 1]
+    assert pairs[0].rejected_ids.tolist() == [1, 2, 10, 11] and pairs[0].rejected_mask.tolist() == [0, 0, 1, 1]
+    assert pairs[2].chosen_ids.tolist() == [4, 5, 6, 15] and pairs[2].rejected_ids.tolist() == [4, 5, 6, 16, 17, 18]
+    assert (pairs[0].index, pairs[2].index) == (7, 9)
+    assert metrics == pytest.approx({
+        "objective/scores": 0.5, "objective/scores/answer": 4 / 6, "objective/scores_margin": (1 + 0 + 3) / 3,
+        "objective/ties": 1 / 3, "val/contain_eos_token": 5 / 6, "val/completion_length": 9 / 6})
+
+
 @pytest.mark.parametrize("override, message", [
     ({"dpo.online_rewards": ""}, "config key dpo.online_rewards: online DPO scores its samples"),
     ({"dpo.online_rewards": "answer,nope"}, r"dpo.online_rewards\[1\]: unknown reward kind 'nope'"),

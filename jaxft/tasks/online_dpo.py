@@ -92,7 +92,7 @@ def pair_examples(prompts, completions, rewards) -> tuple[list[PreferenceExample
     total = np.asarray(rewards["reward"], np.float64)
     pairs, margins = [], []
     for ids, index, (a, b), r in zip(prompts.prompt_ids, prompts.indices, completions, total):
-        if r[0] == r[1]:
+        if r[0] == r[1] or not np.isfinite(r).all():  # no preference (a NaN reward: none either)
             pairs.append(None)
             margins.append(0.0)
             continue
