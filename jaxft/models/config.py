@@ -20,14 +20,14 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError, DataError, PathError
 from jaxft.models import families
-from jaxft.models.lora import LoRASpec, attention_projections
+from jaxft.models.lora import LINEAR_PROJECTIONS, LoRASpec, attention_projections
 from jaxft.models.remat import normalize_remat
 from jaxft.models.rope import Rope
 
 NORMS = ("rms", "rms_plus_one", "rms_f32")  # x * w (Llama), x * (1 + w) in float32 (Gemma 2 / 3), x * w in float32 (Gemma 4)
 ACTIVATIONS = ("silu", "gelu_tanh", "clamped_swiglu")  # SwiGLU, GeGLU with tanh-GELU (Gemma), gpt-oss's (parts.gated)
 ROUTER_SCORINGS = ("softmax", "sigmoid")  # expert scores: Mixtral / Qwen / DeepSeek-V2, DeepSeek-V3
-LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention")  # linear: Gated DeltaNet (Qwen3.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,15 @@ class LayerSpec:
     keeps_kv: bool
     mlp_size: int
     moe: bool = False  # a mixture-of-experts MLP (jaxft.models.moe) instead of a dense one
+    linear: bool = False  # a Gated DeltaNet mixer (jaxft.models.linear_attention) instead of attention
 
     @property
     def projections(self) -> tuple[str, ...]:
         """The attention input projections this layer has (q always; k and v unless it reads
-        another layer's keys and values; no v when its values are its keys)."""
+        another layer's keys and values; no v when its values are its keys; none in a linear
+        layer)."""
+        if self.linear:
+            return ()
         if self.kv_from is not None:
             return ("q",)
         return ("q", "k") if self.values_from_keys else ("q", "k", "v")
@@ -189,6 +193,16 @@ class ModelConfig:
     qk_rope_head_dim: int = 0  # per-head query dims with RoPE; the one shared RoPE key's width
     v_head_dim: int = 0  # per-head value dims
     rope_interleave: bool = False  # the RoPE dims stored as interleaved pairs (DeepSeek)
+    # Qwen3.5: Gated DeltaNet layers where layer_types says linear_attention (jaxft.models.
+    # linear_attention), and full attention with an output gate (q_proj emits each head's query
+    # and gate; the output times sigmoid(gate)).
+    attn_output_gate: bool = False
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 4  # the depthwise causal conv's width (linear_conv_kernel_dim)
+    linear_chunk_size: int = 64  # the chunked delta rule's chunk (jaxft's; not in config.json)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -221,6 +235,13 @@ class ModelConfig:
                 raise ConfigError(
                     f"layer_types must give one of {', '.join(LAYER_TYPES)} for each of the "
                     f"{self.num_layers} layers; got {len(self.layer_types)} entries{', unknown ' + str(bad) if bad else ''}")
+        if self.layer_types is not None and "linear_attention" in self.layer_types:
+            Hk, Hv = self.linear_num_key_heads, self.linear_num_value_heads
+            if not (Hk > 0 and Hv > 0 and Hv % Hk == 0 and self.linear_key_head_dim > 0
+                    and self.linear_value_head_dim > 0 and self.linear_conv_kernel >= 1):
+                raise ConfigError(f"linear_attention layers need linear_num_key_heads ({Hk}) and "
+                                  f"linear_num_value_heads ({Hv}) > 0, the value heads a multiple of the key heads, "
+                                  "positive linear_key_head_dim / linear_value_head_dim and linear_conv_kernel_dim")
         self.layer_kinds()  # RoPE kinds checked here (a clear error for an unsupported scaling)
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
@@ -233,6 +254,8 @@ class ModelConfig:
             self.layer_specs()  # a clear error when a shared layer has no earlier layer of its type
         if self.lora is not None:
             have = set(attention_projections(self)) | {"gate_proj", "up_proj", "down_proj"}  # some layer has each
+            if self.linear_num_value_heads:
+                have |= set(LINEAR_PROJECTIONS)
             if not have & set(self.lora.targets):
                 raise ConfigError(f"lora.targets={','.join(self.lora.targets)}: this {self.model_type} model has none "
                                   f"of these projections; it has {','.join(sorted(have))}")
@@ -252,7 +275,7 @@ class ModelConfig:
             return (LayerKind(self.sliding_window or None, rope),), (0,) * self.num_layers
         local_rope = rope if self.local_rope_theta is None else Rope(
             self.local_rope_theta, self.local_rope_scaling, self.partial_rotary_factor, self.max_position_embeddings)
-        by_type = {"full_attention": LayerKind(None, rope),
+        by_type = {"full_attention": LayerKind(None, rope), "linear_attention": LayerKind(None, rope),
                    "sliding_attention": LayerKind(self.sliding_window or None, local_rope)}
         kinds = tuple(dict.fromkeys(by_type[t] for t in self.layer_types))
         return kinds, tuple(kinds.index(by_type[t]) for t in self.layer_types)
@@ -279,7 +302,7 @@ class ModelConfig:
                 values_from_keys=self.attention_k_eq_v and full, kv_from=producer[t] if shared else None,
                 keeps_kv=self.num_kv_shared_layers > 0 and i == producer[t],
                 mlp_size=self.intermediate_size * (2 if self.double_wide_mlp and shared else 1),
-                moe=self.is_moe_layer(i)))
+                moe=self.is_moe_layer(i), linear=t == "linear_attention"))
         return tuple(specs)
 
     def is_moe_layer(self, i: int) -> bool:
@@ -294,8 +317,13 @@ class ModelConfig:
         """Whether the layers are built per LayerSpec (`layer_specs`, `layer_groups`)."""
         return bool(self.global_head_dim not in (None, self.dim_per_head)
                     or self.global_kv_heads not in (None, self.num_kv_heads) or self.attention_k_eq_v
-                    or self.num_kv_shared_layers or self.per_layer_input_size
+                    or self.num_kv_shared_layers or self.per_layer_input_size or self.has_linear_layers
                     or (self.num_experts and any(0 <= i < self.num_layers for i in self.dense_layers)))
+
+    @property
+    def has_linear_layers(self) -> bool:
+        """Whether some layer is a Gated DeltaNet one (Qwen3.5's linear_attention)."""
+        return self.layer_types is not None and "linear_attention" in self.layer_types
 
     def layer_groups(self) -> tuple[LayerGroup, ...]:
         """The layers as repeating patterns of equal LayerSpecs (Gemma 4's five sliding and one
@@ -349,6 +377,8 @@ class ModelConfig:
         for spec in specs:
             kv_projections = 0 if spec.kv_from is not None else (1 if spec.values_from_keys else 2)
             total += self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, spec.mlp_size, spec.moe, active)
+            if spec.linear:  # the Gated DeltaNet mixer instead of attention (and its q / k norms)
+                total += self._linear_params() - self._layer_params(spec.head_dim, spec.kv_heads, kv_projections, 0)
         if self.per_layer_input_size:
             P, N = self.per_layer_input_size, self.num_layers
             total += (self.per_layer_vocab_size or self.vocab_size) * N * P + E * N * P + P + N * (2 * E * P + E)
@@ -357,7 +387,7 @@ class ModelConfig:
     def _layer_params(self, D: int, K: int, kv_projections: int, F: int, moe: bool = False,
                       active: bool = False) -> int:
         E, H = self.hidden_size, self.num_heads
-        attn = E * D * (2 * H + kv_projections * K)
+        attn = E * D * ((3 if self.attn_output_gate else 2) * H + kv_projections * K)
         if self.qkv_bias:
             attn += D * (H + kv_projections * K)
         if self.attention_sinks:  # gpt-oss: its o_proj bias and sinks
@@ -373,6 +403,13 @@ class ModelConfig:
                    + (self.num_experts if self.router_logit_bias else 0)
                    + ((2 * self.expert_size + E) * experts if self.expert_bias else 0))
         return attn + mlp + (4 if self.sandwich_norms else 2) * E + (2 * D if self.qk_norm else 0)
+
+    def _linear_params(self) -> int:
+        """One Gated DeltaNet mixer's params (jaxft.models.linear_attention) plus the layer's two norms."""
+        E, Hk, Dk = self.hidden_size, self.linear_num_key_heads, self.linear_key_head_dim
+        Hv, Dv = self.linear_num_value_heads, self.linear_value_head_dim
+        C = 2 * Hk * Dk + Hv * Dv
+        return E * (C + 2 * Hv * Dv + 2 * Hv) + self.linear_conv_kernel * C + 2 * Hv + Dv + 2 * E
 
     def _mla_params(self) -> int:
         """One multi-head latent attention's params: queries (direct or low-rank with its norm),

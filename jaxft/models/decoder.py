@@ -30,6 +30,7 @@ from jax.experimental.layout import Layout, with_layout_constraint
 from jaxft.models import layer_groups, lora
 from jaxft.models.attention import attend
 from jaxft.models.config import LayerKind, LayerSpec, ModelConfig
+from jaxft.models.linear_attention import GatedDeltaNet
 from jaxft.models.mla import MLA
 from jaxft.models.moe import MoE
 from jaxft.models.parts import ACTIVATIONS, RMSNorm, bcast as _bcast, param as _param, rms_normalize, soft_cap
@@ -66,7 +67,8 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.spec = spec
         self.projections = ("q", "k", "v") if spec is None else spec.projections
-        self.q_proj = _param(rngs, (E, H, D), ("embed", "q_heads", "head_dim"), pd)
+        # Qwen3.5 (attn_output_gate): each head's query and then its output gate, as q_proj's rows
+        self.q_proj = _param(rngs, (E, H, 2 * D if cfg.attn_output_gate else D), ("embed", "q_heads", "head_dim"), pd)
         if "k" in self.projections:
             self.k_proj = _param(rngs, (E, K, D), ("embed", "kv_heads", "head_dim"), pd)
         if "v" in self.projections:
@@ -113,7 +115,9 @@ class Attention(nnx.Module):
         cfg = self.cfg
         B, L = positions_BL.shape
         D = cfg.dim_per_head
-        q_BLHD = self._project(x_BLE, "q", rng).reshape(B, L, -1, D)
+        q_BLHD = self._project(x_BLE, "q", rng).reshape(B, L, -1, 2 * D if cfg.attn_output_gate else D)
+        if cfg.attn_output_gate:
+            q_BLHD, gate_BLHD = jnp.split(q_BLHD, 2, axis=-1)
         k_BLKD = v_BLKD = None
         if "k" in self.projections:
             k_BLKD = self._project(x_BLE, "k", rng).reshape(B, L, -1, D)
@@ -135,7 +139,10 @@ class Attention(nnx.Module):
         else:  # a scanned stack of mixed layers: this layer's window and RoPE
             branches = [lambda q, k, v, kind=k: core(kind, q, k, v)[:2] for k in kinds]
             (out_BLHD, new_cache), kv = jax.lax.switch(kind, branches, q_BLHD, k_BLKD, v_BLKD), None
-        out_BLHD = out_BLHD.astype(x_BLE.dtype).reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
+        out_BLHD = out_BLHD.astype(x_BLE.dtype)
+        if cfg.attn_output_gate:
+            out_BLHD = out_BLHD * jax.nn.sigmoid(gate_BLHD)
+        out_BLHD = out_BLHD.reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
         y_BLE = jnp.einsum("...HD,HDE->...E", out_BLHD, self._kernel("o", x_BLE.dtype))
         y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora, rng)
         if cfg.o_bias:
@@ -219,9 +226,12 @@ class DecoderLayer(nnx.Module):
 
         layer_cfg = cfg if spec is None else cfg.layer_config(spec)
         self.input_layernorm = norm()
-        # Multi-head latent attention (DeepSeek) where the config has a latent rank
-        self.self_attn = (MLA(layer_cfg, rngs=rngs) if cfg.kv_lora_rank is not None
-                          else Attention(layer_cfg, rngs=rngs, spec=spec))
+        self.linear = spec is not None and spec.linear
+        if self.linear:  # Qwen3.5's Gated DeltaNet layers
+            self.linear_attn = GatedDeltaNet(layer_cfg, rngs=rngs)
+        else:  # Multi-head latent attention (DeepSeek) where the config has a latent rank
+            self.self_attn = (MLA(layer_cfg, rngs=rngs) if cfg.kv_lora_rank is not None
+                              else Attention(layer_cfg, rngs=rngs, spec=spec))
         self.post_attention_layernorm = norm()
         if cfg.sandwich_norms:
             self.pre_feedforward_layernorm = norm()
@@ -248,8 +258,12 @@ class DecoderLayer(nnx.Module):
         Returns (out, new cache, this layer's (keys, values, key segment ids), its router stats
         (`jaxft.models.moe.router_stats`; None without experts))."""
         x = _token_rows(x_BLE)
-        attn, new_cache, kv = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache,
-                                             cache_index, rng, kind, shared_kv=shared_kv)
+        if self.linear:
+            (attn, new_cache), kv = self.linear_attn(self.input_layernorm(x), segment_ids_BL, cache, cache_index,
+                                                     rng), None
+        else:
+            attn, new_cache, kv = self.self_attn(self.input_layernorm(x), positions_BL, segment_ids_BL, cache,
+                                                 cache_index, rng, kind, shared_kv=shared_kv)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
             h = self.pre_feedforward_layernorm(x)

@@ -24,6 +24,7 @@ from jaxft.models import families, mxfp4
 from jaxft.models.config import ModelConfig, config_to_hf, read_hf_config
 from jaxft.models.decoder import Decoder
 from jaxft.models.layer_groups import layer_path
+from jaxft.models.linear_attention import linear_dims
 from jaxft.models.paths import set_path
 from jaxft.parallel.sharding import param_shardings
 
@@ -127,13 +128,29 @@ def _mla_rules(cfg: ModelConfig, hf: str) -> list[tuple]:
         (f"{hf}self_attn.kv_b_proj.weight", attn + ("kv_b_proj",), *heads_out(R, Dkv))]
 
 
+def _linear_rules(cfg: ModelConfig, hf: str) -> list[tuple]:
+    """A Gated DeltaNet layer's tensors (`jaxft.models.linear_attention`): Linears [out, in] as
+    [in, out] kernels, the depthwise conv [C, 1, K] as [K, C], the gated norm's weight."""
+    Hk, Dk, Hv, Dv, C, K = linear_dims(cfg)
+    E, la = cfg.hidden_size, ("linear_attn",)
+    rules = [(f"{hf}linear_attn.{name}.weight", la + (name,), (rows, E), _transpose, _transpose)
+             for name, rows in (("in_proj_qkv", C), ("in_proj_z", Hv * Dv), ("in_proj_b", Hv), ("in_proj_a", Hv))]
+    return rules + [
+        (f"{hf}linear_attn.conv1d.weight", la + ("conv1d",), (C, 1, K),
+         lambda w: np.ascontiguousarray(w[:, 0, :].T), lambda k: np.ascontiguousarray(k.T[:, None, :])),
+        (f"{hf}linear_attn.dt_bias", la + ("dt_bias",), (Hv,), _same, _same),
+        (f"{hf}linear_attn.A_log", la + ("A_log",), (Hv,), _same, _same),
+        (f"{hf}linear_attn.norm.weight", la + ("norm_weight",), (Dv,), _same, _same),
+        (f"{hf}linear_attn.out_proj.weight", la + ("out_proj",), (E, Hv * Dv), _transpose, _transpose)]
+
+
 def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tuple]:
     """One layer's (hf name, path in the layer, hf shape, to jaxft, to hf[, expert]); `cfg` has
     the layer's own shape (`ModelConfig.layer_config`) where `spec` gives one (Gemma 4)."""
     E, F = cfg.hidden_size, cfg.intermediate_size
     H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.dim_per_head
 
-    def split_out(heads):  # Linear [heads*D, E] <-> kernel [E, heads, D]
+    def split_out(heads, D=D):  # Linear [heads*D, E] <-> kernel [E, heads, D]
         return ((heads * D, E),
                 lambda w: np.ascontiguousarray(w.T.reshape(E, heads, D)),
                 lambda k: np.ascontiguousarray(k.reshape(E, heads * D).T))
@@ -148,21 +165,27 @@ def _layer_rules(cfg: ModelConfig, spec, hf: str, moe: bool = False) -> list[tup
     if cfg.kv_lora_rank is not None:  # multi-head latent attention: its own projections
         rules += _mla_rules(cfg, hf)
         projections, names = [], ()
+    linear = spec is not None and spec.linear
+    if linear:  # a Gated DeltaNet layer (Qwen3.5): no attention
+        rules += _linear_rules(cfg, hf)
+        projections, names = [], ()
     for name, heads in projections:
-        rules.append((f"{hf}self_attn.{name}_proj.weight", attn + (f"{name}_proj",), *split_out(heads)))
+        Dq = 2 * D if name == "q" and cfg.attn_output_gate else D  # Qwen3.5: each head's query, then its gate
+        rules.append((f"{hf}self_attn.{name}_proj.weight", attn + (f"{name}_proj",), *split_out(heads, Dq)))
         if cfg.qkv_bias:
             rules.append((f"{hf}self_attn.{name}_proj.bias", attn + (f"{name}_bias",), *split_bias(heads)))
     Do = cfg.v_head_dim if cfg.kv_lora_rank is not None else D  # MLA: o_proj reads the values' dims
-    rules.append((
-        f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * Do),
-        lambda w: np.ascontiguousarray(w.T.reshape(H, Do, E)),
-        lambda k: np.ascontiguousarray(k.reshape(H * Do, E).T),
-    ))
-    if cfg.o_bias:
+    if not linear:
+        rules.append((
+            f"{hf}self_attn.o_proj.weight", attn + ("o_proj",), (E, H * Do),
+            lambda w: np.ascontiguousarray(w.T.reshape(H, Do, E)),
+            lambda k: np.ascontiguousarray(k.reshape(H * Do, E).T),
+        ))
+    if cfg.o_bias and not linear:
         rules.append((f"{hf}self_attn.o_proj.bias", attn + ("o_bias",), (E,), _same, _same))
     if cfg.attention_sinks:
         rules.append((f"{hf}self_attn.sinks", attn + ("sinks",), (H,), _same, _same))
-    if cfg.qk_norm:
+    if cfg.qk_norm and not linear:
         for name in ("q_norm", "k_norm") if "k" in names else ("q_norm",):
             rules.append((f"{hf}self_attn.{name}.weight", attn + (name, "weight"), (D,), _same, _same))
     if moe:
@@ -445,9 +468,11 @@ def _stack(parts: dict[tuple[int, ...], np.ndarray]) -> np.ndarray:
 
 def _next_token_layers(names, cfg: ModelConfig) -> set[str]:
     """DeepSeek-V3's multi-token-prediction layers (`num_nextn_predict_layers`, stored as layers
-    past num_hidden_layers): not part of the causal LM, unread as transformers leaves them."""
+    past num_hidden_layers) and Qwen3.5's (`mtp.*`): not part of the causal LM, unread as
+    transformers leaves them."""
     extra = int(cfg.extra_hf_config.get("num_nextn_predict_layers") or 0)
     prefixes = tuple(f"model.layers.{cfg.num_layers + i}." for i in range(extra))
+    prefixes += ("mtp.",) if cfg.has_linear_layers else ()  # Qwen3.5's multi-token prediction head, unread
     return {n for n in names if prefixes and n.startswith(prefixes)}
 
 

@@ -141,6 +141,15 @@ def layer_cache_shapes(cfg: ModelConfig, batch_size: int, max_length: int, kv_he
     return {"k": shape, "v": shape}
 
 
+def linear_cache_shapes(cfg: ModelConfig, batch_size: int) -> dict:
+    """{name: (shape, float32?)} of a Gated DeltaNet layer's cache (`jaxft.models.linear_attention`):
+    the recurrent state [B, Hv, Dk, Dv] in float32 and the conv window [B, K - 1, C]."""
+    Hk, Dk = cfg.linear_num_key_heads, cfg.linear_key_head_dim
+    Hv, Dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    return {"state": ((batch_size, Hv, Dk, Dv), True),
+            "conv": ((batch_size, cfg.linear_conv_kernel - 1, 2 * Hk * Dk + Hv * Dv), False)}
+
+
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
     """An empty KV cache with each layer's own shape (per LayerGroup stack when scanned) and
     nothing for layers that read another layer's keys and values."""
@@ -151,6 +160,9 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -
     def kv(spec, lead=()):
         if spec.kv_from is not None:
             return None
+        if spec.linear:  # a Gated DeltaNet layer: its recurrent state (float32) and conv window
+            return {n: jnp.zeros(lead + shape, jnp.float32 if f32 else dtype)
+                    for n, (shape, f32) in linear_cache_shapes(cfg, batch_size).items()}
         shapes = layer_cache_shapes(cfg, batch_size, max_length, spec.kv_heads, spec.head_dim)
         return {n: jnp.zeros(lead + shape, dtype) for n, shape in shapes.items()}
 

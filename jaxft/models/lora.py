@@ -34,7 +34,9 @@ from jaxft.errors import ConfigError
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MLA_PROJECTIONS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")  # DeepSeek (jaxft.models.mla)
-PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + MLA_PROJECTIONS  # order: dropout keys' indices
+# Qwen3.5's Gated DeltaNet layers (jaxft.models.linear_attention), PEFT's names for them
+LINEAR_PROJECTIONS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + MLA_PROJECTIONS + LINEAR_PROJECTIONS  # order: dropout keys' indices
 SHARED = "shared_"  # an MoE layer's shared-expert kernels: shared_gate_proj, shared_up_proj, shared_down_proj
 ALL_LINEAR = "all-linear"  # PEFT's name for every linear layer but the output head
 
@@ -74,7 +76,7 @@ def resolve_targets(text: str, *, key: str = "lora.targets") -> tuple[str, ...]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if names and all(n in PROJECTIONS for n in names):
         return tuple(n for n in PROJECTIONS if n in names)
-    qualified = {n: ("mlp." if n in MLP_PROJECTIONS else "self_attn.") + n for n in PROJECTIONS}
+    qualified = {n: _module_of(n) + "." + n for n in PROJECTIONS}
     try:
         pattern = re.compile(text)
     except re.error as err:
@@ -86,6 +88,11 @@ def resolve_targets(text: str, *, key: str = "lora.targets") -> tuple[str, ...]:
             f"{', '.join(PROJECTIONS)}, or a regex over {', '.join(qualified.values())}"
         )
     return found
+
+
+def _module_of(name: str) -> str:
+    """The transformers module a projection sits in below the layer: mlp, self_attn, linear_attn."""
+    return "mlp" if name in MLP_PROJECTIONS else "linear_attn" if name in LINEAR_PROJECTIONS else "self_attn"
 
 
 def target_of(name: str) -> str:
@@ -105,8 +112,11 @@ def projection_dims(cfg, name: str, *, experts: bool = False) -> tuple[tuple, tu
         F = cfg.expert_size
     if cfg.kv_lora_rank is not None and name in ("q_proj", "o_proj") + MLA_PROJECTIONS:
         return _mla_dims(cfg, name)
+    if name in LINEAR_PROJECTIONS:
+        return _linear_dims(cfg, name)
+    Dq = 2 * D if cfg.attn_output_gate else D  # Qwen3.5: each head's query, then its output gate
     return {
-        "q_proj": ((E,), ("embed",), (H, D), ("q_heads", "head_dim")),
+        "q_proj": ((E,), ("embed",), (H, Dq), ("q_heads", "head_dim")),
         "k_proj": ((E,), ("embed",), (K, D), ("kv_heads", "head_dim")),
         "v_proj": ((E,), ("embed",), (K, D), ("kv_heads", "head_dim")),
         "o_proj": ((H, D), ("q_heads", "head_dim"), (E,), ("embed",)),
@@ -129,6 +139,16 @@ def _mla_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
     }[name]
 
 
+def _linear_dims(cfg, name: str) -> tuple[tuple, tuple, tuple, tuple]:
+    """A Gated DeltaNet layer's projections (`jaxft.models.linear_attention`): 2D kernels."""
+    E, Hk, Dk = cfg.hidden_size, cfg.linear_num_key_heads, cfg.linear_key_head_dim
+    Hv, Dv = cfg.linear_num_value_heads, cfg.linear_value_head_dim
+    out = {"in_proj_qkv": 2 * Hk * Dk + Hv * Dv, "in_proj_z": Hv * Dv, "in_proj_b": Hv, "in_proj_a": Hv}
+    if name == "out_proj":
+        return (Hv * Dv,), (None,), (E,), ("embed",)
+    return (E,), ("embed",), (out[name],), (None,)
+
+
 def attention_projections(cfg) -> tuple[str, ...]:
     """The attention projections of a layer: multi-head latent attention's when cfg has a
     latent rank (q_proj, or q_a_proj and q_b_proj with a query rank), else q / k / v / o."""
@@ -141,6 +161,8 @@ def attention_projections(cfg) -> tuple[str, ...]:
 def model_targets(cfg) -> tuple[str, ...]:
     """cfg.lora's targets that the model has in some layer (a Llama has no kv_b_proj)."""
     have = set(attention_projections(cfg)) | set(MLP_PROJECTIONS)
+    if cfg.linear_num_value_heads:
+        have |= set(LINEAR_PROJECTIONS)
     return tuple(t for t in cfg.lora.targets if t in have)
 
 
@@ -156,6 +178,8 @@ def layer_kernels(cfg, layer: int) -> tuple[str, ...]:
     specs = cfg.layer_specs()
     if specs is None:
         return names
+    if specs[layer].linear:  # a Gated DeltaNet layer: its projections instead of attention's
+        return LINEAR_PROJECTIONS + names[len(attention_projections(cfg)):]
     missing = {f"{n}_proj" for n in ("k", "v") if n not in specs[layer].projections}
     return tuple(n for n in names if n not in missing)
 

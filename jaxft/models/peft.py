@@ -51,7 +51,7 @@ from jaxft.models.adapters import adapter_shardings
 from jaxft.models.config import ModelConfig
 from jaxft.models.hf import host_array
 from jaxft.models.layer_groups import layer_path
-from jaxft.models.lora import (MLP_PROJECTIONS, PROJECTIONS, SHARED, LoRASpec, layer_kernels, layer_projections,
+from jaxft.models.lora import (LINEAR_PROJECTIONS, MLP_PROJECTIONS, PROJECTIONS, SHARED, LoRASpec, layer_kernels, layer_projections,
                               projection_dims, target_of)
 from jaxft.models.paths import get_path, set_path
 
@@ -63,7 +63,10 @@ GATE_UP = ("gate_proj", "up_proj")  # the parts of transformers' fused experts.g
 
 
 def _module(name: str) -> str:
-    return "mlp" if target_of(name) in MLP_PROJECTIONS else "self_attn"
+    """The module below the layer holding kernel `name`: mlp, self_attn, or (Qwen3.5's Gated
+    DeltaNet projections) linear_attn, in jaxft's state and in transformers'."""
+    target = target_of(name)
+    return "mlp" if target in MLP_PROJECTIONS else "linear_attn" if target in LINEAR_PROJECTIONS else "self_attn"
 
 
 def _hf_module(cfg: ModelConfig, name: str) -> str:

@@ -12,7 +12,7 @@ stays the one registry.
 from __future__ import annotations
 
 from jaxft.errors import ConfigError
-from jaxft.models.families import deepseek, gpt_oss
+from jaxft.models.families import deepseek, gpt_oss, qwen3_5
 from jaxft.models.families.base import Family, activation
 
 # Keys every family reads (the rest of a config.json is kept and written back unchanged).
@@ -273,17 +273,19 @@ FAMILIES: dict[str, Family] = {
     **deepseek.FAMILIES,
     "phi3": Family("Phi3ForCausalLM", _phi3, _phi3_keys, frozenset({"sliding_window"}), fused=_phi3_fused),
     "gpt_oss": gpt_oss.FAMILY,
+    **qwen3_5.FAMILIES,
 }
 
 
 # Multimodal checkpoints whose text decoder jaxft trains: {model_type: the text config's type}.
 # Their text tensors sit under a prefix (`wrapped_name`); the vision tower and projector are
 # not loaded, and an export is the text model (e.g. Gemma3ForCausalLM), which transformers loads.
-MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen3_5": "qwen3_5_text",
+              "qwen3_5_moe": "qwen3_5_moe_text"}
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
 _TEXT_HEADS = ("language_model.lm_head.weight",)
 _NOT_TEXT = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.",
-             "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
+             "model.audio_tower.", "model.embed_vision.", "model.embed_audio.", "model.visual.", "mtp.")
 
 
 def text_tensor_names(names) -> tuple[dict[str, str], set[str]]:
@@ -368,7 +370,8 @@ def parts_from_hf(hf: dict, *, source: str = "config.json") -> tuple[dict, dict]
     heads = hf["num_attention_heads"]
     parts = dict(
         model_type=model_type, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        # an MoE config may have no dense width (Qwen3.5-MoE): its experts' then
+        intermediate_size=hf.get("intermediate_size") or hf["moe_intermediate_size"], num_layers=hf["num_hidden_layers"],
         num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta, rope_scaling=scaling,
         partial_rotary_factor=_partial_rotary(hf),

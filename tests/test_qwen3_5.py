@@ -1,0 +1,245 @@
+"""Qwen3.5 (dense and MoE): Gated DeltaNet layers interleaved with gated full attention.
+
+Logits equal transformers' Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM on tiny random float32
+checkpoints (rows of 40 tokens = 5 chunks of 8), a packed row equals its rows alone, the HF
+folder round trip (and the released checkpoints' nested config and tensor names), greedy
+generation equals transformers' greedy generate (left-padded prompts of different lengths),
+LoRA on the linear-attention projections exports a PEFT adapter that PEFT loads, SFT and DPO
+learn, and context parallelism is refused with a ConfigError naming mesh.sequence."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")  # the reference implementation (test extra)
+import transformers
+from flax import nnx
+
+from jaxft.errors import ConfigError
+from jaxft.models import load_hf, save_hf
+from jaxft.models.config import LayerGroup, config_from_hf, config_to_hf
+from tests.hf_reference import hf_logits
+
+V = 97
+TOKENS = np.random.default_rng(0).integers(0, V, size=(2, 40))
+CHUNK = 8  # 40-token rows: 5 chunks of the chunked delta rule
+TINY = dict(vocab_size=V, hidden_size=64, intermediate_size=112, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+            linear_value_head_dim=8, max_position_embeddings=256, rms_norm_eps=1e-6)
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40)
+
+
+def make_hf(moe: bool, layers: int, seed: int = 0, **extra):
+    """A random fp32 transformers Qwen3.5 (8 layers: the 3 linear + 1 full pattern twice); norms,
+    dt_bias and A_log randomised so a misplaced one shows."""
+    cls = transformers.Qwen3_5MoeTextConfig if moe else transformers.Qwen3_5TextConfig
+    config = cls(**{**TINY, **(MOE if moe else {}), "num_hidden_layers": layers, **extra})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("linear_attn.norm.weight"):  # stored as itself (ones)
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("norm.weight"):  # (1 + w) norms: an offset from 1
+                p.copy_(0.2 * torch.randn_like(p))
+            elif name.endswith(("dt_bias", "A_log")):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif "linear_attn" in name or "self_attn" in name:
+                p.copy_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    """(folder, transformers model, jaxft model with chunk 8) of an 8-layer dense Qwen3.5."""
+    path = tmp_path_factory.mktemp("qwen3_5")
+    hf = make_hf(False, 8)
+    hf.save_pretrained(path)
+    return path, hf, _with_chunk(load_hf(path))
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen3_5_moe")
+    hf = make_hf(True, 4)
+    hf.save_pretrained(path)
+    return path, hf, _with_chunk(load_hf(path))
+
+
+def _with_chunk(model, chunk=CHUNK):
+    """The same weights under a config with the delta rule's chunk `chunk`."""
+    from jaxft.models.hf import abstract_model
+
+    _, state = nnx.split(model)
+    new_graphdef, _ = nnx.split(abstract_model(model.cfg.replace(linear_chunk_size=chunk)))
+    return nnx.merge(new_graphdef, state)
+
+
+def test_dense_logits_equal_transformers_and_the_pattern_is_one_scanned_group(dense):
+    path, hf, model = dense
+    cfg = model.cfg
+    assert cfg.model_type == "qwen3_5_text" and cfg.partial_rotary_factor == 0.25 and cfg.attn_output_gate
+    assert cfg.layer_groups() == (LayerGroup(start=0, period=4, repeats=2),)  # compile time independent of depth
+    diff = np.abs(np.asarray(model(jnp.asarray(TOKENS))) - hf_logits(hf, TOKENS)).max()
+    print(f"qwen3_5 dense max abs logit diff {diff:.2e}")
+    assert diff < 1e-4
+    unrolled = load_hf(path)  # unrolled, the default chunk (64 > the row): the same numbers
+    unrolled_cfg = unrolled.cfg.replace(scan_layers=False)
+    from jaxft.models.hf import load_weights
+
+    flat = load_weights(path, unrolled_cfg)
+    assert np.abs(np.asarray(flat(jnp.asarray(TOKENS))) - hf_logits(hf, TOKENS)).max() < 1e-4
+
+
+def test_moe_logits_equal_transformers(moe):
+    _, hf, model = moe
+    cfg = model.cfg
+    assert cfg.num_experts == 4 and cfg.shared_expert_gate and cfg.norm_topk_prob and cfg.expert_size == 24
+    diff = np.abs(np.asarray(model(jnp.asarray(TOKENS))) - hf_logits(hf, TOKENS)).max()
+    print(f"qwen3_5_moe max abs logit diff {diff:.2e}")
+    assert diff < 1e-4
+
+
+def test_a_packed_row_equals_its_rows_alone_and_padding_never_leaks(dense):
+    """Two examples (23 and 13 tokens) and 4 padding tokens packed in one row: each example's
+    logits equal the example run alone (the conv window and the recurrent state reset at the
+    boundary); changing the padding's tokens changes nothing."""
+    _, _, model = dense
+    a, b = TOKENS[0, :23], TOKENS[1, :13]
+    row = np.concatenate([a, b, [5, 6, 7, 8]])[None]
+    segments = np.array([[1] * 23 + [2] * 13 + [0] * 4], np.int32)
+    positions = np.concatenate([np.arange(23), np.arange(13), np.zeros(4, int)])[None].astype(np.int32)
+    packed = np.asarray(model(jnp.asarray(row), jnp.asarray(positions), jnp.asarray(segments)))
+    alone_a = np.asarray(model(jnp.asarray(a[None])))
+    alone_b = np.asarray(model(jnp.asarray(b[None])))
+    np.testing.assert_allclose(packed[0, :23], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(packed[0, 23:36], alone_b[0], atol=1e-5)
+    other = row.copy()
+    other[0, 36:] = [50, 60, 70, 80]
+    again = np.asarray(model(jnp.asarray(other), jnp.asarray(positions), jnp.asarray(segments)))
+    np.testing.assert_allclose(again[0, :36], packed[0, :36], atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["dense", "moe"])
+def test_hf_round_trip(variant, dense, moe, tmp_path):
+    """save_hf writes a folder transformers loads as the same architecture with jaxft's
+    logits; its config.json reads back to the same ModelConfig."""
+    path, hf, model = dense if variant == "dense" else moe
+    out = save_hf(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert type(reloaded).__name__ == ("Qwen3_5ForCausalLM" if variant == "dense" else "Qwen3_5MoeForCausalLM")
+    np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(hf, TOKENS), atol=1e-5)
+    saved = json.loads((out / "config.json").read_text())
+    assert config_from_hf(saved) == config_from_hf(json.loads((path / "config.json").read_text()))
+    assert config_from_hf(config_to_hf(model.cfg)) == model.cfg.replace(linear_chunk_size=64)
+
+
+def test_released_checkpoint_layout_loads_as_its_text_model(dense, tmp_path):
+    """A Qwen3_5ForConditionalGeneration-style folder (model_type qwen3_5, the text config nested
+    under text_config, tensors under model.language_model., a vision tower and an mtp head that
+    are not read) loads to the text model's logits."""
+    from safetensors.numpy import load_file, save_file
+
+    path, hf, _ = dense
+    tensors = load_file(path / "model.safetensors")
+    nested = {("model.language_model." + k[len("model."):] if k.startswith("model.") else k): v
+              for k, v in tensors.items()}
+    nested["model.visual.patch_embed.proj.weight"] = np.zeros((4, 4), np.float32)
+    nested["mtp.fc.weight"] = np.zeros((4, 4), np.float32)
+    tmp_path.mkdir(exist_ok=True)
+    save_file(nested, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    text = json.loads((path / "config.json").read_text())
+    text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True, "mrope_section": [11, 11, 10]}
+    outer = {"architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5", "text_config": text,
+             "vision_config": {"depth": 1}, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(outer))
+    model = load_hf(tmp_path)
+    assert model.cfg.model_type == "qwen3_5_text" and model.cfg.rope_scaling is None
+    assert np.abs(np.asarray(model(jnp.asarray(TOKENS))) - hf_logits(hf, TOKENS)).max() < 1e-4
+
+
+def test_greedy_generation_equals_transformers_greedy(dense):
+    """Two prompts of different lengths decoded together (the shorter left-padded: the padding
+    never reaches the conv window or the state), 12 new tokens each: transformers' greedy
+    generate of each prompt alone (prefill: the chunked rule; decode: the recurrence)."""
+    from jaxft.inference import generate as gen
+
+    _, hf, model = dense
+    prompts = [list(TOKENS[0, :11]), list(TOKENS[1, :5])]
+    got = gen.generate(model, prompts, max_new_tokens=12, eos_token_id=[], pad_token_id=0)
+    for prompt, ours in zip(prompts, got):
+        ids = torch.tensor([prompt])  # an explicit mask: transformers would mask a prompt token equal to the pad id
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                           eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert ours == want
+
+
+def test_lora_on_the_linear_projections_exports_a_peft_adapter_that_peft_loads(moe, tmp_path):
+    """Adapters on every projection of the MoE model (the Gated DeltaNet layers' in_proj_qkv /
+    z / b / a and out_proj, the gated q_proj, the routed and shared experts): PEFT's model
+    with the exported folder gives jaxft's logits, and the folder reads back exactly."""
+    peft = pytest.importorskip("peft")
+    from jaxft.models.adapters import init_adapters
+    from jaxft.models.lora import PROJECTIONS, LoRASpec
+    from jaxft.models.peft import load_peft, save_peft
+    from jaxft.parallel import sharding
+
+    path, hf, base = moe
+    cfg = base.cfg.replace(lora=LoRASpec(rank=4, alpha=8.0, targets=PROJECTIONS))
+    mesh = sharding.make_mesh(data=-1)
+    graphdef, adapters = init_adapters(cfg, seed=3, mesh=mesh)
+    assert "in_proj_qkv_lora_a" in adapters["groups"][0][0]["linear_attn"]
+    leaves, tree = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    adapters = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+    _, base_params = nnx.split(base, nnx.Param)
+    ours = np.asarray(nnx.merge(graphdef, adapters, base_params)(jnp.asarray(TOKENS)))
+    assert np.abs(ours - hf_logits(hf, TOKENS)).max() > 1e-2
+    out = save_peft(cfg, adapters, tmp_path / "adapter")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert {"in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "q_proj"} <= set(config["target_modules"])
+    fresh = make_hf(True, 4)  # PeftModel wraps its base in place
+    model = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
+    assert np.abs(ours - hf_logits(model, TOKENS)).max() < 1e-4
+    back = load_peft(out, cfg, mesh)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back)))
+
+
+def test_context_parallelism_is_refused_naming_mesh_sequence(dense):
+    from jaxft.parallel import sharding
+
+    _, _, model = dense
+    mesh = sharding.make_mesh(data=2, sequence=4)
+    with jax.set_mesh(mesh), pytest.raises(ConfigError, match="mesh.sequence"):
+        model(jnp.asarray(np.concatenate([TOKENS, TOKENS])))
+
+
+def _tiny_folder(tmp_path, moe: bool):
+    """A tiny random Qwen3.5 HF folder with the bundled tokenizer (jaxft's init)."""
+    from jaxft.data.from_config import load_bundled_tokenizer
+    from jaxft.models import create_model
+
+    tok = load_bundled_tokenizer()
+    hf_config = {"model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text", **TINY, **(MOE if moe else {}),
+                 "vocab_size": len(tok), "num_hidden_layers": 4, "bos_token_id": tok.bos_token_id,
+                 "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "torch_dtype": "float32",
+                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
+    return save_hf(create_model(config_from_hf(hf_config), seed=7), tmp_path / "hf", tokenizer=tok)
+
+
+def test_sft_learns_and_its_export_loads_in_transformers_with_equal_logits(tmp_path):
+    from tests.test_families import sft_learns_and_exports
+
+    sft_learns_and_exports(_tiny_folder(tmp_path, moe=False), tmp_path, "Qwen3_5ForCausalLM")
+
+
+def test_moe_dpo_starts_at_ln2_and_learns(tmp_path):
+    from tests.test_families import dpo_starts_at_ln2_and_learns
+
+    dpo_starts_at_ln2_and_learns(_tiny_folder(tmp_path, moe=True), tmp_path)
