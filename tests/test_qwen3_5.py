@@ -221,13 +221,14 @@ def test_context_parallelism_is_refused_naming_mesh_sequence(dense):
 
 
 def _tiny_folder(tmp_path, moe: bool):
-    """A tiny random Qwen3.5 HF folder with the bundled tokenizer (jaxft's init)."""
+    """A tiny random Qwen3.5 HF folder with the bundled tokenizer (jaxft's init); the vocabulary
+    has room for the <|endoftext|> that transformers' Qwen3.5 tokenizer class adds on reading it."""
     from jaxft.data.from_config import load_bundled_tokenizer
     from jaxft.models import create_model
 
     tok = load_bundled_tokenizer()
     hf_config = {"model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text", **TINY, **(MOE if moe else {}),
-                 "vocab_size": len(tok), "num_hidden_layers": 4, "bos_token_id": tok.bos_token_id,
+                 "vocab_size": len(tok) + 8, "num_hidden_layers": 4, "bos_token_id": tok.bos_token_id,
                  "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "torch_dtype": "float32",
                  "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}}
     return save_hf(create_model(config_from_hf(hf_config), seed=7), tmp_path / "hf", tokenizer=tok)
@@ -243,3 +244,23 @@ def test_moe_dpo_starts_at_ln2_and_learns(tmp_path):
     from tests.test_families import dpo_starts_at_ln2_and_learns
 
     dpo_starts_at_ln2_and_learns(_tiny_folder(tmp_path, moe=True), tmp_path)
+
+
+@pytest.mark.parametrize("name", ["qwen3_5_0_8b", "qwen3_5_35b_a3b"])
+def test_presets_count_the_params_transformers_builds_and_scan_one_group(name):
+    """The presets' parameter count (ModelConfig.num_params, for `jaxft plan`) equals the model
+    transformers builds from their config.json (on the meta device) and jaxft's own shapes; the
+    3 linear + 1 full pattern is one scanned group whatever the depth."""
+    from jaxft.models import abstract_model, get_preset
+
+    cfg = get_preset(name)
+    hf = config_to_hf(cfg)
+    hf.pop("architectures")
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    want = sum(p.numel() for p in model.parameters())
+    assert cfg.num_params() == want
+    shapes = nnx.state(abstract_model(cfg.with_layers(8)), nnx.Param)
+    assert cfg.with_layers(8).num_params() == sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert cfg.layer_groups() == (LayerGroup(0, 4, cfg.num_layers // 4),)

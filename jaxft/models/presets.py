@@ -35,6 +35,16 @@ _GEMMA3 = dict(_GEMMA, model_type="gemma3_text", qk_norm=True, sliding_window=10
                max_position_embeddings=131072, vocab_size=262208,
                eos_token_id=[1, 106])  # the -it models' config.json: <eos> and <end_of_turn>
 
+# Qwen3.5's parts (jaxft.models.families.qwen3_5): (1 + w) RMSNorms, QK-norm, gated full attention
+# every 4th layer, Gated DeltaNet layers (conv width 4, 128-dim heads) in between.
+_QWEN3_5 = dict(norm="rms_plus_one", qk_norm=True, attn_output_gate=True, linear_key_head_dim=128,
+                linear_value_head_dim=128, linear_conv_kernel=4)
+
+
+def _qwen3_5_layers(num_layers: int) -> tuple[str, ...]:
+    return tuple("full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(num_layers))
+
+
 PRESETS: dict[str, ModelConfig] = {
     # ~1M params: trains on 2 CPU cores in about a minute.
     "tiny": ModelConfig(
@@ -175,6 +185,29 @@ PRESETS: dict[str, ModelConfig] = {
         sliding_window=128, layer_types=("sliding_attention", "full_attention") * 12, activation="clamped_swiglu",
         num_experts=32, experts_per_token=4, norm_topk_prob=True, router_logit_bias=True, expert_bias=True,
         swiglu_limit=7.0, swiglu_alpha=1.702, eos_token_id=200002, pad_token_id=199999,
+    ),
+    # Qwen/Qwen3.5-0.8B's text model: 24 layers, three Gated DeltaNet layers to one gated full-
+    # attention layer (6 x (3 linear + 1 full)), head dim 256 with a quarter of it rotated (theta
+    # 10M), MLP 3,584, 248,320-token vocabulary, 262k context; the sizes its model card gives.
+    # Not from its config.json (not read here): the linear heads (16 key, 16 value, 128 dims, as
+    # the card's "16 for V and 16 for QK") and tied embeddings are our reading; check them with
+    # `config_from_hf` on the checkpoint's config.json before planning for it.
+    "qwen3_5_0_8b": ModelConfig(
+        model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_layers=24,
+        num_heads=8, num_kv_heads=2, head_dim=256, rms_norm_eps=1e-6, rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25, max_position_embeddings=262144, tie_word_embeddings=True, **_QWEN3_5,
+        layer_types=_qwen3_5_layers(24), linear_num_key_heads=16, linear_num_value_heads=16,
+    ),
+    # Qwen/Qwen3.5-35B-A3B's text model: 40 layers (10 x (3 linear + 1 full)), 256 routed experts
+    # of width 512 (8 per token) and a gated shared expert of 512 in every layer; the sizes of its
+    # model card, which transformers' Qwen3_5MoeTextConfig defaults also describe (its linear
+    # heads: 16 key, 32 value, 128 dims); theta 10M.
+    "qwen3_5_35b_a3b": ModelConfig(
+        model_type="qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, intermediate_size=512, num_layers=40,
+        num_heads=16, num_kv_heads=2, head_dim=256, rms_norm_eps=1e-6, rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25, max_position_embeddings=262144, **_QWEN3_5, layer_types=_qwen3_5_layers(40),
+        linear_num_key_heads=16, linear_num_value_heads=32, num_experts=256, experts_per_token=8,
+        moe_intermediate_size=512, norm_topk_prob=True, shared_expert_size=512, shared_expert_gate=True,
     ),
     # microsoft/phi-4 (14,659,507,200 params): a Phi-3 architecture (fused qkv / gate_up
     # tensors in its checkpoint), full attention on every layer, untied, 16k context.
