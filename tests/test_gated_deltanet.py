@@ -41,11 +41,12 @@ def test_chunked_equals_step_by_step(chunk):
     _close(final, ref_final)
 
 
-@pytest.mark.parametrize("segmented", [False, True])
-def test_chunked_gradients_equal_step_by_step(segmented):
+def test_chunked_gradients_equal_step_by_step():
+    """Gradients w.r.t. every input, through segment starts (mid-chunk and on a chunk edge),
+    padding, and the initial state (which the first segment of each row continues)."""
     T = 29
     q, k, v, g, beta, state = _inputs(T, seed=1)
-    segments = np.array([[1] * 5 + [2] * 11 + [3] * 9 + [0] * 4, [0] * 3 + [1] * 26]) if segmented else None
+    segments = np.array([[1] * 5 + [2] * 11 + [3] * 9 + [0] * 4, [0] * 3 + [1] * 26])
     r = np.random.default_rng(2)
     w_out, w_state = r.normal(size=(B, T, H, V)), r.normal(size=(B, H, K, V))
 
@@ -79,19 +80,24 @@ def test_equals_transformers():
 
 def test_state_chains():
     """Two halves, the second started from the first's final state, equal one run (the split off a
-    chunk edge); so does the reference, a token at a time (decoding)."""
+    chunk edge); so do the first half chunked and the rest decoded a token at a time."""
     q, k, v, g, beta, _ = _inputs(40, seed=4)
     whole, whole_final = gated_delta_rule(q, k, v, g, beta, chunk_size=16)
-    cut = lambda x, s: x[:, s]  # noqa: E731
-    first, state = gated_delta_rule(*(cut(x, slice(0, 21)) for x in (q, k, v, g, beta)), chunk_size=16)
-    second, final = gated_delta_rule(*(cut(x, slice(21, 40)) for x in (q, k, v, g, beta)), initial_state=state,
-                                     chunk_size=16)
+    first, state = gated_delta_rule(*(x[:, :20] for x in (q, k, v, g, beta)), chunk_size=16)
+    second, final = gated_delta_rule(*(x[:, 20:] for x in (q, k, v, g, beta)), initial_state=state, chunk_size=16)
     _close(np.concatenate([first, second], axis=1), whole)
     _close(final, whole_final)
-    out, final = gated_delta_rule(*(cut(x, slice(0, 39)) for x in (q, k, v, g, beta)), chunk_size=16)
-    token, final = gated_delta_rule_reference(*(cut(x, slice(39, 40)) for x in (q, k, v, g, beta)), initial_state=final)
-    _close(token, whole[:, 39:])
-    _close(final, whole_final)
+    for t in range(20, 40):
+        token, state = gated_delta_rule_reference(*(x[:, t:t + 1] for x in (q, k, v, g, beta)), initial_state=state)
+        _close(token, whole[:, t:t + 1])
+    _close(state, whole_final)
+
+
+def _alone(q, k, v, g, beta, state, bounds):
+    """Each segment [a, b) of a one-row batch run by itself (the first from `state`): outputs, final states."""
+    runs = [gated_delta_rule_reference(*(x[:, a:b] for x in (q, k, v, g, beta)), initial_state=state if n == 0 else None)
+            for n, (a, b) in enumerate(bounds)]
+    return [out for out, _ in runs], [final for _, final in runs]
 
 
 @pytest.mark.parametrize("rule", ["chunked", "reference"])
@@ -104,10 +110,10 @@ def test_packed_segments_equal_each_alone(rule):
     bounds = [(0, 5), (5, 16), (16, 25)]
     segments = np.array([[1] * 5 + [2] * 11 + [3] * 9 + [0] * 4])
     out, final = run(q, k, v, g, beta, segment_ids=segments, initial_state=state)
-    for n, (a, b) in enumerate(bounds):
-        alone, alone_final = run(*(x[:, a:b] for x in (q, k, v, g, beta)), initial_state=state if n == 0 else None)
-        _close(out[:, a:b], alone)
-    _close(final, alone_final)
+    alone, alone_finals = _alone(q, k, v, g, beta, state, bounds)
+    for (a, b), want in zip(bounds, alone):
+        _close(out[:, a:b], want)
+    _close(final, alone_finals[-1])
     assert not np.asarray(out[:, 25:]).any()
     noisy = [x.copy() for x in (q, k, v, g, beta)]
     for x in noisy:
@@ -120,22 +126,22 @@ def test_packed_segments_equal_each_alone(rule):
 def test_left_padding_and_padding_between_segments():
     """Left padding then a segment equals the segment alone; a segment whose id repeats after
     padding continues its state (the padding is skipped, not a reset)."""
-    q, k, v, g, beta, _ = _inputs(24, seed=6, batch=1)
-    segments = np.array([[0] * 6 + [1] * 18])
+    q, k, v, g, beta, _ = _inputs(29, seed=6, batch=1)
+    segments = np.array([[0] * 6 + [1] * 23])
     out, final = gated_delta_rule(q, k, v, g, beta, segment_ids=segments, chunk_size=8)
-    alone, alone_final = gated_delta_rule(*(x[:, 6:] for x in (q, k, v, g, beta)), chunk_size=8)
+    (alone,), (alone_final,) = _alone(q, k, v, g, beta, None, [(6, 29)])
     _close(out[:, 6:], alone)
     _close(final, alone_final)
-    keep = np.r_[0:10, 13:24]
-    segments = np.array([[1] * 10 + [0] * 3 + [1] * 11])
+    keep = np.r_[0:10, 13:29]
+    segments = np.array([[1] * 10 + [0] * 3 + [1] * 16])
     out, final = gated_delta_rule(q, k, v, g, beta, segment_ids=segments, chunk_size=8)
-    squeezed, squeezed_final = gated_delta_rule(*(x[:, keep] for x in (q, k, v, g, beta)), chunk_size=8)
+    squeezed, squeezed_final = gated_delta_rule_reference(*(x[:, keep] for x in (q, k, v, g, beta)))
     _close(out[:, keep], squeezed)
     _close(final, squeezed_final)
 
 
 def test_low_precision_inputs():
-    q, k, v, g, beta, _ = _inputs(20, seed=7)
+    q, k, v, g, beta, _ = _inputs(37, seed=7)
     out, final = gated_delta_rule(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), g, beta, chunk_size=8)
     assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
     with pytest.raises(ValueError, match="multiple"):

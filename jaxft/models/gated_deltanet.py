@@ -91,14 +91,12 @@ def _check_shapes(q, k, v, g, beta):
         raise ValueError(f"{H} value heads are not a multiple of {G} query/key heads")
 
 
-def _heads(q, k, H, l2_normalize):
-    """q, k [..., G, K] -> float32 [..., H, K]: l2-normalized (if asked), q scaled by K**-0.5, each
-    head repeated for its H // G value heads."""
+def _normalize(q, k, l2_normalize):
+    """q, k [..., K] -> float32, l2-normalized (if asked), q scaled by K**-0.5."""
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     if l2_normalize:
         q, k = _l2norm(q), _l2norm(k)
-    q = q * q.shape[-1] ** -0.5
-    return tuple(jnp.repeat(x, H // x.shape[-2], axis=-2) for x in (q, k))
+    return q * q.shape[-1] ** -0.5, k
 
 
 def _gates(g, beta, segment_ids):
@@ -129,7 +127,7 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, segment_ids=None, initial_st
     H, V = v.shape[2:]
     out_dtype = q.dtype
     _check_shapes(q, k, v, g, beta)
-    q, k = _heads(q, k, H, l2_normalize)
+    q, k = (jnp.repeat(x, H // x.shape[2], axis=2) for x in _normalize(q, k, l2_normalize))  # [B, T, H, K]
     g, beta, valid, runs = _gates(g, beta, segment_ids)
     v = v.astype(jnp.float32)
     starts = jnp.pad(runs[:, 1:] != runs[:, :-1], ((0, 0), (1, 0)))
@@ -146,15 +144,6 @@ def gated_delta_rule_reference(q, k, v, g, beta, *, segment_ids=None, initial_st
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta, starts, valid))
     S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), xs)
     return jnp.moveaxis(out, 0, 1).astype(out_dtype), S
-
-
-def _chunks(x, L):
-    """[B, T, ...] zero-padded to N*L and split, chunks first: [N, B, L, ...] (for B = 1 no copy
-    but the padding)."""
-    B, T = x.shape[:2]
-    N = -(-T // L)
-    x = jnp.pad(x, [(0, 0), (0, N * L - T)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(B, N, L, *x.shape[2:]), 1, 0)
 
 
 def _unit_lower_inverse(N, leaf: int = 16):
@@ -178,33 +167,56 @@ def _unit_lower_inverse(N, leaf: int = 16):
 
 
 def _chunk_step(S, chunk, *, l2_normalize, out_dtype):
-    """One chunk of the gated delta rule from the state S [B, H, K, V] carried into it.
+    """One chunk of one row from the state S [H, K, V] carried into it.
 
-    chunk, as the caller gave it (normalized and laid out here, in cache): q, k [B, L, G, K];
-    v [B, L, H, V]; g, beta [B, L, H]; runs [B, L] (run ids); before [B] (the run of the position
-    before the chunk). Returns (S after it, out [B, L, H, V] in out_dtype).
+    chunk: q, k [L, G, K]; v [L, H, V]; g, beta [L, H] (float32); runs [L] (run ids); before []
+    (the run of the position before the chunk). Normalized and laid out here, in cache, with the
+    value heads grouped [G, H // G, ...] so that each q / k head's products are computed once.
+    Returns (S after the chunk, out [L, H, V] in out_dtype).
     """
     q, k, v, g, beta, runs, before = chunk
-    H, L = v.shape[2], v.shape[1]
-    q, k = (jnp.swapaxes(x, 1, 2) for x in _heads(q, k, H, l2_normalize))  # [B, H, L, K]
-    v = jnp.swapaxes(v.astype(jnp.float32), 1, 2)
-    g, beta = jnp.swapaxes(g, 1, 2), jnp.swapaxes(beta, 1, 2)  # [B, H, L]
-    runs, before = runs[:, None], before[:, None, None]
-    gamma = jnp.cumsum(g, axis=-1)  # log decay from the chunk's start, [B, H, L]
+    L, G, K = q.shape
+    H, V = v.shape[1:]
+    q, k = (jnp.swapaxes(x, 0, 1)[:, None] for x in _normalize(q, k, l2_normalize))  # [G, 1, L, K]
+    v_beta = jnp.swapaxes(v.astype(jnp.float32) * beta[..., None], 0, 1).reshape(G, H // G, L, V)
+    g, beta = (x.T.reshape(G, H // G, L) for x in (g, beta))
+    S = S.reshape(G, H // G, K, V)
+    runs = runs.reshape(1, 1, L)
+    gamma = jnp.cumsum(g, axis=-1)  # log decay from the chunk's start
     keeps = (runs == before).astype(jnp.float32)  # still in the run the carried state belongs to
     causal = jnp.tril(jnp.ones((1, 1, L, L), bool))
-    same = (runs[..., :, None] == runs[..., None, :]) & causal  # [B, 1, L, L]
+    same = (runs[..., :, None] == runs[..., None, :]) & causal  # [1, 1, L, L]
     # D_ij = exp(gamma_i - gamma_j) within a run, j <= i; the inner where keeps exp finite (and its gradient)
     decay = jnp.where(same, jnp.exp(jnp.where(same, gamma[..., :, None] - gamma[..., None, :], 0.0)), 0.0)
-    strictly_lower = jnp.tril(beta[..., :, None] * (k @ jnp.swapaxes(k, -1, -2)) * decay, -1)
+    k_t = jnp.swapaxes(k, -1, -2)  # [G, 1, K, L]
+    strictly_lower = jnp.tril(beta[..., :, None] * (k @ k_t) * decay, -1)
     k_read = k * (beta * jnp.exp(gamma) * keeps)[..., None]  # how each position reads S
-    delta = _unit_lower_inverse(strictly_lower) @ (beta[..., None] * v - k_read @ S)
-    attn = (q @ jnp.swapaxes(k, -1, -2)) * decay
+    delta = _unit_lower_inverse(strictly_lower) @ (v_beta - k_read @ S)
+    attn = (q @ k_t) * decay
     out = (q * (jnp.exp(gamma) * keeps)[..., None]) @ S + attn @ delta
-    last = runs[..., -1:] == runs  # [B, 1, L]: positions in the run the chunk ends in
-    k_write = k * jnp.where(last, jnp.exp(jnp.where(last, gamma[..., -1:] - gamma, 0.0)), 0.0)[..., None]
-    carry = (jnp.exp(gamma[..., -1:]) * keeps[..., -1:])[..., None]  # [B, H, 1, 1]
-    return carry * S + jnp.swapaxes(k_write, -1, -2) @ delta, jnp.swapaxes(out, 1, 2).astype(out_dtype)
+    last = runs[..., -1:] == runs  # positions in the run the chunk ends in
+    # k^T scaled, not (k scaled)^T: the matmul then takes both operands as they lie
+    k_write_t = k_t * jnp.where(last, jnp.exp(jnp.where(last, gamma[..., -1:] - gamma, 0.0)), 0.0)[..., None, :]
+    carry = (jnp.exp(gamma[..., -1:]) * keeps[..., -1:])[..., None]
+    S = carry * S + k_write_t @ delta
+    return S.reshape(H, K, V), jnp.swapaxes(out.reshape(H, L, V), 0, 1).astype(out_dtype)
+
+
+def _rule_row(q, k, v, g, beta, runs, state, *, chunk_size, l2_normalize, out_dtype):
+    """One row: q, k [T, G, K]; v [T, H, V]; g, beta [T, H] (float32); runs [T]; state [H, K, V].
+    Returns (out [T, H, V], final state [H, K, V])."""
+    T, H, V = v.shape
+    L = min(chunk_size, T)
+    N = -(-T // L)
+    pad = [(0, N * L - T)]
+    # padded positions continue the last run: they are inert (g = beta = 0, out sliced off)
+    chunks = [jnp.pad(x, pad + [(0, 0)] * (x.ndim - 1)).reshape(N, L, *x.shape[1:]) for x in (q, k, v, g, beta)]
+    runs = jnp.pad(runs, pad, mode="edge").reshape(N, L)
+    before = jnp.pad(runs[:-1, -1], (1, 0))  # the run of the position before each chunk
+    step = functools.partial(_chunk_step, l2_normalize=l2_normalize, out_dtype=out_dtype)
+    step = jax.checkpoint(step, prevent_cse=False)
+    state, out = jax.lax.scan(step, state, (*chunks, runs, before))
+    return out.reshape(N * L, H, V)[:T], state
 
 
 def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, chunk_size=64, l2_normalize=True):
@@ -220,24 +232,21 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, 
         (I + strictly_lower(beta_i k_i.k_j D_ij)) delta = beta v - beta exp(gamma) k S_0
     (the WY / UT form), so a chunk costs a few matmuls with S_0:
         o = exp(gamma) q S_0 + (q k^T * D) delta,   S_L = exp(gamma_L) S_0 + (exp(gamma_L - gamma) k)^T delta.
-    A `lax.scan` runs the chunks, each whole inside the scan's body so its [L, L] and [L, D]
-    intermediates stay in cache. Segment starts inside a chunk cut D and keep S_0 from the
+    A `lax.scan` runs the chunks of a row (rows by `vmap`), each chunk whole inside the scan's
+    body (under `jax.checkpoint`: the backward keeps one state per chunk) so its [L, L] and
+    [L, D] intermediates stay in cache. Segment starts inside a chunk cut D and keep S_0 from the
     positions after them (masks, not a large negative g, so the cumulative sums lose no precision).
     """
     B, T, _, K = q.shape
     H, V = v.shape[2:]
     _check_shapes(q, k, v, g, beta)
+    row = functools.partial(_rule_row, chunk_size=chunk_size, l2_normalize=l2_normalize, out_dtype=q.dtype)
     g, beta, valid, runs = _gates(g, beta, segment_ids)
-    L = min(chunk_size, T)
-    N = -(-T // L)
-    # padded positions continue the last run: they are inert (g = beta = 0, out sliced off)
-    runs = jnp.pad(runs, ((0, 0), (0, N * L - T)), mode="edge")
-    chunks = tuple(_chunks(x, L) for x in (q, k, v, g, beta, runs))  # [N, B, L, ...]
-    before = jnp.pad(chunks[-1][:-1, :, -1], ((1, 0), (0, 0)))  # [N, B]
-    step = functools.partial(_chunk_step, l2_normalize=l2_normalize, out_dtype=q.dtype)
-    step = jax.checkpoint(step, prevent_cse=False)
-    S, out = jax.lax.scan(step, _initial_state(initial_state, B, H, K, V), chunks + (before,))
-    out = jnp.moveaxis(out, 0, 1).reshape(B, N * L, H, V)[:, :T]
+    args = (q, k, v, g, beta, runs, _initial_state(initial_state, B, H, K, V))
+    if B == 1:  # no vmap: its batched scan would lay each input out again, a whole extra copy
+        out, state = (x[None] for x in row(*(x[0] for x in args)))
+    else:
+        out, state = jax.vmap(row)(*args)
     if segment_ids is not None:
         out = jnp.where(valid[..., None, None], out, 0)
-    return out, S
+    return out, state
