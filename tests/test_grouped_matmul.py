@@ -111,6 +111,43 @@ def test_blocks_run_only_the_used_blocks_and_several_kernels_in_one_loop():
     _assert_same(grads, want)
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_whole_expert_mlp_in_one_block_loop_equals_the_two_loops(activation, dtype):
+    """`block_mlp` (gate, up, activation and down per block in one loop; its backward one loop
+    that recomputes gate and up) equals `block_matmul` twice with the activation between, in
+    outputs and in the gradients of rows and kernels; rows of skipped blocks give zeros. In
+    bfloat16 the fused loop keeps the hidden block in float32 where the two loops round it to
+    bfloat16 first: equal to bfloat16's precision."""
+    from jaxft.models.parts import ACTIVATIONS
+
+    act = ACTIVATIONS[activation]
+    (x, gate, up, down), _, experts = _problem("all_to_one")
+    rows = gm.block_rows(experts, X, block=8)
+    xs = jnp.take(x, rows.pair_at // K, axis=0, mode="fill", fill_value=0).astype(dtype)
+    kernels = tuple(w.astype(dtype) for w in (gate, up, down))
+    cotangent = jnp.cos(jnp.arange(xs.size, dtype=jnp.float32)).reshape(xs.shape)
+
+    def fused(xs, gate, up, down):
+        return gm.block_mlp(xs, gate, up, down, rows.groups, act)
+
+    def two_loops(xs, gate, up, down):
+        g, u = gm.block_matmul(xs, (gate, up), rows.groups)
+        return gm.block_matmul(act(g) * u, down, rows.groups)
+
+    def loss(mlp, *args):
+        return jnp.sum(mlp(*args).astype(jnp.float32) * cotangent)
+
+    got, want = (jax.jit(jax.value_and_grad(functools.partial(loss, mlp), argnums=(0, 1, 2, 3)))(xs, *kernels)
+                 for mlp in (fused, two_loops))
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        scale = float(np.abs(np.asarray(w, np.float32)).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), atol=tol * scale, rtol=tol)
+    y = np.asarray(jax.jit(fused)(xs, *kernels), np.float32)
+    assert not y[np.asarray(rows.pair_at) == T * K].any()  # padding rows and skipped blocks: zeros
+
+
 def test_auto_picks_the_layout_of_the_platform_and_a_bad_name_names_the_key():
     assert [gm.resolve("auto", p) for p in ("cpu", "tpu", "gpu")] == ["blocks", "gmm", "ragged"]
     assert gm.resolve("ragged", "tpu") == "ragged"

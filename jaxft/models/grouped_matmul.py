@@ -18,6 +18,7 @@ E input width, F output width.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -102,23 +103,42 @@ def block_matmul(x_PE: jax.Array, w_XEF, expert_N: jax.Array):
     return _blocks(x_PE, (w_XEF,), expert_N)[0]
 
 
-def _blocks_f32(x_PE, expert_N):
-    """x as [N, B, E] float32 blocks. The loops run in float32 whatever the dtype: XLA:CPU
-    computes a bfloat16 dot in float32 anyway, and writing a bfloat16 block into a loop's
-    stacked output makes it convert the whole [N, B, F] output to float32 and back on every
-    block (N^2 traffic: 40% of the moe_bench step before this)."""
-    return x_PE.astype(jnp.float32).reshape(expert_N.shape[0], -1, x_PE.shape[-1])
+def _by_block(x_PE, expert_N):
+    """x as [N, B, E] blocks."""
+    return x_PE.reshape(expert_N.shape[0], -1, x_PE.shape[-1])
+
+
+def _dot(a, b, contract=((1,), (0,))):
+    """a @ b (or another contraction) of two arrays of the compute dtype, accumulated and
+    returned in float32. On XLA:CPU a bfloat16 x bfloat16 -> float32 dot runs on the CPU's
+    bfloat16 instructions (2-4x the float32 dot's speed at a [256, 256] x [256, 512] block);
+    the loops' outputs stay float32, since writing a bfloat16 block into a loop's stacked output
+    makes XLA:CPU convert the whole [N, B, F] buffer to float32 and back on every block."""
+    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _t_dot(a, b):  # a @ b.T
+    return _dot(a, b, ((1,), (1,)))
+
+
+def _dot_t(a, b):  # a.T @ b
+    return _dot(a, b, ((0,), (0,)))
+
+
+def _add_at(dw_XEF, e, dw_EF):
+    """dw[e] += dw_EF, in place in a loop."""
+    return jax.lax.dynamic_update_index_in_dim(dw_XEF, dw_XEF[e] + dw_EF, e, 0)
 
 
 @jax.custom_vjp
 def _blocks(x_PE: jax.Array, ws: tuple, expert_N: jax.Array) -> tuple:
     X, N = ws[0].shape[0], expert_N.shape[0]
-    x_NBE = _blocks_f32(x_PE, expert_N)
-    ws32 = tuple(w.astype(jnp.float32) for w in ws)
+    x_NBE = _by_block(x_PE, expert_N)
+    ws = tuple(w.astype(x_PE.dtype) for w in ws)
 
     def body(n, ys):
         x_BE, e = x_NBE[n], expert_N[n]
-        return tuple(jax.lax.dynamic_update_index_in_dim(y, x_BE @ w[e], n, 0) for y, w in zip(ys, ws32))
+        return tuple(jax.lax.dynamic_update_index_in_dim(y, _dot(x_BE, w[e]), n, 0) for y, w in zip(ys, ws))
 
     ys = tuple(jnp.zeros((N, x_NBE.shape[1], w.shape[-1]), jnp.float32) for w in ws)
     ys = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body, ys)
@@ -134,24 +154,91 @@ def _blocks_bwd(residuals, dys):
     block's x^T dy added to its expert's slice in place), cast to the kernels' dtype at the end.
     Only the used blocks run; the others' dx stay zeros."""
     x_PE, ws, expert_N = residuals
-    X = ws[0].shape[0]
-    x_NBE = _blocks_f32(x_PE, expert_N)
-    dys = tuple(_blocks_f32(dy, expert_N) for dy in dys)
-    ws32 = tuple(w.astype(jnp.float32) for w in ws)
+    X, dtype = ws[0].shape[0], x_PE.dtype
+    x_NBE = _by_block(x_PE, expert_N)
+    dys = tuple(_by_block(dy.astype(dtype), expert_N) for dy in dys)
+    wc = tuple(w.astype(dtype) for w in ws)
 
     def body(n, carry):
         dx_NBE, dws = carry
         e, x_BE = expert_N[n], x_NBE[n]
-        dx_BE = sum(dy[n] @ w[e].T for dy, w in zip(dys, ws32))
-        dws = tuple(jax.lax.dynamic_update_index_in_dim(dw, dw[e] + x_BE.T @ dy[n], e, 0) for dw, dy in zip(dws, dys))
+        dx_BE = sum(_t_dot(dy[n], w[e]) for dy, w in zip(dys, wc))
+        dws = tuple(_add_at(dw, e, _dot_t(x_BE, dy[n])) for dw, dy in zip(dws, dys))
         return jax.lax.dynamic_update_index_in_dim(dx_NBE, dx_BE, n, 0), dws
 
-    dx_NBE, dws = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body,
-                                    (jnp.zeros_like(x_NBE), tuple(jnp.zeros(w.shape, jnp.float32) for w in ws)))
-    return dx_NBE.reshape(x_PE.shape).astype(x_PE.dtype), tuple(dw.astype(w.dtype) for dw, w in zip(dws, ws)), None
+    init = (jnp.zeros(x_NBE.shape, jnp.float32), tuple(jnp.zeros(w.shape, jnp.float32) for w in ws))
+    dx_NBE, dws = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body, init)
+    return dx_NBE.reshape(x_PE.shape).astype(dtype), tuple(dw.astype(w.dtype) for dw, w in zip(dws, ws)), None
 
 
 _blocks.defvjp(_blocks_fwd, _blocks_bwd)
+
+
+def block_mlp(x_PE: jax.Array, gate_XEF, up_XEF, down_XFE, expert_N: jax.Array, activation):
+    """The whole gated MLP of each row's expert, act(x @ gate) * up @ down, over the rows in
+    blocks of P / N (`block_rows`), in one loop: [P, E] in x's dtype. Blocks of expert X are
+    skipped and give zeros. activation: an elementwise function (`parts.ACTIVATIONS`).
+
+    One loop instead of `block_matmul`'s two: the [B, F] hidden block stays in the loop (float32,
+    cast to x's dtype for the down projection, as the unfused MLP's hidden units are) rather than
+    two [P, F] buffers written, converted and read back whole. Its backward is one loop too,
+    which recomputes each block's gate and up (nothing [P, F] is kept between the passes) and
+    adds each block's kernel gradients into its expert's slices in place."""
+    return _block_mlp(x_PE, (gate_XEF, up_XEF, down_XFE), expert_N, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _block_mlp(x_PE, ws, expert_N, act):
+    X, dtype = ws[0].shape[0], x_PE.dtype
+    x_NBE = _by_block(x_PE, expert_N)
+    wg, wu, wd = (w.astype(dtype) for w in ws)
+
+    def body(n, y_NBE):
+        e = expert_N[n]
+        x_BE = x_NBE[n]
+        h = act(_dot(x_BE, wg[e])) * _dot(x_BE, wu[e])
+        return jax.lax.dynamic_update_index_in_dim(y_NBE, _dot(h.astype(dtype), wd[e]), n, 0)
+
+    y_NBE = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body, jnp.zeros(x_NBE.shape, jnp.float32))
+    return y_NBE.reshape(x_PE.shape).astype(dtype)
+
+
+def _block_mlp_fwd(x_PE, ws, expert_N, act):
+    return _block_mlp(x_PE, ws, expert_N, act), (x_PE, ws, expert_N)
+
+
+def _block_mlp_bwd(act, residuals, dy_PE):
+    """Per block, in the transposed space: XLA:CPU runs a dot that contracts both operands'
+    leading axis (x^T dy, for a kernel's gradient) at a third of the speed of x @ w or
+    x @ w^T, so the loop computes the hidden block transposed ([F, B]: gate^T = gate_kernel^T
+    x^T), which makes every kernel gradient (h^T dy, g^T x) and dx^T (= gate_kernel dg^T + ...)
+    a plain product; dx and the gate / up gradients are transposed back once after the loop."""
+    x_PE, ws, expert_N = residuals
+    X, dtype = ws[0].shape[0], x_PE.dtype
+    x_NBE = _by_block(x_PE, expert_N)
+    dy_NBE = _by_block(dy_PE.astype(dtype), expert_N)
+    wg, wu, wd = (w.astype(dtype) for w in ws)
+    wg_T, wu_T = jnp.swapaxes(wg, 1, 2), jnp.swapaxes(wu, 1, 2)  # [X, F, E]
+
+    def body(n, carry):
+        dx_NEB, (dwg_T, dwu_T, dwd) = carry
+        e, x_BE, dy_BE = expert_N[n], x_NBE[n], dy_NBE[n]
+        h_FB, hidden_vjp = jax.vjp(lambda g, u: act(g) * u, _t_dot(wg_T[e], x_BE), _t_dot(wu_T[e], x_BE))
+        dwd = _add_at(dwd, e, _dot(h_FB.astype(dtype), dy_BE))
+        dg_FB, du_FB = (d.astype(dtype) for d in hidden_vjp(_t_dot(wd[e], dy_BE)))
+        dx_EB = _dot(wg[e], dg_FB) + _dot(wu[e], du_FB)
+        dwg_T, dwu_T = _add_at(dwg_T, e, _dot(dg_FB, x_BE)), _add_at(dwu_T, e, _dot(du_FB, x_BE))
+        return jax.lax.dynamic_update_index_in_dim(dx_NEB, dx_EB, n, 0), (dwg_T, dwu_T, dwd)
+
+    N, B, E = x_NBE.shape
+    init = (jnp.zeros((N, E, B), jnp.float32), tuple(jnp.zeros(w.shape, jnp.float32) for w in (wg_T, wu_T, wd)))
+    dx_NEB, (dwg_T, dwu_T, dwd) = jax.lax.fori_loop(0, _used_blocks(expert_N, X), body, init)
+    dx_PE = jnp.swapaxes(dx_NEB, 1, 2).reshape(x_PE.shape).astype(dtype)
+    dws = (jnp.swapaxes(dwg_T, 1, 2), jnp.swapaxes(dwu_T, 1, 2), dwd)
+    return dx_PE, tuple(dw.astype(w.dtype) for dw, w in zip(dws, ws)), None
+
+
+_block_mlp.defvjp(_block_mlp_fwd, _block_mlp_bwd)
 
 
 _GMM_TILE = 128  # rows a tile of the Pallas grouped matmul (megablox `gmm`)

@@ -95,6 +95,10 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     def adapted(name, x_P, y_P):  # a projection's outputs plus the rows' expert adapters
         return y_P if adapt is None else adapt(name, x_P, y_P, grouped, rows.groups)
 
+    if grouped is grouped_matmul.block_matmul and biases is None and adapt is None and activation in ACTIVATIONS:
+        # the whole MLP in one loop over the blocks (CPU)
+        y = grouped_matmul.block_mlp(xs, gate_XEF, up_XEF, down_XFE, rows.groups, ACTIVATIONS[activation])
+        return _combine(x_TE, y, weights_TK, rows.pair_at, token_P)
     # gate and up read the same rows: one grouped matmul of both kernels (one loop over blocks)
     gate_h, up_h = grouped(xs, (gate_XEF, up_XEF), rows.groups)
     gate_h, up_h = adapted("gate_proj", xs, gate_h), adapted("up_proj", xs, up_h)
@@ -109,8 +113,13 @@ def dropless_experts(x_TE, weights_TK, experts_TK, gate_XEF, up_XEF, down_XFE, a
     y = adapted("down_proj", h, grouped(h, down_XFE, rows.groups))
     if biases is not None:
         y = y + jnp.take(biases[2], expert_P, axis=0, mode="fill", fill_value=0)
-    y = y * jnp.take(weights_TK.reshape(-1), rows.pair_at, mode="fill", fill_value=0).astype(y.dtype)[:, None]
-    return jnp.zeros_like(x_TE).at[token_P].add(y, mode="drop")
+    return _combine(x_TE, y, weights_TK, rows.pair_at, token_P)
+
+
+def _combine(x_TE, y_PE, weights_TK, pair_at, token_P):
+    """Each token's sum of its rows' outputs times their routing weights: [T, E]."""
+    y_PE = y_PE * jnp.take(weights_TK.reshape(-1), pair_at, mode="fill", fill_value=0).astype(y_PE.dtype)[:, None]
+    return jnp.zeros_like(x_TE).at[token_P].add(y_PE, mode="drop")
 
 
 def router_stats(probs_TX, experts_TK, mask_T, logits_TX):
