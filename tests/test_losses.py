@@ -68,6 +68,24 @@ def test_full_token_logps_match_float64_log_softmax_and_argmax():
     np.testing.assert_array_equal(correct, ref.argmax(-1) == np.asarray(targets))
 
 
+@pytest.mark.parametrize("vocab", [8192, 1000, 97])
+def test_first_argmax_is_argmax_with_ties_going_to_the_first(vocab):
+    """The losses' argmax (`chunk_plan.first_argmax`: block maxima, then inside the first block
+    holding the maximum) is numpy's, ties included: small integers tie often, all-equal rows
+    tie everywhere, a maximum in the last entry; 97 is prime (no blocks: a plain argmax)."""
+    from jaxft.losses.chunk_plan import first_argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (2, 40, vocab)).astype(np.float32)
+    x[0, :5] = 0.0
+    x[0, 5, -1] = 9.0
+    x[1, 0, ::7] = 5.0
+    got = np.asarray(jax.jit(first_argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, x.argmax(-1))
+    y = rng.normal(size=(3, vocab)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(first_argmax(jnp.asarray(y))), y.argmax(-1))
+
+
 def test_mean_token_accuracy_counts_only_targets():
     correct = jnp.array([[True, False, True, True]])
     mask = jnp.array([[1, 1, 0, 1]])

@@ -55,6 +55,30 @@ class Plan:
         return gather_rows(compact_GxP[:, :tokens], self.inverse)
 
 
+def _divisor_near_sqrt(n: int) -> int:
+    """The divisor of n nearest sqrt(n) from below (1 for a prime)."""
+    d = int(n ** 0.5)
+    while n % d:
+        d -= 1
+    return d
+
+
+def first_argmax(x):
+    """jnp.argmax over the last axis (the first index of the maximum), in two short passes:
+    the maximum of each block of about sqrt(V) entries, the first block holding the overall
+    maximum, then the first maximum inside that block. XLA:CPU lowers a direct argmax over a
+    long axis as a scalar variadic reduce: 68 ms for [2,048, 8,192] float32 logits against
+    4 ms this way (1.5 ms for a plain max)."""
+    *lead, vocab = x.shape
+    width = _divisor_near_sqrt(vocab)
+    if width < 8:  # a prime-ish vocabulary: no useful blocks
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    blocks = x.reshape(*lead, vocab // width, width)
+    block = jnp.argmax(jnp.max(blocks, axis=-1), axis=-1)
+    inside = jnp.take_along_axis(blocks, block[..., None, None], axis=-2)[..., 0, :]
+    return (block * width + jnp.argmax(inside, axis=-1)).astype(jnp.int32)
+
+
 def chunk_logits(h_GxCxE, w_ExV, cap):
     # f32 accumulation so bf16 activations still give f32 logits, as the full path does.
     return softcap(jnp.einsum("gce,ev->gcv", h_GxCxE, w_ExV, preferred_element_type=jnp.float32), cap)

@@ -36,7 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxft.losses.chunk_plan import Plan, chunk_logits, gather_rows
+from jaxft.losses.chunk_plan import Plan, chunk_logits, first_argmax, gather_rows
 
 # train.loss_chunk_size = -1: chunks sized so that one chunk's f32 logits (per device) take about
 # this many bytes: ~64 MiB, 128 tokens at a 128k vocabulary, 512 at 32k (jaxft bench measures).
@@ -84,7 +84,7 @@ def _forward(h_GxMxE, w_ExV, t_GxM, mask_GxM, chunk, softcap):
         t = gather_rows(t_GxM, index)
         chunk_lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        hit = (jnp.argmax(logits, axis=-1) == t) & valid
+        hit = (first_argmax(logits) == t) & valid
         put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=j * chunk, axis=1)
         return (j + 1, put(logps, jnp.where(valid, picked - chunk_lse, 0.0)), put(lse, chunk_lse),
                 put(correct, hit), put(means, jnp.where(valid, jnp.mean(logits, axis=-1), 0.0)))

@@ -15,6 +15,8 @@ token at t + 1, so `shift_targets` turns (tokens, loss_mask) into per-position t
 import jax
 import jax.numpy as jnp
 
+from jaxft.losses.chunk_plan import first_argmax
+
 
 def shift_targets(tokens: jax.Array, loss_mask: jax.Array, segment_ids: jax.Array):
     """Aligns targets with the model outputs that predict them.
@@ -49,7 +51,7 @@ def _logps_and_correct(logits_f32: jax.Array, targets: jax.Array):
     # logsumexp + gather instead of a full log_softmax: one fewer [..., V] temporary.
     lse = jax.nn.logsumexp(logits_f32, axis=-1)
     picked = jnp.take_along_axis(logits_f32, targets[..., None], axis=-1)[..., 0]
-    correct = jnp.argmax(logits_f32, axis=-1) == targets
+    correct = first_argmax(logits_f32) == targets
     return picked - lse, correct
 
 
