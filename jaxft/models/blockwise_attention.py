@@ -75,11 +75,13 @@ def _flash_fwd(q, k, v, qseg, kvseg, q_offset, window, softcap):
         lo, hi = _kv_range(n, T, C, M, q_offset, window)
         mx, l, acc = lax.fori_loop(lo, hi, kv_step, init)
         safe_l = jnp.where(l > 0, l, 1.0)  # l == 0: no allowed key (padding query) -> output 0
-        out = (acc / safe_l[..., None]).astype(q.dtype)
+        # float32 out of the scan, cast once after it: XLA:CPU writes a bfloat16 block into the
+        # scan's stacked output by converting the whole buffer to float32 and back each block.
+        out = acc / safe_l[..., None]
         return None, (out, jnp.where(l > 0, mx + jnp.log(safe_l), 0.0))
 
     _, (out, lse) = lax.scan(q_block, None, (q, qseg, jnp.arange(N)))
-    return out, lse
+    return out.astype(q.dtype), lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
