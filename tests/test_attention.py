@@ -188,6 +188,31 @@ def test_softcapped_decode_matches_the_reference(name):
                               q_offset=jnp.int32(20), window=5, logit_softcap=SOFTCAP, block_q=4, block_k=8)
 
 
+def _single(q, k, v, mask, block_q=None, block_k=None, logit_softcap=None):
+    return attention.single_query(q, k, v, mask, logit_softcap=logit_softcap)
+
+
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (5, SOFTCAP)], ids=["full", "window", "capped"])
+def test_single_query_decode_matches_the_reference(window, softcap):
+    # One query a row at slot 23 of the cache: row 1's is padding (a finished row).
+    _assert_matches_reference(_single, (2, 1, 32, 4, 2, 8, 1, 4.0 if softcap else 1.0), CACHE[:, 23:24], CACHE,
+                              q_offset=jnp.int32(23), window=window, logit_softcap=softcap)
+
+
+def test_attend_runs_one_query_rows_without_blocks_and_with_sinks():
+    """L == 1 goes to single_query under any implementation but reference (no key-block loop in
+    the program); with sinks it equals the reference's sink softmax."""
+    q, k, v, _ = _qkv(2, 1, 32, 4, 2, 8, 1)
+    seg = dict(q_segment_ids_BL=jnp.asarray(CACHE[:, 22:23]), kv_segment_ids_BS=jnp.asarray(CACHE), q_offset=22)
+    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0])
+    ref = BACKENDS["reference"](q, k, v, AttentionMask(seg["q_segment_ids_BL"], seg["kv_segment_ids_BS"], 22),
+                                sinks_H=sinks)
+    for implementation in ("blockwise", "xla", "auto"):
+        run = functools.partial(attend, implementation=implementation, **seg)
+        assert "while" not in str(jax.make_jaxpr(run)(q, k, v)), implementation
+        np.testing.assert_allclose(run(q, k, v, sinks_H=sinks), ref, atol=ATOL, err_msg=implementation)
+
+
 def _via_attend(implementation):
     """`attend` with a backend's signature: under a "sequence" mesh it splits per shard."""
     def run(q, k, v, mask, **opts):

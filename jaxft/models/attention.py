@@ -29,6 +29,8 @@ blockwise):
   splash     the Pallas TPU splash kernel (q_offset == 0, L == S, L % 128 == 0; else blockwise),
              run per shard under the ambient mesh (`jax.set_mesh`): Mosaic cannot be auto-sharded.
              The soft-cap is the kernel's own `attn_logits_soft_cap`.
+One query a row (L == 1: a decode step against a KV cache) runs `single_query` under every
+backend but reference: sums of products read from the cache's own [B, S, K, D] layout, no blocks.
 """
 
 from __future__ import annotations
@@ -192,6 +194,36 @@ def splash(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, block_q=None, block_k
     return _per_shard(run, q_BLHD, k_BSKD, v_BSKD, mask.q_segment_ids_BL, mask.kv_segment_ids_BS)
 
 
+# --- one query row (a decode step) ------------------------------------------------------------
+
+
+def single_query(q_BLHD, k_BSKD, v_BSKD, mask: AttentionMask, *, logit_softcap=None, sinks_H=None):
+    """One query per row (L == 1: a decode step against a KV cache) read straight from the cache's
+    [B, S, K, D] layout: scores and output are products summed over D and over S (no dot), so
+    XLA copies no [B, K, S, D] transpose of the whole cache per layer and step, as a batched
+    dot over (B, K) makes it do on CPU (smollm2_135m, 16 rows, 320 slots: 7.8 MB a layer).
+    The math of `reference` (f32 softmax, soft-cap, sinks); [B, 1, H, D] in q's dtype."""
+    B, L, H, D = q_BLHD.shape
+    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
+    q_BKGD = q_BLHD.reshape(B, K, H // K, D).astype(jnp.float32)
+    ok_BS = allowed(mask.q_segment_ids_BL, mask.kv_segment_ids_BS, mask.q_offset + jnp.arange(L), jnp.arange(S),
+                    mask.sliding_window)[:, 0]
+    scores_BSKG = jnp.sum(q_BKGD[:, None] * k_BSKD.astype(jnp.float32)[:, :, :, None, :], axis=-1) / math.sqrt(D)
+    if logit_softcap:
+        scores_BSKG = logit_softcap * jnp.tanh(scores_BSKG / logit_softcap)
+    scores_BSKG = jnp.where(ok_BS[:, :, None, None], scores_BSKG, MASKED)
+    top_BKG = jnp.max(scores_BSKG, axis=1)
+    if sinks_H is not None:
+        top_BKG = jnp.maximum(top_BKG, sinks_H.astype(jnp.float32).reshape(1, K, H // K))
+    e_BSKG = jnp.exp(scores_BSKG - top_BKG[:, None])
+    total_BKG = jnp.sum(e_BSKG, axis=1)
+    if sinks_H is not None:
+        total_BKG = total_BKG + jnp.exp(sinks_H.astype(jnp.float32).reshape(1, K, H // K) - top_BKG)
+    p_BSKG = (e_BSKG / total_BKG[:, None]).astype(v_BSKD.dtype)
+    out_BKGD = jnp.sum(p_BSKG[..., None] * v_BSKD[:, :, :, None, :], axis=1, dtype=jnp.float32)
+    return out_BKGD.reshape(B, 1, H, D).astype(q_BLHD.dtype)
+
+
 # --- the table and the one entry point -----------------------------------------------------------
 
 BACKENDS = {
@@ -234,6 +266,7 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_off
     reference and blockwise compute: xla then runs reference, cudnn and splash run blockwise.
     Under a mesh whose "sequence" axis is > 1 (context parallelism) a training call (no cache,
     L divisible by that axis) runs per sequence shard: `jaxft.models.context_parallel`.
+    L == 1 runs `single_query` (any implementation but "reference").
     """
     H, K = q_BLHD.shape[2], k_BSKD.shape[2]
     if H % K or k_BSKD.shape != v_BSKD.shape or q_BLHD.shape[3] != k_BSKD.shape[3]:
@@ -245,9 +278,11 @@ def attend(q_BLHD, k_BSKD, v_BSKD, *, q_segment_ids_BL, kv_segment_ids_BS, q_off
     name = resolve(implementation)
     mask = AttentionMask(q_segment_ids_BL, kv_segment_ids_BS, q_offset, sliding_window or None)
     opts = dict(block_q=block_q, block_k=block_k, logit_softcap=float(logit_softcap) if logit_softcap else None)
+    if sinks_H is not None and sinks_H.shape != (H,):
+        raise ValueError(f"attend: sinks_H must be [H] = [{H}]; got {sinks_H.shape}")
+    if q_BLHD.shape[1] == 1 and name != "reference":  # a decode step: no blocks, no kernel
+        return single_query(q_BLHD, k_BSKD, v_BSKD, mask, logit_softcap=opts["logit_softcap"], sinks_H=sinks_H)
     if sinks_H is not None:  # only the reference math and blockwise have sinks
-        if sinks_H.shape != (H,):
-            raise ValueError(f"attend: sinks_H must be [H] = [{H}]; got {sinks_H.shape}")
         name = "reference" if name in ("reference", "xla") else "blockwise"
         return _maybe_split(BACKENDS[name], q_BLHD, k_BSKD, v_BSKD, mask, **opts, sinks_H=sinks_H)
     if name == "splash":  # splits itself (its kernel's mask tables are split too)
