@@ -161,3 +161,19 @@ def test_finished_rows_leave_the_batch_and_the_rest_decode_as_alone(monkeypatch)
         assert got == alone
         assert got.token_ids == finish(free_row, eos_ids=eos).token_ids  # the same tokens as without EOS, cut
     assert sum(c.finish_reason == "eos" for c in together) >= 3
+
+
+def test_greedy_argmax_is_jnp_argmax_with_ties_infinities_and_nan():
+    """The sampler's argmax (a max, then the first index holding it) picks what jnp.argmax picks:
+    the first of tied maxima, among -inf rows, and the first NaN."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (64, 37)).astype(np.float32)  # many ties
+    x[3, 5] = x[7, 0] = x[7, 9] = np.nan
+    x[11] = -np.inf
+    x[12, :3] = np.inf
+    want = np.argmax(np.nan_to_num(x, nan=np.inf, posinf=1e30), -1)  # NaN first, then +inf
+    assert (np.asarray(sampler.argmax(jnp.asarray(x))) == want).all()
+    assert (np.asarray(sampler.argmax(jnp.asarray(x))) == np.asarray(jnp.argmax(jnp.asarray(x), -1))).all()

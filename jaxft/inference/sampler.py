@@ -120,11 +120,21 @@ class _Mode:
     use_top_p: bool
 
 
+def argmax(x_RV: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; the first NaN if any), as a max and a
+    min over indices: XLA:CPU runs jnp.argmax's (value, index) reduction unvectorised, 1.8 ms
+    against 0.25 ms on [16, 49152] logits, every decode step. [R] int32."""
+    top_R1 = jnp.max(x_RV, axis=-1, keepdims=True)
+    hit_RV = (x_RV == top_R1) | jnp.isnan(x_RV)
+    index_V = jnp.arange(x_RV.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit_RV, index_V, x_RV.shape[-1] - 1), axis=-1)
+
+
 def _sample(logits_RV, keys_R, step, knobs, mode: _Mode) -> jax.Array:
     """Token `step` of each row: argmax, or categorical under fold_in(row key, step). [R] int32."""
     logits_RV = logits_RV.astype(jnp.float32)
     if mode.greedy:
-        return jnp.argmax(logits_RV, axis=-1).astype(jnp.int32)
+        return argmax(logits_RV)
     temperature, top_k, top_p = knobs
     filtered_RV = filter_logits(logits_RV, temperature, top_k, top_p, use_top_k=mode.use_top_k,
                                 use_top_p=mode.use_top_p)
@@ -234,13 +244,21 @@ def _unstack(values, plan):
     return [values[k] if i < 0 else values[k][i] for k, i in plan]
 
 
+@functools.cache
+def _unrolled_layout(cfg):
+    """(graphdef, flat abstract state) of an unrolled model of `cfg`: built once per config
+    (tracing 30 layers' construction took 1-2 s of every sampling call)."""
+    from jaxft.models.hf import abstract_model
+
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    return graphdef, tuple(nnx.to_flat_state(abstract))
+
+
 def sampling_split(model, *, unroll: bool | None = None):
     """(graphdef, state, config) to sample with: the model's own, or for a scanned model (up to
     UNROLL_MAX_BYTES of params, or whenever unroll=True) the same numbers as an unrolled model,
     each layer's params sliced from the stack. Models with layer groups (Gemma 4), and layouts
     this does not know (a leaf whose shape differs), stay as they are."""
-    from jaxft.models.hf import abstract_model
-
     cfg = model.cfg
     graphdef, state = nnx.split(model)
     if not cfg.scan_layers or cfg.grouped_layers or cfg.layer_specs() is not None or unroll is False:
@@ -250,8 +268,7 @@ def sampling_split(model, *, unroll: bool | None = None):
         return graphdef, state, cfg
     index = {path: k for k, (path, _) in enumerate(source)}
     unrolled_cfg = cfg.replace(scan_layers=False)
-    unrolled_graphdef, abstract = nnx.split(abstract_model(unrolled_cfg))
-    target = list(nnx.to_flat_state(abstract))
+    unrolled_graphdef, target = _unrolled_layout(unrolled_cfg)
     plan = []  # per unrolled leaf: (its scanned leaf, the layer to take or -1)
     for path, v in target:
         layer = len(path) > 1 and path[0] == "layers" and isinstance(path[1], int)
