@@ -165,9 +165,10 @@ def test_runner_judges_samples_and_writes_every_field(tmp_path):
             out.append([Completion(t, [1, 2], "stop" if "Question" in t else "eos") for t in texts])
         return out
 
-    settings = EvalSettings(data=GSM8K, limit=2, samples=2, temperature=0.8)
+    settings = EvalSettings(data=GSM8K, limit=2, samples=2, temperature=0.8, top_k=40)
     result = run_generation_benchmark(get_benchmark("gsm8k"), None, Tok(), settings, sample_fn=sampler)
     assert calls["samples"] == 2 and calls["stop"] == () and calls["max_new_tokens"] == 512  # chat: EOS ends
+    assert calls["top_k"] == 40 and result.summary()["settings"]["top_k"] == 40
     assert result.n == 2 and result.metrics == pytest.approx({"pass@1": 0.75, "pass@2": 1.0, "truncated": 0.0})
     rows = result.samples
     assert len(rows) == 4 and rows[1]["completion"] == "25\n\nQuestion: next" and rows[1]["correct"] is False
@@ -182,6 +183,14 @@ def test_runner_judges_samples_and_writes_every_field(tmp_path):
 def test_samples_above_one_at_temperature_zero_is_refused():
     with pytest.raises(ConfigError, match="--samples 4 with --temperature 0"):
         prepare(get_benchmark("gsm8k"), Tok(), EvalSettings(data=GSM8K, samples=4))
+
+
+def test_lm_eval_generation_overrides_only_what_was_set():
+    from jaxft.eval.benchmarks.lm_harness import gen_kwargs
+
+    assert gen_kwargs(EvalSettings()) is None
+    assert gen_kwargs(EvalSettings(temperature=0.7, top_p=0.9, top_k=20)) == {
+        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20}
 
 
 def test_unknown_benchmark_lists_the_known_ones():
@@ -213,12 +222,13 @@ def test_eval_cli_writes_json_and_samples(model_dir, tmp_path, capsys):
     and --samples-out rows, whose verdicts agree with the judge on their own completions."""
     out, samples = tmp_path / "out.json", tmp_path / "samples.jsonl"
     cli.main(["eval", "--model", str(model_dir), "--benchmark", "gsm8k", "--data", GSM8K, "--limit", "3",
-              "--max-new-tokens", "8", "--samples", "2", "--temperature", "1.0", "--no-chat", "--few-shot", "1",
-              "--json", str(out), "--samples-out", str(samples), "--no-progress"])
+              "--max-new-tokens", "8", "--samples", "2", "--temperature", "1.0", "--top-k", "5", "--no-chat",
+              "--few-shot", "1", "--json", str(out), "--samples-out", str(samples), "--no-progress"])
     summary = json.loads(out.read_text())
     assert summary["benchmark"] == "gsm8k" and summary["n"] == 3 and summary["model"] == str(model_dir)
     assert set(summary["metrics"]) == {"pass@1", "pass@2", "truncated"}
     assert summary["settings"]["chat"] is False and summary["settings"]["samples"] == 2
+    assert summary["settings"]["top_k"] == 5
     assert json.loads(capsys.readouterr().out) == summary
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert [(r["problem"], r["sample"]) for r in rows] == [(str(i), j) for i in range(3) for j in range(2)]
@@ -249,6 +259,11 @@ def test_eval_cli_errors(model_dir, capsys):
     with pytest.raises(SystemExit):
         cli.main(["eval", "--model", str(model_dir), "--data", GSM8K, "--samples", "3"])
     assert "--samples goes with --benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["eval", "--model", str(model_dir), "--data", GSM8K, "--top-k", "5"])
+    assert "--top-k goes with --benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--top-k must be >= 0"):
+        cli.main(["eval", "--model", str(model_dir), "--benchmark", "gsm8k", "--data", GSM8K, "--top-k", "-1"])
 
 
 # --- during training -----------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_cli_functions_end_to_end(tmp_path):
 
     texts = generate_cli(str(model_dir), ["hello", "hi there"], max_new_tokens=4, temperature=0.0,
                          top_k=0, top_p=1.0, chat=True)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    assert len(texts) == 2 and all(len(t) == 1 and isinstance(t[0], str) for t in texts)
 
     data.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="line 1"):

@@ -61,4 +61,32 @@ def test_generate_cli_puts_string_prompts_under_the_chat_template(model_dir):
     chat_ids = encode_prompts(tok, ["What is 2 + 3?"], chat=True)[0]
     assert chat_ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<|user|>")]
     expected = generate_text(load_hf(model_dir), tok, ["What is 2 + 3?"], chat=True, max_new_tokens=6)
-    assert generate_cli(str(model_dir), ["What is 2 + 3?"], max_new_tokens=6) == expected
+    assert generate_cli(str(model_dir), ["What is 2 + 3?"], max_new_tokens=6) == [expected]
+
+
+def test_generate_cli_samples_stop_and_seed(model_dir, capsys):
+    """`jaxft generate --samples K --seed S` prints sample_completions' K samples (seeds S, S + 1);
+    `--stop` (repeatable) cuts the text before the first stop string."""
+    from jaxft import cli
+    from jaxft.inference.sampler import sample_completions
+    from jaxft.models import load_hf
+
+    model, tok = load_hf(model_dir), load_bundled_tokenizer()
+    prompt = "What is 2 + 3?"
+    cli.main(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "8",
+              "--temperature", "1.0", "--samples", "2", "--seed", "3"])
+    got = capsys.readouterr().out
+    samples = sample_completions(model, tok, [prompt], samples=2, seed=3, temperature=1.0, max_new_tokens=8,
+                                 chat=True)[0]
+    assert samples[0].text != samples[1].text  # seeds 3 and 4, not one sample twice
+    assert got == f">>> {prompt}\n--- sample 1 of 2\n{samples[0].text}\n--- sample 2 of 2\n{samples[1].text}\n\n"
+
+    greedy = sample_completions(model, tok, [prompt], max_new_tokens=8, chat=True)[0][0].text
+    stop = greedy[len(greedy) // 2:][:2]  # a piece from the middle of the greedy text
+    assert stop.strip() and greedy.find(stop) > 0
+    cli.main(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "8",
+              "--stop", "never in it", "--stop", stop])
+    assert capsys.readouterr().out == f">>> {prompt}\n{greedy[:greedy.find(stop)]}\n\n"
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--model", str(model_dir), "--prompt", prompt, "--samples", "2"])
+    assert "--samples 2 with --temperature 0" in capsys.readouterr().err

@@ -40,8 +40,13 @@ def _generate(argv):
                         "Parquet, .gz / .zst compressed JSONL / JSON / CSV, a folder or a glob, as training reads them")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--samples", type=_positive_int, default=1, metavar="K",
+                   help="completions per prompt, from one shared prefill (seeds --seed, --seed + 1, ...)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="end a completion at this text (not included; repeat for several)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="no chat template, even if the tokenizer has one")
     a = p.parse_args(argv)
     from jaxft.eval.generation import read_prompts
@@ -53,10 +58,19 @@ def _generate(argv):
     prompts = a.prompt + (read_prompts(a.prompts) if a.prompts else [])
     if not prompts:
         p.error("give --prompt TEXT (repeatable) and / or --prompts FILE")
+    if a.samples > 1 and a.temperature == 0:
+        p.error(f"--samples {a.samples} with --temperature 0: greedy decoding gives the same completion every "
+                "time; sample with --temperature > 0")
+    if [s for s in a.stop if not s]:
+        p.error("--stop needs a non-empty string")
     outputs = generate_cli(a.model, prompts, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                           top_k=a.top_k, top_p=a.top_p, chat=False if a.raw else None)
-    for prompt, out in zip(prompts, outputs):
-        print(f">>> {prompt if isinstance(prompt, str) else prompt[-1].get('content')}\n{out}\n")
+                           top_k=a.top_k, top_p=a.top_p, chat=False if a.raw else None, samples=a.samples,
+                           stop=a.stop, seed=a.seed)
+    for prompt, outs in zip(prompts, outputs):
+        print(f">>> {prompt if isinstance(prompt, str) else prompt[-1].get('content')}")
+        for j, out in enumerate(outs):
+            print(f"--- sample {j + 1} of {len(outs)}\n{out}" if len(outs) > 1 else out)
+        print()
 
 
 def _eval(argv):
@@ -80,6 +94,7 @@ def _eval(argv):
     b.add_argument("--samples", type=_positive_int, default=1, help="completions per problem (pass@k for k <= this)")
     b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (needs --samples 1)")
     b.add_argument("--top-p", type=float, default=1.0)
+    b.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
     b.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="prompt through the chat template, or raw text (default: the benchmark's choice, chat "
                         "where the tokenizer has a template)")
@@ -96,6 +111,7 @@ def _eval(argv):
 
     if a.benchmark is None:
         given = [f for f, v in (("--samples", a.samples != 1), ("--temperature", a.temperature != 0),
+                                ("--top-p", a.top_p != 1), ("--top-k", a.top_k != 0),
                                 ("--chat / --no-chat", a.chat is not None), ("--few-shot", a.few_shot is not None),
                                 ("--json", a.json), ("--samples-out", a.samples_out)) if v]
         if given:
@@ -117,8 +133,8 @@ def _eval(argv):
         if path:
             check_output(path, flag, folder=False)
     settings = EvalSettings(data=a.data, limit=a.limit, samples=a.samples, temperature=a.temperature, top_p=a.top_p,
-                            max_new_tokens=a.max_new_tokens, chat=a.chat, few_shot=a.few_shot, seed=a.seed,
-                            batch_size=a.batch_size)
+                            top_k=a.top_k, max_new_tokens=a.max_new_tokens, chat=a.chat, few_shot=a.few_shot,
+                            seed=a.seed, batch_size=a.batch_size)
     result = evaluate_benchmark(a.model, a.benchmark, settings, progress=a.progress)
     summary = json.dumps(result.summary(), indent=2, default=str)
     if a.json:

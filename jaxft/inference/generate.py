@@ -123,9 +123,13 @@ def generate_cli(
     chat: bool | None = None,
     seed: int = 0,
     batch_size: int = 16,
-) -> list[str]:
+    samples: int = 1,
+    stop: Sequence[str] = (),
+) -> list[list[str]]:
     """`jaxft generate`: loads an HF folder (model + tokenizer; a run's workdir stands for its
-    export WORKDIR/hf) and completes `prompts`.
+    export WORKDIR/hf) and completes `prompts`: out[i][j] is sample j of prompt i (`samples`
+    per prompt from one prefill, sample j drawn with seed + j; each cut before the first of
+    `stop`, as `jaxft.inference.sampler.sample_completions` does).
 
     chat=None: string prompts become user messages under the chat template when the
     tokenizer has one (chat models), and are completed as raw text otherwise.
@@ -133,10 +137,11 @@ def generate_cli(
     model, tokenizer = load_folder(model_dir)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    return generate_text(
+    completions = sampler.sample_completions(
         model, tokenizer, prompts, chat=chat, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, samples=samples, stop=stop,
     )
+    return [[c.text for c in group] for group in completions]
 
 
 def load_folder(path: str, *, flag: str = "--model"):

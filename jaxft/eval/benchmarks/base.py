@@ -50,6 +50,7 @@ class EvalSettings:
     samples: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
     max_new_tokens: int | None = None
     chat: bool | None = None
     few_shot: int | None = None

@@ -6,8 +6,9 @@ YAML file stands for its folder; several folders joined by os.pathsep) to lm-eva
 so a task whose dataset is a local JSONL (`dataset_path: json`, `dataset_kwargs: {data_files:
 ...}`) runs offline. `--limit` and `--few-shot` are lm-eval's `limit` and `num_fewshot`;
 `--chat` applies the tokenizer's chat template (few-shot examples as turns); `--temperature`,
-`--top-p` and `--max-new-tokens` override the generation settings of generate_until tasks when
-set (temperature > 0, top_p < 1, max_new_tokens given), the task's own otherwise.
+`--top-p`, `--top-k` and `--max-new-tokens` override the generation settings of generate_until
+tasks when set (temperature > 0, top_p < 1, top_k > 0, max_new_tokens given), the task's own
+otherwise.
 
 Metrics are "TASK/METRIC" for lm-eval's "METRIC,none" (e.g. "arc_easy/acc", "arc_easy/acc_norm",
 "arc_easy/acc_stderr") and "TASK/METRIC,FILTER" for other filters ("gsm8k/exact_match,
@@ -47,6 +48,8 @@ def gen_kwargs(settings: EvalSettings) -> dict | None:
         out.update(do_sample=True, temperature=settings.temperature)
     if settings.top_p < 1:
         out["top_p"] = settings.top_p
+    if settings.top_k > 0:
+        out["top_k"] = settings.top_k
     if settings.max_new_tokens is not None:
         out["max_gen_toks"] = settings.max_new_tokens
     return out or None

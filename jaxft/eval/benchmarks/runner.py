@@ -135,6 +135,8 @@ def prepare(benchmark, tokenizer, settings) -> Prepared:
         raise ConfigError(f"--samples {settings.samples} with --temperature 0: greedy decoding gives the same "
                           "completion every time, so pass@k would equal pass@1; sample with --temperature > 0 "
                           "(0.8 with --top-p 0.95 is the usual pass@k setting) or use --samples 1")
+    if settings.top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: off), got {settings.top_k}")
     records, display = read_benchmark_records(source, settings.limit)
     chat = resolve_chat(benchmark, tokenizer, settings.chat)
     max_new = settings.max_new_tokens or benchmark.max_new_tokens
@@ -162,7 +164,7 @@ def score(prepared: Prepared, model, tokenizer, *, sample_fn: SampleFn | None = 
     # chat answer ends at its end-of-turn token, and may hold them (a whole function in a code block).
     stop = () if s.chat else tuple(benchmark.stop)
     grouped = sample_fn(model, tokenizer, [p.prompt for p in problems], samples=s.samples,
-                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=0,
+                        max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                         stop=stop, chat=s.chat, seed=s.seed, batch_size=s.batch_size, progress=progress)
     if len(grouped) != len(problems) or any(len(g) != s.samples for g in grouped):
         raise RuntimeError(f"the sampler returned {[len(g) for g in grouped][:8]}... completions for "
