@@ -143,7 +143,13 @@ class Attention(nnx.Module):
         if cfg.attn_output_gate:
             out_BLHD = out_BLHD * jax.nn.sigmoid(gate_BLHD)
         out_BLHD = out_BLHD.reshape(x_BLE.shape[:-1] + out_BLHD.shape[-2:])
-        y_BLE = jnp.einsum("...HD,HDE->...E", out_BLHD, self._kernel("o", x_BLE.dtype))
+        if cache is None:
+            y_BLE = jnp.einsum("...HD,HDE->...E", out_BLHD, self._kernel("o", x_BLE.dtype))
+        else:  # (H, D) contracted in this order: einsum lists them as (D, H), for which XLA:CPU
+            # copies the o_proj kernel transposed on every call (every layer of every decode step);
+            # training keeps einsum's program (its rounding, which tests compare to tolerances)
+            n = out_BLHD.ndim
+            y_BLE = jax.lax.dot_general(out_BLHD, self._kernel("o", x_BLE.dtype), (((n - 2, n - 1), (0, 1)), ((), ())))
         y_BLE = lora.adapt(self, "o_proj", out_BLHD, y_BLE, cfg.lora, rng)
         if cfg.o_bias:
             y_BLE = y_BLE + _bcast(self.o_bias[...].astype(y_BLE.dtype), y_BLE)
