@@ -60,7 +60,13 @@ def _iterate(argv):
         raise SystemExit(0)
     fv = _config_flags(argv, "jaxft iterate", workdir=True)
     from jaxft.iterate.rounds import iterate
+    from jaxft.loop import EXIT_INTERRUPTED
     from jaxft.parallel.distributed import initialize
 
     initialize()
-    iterate(fv.config, fv.workdir)
+    try:
+        iterate(fv.config, fv.workdir)  # a SIGTERM / first Ctrl-C: a Preempted, exit 75 / 130 (jaxft.cli.main)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped where it was
+        print("interrupted (Ctrl-C): stopped at once; rerun the same command to resume from the files and "
+              "checkpoints written", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)

@@ -16,6 +16,10 @@ exists:
 
 The sampler is deterministic and independent of batching (`jaxft.inference.sampler`), so a
 sampling pass continued after a kill writes what an uninterrupted one writes.
+
+SIGTERM / Ctrl-C (`jaxft.iterate.stop`): in a round's step loop the run saves and exits 75 / 130
+as any run does; anywhere else iterate stops at once (a chunk of samples being appended is
+finished first) with the same exit codes, keeping every file already written.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from jaxft.config import typed
 from jaxft.errors import ConfigError
 from jaxft.io import atomic
 from jaxft.iterate.pairs import PAIR_MODES, build_pairs, prompt_of
+from jaxft.iterate.stop import Stopper, deferred
+from jaxft.loop.stop import Preempted
 from jaxft.rewards import make_reward, parse_rewards
 
 SAMPLE_CHUNK = 64  # prompts sampled (and saved) at a time
@@ -125,9 +131,12 @@ def _read_lines(path: Path) -> list[dict]:
 
 
 def sample_and_score(policy_dir, prompts: list[tuple[int, dict]], out: Path, it, reward, *, seed: int,
-                     batch_size: int, log=print) -> list[dict]:
+                     batch_size: int, log=print, stop: Stopper | None = None) -> list[dict]:
     """DIR/round_N/samples.jsonl: K completions of each prompt and their rewards; continues a
-    partial file left by a kill (whole prompts only) and returns every line."""
+    partial file left by a kill (whole prompts only) and returns every line.
+    stop: iterate's signal handler; a chunk's lines are appended whole (a signal waits for the
+    write; one during the chunk's sampling or scoring drops the chunk), and its message says
+    how many prompts are saved."""
     if out.exists():
         return _read_lines(out)
     from jaxft.inference.generate import load_folder
@@ -138,6 +147,13 @@ def sample_and_score(policy_dir, prompts: list[tuple[int, dict]], out: Path, it,
     if done:  # drop a torn last line before appending
         atomic.write_text(partial, "".join(json.dumps(r) + "\n" for r in done))
         log(f"  sampling resumes after {len(done)} of {len(prompts)} prompts")
+    stage = stop.where if stop is not None else ""
+
+    def saved(n: int) -> None:
+        if stop is not None:
+            stop.where = f"{stage} ({n} of {len(prompts)} prompts' samples saved in {partial})"
+
+    saved(len(done))
     if len(done) < len(prompts):
         model, tokenizer = load_folder(str(policy_dir), flag="model.path")
         with partial.open("a", encoding="utf-8") as f:
@@ -150,11 +166,13 @@ def sample_and_score(policy_dir, prompts: list[tuple[int, dict]], out: Path, it,
                     batch_size=batch_size)
                 texts = [[c.text for c in row] for row in completions]
                 scores = reward(records, texts)
-                for i, ((index, record), row) in enumerate(zip(chunk, texts)):
-                    line = {"prompt_index": index, "prompt": prompt_of(record), "completions": row,
-                            "rewards": {k: v[i].tolist() for k, v in scores.items()}}
-                    f.write(json.dumps(line) + "\n")
-                f.flush()
+                with deferred(stop):
+                    for i, ((index, record), row) in enumerate(zip(chunk, texts)):
+                        line = {"prompt_index": index, "prompt": prompt_of(record), "completions": row,
+                                "rewards": {k: v[i].tolist() for k, v in scores.items()}}
+                        f.write(json.dumps(line) + "\n")
+                    f.flush()
+                    saved(start + len(chunk))
     lines = _read_lines(partial)
     partial.replace(out)
     return lines
@@ -213,7 +231,13 @@ def format_rounds(rows: list[dict]) -> str:
 def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
     """Runs (or resumes) every round of `config` (a DPO / SFT config with an iterate section) in
     `workdir`; returns the per-round rows (also DIR/rounds.json) and exports the final policy
-    to DIR/hf."""
+    to DIR/hf. SIGTERM / Ctrl-C: `jaxft.iterate.stop` (raises a `Preempted`; rerun to resume)."""
+    stop = Stopper()
+    with stop.installed():
+        return _iterate(config, workdir, stop, log)
+
+
+def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
     from jaxft.io.checkpoint import workdir_path
     from jaxft.run import run
 
@@ -227,25 +251,29 @@ def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
     start = policy = str(Path(cfg.model.path).expanduser().absolute())
     rows = []
 
-    def evaluate(folder, rd: Path) -> dict:
+    def evaluate(folder, rd: Path, what: str) -> dict:
         if held_out is None:
             return {}
         path = rd / "eval.json"
         if not path.exists():
+            stop.where = f"evaluating {what}"
             rd.mkdir(parents=True, exist_ok=True)
             atomic.write_text(path, json.dumps(evaluate_policy(folder, held_out, reward, max_new_tokens=it.max_new_tokens,
                                                                batch_size=batch_size), indent=2))
         return json.loads(path.read_text())
 
-    rows.append({"round": 0, **evaluate(policy, workdir / "round_0")})
+    rows.append({"round": 0, **evaluate(policy, workdir / "round_0", "the starting model (round 0)")})
     for r in range(1, it.rounds + 1):
         rd = workdir / f"round_{r}"
         rd.mkdir(exist_ok=True)
         times = {}
         t = time.perf_counter()
         log(f"[round {r}/{it.rounds}] sampling {it.samples} completions per prompt from {policy}")
+        stop.check()
+        stop.where = f"sampling round {r}"
         lines = sample_and_score(policy, round_prompts(prompts, it, r), rd / "samples.jsonl", it, reward,
-                                 seed=cfg.train.seed + 1000 * r, batch_size=batch_size, log=log)
+                                 seed=cfg.train.seed + 1000 * r, batch_size=batch_size, log=log, stop=stop)
+        stop.where = f"building round {r}'s pairs"
         times["sample_seconds"] = time.perf_counter() - t
         pairs_file = rd / "pairs.jsonl"
         if not (rd / "pairs.json").exists():
@@ -266,17 +294,28 @@ def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
         t = time.perf_counter()
         export = rd / "train" / "hf"
         if not (export / "config.json").exists():
-            run(round_config(config, it, pairs_file=pairs_file, policy=policy, start=start), rd / "train",
-                kind=round_kind(it))
+            # The run's own handler replaces this one for its step loop (saves, then Preempted).
+            stop.where = (f"loading or exporting round {r}'s run {rd / 'train'} "
+                          "(it resumes from its last checkpoint)")
+            try:
+                run(round_config(config, it, pairs_file=pairs_file, policy=policy, start=start), rd / "train",
+                    kind=round_kind(it))
+            except Preempted as err:
+                if not hasattr(err, "where"):  # the run's: "preempted: saved step N; rerun ..."
+                    err.args = (f"round {r}'s run {rd / 'train'}: {err}",)
+                raise
+            stop.check()
         times["train_seconds"] = time.perf_counter() - t
         policy = str(export)
         t = time.perf_counter()
-        row = {"round": r, **counts, "sample_reward": _mean_reward(lines), **evaluate(policy, rd)}
+        row = {"round": r, **counts, "sample_reward": _mean_reward(lines),
+               **evaluate(policy, rd, f"round {r}'s policy")}
         times["eval_seconds"] = time.perf_counter() - t
         rows.append({**row, **times})
         atomic.write_text(workdir / "rounds.json", json.dumps(rows, indent=2))
         log(format_rounds(rows))
     final = workdir / "hf"
+    stop.where = f"exporting the final policy to {final}"
     with atomic.replace_folder(final) as tmp:
         shutil.copytree(policy, tmp, dirs_exist_ok=True)
     log(f"final policy: {final}")
