@@ -87,8 +87,9 @@ def test_a_stop_mid_sampling_and_mid_training_resumes_to_the_uninterrupted_files
         run_hooks = real_hooks(*a, **k)
 
         def at_step(info):
-            if info.step == 1 and "step" in kill:
+            if info.step == kill.get("at_step"):
                 os.kill(os.getpid(), kill.pop("step"))  # before the run's Preemption hook asks
+                del kill["at_step"]
 
         run_hooks.hooks.insert(0, Hook(at_step, every=1))
         return run_hooks
@@ -123,7 +124,7 @@ def test_a_stop_mid_sampling_and_mid_training_resumes_to_the_uninterrupted_files
 
     # 3. SIGTERM at the round's first training step: the run saves step 1 and exits 75.
     sampled.clear()
-    kill.update(step=signal.SIGTERM)
+    kill.update(step=signal.SIGTERM, at_step=1)
     with pytest.raises(Preempted) as preempted:
         rounds_lib.iterate(config, work, log=quiet)
     assert preempted.value.exit_code == EXIT_PREEMPTED
@@ -134,12 +135,20 @@ def test_a_stop_mid_sampling_and_mid_training_resumes_to_the_uninterrupted_files
     assert not (rd / "train" / "hf").exists()
     assert checkpoint_steps(rd / "train") == [1]
 
-    # 4. The rerun resumes the run at step 1 and finishes: what an uninterrupted iterate makes.
+    # 4. The rerun resumes the run at step 1; SIGTERM at its last step: the run finishes (a
+    # run's last step does not stop), then iterate stops before evaluating it, exit 75.
     sampled.clear()
-    with caplog.at_level(logging.INFO, logger="jaxft"):
-        again = rounds_lib.iterate(config, work, log=quiet)
-    assert sampled == []
+    kill.update(step=signal.SIGTERM, at_step=2)
+    with caplog.at_level(logging.INFO, logger="jaxft"), pytest.raises(StageStopped) as finished:
+        rounds_lib.iterate(config, work, log=quiet)
     assert any(r.getMessage() == f"resumed {rd / 'train'} at step 1" for r in caplog.records)
+    assert str(finished.value) == (f"preempted while round 1's run {rd / 'train'} finished (it is complete and "
+                                   "exported); rerun the same command to resume")
+    assert (rd / "train" / "hf" / "config.json").exists() and not (rd / "eval.json").exists()
+
+    # 5. The rerun evaluates and exports: what an uninterrupted iterate makes.
+    again = rounds_lib.iterate(config, work, log=quiet)
+    assert sampled == [] and "at_step" not in kill
     for name in ("samples.jsonl", "pairs.jsonl", "pairs.json", "eval.json"):
         assert (rd / name).read_bytes() == (reference / "round_1" / name).read_bytes(), name
     assert checkpoint_steps(rd / "train") == [1, 2]

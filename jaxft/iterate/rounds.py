@@ -294,12 +294,14 @@ def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
         t = time.perf_counter()
         export = rd / "train" / "hf"
         if not (export / "config.json").exists():
-            # The run's own handler replaces this one for its step loop (saves, then Preempted).
+            # The run's own handler replaces this one for its step loop (saves, then Preempted);
+            # a signal it took in its last step (it finishes) stops iterate when it returns.
             stop.where = (f"loading or exporting round {r}'s run {rd / 'train'} "
                           "(it resumes from its last checkpoint)")
             try:
-                run(round_config(config, it, pairs_file=pairs_file, policy=policy, start=start), rd / "train",
-                    kind=round_kind(it))
+                with stop.watching(f"round {r}'s run {rd / 'train'} finished (it is complete and exported)"):
+                    run(round_config(config, it, pairs_file=pairs_file, policy=policy, start=start), rd / "train",
+                        kind=round_kind(it))
             except Preempted as err:
                 if not hasattr(err, "where"):  # the run's: "preempted: saved step N; rerun ..."
                     err.args = (f"round {r}'s run {rd / 'train'}: {err}",)

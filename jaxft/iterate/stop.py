@@ -6,7 +6,8 @@ step loop): it saves at the next step boundary and raises `Preempted` (exit 75) 
 evaluation, an export, a chunk of samples), so `Stopper` stops it at once: the handler raises
 where the signal lands, except inside `deferred()` sections (the append of a chunk of samples
 to samples.partial.jsonl), which finish first. What was written stays; the rerun of the same
-command continues from it. The stop surfaces as `StageStopped` (a `Preempted`: exit 75) or
+command continues from it. A signal that a round's run took but did not stop for (one in its
+last step: the run finishes and exports) stops iterate when the run returns (`Stopper.watching`). The stop surfaces as `StageStopped` (a `Preempted`: exit 75) or
 `StageInterrupted` (an `Interrupted`: exit 130), saying where iterate was. A second SIGTERM is
 ignored (the stop is under way); a second Ctrl-C raises KeyboardInterrupt at once.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 
 from jaxft.loop.stop import Interrupted, Preempted
@@ -80,6 +82,38 @@ class Stopper:
         finally:
             self._deferred -= 1
         self.check()
+
+    @contextlib.contextmanager
+    def watching(self, where_after: str):
+        """A block where another handler may take the signals (a round's run): a SIGTERM /
+        SIGINT that came during it (seen through `signal.set_wakeup_fd`, whoever handled it)
+        and did not end it with an exception stops iterate when it returns, `where_after`
+        naming the moment."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        try:
+            previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: no handlers either
+            os.close(read_fd)
+            os.close(write_fd)
+            yield
+            return
+        try:
+            yield
+        finally:
+            signal.set_wakeup_fd(previous)
+            try:
+                received = os.read(read_fd, 4096)
+            except BlockingIOError:
+                received = b""
+            os.close(read_fd)
+            os.close(write_fd)
+        came = [s for s in received if s in self.SIGNALS]
+        if came and self.signum is None:
+            self.signum, self.where = came[0], where_after
+            log.warning("%s came during %s: stopping", signal.Signals(came[0]).name, where_after)
+            raise _Abort
 
     def error(self) -> StageStopped:
         return (StageInterrupted if self.signum == signal.SIGINT else StageStopped)(self.where)
