@@ -73,7 +73,7 @@ def test_best_worst_pairs_drop_ties_and_small_margins():
     records = RECORDS + [{"prompt": "third"}]
     completions = COMPLETIONS + [["a", "b", "c"]]
     pairs, counts = build_pairs(records, completions, rewards, min_margin=0.15)
-    assert counts == {"prompts": 3, "pairs": 1, "dropped_ties": 1, "dropped_margin": 1}
+    assert counts == {"prompts": 3, "pairs": 1, "dropped_ties": 1, "dropped_margin": 1, "dropped_empty": 0}
     assert pairs == [{"prompt": "What is 2 + 3?", "chosen": "The answer is 5.", "rejected": "2 + 3 = 6",
                       "prompt_index": 0, "chosen_reward": 1.0, "rejected_reward": 0.0}]
     pairs, counts = build_pairs(records, completions, rewards)
@@ -85,10 +85,23 @@ def test_best_worst_pairs_drop_ties_and_small_margins():
     assert conversational[0]["chosen"] == [{"role": "assistant", "content": "72 then 48"}]
 
 
+def test_empty_completions_are_never_chosen_or_rejected():
+    # The DPO / SFT loaders refuse an empty reply: an empty sample (EOS at once) is left out of the
+    # choice, and a prompt left without two samples (one for sft) is dropped and counted.
+    records = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}]
+    completions = [["", "x", "y", " "], ["", "only", "\n", ""], ["", "", "", ""]]
+    rewards = np.array([[9.0, 1.0, 0.0, -9.0], [9.0, 1.0, 0.0, -9.0], [1.0, 0.0, 0.0, 0.0]])
+    pairs, counts = build_pairs(records, completions, rewards)
+    assert [(p["chosen"], p["rejected"]) for p in pairs] == [("x", "y")]
+    assert (counts["pairs"], counts["dropped_empty"]) == (1, 2)
+    best, counts = build_pairs(records, completions, rewards, mode="sft")
+    assert [r["completion"] for r in best] == ["x", "only"] and counts["dropped_empty"] == 1
+
+
 def test_sft_mode_keeps_the_best_sample_above_the_bar():
     rewards = np.array([[0.0, 2.0, 1.0], [0.5, 0.2, 0.1]])
     records, counts = build_pairs(RECORDS, COMPLETIONS, rewards, mode="sft", min_margin=1.0)
-    assert counts == {"prompts": 2, "accepted": 1, "dropped_ties": 0, "dropped_margin": 1}
+    assert counts == {"prompts": 2, "accepted": 1, "dropped_ties": 0, "dropped_margin": 1, "dropped_empty": 0}
     assert records == [{"prompt": "What is 2 + 3?", "completion": "2 + 3 = 6", "prompt_index": 0, "reward": 2.0}]
     with pytest.raises(ConfigError, match="unknown mode 'all'"):
         build_pairs(RECORDS, COMPLETIONS, rewards, mode="all")

@@ -27,18 +27,27 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
       their margin is > 0 and >= `min_margin`; a prompt whose samples all score the same is
       dropped as a tie. mode "sft": the best completion as a prompt-completion record when no
       other sample beats it (always) and its reward is >= `min_margin` (the acceptance bar).
+    An empty (or whitespace-only) completion is never chosen or rejected: the data loader refuses
+    an empty reply, so it is left out of the choice, and a prompt left with fewer than two
+    completions (one for "sft") is dropped and counted as "dropped_empty".
     Each record also carries "prompt_index" and the rewards it was chosen by.
-    Returns (records, counts {"prompts", "pairs" or "accepted", "dropped_ties", "dropped_margin"}).
+    Returns (records, counts {"prompts", "pairs" or "accepted", "dropped_ties", "dropped_margin",
+    "dropped_empty"}).
     """
     if mode not in PAIR_MODES:
         raise ConfigError(f"pairs: unknown mode {mode!r}; one of {', '.join(PAIR_MODES)}")
     rewards_PK = np.asarray(rewards, np.float64)
     if rewards_PK.shape != (len(records), len(completions[0]) if len(completions) else 0):
         raise ValueError(f"rewards {rewards_PK.shape} do not match {len(records)} prompts x K completions")
-    out, ties, small = [], 0, 0
+    out, ties, small, empty = [], 0, 0, 0
     for i, (record, row, r_K) in enumerate(zip(records, completions, rewards_PK)):
         prompt = prompt_of(record)
-        best, worst = int(np.argmax(r_K)), int(np.argmin(r_K))
+        usable = [j for j, text in enumerate(row) if text.strip()]
+        if len(usable) < (1 if mode == "sft" else 2):
+            empty += 1
+            continue
+        best = usable[int(np.argmax(r_K[usable]))]
+        worst = usable[int(np.argmin(r_K[usable]))]
         if mode == "sft":
             if r_K[best] < min_margin:
                 small += 1
@@ -56,5 +65,5 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
                         "rejected": _answer(prompt, row[worst]), "prompt_index": i,
                         "chosen_reward": float(r_K[best]), "rejected_reward": float(r_K[worst])})
     counts = {"prompts": len(records), "accepted" if mode == "sft" else "pairs": len(out),
-              "dropped_ties": ties, "dropped_margin": small}
+              "dropped_ties": ties, "dropped_margin": small, "dropped_empty": empty}
     return out, counts

@@ -286,7 +286,8 @@ def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
         counts = json.loads((rd / "pairs.json").read_text())
         made = counts.get("pairs", counts.get("accepted", 0))
         log(f"  {made} training records from {counts['prompts']} prompts ({counts['dropped_ties']} ties, "
-            f"{counts['dropped_margin']} under the margin dropped)")
+            f"{counts['dropped_margin']} under the margin, {counts.get('dropped_empty', 0)} without enough "
+            "non-empty samples dropped)")
         if not made:
             raise ConfigError(f"round {r}: every prompt's samples tie (or miss iterate.min_margin): no training "
                               f"records in {pairs_file}; sample more (iterate.samples), hotter "
