@@ -296,3 +296,20 @@ def test_qlora_base_quantizes_the_linear_projections_and_stays_close(dense):
         ours = jax.jit(lambda a, b: nnx.merge(graphdef, a, b)(tokens))(adapters, quantized)
     rel = float(jnp.sqrt(jnp.mean((ours - full) ** 2)) / jnp.sqrt(jnp.mean(full ** 2)))
     assert 0 < rel <= 0.03, rel
+
+
+def test_moe_on_an_fsdp_expert_tensor_mesh_equals_one_device(moe):
+    """The MoE variant sharded over FSDP, expert and tensor axes (experts split over the expert
+    axis, the linear layers' kernels over FSDP) on packed rows: the loss and the gradients of a
+    linear layer's projections and of the experts equal one device's (to 1e-4 of the largest:
+    the chaotic parity checkpoint amplifies summation order)."""
+    from tests.test_families import assert_mesh_equals_one_device
+
+    path, _, _ = moe
+
+    def picks(grads, cfg):
+        group = grads["groups"][0][0]
+        return [group["linear_attn"]["in_proj_qkv"][...], group["linear_attn"]["A_log"][...],
+                group["mlp"]["gate_proj"][...]]
+
+    assert_mesh_equals_one_device(path, dict(data=1, fsdp=2, expert=2, tensor=2), picks, atol_scale=1e-4)

@@ -5,7 +5,7 @@ A row is a `Family`: the transformers architecture it saves as, the config keys 
 beyond the common ones (`parts(hf) -> ModelConfig kwargs`, `hf_keys(parts) -> config.json
 keys`), and its fused tensors (Phi-3's `qkv_proj` and `gate_up_proj`, split on load, fused on
 save). Adding a family is a row here when its layers are made of existing parts; the larger
-rows live in modules of their own beside this one (`deepseek`, `gpt_oss`), and `FAMILIES` here
+rows live in modules of their own beside this one (`deepseek`, `gpt_oss`, `qwen3_5`), and `FAMILIES` here
 stays the one registry.
 """
 
