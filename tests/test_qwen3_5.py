@@ -89,7 +89,7 @@ def test_dense_logits_equal_transformers_and_the_pattern_is_one_scanned_group(de
     diff = np.abs(np.asarray(model(jnp.asarray(TOKENS))) - hf_logits(hf, TOKENS)).max()
     print(f"qwen3_5 dense max abs logit diff {diff:.2e}")
     assert diff < 1e-4
-    unrolled = load_hf(path)  # unrolled, the default chunk (64 > the row): the same numbers
+    unrolled = load_hf(path)  # unrolled, gated_deltanet's default chunk: the same numbers
     unrolled_cfg = unrolled.cfg.replace(scan_layers=False)
     from jaxft.models.hf import load_weights
 
@@ -137,7 +137,7 @@ def test_hf_round_trip(variant, dense, moe, tmp_path):
     np.testing.assert_allclose(hf_logits(reloaded, TOKENS), hf_logits(hf, TOKENS), atol=1e-5)
     saved = json.loads((out / "config.json").read_text())
     assert config_from_hf(saved) == config_from_hf(json.loads((path / "config.json").read_text()))
-    assert config_from_hf(config_to_hf(model.cfg)) == model.cfg.replace(linear_chunk_size=64)
+    assert config_from_hf(config_to_hf(model.cfg)) == model.cfg.replace(linear_chunk_size=None)
 
 
 def test_released_checkpoint_layout_loads_as_its_text_model(dense, tmp_path):

@@ -202,7 +202,7 @@ class ModelConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 4  # the depthwise causal conv's width (linear_conv_kernel_dim)
-    linear_chunk_size: int = 64  # the chunked delta rule's chunk (jaxft's; not in config.json)
+    linear_chunk_size: int | None = None  # the chunked delta rule's chunk (None: gated_deltanet's default; not in config.json)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None

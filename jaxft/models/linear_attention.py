@@ -101,9 +101,9 @@ class GatedDeltaNet(nnx.Module):
             out, new_state = gated_deltanet.gated_delta_rule_reference(
                 q, k, v, g_BLH, beta_BLH, segment_ids=segment_ids_BL, initial_state=state)
         else:
+            chunk = {} if cfg.linear_chunk_size is None else {"chunk_size": cfg.linear_chunk_size}
             out, new_state = gated_deltanet.gated_delta_rule(
-                q, k, v, g_BLH, beta_BLH, segment_ids=segment_ids_BL, initial_state=state,
-                chunk_size=cfg.linear_chunk_size)
+                q, k, v, g_BLH, beta_BLH, segment_ids=segment_ids_BL, initial_state=state, **chunk)
         out = gated_rms_norm(out.astype(x_BLE.dtype), z_BLHV, self.norm_weight[...], cfg.rms_norm_eps)
         y_BLE = self._dense("out_proj", out.reshape(B, L, Hv * Dv), rng)
         new_cache = None
