@@ -188,10 +188,9 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Qwen/Qwen3.5-0.8B's text model: 24 layers, three Gated DeltaNet layers to one gated full-
     # attention layer (6 x (3 linear + 1 full)), head dim 256 with a quarter of it rotated (theta
-    # 10M), MLP 3,584, 248,320-token vocabulary, 262k context; the sizes its model card gives.
-    # Not from its config.json (not read here): the linear heads (16 key, 16 value, 128 dims, as
-    # the card's "16 for V and 16 for QK") and tied embeddings are our reading; check them with
-    # `config_from_hf` on the checkpoint's config.json before planning for it.
+    # 10M), MLP 3,584, 248,320-token vocabulary, 262k context, linear heads 16 key / 16 value of
+    # 128 dims, tied embeddings: the values of its released config.json's text_config (checked
+    # against copies of that file quoted in public code, 2026-12-05).
     "qwen3_5_0_8b": ModelConfig(
         model_type="qwen3_5_text", vocab_size=248320, hidden_size=1024, intermediate_size=3584, num_layers=24,
         num_heads=8, num_kv_heads=2, head_dim=256, rms_norm_eps=1e-6, rope_theta=10_000_000.0,
