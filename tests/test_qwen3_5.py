@@ -238,11 +238,18 @@ def _tiny_folder(tmp_path, moe: bool):
 def test_moe_sft_learns_and_its_export_loads_in_transformers_with_equal_logits(tmp_path):
     """One training run for the family: the MoE variant (its Gated DeltaNet layers, gated
     attention, routed and shared experts all trained) learns and exports a folder transformers
-    loads as Qwen3_5MoeForCausalLM with jaxft's logits. The dense variant's layers are a subset;
-    DPO's loss reads only the model's logits (tests/test_dpo.py, test_families' DPO runs)."""
+    loads as Qwen3_5MoeForCausalLM with jaxft's logits. The dense variant's layers are a subset."""
     from tests.test_families import sft_learns_and_exports
 
     sft_learns_and_exports(_tiny_folder(tmp_path, moe=True), tmp_path, "Qwen3_5MoeForCausalLM")
+
+
+def test_dense_dpo_starts_at_ln2_and_learns(tmp_path):
+    """DPO on the dense variant: the reference forward runs the same linear-attention layers (pairs
+    are two rows each, their states independent), so the first loss is ln 2, and it learns."""
+    from tests.test_families import dpo_starts_at_ln2_and_learns
+
+    dpo_starts_at_ln2_and_learns(_tiny_folder(tmp_path, moe=False), tmp_path)
 
 
 @pytest.mark.parametrize("name", ["qwen3_5_0_8b", "qwen3_5_35b_a3b"])
