@@ -517,12 +517,16 @@ def finish(tokens: list[int], *, eos_ids: Sequence[int], stop: Sequence[str] = (
     return Completion(text, ids, reason)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def eos_ids(tokenizer, model_config) -> list[int]:
     """The tokenizer's EOS and the model config's (a chat model ends turns on either)."""
     ids = []
-    for e in (tokenizer.eos_token_id, model.cfg.eos_token_id):
+    for e in (tokenizer.eos_token_id, model_config.eos_token_id):
         ids.extend([] if e is None else [e] if isinstance(e, (int, np.integer)) else list(e))
     return list(dict.fromkeys(int(e) for e in ids))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    return eos_ids(tokenizer, model.cfg)
 
 
 def sample_completions(model, tokenizer, prompts: Sequence[str | list[dict]], *, samples: int = 1,

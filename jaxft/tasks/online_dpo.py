@@ -39,7 +39,7 @@ from jaxft.data.batch import PreferenceExample
 from jaxft.data.packing import BatchLayout
 from jaxft.data.pipeline import pad_id_of
 from jaxft.errors import ConfigError
-from jaxft.inference.sampler import finish, sample_ids
+from jaxft.inference.sampler import eos_ids, finish, sample_ids
 from jaxft.parallel.batches import to_global
 from jaxft.rewards import REWARDS, make_reward, parse_rewards
 from jaxft.steps.common import merge_model
@@ -149,9 +149,7 @@ class OnlineDPO(DPO):
         task = super().create(ctx, params)
         task.reward = reward
         tok = ctx.tokenizer
-        eos = [tok.eos_token_id, ctx.model_config.eos_token_id]
-        task.eos_ids = list(dict.fromkeys(int(e) for x in eos if x is not None
-                                          for e in (x if isinstance(x, (list, tuple)) else [x])))
+        task.eos_ids = eos_ids(tok, ctx.model_config)
         task.layout = BatchLayout("dpo", False, ctx.config.data.max_length, pad_id_of(tok), 1,
                                   jax.process_index(), jax.process_count())
         return task
