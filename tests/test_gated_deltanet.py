@@ -32,11 +32,11 @@ def _close(actual, expected, rtol=1e-5):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
 
 
-@pytest.mark.parametrize("chunk", [8, 64])
+@pytest.mark.parametrize("chunk", [8, 32, 64])
 def test_chunked_equals_step_by_step(chunk):
-    """T = 37 is no multiple of 8 (5 chunks, the last padded) and shorter than 64 (one chunk); an
-    initial state is carried in. The default chunk (16) against transformers: test_qwen3_5's
-    unrolled dense model."""
+    """T = 37 is no multiple of 8 (5 chunks, the last padded) or 32 (the default: two chunks) and
+    shorter than 64 (one chunk); an initial state is carried in. The default chunk against
+    transformers: test_qwen3_5's unrolled dense model."""
     q, k, v, g, beta, state = _inputs(37)
     out, final = gated_delta_rule(q, k, v, g, beta, initial_state=state, chunk_size=chunk)
     ref_out, ref_final = gated_delta_rule_reference(q, k, v, g, beta, initial_state=state)
@@ -45,12 +45,14 @@ def test_chunked_equals_step_by_step(chunk):
     _close(final, ref_final)
 
 
-def test_chunked_gradients_equal_step_by_step():
+@pytest.mark.parametrize("chunk", [8, 32])
+def test_chunked_gradients_equal_step_by_step(chunk):
     """Gradients w.r.t. every input, through segment starts (mid-chunk and on a chunk edge),
-    padding, and the initial state (which the first segment of each row continues)."""
-    T = 29
+    padding, and the initial state (which the first segment of each row continues), at chunk 8
+    and at the default 32."""
+    T = 45
     q, k, v, g, beta, state = _inputs(T, seed=1)
-    segments = np.array([[1] * 5 + [2] * 11 + [3] * 9 + [0] * 4, [0] * 3 + [1] * 26])
+    segments = np.array([[1] * 5 + [2] * 11 + [3] * 25 + [0] * 4, [0] * 3 + [1] * 42])
     r = np.random.default_rng(2)
     w_out, w_state = r.normal(size=(B, T, H, V)), r.normal(size=(B, H, K, V))
 
@@ -59,7 +61,7 @@ def test_chunked_gradients_equal_step_by_step():
         return jnp.sum(out * w_out) + jnp.sum(final * w_state)
 
     args = (q, k, v, g, beta, state)
-    grads = jax.jit(jax.grad(lambda a: loss(lambda *x, **kw: gated_delta_rule(*x, chunk_size=8, **kw), a)))(args)
+    grads = jax.jit(jax.grad(lambda a: loss(lambda *x, **kw: gated_delta_rule(*x, chunk_size=chunk, **kw), a)))(args)
     ref_grads = jax.jit(jax.grad(lambda a: loss(gated_delta_rule_reference, a)))(args)
     for name, got, want in zip(("q", "k", "v", "g", "beta", "initial_state"), grads, ref_grads):
         assert np.abs(want).max() > 0, name

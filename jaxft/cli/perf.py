@@ -120,7 +120,7 @@ def _bench_gated_deltanet(argv):
     p.add_argument("--lengths", default="2048,4096,8192", help="comma-separated sequence lengths (batch 1)")
     p.add_argument("--heads", default="16,32", help="query/key heads,value heads (Qwen3.5: 16,32)")
     p.add_argument("--head-dim", type=int, default=128, help="key and value head dim (Qwen3.5: 128)")
-    p.add_argument("--chunk-sizes", default="16,32,64,128", help="chunk sizes to time; the first is the one compared")
+    p.add_argument("--chunk-sizes", default="32,16,64,128", help="chunk sizes to time; the first is the one compared")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
     p.add_argument("--reference-backward-max", type=int, default=2048,
                    help="longest T whose step-by-step backward runs (it keeps a state per token)")
