@@ -48,6 +48,19 @@ def test_moe_presets_count_the_params_a_token_uses(name, active):
     assert train_flops_per_token(cfg, 4096) == 6.0 * (active - cfg.vocab_size * cfg.hidden_size) + attention
 
 
+def test_qwen3_5_flops_count_attention_on_its_full_layers_only():
+    """Qwen3.5-0.8B: 6 of its 24 layers attend (quadratic in the length); the 18 linear ones run the
+    chunked delta rule, per token 3 x (value heads (6 K V + 4 L V) + key heads 4 L K) at L = 32."""
+    from jaxft.io.metrics import train_flops_per_token
+
+    cfg = get_preset("qwen3_5_0_8b")
+    matmul = cfg.num_params(active=True) - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+    attention = 6 * 6 * cfg.num_heads * cfg.dim_per_head * 4096
+    linear = 18 * 3 * (16 * (6 * 128 * 128 + 4 * 32 * 128) + 16 * 4 * 32 * 128)
+    assert sum(s.linear for s in cfg.layer_specs()) == 18
+    assert train_flops_per_token(cfg, 4096) == 6.0 * matmul + attention + linear
+
+
 def _hf_model(cfg):
     """transformers' model of `cfg`'s config.json, on the meta device (nothing allocated)."""
     import torch

@@ -137,6 +137,15 @@ def test_data_parallel_rows_equal_one_device():
     assert spread == sample(PROMPTS, seed=1, batch_size=6, samples=3, **SAMPLING)
 
 
+def test_tensor_and_fsdp_parallel_sampling_equals_one_device():
+    """A (data 2, fsdp 2, tensor 2) mesh of the 8 CPU devices: rows split over data and fsdp,
+    the params by the rules table (heads and MLP over tensor, the rest over fsdp), so every
+    matmul of the prefill and decode runs sharded; the samples equal one device's."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    split = sample(PROMPTS, seed=1, batch_size=4, samples=2, mesh=mesh, **SAMPLING)
+    assert split == sample(PROMPTS, seed=1, batch_size=4, samples=2, **SAMPLING)
+
+
 def test_progress_bar_counts_tokens(capsys):
     sample(PROMPTS[:2], max_new_tokens=5, progress=True)
     err = capsys.readouterr().err

@@ -44,8 +44,22 @@ def device_peak_flops(device=None) -> float | None:
     return None
 
 
+def linear_mixer_flops(cfg) -> float:
+    """Forward + backward FLOPs per token of one Gated DeltaNet layer's chunked delta rule (its
+    projections are matmul params): per value head, q S, k S and the update k^T delta (2 K V
+    each) and the chunk's (q k^T) delta and inverse products (2 L V each); per key head q k^T
+    and k k^T (2 L K each); x 3 for the backward."""
+    from jaxft.models.gated_deltanet import DEFAULT_CHUNK
+
+    L = cfg.linear_chunk_size or DEFAULT_CHUNK
+    K, V = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    forward = cfg.linear_num_value_heads * (6 * K * V + 4 * L * V) + cfg.linear_num_key_heads * 4 * L * K
+    return 3.0 * forward
+
+
 def train_flops_per_token(cfg, seq_len: int) -> float:
-    """Forward + backward FLOPs per token: 6 x matmul params + causal attention scores. With
+    """Forward + backward FLOPs per token: 6 x matmul params + causal attention scores (on the
+    attention layers; a linear-attention layer's chunked rule instead: `linear_mixer_flops`). With
     LoRA the frozen base needs no weight gradients: 4 x its matmul params, 6 x the adapters'.
     A mixture of experts counts the params a token uses (its k experts, not all)."""
     matmul_params = cfg.num_params(active=True) - cfg.vocab_size * cfg.hidden_size * (0 if cfg.tie_word_embeddings else 1)
@@ -53,7 +67,9 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
     # D_n + D_r wide, its values D_v.
     dims = (cfg.dim_per_head if cfg.kv_lora_rank is None
             else (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) / 2)
-    attention = 6 * cfg.num_layers * cfg.num_heads * dims * seq_len
+    specs = cfg.layer_specs()
+    linear = 0 if specs is None else sum(spec.linear for spec in specs)
+    attention = 6 * (cfg.num_layers - linear) * cfg.num_heads * dims * seq_len + linear * linear_mixer_flops(cfg)
     if cfg.lora is not None:
         return 4.0 * matmul_params + 6.0 * num_adapter_params(cfg, active=True) + attention
     return 6.0 * matmul_params + attention

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 ACTIVATIONS = {"silu": jax.nn.silu, None: lambda x: x}
+DEFAULT_CHUNK = 32  # `gated_delta_rule`'s chunk_size (why 32: its docstring)
 
 
 def run_ids(segment_ids, batch: int, length: int):
@@ -222,7 +223,8 @@ def _rule_row(q, k, v, g, beta, runs, state, *, chunk_size, l2_normalize, out_dt
     return out.reshape(N * L, H, V)[:T], state.reshape(H, K, V)
 
 
-def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, chunk_size=32, l2_normalize=True):
+def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, chunk_size=DEFAULT_CHUNK,
+                     l2_normalize=True):
     """The gated delta rule a chunk at a time: the same numbers as `gated_delta_rule_reference`.
 
     q, k [B, T, G, K]; v [B, T, H, V]; g [B, T, H] log decay (<= 0); beta [B, T, H];
