@@ -177,3 +177,32 @@ def test_two_hosts_train_sft_like_one_and_their_checkpoint_resumes_in_one_proces
     resumed = losses(tmp_path / "two")
     assert resumed[:2] == pytest.approx(ref[:2], abs=1e-5)  # the two-process steps
     assert resumed[2:] == pytest.approx(ref[2:], abs=1e-5)  # after resharding
+
+
+def test_two_hosts_run_online_dpo_like_one_host_of_eight(tmp_path):
+    """Online DPO: both hosts sample every prompt of a step with the sharded live params (one
+    program over the eight devices of both), score the same completions, and each feeds its
+    half of the pairs; the steps equal one process of eight devices."""
+    from tests.quickstart_subset import quickstart_head, tiny_model_folder
+
+    tiny_model_folder(tmp_path / "start")
+    data = quickstart_head(tmp_path, "sft_train.jsonl", 32)
+    cmd = [sys.executable, "-m", "jaxft.cli", "dpo", "--config", "configs/online_dpo.py:tiny", "--workdir=WORKDIR",
+           f"--config.model.path={tmp_path / 'start'}", f"--config.data.train={data}", "--config.data.eval=",
+           "--config.train.eval_benchmarks=", "--config.dpo.online_max_new_tokens=8", "--config.data.max_length=64",
+           '--config.dpo.online_rewards=[{"kind": "python", "function": "tests.test_online_dpo:digits"}]',
+           "--config.train.steps=2", "--config.train.batch_size=8", "--config.train.log_every=1",
+           "--config.train.save_every=2", "--config.train.progress=False", "--config.train.report_to=none",
+           "--config.dpo.loss_type=sigmoid", "--config.dpo.loss_weights=", "--config.optim.lr=1e-3",
+           "--config.optim.schedule=constant", "--config.optim.warmup_steps=0", "--config.mesh.data=2",
+           "--config.mesh.fsdp=4"]
+    at = lambda workdir: [c.replace("WORKDIR", str(workdir)) for c in cmd]  # noqa: E731
+    _run_all([(at(tmp_path / "one"), env_for(8)), *two_hosts(at(tmp_path / "two"))])
+    rows = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("one", "two")}
+    single, multi = ([r for r in rows[name] if "loss" in r] for name in ("one", "two"))
+    assert len(single) == 2 and len(multi) == 2
+    for a, b in zip(single, multi):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-5)
+        assert b["objective/scores"] == a["objective/scores"]  # the same samples, scored alike
+    assert (tmp_path / "two" / "hf" / "model.safetensors").is_file()

@@ -22,6 +22,8 @@ How a call runs (`sample_ids`):
      ambient mesh (`jax.set_mesh`) that mesh and the params as they are sharded; otherwise
      `mesh=` or a ("data",) mesh over all devices, the params placed by the rules table
      (`sharding.param_shardings`: replicated over "data", split over "fsdp" / "tensor").
+     With several processes (`jax.distributed`), every process passes the same prompts, the
+     mesh spans all of them, and each gets every row's tokens back (gathered between chunks).
 
 Seeds: token t (0-based among the new tokens) of sample j of a prompt with token ids `ids` is
 drawn with key `fold_in(fold_in(jax.random.key(seed + j), prompt_hash(ids)), t)` from that
@@ -422,6 +424,17 @@ def _row_keys(seeds: Sequence[int], hashes: Sequence[int]) -> jax.Array:
     return jax.vmap(lambda s, h: jax.random.fold_in(jax.random.key(s), h))(seeds, hashes)
 
 
+def _host(x) -> np.ndarray:
+    """x's value on this host. With several processes the rows are split over all of them, so
+    each gathers the others' (a collective: every process samples the same prompts and reaches
+    the same fetches in the same order)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_arr, stop_check, knobs, mode,
                cache_dtype, prompt_bucket, chunk, bar, counted, cfg, rows_multiple) -> list[list[int]]:
     """Samples one batch of U prompts x G rows; returns each row's tokens as far as it ran.
@@ -448,11 +461,11 @@ def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_ar
     while True:
         carry = _decode(graphdef, state, carry, lengths_dev, keys_R, eos_dev, prompt_len,
                         jnp.int32(min(step + chunk, N)), knobs, mode=mode)
-        new_step = int(carry["step"])
+        new_step = int(_host(carry["step"]))
         live_R = ~done_R  # rows that were still sampling during this chunk
-        done_R = np.asarray(carry["done"]) | stopped_R
+        done_R = _host(carry["done"]) | stopped_R
         if stop_check is not None:
-            out_RN = np.asarray(carry["out"])  # [R, N] int32: cheap, and no slice to compile
+            out_RN = _host(carry["out"])  # [R, N] int32: cheap, and no slice to compile
             for r in np.flatnonzero(~done_R):
                 stopped_R[r] = stop_check(out_RN[r, :new_step].tolist())
             if stopped_R.any():
@@ -470,7 +483,7 @@ def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_ar
         while size % 2 == 0 and size // 2 >= len(live) and (size // 2) % rows_multiple == 0:
             size //= 2
         if size < len(done_R) and N - step >= chunk:
-            out_RN = np.asarray(carry["out"])
+            out_RN = _host(carry["out"])
             for r in np.flatnonzero(done_R):
                 if origin_R[r] >= 0:
                     results[origin_R[r]] = out_RN[r, :step].tolist()
@@ -480,7 +493,7 @@ def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_ar
             filler = np.arange(size) >= len(live)
             origin_R = np.where(filler, -1, origin_R[keep])
             counted_R, stopped_R, done_R = counted_R[keep] & ~filler, stopped_R[keep], done_R[keep]
-    out_RN = np.asarray(carry["out"])
+    out_RN = _host(carry["out"])
     for r, origin in enumerate(origin_R):
         if origin >= 0:
             results[origin] = out_RN[r, :step].tolist()
