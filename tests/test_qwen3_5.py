@@ -213,10 +213,17 @@ def test_lora_on_the_linear_projections_exports_a_peft_adapter_that_peft_loads(m
 
 
 def test_context_parallelism_is_refused_naming_mesh_sequence(dense):
+    """Before a run or a plan reads anything (`check_context_parallel`, next to the expert check),
+    and by the layer itself at its first trace; models without linear layers pass."""
+    from jaxft.models import get_preset
     from jaxft.parallel import sharding
 
     _, _, model = dense
     mesh = sharding.make_mesh(data=2, sequence=4)
+    with pytest.raises(ConfigError, match="mesh.sequence"):
+        sharding.check_context_parallel(model.cfg, mesh)
+    sharding.check_context_parallel(get_preset("tiny"), mesh)
+    sharding.check_context_parallel(model.cfg, sharding.make_mesh(data=8))
     with jax.set_mesh(mesh), pytest.raises(ConfigError, match="mesh.sequence"):
         model(jnp.asarray(np.concatenate([TOKENS, TOKENS])))
 

@@ -27,7 +27,7 @@ from jaxft.errors import ConfigError
 from jaxft.models import gated_deltanet, lora
 from jaxft.models.parts import bcast, param as _param, rms_normalize
 from jaxft.models.quantize import kernel_value
-from jaxft.parallel.sharding import splits
+from jaxft.parallel.sharding import LINEAR_CONTEXT_PARALLEL, splits
 
 LINEAR_PROJECTIONS = lora.LINEAR_PROJECTIONS
 
@@ -76,8 +76,7 @@ class GatedDeltaNet(nnx.Module):
     def __call__(self, x, segment_ids_BL, cache=None, cache_index=None, rng=None):
         cfg = self.cfg
         if splits("act_length"):
-            raise ConfigError("mesh.sequence > 1 (context parallelism) is not supported for models with linear-"
-                              "attention layers (Qwen3.5's Gated DeltaNet) yet; set mesh.sequence=1")
+            raise ConfigError(LINEAR_CONTEXT_PARALLEL)
         B, L = segment_ids_BL.shape
         Hk, Dk, Hv, Dv, C, K = linear_dims(cfg)
         x_BLE = x.reshape(B, L, -1)
