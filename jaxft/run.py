@@ -24,8 +24,7 @@ from jaxft.io.metrics import MetricsWriter
 from jaxft.loop import StopFlag, train_loop
 from jaxft.models.from_config import load_trainable, model_config
 from jaxft.parallel.agreement import check_hosts_agree
-from jaxft.parallel.sharding import (check_batch_divisibility, check_context_parallel, check_expert_divisibility,
-                                    mesh_from_config)
+from jaxft.parallel.sharding import check_batch_divisibility, check_expert_divisibility, mesh_from_config
 from jaxft.steps.optimizer import optimizer_from_config
 from jaxft.steps.state import create_train_state
 from jaxft.steps.weights import Weights
@@ -107,7 +106,6 @@ def _run_locked(config, workdir: Path, kind: str, task_type, mesh, export: bool,
     tokenizer = load_tokenizer(config)
     model_cfg = model_config(config, tokenizer)
     check_expert_divisibility(model_cfg.num_experts, mesh)
-    check_context_parallel(model_cfg, mesh)
     train, held_out = task_type.load_data(config, tokenizer, kind=kind, workdir=workdir)
     steps, length = run_length(config, train)
     log.info("run length: %s", length)

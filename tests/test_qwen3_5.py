@@ -5,7 +5,7 @@ checkpoints (rows of 40 tokens = 5 chunks of 8), a packed row equals its rows al
 folder round trip (and the released checkpoints' nested config and tensor names), greedy
 generation equals transformers' greedy generate (left-padded prompts of different lengths),
 LoRA on the linear-attention projections exports a PEFT adapter that PEFT loads, SFT of the
-MoE variant learns, and context parallelism is refused with a ConfigError naming mesh.sequence."""
+MoE variant learns, and context parallelism (tokens split over mesh.sequence) equals one device."""
 
 from __future__ import annotations
 
@@ -212,20 +212,36 @@ def test_lora_on_the_linear_projections_exports_a_peft_adapter_that_peft_loads(m
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(adapters), jax.tree.leaves(back)))
 
 
-def test_context_parallelism_is_refused_naming_mesh_sequence(dense):
-    """Before a run or a plan reads anything (`check_context_parallel`, next to the expert check),
-    and by the layer itself at its first trace; models without linear layers pass."""
-    from jaxft.models import get_preset
+def test_context_parallelism_equals_one_device(dense):
+    """Tokens split over mesh.sequence = 4 (rows over data = 2): the linear layers gather each
+    row's tokens for the conv and the rule and keep their own outputs; logits and every gradient
+    equal one device's, with packed segments crossing the shard borders."""
+    from flax import nnx
+
     from jaxft.parallel import sharding
 
     _, _, model = dense
-    mesh = sharding.make_mesh(data=2, sequence=4)
-    with pytest.raises(ConfigError, match="mesh.sequence"):
-        sharding.check_context_parallel(model.cfg, mesh)
-    sharding.check_context_parallel(get_preset("tiny"), mesh)
-    sharding.check_context_parallel(model.cfg, sharding.make_mesh(data=8))
-    with jax.set_mesh(mesh), pytest.raises(ConfigError, match="mesh.sequence"):
-        model(jnp.asarray(np.concatenate([TOKENS, TOKENS])))
+    tokens = jnp.asarray(np.concatenate([TOKENS, TOKENS]))  # [4, 40]: 10 tokens a shard
+    segments = jnp.asarray(np.repeat([[1] * 13 + [2] * 17 + [3] * 10], 4, axis=0))
+    positions = jnp.asarray(np.concatenate([np.arange(13), np.arange(17), np.arange(10)])[None].repeat(4, 0))
+    weights = jnp.asarray(np.random.default_rng(4).normal(size=(4, 40, V)), jnp.float32)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    @jax.jit
+    def loss_and_grads(params, rest):
+        def loss(params):
+            logits = nnx.merge(graphdef, params, rest)(tokens, positions, segments)
+            return jnp.sum(logits * weights)
+
+        return jax.value_and_grad(loss)(params)
+
+    want = loss_and_grads(params, rest)
+    with jax.set_mesh(sharding.make_mesh(data=2, sequence=4)):
+        assert sharding.splits("act_length")
+        got = loss_and_grads(params, rest)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))  # sums split over shards
 
 
 def _tiny_folder(tmp_path, moe: bool):

@@ -124,19 +124,6 @@ def check_batch_divisibility(config, mesh: Mesh, *, rows_per_example: int = 1) -
         )
 
 
-LINEAR_CONTEXT_PARALLEL = ("mesh.sequence > 1 (context parallelism) is not supported for models with linear-attention "
-                           "layers (Qwen3.5's Gated DeltaNet) yet; set mesh.sequence=1")
-
-
-def check_context_parallel(model_cfg, mesh: Mesh) -> None:
-    """Context parallelism (mesh.sequence > 1) splits every row over devices; a linear-attention
-    layer (Qwen3.5's Gated DeltaNet) would need each shard's final state handed to the next, which
-    is not built: refused before the data is read (the layer refuses it too, at its first trace)."""
-    specs = model_cfg.layer_specs()
-    if axis_size(mesh, "sequence") > 1 and specs is not None and any(spec.linear for spec in specs):
-        raise ConfigError(LINEAR_CONTEXT_PARALLEL)
-
-
 def check_expert_divisibility(num_experts: int, mesh: Mesh) -> None:
     """An MoE model's experts must split evenly over mesh.expert (each device its own experts)."""
     n = axis_size(mesh, "expert")

@@ -280,8 +280,7 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
     from jaxft.io.metrics import train_flops_per_token
     from jaxft.models import grouped_matmul
     from jaxft.models.attention import resolve as resolve_attention
-    from jaxft.parallel.sharding import (MESH_AXES, axis_size, check_batch_divisibility, check_context_parallel,
-                                        check_expert_divisibility)
+    from jaxft.parallel.sharding import MESH_AXES, axis_size, check_batch_divisibility, check_expert_divisibility
     from jaxft.parallel.sharding import make_mesh
 
     task = _task(kind)  # an unknown kind fails here, naming the known ones
@@ -297,7 +296,6 @@ def plan(config, *, target: str, kind: str = "sft") -> PlanResult:
                      sequence=config.mesh.sequence, expert=config.mesh.expert)
     mesh_shape = {a: axis_size(mesh, a) for a in MESH_AXES}  # expert 1 included (the mesh omits it)
     check_expert_divisibility(cfg.num_experts, mesh)
-    check_context_parallel(cfg, mesh)
     rows = task.batch_rows(config)
     check_batch_divisibility(config, mesh, rows_per_example=task.rows_per_example(config))
     length = config.data.max_length
