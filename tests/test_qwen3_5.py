@@ -20,7 +20,6 @@ torch = pytest.importorskip("torch")  # the reference implementation (test extra
 import transformers
 from flax import nnx
 
-from jaxft.errors import ConfigError
 from jaxft.models import load_hf, save_hf
 from jaxft.models.config import LayerGroup, config_from_hf, config_to_hf
 from tests.hf_reference import hf_logits
