@@ -73,11 +73,11 @@ def test_k_samples_equal_k_single_runs_with_the_seeds_and_batching_does_not_matt
 def test_greedy_samples_are_identical_and_equal_generate():
     model, tok = _model(), _tokenizer()
     out = sample(PROMPTS, samples=2, max_new_tokens=8, batch_size=4)
-    want = generate(model, encode_prompts(tok, PROMPTS), max_new_tokens=8, eos_token_id=sampler._eos_ids(model, tok),
+    want = generate(model, encode_prompts(tok, PROMPTS), max_new_tokens=8, eos_token_id=sampler.eos_ids(tok, model.cfg),
                     mesh=one_device())
     for row, ids in zip(out, want):
         assert row[0] == row[1] and row[0].token_ids == ids
-        assert row[0].finish_reason == ("eos" if ids[-1] in sampler._eos_ids(model, tok) else "length")
+        assert row[0].finish_reason == ("eos" if ids[-1] in sampler.eos_ids(tok, model.cfg) else "length")
         assert row[0].text == tok.decode(ids, skip_special_tokens=True)
 
 

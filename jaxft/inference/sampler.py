@@ -538,10 +538,6 @@ def eos_ids(tokenizer, model_config) -> list[int]:
     return list(dict.fromkeys(int(e) for e in ids))
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    return eos_ids(tokenizer, model.cfg)
-
-
 def sample_completions(model, tokenizer, prompts: Sequence[str | list[dict]], *, samples: int = 1,
                        max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                        stop: Sequence[str] = (), chat: bool | None = None, seed: int = 0,
@@ -564,7 +560,7 @@ def sample_completions(model, tokenizer, prompts: Sequence[str | list[dict]], *,
     from jaxft.inference.prompts import encode_prompts
 
     ids = encode_prompts(tokenizer, prompts, chat=chat)
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(tokenizer, model.cfg)
     stop = [s for s in stop if s]
 
     def decode(tokens):

@@ -107,9 +107,9 @@ class GatedDeltaNet(nnx.Module):
             out, new_state = gated_deltanet.gated_delta_rule_reference(
                 q, k, v, g_BLH, beta_BLH, segment_ids=row_segments_BL, initial_state=state)
         else:
-            chunk = {} if cfg.linear_chunk_size is None else {"chunk_size": cfg.linear_chunk_size}
             out, new_state = gated_deltanet.gated_delta_rule(
-                q, k, v, g_BLH, beta_BLH, segment_ids=row_segments_BL, initial_state=state, **chunk)
+                q, k, v, g_BLH, beta_BLH, segment_ids=row_segments_BL, initial_state=state,
+                chunk_size=cfg.linear_chunk_size or gated_deltanet.DEFAULT_CHUNK)
         if gather:  # back to each device's own tokens
             out = constrain(out, ("act_batch", "act_length", None, None))
         out = gated_rms_norm(out.astype(x_BLE.dtype), z_BLHV, self.norm_weight[...], cfg.rms_norm_eps)
