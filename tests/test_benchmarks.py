@@ -16,7 +16,7 @@ from jaxft.eval.benchmarks.gsm8k import extract_number, reference_number
 from jaxft.eval.benchmarks.runner import (
     pass_at_k_metrics, pass_at_ks, parse_hub_name, prepare, read_benchmark_records, run_generation_benchmark,
 )
-from jaxft.inference.sampler import Completion
+from jaxft.inference.completions import Completion
 
 SAMPLES = "jaxft/assets/benchmarks"
 GSM8K = f"{SAMPLES}/gsm8k_sample.jsonl"

@@ -68,7 +68,7 @@ def test_generate_cli_samples_stop_and_seed(model_dir, capsys):
     """`jaxft generate --samples K --seed S` prints sample_completions' K samples (seeds S, S + 1);
     `--stop` (repeatable) cuts the text before the first stop string."""
     from jaxft import cli
-    from jaxft.inference.sampler import sample_completions
+    from jaxft.inference.completions import sample_completions
     from jaxft.models import load_hf
 
     model, tok = load_hf(model_dir), load_bundled_tokenizer()

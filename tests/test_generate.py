@@ -15,6 +15,7 @@ from flax import nnx
 
 import jaxft.inference.generate as gen
 from jaxft.inference import sampler
+from jaxft.inference.logits import filter_logits
 from jaxft.models import create_model, get_preset, load_hf
 from tests.hf_reference import make_hf_model
 
@@ -154,7 +155,7 @@ def test_sampling_filters_and_seeds(models):
 
 def test_filter_logits_top_k_top_p():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]], jnp.float32))
-    kept = lambda **kw: np.isfinite(np.asarray(sampler.filter_logits(logits, 1.0, **kw)))[0].tolist()
+    kept = lambda **kw: np.isfinite(np.asarray(filter_logits(logits, 1.0, **kw)))[0].tolist()
     assert kept(top_k=2, top_p=1.0) == [True, True, False, False]
     assert kept(top_k=0, top_p=0.75) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.75
     assert kept(top_k=0, top_p=0.85) == [True, True, True, False]

@@ -54,9 +54,9 @@ def test_rounds_write_samples_pairs_runs_and_the_final_export(setup):
 
 def test_a_rerun_resumes_from_the_files(setup, monkeypatch):
     tmp, config, rows = setup
-    import jaxft.inference.sampler
+    import jaxft.inference.completions
 
-    monkeypatch.setattr(jaxft.inference.sampler, "sample_completions", lambda *a, **k: pytest.fail("sampled again"))
+    monkeypatch.setattr(jaxft.inference.completions, "sample_completions", lambda *a, **k: pytest.fail("sampled again"))
     again = rounds_lib.iterate(config, tmp / "run", log=lambda *a: None)
     assert [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in again] == \
         [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]

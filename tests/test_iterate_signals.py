@@ -67,12 +67,12 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 def test_a_stop_mid_sampling_and_mid_training_resumes_to_the_uninterrupted_files(uninterrupted, tmp_path,
                                                                                  monkeypatch, caplog):
     config, reference, rows = uninterrupted
-    import jaxft.inference.sampler as sampler
+    import jaxft.inference.completions as completions
     import jaxft.loop.core as core
     from jaxft.loop.hooks import Hook
 
     monkeypatch.setattr(rounds_lib, "SAMPLE_CHUNK", 2)
-    real_sample, real_hooks = sampler.sample_completions, core.default_hooks
+    real_sample, real_hooks = completions.sample_completions, core.default_hooks
     sampled, kill = [], {}  # the prompts of each sampling call; kill: {"chunk" | "step": signal}
 
     def sample(model, tokenizer, prompts, **kw):
@@ -94,7 +94,7 @@ def test_a_stop_mid_sampling_and_mid_training_resumes_to_the_uninterrupted_files
         run_hooks.hooks.insert(0, Hook(at_step, every=1))
         return run_hooks
 
-    monkeypatch.setattr(sampler, "sample_completions", sample)
+    monkeypatch.setattr(completions, "sample_completions", sample)
     monkeypatch.setattr(core, "default_hooks", hooks)
     work, rd = tmp_path / "run", tmp_path / "run" / "round_1"
     full = (reference / "round_1" / "samples.jsonl").read_text().splitlines(keepends=True)

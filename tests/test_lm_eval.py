@@ -220,7 +220,7 @@ def test_task_folders_are_indexed_once_and_again_for_a_new_task(tmp_path):
 
 def test_generate_until_task_runs_on_jaxfts_sampler(tiny, tmp_path):
     pytest.importorskip("jaxft.inference.sampler")
-    from jaxft.inference.sampler import sample_completions
+    from jaxft.inference.completions import sample_completions
 
     model, tok = tiny
     write_tasks(tmp_path)

@@ -115,7 +115,7 @@ def test_a_stopped_run_resumes_to_the_same_steps(trained, tmp_path):
 
 def test_pairs_take_the_higher_reward_as_chosen_and_leave_ties_empty():
     from jaxft.data.prompts import PromptBatch
-    from jaxft.inference.sampler import Completion
+    from jaxft.inference.completions import Completion
 
     prompts = PromptBatch([{}, {}, {}], [[1, 2], [3], [4, 5, 6]], [7, 8, 9])
     completions = [[Completion("", [10, 11], "eos"), Completion("", [12], "eos")],

@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxft.inference import sampler
+from jaxft.inference import logits, sampler
 from jaxft.inference.generate import encode_prompts, generate
-from jaxft.inference.sampler import Completion, finish, sample_completions, sample_ids
+from jaxft.inference.completions import Completion, eos_ids, finish, sample_completions
+from jaxft.inference.sampler import sample_ids
 from jaxft.models import create_model, get_preset
 from jaxft.parallel import sharding
 
@@ -73,11 +74,11 @@ def test_k_samples_equal_k_single_runs_with_the_seeds_and_batching_does_not_matt
 def test_greedy_samples_are_identical_and_equal_generate():
     model, tok = _model(), _tokenizer()
     out = sample(PROMPTS, samples=2, max_new_tokens=8, batch_size=4)
-    want = generate(model, encode_prompts(tok, PROMPTS), max_new_tokens=8, eos_token_id=sampler.eos_ids(tok, model.cfg),
+    want = generate(model, encode_prompts(tok, PROMPTS), max_new_tokens=8, eos_token_id=eos_ids(tok, model.cfg),
                     mesh=one_device())
     for row, ids in zip(out, want):
         assert row[0] == row[1] and row[0].token_ids == ids
-        assert row[0].finish_reason == ("eos" if ids[-1] in sampler.eos_ids(tok, model.cfg) else "length")
+        assert row[0].finish_reason == ("eos" if ids[-1] in eos_ids(tok, model.cfg) else "length")
         assert row[0].text == tok.decode(ids, skip_special_tokens=True)
 
 
@@ -161,8 +162,8 @@ def test_finished_rows_leave_the_batch_and_the_rest_decode_as_alone(monkeypatch)
     free = [r[0] for r in sample_ids(model, ids, **kw)]
     eos = list(dict.fromkeys([free[0][2], free[1][3], free[2][1]]))
     gathers = []
-    real_gather = sampler._gather_rows
-    monkeypatch.setattr(sampler, "_gather_rows", lambda *a, **k: gathers.append(len(a[3])) or real_gather(*a, **k))
+    real_gather = sampler.gather_rows
+    monkeypatch.setattr(sampler, "gather_rows", lambda *a, **k: gathers.append(len(a[3])) or real_gather(*a, **k))
     together = [finish(r[0], eos_ids=eos) for r in sample_ids(model, ids, eos_ids=eos, **kw)]
     assert gathers and gathers[0] < 4  # the batch shrank
     for prompt, got, free_row in zip(ids, together, free):
@@ -184,5 +185,5 @@ def test_greedy_argmax_is_jnp_argmax_with_ties_infinities_and_nan():
     x[11] = -np.inf
     x[12, :3] = np.inf
     want = np.argmax(np.nan_to_num(x, nan=np.inf, posinf=1e30), -1)  # NaN first, then +inf
-    assert (np.asarray(sampler.argmax(jnp.asarray(x))) == want).all()
-    assert (np.asarray(sampler.argmax(jnp.asarray(x))) == np.asarray(jnp.argmax(jnp.asarray(x), -1))).all()
+    assert (np.asarray(logits.argmax(jnp.asarray(x))) == want).all()
+    assert (np.asarray(logits.argmax(jnp.asarray(x))) == np.asarray(jnp.argmax(jnp.asarray(x), -1))).all()

@@ -241,7 +241,8 @@ class JaxftLM(TemplateLM):
         first stop string. Contexts are tokenized as HFLM does (`tok_encode`: no second BOS after
         a chat template's) and left-truncated to max_length - max_gen_toks tokens; requests with
         the same gen_kwargs are sampled together."""
-        from jaxft.inference.sampler import finish, sample_ids
+        from jaxft.inference.completions import finish
+        from jaxft.inference.sampler import sample_ids
 
         eos_text = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
         eos_ids = list(dict.fromkeys(e for e in (self.tokenizer.eos_token_id, self.model.cfg.eos_token_id)

@@ -11,10 +11,9 @@ import numpy as np
 
 from jaxft.errors import DataError
 from jaxft.inference import sampler
+from jaxft.inference.completions import finish, sample_completions
 from jaxft.inference.prompts import encode_prompts  # noqa: F401 (public name)
-from jaxft.inference.sampler import MAX_EOS_IDS, PROMPT_BUCKET, filter_logits  # noqa: F401 (public names)
-
-_filter_logits = filter_logits  # the name the tests and older callers use
+from jaxft.inference.sampler import PROMPT_BUCKET
 
 
 def _eos_list(model, eos_token_id) -> list[int]:
@@ -54,7 +53,7 @@ def generate_array(
     out = np.full((len(rows), max_new_tokens), pad_token_id, np.int32)
     steps = 0
     for b, (row,) in enumerate(rows):
-        ids = sampler.finish(row, eos_ids=eos).token_ids
+        ids = finish(row, eos_ids=eos).token_ids
         out[b, :len(ids)] = ids
         steps = max(steps, len(ids))
     return out, steps
@@ -89,7 +88,7 @@ def generate(
     batch_size = options.pop("batch_size", None) or max(len(prompt_ids), 1)
     rows = sampler.sample_ids(model, prompt_ids, max_new_tokens=max_new_tokens, eos_ids=eos,
                               batch_size=batch_size, **options)
-    return [sampler.finish(row, eos_ids=eos).token_ids for (row,) in rows]
+    return [finish(row, eos_ids=eos).token_ids for (row,) in rows]
 
 
 def generate_text(
@@ -102,12 +101,12 @@ def generate_text(
     **sampling,
 ) -> list[str]:
     """A completion string for each prompt (see `encode_prompts` for `chat`): the text of
-    `jaxft.inference.sampler.sample_completions` with one sample (decoded with
+    `jaxft.inference.completions.sample_completions` with one sample (decoded with
     `skip_special_tokens=True`). `sampling`: max_new_tokens, temperature, top_k, top_p, seed,
     stop, progress, ... as `sample_completions` takes them; EOS: the tokenizer's and the
     model config's.
     """
-    completions = sampler.sample_completions(model, tokenizer, prompts, chat=chat, batch_size=batch_size,
+    completions = sample_completions(model, tokenizer, prompts, chat=chat, batch_size=batch_size,
                                              **sampling)
     return [c[0].text for c in completions]
 
@@ -129,7 +128,7 @@ def generate_cli(
     """`jaxft generate`: loads an HF folder (model + tokenizer; a run's workdir stands for its
     export WORKDIR/hf) and completes `prompts`: out[i][j] is sample j of prompt i (`samples`
     per prompt from one prefill, sample j drawn with seed + j; each cut before the first of
-    `stop`, as `jaxft.inference.sampler.sample_completions` does).
+    `stop`, as `jaxft.inference.completions.sample_completions` does).
 
     chat=None: string prompts become user messages under the chat template when the
     tokenizer has one (chat models), and are completed as raw text otherwise.
@@ -137,7 +136,7 @@ def generate_cli(
     model, tokenizer = load_folder(model_dir)
     if chat is None:
         chat = bool(getattr(tokenizer, "chat_template", None))
-    completions = sampler.sample_completions(
+    completions = sample_completions(
         model, tokenizer, prompts, chat=chat, batch_size=batch_size, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, samples=samples, stop=stop,
     )

@@ -140,7 +140,7 @@ def sample_and_score(policy_dir, prompts: list[tuple[int, dict]], out: Path, it,
     if out.exists():
         return _read_lines(out)
     from jaxft.inference.generate import load_folder
-    from jaxft.inference.sampler import sample_completions
+    from jaxft.inference.completions import sample_completions
 
     partial = out.with_name(out.stem + ".partial.jsonl")
     done = _read_lines(partial)
@@ -183,7 +183,7 @@ def evaluate_policy(policy_dir, records: list[dict], reward, *, max_new_tokens: 
     repetition ratio."""
     from jaxft.eval.metrics import repetition_ratio
     from jaxft.inference.generate import load_folder
-    from jaxft.inference.sampler import sample_completions
+    from jaxft.inference.completions import sample_completions
 
     model, tokenizer = load_folder(str(policy_dir), flag="model.path")
     completions = sample_completions(model, tokenizer, [prompt_of(r) for r in records], samples=1,

@@ -53,7 +53,7 @@ def run_iterate_bench(config, *, workdir: str | Path | None = None, log=print) -
 
         def generate():
             from jaxft.inference.generate import load_folder
-            from jaxft.inference.sampler import sample_completions
+            from jaxft.inference.completions import sample_completions
             from jaxft.iterate.pairs import prompt_of
 
             model, tokenizer = load_folder(typed(config).model.path, flag="model.path")

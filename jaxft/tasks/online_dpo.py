@@ -39,7 +39,8 @@ from jaxft.data.batch import PreferenceExample
 from jaxft.data.packing import BatchLayout
 from jaxft.data.pipeline import pad_id_of
 from jaxft.errors import ConfigError
-from jaxft.inference.sampler import eos_ids, finish, sample_ids
+from jaxft.inference.completions import eos_ids, finish
+from jaxft.inference.sampler import sample_ids
 from jaxft.parallel.batches import to_global
 from jaxft.rewards import REWARDS, make_reward, parse_rewards
 from jaxft.steps.common import merge_model

@@ -159,7 +159,7 @@ def score(prepared: Prepared, model, tokenizer, *, sample_fn: SampleFn | None = 
     sample_fn: the sampler (default `jaxft.inference.sampler.sample_completions`)."""
     benchmark, problems, s = prepared.benchmark, prepared.problems, prepared.settings
     if sample_fn is None:
-        from jaxft.inference.sampler import sample_completions as sample_fn
+        from jaxft.inference.completions import sample_completions as sample_fn
     # Stop strings end raw-text completions (the next few-shot "Question:", HumanEval's "\ndef"); a
     # chat answer ends at its end-of-turn token, and may hold them (a whole function in a code block).
     stop = () if s.chat else tuple(benchmark.stop)
