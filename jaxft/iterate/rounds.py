@@ -239,7 +239,6 @@ def iterate(config, workdir: str | Path, *, log=print) -> list[dict]:
 
 def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
     from jaxft.io.checkpoint import workdir_path
-    from jaxft.run import run
 
     reward = check_iterate_config(config)
     it, cfg = typed(config).iterate, typed(config)
@@ -249,9 +248,9 @@ def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
     held_out = read_prompt_records(it.eval_prompts, "iterate.eval_prompts") if it.eval_prompts else None
     batch_size = max(1, cfg.data.eval_batch_size or cfg.train.batch_size)
     start = policy = str(Path(cfg.model.path).expanduser().absolute())
-    rows = []
 
     def evaluate(folder, rd: Path, what: str) -> dict:
+        """rd/eval.json: the policy in `folder` on the held-out prompts (computed once)."""
         if held_out is None:
             return {}
         path = rd / "eval.json"
@@ -262,7 +261,7 @@ def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
                                                                batch_size=batch_size), indent=2))
         return json.loads(path.read_text())
 
-    rows.append({"round": 0, **evaluate(policy, workdir / "round_0", "the starting model (round 0)")})
+    rows = [{"round": 0, **evaluate(policy, workdir / "round_0", "the starting model (round 0)")}]
     for r in range(1, it.rounds + 1):
         rd = workdir / f"round_{r}"
         rd.mkdir(exist_ok=True)
@@ -273,43 +272,12 @@ def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
         stop.where = f"sampling round {r}"
         lines = sample_and_score(policy, round_prompts(prompts, it, r), rd / "samples.jsonl", it, reward,
                                  seed=cfg.train.seed + 1000 * r, batch_size=batch_size, log=log, stop=stop)
-        stop.where = f"building round {r}'s pairs"
         times["sample_seconds"] = time.perf_counter() - t
-        pairs_file = rd / "pairs.jsonl"
-        if not (rd / "pairs.json").exists():
-            records = [{**prompts[line["prompt_index"]]} for line in lines]
-            records, counts = build_pairs(records, [line["completions"] for line in lines],
-                                          [line["rewards"]["reward"] for line in lines], mode=it.pairs,
-                                          min_margin=it.min_margin)
-            atomic.write_text(pairs_file, "".join(json.dumps(p) + "\n" for p in records))
-            atomic.write_text(rd / "pairs.json", json.dumps(counts, indent=2))
-        counts = json.loads((rd / "pairs.json").read_text())
-        made = counts.get("pairs", counts.get("accepted", 0))
-        log(f"  {made} training records from {counts['prompts']} prompts ({counts['dropped_ties']} ties, "
-            f"{counts['dropped_margin']} under the margin, {counts.get('dropped_empty', 0)} without enough "
-            "non-empty samples dropped)")
-        if not made:
-            raise ConfigError(f"round {r}: every prompt's samples tie (or miss iterate.min_margin): no training "
-                              f"records in {pairs_file}; sample more (iterate.samples), hotter "
-                              "(iterate.temperature), or reward more finely (iterate.rewards)")
+        stop.where = f"building round {r}'s pairs"
+        counts = _round_records(rd, r, prompts, lines, it, log)
         t = time.perf_counter()
-        export = rd / "train" / "hf"
-        if not (export / "config.json").exists():
-            # The run's own handler replaces this one for its step loop (saves, then Preempted);
-            # a signal it took in its last step (it finishes) stops iterate when it returns.
-            stop.where = (f"loading or exporting round {r}'s run {rd / 'train'} "
-                          "(it resumes from its last checkpoint)")
-            try:
-                with stop.watching(f"round {r}'s run {rd / 'train'} finished (it is complete and exported)"):
-                    run(round_config(config, it, pairs_file=pairs_file, policy=policy, start=start), rd / "train",
-                        kind=round_kind(it))
-            except Preempted as err:
-                if not hasattr(err, "where"):  # the run's: "preempted: saved step N; rerun ..."
-                    err.args = (f"round {r}'s run {rd / 'train'}: {err}",)
-                raise
-            stop.check()
+        policy = str(_train_round(config, it, rd, r, policy=policy, start=start, stop=stop))
         times["train_seconds"] = time.perf_counter() - t
-        policy = str(export)
         t = time.perf_counter()
         row = {"round": r, **counts, "sample_reward": _mean_reward(lines),
                **evaluate(policy, rd, f"round {r}'s policy")}
@@ -323,3 +291,49 @@ def _iterate(config, workdir, stop: Stopper, log) -> list[dict]:
         shutil.copytree(policy, tmp, dirs_exist_ok=True)
     log(f"final policy: {final}")
     return rows
+
+
+def _round_records(rd: Path, r: int, prompts: list[dict], lines: list[dict], it, log) -> dict:
+    """rd/pairs.jsonl (the round's training records, from its scored samples) and rd/pairs.json
+    (their counts), built once; returns the counts. A round with no records is an error."""
+    pairs_file = rd / "pairs.jsonl"
+    if not (rd / "pairs.json").exists():
+        records = [{**prompts[line["prompt_index"]]} for line in lines]
+        records, counts = build_pairs(records, [line["completions"] for line in lines],
+                                      [line["rewards"]["reward"] for line in lines], mode=it.pairs,
+                                      min_margin=it.min_margin)
+        atomic.write_text(pairs_file, "".join(json.dumps(p) + "\n" for p in records))
+        atomic.write_text(rd / "pairs.json", json.dumps(counts, indent=2))
+    counts = json.loads((rd / "pairs.json").read_text())
+    made = counts.get("pairs", counts.get("accepted", 0))
+    log(f"  {made} training records from {counts['prompts']} prompts ({counts['dropped_ties']} ties, "
+        f"{counts['dropped_margin']} under the margin, {counts.get('dropped_empty', 0)} without enough "
+        "non-empty samples dropped)")
+    if not made:
+        raise ConfigError(f"round {r}: every prompt's samples tie (or miss iterate.min_margin): no training "
+                          f"records in {pairs_file}; sample more (iterate.samples), hotter "
+                          "(iterate.temperature), or reward more finely (iterate.rewards)")
+    return counts
+
+
+def _train_round(config, it, rd: Path, r: int, *, policy: str, start: str, stop: Stopper) -> Path:
+    """Round r's DPO (or SFT) run on rd/pairs.jsonl from `policy`, in rd/train (resumed from its
+    last checkpoint; skipped once exported); returns its export, the next round's policy."""
+    from jaxft.run import run
+
+    export = rd / "train" / "hf"
+    if (export / "config.json").exists():
+        return export
+    # The run's own handler replaces this one for its step loop (saves, then Preempted);
+    # a signal it took in its last step (it finishes) stops iterate when it returns.
+    stop.where = f"loading or exporting round {r}'s run {rd / 'train'} (it resumes from its last checkpoint)"
+    try:
+        with stop.watching(f"round {r}'s run {rd / 'train'} finished (it is complete and exported)"):
+            run(round_config(config, it, pairs_file=rd / "pairs.jsonl", policy=policy, start=start), rd / "train",
+                kind=round_kind(it))
+    except Preempted as err:
+        if not hasattr(err, "where"):  # the run's: "preempted: saved step N; rerun ..."
+            err.args = (f"round {r}'s run {rd / 'train'}: {err}",)
+        raise
+    stop.check()
+    return export
