@@ -199,6 +199,26 @@ def test_single_query_decode_matches_the_reference(window, softcap):
                               q_offset=jnp.int32(23), window=window, logit_softcap=softcap)
 
 
+@pytest.mark.parametrize("offset", [3, 7, 8, 16, 23, 31])
+@pytest.mark.parametrize("traced", [True, False], ids=["traced", "static"])
+def test_single_query_reads_the_filled_prefix_and_matches_the_reference(offset, traced):
+    """A decode step attends to the first n keys for the smallest compiled n above its index
+    (blocks of 8 here: 8 / 16 / 24 / 32), a branch of a switch when the index is traced; offsets
+    on both sides of each boundary, a window and a cap match the reference over the whole cache."""
+    def prefixed(q, k, v, mask, block_q=None, block_k=None, logit_softcap=None):
+        return attention.single_query(q, k, v, mask, logit_softcap=logit_softcap, prefix_block=8)
+
+    q_offset = jnp.int32(offset) if traced else offset
+    _assert_matches_reference(prefixed, (2, 1, 32, 4, 2, 8, 1, 4.0), CACHE[:, offset:offset + 1], CACHE,
+                              q_offset=q_offset, window=5, logit_softcap=SOFTCAP)
+    q, k, v, _ = _qkv(2, 1, 32, 4, 2, 8, 1)
+    mask = AttentionMask(jnp.asarray(CACHE[:, offset:offset + 1]), jnp.asarray(CACHE), q_offset)
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: prefixed(q, k, v, mask))(q, k, v))
+    assert ("cond[" in jaxpr) == traced and attention.prefix_lengths(32, 8) == [8, 16, 24, 32]
+    if traced:
+        assert jaxpr.count("branches=(") == 1 and jaxpr.count("{ lambda") >= 4  # one switch, four prefixes
+
+
 def test_attend_runs_one_query_rows_without_blocks_and_with_sinks():
     """L == 1 goes to single_query under any implementation but reference (no key-block loop in
     the program); with sinks it equals the reference's sink softmax."""

@@ -77,6 +77,23 @@ def test_greedy_with_cache_equals_no_cache_argmax(models, family):
     assert got == want
 
 
+def test_decode_steps_over_cache_prefixes_equal_no_cache_argmax(models, monkeypatch):
+    """Decode attention reads the cache's filled prefix only (`attention.single_query`): with
+    prefixes of 8 slots, 20 steps after a 64-slot prompt bucket cross three of them, and the
+    tokens are still no-cache argmax decoding's."""
+    from jaxft.models import attention
+
+    monkeypatch.setattr(attention, "PREFIX_BLOCK", 8)
+    jax.clear_caches()  # no decode program traced at the default prefixes
+    model, new = models("qwen3"), 20
+    try:
+        got = gen.generate(model, PROMPTS, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+    finally:
+        jax.clear_caches()
+    length = max(map(len, PROMPTS)) + new
+    assert got == [_reference_greedy(model, p, new, length) for p in PROMPTS]
+
+
 def test_samples_from_one_shared_prefill_equal_no_cache_argmax(models):
     """Greedy samples through the sampler's shared prefill (each prompt's cache copied to its 3
     rows; 2 prompts x 3 samples a batch, so prompts of different lengths share batches) equal
