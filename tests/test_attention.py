@@ -189,7 +189,8 @@ def test_softcapped_decode_matches_the_reference(name):
 
 
 def _single(q, k, v, mask, block_q=None, block_k=None, logit_softcap=None):
-    return attention.single_query(q, k, v, mask, logit_softcap=logit_softcap)
+    """single_query on the cache's heads-major layout ([B, K, S, D])."""
+    return attention.single_query(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask, logit_softcap=logit_softcap)
 
 
 @pytest.mark.parametrize("window,softcap", [(None, None), (5, None), (5, SOFTCAP)], ids=["full", "window", "capped"])
@@ -206,7 +207,8 @@ def test_single_query_reads_the_filled_prefix_and_matches_the_reference(offset, 
     (blocks of 8 here: 8 / 16 / 24 / 32), a branch of a switch when the index is traced; offsets
     on both sides of each boundary, a window and a cap match the reference over the whole cache."""
     def prefixed(q, k, v, mask, block_q=None, block_k=None, logit_softcap=None):
-        return attention.single_query(q, k, v, mask, logit_softcap=logit_softcap, prefix_block=8)
+        return attention.single_query(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask,
+                                      logit_softcap=logit_softcap, prefix_block=8)
 
     q_offset = jnp.int32(offset) if traced else offset
     _assert_matches_reference(prefixed, (2, 1, 32, 4, 2, 8, 1, 4.0), CACHE[:, offset:offset + 1], CACHE,

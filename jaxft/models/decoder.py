@@ -172,14 +172,17 @@ def _attention_core(cfg: ModelConfig, kind: LayerKind, q_BLHD, k_BLKD, v_BLKD, *
         k_BSKD, v_BSKD, kv_segments_BS, q_offset = k_BLKD, v_BLKD, segment_ids_BL, 0
         new_cache = None
     else:
-        # Decode / prefill: write this chunk's keys at `cache_index`, attend over the cache.
-        start = (0, cache_index, 0, 0)
-        k_BSKD = jax.lax.dynamic_update_slice(cache["k"], k_BLKD.astype(cache["k"].dtype), start)
-        v_BSKD = jax.lax.dynamic_update_slice(cache["v"], v_BLKD.astype(cache["v"].dtype), start)
+        # Decode / prefill: write this chunk's keys at `cache_index`, attend over the cache. The
+        # cache is heads-major, [B, K, S, D]: a decode step's dots read it as it lies (attend's
+        # one-query path transposes back what it is given here, which XLA cancels).
+        start = (0, 0, cache_index, 0)
+        k_BKSD = jax.lax.dynamic_update_slice(cache["k"], jnp.swapaxes(k_BLKD, 1, 2).astype(cache["k"].dtype), start)
+        v_BKSD = jax.lax.dynamic_update_slice(cache["v"], jnp.swapaxes(v_BLKD, 1, 2).astype(cache["v"].dtype), start)
         kv_segments_BS = jax.lax.dynamic_update_slice(
             cache["segment_ids"], segment_ids_BL.astype(jnp.int32), (0, cache_index)
         )
-        new_cache = {"k": k_BSKD, "v": v_BSKD, "segment_ids": kv_segments_BS}
+        new_cache = {"k": k_BKSD, "v": v_BKSD, "segment_ids": kv_segments_BS}
+        k_BSKD, v_BSKD = jnp.swapaxes(k_BKSD, 1, 2), jnp.swapaxes(v_BKSD, 1, 2)
         q_offset = cache_index
     # Causal within a row, never across packed segments or onto padding (models/attention.py).
     out_BLHD = attend(q_BLHD, k_BSKD, v_BSKD.astype(q_BLHD.dtype), q_segment_ids_BL=segment_ids_BL,
@@ -482,7 +485,7 @@ class Decoder(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-    """An empty KV cache: k / v [B, S, K, D] per layer (stacked [N, B, S, K, D] for a scanned
+    """An empty KV cache: k / v [B, K, S, D] per layer, heads-major (stacked [N, B, K, S, D] for a scanned
     model, a list of N otherwise), and key segment ids [B, S] (0 = empty). A model with
     `layer_specs` (Gemma 4) holds each layer's own shape, per LayerGroup stack when scanned, and
     nothing for layers that read another layer's keys and values. Multi-head latent attention

@@ -132,12 +132,12 @@ def cache_names(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 def layer_cache_shapes(cfg: ModelConfig, batch_size: int, max_length: int, kv_heads: int, head_dim: int) -> dict:
-    """{name: shape} of one layer's cache: k / v [B, S, K, D], or MLA's latent [B, S, R] and
-    shared RoPE key [B, S, D_r]."""
+    """{name: shape} of one layer's cache: k / v [B, K, S, D] (heads-major: decode attention's
+    dots read it without a transpose), or MLA's latent [B, S, R] and shared RoPE key [B, S, D_r]."""
     if cfg.kv_lora_rank is not None:
         return {"latent": (batch_size, max_length, cfg.kv_lora_rank),
                 "k_rope": (batch_size, max_length, cfg.qk_rope_head_dim)}
-    shape = (batch_size, max_length, kv_heads, head_dim)
+    shape = (batch_size, kv_heads, max_length, head_dim)
     return {"k": shape, "v": shape}
 
 
