@@ -79,17 +79,16 @@ def test_greedy_with_cache_equals_no_cache_argmax(models, family):
 
 def test_decode_steps_over_cache_prefixes_equal_no_cache_argmax(models, monkeypatch):
     """Decode attention reads the cache's filled prefix only (`attention.single_query`): with
-    prefixes of 8 slots, 20 steps after a 64-slot prompt bucket cross three of them, and the
+    small prefixes (16 slots at this length), 19 steps after a 64-slot prompt bucket cross one, and the
     tokens are still no-cache argmax decoding's."""
     from jaxft.models import attention
 
     monkeypatch.setattr(attention, "PREFIX_BLOCK", 8)
-    jax.clear_caches()  # no decode program traced at the default prefixes
-    model, new = models("qwen3"), 20
-    try:
-        got = gen.generate(model, PROMPTS, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
-    finally:
-        jax.clear_caches()
+    real_lengths, traced = attention.prefix_lengths, []
+    monkeypatch.setattr(attention, "prefix_lengths", lambda S, block=None: traced.append(S) or real_lengths(S, block))
+    model, new = models("qwen3"), 19  # a cache length (64 + 19) no other test traces
+    got = gen.generate(model, PROMPTS, max_new_tokens=new, eos_token_id=[], pad_token_id=0)
+    assert 64 + new in traced and real_lengths(64 + new) == [16, 32, 48, 64, 80, 83]  # traced afresh
     length = max(map(len, PROMPTS)) + new
     assert got == [_reference_greedy(model, p, new, length) for p in PROMPTS]
 
