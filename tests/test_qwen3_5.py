@@ -212,18 +212,27 @@ def test_lora_on_the_linear_projections_exports_a_peft_adapter_that_peft_loads(m
 
 
 def test_context_parallelism_equals_one_device(dense):
-    """Tokens split over mesh.sequence = 4 (rows over data = 2): the linear layers gather each
-    row's tokens for the conv and the rule and keep their own outputs; logits and every gradient
-    equal one device's, with packed segments crossing the shard borders."""
+    """Tokens split over mesh.sequence = 4 (rows over data = 2): each shard runs the linear
+    layers' conv and rule on its own tokens and hands the state on (`linear_context_parallel`);
+    logits and every gradient equal one device's, with packed segments crossing the shard
+    borders (10 tokens a shard), one starting exactly at a border, a padding gap across a border
+    that its segment continues after, and shards of padding only."""
     from flax import nnx
 
     from jaxft.parallel import sharding
 
     _, _, model = dense
-    tokens = jnp.asarray(np.concatenate([TOKENS, TOKENS]))  # [4, 40]: 10 tokens a shard
-    segments = jnp.asarray(np.repeat([[1] * 13 + [2] * 17 + [3] * 10], 4, axis=0))
-    positions = jnp.asarray(np.concatenate([np.arange(13), np.arange(17), np.arange(10)])[None].repeat(4, 0))
-    weights = jnp.asarray(np.random.default_rng(4).normal(size=(4, 40, V)), jnp.float32)
+    tokens = jnp.asarray(np.concatenate([TOKENS, TOKENS]))  # [4, 40]
+    rows = np.asarray([[1] * 13 + [2] * 17 + [3] * 10, [1] * 13 + [2] * 17 + [3] * 10,
+                       [1] * 8 + [0] * 4 + [1] * 8 + [2] * 20, [1] * 18 + [0] * 22])
+    segments = jnp.asarray(rows)
+    positions = np.zeros_like(rows)
+    for r, row in enumerate(rows):
+        for t in range(1, 40):
+            positions[r, t] = 0 if row[t] == 0 else (positions[r, t - 1] + 1 if row[t] == row[t - 1] else 0)
+    positions = jnp.asarray(positions)
+    weights = np.random.default_rng(4).normal(size=(4, 40, V)) * (rows != 0)[..., None]  # padding queries: any value
+    weights = jnp.asarray(weights, jnp.float32)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     @jax.jit

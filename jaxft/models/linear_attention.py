@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxft.models import gated_deltanet, lora
+from jaxft.models import gated_deltanet, linear_context_parallel, lora
 from jaxft.models.parts import bcast, param as _param, rms_normalize
 from jaxft.models.quantize import kernel_value
-from jaxft.parallel.sharding import constrain, splits
 
 LINEAR_PROJECTIONS = lora.LINEAR_PROJECTIONS
 
@@ -74,14 +73,9 @@ class GatedDeltaNet(nnx.Module):
 
     def __call__(self, x, segment_ids_BL, cache=None, cache_index=None, rng=None):
         cfg = self.cfg
-        # Context parallelism (the mesh splits the tokens): the projections run on each device's
-        # tokens; the conv and the rule, which carry state along the row, run on the whole row on
-        # every device of a row's sequence shards (gathered), and each keeps its own tokens'
-        # outputs. Correct, at the rule's cost once per shard: handing each shard's final state
-        # to the next (and splitting that work) is not built.
-        gather = splits("act_length")
         B, L = segment_ids_BL.shape
         Hk, Dk, Hv, Dv, C, K = linear_dims(cfg)
+        chunk_size = cfg.linear_chunk_size or gated_deltanet.DEFAULT_CHUNK
         x_BLE = x.reshape(B, L, -1)
         # padding (segment 0) contributes nothing to the conv or the state
         x_BLE = x_BLE * (segment_ids_BL > 0)[..., None].astype(x_BLE.dtype)
@@ -89,29 +83,30 @@ class GatedDeltaNet(nnx.Module):
         z_BLHV = self._dense("in_proj_z", x_BLE, rng).reshape(B, L, Hv, Dv)
         b_BLH = self._dense("in_proj_b", x_BLE, rng)
         a_BLH = self._dense("in_proj_a", x_BLE, rng)
-        row_segments_BL = segment_ids_BL
-        if gather:
-            qkv_BLC, b_BLH, a_BLH, row_segments_BL = (
-                constrain(t, ("act_batch",) + (None,) * (t.ndim - 1)) for t in (qkv_BLC, b_BLH, a_BLH, segment_ids_BL))
-        window = None if cache is None else cache["conv"]
-        qkv_BLC, new_window = gated_deltanet.causal_conv1d(
-            qkv_BLC, kernel_value(self.conv1d, qkv_BLC.dtype), segment_ids=row_segments_BL, window=window,
-            activation="silu")
-        q, k, v = jnp.split(qkv_BLC, [Hk * Dk, 2 * Hk * Dk], axis=-1)
-        q, k, v = q.reshape(B, L, Hk, Dk), k.reshape(B, L, Hk, Dk), v.reshape(B, L, Hv, Dv)
         beta_BLH = jax.nn.sigmoid(b_BLH.astype(jnp.float32))
         A_H, dt_H = (bcast(w[...].astype(jnp.float32), a_BLH) for w in (self.A_log, self.dt_bias))
         g_BLH = -jnp.exp(A_H) * jax.nn.softplus(a_BLH.astype(jnp.float32) + dt_H)
-        state = None if cache is None else cache["state"]
-        if cache is not None and L == 1:  # a decode step: the recurrence itself
-            out, new_state = gated_deltanet.gated_delta_rule_reference(
-                q, k, v, g_BLH, beta_BLH, segment_ids=row_segments_BL, initial_state=state)
+        conv_WC = kernel_value(self.conv1d, qkv_BLC.dtype)
+        new_window = new_state = None
+        if cache is None and linear_context_parallel.applies(L):
+            # Context parallelism (the mesh splits the tokens): each shard runs the conv and the
+            # rule on its own tokens and the state is handed along (`linear_context_parallel`).
+            out = linear_context_parallel.conv_and_rule(qkv_BLC, conv_WC, g_BLH, beta_BLH, segment_ids_BL,
+                                                        key_heads=Hk, key_dim=Dk, value_dim=Dv,
+                                                        chunk_size=chunk_size)
         else:
-            out, new_state = gated_deltanet.gated_delta_rule(
-                q, k, v, g_BLH, beta_BLH, segment_ids=row_segments_BL, initial_state=state,
-                chunk_size=cfg.linear_chunk_size or gated_deltanet.DEFAULT_CHUNK)
-        if gather:  # back to each device's own tokens
-            out = constrain(out, ("act_batch", "act_length", None, None))
+            window = None if cache is None else cache["conv"]
+            qkv_BLC, new_window = gated_deltanet.causal_conv1d(qkv_BLC, conv_WC, segment_ids=segment_ids_BL,
+                                                               window=window, activation="silu")
+            q, k, v = jnp.split(qkv_BLC, [Hk * Dk, 2 * Hk * Dk], axis=-1)
+            q, k, v = q.reshape(B, L, Hk, Dk), k.reshape(B, L, Hk, Dk), v.reshape(B, L, Hv, Dv)
+            state = None if cache is None else cache["state"]
+            if cache is not None and L == 1:  # a decode step: the recurrence itself
+                out, new_state = gated_deltanet.gated_delta_rule_reference(
+                    q, k, v, g_BLH, beta_BLH, segment_ids=segment_ids_BL, initial_state=state)
+            else:
+                out, new_state = gated_deltanet.gated_delta_rule(
+                    q, k, v, g_BLH, beta_BLH, segment_ids=segment_ids_BL, initial_state=state, chunk_size=chunk_size)
         out = gated_rms_norm(out.astype(x_BLE.dtype), z_BLHV, self.norm_weight[...], cfg.rms_norm_eps)
         y_BLE = self._dense("out_proj", out.reshape(B, L, Hv * Dv), rng)
         new_cache = None
