@@ -71,10 +71,10 @@ def conv_and_rule(qkv_BLC, conv_WC, g_BLH, beta_BLH, segment_ids_BL, *, key_head
         x, _ = gated_deltanet.causal_conv1d(jnp.concatenate([halo, qkv], 1), conv_w,
                                             segment_ids=jnp.concatenate([halo_seg, seg], 1), activation="silu")
         q, k, v = jnp.split(x[:, W - 1:], [Hk * Dk, 2 * Hk * Dk], axis=-1)
-        q, k = q.reshape(b, length, Hk, Dk).astype(jnp.float32), k.reshape(b, length, Hk, Dk)
-        v = v.reshape(b, length, Hv, Dv).astype(jnp.float32)
-        # One run from the basis: values [v | 0], state [0 | I] -> outputs [o0 | A_t^T q], final [F | A].
-        values = jnp.concatenate([v, jnp.zeros((b, length, Hv, Dk), jnp.float32)], -1)
+        q, k, v = q.reshape(b, length, Hk, Dk), k.reshape(b, length, Hk, Dk), v.reshape(b, length, Hv, Dv)
+        # One run from the basis: values [v | 0], state [0 | I] -> outputs [o0 | A_t^T q], final [F | A]
+        # (the rule computes in float32; its outputs come back in the activations' dtype).
+        values = jnp.concatenate([v, jnp.zeros((b, length, Hv, Dk), v.dtype)], -1)
         basis = jnp.concatenate([jnp.zeros((b, Hv, Dk, Dv), jnp.float32),
                                  jnp.broadcast_to(jnp.eye(Dk, dtype=jnp.float32), (b, Hv, Dk, Dk))], -1)
         out, final = gated_deltanet.gated_delta_rule(q, k, values, g, beta, segment_ids=seg, initial_state=basis,
@@ -91,8 +91,8 @@ def conv_and_rule(qkv_BLC, conv_WC, g_BLH, beta_BLH, segment_ids_BL, *, key_head
             state = jnp.einsum("bhkK,bhKv->bhkv", maps[j], state) + offsets[j]
             before = jnp.where(lasts[j] != 0, lasts[j], before)
         s_in = jnp.stack(incoming)[lax.axis_index(AXIS)]
-        out = out[..., :Dv] + jnp.einsum("blhk,bhkv->blhv", out[..., Dv:], s_in)
-        return out.astype(qkv.dtype)
+        correction = jnp.einsum("blhk,bhkv->blhv", out[..., Dv:], s_in, preferred_element_type=jnp.float32)
+        return (out[..., :Dv] + correction).astype(qkv.dtype)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(rows, AXIS, None), P(), P(rows, AXIS, None),
                                                      P(rows, AXIS, None), P(rows, AXIS)),
