@@ -224,7 +224,7 @@ def single_query(q_BLHD, k_BKSD, v_BKSD, mask: AttentionMask, *, logit_softcap=N
     The math of `reference` (f32 softmax, soft-cap, sinks); [B, 1, H, D] in q's dtype."""
     S = k_BKSD.shape[2]
     lengths = prefix_lengths(S, prefix_block)
-    if q_BLHD.shape[1] != 1 or len(lengths) == 1:
+    if len(lengths) == 1:
         return _single_query(q_BLHD, k_BKSD, v_BKSD, mask, logit_softcap=logit_softcap, sinks_H=sinks_H)
 
     def prefix(n):

@@ -28,31 +28,27 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxft.models import gated_deltanet
-from jaxft.models.context_parallel import AXIS
+from jaxft.models.context_parallel import AXIS, sequence_shards
 from jaxft.parallel.sharding import current_mesh, logical_to_spec
 
 
 def applies(length: int) -> bool:
     """Whether a linear layer's row of `length` tokens is split over the mesh's sequence axis
     (evenly: a shard_map needs equal parts)."""
-    mesh = current_mesh()
-    cp = 1 if mesh is None or AXIS not in mesh.shape else mesh.shape[AXIS]
+    cp = sequence_shards()
     return cp > 1 and length % cp == 0
 
 
 def _first_and_last_ids(seg_BL):
     """Each row's first and last nonzero segment id ([B] int32; 0 for a row of padding)."""
-    L = seg_BL.shape[1]
-    pos = jnp.arange(L, dtype=jnp.int32)[None]
     nonzero = seg_BL != 0
-    first = jnp.min(jnp.where(nonzero, pos, L), axis=1)
-    last = jnp.max(jnp.where(nonzero, pos, -1), axis=1)
-    pick = lambda i: jnp.where((i >= 0) & (i < L), jnp.take_along_axis(seg_BL, jnp.clip(i, 0, L - 1)[:, None], 1)[:, 0], 0)  # noqa: E731
-    return pick(first), pick(last)
+    first = jnp.argmax(nonzero, axis=1)  # 0 for a row of padding, whose id there is 0 anyway
+    last = seg_BL.shape[1] - 1 - jnp.argmax(nonzero[:, ::-1], axis=1)
+    return (jnp.take_along_axis(seg_BL, i[:, None], 1)[:, 0] for i in (first, last))
 
 
 def conv_and_rule(qkv_BLC, conv_WC, g_BLH, beta_BLH, segment_ids_BL, *, key_heads: int, key_dim: int,
-                  value_dim: int, chunk_size: int, l2_normalize: bool = True):
+                  value_dim: int, chunk_size: int):
     """The linear layer's conv (SiLU) and gated delta rule over rows split along the sequence axis
     of the ambient mesh. qkv_BLC [B, L, C] (the in_proj_qkv output, padding zeroed), conv_WC
     [W, C], g / beta [B, L, H] float32, segment_ids [B, L]. Returns out [B, L, H, V] in qkv's
@@ -78,7 +74,7 @@ def conv_and_rule(qkv_BLC, conv_WC, g_BLH, beta_BLH, segment_ids_BL, *, key_head
         basis = jnp.concatenate([jnp.zeros((b, Hv, Dk, Dv), jnp.float32),
                                  jnp.broadcast_to(jnp.eye(Dk, dtype=jnp.float32), (b, Hv, Dk, Dk))], -1)
         out, final = gated_deltanet.gated_delta_rule(q, k, values, g, beta, segment_ids=seg, initial_state=basis,
-                                                     chunk_size=chunk_size, l2_normalize=l2_normalize)
+                                                     chunk_size=chunk_size)
         first, last = _first_and_last_ids(seg)
         maps, offsets, firsts, lasts = (lax.all_gather(t, AXIS) for t in (final[..., Dv:], final[..., :Dv], first, last))
         state = jnp.zeros((b, Hv, Dk, Dv), jnp.float32)
