@@ -93,6 +93,61 @@ def _row_multiple(mesh) -> int:
     return int(np.prod([sharding.axis_size(mesh, a) for a in sharding.mesh_axes("act_batch")]))
 
 
+@dataclasses.dataclass(frozen=True)
+class _Decoding:
+    """How every batch of a call decodes (checked by `_decoding`)."""
+
+    max_new_tokens: int
+    eos_arr: np.ndarray  # [MAX_EOS_IDS] int32, -1 padded
+    stop_check: Callable[[list[int]], bool] | None
+    knobs: tuple  # (temperature, top_k, top_p) as device scalars
+    mode: Mode
+    cache_dtype: object
+    prompt_bucket: int
+    chunk: int
+
+
+def _decoding(*, max_new_tokens, temperature, top_p, top_k, eos_ids, stop_check, cache_dtype, prompt_bucket,
+              chunk) -> _Decoding:
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature=}, {top_p=}, "
+                          f"{top_k=}")
+    eos_ids = list(eos_ids)
+    if len(eos_ids) > MAX_EOS_IDS:
+        raise ConfigError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos_ids)}")
+    eos_arr = np.full((MAX_EOS_IDS,), -1, np.int32)  # -1: never sampled; a fixed shape for any count
+    eos_arr[:len(eos_ids)] = eos_ids
+    greedy = temperature == 0.0
+    return _Decoding(
+        max_new_tokens=max_new_tokens, eos_arr=eos_arr, stop_check=stop_check,
+        knobs=(jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p)),
+        mode=Mode(greedy=greedy, use_top_k=not greedy and top_k > 0, use_top_p=not greedy and top_p < 1.0),
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype), prompt_bucket=prompt_bucket,
+        chunk=chunk)
+
+
+def _plan_batches(prompt_ids, samples: int, batch_size: int,
+                  rows_multiple: int) -> tuple[int, list[tuple[list[_Unit], int]]]:
+    """(G, [(a batch's units, how many of them are real)]): every prompt's samples in groups of
+    G = min(samples, batch_size) rows, units sorted by prompt length (stable: ties keep input
+    order) and cut into batches of the same U units, the last filled up with copies of its first;
+    U x G rows a multiple of `rows_multiple`, so one program serves every batch of a prompt
+    bucket. A single small batch gets no filler rows."""
+    group = min(samples, batch_size)
+    units = [_Unit(i, range(s, min(s + group, samples))) for i in range(len(prompt_ids))
+             for s in range(0, samples, group)]
+    units.sort(key=lambda u: len(prompt_ids[u.prompt]))
+    per_batch = max(1, batch_size // group)
+    while per_batch * group % rows_multiple:
+        per_batch += 1
+    if len(units) <= per_batch and rows_multiple == 1:
+        per_batch = len(units)
+    batches = [units[start:start + per_batch] for start in range(0, len(units), per_batch)]
+    return group, [(b + [b[0]] * (per_batch - len(b)), len(b)) for b in batches]
+
+
 def sample_ids(
     model,
     prompt_ids: Sequence[Sequence[int]],
@@ -119,55 +174,28 @@ def sample_ids(
     the host between chunks when `stop_check(tokens so far)` is true. See the module docstring
     for batching and seeds; `mesh` overrides the mesh the rows are split over; `unroll`:
     `sampling_split`'s (None = by size)."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    settings = _decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                         eos_ids=eos_ids, stop_check=stop_check, cache_dtype=cache_dtype,
+                         prompt_bucket=prompt_bucket, chunk=chunk)
     if samples < 1 or batch_size < 1:
         raise ConfigError(f"samples and batch_size must be >= 1, got {samples=}, {batch_size=}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ConfigError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature=}, {top_p=}, "
-                          f"{top_k=}")
     prompt_ids = [list(map(int, p)) for p in prompt_ids]
     if not prompt_ids or min(map(len, prompt_ids)) == 0:
         raise DataError("sampling needs at least one prompt and every prompt needs >= 1 token")
-    eos_ids = list(eos_ids)
-    if len(eos_ids) > MAX_EOS_IDS:
-        raise ConfigError(f"at most {MAX_EOS_IDS} EOS ids are supported, got {len(eos_ids)}")
-    eos_arr = np.full((MAX_EOS_IDS,), -1, np.int32)  # -1: never sampled; a fixed shape for any count
-    eos_arr[:len(eos_ids)] = eos_ids
-    greedy = temperature == 0.0
-    mode = Mode(greedy=greedy, use_top_k=not greedy and top_k > 0, use_top_p=not greedy and top_p < 1.0)
-    knobs = (jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p))
-    cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype)
-
-    group = min(samples, batch_size)
-    units = [_Unit(i, range(s, min(s + group, samples))) for i in range(len(prompt_ids))
-             for s in range(0, samples, group)]
-    units.sort(key=lambda u: len(prompt_ids[u.prompt]))  # stable: ties keep input order
     run_mesh, replicate = _batch_mesh(mesh)
     rows_multiple = _row_multiple(run_mesh)
-    per_batch = max(1, batch_size // group)
-    # Batch shape: every batch has the same U (the last filled up with copies), and U x G rows
-    # a multiple of the devices, so one program serves every batch of a bucket.
-    while per_batch * group % rows_multiple:
-        per_batch += 1
-    if len(units) <= per_batch and rows_multiple == 1:
-        per_batch = len(units)  # a single small batch: no filler rows
+    group, batches = _plan_batches(prompt_ids, samples, batch_size, rows_multiple)
     graphdef, state, cfg = sampling_split(model, unroll=unroll)
     out: list[list[list[int] | None]] = [[None] * samples for _ in prompt_ids]
     bar = _progress_bar(len(prompt_ids) * samples * max_new_tokens) if progress else None
     with jax.set_mesh(run_mesh) if run_mesh is not None else contextlib.nullcontext():
         if replicate:  # by the rules table: replicated over "data", split where the mesh has fsdp / tensor
             state = jax.device_put(state, sharding.param_shardings(state, run_mesh))
-        for start in range(0, len(units), per_batch):
-            batch = units[start:start + per_batch]
-            real = len(batch)
-            batch = batch + [batch[0]] * (per_batch - real)
+        for batch, real in batches:  # units past `real` are filler copies: neither counted nor kept
             rows = _run_batch(graphdef, state, [prompt_ids[u.prompt] for u in batch],
                               [(seed + j) for u in batch for j in _group_seeds(u, group)], group=group,
-                              max_new_tokens=max_new_tokens, eos_arr=eos_arr, stop_check=stop_check, knobs=knobs,
-                              mode=mode, cache_dtype=cache_dtype, prompt_bucket=prompt_bucket, chunk=chunk,
-                              bar=bar, cfg=cfg, rows_multiple=rows_multiple, counted=[k < real and g < len(u.samples) for k, u in enumerate(batch)
-                                                for g in range(group)])
+                              settings=settings, bar=bar, cfg=cfg, rows_multiple=rows_multiple,
+                              counted=[k < real and g < len(u.samples) for k, u in enumerate(batch) for g in range(group)])
             for u_index, unit in enumerate(batch[:real]):
                 for g, j in enumerate(unit.samples):
                     out[unit.prompt][j] = rows[u_index * group + g]
@@ -212,13 +240,14 @@ def _host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_arr, stop_check, knobs, mode,
-               cache_dtype, prompt_bucket, chunk, bar, counted, cfg, rows_multiple) -> list[list[int]]:
+def _run_batch(graphdef, state, prompts, seeds, *, group, settings: _Decoding, bar, counted, cfg,
+               rows_multiple) -> list[list[int]]:
     """Samples one batch of U prompts x G rows; returns each row's tokens as far as it ran.
     counted: [R] bools, the rows the progress bar counts (not the filler copies)."""
-    U, N = len(prompts), max_new_tokens
+    U, N = len(prompts), settings.max_new_tokens
+    knobs, mode, chunk, stop_check = settings.knobs, settings.mode, settings.chunk, settings.stop_check
     lengths = [len(p) for p in prompts]
-    P = _round_up(max(lengths), prompt_bucket)
+    P = _round_up(max(lengths), settings.prompt_bucket)
     tokens = np.zeros((U, P), np.int32)
     for u, ids in enumerate(prompts):
         tokens[u, P - len(ids):] = ids
@@ -226,8 +255,8 @@ def _run_batch(graphdef, state, prompts, seeds, *, group, max_new_tokens, eos_ar
     keys_R = _row_keys(np.asarray(seeds, np.uint32),
                        np.asarray([prompt_hash(p) for p in prompts for _ in range(group)], np.uint32))
     carry = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths, jnp.int32), keys_R, knobs,
-                     group=group, max_new_tokens=N, mode=mode, cache_dtype=cache_dtype)
-    lengths_dev, eos_dev, prompt_len = jnp.asarray(lengths_R), jnp.asarray(eos_arr), jnp.int32(P)
+                     group=group, max_new_tokens=N, mode=mode, cache_dtype=settings.cache_dtype)
+    lengths_dev, eos_dev, prompt_len = jnp.asarray(lengths_R), jnp.asarray(settings.eos_arr), jnp.int32(P)
     R = U * group
     results: list[list[int] | None] = [None] * R
     origin_R = np.arange(R)  # each current row's row in the batch; -1 = a filler copy
