@@ -85,6 +85,24 @@ def test_best_worst_pairs_drop_ties_and_small_margins():
     assert conversational[0]["chosen"] == [{"role": "assistant", "content": "72 then 48"}]
 
 
+def test_several_pairs_a_prompt_pair_the_ith_best_with_the_ith_worst_while_the_margin_passes():
+    records = [{"prompt": "p"}, {"prompt": "q"}]
+    completions = [["a", "b", "c", "d", "e", "f"], ["u", "v", "w", "x", "y", "z"]]
+    rewards = np.array([[1.0, 0.0, 1.0, 0.0, 1.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+    pairs, counts = build_pairs(records, completions, rewards, pairs_per_prompt=3)
+    # p: three disjoint pairs (the third's margin is 0.5); q: one wrong sample, one pair
+    assert [(x["chosen"], x["rejected"]) for x in pairs] == [("a", "b"), ("c", "d"), ("e", "f"), ("u", "z")]
+    assert counts["pairs"] == 4
+    pairs, _ = build_pairs(records, completions, rewards, pairs_per_prompt=3, min_margin=0.6)
+    assert [(x["chosen"], x["rejected"]) for x in pairs] == [("a", "b"), ("c", "d"), ("u", "z")]
+    pairs, _ = build_pairs(records, completions, rewards, pairs_per_prompt=2)
+    assert len(pairs) == 3  # at most N a prompt
+    assert build_pairs(records, completions, rewards)[0] == build_pairs(records, completions, rewards,
+                                                                        pairs_per_prompt=1)[0]
+    with pytest.raises(ConfigError, match="pairs_per_prompt"):
+        build_pairs(records, completions, rewards, pairs_per_prompt=0)
+
+
 def test_empty_completions_are_never_chosen_or_rejected():
     # The DPO / SFT loaders refuse an empty reply: an empty sample (EOS at once) is left out of the
     # choice, and a prompt left without two samples (one for sft) is dropped and counted.

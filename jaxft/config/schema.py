@@ -205,6 +205,8 @@ class IterateSection:
     pairs: str = key("best_worst", '"best_worst": DPO on each prompt\'s best vs worst sample | "sft": '
                      "rejection-sampling SFT on the best")
     min_margin: float = key(0.0, "best_worst: the least reward margin of a pair; sft: the least reward kept")
+    pairs_per_prompt: int = key(1, "best_worst: up to N disjoint pairs a prompt, the i-th best vs the i-th worst "
+                                "while the margin passes (>= 1)")
     reference: str = key("round", '"round": each round\'s starting policy | "start": the first model')
 
 

@@ -19,13 +19,17 @@ def _answer(prompt, completion: str):
 
 
 def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], rewards, *,
-                mode: str = "best_worst", min_margin: float = 0.0) -> tuple[list[dict], dict]:
+                mode: str = "best_worst", min_margin: float = 0.0,
+                pairs_per_prompt: int = 1) -> tuple[list[dict], dict]:
     """Training records from K scored completions of each of P prompts.
 
     rewards: [P, K]. mode "best_worst": for each prompt, its highest-reward completion as chosen
       and its lowest as rejected (the first of equal rewards), in TRL's preference format, when
       their margin is > 0 and >= `min_margin`; a prompt whose samples all score the same is
-      dropped as a tie. mode "sft": the best completion as a prompt-completion record when no
+      dropped as a tie. With `pairs_per_prompt` N > 1, up to N disjoint pairs a prompt: the
+      i-th best against the i-th worst for i = 1, 2, ... while their margin passes (as Iterative
+      RPO pairs several right with wrong answers), so a prompt whose samples disagree more
+      weighs more; ties and small margins count the first pair only. mode "sft": the best completion as a prompt-completion record when no
       other sample beats it (always) and its reward is >= `min_margin` (the acceptance bar).
     An empty (or whitespace-only) completion is never chosen or rejected: the data loader refuses
     an empty reply, so it is left out of the choice, and a prompt left with fewer than two
@@ -36,6 +40,8 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
     """
     if mode not in PAIR_MODES:
         raise ConfigError(f"pairs: unknown mode {mode!r}; one of {', '.join(PAIR_MODES)}")
+    if pairs_per_prompt < 1:
+        raise ConfigError(f"iterate.pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
     rewards_PK = np.asarray(rewards, np.float64)
     if rewards_PK.shape != (len(records), len(completions[0]) if len(completions) else 0):
         raise ValueError(f"rewards {rewards_PK.shape} do not match {len(records)} prompts x K completions")
@@ -46,8 +52,9 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
         if len(usable) < (1 if mode == "sft" else 2):
             empty += 1
             continue
-        best = usable[int(np.argmax(r_K[usable]))]
-        worst = usable[int(np.argmin(r_K[usable]))]
+        ranked = sorted(usable, key=lambda j: -r_K[j])  # stable: the first of equal rewards first
+        rising = sorted(usable, key=lambda j: r_K[j])
+        best, worst = ranked[0], rising[0]
         if mode == "sft":
             if r_K[best] < min_margin:
                 small += 1
@@ -61,9 +68,12 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
         elif margin < min_margin:
             small += 1
         else:
-            out.append({"prompt": prompt, "chosen": _answer(prompt, row[best]),
-                        "rejected": _answer(prompt, row[worst]), "prompt_index": i,
-                        "chosen_reward": float(r_K[best]), "rejected_reward": float(r_K[worst])})
+            for chosen, rejected in list(zip(ranked, rising))[:min(pairs_per_prompt, len(usable) // 2)]:
+                if r_K[chosen] - r_K[rejected] <= 0 or r_K[chosen] - r_K[rejected] < min_margin:
+                    break  # the next pairs are closer still
+                out.append({"prompt": prompt, "chosen": _answer(prompt, row[chosen]),
+                            "rejected": _answer(prompt, row[rejected]), "prompt_index": i,
+                            "chosen_reward": float(r_K[chosen]), "rejected_reward": float(r_K[rejected])})
     counts = {"prompts": len(records), "accepted" if mode == "sft" else "pairs": len(out),
               "dropped_ties": ties, "dropped_margin": small, "dropped_empty": empty}
     return out, counts

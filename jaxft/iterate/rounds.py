@@ -64,6 +64,8 @@ def check_iterate_config(config):
         problems.append(f'iterate.reference must be "round" or "start", got {it.reference!r}')
     if it.prompts_per_round < 0:
         problems.append(f"iterate.prompts_per_round must be >= 0, got {it.prompts_per_round}")
+    if it.pairs_per_prompt < 1:
+        problems.append(f"iterate.pairs_per_prompt must be >= 1, got {it.pairs_per_prompt}")
     if typed(config).lora.base_quantization != "none":
         problems.append("lora.base_quantization: a QLoRA run exports no full model for the next round to start "
                         "from; iterate with lora.rank (LoRA, merged on export) or full fine-tuning")
@@ -301,7 +303,7 @@ def _round_records(rd: Path, r: int, prompts: list[dict], lines: list[dict], it,
         records = [{**prompts[line["prompt_index"]]} for line in lines]
         records, counts = build_pairs(records, [line["completions"] for line in lines],
                                       [line["rewards"]["reward"] for line in lines], mode=it.pairs,
-                                      min_margin=it.min_margin)
+                                      min_margin=it.min_margin, pairs_per_prompt=it.pairs_per_prompt)
         atomic.write_text(pairs_file, "".join(json.dumps(p) + "\n" for p in records))
         atomic.write_text(rd / "pairs.json", json.dumps(counts, indent=2))
     counts = json.loads((rd / "pairs.json").read_text())
