@@ -93,7 +93,7 @@ class GatedDeltaNet(nnx.Module):
             # rule on its own tokens and the state is handed along (`linear_context_parallel`).
             out = linear_context_parallel.conv_and_rule(qkv_BLC, conv_WC, g_BLH, beta_BLH, segment_ids_BL,
                                                         key_heads=Hk, key_dim=Dk, value_dim=Dv,
-                                                        chunk_size=chunk_size)
+                                                        chunk_size=chunk_size, recompute=cfg.remat != "none")
         else:
             window = None if cache is None else cache["conv"]
             qkv_BLC, new_window = gated_deltanet.causal_conv1d(qkv_BLC, conv_WC, segment_ids=segment_ids_BL,
