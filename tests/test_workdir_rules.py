@@ -232,7 +232,8 @@ REFUSED_VALUES = [
 # dpo.online_*: online DPO's task (jaxft.tasks.online_dpo.online_problem; tests/test_online_dpo.py): 0 refused.
 CHECKED_ELSEWHERE = {"dpo.beta", "dpo.label_smoothing", "train.seed", "iterate.rounds", "iterate.samples",
                      "iterate.prompts_per_round", "iterate.temperature", "iterate.top_p", "iterate.max_new_tokens",
-                     "iterate.min_margin", "dpo.online_max_new_tokens", "dpo.online_temperature"}
+                     "iterate.min_margin", "iterate.pairs_per_prompt", "dpo.online_max_new_tokens",
+                     "dpo.online_temperature"}
 
 
 def _numeric_keys(tree, prefix=""):

@@ -75,7 +75,7 @@ RESUME_FREE_KEYS = (
     # jaxft iterate's own keys: a round's run never reads them (its rounds resume from their files)
     "iterate.prompts", "iterate.eval_prompts", "iterate.rounds", "iterate.samples", "iterate.prompts_per_round",
     "iterate.temperature", "iterate.top_p", "iterate.max_new_tokens", "iterate.rewards", "iterate.pairs",
-    "iterate.min_margin", "iterate.reference",
+    "iterate.min_margin", "iterate.pairs_per_prompt", "iterate.reference",
 )
 
 # Keys the data iterator's own state checks on resume (its settings, or the examples
