@@ -275,14 +275,15 @@ def test_context_parallel_shards_recompute_their_rule_when_layers_are_rematerial
                               remat=remat, scan_layers=False)
     model = create_model(cfg, seed=0)
     tokens = jnp.zeros((2, 16), jnp.int32)
+    def remats(recompute):  # checkpoints in one layer's shard_map: the rule's own per chunk, + the body's
+        args = (jnp.ones((2, 16, 32)), jnp.ones((4, 32)), -jnp.ones((2, 16, 2)), jnp.full((2, 16, 2), 0.5),
+                jnp.ones((2, 16), jnp.int32))
+        return str(jax.make_jaxpr(lambda: real(*args, key_heads=1, key_dim=8, value_dim=8, chunk_size=4,
+                                               recompute=recompute))()).count("remat")
+
     with jax.set_mesh(sharding.make_mesh(data=4, sequence=2)):
         jaxpr = str(jax.make_jaxpr(lambda: model(tokens))())
-        # the shard_map body itself is checkpointed: one more remat than the rule's own per chunk
-        body = {True: 0, False: 0}
-        for recompute in body:
-            body[recompute] = str(jax.make_jaxpr(lambda r=recompute: real(
-                jnp.ones((2, 16, 32)), jnp.ones((4, 32)), -jnp.ones((2, 16, 2)), jnp.full((2, 16, 2), 0.5),
-                jnp.ones((2, 16), jnp.int32), key_heads=1, key_dim=8, value_dim=8, chunk_size=4, recompute=r))()).count("remat")
+        body = {recompute: remats(recompute) for recompute in (True, False)}
     assert seen == [remat != "none"] * 3 and "shard_map" in jaxpr
     assert body[True] == body[False] + 1
 

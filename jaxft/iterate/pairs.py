@@ -29,8 +29,9 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
       dropped as a tie. With `pairs_per_prompt` N > 1, up to N disjoint pairs a prompt: the
       i-th best against the i-th worst for i = 1, 2, ... while their margin passes (as Iterative
       RPO pairs several right with wrong answers), so a prompt whose samples disagree more
-      weighs more; ties and small margins count the first pair only. mode "sft": the best completion as a prompt-completion record when no
-      other sample beats it (always) and its reward is >= `min_margin` (the acceptance bar).
+      weighs more; ties and small margins count the first pair only. mode "sft": the best
+      completion as a prompt-completion record when no other sample beats it (always) and its
+      reward is >= `min_margin` (the acceptance bar).
     An empty (or whitespace-only) completion is never chosen or rejected: the data loader refuses
     an empty reply, so it is left out of the choice, and a prompt left with fewer than two
     completions (one for "sft") is dropped and counted as "dropped_empty".
@@ -68,9 +69,11 @@ def build_pairs(records: Sequence[dict], completions: Sequence[Sequence[str]], r
         elif margin < min_margin:
             small += 1
         else:
-            for chosen, rejected in list(zip(ranked, rising))[:min(pairs_per_prompt, len(usable) // 2)]:
-                if r_K[chosen] - r_K[rejected] <= 0 or r_K[chosen] - r_K[rejected] < min_margin:
-                    break  # the next pairs are closer still
+            n = min(pairs_per_prompt, len(usable) // 2)  # disjoint: at most half the samples chosen
+            for chosen, rejected in zip(ranked[:n], rising[:n]):
+                gap = r_K[chosen] - r_K[rejected]
+                if gap <= 0 or gap < min_margin:
+                    break  # the next pairs are closer still (the first passed the checks above)
                 out.append({"prompt": prompt, "chosen": _answer(prompt, row[chosen]),
                             "rejected": _answer(prompt, row[rejected]), "prompt_index": i,
                             "chosen_reward": float(r_K[chosen]), "rejected_reward": float(r_K[rejected])})
