@@ -76,7 +76,7 @@ def _timed(steps: dict, args, rounds: int, repeats: int = 2) -> dict:
 
 def run_gated_deltanet_bench(*, lengths: Sequence[int] = (2048, 4096, 8192), key_heads: int = 16,
                              value_heads: int = 32, head_dim: int = 128, chunk_sizes: Sequence[int] = (32, 16, 64, 128),
-                             rounds: int = 3, reference_backward_max: int = 2048) -> dict:
+                             rounds: int = 3, reference_backward_max: int = 4096) -> dict:
     """Times the chunked and step-by-step rules; returns the JSON-able report
 
     {"lengths": {T: {"forward": {name: {"tokens_per_sec", "seconds", "first_call_s"}},
