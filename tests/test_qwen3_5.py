@@ -386,3 +386,28 @@ def test_moe_on_an_fsdp_expert_tensor_mesh_equals_one_device(moe):
                 group["mlp"]["gate_proj"][...]]
 
     assert_mesh_equals_one_device(path, dict(data=1, fsdp=2, expert=2, tensor=2), picks, atol_scale=1e-4)
+
+
+def test_model_linear_chunk_size_is_the_chunk_every_linear_layer_runs(dense, monkeypatch):
+    """--config.model.linear_chunk_size reaches the model config (0 = gated_deltanet's default) and
+    the layers run the rule at their config's chunk."""
+    from pathlib import Path
+
+    import jaxft.config
+    from jaxft.models import gated_deltanet
+    from jaxft.perf import plan as plan_lib
+
+    sft = str(Path(__file__).resolve().parents[1] / "configs/sft.py:tiny")
+    for value, chunk in ((64, 64), (0, None)):
+        config = jaxft.config.load(sft, {"model.preset": "qwen3_5_0_8b", "model.linear_chunk_size": value})
+        assert plan_lib.plan_model_config(config).linear_chunk_size == chunk
+    chunks, rule = [], gated_deltanet.gated_delta_rule
+
+    def recording(*args, chunk_size, **kwargs):
+        chunks.append(chunk_size)
+        return rule(*args, chunk_size=chunk_size, **kwargs)
+
+    monkeypatch.setattr(gated_deltanet, "gated_delta_rule", recording)
+    _, _, model = dense  # its config's chunk: CHUNK
+    model(jnp.asarray(TOKENS[:, :12]))
+    assert chunks and set(chunks) == {CHUNK}

@@ -199,7 +199,7 @@ def test_a_damaged_model_config_names_the_file(tmp_path):
 # Values that mean something (documented by the key in base_config) and pass validation.
 MEANINGFUL = [("train.max_to_keep", 0), ("train.save_every", 0), ("train.eval_every", 0),
               ("train.eval_every", -1), ("train.loss_chunk_size", 0), ("train.loss_chunk_size", -1),
-              ("data.eval_batch_size", 0), ("data.num_proc", 0), ("optim.clip_norm", 0.0),
+              ("data.eval_batch_size", 0), ("data.num_proc", 0), ("optim.clip_norm", 0.0), ("model.linear_chunk_size", 0),
               ("train.prefetch", 0), ("train.sample_every", 0), ("optim.warmup_steps", 0),
               ("lora.rank", 0), ("mesh.data", -1), ("train.seed", -5), ("data.max_record_bytes", 0),
               ("train.router_aux_loss_coef", 0.0), ("train.router_z_loss_coef", 0.0),
@@ -216,6 +216,7 @@ REFUSED_VALUES = [
     ("train.sample_prompts", 0, ">= 1"), ("train.sample_max_new_tokens", 0, ">= 1"),
     ("data.max_length", 1, ">= 2"), ("data.max_segments_per_row", 0, ">= 1"),
     ("data.eval_batch_size", -1, ">= 0"), ("data.max_record_bytes", -1, ">= 0 (0 = no limit)"), ("data.num_proc", -1, ">= 0"), ("data.shuffle_buffer", 0, ">= 1"),
+    ("model.linear_chunk_size", -1, ">= 0 (0 = the default)"),
     ("optim.lr", 0.0, "> 0"), ("optim.lr", math.nan, "finite"), ("optim.warmup_steps", -1, ">= 0"),
     ("optim.warmup_ratio", 1.0, "[0, 1)"), ("optim.min_lr_ratio", 1.5, "[0, 1]"),
     ("optim.weight_decay", -0.1, ">= 0"), ("train.router_aux_loss_coef", -0.1, ">= 0 (0 = off)"),

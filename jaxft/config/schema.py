@@ -38,6 +38,9 @@ class ModelSection:
     # jaxft.models.grouped_matmul
     moe_matmul: str = key("auto", "mixture-of-experts grouped matmuls: auto (gmm on TPU, ragged on GPU, blocks on "
                           "CPU) | ragged (jax.lax.ragged_dot) | gmm (the Pallas megablox kernel) | blocks")
+    # jaxft.models.gated_deltanet: the chunk trades the [L, L] work a chunk against state reads
+    linear_chunk_size: int = key(0, "Gated DeltaNet (Qwen3.5) layers: tokens per chunk of the chunked delta "
+                                 "rule; 0 = the default (32, the fastest on CPU); >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,7 +70,7 @@ RESUME_FREE_KEYS = (
     "train.eval_benchmark_limit", "train.eval_benchmark_max_new_tokens",
     "train.save_every", "train.max_to_keep", "train.max_bad_steps", "train.prefetch",
     "train.preemption_check_every", "train.loss_chunk_size", "model.remat", "model.scan_layers",
-    "model.attention", "model.moe_matmul", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "mesh.expert",
+    "model.attention", "model.moe_matmul", "model.linear_chunk_size", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.sequence", "mesh.expert",
     "optim.accumulate", "data.cache_dir", "data.num_proc", "dpo.precompute_reference", "lora.init_from", "data.skip_invalid",
     # jaxft iterate's own keys: a round's run never reads them (its rounds resume from their files)
     "iterate.prompts", "iterate.eval_prompts", "iterate.rounds", "iterate.samples", "iterate.prompts_per_round",

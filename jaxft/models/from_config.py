@@ -51,7 +51,8 @@ def model_config(config, tokenizer) -> ModelConfig:
     # A saved config older than a key reads the value its run had (jaxft.config.upgrade).
     return cfg.replace(compute_dtype=compute or cfg.param_dtype, remat=config.model.remat,
                        attention=config.model.attention, scan_layers=bool(config.model.scan_layers),
-                       moe_matmul=config.model.moe_matmul, lora=lora_spec(config))
+                       moe_matmul=config.model.moe_matmul, lora=lora_spec(config),
+                       linear_chunk_size=config.model.linear_chunk_size or None)
 
 
 def base_quantization(config) -> str:
