@@ -36,6 +36,7 @@ def validate(config) -> Config:
                           "e.g. configs/sft.py:tiny)")
     if not config.data.train:
         raise ConfigError("config key data.train: no training data; set --config.data.train=FILE")
+    need(config.model.linear_chunk_size >= 0, "model.linear_chunk_size", "must be >= 0 (0 = the default)")
     _length_and_optimizer(config, need, finite)
     _data_and_train(config, need)
     _mesh(config, need)
@@ -81,7 +82,6 @@ def _data_and_train(config: Config, need) -> None:
     need(train.max_to_keep >= 0, "train.max_to_keep", "must be >= 0 (0 = keep every checkpoint)")
     need(train.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1 (1 = stop at the first non-finite step)")
     need(data.num_proc >= 0, "data.num_proc", "must be >= 0 (0 = every core)")
-    need(config.model.linear_chunk_size >= 0, "model.linear_chunk_size", "must be >= 0 (0 = the default)")
     need(data.max_record_bytes >= 0, "data.max_record_bytes", "must be >= 0 (0 = no limit)")
     need(train.eval_every >= -1, "train.eval_every", "must be >= 0 (0 = at the end), or -1 for every epoch")
     need(train.loss_chunk_size >= -1, "train.loss_chunk_size", "must be >= 0 (0 = whole), or -1 (auto)")
