@@ -245,7 +245,7 @@ def gated_delta_rule(q, k, v, g, beta, *, segment_ids=None, initial_state=None, 
     --gated-deltanet`, 2,048 to 8,192 tokens; the forward within noise of 16), and its backward
     keeps half 16's states: each chunk reads and writes the whole state, which small chunks do
     more often, and pays L^2 for its decay matrix and inverse, which large chunks pay more.
-    Accelerators may prefer 64.
+    Accelerators may prefer 64 (`model.linear_chunk_size`).
     """
     B, T, _, K = q.shape
     H, V = v.shape[2:]
