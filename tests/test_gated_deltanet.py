@@ -210,3 +210,17 @@ def test_bench_reports_both_rules_and_the_ratios():
     assert all(x > 0 for x in report["ratio_forward"].values())
     text = format_gated_deltanet_bench(report)
     assert "chunked 8 / reference tokens/s, forward: T=24:" in text and "at T=48 / at T=24" in text
+
+
+def test_bench_skips_a_step_by_step_backward_the_free_memory_cannot_hold(monkeypatch):
+    """Below --reference-backward-max the step-by-step backward still runs only where its planned
+    temp bytes fit 70% of the free memory (8.6 GiB at 4,096 tokens would kill a Colab kernel)."""
+    from jaxft.perf import bench_gated_deltanet as bench
+
+    assert bench.free_bytes() > 2**20  # this Linux host's MemAvailable (a CPU device reports no limit)
+    monkeypatch.setattr(bench, "free_bytes", lambda: 1024)
+    report = bench.run_gated_deltanet_bench(lengths=(24,), key_heads=1, value_heads=2, head_dim=4, chunk_sizes=(8,),
+                                            rounds=1, reference_backward_max=24)
+    assert set(report["lengths"][24]["backward"]) == {"chunked 8"} and report["ratio_backward"] == {}
+    assert report["lengths"][24]["backward_temp_mib"]["reference"] * 2**20 > 0.7 * 1024
+    assert "| 24 | reference |" in bench.format_gated_deltanet_bench(report)

@@ -124,7 +124,8 @@ def _bench_gated_deltanet(argv):
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts")
     p.add_argument("--reference-backward-max", type=int, default=4096,
                    help="longest T whose step-by-step backward runs (it keeps a state per token: "
-                        "8.6 GiB at 4,096 tokens and Qwen3.5's heads)")
+                        "8.6 GiB at 4,096 tokens and Qwen3.5's heads); it also runs only where it "
+                        "fits 70%% of the free memory")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
     a = p.parse_args(argv)
     try:
