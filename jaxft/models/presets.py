@@ -1,5 +1,5 @@
 """Built-in architectures: `tiny` for tests and the quickstart, and real sizes for planning
-and `jaxft bench` (`bench`, `smollm2_135m`, `llama3_vocab_2x64`).
+and `jaxft bench` (`bench`, `moe_bench`, `qwen3_5_bench`, `smollm2_135m`, `llama3_vocab_2x64`).
 
 Real-size presets describe the published checkpoints' architectures (from their config.json)
 so `jaxft plan` / `jaxft bench` can size a run without downloading anything; fine-tuning a
@@ -63,6 +63,16 @@ PRESETS: dict[str, ModelConfig] = {
         model_type="mixtral", vocab_size=8192, hidden_size=256, intermediate_size=512, num_layers=4,
         num_heads=8, num_kv_heads=4, rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096,
         num_experts=8, experts_per_token=2,
+    ),
+    # The bench's Qwen3.5: the `bench` width with Qwen3.5's layers, 3 Gated DeltaNet (2 key / 4
+    # value heads of 64) + 1 gated full attention (`jaxft bench --preset qwen3_5_bench --compare
+    # torch`: against transformers' Qwen3_5ForCausalLM).
+    "qwen3_5_bench": ModelConfig(
+        model_type="qwen3_5_text", vocab_size=8192, hidden_size=256, intermediate_size=704, num_layers=4,
+        num_heads=4, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=10_000_000.0,
+        partial_rotary_factor=0.25, max_position_embeddings=4096,
+        **(_QWEN3_5 | dict(linear_key_head_dim=64, linear_value_head_dim=64)),
+        layer_types=_qwen3_5_layers(4), linear_num_key_heads=2, linear_num_value_heads=4,
     ),
     # HuggingFaceTB/SmolLM2-135M (134,515,008 params, tied embeddings): a real small model with a
     # real tokenizer's vocabulary (49,152), the shape a laptop or one small GPU fine-tunes.
